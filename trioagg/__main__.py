@@ -1,0 +1,5 @@
+"""``python -m trioagg`` is the ``trioagg`` command."""
+
+from .cli import main
+
+main()

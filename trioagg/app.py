@@ -1,0 +1,242 @@
+"""The HTTP face of trioagg: the Quart-Trio app, its routes and its lifespan.
+
+``create_app()`` is the hypercorn factory (settings from ``TRIOAGG_*``
+variables) and what ``trioagg serve`` runs. The writer task does not live in
+Quart-Trio's ``app.nursery``, which is cancelled when shutdown begins: the app
+opens a nursery of its own around the whole ASGI lifespan, so the writer
+outlives the HTTP server, and ``after_serving`` drains it (shielded, because
+Quart-Trio has already cancelled the scope it runs in).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import msgspec
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .errors import InvalidEvents, PayloadTooLarge, RequestError, UnsupportedMediaType, error_body
+from .ingest import Limits, decode_events
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .openapi import openapi_document
+from .query import answer, parse_query
+from .settings import BUCKET_WIDTHS, Settings
+from .store import Store, open_store
+from .writer import Writer
+
+log = logging.getLogger("trioagg")
+
+_JSON_TYPES = {"application/json", ""}
+_NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonlines"}
+_BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
+
+
+class Service:
+    """The parts that outlive a request: settings, store, writer and metrics."""
+
+    def __init__(self, settings: Settings, store: Store, writer: Writer, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = writer
+        self.metrics = metrics
+        self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
+
+
+class TrioaggApp(QuartTrio):
+    """A Quart-Trio app whose writer task lives in a nursery around the ASGI lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("trioagg")
+        self.settings = settings
+        self.metrics = Metrics()
+        self._service: Service | None = None
+        self._lifespan_nursery: trio.Nursery | None = None
+
+    @property
+    def service(self) -> Service:
+        if self._service is None:
+            raise RuntimeError("the service runs only while the app is serving")
+        return self._service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await super().__call__(scope, receive, send)
+            return
+        async with trio.open_nursery() as nursery:
+            self._lifespan_nursery = nursery
+            await super().__call__(scope, receive, send)
+
+    async def start_service(self) -> None:
+        """Open the store and start the writer (``before_serving``)."""
+        assert self._lifespan_nursery is not None, "the ASGI lifespan is not running"
+        settings = self.settings
+        store = await open_store(settings)
+        writer = Writer(
+            store,
+            self.metrics,
+            batch_size=settings.batch_size,
+            queue_size=settings.queue_size,
+            enqueue_timeout=settings.enqueue_timeout,
+        )
+        await self._lifespan_nursery.start(writer.run)
+        self._service = Service(settings, store, writer, self.metrics)
+        log.info(
+            "trioagg started: %s, %s buckets, batch %d events, queue %d requests",
+            store.backend.description, _BUCKET_NAMES[store.bucket],
+            settings.batch_size, settings.queue_size,
+        )
+
+    async def stop_service(self) -> None:
+        """Drain the writer, commit, close the store (``after_serving``)."""
+        service = self.service
+        with trio.CancelScope(shield=True):
+            queued = service.writer.statistics().current_buffer_used
+            service.writer.close()
+            await service.writer.stopped.wait()
+            await service.store.aclose()
+        log.info(
+            "trioagg stopped: drained %d queued requests, %d events committed since start",
+            queued, service.writer.committed_events,
+        )
+
+
+def create_app(settings: Settings | None = None) -> TrioaggApp:
+    """The ASGI app; without ``settings`` they come from ``TRIOAGG_*`` variables."""
+    settings = Settings.from_env() if settings is None else settings
+    _configure_logging(settings.log_level)
+    app = TrioaggApp(settings)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    app.before_serving(app.start_service)
+    app.after_serving(app.stop_service)
+    _add_routes(app)
+    _add_error_handlers(app)
+    return app
+
+
+def _configure_logging(level: str) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())
+
+
+def _json(document: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(document), status, content_type="application/json")
+
+
+def _add_routes(app: TrioaggApp) -> None:
+    @app.post("/v1/events")
+    async def post_events() -> Response:
+        started = time.perf_counter()
+        service = app.service
+        mimetype = request.mimetype
+        if mimetype not in _JSON_TYPES and mimetype not in _NDJSON_TYPES:
+            raise UnsupportedMediaType(
+                f"Content-Type {mimetype!r} is not accepted: send application/json "
+                "(an event or an array of events) or application/x-ndjson"
+            )
+        length = request.content_length
+        if length is not None and length > service.settings.max_body:
+            raise PayloadTooLarge(_too_large_message(service.settings.max_body))
+        durable = _wait_param(request.args.get("wait"))
+        body = await request.get_data(False, False, False)
+        try:
+            points = decode_events(
+                body, ndjson=mimetype in _NDJSON_TYPES, limits=service.limits, now=time.time()
+            )
+        except InvalidEvents as error:
+            service.metrics.events_rejected.inc(error.event_count)
+            raise
+        if points:
+            submission = await service.writer.submit(points, durable=durable)
+            service.metrics.events_accepted.inc(len(points))
+            if durable:
+                await submission.wait_committed()
+        service.metrics.ingest_seconds.observe(time.perf_counter() - started)
+        if durable:
+            return _json({"accepted": len(points), "duplicates": 0})
+        return _json({"accepted": len(points)}, 202)
+
+    @app.get("/v1/aggregates")
+    async def get_aggregates() -> Response:
+        started = time.perf_counter()
+        service = app.service
+        query = parse_query(request.args, bucket=service.store.bucket, now=time.time())
+        rows = await service.store.read(query.keys, query.start, query.end)
+        response = _json(answer(query, rows))
+        service.metrics.query_seconds.observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        service = app.service
+        checks = {"store": "ok", "writer": "running", "queue": "ok"}
+        try:
+            await service.store.ping()
+        except Exception as error:
+            checks["store"] = f"unreachable: {error}"
+        if not service.writer.running:
+            checks["writer"] = "stopped"
+        stats = service.writer.statistics()
+        if stats.current_buffer_used >= stats.max_buffer_size:
+            checks["queue"] = f"saturated ({stats.current_buffer_used} requests waiting)"
+        ready = checks == {"store": "ok", "writer": "running", "queue": "ok"}
+        return _json({"status": "ready" if ready else "not ready", "checks": checks},
+                     200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(app.metrics.render(), 200, content_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return _json(openapi_document())
+
+
+def _wait_param(text: str | None) -> bool:
+    if text is None or text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise RequestError(f"wait must be true or false, not {text!r}")
+
+
+def _too_large_message(limit: int) -> str:
+    return f"the request body is larger than {limit} bytes (max_body)"
+
+
+def _add_error_handlers(app: TrioaggApp) -> None:
+    @app.errorhandler(RequestError)
+    async def request_error(error: RequestError) -> Response:
+        app.metrics.requests_rejected.labels(error.code).inc()
+        return Response(error.body(), error.status, headers=error.headers(),
+                        content_type="application/json")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        if status == 413:
+            return await request_error(PayloadTooLarge(_too_large_message(app.settings.max_body)))
+        code = (error.name or "error").lower().replace(" ", "_")
+        app.metrics.requests_rejected.labels(code).inc()
+        return Response(error_body(code, error.description or code), status,
+                        content_type="application/json")
+
+    @app.errorhandler(Exception)
+    async def unexpected_error(error: Exception) -> Response:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        app.metrics.requests_rejected.labels("internal_error").inc()
+        return Response(error_body("internal_error", "an unexpected error; see the server log"),
+                        500, content_type="application/json")

@@ -1,0 +1,85 @@
+"""``trioagg serve``: run the app on hypercorn's trio worker, in this process.
+
+Each flag comes from a field of :class:`~trioagg.settings.Settings` and can
+also be set with its ``TRIOAGG_*`` variable. SIGTERM and SIGINT start a
+graceful shutdown: hypercorn stops accepting and finishes in-flight
+requests, then the writer drains its channel and commits; the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+from typing import Any
+
+import click
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.utils import LifespanFailureError
+
+from . import __version__
+from .app import create_app, log
+from .errors import ConfigError
+from .settings import Settings, env_name, flag_name
+
+
+@click.group()
+@click.version_option(__version__, prog_name="trioagg")
+def main() -> None:
+    """trioagg: events in over HTTP, exact roll-ups out."""
+
+
+def _setting_options(command: Any) -> Any:
+    for field in reversed(dataclasses.fields(Settings)):
+        command = click.option(
+            flag_name(field.name),
+            field.name,
+            envvar=env_name(field.name),
+            default=None,
+            metavar="TEXT",
+            help=f"{field.metadata['help']} [default: {field.metadata['text']}; "
+            f"env: {env_name(field.name)}]",
+        )(command)
+    return command
+
+
+@main.command()
+@_setting_options
+def serve(**values: str | None) -> None:
+    """Start the service (hypercorn, trio worker) on the embedded SQLite store."""
+    try:
+        settings = Settings.from_text({k: v for k, v in values.items() if v is not None})
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+    try:
+        trio.run(run_server, settings)
+    except LifespanFailureError as error:
+        click.echo(f"trioagg: error: {_startup_message(error)}", err=True)
+        sys.exit(2)
+
+
+async def run_server(
+    settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+        async def until_signal() -> None:
+            async for signum in signals:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                return
+
+        await hypercorn_serve(
+            create_app(settings), config, shutdown_trigger=until_signal, task_status=task_status
+        )
+
+
+def _startup_message(error: LifespanFailureError) -> str:
+    text = str(error)
+    return text.split("'", 1)[1].rsplit("'", 1)[0] if "'" in text else text

@@ -1,0 +1,120 @@
+"""The exceptions of trioagg and the error envelope they become over HTTP.
+
+The tree::
+
+    TrioaggError
+    ├── ConfigError              a setting is invalid, or the store disagrees with it
+    ├── StoreError               the database failed; nothing of the transaction is stored
+    │   └── StoreBusy            the database stayed locked for longer than busy_timeout
+    └── RequestError             answered to the client as {"error": {...}} with `status`
+        ├── MalformedBody        400 malformed_json
+        ├── PayloadTooLarge      413 payload_too_large
+        ├── UnsupportedMediaType 415 unsupported_media_type
+        ├── InvalidEvents        422 invalid_events (details: every problem, by event index)
+        ├── InvalidQuery         422 invalid_query  (details: every problem, by parameter)
+        ├── Overloaded           503 overloaded (Retry-After)
+        └── CommitFailed         503 commit_failed (the request's events were not stored)
+
+Errors raised by Quart itself (404, 405) are given the same envelope by the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+
+class TrioaggError(Exception):
+    """Base class of every error trioagg raises on purpose."""
+
+
+class ConfigError(TrioaggError):
+    """A setting is invalid, or an existing store was created with other settings."""
+
+
+class StoreError(TrioaggError):
+    """A transaction failed; the store holds nothing of it."""
+
+
+class StoreBusy(StoreError):
+    """The database stayed locked by another writer for longer than ``busy_timeout``."""
+
+
+class RequestError(TrioaggError):
+    """An error that is the answer to one HTTP request."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> bytes:
+        return error_body(self.code, self.message, self.details)
+
+
+class MalformedBody(RequestError):
+    status = 400
+    code = "malformed_json"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class InvalidEvents(RequestError):
+    status = 422
+    code = "invalid_events"
+
+    def __init__(self, message: str, details: list[dict[str, Any]], event_count: int) -> None:
+        super().__init__(message, details)
+        #: Events in the rejected request, valid ones included: none of them is stored.
+        self.event_count = event_count
+
+
+class InvalidQuery(RequestError):
+    status = 422
+    code = "invalid_query"
+
+
+class Overloaded(RequestError):
+    """The writer's channel stayed full for longer than the enqueue timeout."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class CommitFailed(RequestError):
+    """The transaction that held the request's events failed; none of them is stored."""
+
+    status = 503
+    code = "commit_failed"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:
+    """The one error envelope: ``{"error": {"code", "message", "details"}}``."""
+    return msgspec.json.encode(
+        {"error": {"code": code, "message": message, "details": details or []}}
+    )

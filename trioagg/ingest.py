@@ -1,0 +1,229 @@
+"""Decoding and validating ``POST /v1/events`` bodies.
+
+The rules of the contract's event table live in the msgspec types below and
+in :func:`_limit_problems` (byte lengths and time limits, which msgspec does
+not express). A valid body becomes a list of :data:`Point` tuples, the only
+form of an event the writer sees. An invalid one raises
+:class:`~trioagg.errors.InvalidEvents` listing every problem of every event,
+so a request is stored whole or not at all.
+
+Valid bodies take the fast path: one typed msgspec decode and one loop.
+Only a body that fails it is decoded again, untyped, to find every problem.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from .errors import InvalidEvents, MalformedBody, PayloadTooLarge
+from .times import LATEST, rfc3339
+
+#: One validated event: (key, ts in Unix seconds, value, canonical tags JSON).
+Point = tuple[str, float, float, str]
+
+NO_TAGS: Final = "{}"
+
+_FINITE = msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)
+Key = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
+TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=16)]
+Timestamp = (
+    Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
+)
+Value = Annotated[float, _FINITE]
+DistinctId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One event as the contract defines it. Unknown fields are rejected, so a typo
+    such as ``"vaule"`` is an error rather than a silent default."""
+
+    key: Key
+    ts: Timestamp = None
+    value: Value = 1.0
+    tags: Tags = {}
+    distinct_id: DistinctId | None = None
+    id: EventId | None = None
+
+
+#: What each field must be, in the words of the contract; prefixed to every problem.
+RULES: Final = {
+    "key": "required string, 1-255 bytes UTF-8, no control characters",
+    "ts": "RFC 3339 string with an offset (Z or +02:00) or Unix seconds",
+    "value": "finite JSON number",
+    "tags": "object of at most 16 string pairs; names [A-Za-z_][A-Za-z0-9_.-]{0,63}, "
+    "values 1-255 bytes",
+    "distinct_id": "string of 1-255 bytes",
+    "id": "string of 1-128 bytes",
+}
+_FIELD_TYPES: Final = {field.name: field.type for field in msgspec.structs.fields(Event)}
+_BYTE_LIMITS: Final = {"key": 255, "distinct_id": 255, "id": 128}
+
+_BODY_DECODER = msgspec.json.Decoder(Event | list[Event])
+_LINE_DECODER = msgspec.json.Decoder(Event)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The request limits of the contract, taken from the settings."""
+
+    max_batch: int
+    max_future: float
+    max_age: float | None
+
+
+def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> list[Point]:
+    """Decode and validate a whole request body; ``now`` is the server's receive time."""
+    if not body.strip():
+        raise MalformedBody("the request body is empty: send an event, an array or NDJSON")
+    try:
+        decoded = _LINE_DECODER.decode_lines(body) if ndjson else _BODY_DECODER.decode(body)
+    except msgspec.ValidationError:
+        raw = _decode_untyped(body, ndjson=ndjson)
+        _check_count(len(raw), limits)
+        raise _invalid(_problems_of_raw(raw, limits, now), len(raw)) from None
+    except msgspec.DecodeError:
+        _decode_untyped(body, ndjson=ndjson)  # raises MalformedBody saying where
+        raise  # pragma: no cover - the untyped decode fails wherever the typed one did
+    events = [decoded] if isinstance(decoded, Event) else decoded
+    _check_count(len(events), limits)
+
+    low, high = _time_window(limits, now)
+    points: list[Point] = []
+    problems: list[dict[str, Any]] = []
+    for index, event in enumerate(events):
+        ts = event.ts
+        seconds = now if ts is None else ts if type(ts) is float else ts.timestamp()
+        for field, message in _limit_problems(event, seconds, low, high):
+            problems.append({"index": index, "field": field, "message": message})
+        tags = msgspec.json.encode(event.tags, order="sorted").decode() if event.tags else NO_TAGS
+        points.append((event.key, seconds, event.value, tags))
+    if problems:
+        raise _invalid(problems, len(events))
+    return points
+
+
+def _check_count(count: int, limits: Limits) -> None:
+    if count > limits.max_batch:
+        raise PayloadTooLarge(
+            f"the request holds {count} events; at most {limits.max_batch} are accepted "
+            "in one request (max_batch)"
+        )
+
+
+def _time_window(limits: Limits, now: float) -> tuple[float, float]:
+    low = 0.0 if limits.max_age is None else now - limits.max_age
+    return low, min(now + limits.max_future, LATEST)
+
+
+def _limit_problems(event: Any, seconds: float | None, low: float, high: float) -> Iterator[
+    tuple[str, str]
+]:
+    """The rules msgspec cannot express: byte lengths and the accepted time window.
+
+    ``event`` is an :class:`Event` or, on the slow path, a namespace of the fields
+    that passed their type check (``None`` for the others).
+    """
+    for field, limit in _BYTE_LIMITS.items():
+        text = getattr(event, field)
+        # 4 bytes per character at most: only long strings can exceed the limit.
+        if text is not None and len(text) * 4 > limit and len(text.encode()) > limit:
+            yield field, f"{RULES[field]} (it has {len(text.encode())} bytes)"
+    if event.tags:
+        for name, value in event.tags.items():
+            if len(value) * 4 > 255 and len(value.encode()) > 255:
+                yield "tags", f"{RULES['tags']} (the value of {name!r} has more than 255 bytes)"
+    if seconds is not None and not low <= seconds <= high:
+        yield "ts", _describe_out_of_window(seconds, low, high)
+
+
+def _describe_out_of_window(seconds: float, low: float, high: float) -> str:
+    stamp = rfc3339(seconds)
+    if seconds > high:
+        return f"{stamp} is too far in the future (latest accepted: {rfc3339(high)}, max_future)"
+    if low > 0:
+        return f"{stamp} is too old (earliest accepted: {rfc3339(low)}, max_age)"
+    return f"{stamp} is before 1970-01-01T00:00:00Z"
+
+
+def _decode_untyped(body: bytes, *, ndjson: bool) -> list[Any]:
+    """Decode without the schema, raising :class:`MalformedBody` where the JSON breaks."""
+    if not ndjson:
+        try:
+            raw = msgspec.json.decode(body)
+        except msgspec.DecodeError as error:
+            raise MalformedBody(f"the body is not valid JSON: {error}") from None
+        return raw if isinstance(raw, list) else [raw]
+    lines = []
+    for number, line in enumerate(body.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            lines.append(msgspec.json.decode(line))
+        except msgspec.DecodeError as error:
+            raise MalformedBody(
+                f"line {number} of the NDJSON body is not valid JSON: {error}"
+            ) from None
+    return lines
+
+
+class _Fields:
+    """The fields of one raw event that passed their type check; None for the rest."""
+
+    def __init__(self, converted: dict[str, Any]) -> None:
+        for name in _FIELD_TYPES:
+            setattr(self, name, converted.get(name))
+
+
+def _problems_of_raw(raw: list[Any], limits: Limits, now: float) -> list[dict[str, Any]]:
+    """Every problem of every event of an untyped body."""
+    low, high = _time_window(limits, now)
+    problems: list[dict[str, Any]] = []
+    for index, item in enumerate(raw):
+        def problem(field: str | None, message: str, index: int = index) -> None:
+            problems.append({"index": index, "field": field, "message": message})
+
+        if not isinstance(item, dict):
+            problem(None, f"an event must be a JSON object, not {type(item).__name__}")
+            continue
+        if "key" not in item:
+            problem("key", f"{RULES['key']} (missing)")
+        converted: dict[str, Any] = {}
+        for name, value in item.items():
+            if name not in _FIELD_TYPES:
+                problem(name, f"unknown field (known: {', '.join(_FIELD_TYPES)})")
+                continue
+            try:
+                converted[name] = msgspec.convert(value, _FIELD_TYPES[name])
+            except msgspec.ValidationError as error:
+                problem(name, f"{RULES[name]} ({_plain(error)})")
+        ts = converted.get("ts")
+        seconds = (
+            None if "ts" not in converted else now if ts is None
+            else ts.timestamp() if isinstance(ts, datetime.datetime) else float(ts)
+        )
+        for field, message in _limit_problems(_Fields(converted), seconds, low, high):
+            problem(field, message)
+    return problems
+
+
+def _plain(error: msgspec.ValidationError) -> str:
+    text = str(error)
+    return text.split(" - at `", 1)[0] if " - at `" in text else text
+
+
+def _invalid(problems: list[dict[str, Any]], total: int) -> InvalidEvents:
+    count = len({problem["index"] for problem in problems})
+    return InvalidEvents(
+        f"{count} of {total} event(s) are invalid; nothing of this request was stored",
+        problems,
+        total,
+    )
+

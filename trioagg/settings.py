@@ -1,0 +1,169 @@
+"""Every setting of trioagg, in one table.
+
+A setting is a field of :class:`Settings`. The same field is the ``serve``
+flag ``--batch-size`` and the environment variable ``TRIOAGG_BATCH_SIZE``;
+the CLI and the hypercorn factory both build their settings from this table,
+so a setting cannot exist in one place and be missing in the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TRIOAGG_"
+
+BUCKET_WIDTHS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+               "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``"1h"``, ``"90s"``, ``"500ms"``, ``"2d"`` or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (try 90s, 15m, 1h, 2d)")
+    return float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+
+
+def parse_optional_duration(text: str) -> float | None:
+    """Like :func:`parse_duration`, with ``none`` meaning no limit."""
+    return None if text.strip().lower() in ("", "none", "off") else parse_duration(text)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``"10MiB"``, ``"512KiB"``, ``"1MB"`` or plain bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if match is None or match[2].lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (try 10MiB, 512KiB, 1048576)")
+    return int(match[1]) * _SIZE_UNITS[match[2].lower()]
+
+
+def parse_bucket(text: str) -> int:
+    """Parse a bucket width name into seconds."""
+    if text not in BUCKET_WIDTHS:
+        choices = ", ".join(BUCKET_WIDTHS)
+        raise ValueError(f"{text!r} is not a bucket width (choose one of {choices})")
+    return BUCKET_WIDTHS[text]
+
+
+def _positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise ValueError(f"{text!r} must be at least 1")
+    return number
+
+
+def _port(text: str) -> int:
+    number = int(text)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{text!r} is not a TCP port (0-65535; 0 picks a free one)")
+    return number
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return text.lower()
+
+    return parse
+
+
+def _setting(default: str, parse: Callable[[str], Any], help: str) -> Any:
+    """A field whose default is given as text, parsed like a flag would be."""
+    return dataclasses.field(
+        default=parse(default), metadata={"text": default, "parse": parse, "help": help}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Run-time settings. Field order is the order ``trioagg serve --help`` lists them."""
+
+    db: str = _setting("trioagg.db", str, "SQLite file path (created if missing).")
+    host: str = _setting("127.0.0.1", str, "Address to listen on.")
+    port: int = _setting("8000", _port, "TCP port to listen on (0 picks a free one).")
+    bucket: int = _setting(
+        "1h", parse_bucket, "Bucket width of a new store: 1m, 5m, 15m or 1h. Fixed at creation."
+    )
+    batch_size: int = _setting(
+        "10000", _positive_int, "Most events the writer commits in one transaction."
+    )
+    queue_size: int = _setting(
+        "1024", _positive_int, "Requests the writer's channel holds before senders wait."
+    )
+    enqueue_timeout: float = _setting(
+        "1s", parse_duration, "How long a request waits for room in a full channel before 503."
+    )
+    sync: str = _setting(
+        "full", _choice("full", "normal"),
+        "SQLite synchronous mode: full survives power loss, normal only a process crash.",
+    )
+    max_body: int = _setting("10MiB", parse_size, "Largest request body accepted (413 above).")
+    max_batch: int = _setting(
+        "10000", _positive_int, "Most events in one request (413 above)."
+    )
+    max_future: float = _setting(
+        "1h", parse_duration, "Reject events whose ts is further ahead of the server clock."
+    )
+    max_age: float | None = _setting(
+        "none", parse_optional_duration, "Reject events older than this (none: no limit)."
+    )
+    dedup_window: float = _setting(
+        "24h", parse_duration, "How long an event id is remembered for deduplication."
+    )
+    busy_timeout: float = _setting(
+        "10s", parse_duration, "How long a commit retries a locked database before failing (503)."
+    )
+    readers: int = _setting(
+        "4", _positive_int, "Read connections (and worker threads) for queries."
+    )
+    log_level: str = _setting(
+        "info", _choice("debug", "info", "warning", "error"), "Logging level."
+    )
+
+    @classmethod
+    def from_text(cls, values: Mapping[str, str]) -> Settings:
+        """Build settings from textual values keyed by field name; the rest keep defaults."""
+        parsed: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name in values:
+                parsed[field.name] = parse_field(field.name, values[field.name])
+        unknown = set(values) - set(parsed)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return cls(**parsed)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``TRIOAGG_*`` environment variables."""
+        environ = os.environ if environ is None else environ
+        names = {env_name(field.name): field.name for field in dataclasses.fields(cls)}
+        return cls.from_text(
+            {names[name]: value for name, value in environ.items() if name in names}
+        )
+
+
+def parse_field(name: str, text: str) -> Any:
+    """Parse one setting's text, naming its flag and variable in the error."""
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    try:
+        return field.metadata["parse"](text)
+    except ValueError as error:
+        raise ConfigError(f"{flag_name(name)} / {env_name(name)}: {error}") from None
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
