@@ -88,8 +88,10 @@ class TrioaggApp(QuartTrio):
         self._service = Service(settings, store, writer, self.metrics)
         log.info(
             "trioagg started: %s, %s buckets, batch %d events, queue %d requests",
-            store.backend.description, _BUCKET_NAMES[store.bucket],
-            settings.batch_size, settings.queue_size,
+            store.backend.description,
+            _BUCKET_NAMES[store.bucket],
+            settings.batch_size,
+            settings.queue_size,
         )
 
     async def stop_service(self) -> None:
@@ -102,7 +104,8 @@ class TrioaggApp(QuartTrio):
             await service.store.aclose()
         log.info(
             "trioagg stopped: drained %d queued requests, %d events committed since start",
-            queued, service.writer.committed_events,
+            queued,
+            service.writer.committed_events,
         )
 
 
@@ -193,8 +196,9 @@ def _add_routes(app: TrioaggApp) -> None:
         if stats.current_buffer_used >= stats.max_buffer_size:
             checks["queue"] = f"saturated ({stats.current_buffer_used} requests waiting)"
         ready = checks == {"store": "ok", "writer": "running", "queue": "ok"}
-        return _json({"status": "ready" if ready else "not ready", "checks": checks},
-                     200 if ready else 503)
+        return _json(
+            {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -221,8 +225,9 @@ def _add_error_handlers(app: TrioaggApp) -> None:
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
         app.metrics.requests_rejected.labels(error.code).inc()
-        return Response(error.body(), error.status, headers=error.headers(),
-                        content_type="application/json")
+        return Response(
+            error.body(), error.status, headers=error.headers(), content_type="application/json"
+        )
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
@@ -231,12 +236,16 @@ def _add_error_handlers(app: TrioaggApp) -> None:
             return await request_error(PayloadTooLarge(_too_large_message(app.settings.max_body)))
         code = (error.name or "error").lower().replace(" ", "_")
         app.metrics.requests_rejected.labels(code).inc()
-        return Response(error_body(code, error.description or code), status,
-                        content_type="application/json")
+        return Response(
+            error_body(code, error.description or code), status, content_type="application/json"
+        )
 
     @app.errorhandler(Exception)
     async def unexpected_error(error: Exception) -> Response:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         app.metrics.requests_rejected.labels("internal_error").inc()
-        return Response(error_body("internal_error", "an unexpected error; see the server log"),
-                        500, content_type="application/json")
+        return Response(
+            error_body("internal_error", "an unexpected error; see the server log"),
+            500,
+            content_type="application/json",
+        )

@@ -33,9 +33,7 @@ Key = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x0
 TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
 TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=16)]
-Timestamp = (
-    Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
-)
+Timestamp = Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
 Value = Annotated[float, _FINITE]
 DistinctId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -123,9 +121,9 @@ def _time_window(limits: Limits, now: float) -> tuple[float, float]:
     return low, min(now + limits.max_future, LATEST)
 
 
-def _limit_problems(event: Any, seconds: float | None, low: float, high: float) -> Iterator[
-    tuple[str, str]
-]:
+def _limit_problems(
+    event: Any, seconds: float | None, low: float, high: float
+) -> Iterator[tuple[str, str]]:
     """The rules msgspec cannot express: byte lengths and the accepted time window.
 
     ``event`` is an :class:`Event` or, on the slow path, a namespace of the fields
@@ -187,6 +185,7 @@ def _problems_of_raw(raw: list[Any], limits: Limits, now: float) -> list[dict[st
     low, high = _time_window(limits, now)
     problems: list[dict[str, Any]] = []
     for index, item in enumerate(raw):
+
         def problem(field: str | None, message: str, index: int = index) -> None:
             problems.append({"index": index, "field": field, "message": message})
 
@@ -206,8 +205,13 @@ def _problems_of_raw(raw: list[Any], limits: Limits, now: float) -> list[dict[st
                 problem(name, f"{RULES[name]} ({_plain(error)})")
         ts = converted.get("ts")
         seconds = (
-            None if "ts" not in converted else now if ts is None
-            else ts.timestamp() if isinstance(ts, datetime.datetime) else float(ts)
+            None
+            if "ts" not in converted
+            else now
+            if ts is None
+            else ts.timestamp()
+            if isinstance(ts, datetime.datetime)
+            else float(ts)
         )
         for field, message in _limit_problems(_Fields(converted), seconds, low, high):
             problem(field, message)
@@ -226,4 +230,3 @@ def _invalid(problems: list[dict[str, Any]], total: int) -> InvalidEvents:
         problems,
         total,
     )
-

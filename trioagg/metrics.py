@@ -34,8 +34,10 @@ class Metrics:
             "trioagg_events_committed", "Events committed to the store.", registry=r
         )
         self.requests_rejected = Counter(
-            "trioagg_requests_rejected", "Requests answered with an error, by code.",
-            ["code"], registry=r,
+            "trioagg_requests_rejected",
+            "Requests answered with an error, by code.",
+            ["code"],
+            registry=r,
         )
         self.rows_upserted = Counter(
             "trioagg_rows_upserted", "Rollup rows upserted (after pre-aggregation).", registry=r
@@ -44,20 +46,29 @@ class Metrics:
             "trioagg_commit_failures", "Transactions that failed and stored nothing.", registry=r
         )
         self.batch_events = Histogram(
-            "trioagg_batch_events", "Events per committed batch.", buckets=_BATCH_BUCKETS,
+            "trioagg_batch_events",
+            "Events per committed batch.",
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.batch_requests = Histogram(
-            "trioagg_batch_requests", "Requests per committed batch.", buckets=_BATCH_BUCKETS,
+            "trioagg_batch_requests",
+            "Requests per committed batch.",
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.commit_seconds = Histogram(
-            "trioagg_commit_seconds", "Time to commit one batch, retries included.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "trioagg_commit_seconds",
+            "Time to commit one batch, retries included.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         request_seconds = Histogram(
-            "trioagg_request_seconds", "Time to answer a request, by endpoint.", ["endpoint"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "trioagg_request_seconds",
+            "Time to answer a request, by endpoint.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ingest_seconds = request_seconds.labels("events")
         self.query_seconds = request_seconds.labels("aggregates")
@@ -65,12 +76,17 @@ class Metrics:
     def watch_channel(self, statistics: Callable[[], trio.MemoryChannelStatistics]) -> None:
         """Export the writer channel's statistics as gauges."""
         r = self.registry
-        Gauge("trioagg_queue_depth", "Requests waiting in the writer's channel.", registry=r
-              ).set_function(lambda: statistics().current_buffer_used)
-        Gauge("trioagg_queue_capacity", "Requests the writer's channel holds.", registry=r
-              ).set_function(lambda: statistics().max_buffer_size)
-        Gauge("trioagg_queue_waiting_senders", "Requests waiting for room in a full channel.",
-              registry=r).set_function(lambda: statistics().tasks_waiting_send)
+        Gauge(
+            "trioagg_queue_depth", "Requests waiting in the writer's channel.", registry=r
+        ).set_function(lambda: statistics().current_buffer_used)
+        Gauge(
+            "trioagg_queue_capacity", "Requests the writer's channel holds.", registry=r
+        ).set_function(lambda: statistics().max_buffer_size)
+        Gauge(
+            "trioagg_queue_waiting_senders",
+            "Requests waiting for room in a full channel.",
+            registry=r,
+        ).set_function(lambda: statistics().tasks_waiting_send)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,17 +45,22 @@ def openapi_document() -> dict[str, Any]:
         "Error": {
             "type": "object",
             "required": ["error"],
-            "properties": {"error": {
-                "type": "object",
-                "required": ["code", "message", "details"],
-                "properties": {
-                    "code": {"type": "string", "examples": ["invalid_events"]},
-                    "message": {"type": "string"},
-                    "details": {"type": "array", "items": {"type": "object"},
-                                "description": "For invalid_events: {index, field, message} "
-                                "per problem; for invalid_query: {parameter, message}."},
-                },
-            }},
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message", "details"],
+                    "properties": {
+                        "code": {"type": "string", "examples": ["invalid_events"]},
+                        "message": {"type": "string"},
+                        "details": {
+                            "type": "array",
+                            "items": {"type": "object"},
+                            "description": "For invalid_events: {index, field, message} "
+                            "per problem; for invalid_query: {parameter, message}.",
+                        },
+                    },
+                }
+            },
         },
         "Accepted": {
             "type": "object",
@@ -69,23 +74,33 @@ def openapi_document() -> dict[str, Any]:
                 "to": {"type": "string", "format": "date-time"},
                 "granularity": {"type": "string"},
                 "tz": {"type": "string"},
-                "results": {"type": "array", "items": {
-                    "type": "object",
-                    "properties": {
-                        "key": {"type": "string"},
-                        "tags": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "buckets": {"type": "array", "items": {
-                            "type": "object",
-                            "properties": {"start": {"type": "string", "format": "date-time"}},
-                            "additionalProperties": {"type": "number"},
-                        }},
+                "results": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "key": {"type": "string"},
+                            "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "buckets": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "start": {"type": "string", "format": "date-time"}
+                                    },
+                                    "additionalProperties": {"type": "number"},
+                                },
+                            },
+                        },
                     },
-                }},
+                },
             },
         },
     }
-    busy = _error("The writer's queue stayed full (overloaded, with Retry-After) or the "
-                  "commit failed (commit_failed); nothing of the request was stored.")
+    busy = _error(
+        "The writer's queue stayed full (overloaded, with Retry-After) or the "
+        "commit failed (commit_failed); nothing of the request was stored."
+    )
     return {
         "openapi": "3.1.0",
         "info": {
@@ -94,76 +109,132 @@ def openapi_document() -> dict[str, Any]:
             "description": "Events in over HTTP, pre-aggregated roll-ups out.",
         },
         "paths": {
-            "/v1/events": {"post": {
-                "summary": "Ingest events (one object, a JSON array, or NDJSON)",
-                "description": "Atomic: an invalid event rejects the whole request. Durable by "
-                "default: answered after the commit. Unknown event fields are rejected.",
-                "parameters": [_param(
-                    "wait", "false: answer 202 once queued, before the commit (may be lost "
-                    "on a crash)", {"type": "boolean", "default": True})],
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": {"oneOf": [
-                        event_ref, {"type": "array", "items": event_ref}]}},
-                    "application/x-ndjson": {"schema": {"type": "string"},
-                                             "description": "One event object per line."},
-                }},
-                "responses": {
-                    "200": _json_response("Committed.", {"$ref": "#/components/schemas/Accepted"}),
-                    "202": _json_response("Queued (wait=false).",
-                                          {"$ref": "#/components/schemas/Accepted"}),
-                    "400": _error("Malformed JSON (the message says where) or an empty body."),
-                    "413": _error("Body over max_body or more than max_batch events."),
-                    "415": _error("Content-Type other than application/json or NDJSON."),
-                    "422": _error("Invalid events: every problem as {index, field, message}."),
-                    "503": busy,
-                },
-            }},
-            "/v1/aggregates": {"get": {
-                "summary": "Roll-ups of one or more keys over a time range",
-                "parameters": [
-                    _param("key", "Key to read; repeat for several (at most 100).",
-                           {"type": "array", "items": {"type": "string"}}, required=True,
-                           explode=True),
-                    _param("from", "Start, RFC 3339 or Unix seconds (inclusive); default to "
-                           "minus 24 h.", {"type": "string"}),
-                    _param("to", "End, RFC 3339 or Unix seconds (exclusive); default now.",
-                           {"type": "string"}),
-                    _param("granularity", "Width of the answer's buckets.",
-                           {"type": "string", "enum": list(GRANULARITIES), "default": "hour"}),
-                    _param("group_by", "A tag name: one result series per value of it.",
-                           {"type": "string"}),
-                    _param("stats", f"Comma list of {stats_list}.",
-                           {"type": "string", "default": ",".join(DEFAULT_STATS)}),
-                    {"name": "tag.NAME", "in": "query", "schema": {"type": "string"},
-                     "description": "Keep only series whose tag NAME has this value "
-                     "(repeatable with other names, AND)."},
-                ],
-                "responses": {
-                    "200": _json_response("The roll-ups.",
-                                          {"$ref": "#/components/schemas/Aggregates"}),
-                    "422": _error("Invalid parameters: every problem as {parameter, message}."),
-                },
-            }},
-            "/healthz": {"get": {
-                "summary": "Liveness: the process answers",
-                "responses": {"200": _json_response("Alive.", {"type": "object"})},
-            }},
-            "/readyz": {"get": {
-                "summary": "Readiness: store reachable, writer running, queue not saturated",
-                "responses": {
-                    "200": _json_response("Ready.", {"type": "object"}),
-                    "503": _json_response("Not ready; checks says why.", {"type": "object"}),
-                },
-            }},
-            "/metrics": {"get": {
-                "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "Prometheus text format.",
-                                      "content": {"text/plain": {"schema": {"type": "string"}}}}},
-            }},
-            "/openapi.json": {"get": {
-                "summary": "This document",
-                "responses": {"200": _json_response("OpenAPI 3.1.", {"type": "object"})},
-            }},
+            "/v1/events": {
+                "post": {
+                    "summary": "Ingest events (one object, a JSON array, or NDJSON)",
+                    "description": "Atomic: an invalid event rejects the whole request. Durable by "
+                    "default: answered after the commit. Unknown event fields are rejected.",
+                    "parameters": [
+                        _param(
+                            "wait",
+                            "false: answer 202 once queued, before the commit (may be lost "
+                            "on a crash)",
+                            {"type": "boolean", "default": True},
+                        )
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [event_ref, {"type": "array", "items": event_ref}]
+                                }
+                            },
+                            "application/x-ndjson": {
+                                "schema": {"type": "string"},
+                                "description": "One event object per line.",
+                            },
+                        },
+                    },
+                    "responses": {
+                        "200": _json_response(
+                            "Committed.", {"$ref": "#/components/schemas/Accepted"}
+                        ),
+                        "202": _json_response(
+                            "Queued (wait=false).", {"$ref": "#/components/schemas/Accepted"}
+                        ),
+                        "400": _error("Malformed JSON (the message says where) or an empty body."),
+                        "413": _error("Body over max_body or more than max_batch events."),
+                        "415": _error("Content-Type other than application/json or NDJSON."),
+                        "422": _error("Invalid events: every problem as {index, field, message}."),
+                        "503": busy,
+                    },
+                }
+            },
+            "/v1/aggregates": {
+                "get": {
+                    "summary": "Roll-ups of one or more keys over a time range",
+                    "parameters": [
+                        _param(
+                            "key",
+                            "Key to read; repeat for several (at most 100).",
+                            {"type": "array", "items": {"type": "string"}},
+                            required=True,
+                            explode=True,
+                        ),
+                        _param(
+                            "from",
+                            "Start, RFC 3339 or Unix seconds (inclusive); default to minus 24 h.",
+                            {"type": "string"},
+                        ),
+                        _param(
+                            "to",
+                            "End, RFC 3339 or Unix seconds (exclusive); default now.",
+                            {"type": "string"},
+                        ),
+                        _param(
+                            "granularity",
+                            "Width of the answer's buckets.",
+                            {"type": "string", "enum": list(GRANULARITIES), "default": "hour"},
+                        ),
+                        _param(
+                            "group_by",
+                            "A tag name: one result series per value of it.",
+                            {"type": "string"},
+                        ),
+                        _param(
+                            "stats",
+                            f"Comma list of {stats_list}.",
+                            {"type": "string", "default": ",".join(DEFAULT_STATS)},
+                        ),
+                        {
+                            "name": "tag.NAME",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "Keep only series whose tag NAME has this value "
+                            "(repeatable with other names, AND).",
+                        },
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "The roll-ups.", {"$ref": "#/components/schemas/Aggregates"}
+                        ),
+                        "422": _error("Invalid parameters: every problem as {parameter, message}."),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness: the process answers",
+                    "responses": {"200": _json_response("Alive.", {"type": "object"})},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: store reachable, writer running, queue not saturated",
+                    "responses": {
+                        "200": _json_response("Ready.", {"type": "object"}),
+                        "503": _json_response("Not ready; checks says why.", {"type": "object"}),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _json_response("OpenAPI 3.1.", {"type": "object"})},
+                }
+            },
         },
         "components": {"schemas": schemas},
     }

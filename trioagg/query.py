@@ -94,8 +94,16 @@ def parse_query(args: Any, *, bucket: int, now: float) -> Query:
 
     if problems:
         raise InvalidQuery("the query is invalid", problems)
-    return Query(keys, start, end, granularity, width if granularity != "all" else end - start,
-                 tags, group_by, stats)
+    return Query(
+        keys,
+        start,
+        end,
+        granularity,
+        width if granularity != "all" else end - start,
+        tags,
+        group_by,
+        stats,
+    )
 
 
 def _parse_time(text: str | None, name: str, problem: Any) -> float | None:
@@ -110,9 +118,7 @@ def _parse_time(text: str | None, name: str, problem: Any) -> float | None:
 
 def answer(query: Query, rows: Iterable[Row]) -> dict[str, Any]:
     """Merge stored rows into the response document of ``query``."""
-    series: dict[str, dict[Group, dict[int, Rollup]]] = {
-        key: {} for key in query.keys
-    }
+    series: dict[str, dict[Group, dict[int, Rollup]]] = {key: {} for key in query.keys}
     tag_cache: dict[str, dict[str, str]] = {}
     for key, bucket, tags_json, rollup in rows:
         tags = tag_cache.get(tags_json)
@@ -137,14 +143,16 @@ def answer(query: Query, rows: Iterable[Row]) -> dict[str, Any]:
             tags = dict(query.tags)
             if query.group_by and group[0] is not None:
                 tags[query.group_by] = group[0]
-            results.append({
-                "key": key,
-                "tags": tags,
-                "buckets": [
-                    _bucket(start, rollup, query.stats)
-                    for start, rollup in sorted(groups[group].items())
-                ],
-            })
+            results.append(
+                {
+                    "key": key,
+                    "tags": tags,
+                    "buckets": [
+                        _bucket(start, rollup, query.stats)
+                        for start, rollup in sorted(groups[group].items())
+                    ],
+                }
+            )
     return {
         "from": rfc3339(query.start),
         "to": rfc3339(query.end),

@@ -21,8 +21,16 @@ ENV_PREFIX = "TRIOAGG_"
 BUCKET_WIDTHS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
-               "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
 
 
 def parse_duration(text: str) -> float:
@@ -104,13 +112,12 @@ class Settings:
         "1s", parse_duration, "How long a request waits for room in a full channel before 503."
     )
     sync: str = _setting(
-        "full", _choice("full", "normal"),
+        "full",
+        _choice("full", "normal"),
         "SQLite synchronous mode: full survives power loss, normal only a process crash.",
     )
     max_body: int = _setting("10MiB", parse_size, "Largest request body accepted (413 above).")
-    max_batch: int = _setting(
-        "10000", _positive_int, "Most events in one request (413 above)."
-    )
+    max_batch: int = _setting("10000", _positive_int, "Most events in one request (413 above).")
     max_future: float = _setting(
         "1h", parse_duration, "Reject events whose ts is further ahead of the server clock."
     )

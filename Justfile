@@ -1,0 +1,19 @@
+# trioagg tasks. `pip install -e '.[dev]'` provides `just` (rust-just) and the tools below.
+
+# Start the service on the embedded SQLite store (flags pass through: just serve --port 9000)
+serve *ARGS:
+    trioagg serve {{ARGS}}
+
+# Run the whole test suite (the command .ci/run and the README use)
+test *ARGS:
+    python -m pytest {{ARGS}}
+
+# ruff and mypy
+lint:
+    ruff check .
+    ruff format --check trioagg
+    mypy
+
+# The stress harness: just bench, just bench --quick, just bench --scenario seed
+bench *ARGS:
+    python -m bench {{ARGS}}
