@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -20,7 +21,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.utils import LifespanFailureError
 
 from . import __version__
-from .app import create_app, log
+from .app import TrioaggApp, create_app, log
 from .errors import ConfigError
 from .settings import Settings, env_name, flag_name
 
@@ -54,20 +55,29 @@ def serve(**values: str | None) -> None:
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     try:
-        trio.run(run_server, settings)
+        trio.run(run_server, create_app(settings))
     except LifespanFailureError as error:
         click.echo(f"trioagg: error: {_startup_message(error)}", err=True)
         sys.exit(2)
 
 
 async def run_server(
-    settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    app: TrioaggApp,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until ``shutdown_trigger`` returns (default: SIGTERM or SIGINT), then
+    shut down gracefully. ``task_status`` receives the bound URLs."""
     config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    config.bind = [f"{app.settings.host}:{app.settings.port}"]
     config.accesslog = None
     config.errorlog = "-"
+    if shutdown_trigger is not None:
+        await hypercorn_serve(
+            app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+        )
+        return
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
         async def until_signal() -> None:
@@ -75,9 +85,7 @@ async def run_server(
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 return
 
-        await hypercorn_serve(
-            create_app(settings), config, shutdown_trigger=until_signal, task_status=task_status
-        )
+        await hypercorn_serve(app, config, shutdown_trigger=until_signal, task_status=task_status)
 
 
 def _startup_message(error: LifespanFailureError) -> str:

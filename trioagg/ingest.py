@@ -14,6 +14,7 @@ Only a body that fails it is decoded again, untyped, to find every problem.
 from __future__ import annotations
 
 import datetime
+import decimal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
@@ -65,6 +66,8 @@ _FIELD_TYPES: Final = {field.name: field.type for field in msgspec.structs.field
 _BYTE_LIMITS: Final = {"key": 255, "distinct_id": 255, "id": 128}
 
 _BODY_DECODER = msgspec.json.Decoder(Event | list[Event])
+# Decimal keeps numbers beyond float's range (1e999) checkable as the field's problem.
+_UNTYPED_DECODER = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _LINE_DECODER = msgspec.json.Decoder(Event)
 
 
@@ -155,7 +158,7 @@ def _decode_untyped(body: bytes, *, ndjson: bool) -> list[Any]:
     """Decode without the schema, raising :class:`MalformedBody` where the JSON breaks."""
     if not ndjson:
         try:
-            raw = msgspec.json.decode(body)
+            raw = _UNTYPED_DECODER.decode(body)
         except msgspec.DecodeError as error:
             raise MalformedBody(f"the body is not valid JSON: {error}") from None
         return raw if isinstance(raw, list) else [raw]
@@ -164,7 +167,7 @@ def _decode_untyped(body: bytes, *, ndjson: bool) -> list[Any]:
         if not line.strip():
             continue
         try:
-            lines.append(msgspec.json.decode(line))
+            lines.append(_UNTYPED_DECODER.decode(line))
         except msgspec.DecodeError as error:
             raise MalformedBody(
                 f"line {number} of the NDJSON body is not valid JSON: {error}"

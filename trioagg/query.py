@@ -73,10 +73,10 @@ def parse_query(args: Any, *, bucket: int, now: float) -> Query:
     start_at = _parse_time(args.get("from"), "from", problem)
     start_at = end_at - DEFAULT_RANGE if start_at is None else start_at
     align = width if granularity != "all" else bucket
+    if start_at >= end_at:
+        problem("from", "from must be before to")
     start = math.floor(start_at / align) * align
     end = math.ceil(end_at / align) * align
-    if end <= start:
-        problem("from", "from must be before to")
 
     stats = tuple(dict.fromkeys(args.get("stats", ",".join(DEFAULT_STATS)).split(",")))
     unknown = [name for name in stats if name not in STATS]

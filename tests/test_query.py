@@ -1,0 +1,152 @@
+"""GET /v1/aggregates over real HTTP: ranges, granularities, tags, group_by, stats, errors."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from .conftest import Server, StartServer, post
+
+HOUR = 3600
+# Midnight UTC two days ago: inside max_future, far enough back for whole days.
+DAY = (int(time.time()) // 86400 - 2) * 86400
+
+
+async def aggregates(server: Server, **params: Any) -> Any:
+    response = await server.client.get("/v1/aggregates", params=params)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture
+async def loaded(server: Server) -> Server:
+    events = [
+        {"key": "pay", "ts": DAY + 10, "value": 10, "tags": {"region": "eu", "plan": "pro"}},
+        {"key": "pay", "ts": DAY + 20, "value": 20, "tags": {"region": "us", "plan": "pro"}},
+        {"key": "pay", "ts": DAY + HOUR + 5, "value": 30, "tags": {"region": "eu"}},
+        {"key": "pay", "ts": DAY + 86400 + 1, "value": 40, "tags": {"region": "eu"}},
+        {"key": "pay", "ts": DAY + 86400 + 2, "value": 50},
+        {"key": "signup", "ts": DAY + 30, "value": 1},
+    ]
+    assert (await post(server.client, events)).status_code == 200
+    return server
+
+
+async def test_hourly_default_stats(loaded: Server) -> None:
+    doc = await aggregates(loaded, key="pay", **{"from": DAY, "to": DAY + 2 * HOUR})
+    assert doc["granularity"] == "hour" and doc["tz"] == "UTC"
+    (result,) = doc["results"]
+    assert result["key"] == "pay" and result["tags"] == {}
+    assert [b["count"] for b in result["buckets"]] == [2, 1]
+    assert result["buckets"][0] == {
+        "start": doc["from"],
+        "count": 2,
+        "sum": 30.0,
+        "min": 10.0,
+        "max": 20.0,
+        "avg": 15.0,
+    }
+
+
+async def test_day_and_all_merge_exactly(loaded: Server) -> None:
+    span = {"from": DAY, "to": DAY + 2 * 86400}
+    doc = await aggregates(loaded, key="pay", granularity="day", stats="count,sum,stddev", **span)
+    buckets = doc["results"][0]["buckets"]
+    assert [(b["count"], b["sum"]) for b in buckets] == [(3, 60.0), (2, 90.0)]
+    assert buckets[0]["stddev"] == pytest.approx(8.16496580927726)
+    doc = await aggregates(loaded, key="pay", granularity="all", stats="count,min,max,avg", **span)
+    assert doc["results"][0]["buckets"] == [
+        {"start": doc["from"], "count": 5, "min": 10.0, "max": 50.0, "avg": 30.0}
+    ]
+
+
+async def test_native_bucket_granularity(start_server: StartServer) -> None:
+    server = await start_server(bucket="5m")
+    await post(server.client, [{"key": "k", "ts": DAY + s} for s in (0, 299, 300, 900)])
+    doc = await aggregates(server, key="k", granularity="bucket", **{"from": DAY, "to": DAY + HOUR})
+    starts = [b["start"][11:16] for b in doc["results"][0]["buckets"]]
+    assert starts == ["00:00", "00:05", "00:15"]
+    assert [b["count"] for b in doc["results"][0]["buckets"]] == [2, 1, 1]
+
+
+async def test_range_is_bucket_aligned_and_echoed(loaded: Server) -> None:
+    doc = await aggregates(loaded, key="pay", **{"from": DAY + 1800, "to": DAY + 5400})
+    assert doc["from"].endswith("T00:00:00Z") and doc["to"].endswith("T02:00:00Z")
+    rfc = await aggregates(loaded, key="pay", **{"from": doc["from"], "to": doc["to"]})
+    assert rfc == doc
+
+
+async def test_tag_filters_and_group_by(loaded: Server) -> None:
+    span = {"from": DAY, "to": DAY + 2 * 86400, "granularity": "all", "stats": "count,sum"}
+    doc = await aggregates(loaded, key="pay", **{"tag.region": "eu"}, **span)
+    assert doc["results"] == [
+        {
+            "key": "pay",
+            "tags": {"region": "eu"},
+            "buckets": [{"start": doc["from"], "count": 3, "sum": 80.0}],
+        }
+    ]
+    doc = await aggregates(loaded, key="pay", **{"tag.region": "eu", "tag.plan": "pro"}, **span)
+    assert doc["results"][0]["buckets"][0]["count"] == 1
+    doc = await aggregates(loaded, key="pay", group_by="region", **span)
+    assert [(r["tags"], r["buckets"][0]["count"]) for r in doc["results"]] == [
+        ({"region": "eu"}, 3),
+        ({"region": "us"}, 1),
+        ({}, 1),
+    ]
+
+
+async def test_several_keys_and_missing_keys(loaded: Server) -> None:
+    doc = await aggregates(
+        loaded,
+        key=["signup", "pay", "nothing"],
+        granularity="all",
+        stats="count",
+        **{"from": DAY, "to": DAY + 2 * 86400},
+    )
+    assert [(r["key"], [b["count"] for b in r["buckets"]]) for r in doc["results"]] == [
+        ("signup", [1]),
+        ("pay", [5]),
+        ("nothing", []),
+    ]
+
+
+async def test_default_range_is_the_last_24_hours(server: Server) -> None:
+    now = time.time()
+    await post(server.client, [{"key": "recent"}, {"key": "recent", "ts": now - 30 * HOUR}])
+    doc = await aggregates(server, key="recent", granularity="all", stats="count")
+    assert doc["results"][0]["buckets"][0]["count"] == 1
+    assert doc["to"] > doc["from"]
+
+
+@pytest.mark.parametrize(
+    ("params", "parameter"),
+    [
+        ({}, "key"),
+        ({"key": "k", "granularity": "fortnight"}, "granularity"),
+        ({"key": "k", "stats": "count,median"}, "stats"),
+        ({"key": "k", "from": "2026-11-24T00:00:00"}, "from"),
+        ({"key": "k", "to": "soon"}, "to"),
+        ({"key": "k", "from": "200", "to": "100"}, "from"),
+        ({"key": "k", "colour": "red"}, "colour"),
+        ({"key": [f"k{i}" for i in range(101)]}, "key"),
+    ],
+)
+async def test_invalid_queries_name_the_parameter(
+    server: Server, params: dict[str, Any], parameter: str
+) -> None:
+    response = await server.client.get("/v1/aggregates", params=params)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"]["code"] == "invalid_query"
+    assert parameter in [d["parameter"] for d in body["error"]["details"]]
+
+
+async def test_every_problem_of_a_query_is_listed(server: Server) -> None:
+    response = await server.client.get(
+        "/v1/aggregates", params={"granularity": "x", "stats": "nope", "to": "soon"}
+    )
+    parameters = {d["parameter"] for d in response.json()["error"]["details"]}
+    assert parameters == {"key", "granularity", "stats", "to"}

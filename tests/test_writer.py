@@ -1,0 +1,131 @@
+"""The writer under real contention: a second SQLite connection holds the write lock,
+so commits genuinely wait, the channel fills, and busy retries run out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import StartServer, post, stored_counts
+
+
+async def wait_until(predicate: Any, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_saturated_channel_answers_503_with_retry_after(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(queue_size="2", enqueue_timeout="200ms", busy_timeout="30s")
+    hold_write_lock.acquire(server.db)
+    writer = server.app.service.writer
+    # The writer takes the first request and waits on the lock; two more fill the channel.
+    assert (await post(server.client, [{"key": "q"}] * 2, wait="false")).status_code == 202
+    await wait_until(lambda: writer.statistics().current_buffer_used == 0)
+    for _ in range(2):
+        assert (await post(server.client, [{"key": "q"}] * 2, wait="false")).status_code == 202
+    assert writer.statistics().current_buffer_used == 2
+    accepted = 6
+
+    with trio.fail_after(5):
+        response = await post(server.client, {"key": "q"}, wait="false")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "overloaded"
+    ready = await server.client.get("/readyz")
+    assert ready.status_code == 503
+    assert "saturated" in ready.json()["checks"]["queue"]
+
+    hold_write_lock.release()
+    assert (await post(server.client, {"key": "witness"})).status_code == 200
+    assert stored_counts(server.db)["q"] == accepted
+
+
+async def test_busy_database_is_retried_until_it_frees(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="30s")
+    hold_write_lock.acquire(server.db)
+    async with trio.open_nursery() as nursery:
+        results: list[int] = []
+
+        async def durable() -> None:
+            results.append((await post(server.client, {"key": "busy"})).status_code)
+
+        nursery.start_soon(durable)
+        await trio.sleep(0.5)  # several retries with backoff
+        assert results == []
+        hold_write_lock.release()
+    assert results == [200]
+    assert stored_counts(server.db) == {"busy": 1}
+
+
+async def test_failed_commit_answers_error_stores_nothing_and_writer_goes_on(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="300ms")
+    hold_write_lock.acquire(server.db)
+    response = await post(server.client, [{"key": "lost"}] * 3)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "commit_failed"
+    hold_write_lock.release()
+
+    response = await post(server.client, {"key": "after"})
+    assert response.status_code == 200
+    assert stored_counts(server.db) == {"after": 1}
+    assert await metric(server, "trioagg_commit_failures_total") == 1
+
+
+async def test_queued_requests_share_one_transaction(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="30s")
+    hold_write_lock.acquire(server.db)
+    statuses: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def durable(i: int) -> None:
+            response = await post(server.client, {"key": "group", "value": i})
+            statuses.append(response.status_code)
+
+        for i in range(20):
+            nursery.start_soon(durable, i)
+        metrics = server.app.metrics
+        await wait_until(
+            lambda: metrics.registry.get_sample_value("trioagg_events_accepted_total") == 20
+        )
+        hold_write_lock.release()
+    assert statuses == [200] * 20
+    # Two commits: what the writer took first, then everything that queued behind it.
+    assert await metric(server, "trioagg_batch_requests_count") == 2
+    assert await metric(server, "trioagg_batch_requests_sum") == 20
+    assert stored_counts(server.db) == {"group": 20}
+
+
+async def test_batch_size_bounds_a_transaction_but_never_splits_a_request(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(batch_size="5", busy_timeout="30s")
+    hold_write_lock.acquire(server.db)
+    for _ in range(5):
+        assert (await post(server.client, [{"key": "b"}] * 4, wait="false")).status_code == 202
+    hold_write_lock.release()
+    await wait_until(lambda: server.app.service.writer.committed_events == 20)
+    # The first request alone, then [4 + 4] and [4 + 4]: a batch stops once it holds
+    # batch_size events or more, and a request is never split.
+    assert await metric(server, "trioagg_batch_events_count") == 3
+    assert await metric(server, "trioagg_batch_events_sum") == 20
+    assert stored_counts(server.db) == {"b": 20}
+
+
+async def metric(server: Any, name: str, **labels: str) -> float:
+    text = (await server.client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels}")
