@@ -132,8 +132,9 @@ class ServerProcess:
     def wait(self, timeout: float = 30) -> int:
         """Wait for the exit; the rest of stderr goes to ``log``."""
         assert self.proc is not None and self.proc.stderr is not None
-        rest, _ = self.proc.communicate(timeout=timeout)
-        self.log.append(rest or "")
+        self.proc.wait(timeout)  # the log is small: the pipe never fills
+        self.log.append(self.proc.stderr.read())
+        self.proc.stderr.close()
         return self.proc.returncode
 
     def stop(self) -> int:
@@ -162,6 +163,8 @@ def server_process(tmp_path: Path) -> Any:
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait()
+        if process.proc is not None and process.proc.stderr is not None:
+            process.proc.stderr.close()
 
 
 @pytest.fixture

@@ -20,7 +20,14 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .errors import InvalidEvents, PayloadTooLarge, RequestError, UnsupportedMediaType, error_body
+from .errors import (
+    ConfigError,
+    InvalidEvents,
+    PayloadTooLarge,
+    RequestError,
+    UnsupportedMediaType,
+    error_body,
+)
 from .ingest import Limits, decode_events
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -57,6 +64,12 @@ class TrioaggApp(QuartTrio):
         self.metrics = Metrics()
         self._service: Service | None = None
         self._lifespan_nursery: trio.Nursery | None = None
+
+    def log_exception(self, exception_info: Any) -> None:
+        if isinstance(exception_info[1], ConfigError):  # a plain sentence says it all
+            log.error("trioagg cannot start: %s", exception_info[1])
+            return
+        super().log_exception(exception_info)
 
     @property
     def service(self) -> Service:

@@ -56,9 +56,10 @@ def serve(**values: str | None) -> None:
         raise click.UsageError(str(error)) from None
     try:
         trio.run(run_server, create_app(settings))
-    except LifespanFailureError as error:
-        click.echo(f"trioagg: error: {_startup_message(error)}", err=True)
-        sys.exit(2)
+    except BaseExceptionGroup as group:
+        if group.subgroup(LifespanFailureError) is None:
+            raise
+        sys.exit(2)  # the app has logged why it could not start
 
 
 async def run_server(
@@ -86,8 +87,3 @@ async def run_server(
                 return
 
         await hypercorn_serve(app, config, shutdown_trigger=until_signal, task_status=task_status)
-
-
-def _startup_message(error: LifespanFailureError) -> str:
-    text = str(error)
-    return text.split("'", 1)[1].rsplit("'", 1)[0] if "'" in text else text
