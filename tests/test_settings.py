@@ -1,0 +1,100 @@
+"""Settings: one table behind the flags and the variables, all of it documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trioagg.cli import main
+from trioagg.errors import ConfigError
+from trioagg.settings import Settings, env_name, flag_name, parse_duration, parse_size
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+NAMES = [field.name for field in dataclasses.fields(Settings)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_setting_is_documented_in_the_readme(name: str) -> None:
+    assert f"`{flag_name(name)}`" in README
+    assert f"`{env_name(name)}`" in README
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_setting_is_a_serve_flag(name: str) -> None:
+    result = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert flag_name(name) in result.output
+    assert env_name(name) in result.output
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert (settings.db, settings.bucket, settings.sync) == ("trioagg.db", 3600, "full")
+    assert settings.max_body == 10 * 1024 * 1024 and settings.max_batch == 10_000
+    assert settings.max_future == 3600 and settings.max_age is None
+    assert settings.dedup_window == 86400
+
+
+def test_environment_variables() -> None:
+    settings = Settings.from_env(
+        {
+            "TRIOAGG_DB": "/tmp/x.db",
+            "TRIOAGG_BUCKET": "15m",
+            "TRIOAGG_BATCH_SIZE": "500",
+            "TRIOAGG_MAX_AGE": "7d",
+            "TRIOAGG_SYNC": "NORMAL",
+            "UNRELATED": "x",
+        }
+    )
+    assert (settings.db, settings.bucket, settings.batch_size) == ("/tmp/x.db", 900, 500)
+    assert settings.max_age == 7 * 86400 and settings.sync == "normal"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bucket", "2h", "is not a bucket width"),
+        ("batch_size", "0", "at least 1"),
+        ("port", "70000", "not a TCP port"),
+        ("sync", "sometimes", "not one of"),
+        ("max_body", "lots", "not a size"),
+        ("max_future", "soon", "not a duration"),
+    ],
+)
+def test_bad_values_name_flag_and_variable(name: str, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{flag_name(name)} / {env_name(name)}")):
+        Settings.from_text({name: text})
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_text({name: text})
+
+
+def test_unknown_setting_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Settings.from_text({"colour": "red"})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("500ms", 0.5),
+        ("15m", 900),
+        ("1h", 3600),
+        ("2d", 172800),
+        ("1.5h", 5400),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("1024", 1024), ("10MiB", 10 * 1024**2), ("1kb", 1000), ("2GiB", 2 << 30)]
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
