@@ -152,3 +152,26 @@ def test_hypercorn_factory_works_with_environment_variables_alone(
         assert [b["start"][11:16] for b in doc["results"][0]["buckets"]] == ["00:00", "00:15"]
     assert server.stop() == 0, server.output
     assert stored_counts(db) == {"f": 2}
+
+
+def test_ids_count_once_across_a_restart_and_a_killed_process(server_process: Any) -> None:
+    batch = [{"key": "once", "id": f"evt-{i}"} for i in range(20)]
+    first = server_process().start()
+    with httpx.Client(base_url=first.url) as client:
+        assert client.post("/v1/events", json=batch).json() == {"accepted": 20, "duplicates": 0}
+    assert first.stop() == 0
+
+    second = server_process().start()
+    with httpx.Client(base_url=second.url) as client:
+        assert client.post("/v1/events", json=batch).json()["duplicates"] == 20
+        more = [{"key": "once", "id": f"evt-{i}"} for i in range(20, 30)]
+        assert client.post("/v1/events", json=more).json()["duplicates"] == 0
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+
+    third = server_process().start()
+    with httpx.Client(base_url=third.url) as client:
+        retry = batch + more
+        assert client.post("/v1/events", json=retry).json() == {"accepted": 30, "duplicates": 30}
+    assert third.stop() == 0
+    assert stored_counts(third.db) == {"once": 30}

@@ -8,6 +8,7 @@ import itertools
 import math
 import statistics
 import tempfile
+import zoneinfo
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,12 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
-from trioagg.query import GRANULARITIES, answer, parse_query
+from trioagg.errors import InvalidQuery
+from trioagg.query import CALENDAR, GRANULARITIES, Query, answer, parse_query
 from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
+from trioagg.store.base import WritePolicy, commit_batch
 from trioagg.store.sqlite import SQLiteBackend
 
-DAY0 = 1_763_942_400  # 2025-11-24T00:00:00Z, a Monday
+# 2025-10-24T00:00:00Z: the range crosses the end of DST in Europe (Oct 26)
+# and in America (Nov 2), and two month boundaries.
+DAY0 = 1_761_264_000
 WIDTHS = [60, 300, 900, 3600]
+SPAN = 45 * 86400
 
 values = st.one_of(
     st.integers(-1000, 1000).map(float),
@@ -31,34 +37,55 @@ values = st.one_of(
 events = st.lists(
     st.tuples(
         st.sampled_from(["a", "b"]),
-        st.integers(DAY0, DAY0 + 3 * 86400 - 1).map(float),
+        st.integers(DAY0, DAY0 + SPAN - 1).map(float),
         values,
         st.sampled_from(["{}", '{"r":"eu"}', '{"r":"us"}']),
+        st.none(),
+        st.none(),
     ),
     min_size=1,
     max_size=60,
 )
 
 
-def store_in_batches(path: Path, points: list, cuts: list[int], width: int) -> SQLiteBackend:
+def store_in_batches(
+    path: Path, points: list, cuts: list[int], width: int, quantiles: bool = False
+) -> SQLiteBackend:
+    """Commit ``points`` cut into batches as the writer does, one transaction each."""
     backend = SQLiteBackend(str(path))
     conn = backend.connect(write=True)
     backend.prepare(conn, width)
+    policy = WritePolicy(width, 86400, lambda key: quantiles)
     bounds = sorted({0, len(points), *(c % (len(points) + 1) for c in cuts)})
+    series_seen: dict = {}
     for lo, hi in itertools.pairwise(bounds):
-        rollups: dict[Slot, Rollup] = {}
-        pre_aggregate(points[lo:hi], width, rollups)
-        backend.upsert(conn, rollups)
+        commit_batch(backend, conn, [points[lo:hi]], policy, series_seen)
     backend.close(conn)
     return backend
 
 
-def naive(points: list, start: int, step: int, group: bool) -> dict:
+def answer_bucket(ts: int, granularity: str, tz: str, width: int, start: int) -> int:
+    """Where one raw event belongs, worked out on its own (the oracle)."""
+    if granularity in ("bucket", "hour"):
+        step = width if granularity == "bucket" else 3600
+        return ts // step * step
+    if granularity == "all":
+        return start
+    zone = zoneinfo.ZoneInfo(tz)
+    day = datetime.datetime.fromtimestamp(ts, zone).date()
+    if granularity == "week":
+        day -= datetime.timedelta(days=day.weekday())
+    if granularity == "month":
+        day = day.replace(day=1)
+    return int(datetime.datetime.combine(day, datetime.time(), zone).timestamp())
+
+
+def naive(points: list, query: Query, width: int, group: bool) -> dict:
     """{(key, tags-or-None, answer bucket start): [values]} from the raw events."""
     grouped: dict = defaultdict(list)
-    for key, ts, value, tags in points:
-        bucket_start = start + (int(ts) - start) // step * step
-        grouped[(key, tags if group else None, bucket_start)].append(value)
+    for key, ts, value, tags, _, _ in points:
+        start = answer_bucket(int(ts), query.granularity, query.tz, width, query.start)
+        grouped[(key, tags if group else None, start)].append(value)
     return grouped
 
 
@@ -72,10 +99,11 @@ def close(a: float, b: float, scale: float) -> bool:
     cuts=st.lists(st.integers(0, 60), max_size=6),
     width=st.sampled_from(WIDTHS),
     granularity=st.sampled_from(list(GRANULARITIES)),
+    tz=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]),
     group=st.booleans(),
 )
 def test_batched_upserts_equal_naive_aggregation(
-    points: list, cuts: list[int], width: int, granularity: str, group: bool
+    points: list, cuts: list[int], width: int, granularity: str, tz: str, group: bool
 ) -> None:
     with tempfile.TemporaryDirectory() as folder:
         backend = store_in_batches(Path(folder) / "t.db", points, cuts, width)
@@ -84,20 +112,26 @@ def test_batched_upserts_equal_naive_aggregation(
                 ("key", "a"),
                 ("key", "b"),
                 ("from", str(DAY0)),
-                ("to", str(DAY0 + 3 * 86400)),
+                ("to", str(DAY0 + SPAN)),
                 ("granularity", granularity),
                 ("stats", ",".join(STATS)),
+                ("tz", tz),
             ]
         )
         if group:
             args.add("group_by", "r")
+        if tz == "Asia/Kolkata" and width == 3600 and granularity in CALENDAR:
+            with pytest.raises(InvalidQuery) as refused:
+                parse_query(args, bucket=width, now=DAY0)
+            assert "--bucket 15m answers it exactly" in refused.value.details[0]["message"]
+            return
         query = parse_query(args, bucket=width, now=DAY0)
         conn = backend.connect(write=False)
         rows = backend.fetch(conn, query.keys, query.start, query.end)
         backend.close(conn)
     document = answer(query, rows)
 
-    expected = naive(points, query.start, query.step, group)
+    expected = naive(points, query, width, group)
     seen = set()
     for result in document["results"]:
         tags = None
@@ -124,7 +158,8 @@ def test_stddev_survives_large_values_with_small_spread() -> None:
     merged: Rollup | None = None
     for chunk in range(0, len(raw), 777):  # many partial rollups, merged
         rollups: dict[Slot, Rollup] = {}
-        pre_aggregate([("k", 0.0, v, "{}") for v in raw[chunk : chunk + 777]], 3600, rollups)
+        part_points = [("k", 0.0, v, "{}", None, None) for v in raw[chunk : chunk + 777]]
+        pre_aggregate(part_points, 3600, rollups, lambda key: False)
         part = rollups[("k", 0, "{}")]
         if merged is None:
             merged = part
@@ -138,7 +173,7 @@ def test_stddev_survives_large_values_with_small_spread() -> None:
 
 def test_stddev_of_large_values_survives_the_sql_upsert(tmp_path: Path) -> None:
     raw = [1e9 + 0.001 * (i % 5) for i in range(5_000)]
-    points = [("k", float(DAY0), v, "{}") for v in raw]
+    points = [("k", float(DAY0), v, "{}", None, None) for v in raw]
     backend = store_in_batches(tmp_path / "t.db", points, list(range(0, 5_000, 333)), 3600)
     conn = backend.connect(write=False)
     ((_, _, _, rollup),) = backend.fetch(conn, ["k"], DAY0, DAY0 + 3600)

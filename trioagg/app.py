@@ -20,9 +20,11 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
 from .errors import (
     ConfigError,
     InvalidEvents,
+    InvalidQuery,
     PayloadTooLarge,
     RequestError,
     UnsupportedMediaType,
@@ -32,10 +34,11 @@ from .ingest import Limits, decode_events
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
-from .query import answer, parse_query
+from .query import Query, answer, parse_query
+from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
-from .writer import Writer
+from .writer import Writer, purge_expired_ids
 
 log = logging.getLogger("trioagg")
 
@@ -64,6 +67,7 @@ class TrioaggApp(QuartTrio):
         self.metrics = Metrics()
         self._service: Service | None = None
         self._lifespan_nursery: trio.Nursery | None = None
+        self._purge_scope = trio.CancelScope()
 
     def log_exception(self, exception_info: Any) -> None:
         if isinstance(exception_info[1], ConfigError):  # a plain sentence says it all
@@ -98,6 +102,9 @@ class TrioaggApp(QuartTrio):
             enqueue_timeout=settings.enqueue_timeout,
         )
         await self._lifespan_nursery.start(writer.run)
+        self._lifespan_nursery.start_soon(
+            purge_expired_ids, store, min(60.0, settings.dedup_window / 10), self._purge_scope
+        )
         self._service = Service(settings, store, writer, self.metrics)
         log.info(
             "trioagg started: %s, %s buckets, batch %d events, queue %d requests",
@@ -110,6 +117,7 @@ class TrioaggApp(QuartTrio):
     async def stop_service(self) -> None:
         """Drain the writer, commit, close the store (``after_serving``)."""
         service = self.service
+        self._purge_scope.cancel()
         with trio.CancelScope(shield=True):
             queued = service.writer.statistics().current_buffer_used
             service.writer.close()
@@ -171,14 +179,16 @@ def _add_routes(app: TrioaggApp) -> None:
         except InvalidEvents as error:
             service.metrics.events_rejected.inc(error.event_count)
             raise
+        duplicates = 0
         if points:
             submission = await service.writer.submit(points, durable=durable)
             service.metrics.events_accepted.inc(len(points))
             if durable:
                 await submission.wait_committed()
+                duplicates = submission.duplicates
         service.metrics.ingest_seconds.observe(time.perf_counter() - started)
         if durable:
-            return _json({"accepted": len(points), "duplicates": 0})
+            return _json({"accepted": len(points), "duplicates": duplicates})
         return _json({"accepted": len(points)}, 202)
 
     @app.get("/v1/aggregates")
@@ -186,10 +196,26 @@ def _add_routes(app: TrioaggApp) -> None:
         started = time.perf_counter()
         service = app.service
         query = parse_query(request.args, bucket=service.store.bucket, now=time.time())
-        rows = await service.store.read(query.keys, query.start, query.end)
+        _check_quantiles_kept(query, service)
+        rows = await service.store.read(
+            query.keys, query.start, query.end, sketches=query.needs_sketches
+        )
         response = _json(answer(query, rows))
         service.metrics.query_seconds.observe(time.perf_counter() - started)
         return response
+
+    @app.get("/v1/keys")
+    async def get_keys() -> Response:
+        query = parse_keys_query(request.args)
+        series = await app.service.store.list_keys(query.prefix, query.after, query.limit)
+        return _json(keys_answer(query, series))
+
+    @app.get("/v1/top")
+    async def get_top() -> Response:
+        store = app.service.store
+        query = parse_top_query(request.args, bucket=store.bucket, now=time.time())
+        ranked = await store.top(query.start, query.end, query.stat, query.prefix, query.limit)
+        return _json(top_answer(query, ranked))
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -220,6 +246,24 @@ def _add_routes(app: TrioaggApp) -> None:
     @app.get("/openapi.json")
     async def openapi() -> Response:
         return _json(openapi_document())
+
+
+def _check_quantiles_kept(query: Query, service: Service) -> None:
+    if not any(is_percentile(name) for name in query.stats):
+        return
+    missing = [key for key in query.keys if not service.store.policy.keeps_quantiles(key)]
+    if missing:
+        raise InvalidQuery(
+            "the query is invalid",
+            [
+                {
+                    "parameter": "stats",
+                    "message": f"quantiles are not kept for {', '.join(missing)}: "
+                    "start the server with --quantiles naming these keys (glob patterns, * for "
+                    "all); they apply to events received from then on",
+                }
+            ],
+        )
 
 
 def _wait_param(text: str | None) -> bool:

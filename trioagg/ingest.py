@@ -24,8 +24,9 @@ import msgspec
 from .errors import InvalidEvents, MalformedBody, PayloadTooLarge
 from .times import LATEST, rfc3339
 
-#: One validated event: (key, ts in Unix seconds, value, canonical tags JSON).
-Point = tuple[str, float, float, str]
+#: One validated event: (key, ts in Unix seconds, value, canonical tags JSON,
+#: distinct_id or None, id or None).
+Point = tuple[str, float, float, str, str | None, str | None]
 
 NO_TAGS: Final = "{}"
 
@@ -105,7 +106,7 @@ def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> l
         for field, message in _limit_problems(event, seconds, low, high):
             problems.append({"index": index, "field": field, "message": message})
         tags = msgspec.json.encode(event.tags, order="sorted").decode() if event.tags else NO_TAGS
-        points.append((event.key, seconds, event.value, tags))
+        points.append((event.key, seconds, event.value, tags, event.distinct_id, event.id))
     if problems:
         raise _invalid(problems, len(events))
     return points

@@ -33,6 +33,11 @@ class Metrics:
         self.events_committed = Counter(
             "trioagg_events_committed", "Events committed to the store.", registry=r
         )
+        self.events_duplicate = Counter(
+            "trioagg_events_duplicate",
+            "Events acknowledged but not counted: their id was already stored.",
+            registry=r,
+        )
         self.requests_rejected = Counter(
             "trioagg_requests_rejected",
             "Requests answered with an error, by code.",

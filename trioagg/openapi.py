@@ -13,8 +13,9 @@ from typing import Any
 import msgspec
 
 from . import __version__
+from .discovery import MAX_LIMIT, TOP_STATS
 from .ingest import Event
-from .query import DEFAULT_STATS, GRANULARITIES
+from .query import DEFAULT_STATS, FILLS, GRANULARITIES
 from .rollup import STATS
 
 
@@ -66,6 +67,34 @@ def openapi_document() -> dict[str, Any]:
             "type": "object",
             "required": ["accepted"],
             "properties": {"accepted": {"type": "integer"}, "duplicates": {"type": "integer"}},
+        },
+        "Keys": {
+            "type": "object",
+            "properties": {
+                "keys": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "key": {"type": "string"},
+                            "tags": {"type": "array", "items": {"type": "string"}},
+                            "first": {"type": "string", "format": "date-time"},
+                            "last": {"type": "string", "format": "date-time"},
+                            "series": {"type": "integer"},
+                        },
+                    },
+                },
+                "next": {"type": ["string", "null"]},
+            },
+        },
+        "Top": {
+            "type": "object",
+            "properties": {
+                "from": {"type": "string", "format": "date-time"},
+                "to": {"type": "string", "format": "date-time"},
+                "stat": {"type": "string"},
+                "results": {"type": "array", "items": {"type": "object"}},
+            },
         },
         "Aggregates": {
             "type": "object",
@@ -178,13 +207,26 @@ def openapi_document() -> dict[str, Any]:
                             {"type": "string", "enum": list(GRANULARITIES), "default": "hour"},
                         ),
                         _param(
+                            "tz",
+                            "IANA zone for day, week and month boundaries (e.g. Europe/Berlin); "
+                            "422 when its boundaries miss the store's bucket edges.",
+                            {"type": "string", "default": "UTC"},
+                        ),
+                        _param(
+                            "fill",
+                            "none: omit empty buckets; zero: every stat 0; null: count 0, "
+                            "other stats null.",
+                            {"type": "string", "enum": list(FILLS), "default": "none"},
+                        ),
+                        _param(
                             "group_by",
                             "A tag name: one result series per value of it.",
                             {"type": "string"},
                         ),
                         _param(
                             "stats",
-                            f"Comma list of {stats_list}.",
+                            f"Comma list of {stats_list} and percentiles pNN or pNN.N (p50, "
+                            "p99.9; keys named by --quantiles). Example: count,avg,p99.",
                             {"type": "string", "default": ",".join(DEFAULT_STATS)},
                         ),
                         {
@@ -200,6 +242,61 @@ def openapi_document() -> dict[str, Any]:
                             "The roll-ups.", {"$ref": "#/components/schemas/Aggregates"}
                         ),
                         "422": _error("Invalid parameters: every problem as {parameter, message}."),
+                    },
+                }
+            },
+            "/v1/keys": {
+                "get": {
+                    "summary": "Keys with their tag names and first and last bucket, paginated",
+                    "parameters": [
+                        _param("prefix", "Only keys starting with this.", {"type": "string"}),
+                        _param(
+                            "after",
+                            "Keys after this one (the previous page's next).",
+                            {"type": "string"},
+                        ),
+                        _param(
+                            "limit",
+                            "Keys per page.",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
+                        ),
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "A page of keys; next is null on the last page.",
+                            {"$ref": "#/components/schemas/Keys"},
+                        ),
+                        "422": _error("Invalid parameters."),
+                    },
+                }
+            },
+            "/v1/top": {
+                "get": {
+                    "summary": "Keys ranked by total count or sum over a range",
+                    "parameters": [
+                        _param(
+                            "from",
+                            "Start, RFC 3339 or Unix seconds; default to minus 24 h.",
+                            {"type": "string"},
+                        ),
+                        _param("to", "End (exclusive); default now.", {"type": "string"}),
+                        _param(
+                            "stat",
+                            "What to rank by.",
+                            {"type": "string", "enum": list(TOP_STATS), "default": "count"},
+                        ),
+                        _param(
+                            "limit",
+                            "How many keys.",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
+                        ),
+                        _param("prefix", "Only keys starting with this.", {"type": "string"}),
+                    ],
+                    "responses": {
+                        "200": _json_response(
+                            "Keys, highest first.", {"$ref": "#/components/schemas/Top"}
+                        ),
+                        "422": _error("Invalid parameters."),
                     },
                 }
             },

@@ -7,21 +7,74 @@ moments around a value near the data, instead of ``Σx²``, is what keeps the
 variance of values like 1e9 ± 0.001 from cancelling to noise. Merging two
 rollups with different shifts re-centres one onto the other's shift exactly
 (``store`` does the same merge in SQL on every upsert).
+
+Two optional sketches ride along, created only when something feeds them: a
+KLL quantile sketch (Apache DataSketches, ``k=200``: normalized rank error
+1.33% at 99% confidence) for keys that keep quantiles, and an HLL distinct
+count sketch (``lg_k=12``: relative standard error 1.6%, under 5% at 3 sigma) once an event of the
+bucket carries a ``distinct_id``. Both merge exactly as sketches do: the merge
+of two sketches is the sketch of the union of their inputs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias
+
+from datasketches import hll_sketch, hll_union, kll_doubles_sketch, tgt_hll_type
 
 #: Where a rollup belongs: (key, bucket start in Unix seconds, canonical tags JSON).
 Slot = tuple[str, int, str]
+
+KLL_K = 200
+HLL_LG_K = 12
+#: The documented error bounds (what the tests hold the sketches to).
+QUANTILE_RANK_ERROR = kll_doubles_sketch.get_normalized_rank_error(KLL_K, False)
+#: Relative error of a merged HLL at 3 standard deviations (99.7% confidence).
+DISTINCT_RELATIVE_ERROR = abs(hll_sketch.get_rel_err(False, True, HLL_LG_K, 3))
+
+# datasketches ships no type information.
+Quantiles: TypeAlias = Any  # kll_doubles_sketch
+Distinct: TypeAlias = Any  # hll_sketch
+
+
+def new_quantiles() -> Quantiles:
+    return kll_doubles_sketch(KLL_K)
+
+
+def new_distinct() -> Distinct:
+    return hll_sketch(HLL_LG_K, tgt_hll_type.HLL_8)
+
+
+def union_distinct(a: Distinct, b: Distinct) -> Distinct:
+    union = hll_union(HLL_LG_K)
+    union.update(a)
+    union.update(b)
+    return union.get_result(tgt_hll_type.HLL_8)
+
+
+def encode_quantiles(sketch: Quantiles | None) -> bytes | None:
+    return None if sketch is None else bytes(sketch.serialize())
+
+
+def decode_quantiles(blob: bytes | None) -> Quantiles | None:
+    return None if blob is None else kll_doubles_sketch.deserialize(blob)
+
+
+def encode_distinct(sketch: Distinct | None) -> bytes | None:
+    return None if sketch is None else bytes(sketch.serialize_compact())
+
+
+def decode_distinct(blob: bytes | None) -> Distinct | None:
+    return None if blob is None else hll_sketch.deserialize(blob)
 
 
 class Rollup:
     """Count, min, max and shifted moments of the values of one series and bucket."""
 
-    __slots__ = ("count", "max", "min", "s1", "s2", "shift")
+    __slots__ = ("count", "distinct", "max", "min", "quantiles", "s1", "s2", "shift")
 
     def __init__(
         self,
@@ -31,6 +84,8 @@ class Rollup:
         s2: float = 0.0,
         min: float | None = None,
         max: float | None = None,
+        quantiles: Quantiles | None = None,
+        distinct: Distinct | None = None,
     ) -> None:
         self.shift = value
         self.count = count
@@ -38,6 +93,8 @@ class Rollup:
         self.s2 = s2
         self.min = value if min is None else min
         self.max = value if max is None else max
+        self.quantiles = quantiles
+        self.distinct = distinct
 
     def add(self, value: float) -> None:
         self.count += 1
@@ -59,9 +116,24 @@ class Rollup:
             self.min = other.min
         if other.max > self.max:
             self.max = other.max
+        self.merge_sketches(other)
 
-    def copy(self) -> Rollup:
-        return Rollup(self.shift, self.count, self.s1, self.s2, self.min, self.max)
+    def merge_sketches(self, other: Rollup) -> None:
+        """Fold ``other``'s sketches into this rollup's (they may be in different places)."""
+        if other.quantiles is not None:
+            if self.quantiles is None:
+                self.quantiles = new_quantiles()
+            self.quantiles.merge(other.quantiles)
+        if other.distinct is not None:
+            self.distinct = (
+                other.distinct
+                if self.distinct is None
+                else union_distinct(self.distinct, other.distinct)
+            )
+
+    @property
+    def has_sketches(self) -> bool:
+        return self.quantiles is not None or self.distinct is not None
 
     @property
     def sum(self) -> float:
@@ -77,12 +149,26 @@ class Rollup:
         variance = (self.s2 - self.s1 * self.s1 / self.count) / self.count
         return math.sqrt(variance) if variance > 0.0 else 0.0
 
-    def stat(self, name: str) -> float:
-        """One of the named statistics of :data:`STATS`."""
+    def quantile(self, rank: float) -> float | None:
+        """The value at ``rank`` (0-1) by the quantile sketch; None without one."""
+        if self.quantiles is None or self.quantiles.is_empty():
+            return None
+        return float(self.quantiles.get_quantile(rank))
+
+    def distinct_count(self) -> float | None:
+        """Estimated distinct ``distinct_id`` values; None when no event carried one."""
+        return None if self.distinct is None else round(self.distinct.get_estimate())
+
+    def stat(self, name: str) -> float | None:
+        """One of the statistics of :data:`STATS`, or a percentile named ``pNN``."""
         if name == "count":
             return self.count
         if name == "avg":
             return self.mean
+        if name == "distinct":
+            return self.distinct_count()
+        if name[0] == "p":
+            return self.quantile(percentile_rank(name))
         value: float = getattr(self, name)
         return value
 
@@ -93,18 +179,41 @@ class Rollup:
         )
 
 
-#: The statistics a rollup answers, in the order the API lists them.
-STATS = ("count", "sum", "min", "max", "avg", "stddev")
+#: The statistics a rollup answers, in the order the API lists them (plus ``pNN``).
+STATS = ("count", "sum", "min", "max", "avg", "stddev", "distinct")
+
+_PERCENTILE = re.compile(r"^p(100|\d{1,2}(\.\d+)?)$")
+
+
+def is_percentile(name: str) -> bool:
+    """``p50``, ``p99``, ``p99.9``: a percentile from 0 to 100."""
+    return _PERCENTILE.match(name) is not None
+
+
+def percentile_rank(name: str) -> float:
+    return float(name[1:]) / 100.0
 
 
 def pre_aggregate(
-    points: Iterable[tuple[str, float, float, str]], width: int, into: dict[Slot, Rollup]
+    points: Iterable[tuple[str, float, float, str, str | None, str | None]],
+    width: int,
+    into: dict[Slot, Rollup],
+    keeps_quantiles: Callable[[str], bool],
 ) -> None:
-    """Add events ``(key, ts, value, tags)`` to the rollups of their slots in ``into``."""
-    for key, ts, value, tags in points:
+    """Add events ``(key, ts, value, tags, distinct_id, id)`` to the rollups of their
+    slots in ``into``; quantile sketches only for keys where ``keeps_quantiles``."""
+    for key, ts, value, tags, distinct_id, _ in points:
         slot = (key, int(ts // width) * width, tags)
         rollup = into.get(slot)
         if rollup is None:
-            into[slot] = Rollup(value)
+            rollup = into[slot] = Rollup(value)
+            if keeps_quantiles(key):
+                rollup.quantiles = new_quantiles()
         else:
             rollup.add(value)
+        if rollup.quantiles is not None:
+            rollup.quantiles.update(value)
+        if distinct_id is not None:
+            if rollup.distinct is None:
+                rollup.distinct = new_distinct()
+            rollup.distinct.update(distinct_id)

@@ -62,6 +62,13 @@ def parse_bucket(text: str) -> int:
     return BUCKET_WIDTHS[text]
 
 
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """A comma list of glob patterns; ``none`` or empty for no pattern."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
+
+
 def _positive_int(text: str) -> int:
     number = int(text)
     if number < 1:
@@ -126,6 +133,11 @@ class Settings:
     )
     dedup_window: float = _setting(
         "24h", parse_duration, "How long an event id is remembered for deduplication."
+    )
+    quantiles: tuple[str, ...] = _setting(
+        "none",
+        parse_patterns,
+        "Keys that keep quantile sketches: comma list of glob patterns (* for all, none).",
     )
     busy_timeout: float = _setting(
         "10s", parse_duration, "How long a commit retries a locked database before failing (503)."

@@ -9,11 +9,13 @@ What the words mean here:
   Durable requests are answered 200 only after this, and never otherwise.
 
 The loop takes the first waiting submission, drains every other one already
-waiting (up to ``batch_size`` events, but never splitting a request), merges
-them in memory per (series, bucket), and commits the result as one
-transaction in a worker thread. Then it wakes every durable request of that
-batch, with the error if the commit failed (in which case nothing of the
-batch is stored), and goes on with the next batch.
+waiting (up to ``batch_size`` events, but never splitting a request), and
+hands the batch to the store, which deduplicates ids, merges the events in
+memory per (series, bucket) and commits the result as one transaction in a
+worker thread (meanwhile the event loop goes on accepting requests). Then it
+wakes every durable request of that batch, with its duplicate count or with
+the error if the commit failed (in which case nothing of the batch is
+stored), and goes on with the next batch.
 
 Cancellation: :meth:`Writer.submit` is cancellable while it waits for room
 (and then nothing was queued). :meth:`Writer.run` should not be cancelled;
@@ -32,7 +34,6 @@ import trio
 from .errors import CommitFailed, Overloaded
 from .ingest import Point
 from .metrics import Metrics
-from .rollup import Rollup, Slot, pre_aggregate
 from .store import Store
 
 log = logging.getLogger("trioagg.writer")
@@ -41,13 +42,15 @@ log = logging.getLogger("trioagg.writer")
 class Submission:
     """One request's events on their way to the store."""
 
-    __slots__ = ("committed", "error", "points")
+    __slots__ = ("committed", "duplicates", "error", "points")
 
     def __init__(self, points: list[Point], *, durable: bool) -> None:
         self.points = points
         #: Set once the batch holding these events has committed or failed.
         self.committed: trio.Event | None = trio.Event() if durable else None
         self.error: CommitFailed | None = None
+        #: Events of this request whose id was already stored (not counted again).
+        self.duplicates = 0
 
     async def wait_committed(self) -> None:
         """Wait for the commit; raise :class:`CommitFailed` if it failed."""
@@ -130,21 +133,22 @@ class Writer:
 
     async def _commit(self, batch: list[Submission]) -> None:
         started = time.perf_counter()
-        rollups: dict[Slot, Rollup] = {}
-        for submission in batch:
-            pre_aggregate(submission.points, self.store.bucket, rollups)
         events = sum(len(submission.points) for submission in batch)
         error = None
         try:
-            await self.store.write(rollups)
+            result = await self.store.write([submission.points for submission in batch])
         except Exception as failure:
             log.error("commit of %d events failed, none stored: %s", events, failure)
             self.metrics.commit_failures.inc()
             error = CommitFailed(f"the transaction holding these events failed: {failure}")
         else:
-            self.committed_events += events
-            self.metrics.events_committed.inc(events)
-            self.metrics.rows_upserted.inc(len(rollups))
+            for submission, duplicates in zip(batch, result.duplicates, strict=True):
+                submission.duplicates = duplicates
+            duplicates = sum(result.duplicates)
+            self.committed_events += events - duplicates
+            self.metrics.events_committed.inc(events - duplicates)
+            self.metrics.events_duplicate.inc(duplicates)
+            self.metrics.rows_upserted.inc(result.rows)
             self.metrics.batch_events.observe(events)
             self.metrics.batch_requests.observe(len(batch))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -152,3 +156,18 @@ class Writer:
             if submission.committed is not None:
                 submission.error = error
                 submission.committed.set()
+
+
+async def purge_expired_ids(store: Store, interval: float, scope: trio.CancelScope) -> None:
+    """Forget expired idempotency ids every ``interval`` seconds until ``scope`` is
+    cancelled. Each chunk is a short transaction, so the writer is never held up long."""
+    with scope:
+        while True:
+            await trio.sleep(interval)
+            try:
+                purged = await store.purge_expired_ids()
+            except Exception as failure:
+                log.warning("purging expired event ids failed (will retry): %s", failure)
+            else:
+                if purged:
+                    log.debug("forgot %d expired event ids", purged)

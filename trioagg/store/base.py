@@ -1,32 +1,49 @@
-"""The async face of a store: threads, connections, limiters and busy retries.
+"""The async face of a store: what one commit does, and the threads it runs in.
 
 A :class:`Backend` speaks one database's dialect through blocking calls.
-:class:`Store` runs those calls in worker threads with ``trio.to_thread``:
-the single write connection behind a capacity limiter of its own (so reads
-can never take the writer's thread), and reads on a fixed pool of read
-connections, which also bounds how many read threads run at once. Nothing here knows SQL or HTTP.
+:func:`commit_batch` is the one transaction the writer commits per batch,
+written once for every backend: deduplicate ids, pre-aggregate, merge
+sketches, upsert rollups and the series index, commit. :class:`Store` runs
+it with ``trio.to_thread`` on the single write connection, behind a capacity
+limiter of its own (so reads can never take the writer's thread), and runs
+reads on a fixed pool of read connections. Nothing here knows SQL or HTTP.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import trio
 
 from ..errors import StoreBusy, StoreError
-from ..rollup import Rollup, Slot
+from ..ingest import Point
+from ..rollup import (
+    Rollup,
+    Slot,
+    decode_distinct,
+    decode_quantiles,
+    encode_distinct,
+    encode_quantiles,
+    pre_aggregate,
+)
 
 log = logging.getLogger("trioagg.store")
 
 #: A stored row: (key, bucket start, canonical tags JSON, rollup).
 Row = tuple[str, int, str, Rollup]
+#: A series in the keys index: (key, tags JSON, first bucket, last bucket).
+SeriesSpan = tuple[str, str, int, int]
+KeyInfo = SeriesSpan
 
 T = TypeVar("T")
 
 _FIRST_BACKOFF = 0.01
 _MAX_BACKOFF = 1.0
+_PURGE_CHUNK = 1000
 
 
 class Backend(Protocol):
@@ -34,18 +51,52 @@ class Backend(Protocol):
 
     description: str
 
-    def connect(self, *, write: bool) -> Any:
-        """Open a connection; the write connection also creates the schema."""
+    def connect(self, *, write: bool) -> Any: ...
 
     def prepare(self, conn: Any, bucket: int) -> None:
         """Create the schema if needed and record ``bucket`` in a new store.
         Raises ConfigError when an existing store was created differently."""
 
-    def upsert(self, conn: Any, rollups: dict[Slot, Rollup]) -> None:
-        """Merge ``rollups`` into the stored ones in one transaction, or store nothing."""
+    def begin(self, conn: Any) -> None:
+        """Start the write transaction, taking the database's write lock."""
 
-    def fetch(self, conn: Any, keys: Sequence[str], start: int, end: int) -> list[Row]:
+    def commit(self, conn: Any) -> None: ...
+
+    def rollback(self, conn: Any) -> None: ...
+
+    def known_ids(self, conn: Any, ids: Sequence[str], since: float) -> set[str]:
+        """Which of ``ids`` were recorded at ``since`` or later."""
+
+    def record_ids(self, conn: Any, ids: Sequence[str], seen: float) -> None: ...
+
+    def purge_ids(self, conn: Any, before: float, limit: int) -> int:
+        """Forget up to ``limit`` ids recorded before ``before``; how many went."""
+
+    def stored_sketches(
+        self, conn: Any, slots: Sequence[Slot]
+    ) -> dict[Slot, tuple[bytes | None, bytes | None]]:
+        """The stored (quantiles, distinct) sketch blobs of those of ``slots`` that have any."""
+
+    def upsert(
+        self, conn: Any, rows: Iterable[tuple[Slot, Rollup, bytes | None, bytes | None]]
+    ) -> None:
+        """Merge rollups into stored rows; sketch blobs replace stored ones unless None."""
+
+    def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
+        """Widen the keys index to cover ``spans``."""
+
+    def fetch(
+        self, conn: Any, keys: Sequence[str], start: int, end: int, *, sketches: bool = False
+    ) -> list[Row]:
         """The rows of ``keys`` whose bucket starts in ``[start, end)``."""
+
+    def list_keys(self, conn: Any, prefix: str, after: str, limit: int) -> list[KeyInfo]:
+        """Series of the first ``limit`` keys after ``after`` that start with ``prefix``."""
+
+    def top(
+        self, conn: Any, start: int, end: int, stat: str, prefix: str, limit: int
+    ) -> list[tuple[str, float]]:
+        """Keys ranked by total ``stat`` (count or sum) over ``[start, end)``."""
 
     def ping(self, conn: Any) -> None:
         """Raise if the database cannot be reached."""
@@ -56,14 +107,120 @@ class Backend(Protocol):
     def close(self, conn: Any) -> None: ...
 
 
+@dataclass
+class CommitResult:
+    """What a committed batch did: duplicates per submission, rows upserted."""
+
+    duplicates: list[int]
+    rows: int
+
+
+@dataclass
+class WritePolicy:
+    """What the writer needs to know besides the events."""
+
+    bucket: int
+    dedup_window: float
+    keeps_quantiles: Callable[[str], bool]
+
+
+def commit_batch(
+    backend: Backend,
+    conn: Any,
+    batch: Sequence[Sequence[Point]],
+    policy: WritePolicy,
+    series_seen: dict[tuple[str, str], tuple[int, int]],
+) -> CommitResult:
+    """One transaction holding every event of ``batch`` (a list of submissions).
+
+    Ids already recorded within the dedup window, and repeats inside the batch,
+    are duplicates and not counted; new ids are recorded in this same
+    transaction, so a failed commit forgets them too. ``series_seen`` caches
+    the keys index; it is updated only once the commit succeeded.
+    """
+    now = time.time()
+    backend.begin(conn)
+    try:
+        ids = [p[5] for points in batch for p in points if p[5] is not None]
+        known = backend.known_ids(conn, list(set(ids)), now - policy.dedup_window) if ids else set()
+        duplicates = []
+        new_ids: list[str] = []
+        rollups: dict[Slot, Rollup] = {}
+        for points in batch:
+            kept: Sequence[Point] = points
+            if ids:
+                kept = []
+                for point in points:
+                    if point[5] is None:
+                        kept.append(point)
+                    elif point[5] not in known:
+                        known.add(point[5])
+                        new_ids.append(point[5])
+                        kept.append(point)
+            duplicates.append(len(points) - len(kept))
+            pre_aggregate(kept, policy.bucket, rollups, policy.keeps_quantiles)
+        if new_ids:
+            backend.record_ids(conn, new_ids, now)
+
+        backend.upsert(conn, _with_sketch_blobs(backend, conn, rollups))
+        spans = _widened_series(rollups, series_seen)
+        if spans:
+            backend.upsert_series(conn, spans)
+        backend.commit(conn)
+    except BaseException:
+        backend.rollback(conn)
+        raise
+    for key, tags, first, last in spans:
+        series_seen[(key, tags)] = (first, last)
+    return CommitResult(duplicates, len(rollups))
+
+
+def _with_sketch_blobs(
+    backend: Backend, conn: Any, rollups: dict[Slot, Rollup]
+) -> Iterable[tuple[Slot, Rollup, bytes | None, bytes | None]]:
+    """Rows to upsert, each sketch merged with the stored one (read in this transaction)."""
+    sketched = [slot for slot, rollup in rollups.items() if rollup.has_sketches]
+    stored = backend.stored_sketches(conn, sketched) if sketched else {}
+    for slot, rollup in rollups.items():
+        if not rollup.has_sketches:
+            yield slot, rollup, None, None
+            continue
+        blobs = stored.get(slot)
+        if blobs is not None:
+            stored_rollup = Rollup(0.0, 0)
+            stored_rollup.quantiles = decode_quantiles(blobs[0])
+            stored_rollup.distinct = decode_distinct(blobs[1])
+            rollup.merge_sketches(stored_rollup)
+        yield slot, rollup, encode_quantiles(rollup.quantiles), encode_distinct(rollup.distinct)
+
+
+def _widened_series(
+    rollups: dict[Slot, Rollup], seen: dict[tuple[str, str], tuple[int, int]]
+) -> list[SeriesSpan]:
+    """Series whose first or last bucket this batch moves, as the cache knows them."""
+    spans: dict[tuple[str, str], tuple[int, int]] = {}
+    for key, bucket, tags in rollups:
+        series = (key, tags)
+        first, last = spans.get(series) or seen.get(series) or (bucket, bucket)
+        if bucket < first or bucket > last or series not in seen:
+            spans[series] = (min(first, bucket), max(last, bucket))
+    return [(key, tags, first, last) for (key, tags), (first, last) in spans.items()]
+
+
 class Store:
     """A backend's connections, used from trio. Create it with :meth:`open`."""
 
     def __init__(
-        self, backend: Backend, writer: Any, readers: list[Any], bucket: int, busy_timeout: float
+        self,
+        backend: Backend,
+        writer: Any,
+        readers: list[Any],
+        policy: WritePolicy,
+        busy_timeout: float,
     ) -> None:
         self.backend = backend
-        self.bucket = bucket
+        self.policy = policy
+        self.bucket = policy.bucket
         self.busy_timeout = busy_timeout
         self._writer = writer
         self._write_limiter = trio.CapacityLimiter(1)
@@ -71,54 +228,74 @@ class Store:
         for conn in readers:
             self._idle_send.send_nowait(conn)
         self._readers = readers
+        self._series_seen: dict[tuple[str, str], tuple[int, int]] = {}
 
     @classmethod
     async def open(
-        cls, backend: Backend, *, bucket: int, readers: int, busy_timeout: float
+        cls, backend: Backend, *, policy: WritePolicy, readers: int, busy_timeout: float
     ) -> Store:
         """Connect, create or check the schema, and open ``readers`` read connections."""
 
         def connect_all() -> tuple[Any, list[Any]]:
             writer = backend.connect(write=True)
             try:
-                backend.prepare(writer, bucket)
+                backend.prepare(writer, policy.bucket)
                 return writer, [backend.connect(write=False) for _ in range(readers)]
             except BaseException:
                 backend.close(writer)
                 raise
 
         writer, conns = await trio.to_thread.run_sync(connect_all)
-        return cls(backend, writer, conns, bucket, busy_timeout)
+        return cls(backend, writer, conns, policy, busy_timeout)
 
-    async def write(self, rollups: dict[Slot, Rollup]) -> None:
-        """Commit ``rollups`` in one transaction, retrying while the database is busy.
+    async def write(self, batch: Sequence[Sequence[Point]]) -> CommitResult:
+        """Commit a batch of submissions in one transaction (see :func:`commit_batch`),
+        retrying while the database is busy.
 
         Raises :class:`StoreBusy` after ``busy_timeout`` of retries and
         :class:`StoreError` for any other failure; either way nothing was stored.
         Cancellation while the transaction runs waits for it to finish.
         """
-        backoff = _FIRST_BACKOFF
-        deadline = trio.current_time() + self.busy_timeout
-        while True:
-            try:
-                await self._run_write(self.backend.upsert, rollups)
-                return
-            except StoreError:
-                raise
-            except Exception as error:
-                if not self.backend.is_busy(error):
-                    raise StoreError(f"the transaction failed: {error}") from error
-                if trio.current_time() + backoff > deadline:
-                    raise StoreBusy(
-                        f"the database stayed locked for {self.busy_timeout:g}s"
-                    ) from error
-                log.debug("database busy, retrying in %.3fs", backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+        return await self._retry_busy(
+            commit_batch, self.backend, self._writer, batch, self.policy, self._series_seen
+        )
 
-    async def read(self, keys: Sequence[str], start: int, end: int) -> list[Row]:
+    async def purge_expired_ids(self) -> int:
+        """Forget ids older than the dedup window, a short transaction per chunk so
+        the writer's commits interleave. Returns how many were forgotten."""
+        before = time.time() - self.policy.dedup_window
+        purged = 0
+        while True:
+            count = await self._retry_busy(self._purge_chunk, before)
+            purged += count
+            if count < _PURGE_CHUNK:
+                return purged
+            await trio.sleep(0)
+
+    def _purge_chunk(self, before: float) -> int:
+        conn = self._writer
+        self.backend.begin(conn)
+        try:
+            count = self.backend.purge_ids(conn, before, _PURGE_CHUNK)
+            self.backend.commit(conn)
+        except BaseException:
+            self.backend.rollback(conn)
+            raise
+        return count
+
+    async def read(
+        self, keys: Sequence[str], start: int, end: int, *, sketches: bool = False
+    ) -> list[Row]:
         """Rows of ``keys`` in ``[start, end)``, read on a connection of the read pool."""
-        return await self._run_read(self.backend.fetch, keys, start, end)
+        return await self._run_read(self.backend.fetch, keys, start, end, sketches=sketches)
+
+    async def list_keys(self, prefix: str, after: str, limit: int) -> list[KeyInfo]:
+        return await self._run_read(self.backend.list_keys, prefix, after, limit)
+
+    async def top(
+        self, start: int, end: int, stat: str, prefix: str, limit: int
+    ) -> list[tuple[str, float]]:
+        return await self._run_read(self.backend.top, start, end, stat, prefix, limit)
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached from a read connection."""
@@ -133,14 +310,28 @@ class Store:
 
         await trio.to_thread.run_sync(close_all)
 
-    async def _run_write(self, operation: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(
-            operation, self._writer, *args, limiter=self._write_limiter
-        )
+    async def _retry_busy(self, operation: Callable[..., T], *args: Any) -> T:
+        backoff = _FIRST_BACKOFF
+        deadline = trio.current_time() + self.busy_timeout
+        while True:
+            try:
+                return await trio.to_thread.run_sync(operation, *args, limiter=self._write_limiter)
+            except StoreError:
+                raise
+            except Exception as error:
+                if not self.backend.is_busy(error):
+                    raise StoreError(f"the transaction failed: {error}") from error
+                if trio.current_time() + backoff > deadline:
+                    raise StoreBusy(
+                        f"the database stayed locked for {self.busy_timeout:g}s"
+                    ) from error
+                log.debug("database busy, retrying in %.3fs", backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
 
-    async def _run_read(self, operation: Callable[..., T], *args: Any) -> T:
+    async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         conn = await self._idle_receive.receive()
         try:
-            return await trio.to_thread.run_sync(operation, conn, *args)
+            return await trio.to_thread.run_sync(lambda: operation(conn, *args, **kwargs))
         finally:
             self._idle_send.send_nowait(conn)
