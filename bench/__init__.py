@@ -1,0 +1,1 @@
+"""``just bench``: the stress harness of trioagg. See ``python -m bench --help``."""

@@ -1,0 +1,310 @@
+"""``python -m bench``: run the scenarios, print the table, write the JSON and the chart.
+
+Examples::
+
+    just bench                          # every scenario, a few minutes
+    just bench --quick                  # reduced sizes, under two minutes
+    just bench --scenario seed          # one scenario (repeat or comma-separate for more)
+    just bench --server-arg '--sync normal' --server-arg --batch-size=2000
+    just bench --deploy hypercorn --workers 2 --keep-alive 30
+
+Exit status: 0 when every measurement verified (stored events == acknowledged
+events, clean shutdown), 1 when one did not or a scenario failed, 2 for bad
+arguments, 3 with ``--fail-on-miss`` when a target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .runner import Bench, BenchError, Options, Progress
+from .scenarios import (
+    FULL,
+    QUICK,
+    RUNNERS,
+    SCENARIOS,
+    ScenarioResult,
+    evaluate_targets,
+    scaled,
+)
+from .server import Deployment, ServerError, split_args
+
+#: Options whose value is itself a flag (``--server-arg --sync=normal``).
+_PASS_THROUGH = ("--server-arg", "--hypercorn-arg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Stress harness of trioagg: scenarios against real servers, with baselines.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (under 2 minutes)")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run only these scenarios: {', '.join(SCENARIOS)} (repeatable, or a,b)",
+    )
+    parser.add_argument(
+        "--deploy",
+        choices=("serve", "hypercorn"),
+        default="serve",
+        help="serve: `trioagg serve` (hypercorn.trio.serve in-process, the default); "
+        "hypercorn: the hypercorn CLI with the trio worker class",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="hypercorn workers (--deploy hypercorn)"
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="hypercorn keep-alive timeout (--deploy hypercorn)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="a `trioagg serve` flag for every trioagg server, e.g. --server-arg '--sync normal' "
+        "(TRIOAGG_* variables under --deploy hypercorn; the naive baseline follows --sync)",
+    )
+    parser.add_argument(
+        "--hypercorn-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra hypercorn CLI argument for every server (--deploy hypercorn)",
+    )
+    parser.add_argument(
+        "--trioagg-src",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the trioagg package found in DIR (e.g. an exported commit) instead of "
+        "the installed one",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=64, help="concurrent keep-alive connections (default 64)"
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the ceiling and naive apps"
+    )
+    parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="directory for the JSON and PNG (default bench/results)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where stores and server logs go"
+    )
+    parser.add_argument("--keep-stores", action="store_true", help="keep the SQLite files")
+    parser.add_argument(
+        "--fail-on-miss", action="store_true", help="exit 3 when a target is missed"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every request count and duration (e.g. 0.1 for a smoke run)",
+    )
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return parser
+
+
+def _join_pass_through(argv: Sequence[str]) -> list[str]:
+    """Let ``--server-arg --sync=normal`` mean ``--server-arg=--sync=normal``."""
+    out: list[str] = []
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token in _PASS_THROUGH and index + 1 < len(tokens):
+            out.append(f"{token}={tokens[index + 1]}")
+            index += 2
+        else:
+            out.append(token)
+            index += 1
+    return out
+
+
+def parse_scenarios(values: Sequence[str]) -> tuple[str, ...]:
+    """Scenario names from ``--scenario`` values, in run order; empty or ``all`` = every one."""
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip().lower()
+            if not name:
+                continue
+            if name == "all":
+                names.extend(SCENARIOS)
+            elif name not in SCENARIOS:
+                raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIOS)})")
+            else:
+                names.append(name)
+    chosen = set(names) or set(SCENARIOS)
+    return tuple(name for name in SCENARIOS if name in chosen)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    parser = build_parser()
+    args = parser.parse_args(_join_pass_through(sys.argv[1:] if argv is None else argv))
+    try:
+        scenarios = parse_scenarios(args.scenario)
+        deployment = Deployment(
+            deploy=args.deploy,
+            workers=args.workers,
+            keep_alive=args.keep_alive,
+            server_args=split_args(args.server_arg),
+            hypercorn_args=split_args(args.hypercorn_arg),
+            trioagg_src=None if args.trioagg_src is None else str(args.trioagg_src.resolve()),
+        )
+        if args.trioagg_src is not None and not (args.trioagg_src / "trioagg").is_dir():
+            raise ValueError(f"--trioagg-src {args.trioagg_src} holds no trioagg package")
+        # fail now, not after minutes of running, on flags that do not parse
+        from .server import flags_to_env
+
+        flags_to_env(deployment.server_args)
+        if not 0 < args.scale <= 10:
+            raise ValueError("--scale must be in (0, 10]")
+        if args.connections < 1:
+            raise ValueError("--connections must be at least 1")
+    except ValueError as error:
+        parser.error(str(error))
+    options = Options(
+        quick=args.quick,
+        scenarios=scenarios,
+        deployment=deployment,
+        connections=args.connections,
+        out=args.out,
+        workdir=args.workdir,
+        chart=not args.no_chart,
+        baselines=not args.no_baselines,
+        keep_stores=args.keep_stores,
+    )
+    return options, args
+
+
+def summarize_verification(bench: Bench) -> dict[str, Any]:
+    failures = [
+        f"{m.label} ({m.app}): {'; '.join(m.verdict['problems'])}"
+        for m in bench.measurements
+        if not m.verdict["ok"]
+    ]
+    return {"ok": not failures, "checked": len(bench.measurements), "failures": failures}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options, args = parse_args(argv)
+    if args.list:
+        for name in SCENARIOS:
+            doc = (RUNNERS[name].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:<9} {doc}")
+        return 0
+    sizes = scaled(QUICK if options.quick else FULL, args.scale)
+    progress = Progress()
+    bench = Bench(options, progress)
+    started = report.now_utc()
+    t0 = time.perf_counter()
+    machine_start = report.machine_info(bench.workdir)
+    results: dict[str, ScenarioResult] = {}
+    try:
+        for number, name in enumerate(options.scenarios, start=1):
+            progress.set(f"[{number}/{len(options.scenarios)}] {name}")
+            try:
+                results[name] = RUNNERS[name](bench, sizes)
+            except (ServerError, BenchError) as error:
+                results[name] = ScenarioResult(name, error=str(error))
+                progress.note(f"SCENARIO {name} FAILED: {error}")
+    except KeyboardInterrupt:
+        progress.note("interrupted: reporting what was measured")
+    progress.clear()
+    wall = time.perf_counter() - t0
+    targets = evaluate_targets(results)
+    verification = summarize_verification(bench)
+    failed = [name for name, r in results.items() if r.error]
+    if failed:
+        verification["ok"] = False
+        verification["failures"] += [
+            f"scenario {name} failed: {results[name].error}" for name in failed
+        ]
+
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    mode = "quick" if options.quick else "full"
+    json_path = options.out / f"bench-{stamp}-{mode}.json"
+    png_path = json_path.with_suffix(".png")
+    header = (
+        f"trioagg bench {started:%Y-%m-%d %H:%M} UTC | {mode} | "
+        f"deploy {options.deployment.describe()}"
+        f" | {options.connections} connections | {machine_start['cpus']} x "
+        f"{machine_start['cpu_model']} | Python {machine_start['python']} | SQLite "
+        f"{machine_start['sqlite']} | {wall:.0f} s"
+    )
+    files = [json_path]
+    if options.chart and results:
+        try:
+            report.chart(png_path, results, header)
+            files.append(png_path)
+        except Exception as error:  # a chart problem must not lose the figures
+            bench.warn(f"chart not drawn: {error}")
+    document = {
+        "schema": "trioagg-bench/1",
+        "started": started.isoformat(),
+        "wall_s": round(wall, 1),
+        "mode": mode,
+        "argv": ["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
+        "command": shlex.join(sys.argv),
+        "options": {
+            "scenarios": list(options.scenarios),
+            "deploy": options.deployment.deploy,
+            "workers": options.deployment.workers,
+            "keep_alive": options.deployment.keep_alive,
+            "server_args": list(options.deployment.server_args),
+            "hypercorn_args": list(options.deployment.hypercorn_args),
+            "connections": options.connections,
+            "baselines": options.baselines,
+        },
+        "sizes": dataclasses.asdict(sizes),
+        "scale": args.scale,
+        "machine": machine_start,
+        "machine_end": {"load_average": [round(x, 2) for x in os.getloadavg()]},
+        "versions": report.versions(),
+        "git": report.git_info(),
+        "trioagg_source": report.source_info(options.deployment.trioagg_src),
+        "day_start": bench.day_start,
+        "targets": [t.to_json() for t in targets],
+        "verification": verification,
+        "warnings": bench.warnings,
+        "scenarios": {name: result.to_json() for name, result in results.items()},
+        "png": str(png_path) if png_path in files else None,
+    }
+    report.write_json(json_path, document)
+    print(report.table(header, results, targets, verification, bench.warnings, files))
+    if not options.keep_stores and verification["ok"] and options.workdir is None:
+        for leftover in bench.workdir.glob("*.log"):
+            leftover.unlink()
+        with contextlib.suppress(OSError):
+            bench.workdir.rmdir()
+    elif not verification["ok"]:
+        print(f"server logs: {bench.workdir}", file=sys.stderr)
+    if not verification["ok"]:
+        return 1
+    if args.fail_on_miss and any(t.status == "MISS" for t in targets):
+        return 3
+    return 0

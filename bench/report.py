@@ -1,0 +1,326 @@
+"""What a run leaves behind: the table on stdout, the JSON file, the PNG chart."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .scenarios import Row, ScenarioResult, Target
+
+_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("trioagg", "trio", "hypercorn", "quart", "quart-trio", "msgspec", "h11", "werkzeug")
+SYSTEMS = ("trioagg", "ceiling", "naive")
+
+
+# ---------------------------------------------------------------------- machine info
+
+
+def machine_info(workdir: Path | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "sqlite": sqlite3.sqlite_version,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        import psutil
+
+        info["memory_bytes"] = psutil.virtual_memory().total
+        if workdir is not None:
+            info["workdir_filesystem"] = _filesystem(psutil, workdir)
+    except ImportError:  # pragma: no cover - psutil is a bench dependency
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _filesystem(psutil: Any, path: Path) -> str:
+    best = None
+    for part in psutil.disk_partitions(all=True):
+        if str(path.resolve()).startswith(part.mountpoint) and (
+            best is None or len(part.mountpoint) > len(best.mountpoint)
+        ):
+            best = part
+    return f"{best.fstype} on {best.mountpoint}" if best else "unknown"
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_info() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None}
+
+
+def source_info(trioagg_src: str | None) -> dict[str, Any]:
+    """Which trioagg the servers ran, with a digest of its sources (the working tree
+    may hold uncommitted changes)."""
+    root = Path(trioagg_src) if trioagg_src else _ROOT
+    digest = hashlib.sha256()
+    files = sorted((root / "trioagg").rglob("*.py"))
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    info: dict[str, Any] = {
+        "path": str(root / "trioagg"),
+        "files": len(files),
+        "sha256": digest.hexdigest(),
+    }
+    if trioagg_src is None:
+        try:
+            changed = subprocess.run(
+                ["git", "status", "--porcelain", "--", "trioagg"],
+                cwd=_ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split("\n")
+            info["uncommitted_changes"] = [line.strip() for line in changed if line.strip()]
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return info
+
+
+# ---------------------------------------------------------------------- table
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(ours: Row, rows: Sequence[Row], system: str) -> str:
+    other = next((r for r in rows if r.key == ours.key and r.system == system), None)
+    if other is None or not other.rate:
+        return ""
+    return f"{ours.rate / other.rate:.2f}"
+
+
+def table(
+    header: str,
+    results: Mapping[str, ScenarioResult],
+    targets: Sequence[Target],
+    verification: Mapping[str, Any],
+    warnings: Sequence[str],
+    files: Sequence[Path] = (),
+) -> str:
+    lines = [header, ""]
+    columns = (
+        f"{'scenario':<9} {'measurement':<30} {'system':<8} {'rate':>9} {'unit':<8} "
+        f"{'time':>6} {'p50':>7} {'p95':>7} {'p99':>7} {'xceil':>6} {'xnaive':>6} "
+        f"{'CPU ms/req':>11}  note"
+    )
+    lines.append(columns)
+    lines.append("-" * len(columns))
+    for name, result in results.items():
+        if result.error:
+            lines.append(f"{name:<9} FAILED: {result.error}")
+            continue
+        ordered = sorted(
+            result.rows,
+            key=lambda r: (
+                [row.key for row in result.rows].index(r.key),
+                SYSTEMS.index(r.system) if r.system in SYSTEMS else 9,
+            ),
+        )
+        first = True
+        previous_key = None
+        for row in ordered:
+            what = row.what if row.key != previous_key else ""
+            previous_key = row.key
+            lat = row.latency_ms
+            cpu = "-"
+            if row.server_cpu_1k is not None:
+                cpu = f"{row.server_cpu_1k:.2f}/{row.client_cpu_1k or 0:.2f}"
+            x_ceiling = _ratio(row, result.rows, "ceiling") if row.system == "trioagg" else ""
+            x_naive = _ratio(row, result.rows, "naive") if row.system == "trioagg" else ""
+            lines.append(
+                f"{name if first else '':<9} {what[:30]:<30} {row.system:<8} "
+                f"{_num(row.rate):>9} {row.unit:<8} {row.elapsed_s:>5.1f}s "
+                f"{_num(lat.get('p50')):>7} {_num(lat.get('p95')):>7} {_num(lat.get('p99')):>7} "
+                f"{x_ceiling:>6} {x_naive:>6} {cpu:>11}  {row.note}"
+            )
+            first = False
+    lines.append("latency in ms of acknowledged requests; CPU ms/req = server/client CPU seconds")
+    lines.append("per 1,000 requests of the phase; xceil, xnaive = trioagg rate / baseline rate")
+    facts = _facts(results)
+    if facts:
+        lines += ["", "FACTS"] + [f"  {line}" for line in facts]
+    if targets:
+        lines += ["", "TARGETS"]
+        for target in targets:
+            lines.append(
+                f"  {target.status:<4}  {target.name:<46} {target.measured:>16}   {target.detail}"
+            )
+    lines.append("")
+    if verification["ok"]:
+        lines.append(
+            f"VERIFY  PASS  {verification['checked']} servers: stored events == acknowledged "
+            "events, SIGTERM exit 0, no unexpected answers"
+        )
+    else:
+        lines.append(f"VERIFY  FAIL  {len(verification['failures'])} of {verification['checked']}")
+        for failure in verification["failures"]:
+            lines.append(f"  {failure}")
+    for warning in warnings:
+        lines.append(f"WARNING: {warning}")
+    for path in files:
+        lines.append(f"wrote {_display(path)}")
+    return "\n".join(lines)
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _facts(results: Mapping[str, ScenarioResult]) -> list[str]:
+    out = []
+    seed = results.get("seed")
+    if seed and not seed.error and seed.facts:
+        f = seed.facts
+        writes, reads = seed.row("writes", "trioagg"), seed.row("reads", "trioagg")
+        if writes and reads:
+            out.append(
+                f"seed: {writes.requests:,} writes in {f['writes_s']:.1f} s condensed to "
+                f"{f['rows']:,} rows; {reads.requests:,} reads in {f['reads_s']:.1f} s"
+            )
+    durable = results.get("durable")
+    if durable and durable.facts.get("wait_false_over_durable"):
+        out.append(
+            f"durable: wait=false answers {durable.facts['wait_false_over_durable']:.2f} x "
+            "the durable rate (what durability costs)"
+        )
+    mixed = results.get("mixed")
+    if mixed and not mixed.error and mixed.facts:
+        f = mixed.facts
+        out.append(
+            f"mixed: read p99 mixed/alone {f.get('read_p99_mixed_over_alone', 0):.2f} x, "
+            f"write p99 mixed/alone {f.get('write_p99_mixed_over_alone', 0):.2f} x; "
+            f"max read {_num(f.get('read_max_ms_mixed'))} ms, "
+            f"max write {_num(f.get('write_max_ms_mixed'))} ms"
+        )
+    over = results.get("overload")
+    if over and not over.error and over.facts:
+        f = over.facts
+        out.append(
+            f"overload: offered {_num(f['offered_req_per_s'])} req/s, accepted "
+            f"{_num(f['accepted_req_per_s'])} req/s, 503 share {f['share_503']:.0%} "
+            f"(503 p99 {_num(f['latency_503_ms'].get('p99'))} ms), peak RSS "
+            f"{f['peak_rss_mb']:.0f} MB, lost acknowledged events {f['lost_acked_events']}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- JSON
+
+
+def write_json(path: Path, document: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+
+def now_utc() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+# ---------------------------------------------------------------------- chart
+
+
+def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None:
+    """Throughput and p99 per measurement, trioagg next to the baselines (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: list[tuple[str, dict[str, Row]]] = []
+    for name, result in results.items():
+        for row in result.rows:
+            label = f"{name}\n{row.key}\n({row.unit})"
+            for existing, systems in groups:
+                if existing == label:
+                    systems[row.system] = row
+                    break
+            else:
+                groups.append((label, {row.system: row}))
+    if not groups:
+        return
+    colours = {"trioagg": "#1f77b4", "ceiling": "#9e9e9e", "naive": "#d62728"}
+    width = 0.27
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(max(10, len(groups) * 0.95), 9), sharex=True
+    )
+    for offset, system in enumerate(SYSTEMS):
+        xs, rates, p99s = [], [], []
+        for index, (_, systems) in enumerate(groups):
+            row = systems.get(system)
+            if row is None:
+                continue
+            xs.append(index + (offset - 1) * width)
+            rates.append(max(row.rate, 0.1))
+            p99s.append(max(row.latency_ms.get("p99") or 0.01, 0.01))
+        if xs:
+            top.bar(xs, rates, width, label=system, color=colours[system])
+            bottom.bar(xs, p99s, width, label=system, color=colours[system])
+    top.set_yscale("log")
+    top.set_ylabel("throughput (req/s or events/s, see label)")
+    top.legend()
+    top.grid(axis="y", which="both", alpha=0.3)
+    top.set_title(title, fontsize=10)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("p99 latency (ms)")
+    bottom.grid(axis="y", which="both", alpha=0.3)
+    bottom.set_xticks(range(len(groups)))
+    bottom.set_xticklabels([label for label, _ in groups], fontsize=7, rotation=0)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

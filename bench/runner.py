@@ -1,0 +1,323 @@
+"""One measurement = a fresh server + a load generator process + a verified store.
+
+:meth:`Bench.measure` starts the server (fresh SQLite file), hands the load
+generator its phases, reads the server's peak RSS, stops it with SIGTERM,
+counts the store and checks it against the acknowledged events. It returns a
+:class:`Measurement`; the scenarios turn those into table rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import verify
+from .server import Deployment, Server, command
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+#: A client spending this share of the server's CPU per request may be what limits the rate.
+CLIENT_CPU_SHARE_LIMIT = 0.5
+#: A client process using this share of one core is saturated.
+CLIENT_UTIL_LIMIT = 0.9
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made (server or load generator failed)."""
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    scenarios: tuple[str, ...] = ()
+    deployment: Deployment = field(default_factory=Deployment)
+    connections: int = 64
+    out: Path = _ROOT / "bench" / "results"
+    workdir: Path | None = None
+    chart: bool = True
+    baselines: bool = True
+    keep_stores: bool = False
+
+
+@dataclass
+class Measurement:
+    label: str
+    app: str
+    phases: dict[str, dict[str, Any]]
+    server: dict[str, Any]
+    store: dict[str, int] | None
+    verdict: dict[str, Any]
+
+    def stream_class(self, phase: str, stream: str, cls: str) -> dict[str, Any]:
+        return dict(self.phases[phase]["streams"][stream]["classes"][cls])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "app": self.app,
+            "server": self.server,
+            "store": self.store,
+            "verdict": self.verdict,
+            "phases": self.phases,
+        }
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, printed per step otherwise."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.perf_counter()
+        self.step = ""
+        self._lock = threading.Lock()
+        self._width = 0
+
+    def set(self, step: str) -> None:
+        self.step = step
+        self._write("")
+        if not self.tty:
+            self.stream.write(self._line("") + "\n")
+            self.stream.flush()
+
+    def update(self, detail: str) -> None:
+        self._write(detail)
+
+    def _line(self, detail: str) -> str:
+        elapsed = time.perf_counter() - self.started
+        text = f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {self.step}"
+        return f"{text}  {detail}" if detail else text
+
+    def _write(self, detail: str) -> None:
+        if not self.tty:
+            return
+        with self._lock:
+            line = self._line(detail)
+            padding = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * padding)
+            self.stream.flush()
+            self._width = len(line)
+
+    def clear(self) -> None:
+        if self.tty and self._width:
+            with self._lock:
+                self.stream.write("\r" + " " * self._width + "\r")
+                self.stream.flush()
+                self._width = 0
+
+    def note(self, text: str) -> None:
+        """A line that stays (warnings)."""
+        self.clear()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+class Bench:
+    """The state of one harness run: options, work directory, everything measured."""
+
+    def __init__(self, options: Options, progress: Progress | None = None) -> None:
+        self.options = options
+        self.progress = progress or Progress()
+        self.workdir = (
+            options.workdir
+            or Path(os.environ.get("TMPDIR", "/tmp")) / f"trioagg-bench-{os.getpid()}"
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        #: Start of the day of data every scenario writes: 24 whole hours before this hour.
+        self.day_start = int(now // 3600 * 3600 - 86400)
+        self.measurements: list[Measurement] = []
+        self.warnings: list[str] = []
+        self.cache: dict[str, Any] = {}
+        self._counter = 0
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+            self.progress.note(f"WARNING: {text}")
+
+    # ------------------------------------------------------------------ measuring
+
+    def measure(
+        self,
+        label: str,
+        app: str,
+        phases: list[dict[str, Any]],
+        *,
+        server_flags: Iterable[str] = (),
+        allowed_statuses: frozenset[int] = frozenset(),
+    ) -> Measurement:
+        """Run ``phases`` against a fresh ``app`` server and verify its store."""
+        self._counter += 1
+        stem = f"{self._counter:02d}-{label.replace('/', '-').replace(' ', '_')}-{app}"
+        db = self.workdir / f"{stem}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        argv, env = command(app, self.options.deployment, db, list(server_flags))
+        server = Server(
+            app,
+            argv,
+            env,
+            self.workdir / f"{stem}.log",
+            trioagg_src=self.options.deployment.trioagg_src,
+        )
+        self.progress.set(f"{label}: {app} starting")
+        try:
+            server.start()
+            self.progress.set(f"{label}: {app}")
+            spec = {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "server_pids": server.pids,
+                "seed": 7,
+                "phases": phases,
+            }
+            result = self._loadgen(spec)
+            rss = server.peak_rss_bytes()
+            exit_code = server.stop()
+        except BaseException:
+            server.kill()
+            raise
+        stored: tuple[int, int] | None = None
+        if app != "ceiling":
+            try:
+                stored = verify.store_totals(db)
+            except Exception as error:  # a missing or broken store fails the check
+                raise BenchError(f"{label}: cannot read the store {db}: {error}") from error
+        totals = verify.acknowledged(result)
+        unexpected = verify.unexpected_statuses(result, allowed_statuses)
+        timed_out = any(phase["timed_out"] for phase in result["phases"])
+        verdict = verify.verdict(
+            acked=totals["acked_events"],
+            stored=None if stored is None else stored[0],
+            duplicates=totals["duplicate_events"],
+            exit_code=exit_code,
+            errors=totals["errors"],
+            unexpected=unexpected,
+            timed_out=timed_out,
+        )
+        verdict.update(sent_events=totals["sent_events"], unknown_events=totals["unknown_events"])
+        # The ceiling stores nothing: every event sent must have been answered as accepted.
+        if app == "ceiling" and totals["acked_events"] != totals["sent_events"]:
+            verdict["ok"] = False
+            verdict["problems"].append(
+                f"{totals['sent_events']} events sent, {totals['acked_events']} accepted"
+            )
+        if totals["accepted_mismatches"]:
+            verdict["ok"] = False
+            verdict["problems"].append(
+                f"{totals['accepted_mismatches']} answers accepted a different number of events"
+            )
+        measurement = Measurement(
+            label=label,
+            app=app,
+            phases={phase["name"]: phase for phase in result["phases"]},
+            server={
+                "argv": argv,
+                "env": env,
+                "pids": len(server.pids),
+                "start_s": round(server.started_s, 3),
+                "peak_rss_bytes": rss,
+                "exit_code": exit_code,
+            },
+            store=None if stored is None else {"events": stored[0], "rows": stored[1]},
+            verdict=verdict,
+        )
+        self.measurements.append(measurement)
+        if not verdict["ok"]:
+            self.progress.note(f"VERIFY FAILED {label} ({app}): {'; '.join(verdict['problems'])}")
+        if not self.options.keep_stores:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        self._check_client(label, app, measurement)
+        return measurement
+
+    def _check_client(self, label: str, app: str, measurement: Measurement) -> None:
+        for name, phase in measurement.phases.items():
+            share = client_share(phase)
+            if share is not None and share >= CLIENT_CPU_SHARE_LIMIT:
+                self.warn(
+                    f"CLIENT MAY BE THE LIMIT in {label} / {app} / {name}: the load generator "
+                    f"spent {share:.0%} of the server's CPU per request"
+                )
+            util = phase["cpu"].get("client_util") or 0.0
+            if util >= CLIENT_UTIL_LIMIT:
+                self.warn(
+                    f"CLIENT IS THE LIMIT in {label} / {app} / {name}: the load generator "
+                    f"used {util:.0%} of a core"
+                )
+
+    def _loadgen(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=_ROOT,
+            env=env,
+        )
+        errors: list[str] = []
+
+        def follow() -> None:
+            assert process.stderr is not None
+            for raw in process.stderr:
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    errors.append(raw.decode(errors="replace").rstrip())
+                    continue
+                if "stalled" in line:
+                    self.progress.note(
+                        f"STALLED: no answer for {line['stalled']} s in {line['phase']}; "
+                        "stopping this phase"
+                    )
+                    continue
+                total = f"/{line['total']:,}" if line.get("total") else ""
+                self.progress.update(
+                    f"{line['phase']}: {line['done']:,}{total} requests, {line['elapsed']:.0f}s"
+                )
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        try:
+            out, _ = process.communicate(json.dumps(spec).encode())
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        reader.join(5)
+        if process.returncode != 0:
+            detail = out.decode(errors="replace").strip() or "\n".join(errors[-20:])
+            raise BenchError(f"the load generator failed ({process.returncode}): {detail}")
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+
+def client_share(phase: Mapping[str, Any]) -> float | None:
+    """Client CPU as a share of server CPU over a phase (None if the server used none)."""
+    cpu = phase["cpu"]
+    if not cpu.get("server_s"):
+        return None
+    return float(cpu["client_s"]) / float(cpu["server_s"])
+
+
+def cpu_per_1k(phase: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """Server and client CPU seconds per 1,000 requests of a phase."""
+    requests = phase["requests"]
+    if not requests:
+        return None, None
+    cpu = phase["cpu"]
+    return (
+        round(cpu["server_s"] / requests * 1000, 4),
+        round(cpu["client_s"] / requests * 1000, 4),
+    )

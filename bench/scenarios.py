@@ -1,0 +1,702 @@
+"""The scenarios of ``just bench``, the baselines they run, and the targets.
+
+Each scenario function takes the :class:`~bench.runner.Bench`, makes its
+measurements (a fresh store each) and returns a :class:`ScenarioResult`:
+rows for the table and chart, facts (rows condensed, 503 share, ...) and the
+raw measurements. The baseline measurements (ceiling, naive) are cached per
+run, so two scenarios that compare against the same baseline load share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .runner import Bench, Measurement, client_share, cpu_per_1k
+
+SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each scenario does: the full run and ``--quick``."""
+
+    seed_writes: int = 30_000
+    seed_reads: int = 100_000
+    baseline_requests: int = 30_000
+    baseline_s: float = 8.0
+    naive_s: float = 5.0
+    batch_s: float = 8.0
+    ndjson_s: float = 5.0
+    durable_requests: int = 30_000
+    mixed_s: float = 6.0
+    overload_s: float = 10.0
+    scaling_s: float = 4.0
+    scaling_keys: tuple[int, ...] = (10, 1_000, 100_000)
+    scaling_batches: tuple[int, ...] = (1, 10, 100)
+
+
+def scaled(sizes: Sizes, factor: float) -> Sizes:
+    """``sizes`` with every count and duration multiplied by ``factor`` (``--scale``)."""
+    if factor == 1:
+        return sizes
+    changes: dict[str, Any] = {}
+    for name, value in asdict(sizes).items():
+        if isinstance(value, (bool, tuple)):
+            continue
+        if isinstance(value, int):
+            changes[name] = max(1, round(value * factor))
+        elif isinstance(value, float):
+            changes[name] = max(0.2, value * factor)
+    return replace(sizes, **changes)
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    seed_writes=5_000,
+    seed_reads=10_000,
+    baseline_requests=5_000,
+    baseline_s=3.0,
+    naive_s=2.0,
+    batch_s=3.0,
+    ndjson_s=2.0,
+    durable_requests=5_000,
+    mixed_s=2.5,
+    overload_s=5.0,
+    scaling_s=2.0,
+    scaling_keys=(10, 1_000, 100_000),
+    scaling_batches=(10,),
+)
+
+KEYS = 1_000
+DAY = 86_400
+BATCH_EVENTS = 1_000
+BATCH_CONNECTIONS = 16
+NAIVE_BATCH_CONNECTIONS = 4
+OVERLOAD_CONNECTIONS = 256
+OVERLOAD_FLAGS = ("--queue-size", "4", "--enqueue-timeout", "100ms")
+
+
+@dataclass
+class Row:
+    """One line of the table: one system's result for one measurement of a scenario."""
+
+    scenario: str
+    key: str
+    what: str
+    system: str
+    unit: str
+    rate: float
+    elapsed_s: float
+    requests: int
+    events: int
+    latency_ms: dict[str, float | None]
+    server_cpu_1k: float | None
+    client_cpu_1k: float | None
+    client_share: float | None
+    note: str = ""
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    rows: list[Row] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+    error: str | None = None
+
+    def row(self, key: str, system: str) -> Row | None:
+        return next((r for r in self.rows if r.key == key and r.system == system), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": [asdict(row) for row in self.rows],
+            "facts": self.facts,
+            "error": self.error,
+            "measurements": [m.to_json() for m in self.measurements],
+        }
+
+
+# ---------------------------------------------------------------------- request templates
+
+
+def events_request(
+    bench: Bench, *, events: int = 1, keys: int = KEYS, fmt: str = "json", wait: bool = True
+) -> dict[str, Any]:
+    """Events over ``keys`` keys with timestamps spread over one whole past day."""
+    return {
+        "kind": "events",
+        "events": events,
+        "array": events > 1,
+        "keys": keys,
+        "start": bench.day_start,
+        "span": DAY,
+        "format": fmt,
+        "wait": wait,
+    }
+
+
+def reads_request(bench: Bench, keys: int = KEYS) -> dict[str, Any]:
+    """One key's day of hourly buckets (24 of them)."""
+    return {
+        "kind": "aggregates",
+        "keys": keys,
+        "from": bench.day_start,
+        "to": bench.day_start + DAY,
+        "granularity": "hour",
+    }
+
+
+def stream(
+    name: str,
+    mix: list[tuple[str, float, dict[str, Any]]],
+    *,
+    connections: int,
+    requests: int | None = None,
+    duration: float | None = None,
+    pool: int = 1_000,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "connections": connections,
+        "requests": requests,
+        "duration": duration,
+        "pool": pool,
+        "mix": [{"class": cls, "weight": weight, "request": req} for cls, weight, req in mix],
+    }
+
+
+def phase(name: str, *streams: dict[str, Any], max_seconds: float = 300.0) -> dict[str, Any]:
+    return {"name": name, "streams": list(streams), "max_seconds": max_seconds}
+
+
+def make_row(
+    scenario: str,
+    key: str,
+    what: str,
+    m: Measurement,
+    phase_name: str,
+    stream_name: str,
+    cls: str,
+    unit: str = "req/s",
+    note: str = "",
+) -> Row:
+    data = m.stream_class(phase_name, stream_name, cls)
+    ph = m.phases[phase_name]
+    elapsed = m.phases[phase_name]["streams"][stream_name]["elapsed_s"]
+    server_1k, client_1k = cpu_per_1k(ph)
+    rate = data["acked_events_per_s"] if unit == "events/s" else data["ok_per_s"]
+    return Row(
+        scenario=scenario,
+        key=key,
+        what=what,
+        system=m.app,
+        unit=unit,
+        rate=float(rate or 0.0),
+        elapsed_s=float(elapsed),
+        requests=int(data["requests"]),
+        events=int(data["acked_events"]),
+        latency_ms=data["ok_latency_ms"],
+        server_cpu_1k=server_1k,
+        client_cpu_1k=client_1k,
+        client_share=None if client_share(ph) is None else round(client_share(ph) or 0.0, 3),
+        note=note,
+    )
+
+
+def _baseline(bench: Bench, name: str, make: Callable[[], Measurement]) -> Measurement:
+    if name not in bench.cache:
+        bench.cache[name] = make()
+    measurement: Measurement = bench.cache[name]
+    return measurement
+
+
+def ceiling_single(bench: Bench, sizes: Sizes) -> Measurement:
+    """The ceiling with the seed load: single-event POSTs, then one key's day of reads."""
+    c = bench.options.connections
+
+    def make() -> Measurement:
+        return bench.measure(
+            "ceiling single+reads",
+            "ceiling",
+            [
+                phase(
+                    "writes",
+                    stream(
+                        "w",
+                        [("write", 1, events_request(bench))],
+                        connections=c,
+                        requests=min(sizes.baseline_requests, sizes.seed_writes),
+                        duration=sizes.baseline_s,
+                        pool=sizes.seed_writes,
+                    ),
+                ),
+                phase(
+                    "reads",
+                    stream(
+                        "r",
+                        [("read", 1, reads_request(bench))],
+                        connections=c,
+                        requests=sizes.seed_reads,
+                        duration=sizes.baseline_s,
+                        pool=5_000,
+                    ),
+                ),
+            ],
+        )
+
+    return _baseline(bench, "ceiling single", make)
+
+
+def naive_single(bench: Bench, sizes: Sizes) -> Measurement:
+    c = bench.options.connections
+
+    def make() -> Measurement:
+        return bench.measure(
+            "naive single",
+            "naive",
+            [
+                phase(
+                    "writes",
+                    stream(
+                        "w",
+                        [("write", 1, events_request(bench))],
+                        connections=c,
+                        requests=sizes.seed_writes,
+                        duration=sizes.naive_s,
+                        pool=sizes.seed_writes,
+                    ),
+                )
+            ],
+        )
+
+    return _baseline(bench, "naive single", make)
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+def seed(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """30 K single-event writes over 1,000 keys and 24 h, then 100 K random reads."""
+    result = ScenarioResult("seed")
+    c = bench.options.connections
+    m = bench.measure(
+        "seed",
+        "trioagg",
+        [
+            phase(
+                "writes",
+                stream(
+                    "w",
+                    [("write", 1, events_request(bench))],
+                    connections=c,
+                    requests=sizes.seed_writes,
+                    pool=sizes.seed_writes,
+                ),
+            ),
+            phase(
+                "reads",
+                stream(
+                    "r",
+                    [("read", 1, reads_request(bench))],
+                    connections=c,
+                    requests=sizes.seed_reads,
+                    pool=5_000,
+                ),
+            ),
+        ],
+    )
+    result.measurements.append(m)
+    writes = f"{sizes.seed_writes:,} single writes"
+    reads = f"{sizes.seed_reads:,} reads, 1 key x 24 h"
+    rows = m.store["rows"] if m.store else None
+    result.rows.append(
+        make_row("seed", "writes", writes, m, "writes", "w", "write", note=f"{rows:,} rows")
+    )
+    result.rows.append(make_row("seed", "reads", reads, m, "reads", "r", "read"))
+    result.facts.update(
+        writes_s=m.phases["writes"]["elapsed_s"],
+        reads_s=m.phases["reads"]["elapsed_s"],
+        events=m.store["events"] if m.store else None,
+        rows=rows,
+    )
+    if bench.options.baselines:
+        ceiling = ceiling_single(bench, sizes)
+        naive = naive_single(bench, sizes)
+        result.measurements += [ceiling, naive]
+        result.rows.append(make_row("seed", "writes", writes, ceiling, "writes", "w", "write"))
+        result.rows.append(make_row("seed", "writes", writes, naive, "writes", "w", "write"))
+        result.rows.append(make_row("seed", "reads", reads, ceiling, "reads", "r", "read"))
+    return result
+
+
+def batch(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """Sustained ingest of 1,000-event requests: JSON arrays and NDJSON, durable."""
+    result = ScenarioResult("batch")
+
+    def phases(json_s: float, ndjson_s: float | None, conns: int) -> list[dict[str, Any]]:
+        out = [
+            phase(
+                "json",
+                stream(
+                    "json",
+                    [("write", 1, events_request(bench, events=BATCH_EVENTS))],
+                    connections=conns,
+                    duration=json_s,
+                    pool=64,
+                ),
+            )
+        ]
+        if ndjson_s is not None:
+            out.append(
+                phase(
+                    "ndjson",
+                    stream(
+                        "ndjson",
+                        [("write", 1, events_request(bench, events=BATCH_EVENTS, fmt="ndjson"))],
+                        connections=conns,
+                        duration=ndjson_s,
+                        pool=64,
+                    ),
+                )
+            )
+        return out
+
+    m = bench.measure("batch", "trioagg", phases(sizes.batch_s, sizes.ndjson_s, BATCH_CONNECTIONS))
+    result.measurements.append(m)
+    json_what = "1,000-event JSON arrays"
+    nd_what = "1,000-event NDJSON"
+    result.rows.append(make_row("batch", "json", json_what, m, "json", "json", "write", "events/s"))
+    result.rows.append(
+        make_row("batch", "ndjson", nd_what, m, "ndjson", "ndjson", "write", "events/s")
+    )
+    result.facts["rows"] = m.store["rows"] if m.store else None
+    if bench.options.baselines:
+        ceiling = bench.measure(
+            "batch",
+            "ceiling",
+            phases(sizes.baseline_s / 2, sizes.baseline_s / 2, BATCH_CONNECTIONS),
+        )
+        naive = bench.measure(
+            "batch", "naive", phases(sizes.naive_s / 2, None, NAIVE_BATCH_CONNECTIONS)
+        )
+        result.measurements += [ceiling, naive]
+        for row in (
+            make_row("batch", "json", json_what, ceiling, "json", "json", "write", "events/s"),
+            make_row("batch", "ndjson", nd_what, ceiling, "ndjson", "ndjson", "write", "events/s"),
+            make_row(
+                "batch",
+                "json",
+                json_what,
+                naive,
+                "json",
+                "json",
+                "write",
+                "events/s",
+                note=f"{NAIVE_BATCH_CONNECTIONS} connections",
+            ),
+        ):
+            result.rows.append(row)
+    return result
+
+
+def durable(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """The same single-event load with ?wait=false and durable, each on a fresh store."""
+    result = ScenarioResult("durable")
+    c = bench.options.connections
+    n = sizes.durable_requests
+    for wait, key in ((False, "wait=false"), (True, "durable")):
+        m = bench.measure(
+            f"durable {key}",
+            "trioagg",
+            [
+                phase(
+                    key,
+                    stream(
+                        "w",
+                        [("write", 1, events_request(bench, wait=wait))],
+                        connections=c,
+                        requests=n,
+                        pool=n,
+                    ),
+                )
+            ],
+        )
+        result.measurements.append(m)
+        result.rows.append(make_row("durable", key, f"{n:,} single, {key}", m, key, "w", "write"))
+    fast, slow = result.row("wait=false", "trioagg"), result.row("durable", "trioagg")
+    if fast and slow and slow.rate:
+        result.facts["wait_false_over_durable"] = round(fast.rate / slow.rate, 3)
+    if bench.options.baselines:
+        ceiling = ceiling_single(bench, sizes)
+        if ceiling not in result.measurements:
+            result.measurements.append(ceiling)
+        result.rows.append(
+            make_row("durable", "durable", "single (ceiling)", ceiling, "writes", "w", "write")
+        )
+    return result
+
+
+def mixed(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """Reads alone, writes alone, then 80 % reads / 20 % writes at once, on a filled store."""
+    result = ScenarioResult("mixed")
+    c = bench.options.connections
+    read = ("read", 4.0, reads_request(bench))
+    write = ("write", 1.0, events_request(bench))
+    m = bench.measure(
+        "mixed",
+        "trioagg",
+        [
+            phase(
+                "prefill",
+                stream(
+                    "fill",
+                    [("write", 1, events_request(bench, events=BATCH_EVENTS))],
+                    connections=8,
+                    requests=30,
+                    pool=30,
+                ),
+            ),
+            phase("reads alone", stream("r", [read], connections=c, duration=sizes.mixed_s)),
+            phase("writes alone", stream("w", [write], connections=c, duration=sizes.mixed_s)),
+            phase(
+                "80/20",
+                stream("rw", [read, write], connections=c, duration=sizes.mixed_s, pool=5_000),
+            ),
+        ],
+    )
+    result.measurements.append(m)
+    rows = [
+        make_row("mixed", "reads alone", "reads alone", m, "reads alone", "r", "read"),
+        make_row("mixed", "reads mixed", "reads, 80/20 mix", m, "80/20", "rw", "read"),
+        make_row("mixed", "writes alone", "writes alone", m, "writes alone", "w", "write"),
+        make_row("mixed", "writes mixed", "writes, 80/20 mix", m, "80/20", "rw", "write"),
+    ]
+    result.rows += rows
+    for kind, alone, mix in (("read", rows[0], rows[1]), ("write", rows[2], rows[3])):
+        a99, m99 = alone.latency_ms.get("p99"), mix.latency_ms.get("p99")
+        if a99 and m99:
+            result.facts[f"{kind}_p99_mixed_over_alone"] = round(m99 / a99, 3)
+        result.facts[f"{kind}_max_ms_mixed"] = mix.latency_ms.get("max")
+    return result
+
+
+def overload(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """Far more 1,000-event requests than the writer takes, into a 4-request queue."""
+    result = ScenarioResult("overload")
+    m = bench.measure(
+        "overload",
+        "trioagg",
+        [
+            phase(
+                "overload",
+                stream(
+                    "o",
+                    [("write", 1, events_request(bench, events=BATCH_EVENTS))],
+                    connections=OVERLOAD_CONNECTIONS,
+                    duration=sizes.overload_s,
+                    pool=64,
+                ),
+            )
+        ],
+        server_flags=OVERLOAD_FLAGS,
+        allowed_statuses=frozenset({503}),
+    )
+    result.measurements.append(m)
+    data = m.stream_class("overload", "o", "write")
+    total = data["requests"] or 1
+    rejected = data["statuses"].get("503", 0)
+    peak = m.server["peak_rss_bytes"]["max"]
+    share = rejected / total
+    result.rows.append(
+        make_row(
+            "overload",
+            "accepted",
+            f"{OVERLOAD_CONNECTIONS} conns x 1,000 events",
+            m,
+            "overload",
+            "o",
+            "write",
+            "events/s",
+            note=f"503: {share:.0%}, RSS {peak / 2**20:.0f} MB",
+        )
+    )
+    result.facts.update(
+        offered_req_per_s=data["req_per_s"],
+        accepted_req_per_s=data["ok_per_s"],
+        rejected_503=rejected,
+        share_503=round(share, 4),
+        latency_503_ms=percentiles_of_other(m, "overload", "o", "write"),
+        peak_rss_mb=round(peak / 2**20, 1),
+        lost_acked_events=(m.verdict["acked_events"] - (m.verdict["stored_events"] or 0)),
+        server_flags=list(OVERLOAD_FLAGS),
+    )
+    return result
+
+
+def percentiles_of_other(m: Measurement, ph: str, st: str, cls: str) -> dict[str, Any]:
+    """Latency of every answer (2xx and not) of a class: for 503s under overload."""
+    return dict(m.stream_class(ph, st, cls)["latency_ms"])
+
+
+def scaling(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """Events/s and rows as distinct keys grow, and as the request batch size varies."""
+    result = ScenarioResult("scaling")
+    points = [(keys, BATCH_EVENTS) for keys in sizes.scaling_keys]
+    points += [(KEYS, size) for size in sizes.scaling_batches if (KEYS, size) not in points]
+    for keys, size in points:
+        conns = BATCH_CONNECTIONS if size >= 100 else bench.options.connections
+        # enough distinct requests that repeats do not hide new keys
+        pool = min(256, max(64, keys // size)) if size > 1 else 20_000
+        m = bench.measure(
+            f"scaling {keys} keys x {size}",
+            "trioagg",
+            [
+                phase(
+                    "ingest",
+                    stream(
+                        "s",
+                        [("write", 1, events_request(bench, events=size, keys=keys))],
+                        connections=conns,
+                        duration=sizes.scaling_s,
+                        pool=pool,
+                    ),
+                )
+            ],
+        )
+        result.measurements.append(m)
+        rows = m.store["rows"] if m.store else 0
+        events = m.store["events"] if m.store else 0
+        cpu = m.phases["ingest"]["cpu"]["server_s"]
+        per_event_us = cpu / events * 1e6 if events else None
+        note = f"{rows:,} rows"
+        if per_event_us is not None:
+            note += f", {per_event_us:.1f} us CPU/event"
+        key = f"keys={keys} batch={size}"
+        result.rows.append(
+            make_row(
+                "scaling",
+                key,
+                f"{keys:,} keys, {size:,}/request",
+                m,
+                "ingest",
+                "s",
+                "write",
+                "events/s",
+                note=note,
+            )
+        )
+        result.facts[key] = {
+            "rows": rows,
+            "events": events,
+            "server_cpu_us_per_event": per_event_us,
+        }
+    return result
+
+
+RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
+    "seed": seed,
+    "batch": batch,
+    "durable": durable,
+    "mixed": mixed,
+    "overload": overload,
+    "scaling": scaling,
+}
+
+
+# ---------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    name: str
+    status: str  # PASS, MISS or SKIP
+    measured: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rate(results: dict[str, ScenarioResult], scenario: str, key: str, system: str) -> float | None:
+    result = results.get(scenario)
+    row = result.row(key, system) if result else None
+    return row.rate if row else None
+
+
+def _ratio_target(
+    name: str, ours: float | None, theirs: float | None, factor: float, unit: str
+) -> Target:
+    if not ours or not theirs:
+        return Target(name, "SKIP", "-", "not measured in this run")
+    ratio = ours / theirs
+    status = "PASS" if ratio >= factor else "MISS"
+    return Target(name, status, f"{ratio:.2f} x", f"{ours:,.0f} vs {theirs:,.0f} {unit}")
+
+
+def evaluate_targets(results: dict[str, ScenarioResult]) -> list[Target]:
+    """The issue's targets, each PASS, MISS or SKIP (when its scenario did not run)."""
+    ceiling_writes = _rate(results, "seed", "writes", "ceiling") or _rate(
+        results, "durable", "durable", "ceiling"
+    )
+    targets = [
+        _ratio_target(
+            "single durable (seed writes) >= 0.9 x ceiling",
+            _rate(results, "seed", "writes", "trioagg"),
+            ceiling_writes,
+            0.9,
+            "req/s",
+        ),
+        _ratio_target(
+            "single wait=false >= 0.9 x ceiling",
+            _rate(results, "durable", "wait=false", "trioagg"),
+            ceiling_writes,
+            0.9,
+            "req/s",
+        ),
+        _ratio_target(
+            "single durable (seed writes) >= 5 x naive",
+            _rate(results, "seed", "writes", "trioagg"),
+            _rate(results, "seed", "writes", "naive"),
+            5.0,
+            "req/s",
+        ),
+    ]
+    batch_rate = _rate(results, "batch", "json", "trioagg")
+    if batch_rate is None:
+        targets.append(Target("batch durable >= 200,000 events/s", "SKIP", "-", "not run"))
+    else:
+        targets.append(
+            Target(
+                "batch durable >= 200,000 events/s",
+                "PASS" if batch_rate >= 200_000 else "MISS",
+                f"{batch_rate / 200_000:.2f} x",
+                f"{batch_rate:,.0f} events/s (1,000-event arrays, 1,000 keys, 24 h)",
+            )
+        )
+    targets.append(
+        _ratio_target(
+            "reads >= 0.8 x ceiling GET",
+            _rate(results, "seed", "reads", "trioagg"),
+            _rate(results, "seed", "reads", "ceiling"),
+            0.8,
+            "req/s",
+        )
+    )
+    over = results.get("overload")
+    if over is None or over.error or not over.facts:
+        targets.append(Target("overload: 0 lost, peak RSS < 300 MB", "SKIP", "-", "not run"))
+    else:
+        lost = over.facts["lost_acked_events"]
+        peak = over.facts["peak_rss_mb"]
+        ok = lost == 0 and peak < 300 and over.measurements[0].verdict["ok"]
+        targets.append(
+            Target(
+                "overload: 0 lost, peak RSS < 300 MB",
+                "PASS" if ok else "MISS",
+                f"{lost} lost, {peak:.0f} MB",
+                f"503 share {over.facts['share_503']:.0%}",
+            )
+        )
+    return targets

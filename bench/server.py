@@ -1,0 +1,282 @@
+"""Starting, watching and stopping one server process for one measurement.
+
+A server is trioagg or a baseline app (``bench.baselines``), deployed either
+the way ``trioagg serve`` runs it (hypercorn.trio.serve in the process) or
+with hypercorn's CLI (``--worker-class trio``, ``--workers N``). It always
+binds 127.0.0.1 on a free port, logs to a file in the work directory, and is
+stopped with SIGTERM, which must end it with exit code 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .loadgen import parse_head
+
+APPS = ("trioagg", "ceiling", "naive")
+DEPLOYS = ("serve", "hypercorn")
+_RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerError(RuntimeError):
+    """The server did not start, did not answer, or did not stop cleanly."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How every server of a run is deployed, and the flags passed through to it."""
+
+    deploy: str = "serve"
+    workers: int = 1
+    keep_alive: float | None = None
+    #: ``trioagg serve`` flags (``--sync normal``); TRIOAGG_* variables with hypercorn.
+    server_args: tuple[str, ...] = ()
+    #: extra hypercorn CLI arguments (``--deploy hypercorn`` only).
+    hypercorn_args: tuple[str, ...] = ()
+    #: a directory holding the ``trioagg`` package to run instead of the installed one.
+    trioagg_src: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.deploy not in DEPLOYS:
+            raise ValueError(f"--deploy must be one of {', '.join(DEPLOYS)}")
+        if self.deploy == "serve" and self.workers != 1:
+            raise ValueError("--workers needs --deploy hypercorn (trioagg serve is one process)")
+        if self.deploy == "serve" and self.keep_alive is not None:
+            raise ValueError(
+                "--keep-alive needs --deploy hypercorn (trioagg serve has no keep-alive setting)"
+            )
+        if self.deploy == "serve" and self.hypercorn_args:
+            raise ValueError("--hypercorn-arg needs --deploy hypercorn")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+
+    def describe(self) -> str:
+        text = self.deploy
+        if self.deploy == "hypercorn":
+            text += f" --workers {self.workers}"
+            if self.keep_alive is not None:
+                text += f" --keep-alive {self.keep_alive:g}"
+            if self.hypercorn_args:
+                text += " " + shlex.join(self.hypercorn_args)
+        if self.server_args:
+            text += " [" + shlex.join(self.server_args) + "]"
+        if self.trioagg_src:
+            text += f" (trioagg from {self.trioagg_src})"
+        return text
+
+
+def split_args(values: Sequence[str]) -> tuple[str, ...]:
+    """``--server-arg`` values, each split like a shell would (``"--sync normal"``)."""
+    return tuple(token for value in values for token in shlex.split(value))
+
+
+def flags_to_env(args: Sequence[str]) -> dict[str, str]:
+    """``trioagg serve`` flags as the TRIOAGG_* variables hypercorn's factory reads:
+    ``["--batch-size", "500", "--sync=normal"]`` -> ``{"TRIOAGG_BATCH_SIZE": "500", ...}``."""
+    env: dict[str, str] = {}
+    tokens = list(args)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or len(token) < 3:
+            raise ValueError(f"expected a --flag, got {token!r}")
+        if "=" in token:
+            name, value = token[2:].split("=", 1)
+        else:
+            if index + 1 >= len(tokens) or tokens[index + 1].startswith("--"):
+                raise ValueError(f"{token} needs a value")
+            name, value = token[2:], tokens[index + 1]
+            index += 1
+        env["TRIOAGG_" + name.upper().replace("-", "_")] = value
+        index += 1
+    return env
+
+
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The last value given for ``flag`` in a list of ``--flag value`` / ``--flag=value``."""
+    name = "TRIOAGG_" + flag.lstrip("-").upper().replace("-", "_")
+    return flags_to_env(args).get(name)
+
+
+def command(
+    app: str, deployment: Deployment, db: Path | None, extra_args: Sequence[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and extra environment that start ``app``. ``extra_args`` are the
+    scenario's own ``trioagg serve`` flags; the user's ``--server-arg`` come after
+    them and so win."""
+    if app not in APPS:
+        raise ValueError(f"unknown app {app!r}")
+    python = sys.executable
+    flags = [*extra_args, *deployment.server_args]
+    env: dict[str, str] = {}
+    sync = flag_value(flags, "--sync") or "full"
+    if deployment.deploy == "serve":
+        if app == "trioagg":
+            argv = [python, "-m", "trioagg", "serve", "--db", str(db)]
+            argv += ["--host", "127.0.0.1", "--port", "0", *flags]
+        else:
+            argv = [python, "-m", "bench.baselines", app, "--port", "0"]
+            if app == "naive":
+                argv += ["--db", str(db), "--sync", sync]
+        return argv, env
+    argv = [python, "-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0"]
+    argv += ["--workers", str(deployment.workers)]
+    if deployment.keep_alive is not None:
+        argv += ["--keep-alive", f"{deployment.keep_alive:g}"]
+    argv += list(deployment.hypercorn_args)
+    if app == "trioagg":
+        env.update(flags_to_env(flags))
+        env["TRIOAGG_DB"] = str(db)
+        argv.append("trioagg.app:create_app()")
+    else:
+        env["BENCH_DB"] = str(db)
+        env["BENCH_SYNC"] = sync
+        argv.append(f"bench.baselines:{app}_app()")
+    return argv, env
+
+
+@dataclass
+class Server:
+    """One running server process (and its hypercorn workers)."""
+
+    app: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    pids: list[int] = field(default_factory=list)
+    started_s: float = 0.0
+    exit_code: int | None = None
+    trioagg_src: str | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONPATH"] = python_path(self.trioagg_src, env.get("PYTHONPATH"))
+        begun = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=_ROOT,
+                start_new_session=True,
+            )
+        deadline = begun + timeout
+        while self.port == 0:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"{self.app} exited with {self.process.returncode}: {self.tail()}"
+                )
+            if time.perf_counter() > deadline:
+                self.kill()
+                raise ServerError(f"{self.app} did not start in {timeout:g}s: {self.tail()}")
+            match = _RUNNING.search(self.log_path.read_bytes())
+            if match:
+                self.port = int(match[1])
+            else:
+                time.sleep(0.05)
+        while not self._ready():
+            if self.process.poll() is not None or time.perf_counter() > deadline:
+                self.kill()
+                raise ServerError(f"{self.app} never answered /readyz: {self.tail()}")
+            time.sleep(0.05)
+        self.started_s = time.perf_counter() - begun
+        parent = psutil.Process(self.process.pid)
+        self.pids = [parent.pid, *(child.pid for child in parent.children(recursive=True))]
+
+    def _ready(self) -> bool:
+        try:
+            status, _ = http_get("127.0.0.1", self.port, "/readyz")
+        except OSError:
+            return False
+        return status == 200
+
+    def peak_rss_bytes(self) -> dict[str, int]:
+        """Peak resident memory (VmHWM) of the server's processes: the largest one and the sum."""
+        peaks = [vm_hwm(pid) for pid in self.pids]
+        return {"max": max(peaks, default=0), "sum": sum(peaks)}
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait, and return the exit code (graceful shutdown must give 0)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise ServerError(
+                    f"{self.app} did not stop within {timeout:g}s of SIGTERM: {self.tail()}"
+                ) from None
+        self.exit_code = self.process.returncode
+        return self.exit_code
+
+    def kill(self) -> None:
+        """Last resort: SIGKILL the server's process group (it has its own session)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n  " + "\n  ".join(text.splitlines()[-lines:])
+
+
+def python_path(trioagg_src: str | None, existing: str | None) -> str:
+    """PYTHONPATH for servers: the trioagg source asked for (if any), then this
+    repository (for ``bench.baselines``), then whatever was there."""
+    return os.pathsep.join(filter(None, [trioagg_src, str(_ROOT), existing]))
+
+
+def vm_hwm(pid: int) -> int:
+    """A process's peak resident set size in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """A blocking one-shot GET (for readiness checks, not for load)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status, length, _ = parse_head(head)
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            body += chunk
+    return status, body
