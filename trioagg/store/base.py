@@ -38,6 +38,8 @@ Row = tuple[str, int, str, Rollup]
 #: A series in the keys index: (key, tags JSON, first bucket, last bucket).
 SeriesSpan = tuple[str, str, int, int]
 KeyInfo = SeriesSpan
+#: A rollup to upsert with its encoded sketches (None: keep what is stored).
+UpsertRow = tuple[Slot, Rollup, bytes | None, bytes | None]
 
 T = TypeVar("T")
 
@@ -64,21 +66,26 @@ class Backend(Protocol):
 
     def rollback(self, conn: Any) -> None: ...
 
-    def known_ids(self, conn: Any, ids: Sequence[str], since: float) -> set[str]:
-        """Which of ``ids`` were recorded at ``since`` or later."""
-
-    def record_ids(self, conn: Any, ids: Sequence[str], seen: float) -> None: ...
+    def claim_ids(self, conn: Any, ids: Sequence[str], now: float, since: float) -> set[str]:
+        """Record ``ids`` as seen ``now`` and return those that were new: not recorded,
+        or recorded before ``since``. A concurrent transaction claiming the same id
+        makes this wait for it, so an id is claimed once."""
 
     def purge_ids(self, conn: Any, before: float, limit: int) -> int:
         """Forget up to ``limit`` ids recorded before ``before``; how many went."""
 
+    def insert_new(
+        self, conn: Any, rows: Sequence[UpsertRow]
+    ) -> set[Slot]:
+        """Insert the rows whose slot is not stored yet; return their slots."""
+
     def stored_sketches(
         self, conn: Any, slots: Sequence[Slot]
     ) -> dict[Slot, tuple[bytes | None, bytes | None]]:
-        """The stored (quantiles, distinct) sketch blobs of those of ``slots`` that have any."""
+        """The stored (quantiles, distinct) blobs of ``slots``, locked until the commit."""
 
     def upsert(
-        self, conn: Any, rows: Iterable[tuple[Slot, Rollup, bytes | None, bytes | None]]
+        self, conn: Any, rows: Iterable[UpsertRow]
     ) -> None:
         """Merge rollups into stored rows; sketch blobs replace stored ones unless None."""
 
@@ -141,10 +148,9 @@ def commit_batch(
     now = time.time()
     backend.begin(conn)
     try:
-        ids = [p[5] for points in batch for p in points if p[5] is not None]
-        known = backend.known_ids(conn, list(set(ids)), now - policy.dedup_window) if ids else set()
+        ids = sorted({p[5] for points in batch for p in points if p[5] is not None})
+        claimed = backend.claim_ids(conn, ids, now, now - policy.dedup_window) if ids else set()
         duplicates = []
-        new_ids: list[str] = []
         rollups: dict[Slot, Rollup] = {}
         for points in batch:
             kept: Sequence[Point] = points
@@ -153,16 +159,13 @@ def commit_batch(
                 for point in points:
                     if point[5] is None:
                         kept.append(point)
-                    elif point[5] not in known:
-                        known.add(point[5])
-                        new_ids.append(point[5])
+                    elif point[5] in claimed:
+                        claimed.discard(point[5])  # a repeat later in the batch is a duplicate
                         kept.append(point)
             duplicates.append(len(points) - len(kept))
             pre_aggregate(kept, policy.bucket, rollups, policy.keeps_quantiles)
-        if new_ids:
-            backend.record_ids(conn, new_ids, now)
 
-        backend.upsert(conn, _with_sketch_blobs(backend, conn, rollups))
+        backend.upsert(conn, _merge_sketched_rows(backend, conn, rollups))
         spans = _widened_series(rollups, series_seen)
         if spans:
             backend.upsert_series(conn, spans)
@@ -175,23 +178,35 @@ def commit_batch(
     return CommitResult(duplicates, len(rollups))
 
 
-def _with_sketch_blobs(
+def _merge_sketched_rows(
     backend: Backend, conn: Any, rollups: dict[Slot, Rollup]
-) -> Iterable[tuple[Slot, Rollup, bytes | None, bytes | None]]:
-    """Rows to upsert, each sketch merged with the stored one (read in this transaction)."""
-    sketched = [slot for slot, rollup in rollups.items() if rollup.has_sketches]
-    stored = backend.stored_sketches(conn, sketched) if sketched else {}
+) -> list[UpsertRow]:
+    """Rows still to upsert. Rows with sketches are inserted whole where their slot is
+    new; where it is stored, their sketches are merged with the stored ones, read
+    under a row lock. Slots go in sorted order, so concurrent writers never deadlock."""
+    plain: list[UpsertRow] = []
+    sketched: list[UpsertRow] = []
     for slot, rollup in rollups.items():
-        if not rollup.has_sketches:
-            yield slot, rollup, None, None
-            continue
-        blobs = stored.get(slot)
-        if blobs is not None:
-            stored_rollup = Rollup(0.0, 0)
-            stored_rollup.quantiles = decode_quantiles(blobs[0])
-            stored_rollup.distinct = decode_distinct(blobs[1])
-            rollup.merge_sketches(stored_rollup)
-        yield slot, rollup, encode_quantiles(rollup.quantiles), encode_distinct(rollup.distinct)
+        if rollup.has_sketches:
+            blobs = (encode_quantiles(rollup.quantiles), encode_distinct(rollup.distinct))
+            sketched.append((slot, rollup, *blobs))
+        else:
+            plain.append((slot, rollup, None, None))
+    if not sketched:
+        return plain
+    sketched.sort(key=lambda row: row[0])
+    inserted = backend.insert_new(conn, sketched)
+    existing = [row for row in sketched if row[0] not in inserted]
+    stored = backend.stored_sketches(conn, [row[0] for row in existing])
+    for slot, rollup, _, _ in existing:
+        stored_rollup = Rollup(0.0, 0)
+        stored_rollup.quantiles = decode_quantiles(stored[slot][0])
+        stored_rollup.distinct = decode_distinct(stored[slot][1])
+        rollup.merge_sketches(stored_rollup)
+        plain.append(
+            (slot, rollup, encode_quantiles(rollup.quantiles), encode_distinct(rollup.distinct))
+        )
+    return plain
 
 
 def _widened_series(

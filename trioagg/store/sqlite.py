@@ -149,25 +149,25 @@ class SQLiteBackend:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
 
-    def known_ids(self, conn: sqlite3.Connection, ids: Sequence[str], since: float) -> set[str]:
-        known: set[str] = set()
+    def claim_ids(
+        self, conn: sqlite3.Connection, ids: Sequence[str], now: float, since: float
+    ) -> set[str]:
+        claimed: set[str] = set()
         for chunk in _chunks(ids):
-            marks = ",".join("?" * len(chunk))
-            known.update(
+            values = ",".join(["(?, ?)"] * len(chunk))
+            params: list[Any] = []
+            for event_id in chunk:
+                params += (event_id, now)
+            claimed.update(
                 row[0]
                 for row in conn.execute(
-                    f"SELECT id FROM event_ids WHERE id IN ({marks}) AND seen >= ?",
-                    [*chunk, since],
+                    f"INSERT INTO event_ids (id, seen) VALUES {values} "
+                    "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen "
+                    "WHERE event_ids.seen < ? RETURNING id",
+                    [*params, since],
                 )
             )
-        return known
-
-    def record_ids(self, conn: sqlite3.Connection, ids: Sequence[str], seen: float) -> None:
-        conn.executemany(
-            "INSERT INTO event_ids (id, seen) VALUES (?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen",
-            [(event_id, seen) for event_id in ids],
-        )
+        return claimed
 
     def purge_ids(self, conn: sqlite3.Connection, before: float, limit: int) -> int:
         cursor = conn.execute(
@@ -176,18 +176,33 @@ class SQLiteBackend:
         )
         return cursor.rowcount
 
+    def insert_new(
+        self,
+        conn: sqlite3.Connection,
+        rows: Sequence[tuple[Slot, Rollup, bytes | None, bytes | None]],
+    ) -> set[Slot]:
+        inserted: set[Slot] = set()
+        for (key, bucket, tags), r, kll, hll in rows:
+            cursor = conn.execute(
+                "INSERT INTO rollups (key, bucket, tags, count, shift, s1, s2, min, max, "
+                "quantiles_kll, distinct_hll) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key, bucket, tags) DO NOTHING",
+                (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll),
+            )
+            if cursor.rowcount:
+                inserted.add((key, bucket, tags))
+        return inserted
+
     def stored_sketches(
         self, conn: sqlite3.Connection, slots: Sequence[Slot]
     ) -> dict[Slot, tuple[bytes | None, bytes | None]]:
         found = {}
         for key, bucket, tags in slots:
-            row = conn.execute(
+            found[(key, bucket, tags)] = conn.execute(
                 "SELECT quantiles_kll, distinct_hll FROM rollups "
                 "WHERE key = ? AND bucket = ? AND tags = ?",
                 (key, bucket, tags),
             ).fetchone()
-            if row is not None and (row[0] is not None or row[1] is not None):
-                found[(key, bucket, tags)] = (row[0], row[1])
         return found
 
     def upsert(
