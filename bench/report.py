@@ -256,6 +256,15 @@ def _facts(results: Mapping[str, ScenarioResult]) -> list[str]:
             f"(503 p99 {_num(f['latency_503_ms'].get('p99'))} ms), peak RSS "
             f"{f['peak_rss_mb']:.0f} MB, lost acknowledged events {f['lost_acked_events']}"
         )
+        batch = results.get("batch")
+        capacity = batch.row("json", "trioagg") if batch else None
+        accepted = over.row("accepted", "trioagg")
+        if capacity and accepted and capacity.rate:
+            out.append(
+                f"overload: accepted {accepted.rate:,.0f} events/s = "
+                f"{accepted.rate / capacity.rate:.0%} of the batch scenario's "
+                f"{capacity.rate:,.0f} events/s (goodput under overload)"
+            )
     return out
 
 
@@ -274,6 +283,16 @@ def now_utc() -> datetime.datetime:
 # ---------------------------------------------------------------------- chart
 
 
+def chart_label(key: str) -> str:
+    """A short x label: ``keys=100000 batch=1000`` -> ``100k keys\n1000/req``."""
+    if key.startswith("keys="):
+        keys, size = (part.split("=")[1] for part in key.split())
+        count = int(keys)
+        short = f"{count // 1000}k" if count >= 1000 else str(count)
+        return f"{short} keys\n{size}/req"
+    return key.replace(" ", "\n", 1)
+
+
 def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None:
     """Throughput and p99 per measurement, trioagg next to the baselines (log scales)."""
     import matplotlib
@@ -284,7 +303,7 @@ def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None
     groups: list[tuple[str, dict[str, Row]]] = []
     for name, result in results.items():
         for row in result.rows:
-            label = f"{name}\n{row.key}\n({row.unit})"
+            label = f"{name}\n{chart_label(row.key)}\n({row.unit})"
             for existing, systems in groups:
                 if existing == label:
                     systems[row.system] = row
@@ -310,8 +329,19 @@ def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None
         if xs:
             top.bar(xs, rates, width, label=system, color=colours[system])
             bottom.bar(xs, p99s, width, label=system, color=colours[system])
+    for index, (_, systems) in enumerate(groups):
+        ours, ceiling = systems.get("trioagg"), systems.get("ceiling")
+        if ours and ceiling and ceiling.rate:
+            top.annotate(
+                f"{ours.rate / ceiling.rate:.2f}x\nceil",
+                (index - width, max(ours.rate, 0.1)),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     top.set_yscale("log")
     top.set_ylabel("throughput (req/s or events/s, see label)")
+    top.set_ylim(top=top.get_ylim()[1] * 3)
     top.legend()
     top.grid(axis="y", which="both", alpha=0.3)
     top.set_title(title, fontsize=10)

@@ -28,6 +28,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 CLIENT_CPU_SHARE_LIMIT = 0.5
 #: A client process using this share of one core is saturated.
 CLIENT_UTIL_LIMIT = 0.9
+#: Other processes (not server, not client) using this share of a core disturb a phase.
+OTHER_UTIL_LIMIT = 0.25
 
 
 class BenchError(RuntimeError):
@@ -247,6 +249,13 @@ class Bench:
                 self.warn(
                     f"CLIENT MAY BE THE LIMIT in {label} / {app} / {name}: the load generator "
                     f"spent {share:.0%} of the server's CPU per request"
+                )
+            elapsed = phase.get("elapsed_s") or 0.0
+            other = phase["cpu"].get("other_s") or 0.0
+            if elapsed > 0.5 and other / elapsed >= OTHER_UTIL_LIMIT:
+                self.warn(
+                    f"BUSY MACHINE during {label} / {app} / {name}: other processes used "
+                    f"{other / elapsed:.0%} of a core; its figures are pessimistic"
                 )
             util = phase["cpu"].get("client_util") or 0.0
             if util >= CLIENT_UTIL_LIMIT:
