@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"deploy {options.deployment.describe()}"
         f" | {options.connections} connections | {machine_start['cpus']} x "
         f"{machine_start['cpu_model']} | Python {machine_start['python']} | SQLite "
-        f"{machine_start['sqlite']} | {wall:.0f} s"
+        f"{machine_start['sqlite']} | fsync {machine_start.get('fsync_ms')} ms | {wall:.0f} s"
     )
     files = [json_path]
     if options.chart and results:

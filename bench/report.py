@@ -11,6 +11,7 @@ import platform
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ def machine_info(workdir: Path | None = None) -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+    if workdir is not None:
+        info["fsync_ms"] = fsync_ms(workdir)
     try:
         import psutil
 
@@ -46,6 +49,27 @@ def machine_info(workdir: Path | None = None) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - psutil is a bench dependency
         pass
     return info
+
+
+def fsync_ms(directory: Path, rounds: int = 50) -> float | None:
+    """Median time of a 4 KiB write + fsync where the stores live: what one durable
+    commit costs at least (it decides how much group commit can win over naive)."""
+    path = directory / "fsync.probe"
+    times = []
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(rounds):
+                started = time.perf_counter()
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+                times.append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+    except OSError:
+        return None
+    return round(sorted(times)[len(times) // 2] * 1000, 3)
 
 
 def _cpu_model() -> str:
