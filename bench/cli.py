@@ -20,7 +20,9 @@ import contextlib
 import dataclasses
 import os
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +39,7 @@ from .scenarios import (
     evaluate_targets,
     scaled,
 )
-from .server import Deployment, ServerError, split_args
+from .server import Deployment, ServerError, flags_to_env, split_args
 
 #: Options whose value is itself a flag (``--server-arg --sync=normal``).
 _PASS_THROUGH = ("--server-arg", "--hypercorn-arg")
@@ -99,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the installed one",
     )
     parser.add_argument(
+        "--trioagg-ref",
+        default=None,
+        metavar="REF",
+        help="run trioagg as committed at git REF (e.g. HEAD), exported with git archive, "
+        "instead of the working tree",
+    )
+    parser.add_argument(
         "--connections", type=int, default=64, help="concurrent keep-alive connections (default 64)"
     )
     parser.add_argument(
@@ -144,6 +153,30 @@ def _join_pass_through(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def export_ref(ref: str) -> Path:
+    """``git archive`` the trioagg package at ``ref`` into a temporary directory."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--verify", f"{ref}^{{commit}}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise ValueError(f"--trioagg-ref {ref!r} is not a commit of this repository") from error
+    target = Path(tempfile.gettempdir()) / f"trioagg-src-{commit[:12]}"
+    if not (target / "trioagg").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", commit, "trioagg"], cwd=root, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    (target / "COMMIT").write_text(commit + "\n")
+    return target
+
+
 def parse_scenarios(values: Sequence[str]) -> tuple[str, ...]:
     """Scenario names from ``--scenario`` values, in run order; empty or ``all`` = every one."""
     names: list[str] = []
@@ -167,6 +200,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
     args = parser.parse_args(_join_pass_through(sys.argv[1:] if argv is None else argv))
     try:
         scenarios = parse_scenarios(args.scenario)
+        if args.trioagg_ref is not None:
+            if args.trioagg_src is not None:
+                raise ValueError("give --trioagg-src or --trioagg-ref, not both")
+            args.trioagg_src = export_ref(args.trioagg_ref)
+        if args.trioagg_src is not None and not (args.trioagg_src / "trioagg").is_dir():
+            raise ValueError(f"--trioagg-src {args.trioagg_src} holds no trioagg package")
         deployment = Deployment(
             deploy=args.deploy,
             workers=args.workers,
@@ -175,11 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
             hypercorn_args=split_args(args.hypercorn_arg),
             trioagg_src=None if args.trioagg_src is None else str(args.trioagg_src.resolve()),
         )
-        if args.trioagg_src is not None and not (args.trioagg_src / "trioagg").is_dir():
-            raise ValueError(f"--trioagg-src {args.trioagg_src} holds no trioagg package")
         # fail now, not after minutes of running, on flags that do not parse
-        from .server import flags_to_env
-
         flags_to_env(deployment.server_args)
         if not 0 < args.scale <= 10:
             raise ValueError("--scale must be in (0, 10]")

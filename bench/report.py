@@ -132,6 +132,8 @@ def source_info(trioagg_src: str | None) -> dict[str, Any]:
         "files": len(files),
         "sha256": digest.hexdigest(),
     }
+    if (root / "COMMIT").is_file():
+        info["commit"] = (root / "COMMIT").read_text().strip()
     if trioagg_src is None:
         try:
             changed = subprocess.run(

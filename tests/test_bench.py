@@ -93,6 +93,23 @@ def test_hypercorn_deployment_takes_workers_and_keep_alive() -> None:
     assert "--workers 2" in deployment.describe()
 
 
+def test_trioagg_src_must_hold_the_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--trioagg-src", str(tmp_path)])
+    assert "holds no trioagg package" in capsys.readouterr().err
+    (tmp_path / "trioagg").mkdir()
+    options, _ = cli.parse_args(["--trioagg-src", str(tmp_path)])
+    assert options.deployment.trioagg_src == str(tmp_path.resolve())
+
+
+def test_unknown_trioagg_ref(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--trioagg-ref", "no-such-ref-anywhere"])
+    assert "is not a commit" in capsys.readouterr().err
+
+
 def test_flags_to_env_and_flag_value() -> None:
     args = split_args(["--queue-size 4", "--enqueue-timeout=100ms", "--sync full", "--sync=normal"])
     assert flags_to_env(args) == {
