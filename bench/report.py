@@ -356,10 +356,15 @@ def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None
             top.bar(xs, rates, width, label=system, color=colours[system])
             bottom.bar(xs, p99s, width, label=system, color=colours[system])
     for index, (_, systems) in enumerate(groups):
-        ours, ceiling = systems.get("trioagg"), systems.get("ceiling")
-        if ours and ceiling and ceiling.rate:
+        ours = systems.get("trioagg")
+        ratios = [
+            f"{ours.rate / other.rate:.2f}x {name.replace('ceiling', 'ceil')}"
+            for name in ("ceiling", "naive")
+            if ours and (other := systems.get(name)) and other.rate
+        ]
+        if ours and ratios:
             top.annotate(
-                f"{ours.rate / ceiling.rate:.2f}x\nceil",
+                "\n".join(ratios),
                 (index - width, max(ours.rate, 0.1)),
                 ha="center",
                 va="bottom",
