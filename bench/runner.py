@@ -298,8 +298,13 @@ class Bench:
 
         reader = threading.Thread(target=follow, daemon=True)
         reader.start()
+        # stderr belongs to the reader thread alone (communicate() would read it too)
+        assert process.stdin is not None and process.stdout is not None
         try:
-            out, _ = process.communicate(json.dumps(spec).encode())
+            process.stdin.write(json.dumps(spec).encode())
+            process.stdin.close()
+            out = process.stdout.read()
+            process.wait()
         except BaseException:
             process.kill()
             process.wait()
