@@ -1,20 +1,25 @@
-"""Fixtures: real trioagg servers (hypercorn on loopback) over real SQLite files.
+"""Fixtures: real trioagg servers (hypercorn on loopback) over real stores.
 
 ``start_server`` runs the app in this process on hypercorn's trio worker, as
-``trioagg serve`` does, and stops it gracefully after the test.
+``trioagg serve`` does, and stops it gracefully after the test. It runs every
+test that uses it twice: on a fresh SQLite file and on a fresh schema of a
+real PostgreSQL server (see :func:`postgres_dsn` for how one is found).
 ``ServerProcess`` runs ``python -m trioagg serve`` as a child process, for
-tests of signals, crashes and restarts.
+tests of signals, crashes, restarts and several processes sharing a store.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,8 @@ class Server:
     stopped: trio.Event
 
     @property
-    def db(self) -> Path:
-        return Path(self.app.settings.db)
+    def db(self) -> str:
+        return self.app.settings.db
 
     async def shutdown(self) -> None:
         """Graceful shutdown, as SIGTERM would do it."""
@@ -51,13 +56,98 @@ class Server:
 StartServer = Callable[..., Awaitable[Server]]
 
 
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server: ``TRIOAGG_TEST_PG`` (a DSN), else one on the usual local
+    port, else a throwaway cluster made with ``initdb`` and ``pg_ctl``; else skip."""
+    dsn = os.environ.get("TRIOAGG_TEST_PG")
+    if dsn:
+        yield dsn
+        return
+    local = "postgresql://127.0.0.1:5432/test"
+    if _postgres_answers(local):
+        yield local
+        return
+    folder = tmp_path_factory.mktemp("pg")
+    started = _start_throwaway_cluster(folder)
+    if started is None:
+        pytest.skip(
+            "NO POSTGRESQL: set TRIOAGG_TEST_PG=postgresql://... or install PostgreSQL "
+            "(initdb, pg_ctl) so the PostgreSQL store can be tested"
+        )
+    yield started
+    subprocess.run(
+        ["pg_ctl", "-D", str(folder / "data"), "-m", "immediate", "stop"],
+        capture_output=True,
+        check=False,
+    )
+
+
+def _postgres_answers(dsn: str) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(dsn, connect_timeout=2).close()
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _start_throwaway_cluster(folder: Path) -> str | None:
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None or os.geteuid() == 0:
+        return None  # initdb refuses to run as root
+    data = folder / "data"
+    subprocess.run(
+        ["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
+        capture_output=True,
+        check=True,
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run(
+        [
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(folder / "log"),
+            "-o",
+            f"-p {port} -k {folder} -h 127.0.0.1",
+            "start",
+        ],
+        capture_output=True,
+        check=True,
+    )
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "trioagg.db")
+        return
+    dsn = request.getfixturevalue("postgres_dsn")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in dsn else "?"
+    yield f"{dsn}{separator}options=-csearch_path%3D{schema}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @pytest.fixture
-async def start_server(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[StartServer]:
+async def start_server(db_url: str, nursery: trio.Nursery) -> AsyncIterator[StartServer]:
     """Start servers with settings given as flag text: ``await start_server(bucket="5m")``."""
     servers: list[Server] = []
 
     async def start(**settings: str) -> Server:
-        values = {"db": str(tmp_path / "trioagg.db"), "port": "0", "log_level": "warning"}
+        values = {"db": db_url, "port": "0", "log_level": "warning"}
         values.update(settings)
         app = create_app(Settings.from_text(values))
         stop, stopped = trio.Event(), trio.Event()
@@ -91,10 +181,23 @@ def post(client: httpx.AsyncClient, body: Any, **params: str) -> Awaitable[httpx
     return client.post("/v1/events", json=body, params=params)
 
 
-def stored_counts(db: Path) -> dict[str, int]:
-    """Events stored per key, read straight from the SQLite file."""
+def sql(db: str | Path, query: str) -> list[tuple[Any, ...]]:
+    """Rows of ``query``, read straight from a store (SQLite file or PostgreSQL URL)."""
+    if str(db).startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(str(db)) as conn:
+            return [tuple(row) for row in conn.execute(query).fetchall()]
     with sqlite3.connect(db) as conn:
-        return dict(conn.execute("SELECT key, sum(count) FROM rollups GROUP BY key").fetchall())
+        return conn.execute(query).fetchall()
+
+
+def stored_counts(db: str | Path) -> dict[str, int]:
+    """Events stored per key, read straight from the store."""
+    return {
+        key: int(count)
+        for key, count in sql(db, "SELECT key, sum(count) FROM rollups GROUP BY key")
+    }
 
 
 class ServerProcess:
@@ -169,15 +272,23 @@ def server_process(tmp_path: Path) -> Any:
 
 @pytest.fixture
 def hold_write_lock() -> Any:
-    """Hold SQLite's write lock on a store from another connection, so commits wait."""
+    """Lock a store against writes from another connection, so commits wait: SQLite's
+    write lock, or PostgreSQL's EXCLUSIVE table locks (reads still go through)."""
 
     class Lock:
         def __init__(self) -> None:
-            self.conn: sqlite3.Connection | None = None
+            self.conn: Any = None
 
-        def acquire(self, db: Path) -> None:
-            self.conn = sqlite3.connect(db, isolation_level=None)
-            self.conn.execute("BEGIN IMMEDIATE")
+        def acquire(self, db: str | Path) -> None:
+            if str(db).startswith("postgresql://"):
+                import psycopg
+
+                self.conn = psycopg.connect(str(db), autocommit=True)
+                self.conn.execute("BEGIN")
+                self.conn.execute("LOCK TABLE rollups, series, event_ids IN EXCLUSIVE MODE")
+            else:
+                self.conn = sqlite3.connect(db, isolation_level=None)
+                self.conn.execute("BEGIN IMMEDIATE")
 
         def release(self) -> None:
             if self.conn is not None:

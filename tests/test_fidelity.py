@@ -6,7 +6,6 @@ from __future__ import annotations
 import bisect
 import datetime
 import random
-import sqlite3
 import time
 import zoneinfo
 from typing import Any
@@ -16,7 +15,7 @@ import trio
 
 from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
 
-from .conftest import Server, StartServer, post, stored_counts
+from .conftest import Server, StartServer, post, sql, stored_counts
 
 HOUR = 3600
 NOW = int(time.time())
@@ -140,13 +139,8 @@ async def test_sketches_cost_nothing_where_unused(start_server: StartServer) -> 
             {"key": "users", "ts": DAY, "distinct_id": "u1"},
         ],
     )
-    with sqlite3.connect(server.db) as conn:
-        blobs = {
-            key: (kll is not None, hll is not None)
-            for key, kll, hll in conn.execute(
-                "SELECT key, quantiles_kll, distinct_hll FROM rollups"
-            )
-        }
+    rows = sql(server.db, "SELECT key, quantiles_kll, distinct_hll FROM rollups")
+    blobs = {key: (kll is not None, hll is not None) for key, kll, hll in rows}
     assert blobs == {"plain": (False, False), "timed.x": (True, False), "users": (False, True)}
 
 
@@ -203,9 +197,8 @@ async def test_ids_are_forgotten_after_the_dedup_window(start_server: StartServe
     with trio.fail_after(10):  # the purge task empties the table by itself
         while True:
             await trio.sleep(0.2)
-            with sqlite3.connect(server.db) as conn:
-                if conn.execute("SELECT count(*) FROM event_ids").fetchone()[0] == 0:
-                    break
+            if sql(server.db, "SELECT count(*) FROM event_ids") == [(0,)]:
+                break
     assert (await post(server.client, {"key": "w", "id": "x"})).json()["duplicates"] == 0
     assert stored_counts(server.db) == {"w": 2}
 
@@ -272,17 +265,18 @@ async def test_week_and_month_in_a_zone(server: Server) -> None:
 
 
 async def test_zones_off_the_bucket_edges_are_refused_with_the_width_that_works(
-    start_server: StartServer,
+    server: Server,
 ) -> None:
-    hourly = await start_server()
-    response = await hourly.client.get(
+    response = await server.client.get(
         "/v1/aggregates", params={"key": "k", "granularity": "day", "tz": "Asia/Kolkata"}
     )
     assert response.status_code == 422
     message = response.json()["error"]["details"][0]["message"]
     assert "Asia/Kolkata" in message and "--bucket 15m" in message
-    await hourly.shutdown()
-    quarter = await start_server(db=str(hourly.db.with_name("q.db")), bucket="15m")
+
+
+async def test_15m_buckets_make_every_zone_exact(start_server: StartServer) -> None:
+    quarter = await start_server(bucket="15m")
     kathmandu = local_midnight(datetime.date(2025, 6, 2), "Asia/Kathmandu")  # UTC+05:45
     await post(
         quarter.client, [{"key": "k", "ts": kathmandu + 1}, {"key": "k", "ts": kathmandu - 1}]

@@ -59,7 +59,7 @@ def store_in_batches(
     bounds = sorted({0, len(points), *(c % (len(points) + 1) for c in cuts)})
     series_seen: dict = {}
     for lo, hi in itertools.pairwise(bounds):
-        commit_batch(backend, conn, [points[lo:hi]], policy, series_seen)
+        commit_batch(conn, backend, [points[lo:hi]], policy, series_seen)
     backend.close(conn)
     return backend
 

@@ -25,10 +25,10 @@ async def test_saturated_channel_answers_503_with_retry_after(
     writer = server.app.service.writer
     # The writer takes the first request and waits on the lock; two more fill the channel.
     assert (await post(server.client, [{"key": "q"}] * 2, wait="false")).status_code == 202
-    await wait_until(lambda: writer.statistics().current_buffer_used == 0)
+    await wait_until(lambda: writer.queued() == 0)
     for _ in range(2):
         assert (await post(server.client, [{"key": "q"}] * 2, wait="false")).status_code == 202
-    assert writer.statistics().current_buffer_used == 2
+    assert writer.queued() == 2
     accepted = 6
 
     with trio.fail_after(5):

@@ -38,7 +38,7 @@ from .query import Query, answer, parse_query
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
-from .writer import Writer, purge_expired_ids
+from .writer import Writers, purge_expired_ids
 
 log = logging.getLogger("trioagg")
 
@@ -50,7 +50,7 @@ _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 class Service:
     """The parts that outlive a request: settings, store, writer and metrics."""
 
-    def __init__(self, settings: Settings, store: Store, writer: Writer, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, store: Store, writer: Writers, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store
         self.writer = writer
@@ -94,9 +94,10 @@ class TrioaggApp(QuartTrio):
         assert self._lifespan_nursery is not None, "the ASGI lifespan is not running"
         settings = self.settings
         store = await open_store(settings)
-        writer = Writer(
+        writer = Writers(
             store,
             self.metrics,
+            count=settings.writers,
             batch_size=settings.batch_size,
             queue_size=settings.queue_size,
             enqueue_timeout=settings.enqueue_timeout,
@@ -107,9 +108,10 @@ class TrioaggApp(QuartTrio):
         )
         self._service = Service(settings, store, writer, self.metrics)
         log.info(
-            "trioagg started: %s, %s buckets, batch %d events, queue %d requests",
+            "trioagg started: %s, %s buckets, %d writer(s), batch %d events, queue %d requests",
             store.backend.description,
             _BUCKET_NAMES[store.bucket],
+            settings.writers,
             settings.batch_size,
             settings.queue_size,
         )
@@ -119,7 +121,7 @@ class TrioaggApp(QuartTrio):
         service = self.service
         self._purge_scope.cancel()
         with trio.CancelScope(shield=True):
-            queued = service.writer.statistics().current_buffer_used
+            queued = service.writer.queued()
             service.writer.close()
             await service.writer.stopped.wait()
             await service.store.aclose()
@@ -231,9 +233,8 @@ def _add_routes(app: TrioaggApp) -> None:
             checks["store"] = f"unreachable: {error}"
         if not service.writer.running:
             checks["writer"] = "stopped"
-        stats = service.writer.statistics()
-        if stats.current_buffer_used >= stats.max_buffer_size:
-            checks["queue"] = f"saturated ({stats.current_buffer_used} requests waiting)"
+        if service.writer.saturated():
+            checks["queue"] = f"saturated ({service.writer.queued()} requests waiting)"
         ready = checks == {"store": "ok", "writer": "running", "queue": "ok"}
         return _json(
             {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503

@@ -78,20 +78,27 @@ class Metrics:
         self.ingest_seconds = request_seconds.labels("events")
         self.query_seconds = request_seconds.labels("aggregates")
 
-    def watch_channel(self, statistics: Callable[[], trio.MemoryChannelStatistics]) -> None:
-        """Export the writer channel's statistics as gauges."""
-        r = self.registry
-        Gauge(
-            "trioagg_queue_depth", "Requests waiting in the writer's channel.", registry=r
-        ).set_function(lambda: statistics().current_buffer_used)
-        Gauge(
-            "trioagg_queue_capacity", "Requests the writer's channel holds.", registry=r
-        ).set_function(lambda: statistics().max_buffer_size)
-        Gauge(
-            "trioagg_queue_waiting_senders",
-            "Requests waiting for room in a full channel.",
-            registry=r,
-        ).set_function(lambda: statistics().tasks_waiting_send)
+    def watch_channels(self, statistics: Callable[[], list[trio.MemoryChannelStatistics]]) -> None:
+        """Export the writers' channel statistics, summed over writers, as gauges."""
+        gauges = [
+            (
+                "trioagg_queue_depth",
+                "Requests waiting in the writers' channels.",
+                "current_buffer_used",
+            ),
+            ("trioagg_queue_capacity", "Requests the writers' channels hold.", "max_buffer_size"),
+            (
+                "trioagg_queue_waiting_senders",
+                "Requests waiting for room in a full channel.",
+                "tasks_waiting_send",
+            ),
+        ]
+        for name, description, field in gauges:
+
+            def total(field: str = field) -> float:
+                return float(sum(getattr(stats, field) for stats in statistics()))
+
+            Gauge(name, description, registry=self.registry).set_function(total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

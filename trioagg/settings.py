@@ -103,7 +103,11 @@ def _setting(default: str, parse: Callable[[str], Any], help: str) -> Any:
 class Settings:
     """Run-time settings. Field order is the order ``trioagg serve --help`` lists them."""
 
-    db: str = _setting("trioagg.db", str, "SQLite file path (created if missing).")
+    db: str = _setting(
+        "trioagg.db",
+        str,
+        "SQLite file path (created if missing), or a postgresql://user@host/dbname URL.",
+    )
     host: str = _setting("127.0.0.1", str, "Address to listen on.")
     port: int = _setting("8000", _port, "TCP port to listen on (0 picks a free one).")
     bucket: int = _setting(
@@ -141,6 +145,12 @@ class Settings:
     )
     busy_timeout: float = _setting(
         "10s", parse_duration, "How long a commit retries a locked database before failing (503)."
+    )
+    writers: int = _setting(
+        "1",
+        _positive_int,
+        "Writer tasks, each with its own channel and connection, owning the buckets where "
+        "bucket_hour % writers is its number (PostgreSQL only; SQLite has one writer).",
     )
     readers: int = _setting(
         "4", _positive_int, "Read connections (and worker threads) for queries."

@@ -68,40 +68,52 @@ class Writer:
         store: Store,
         metrics: Metrics,
         *,
+        shard: int = 0,
         batch_size: int,
         queue_size: int,
         enqueue_timeout: float,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.shard = shard
         self.batch_size = batch_size
         self.enqueue_timeout = enqueue_timeout
         self._send, self._receive = trio.open_memory_channel[Submission](queue_size)
         self.running = False
         self.stopped = trio.Event()
         self.committed_events = 0
-        metrics.watch_channel(self._send.statistics)
 
     def statistics(self) -> trio.MemoryChannelStatistics:
         return self._send.statistics()
 
-    async def submit(self, points: list[Point], *, durable: bool) -> Submission:
-        """Queue one request's events; raise :class:`Overloaded` if the channel stays
-        full for longer than ``enqueue_timeout`` (nothing is queued then)."""
+    def has_room(self) -> bool:
+        stats = self._send.statistics()
+        return stats.current_buffer_used < stats.max_buffer_size
+
+    def submit_nowait(self, points: list[Point], *, durable: bool) -> Submission:
+        """Queue one request's events now; raises ``trio.WouldBlock`` if the channel is full."""
         submission = Submission(points, durable=durable)
         try:
             self._send.send_nowait(submission)
-        except trio.WouldBlock:
-            with trio.move_on_after(self.enqueue_timeout):
-                await self._send.send(submission)
-                return submission
-            raise Overloaded(
-                f"the writer's queue stayed full for {self.enqueue_timeout:g}s; retry later",
-                retry_after=max(1, math.ceil(self.enqueue_timeout)),
-            ) from None
         except trio.ClosedResourceError:
             raise Overloaded("the server is shutting down", retry_after=1) from None
         return submission
+
+    async def submit(self, points: list[Point], *, durable: bool) -> Submission:
+        """Queue one request's events; raise :class:`Overloaded` if the channel stays
+        full for longer than ``enqueue_timeout`` (nothing is queued then)."""
+        try:
+            return self.submit_nowait(points, durable=durable)
+        except trio.WouldBlock:
+            pass
+        submission = Submission(points, durable=durable)
+        with trio.move_on_after(self.enqueue_timeout):
+            try:
+                await self._send.send(submission)
+            except trio.ClosedResourceError:
+                raise Overloaded("the server is shutting down", retry_after=1) from None
+            return submission
+        raise _overloaded(self.enqueue_timeout)
 
     def close(self) -> None:
         """Accept no more submissions; :meth:`run` returns once the channel is drained."""
@@ -136,7 +148,9 @@ class Writer:
         events = sum(len(submission.points) for submission in batch)
         error = None
         try:
-            result = await self.store.write([submission.points for submission in batch])
+            result = await self.store.write(
+                [submission.points for submission in batch], shard=self.shard
+            )
         except Exception as failure:
             log.error("commit of %d events failed, none stored: %s", events, failure)
             self.metrics.commit_failures.inc()
@@ -156,6 +170,125 @@ class Writer:
             if submission.committed is not None:
                 submission.error = error
                 submission.committed.set()
+
+
+def _overloaded(timeout: float) -> Overloaded:
+    return Overloaded(
+        f"the writer's queue stayed full for {timeout:g}s; retry later",
+        retry_after=max(1, math.ceil(timeout)),
+    )
+
+
+class Receipt:
+    """The parts of one request that went to several writers."""
+
+    def __init__(self, parts: list[Submission]) -> None:
+        self.parts = parts
+
+    @property
+    def duplicates(self) -> int:
+        return sum(part.duplicates for part in self.parts)
+
+    async def wait_committed(self) -> None:
+        """Wait for every part; raise :class:`CommitFailed` if any part failed."""
+        failed = 0
+        for part in self.parts:
+            try:
+                await part.wait_committed()
+            except CommitFailed:
+                failed += 1
+        if failed:
+            raise CommitFailed(
+                f"{failed} of the {len(self.parts)} writers holding this request's events "
+                "failed to commit; the events of the other writers' hours are stored. "
+                "Retry the request with event ids to count every event once"
+            )
+
+
+class Writers:
+    """``count`` writers; writer ``i`` owns the buckets where ``bucket_hour % count == i``.
+
+    A request whose events fall in the hours of several writers is split into
+    one part per writer; the parts are queued together or not at all, and the
+    request is acknowledged once every part has committed.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        count: int,
+        batch_size: int,
+        queue_size: int,
+        enqueue_timeout: float,
+    ) -> None:
+        self.enqueue_timeout = enqueue_timeout
+        self.writers = [
+            Writer(
+                store,
+                metrics,
+                shard=shard,
+                batch_size=batch_size,
+                queue_size=queue_size,
+                enqueue_timeout=enqueue_timeout,
+            )
+            for shard in range(count)
+        ]
+        self.stopped = trio.Event()
+        metrics.watch_channels(lambda: [writer.statistics() for writer in self.writers])
+
+    @property
+    def running(self) -> bool:
+        return all(writer.running for writer in self.writers)
+
+    @property
+    def committed_events(self) -> int:
+        return sum(writer.committed_events for writer in self.writers)
+
+    def queued(self) -> int:
+        return sum(writer.statistics().current_buffer_used for writer in self.writers)
+
+    def saturated(self) -> bool:
+        return not all(writer.has_room() for writer in self.writers)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every writer until :meth:`close` and their channels are drained."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for writer in self.writers:
+                    await nursery.start(writer.run)
+                task_status.started()
+        finally:
+            self.stopped.set()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+    async def submit(self, points: list[Point], *, durable: bool) -> Submission | Receipt:
+        """Queue a request's events with the writers owning their hours (see the class)."""
+        count = len(self.writers)
+        if count == 1:
+            return await self.writers[0].submit(points, durable=durable)
+        parts: dict[int, list[Point]] = {}
+        for point in points:
+            parts.setdefault(int(point[1] // 3600) % count, []).append(point)
+        if len(parts) == 1:
+            ((shard, part),) = parts.items()
+            return await self.writers[shard].submit(part, durable=durable)
+        deadline = trio.current_time() + self.enqueue_timeout
+        while not all(self.writers[shard].has_room() for shard in parts):
+            if trio.current_time() >= deadline:
+                raise _overloaded(self.enqueue_timeout)
+            await trio.sleep(0.005)
+        # No checkpoint from the check to the last send: every part is queued, or none.
+        return Receipt(
+            [
+                self.writers[shard].submit_nowait(part, durable=durable)
+                for shard, part in parts.items()
+            ]
+        )
 
 
 async def purge_expired_ids(store: Store, interval: float, scope: trio.CancelScope) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import fnmatch
 import functools
 
+from ..errors import ConfigError
 from ..settings import Settings
 from .base import Backend, CommitResult, KeyInfo, Row, Store, WritePolicy
 from .sqlite import SQLiteBackend
+
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 __all__ = [
     "Backend",
@@ -32,12 +35,30 @@ def write_policy(settings: Settings) -> WritePolicy:
     return WritePolicy(settings.bucket, settings.dedup_window, keeps_quantiles)
 
 
+def is_postgres(db: str) -> bool:
+    return db.startswith(_POSTGRES_SCHEMES)
+
+
+def make_backend(settings: Settings) -> Backend:
+    """The backend ``--db`` names: a ``postgresql://`` URL, or else a SQLite file."""
+    if is_postgres(settings.db):
+        from .postgres import PostgresBackend  # loads libpq only when it is used
+
+        return PostgresBackend(settings.db)
+    if settings.writers != 1:
+        raise ConfigError(
+            f"--writers / TRIOAGG_WRITERS is {settings.writers}, but SQLite has one writer: "
+            "use 1 with a SQLite store, or a postgresql:// --db for several"
+        )
+    return SQLiteBackend(settings.db, settings.sync)
+
+
 async def open_store(settings: Settings) -> Store:
     """Open (creating if needed) the store named by ``settings.db``."""
-    backend = SQLiteBackend(settings.db, settings.sync)
     return await Store.open(
-        backend,
+        make_backend(settings),
         policy=write_policy(settings),
+        writers=settings.writers,
         readers=settings.readers,
         busy_timeout=settings.busy_timeout,
     )

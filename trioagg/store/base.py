@@ -74,9 +74,7 @@ class Backend(Protocol):
     def purge_ids(self, conn: Any, before: float, limit: int) -> int:
         """Forget up to ``limit`` ids recorded before ``before``; how many went."""
 
-    def insert_new(
-        self, conn: Any, rows: Sequence[UpsertRow]
-    ) -> set[Slot]:
+    def insert_new(self, conn: Any, rows: Sequence[UpsertRow]) -> set[Slot]:
         """Insert the rows whose slot is not stored yet; return their slots."""
 
     def stored_sketches(
@@ -84,9 +82,7 @@ class Backend(Protocol):
     ) -> dict[Slot, tuple[bytes | None, bytes | None]]:
         """The stored (quantiles, distinct) blobs of ``slots``, locked until the commit."""
 
-    def upsert(
-        self, conn: Any, rows: Iterable[UpsertRow]
-    ) -> None:
+    def upsert(self, conn: Any, rows: Iterable[UpsertRow]) -> None:
         """Merge rollups into stored rows; sketch blobs replace stored ones unless None."""
 
     def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
@@ -111,6 +107,9 @@ class Backend(Protocol):
     def is_busy(self, error: Exception) -> bool:
         """Whether ``error`` means another writer holds the database's lock."""
 
+    def is_disconnect(self, error: Exception) -> bool:
+        """Whether ``error`` means the connection is gone and must be opened again."""
+
     def close(self, conn: Any) -> None: ...
 
 
@@ -132,8 +131,8 @@ class WritePolicy:
 
 
 def commit_batch(
-    backend: Backend,
     conn: Any,
+    backend: Backend,
     batch: Sequence[Sequence[Point]],
     policy: WritePolicy,
     series_seen: dict[tuple[str, str], tuple[int, int]],
@@ -222,73 +221,108 @@ def _widened_series(
     return [(key, tags, first, last) for (key, tags), (first, last) in spans.items()]
 
 
+class Link:
+    """One connection of a store: opened on first use, and again after it broke.
+
+    Used from one worker thread at a time. When an operation fails because the
+    connection is gone (the database restarted), the link forgets it, so the
+    next operation connects afresh: the service recovers by itself.
+    """
+
+    def __init__(self, backend: Backend, *, write: bool) -> None:
+        self.backend = backend
+        self.write = write
+        self.conn: Any = None
+
+    def run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self.conn is None:
+            self.conn = self.backend.connect(write=self.write)
+        try:
+            return operation(self.conn, *args, **kwargs)
+        except Exception as error:
+            if self.backend.is_disconnect(error):
+                self.close()
+            raise
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                self.backend.close(conn)
+            except Exception as error:  # a broken connection may fail to close
+                log.debug("closing a connection failed: %s", error)
+
+
 class Store:
-    """A backend's connections, used from trio. Create it with :meth:`open`."""
+    """A backend's connections, used from trio. Create it with :meth:`open`.
+
+    ``writers`` write connections, each behind a capacity limiter of its own
+    (writer ``i`` of :class:`~trioagg.writer.Writers` uses shard ``i``), and a
+    fixed pool of read connections.
+    """
 
     def __init__(
         self,
         backend: Backend,
-        writer: Any,
-        readers: list[Any],
         policy: WritePolicy,
+        *,
+        writers: int,
+        readers: int,
         busy_timeout: float,
     ) -> None:
         self.backend = backend
         self.policy = policy
         self.bucket = policy.bucket
         self.busy_timeout = busy_timeout
-        self._writer = writer
-        self._write_limiter = trio.CapacityLimiter(1)
-        self._idle_send, self._idle_receive = trio.open_memory_channel[Any](len(readers))
-        for conn in readers:
-            self._idle_send.send_nowait(conn)
-        self._readers = readers
+        self._write_links = [Link(backend, write=True) for _ in range(writers)]
+        self._write_limiters = [trio.CapacityLimiter(1) for _ in range(writers)]
+        self._read_links = [Link(backend, write=False) for _ in range(readers)]
+        self._idle_send, self._idle_receive = trio.open_memory_channel[Link](readers)
+        for link in self._read_links:
+            self._idle_send.send_nowait(link)
         self._series_seen: dict[tuple[str, str], tuple[int, int]] = {}
 
     @classmethod
     async def open(
-        cls, backend: Backend, *, policy: WritePolicy, readers: int, busy_timeout: float
+        cls,
+        backend: Backend,
+        *,
+        policy: WritePolicy,
+        writers: int = 1,
+        readers: int,
+        busy_timeout: float,
     ) -> Store:
-        """Connect, create or check the schema, and open ``readers`` read connections."""
+        """Connect, create or check the schema; connections open as they are used."""
+        store = cls(backend, policy, writers=writers, readers=readers, busy_timeout=busy_timeout)
+        await trio.to_thread.run_sync(store._write_links[0].run, backend.prepare, policy.bucket)
+        return store
 
-        def connect_all() -> tuple[Any, list[Any]]:
-            writer = backend.connect(write=True)
-            try:
-                backend.prepare(writer, policy.bucket)
-                return writer, [backend.connect(write=False) for _ in range(readers)]
-            except BaseException:
-                backend.close(writer)
-                raise
-
-        writer, conns = await trio.to_thread.run_sync(connect_all)
-        return cls(backend, writer, conns, policy, busy_timeout)
-
-    async def write(self, batch: Sequence[Sequence[Point]]) -> CommitResult:
-        """Commit a batch of submissions in one transaction (see :func:`commit_batch`),
-        retrying while the database is busy.
+    async def write(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> CommitResult:
+        """Commit a batch of submissions in one transaction (see :func:`commit_batch`)
+        on write connection ``shard``, retrying while the database is busy.
 
         Raises :class:`StoreBusy` after ``busy_timeout`` of retries and
-        :class:`StoreError` for any other failure; either way nothing was stored.
-        Cancellation while the transaction runs waits for it to finish.
+        :class:`StoreError` for any other failure (the database unreachable
+        included); either way nothing was stored. Cancellation while the
+        transaction runs waits for it to finish.
         """
         return await self._retry_busy(
-            commit_batch, self.backend, self._writer, batch, self.policy, self._series_seen
+            shard, commit_batch, self.backend, batch, self.policy, self._series_seen
         )
 
     async def purge_expired_ids(self) -> int:
         """Forget ids older than the dedup window, a short transaction per chunk so
-        the writer's commits interleave. Returns how many were forgotten."""
+        the writers' commits interleave. Returns how many were forgotten."""
         before = time.time() - self.policy.dedup_window
         purged = 0
         while True:
-            count = await self._retry_busy(self._purge_chunk, before)
+            count = await self._retry_busy(0, self._purge_chunk, before)
             purged += count
             if count < _PURGE_CHUNK:
                 return purged
             await trio.sleep(0)
 
-    def _purge_chunk(self, before: float) -> int:
-        conn = self._writer
+    def _purge_chunk(self, conn: Any, before: float) -> int:
         self.backend.begin(conn)
         try:
             count = self.backend.purge_ids(conn, before, _PURGE_CHUNK)
@@ -317,20 +351,23 @@ class Store:
         await self._run_read(self.backend.ping)
 
     async def aclose(self) -> None:
-        """Close every connection. Call it after the writer has stopped."""
+        """Close every connection. Call it after the writers have stopped."""
 
         def close_all() -> None:
-            for conn in [self._writer, *self._readers]:
-                self.backend.close(conn)
+            for link in [*self._write_links, *self._read_links]:
+                link.close()
 
         await trio.to_thread.run_sync(close_all)
 
-    async def _retry_busy(self, operation: Callable[..., T], *args: Any) -> T:
+    async def _retry_busy(self, shard: int, operation: Callable[..., T], *args: Any) -> T:
+        link = self._write_links[shard]
         backoff = _FIRST_BACKOFF
         deadline = trio.current_time() + self.busy_timeout
         while True:
             try:
-                return await trio.to_thread.run_sync(operation, *args, limiter=self._write_limiter)
+                return await trio.to_thread.run_sync(
+                    lambda: link.run(operation, *args), limiter=self._write_limiters[shard]
+                )
             except StoreError:
                 raise
             except Exception as error:
@@ -345,8 +382,8 @@ class Store:
                 backoff = min(backoff * 2, _MAX_BACKOFF)
 
     async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        conn = await self._idle_receive.receive()
+        link = await self._idle_receive.receive()
         try:
-            return await trio.to_thread.run_sync(lambda: operation(conn, *args, **kwargs))
+            return await trio.to_thread.run_sync(lambda: link.run(operation, *args, **kwargs))
         finally:
-            self._idle_send.send_nowait(conn)
+            self._idle_send.send_nowait(link)

@@ -287,6 +287,9 @@ class SQLiteBackend:
             "locked" in str(error) or "busy" in str(error)
         )
 
+    def is_disconnect(self, error: Exception) -> bool:
+        return False  # an embedded database does not go away
+
     def close(self, conn: sqlite3.Connection) -> None:
         conn.close()
 
