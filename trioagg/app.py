@@ -173,6 +173,7 @@ def _add_routes(app: TrioaggApp) -> None:
         if length is not None and length > service.settings.max_body:
             raise PayloadTooLarge(_too_large_message(service.settings.max_body))
         durable = _wait_param(request.args.get("wait"))
+        await service.writer.admit()
         body = await request.get_data(False, False, False)
         try:
             points = decode_events(

@@ -77,7 +77,10 @@ class Query:
 
     def bucket_of(self, moment: int) -> int:
         """The start of the answer bucket holding ``moment``."""
-        return self.boundaries[bisect.bisect_right(self.boundaries, moment) - 1]
+        edges = self.boundaries
+        if isinstance(edges, FixedEdges):
+            return edges.start + (moment - edges.start) // edges.step * edges.step
+        return edges[bisect.bisect_right(edges, moment) - 1]
 
 
 class FixedEdges(Sequence[int]):

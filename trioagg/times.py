@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 
 import msgspec
 
@@ -10,6 +11,7 @@ import msgspec
 LATEST: float = 253402300800.0
 
 
+@functools.lru_cache(maxsize=65536)  # answers repeat the same bucket starts
 def rfc3339(seconds: float) -> str:
     """``2026-11-24T10:00:00Z``; times RFC 3339 cannot write are given as Unix time."""
     if not 0 <= seconds < LATEST:

@@ -95,8 +95,8 @@ class Writer:
         submission = Submission(points, durable=durable)
         try:
             self._send.send_nowait(submission)
-        except trio.ClosedResourceError:
-            raise Overloaded("the server is shutting down", retry_after=1) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise _not_writing() from None
         return submission
 
     async def submit(self, points: list[Point], *, durable: bool) -> Submission:
@@ -110,8 +110,8 @@ class Writer:
         with trio.move_on_after(self.enqueue_timeout):
             try:
                 await self._send.send(submission)
-            except trio.ClosedResourceError:
-                raise Overloaded("the server is shutting down", retry_after=1) from None
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise _not_writing() from None
             return submission
         raise _overloaded(self.enqueue_timeout)
 
@@ -126,7 +126,12 @@ class Writer:
         try:
             async with self._receive:
                 async for first in self._receive:
-                    await self._commit(self._drain(first))
+                    batch = self._drain(first)
+                    try:
+                        await self._commit(batch)
+                    except Exception as failure:  # a bug: answer the batch, keep writing
+                        log.exception("the writer failed on a batch of %d requests", len(batch))
+                        self._answer(batch, CommitFailed(f"the writer failed: {failure}"))
         finally:
             self.running = False
             self.stopped.set()
@@ -166,10 +171,19 @@ class Writer:
             self.metrics.batch_events.observe(events)
             self.metrics.batch_requests.observe(len(batch))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._answer(batch, error)
+
+    @staticmethod
+    def _answer(batch: list[Submission], error: CommitFailed | None) -> None:
+        """Wake the durable requests of ``batch``, with ``error`` if it was not stored."""
         for submission in batch:
             if submission.committed is not None:
                 submission.error = error
                 submission.committed.set()
+
+
+def _not_writing() -> Overloaded:
+    return Overloaded("the writer is not running (shutting down); retry later", retry_after=1)
 
 
 def _overloaded(timeout: float) -> Overloaded:
@@ -265,6 +279,18 @@ class Writers:
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+    async def admit(self) -> None:
+        """Wait (up to ``enqueue_timeout``) until every channel has room, or raise
+        :class:`Overloaded`. Called before a request's body is read and decoded, so
+        that under overload the server refuses work before paying for it."""
+        if not self.saturated():
+            return
+        deadline = trio.current_time() + self.enqueue_timeout
+        while self.saturated():
+            if trio.current_time() >= deadline:
+                raise _overloaded(self.enqueue_timeout)
+            await trio.sleep(0.005)
 
     async def submit(self, points: list[Point], *, durable: bool) -> Submission | Receipt:
         """Queue a request's events with the writers owning their hours (see the class)."""
