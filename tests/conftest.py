@@ -10,6 +10,7 @@ tests of signals, crashes, restarts and several processes sharing a store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -56,8 +58,106 @@ class Server:
 StartServer = Callable[..., Awaitable[Server]]
 
 
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster of our own, which tests may stop and restart."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.data = folder / "data"
+        self.bin = _postgres_bin()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, capture_output=True, check=True, timeout=60)
+
+    def create(self) -> PostgresCluster:
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        return self.start()
+
+    def start(self) -> PostgresCluster:
+        options = f"-p {self.port} -k {self.folder} -h 127.0.0.1"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-w",
+            "-l",
+            str(self.folder / "log"),
+            "-o",
+            options,
+            "start",
+        )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", mode, "stop")
+
+
+def _postgres_bin() -> Path:
+    found = shutil.which("pg_ctl")
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for folder in candidates:  # Debian keeps the real binaries here
+        if (folder / "pg_ctl").exists() and (folder / "initdb").exists():
+            return folder
+    if found:
+        return Path(found).parent
+    raise FileNotFoundError("no PostgreSQL binaries (initdb, pg_ctl)")
+
+
+def _can_make_clusters() -> bool:
+    try:
+        _postgres_bin()
+    except FileNotFoundError:
+        return False
+    if os.geteuid() == 0:
+        return shutil.which("runuser") is not None and _user_exists("postgres")
+    return True
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+NO_POSTGRES = (
+    "NO POSTGRESQL: set TRIOAGG_TEST_PG=postgresql://... or install PostgreSQL "
+    "(initdb, pg_ctl) so that the PostgreSQL store can be tested"
+)
+
+
+def _cluster_folder() -> Path:
+    # Not under pytest's tmp_path: as root, the cluster runs as the postgres user,
+    # who cannot enter root's private pytest folders.
+    return Path(tempfile.mkdtemp(prefix="trioagg-pg-"))
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A cluster of this test's own, for stopping and restarting it."""
+    if not _can_make_clusters():
+        pytest.skip(NO_POSTGRES + " (this test restarts a cluster of its own)")
+    cluster = PostgresCluster(_cluster_folder()).create()
+    yield cluster
+    with contextlib.suppress(subprocess.CalledProcessError):
+        cluster.stop("immediate")
+    shutil.rmtree(cluster.folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_dsn() -> Iterator[str]:
     """A PostgreSQL server: ``TRIOAGG_TEST_PG`` (a DSN), else one on the usual local
     port, else a throwaway cluster made with ``initdb`` and ``pg_ctl``; else skip."""
     dsn = os.environ.get("TRIOAGG_TEST_PG")
@@ -68,19 +168,12 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _postgres_answers(local):
         yield local
         return
-    folder = tmp_path_factory.mktemp("pg")
-    started = _start_throwaway_cluster(folder)
-    if started is None:
-        pytest.skip(
-            "NO POSTGRESQL: set TRIOAGG_TEST_PG=postgresql://... or install PostgreSQL "
-            "(initdb, pg_ctl) so the PostgreSQL store can be tested"
-        )
-    yield started
-    subprocess.run(
-        ["pg_ctl", "-D", str(folder / "data"), "-m", "immediate", "stop"],
-        capture_output=True,
-        check=False,
-    )
+    if not _can_make_clusters():
+        pytest.skip(NO_POSTGRES)
+    cluster = PostgresCluster(_cluster_folder()).create()
+    yield cluster.dsn
+    cluster.stop("immediate")
+    shutil.rmtree(cluster.folder, ignore_errors=True)
 
 
 def _postgres_answers(dsn: str) -> bool:
@@ -93,34 +186,15 @@ def _postgres_answers(dsn: str) -> bool:
     return True
 
 
-def _start_throwaway_cluster(folder: Path) -> str | None:
-    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None or os.geteuid() == 0:
-        return None  # initdb refuses to run as root
-    data = folder / "data"
-    subprocess.run(
-        ["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
-        capture_output=True,
-        check=True,
-    )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    subprocess.run(
-        [
-            "pg_ctl",
-            "-D",
-            str(data),
-            "-w",
-            "-l",
-            str(folder / "log"),
-            "-o",
-            f"-p {port} -k {folder} -h 127.0.0.1",
-            "start",
-        ],
-        capture_output=True,
-        check=True,
-    )
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+def fresh_schema(dsn: str) -> tuple[str, str]:
+    """Create a schema of its own; return (its name, a DSN that uses it)."""
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in dsn else "?"
+    return schema, f"{dsn}{separator}options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -130,13 +204,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield str(tmp_path / "trioagg.db")
         return
     dsn = request.getfixturevalue("postgres_dsn")
-    schema = f"test_{uuid.uuid4().hex[:12]}"
+    schema, url = fresh_schema(dsn)
+    yield url
     import psycopg
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    separator = "&" if "?" in dsn else "?"
-    yield f"{dsn}{separator}options=-csearch_path%3D{schema}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
@@ -203,7 +274,7 @@ def stored_counts(db: str | Path) -> dict[str, int]:
 class ServerProcess:
     """``python -m trioagg serve`` in a child process, on a free port."""
 
-    def __init__(self, db: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, db: str | Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.db = db
         self.args = ["--db", str(db), "--port", "0", *args]
         self.env = {**os.environ, **(env or {})}
