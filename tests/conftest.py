@@ -144,11 +144,18 @@ def _cluster_folder() -> Path:
     return Path(tempfile.mkdtemp(prefix="trioagg-pg-"))
 
 
+def _no_postgres(reason: str) -> None:
+    """Skip loudly; fail where PostgreSQL is required (CI sets TRIOAGG_REQUIRE_PG=1)."""
+    if os.environ.get("TRIOAGG_REQUIRE_PG"):
+        pytest.fail(reason + " (TRIOAGG_REQUIRE_PG is set)")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresCluster]:
     """A cluster of this test's own, for stopping and restarting it."""
     if not _can_make_clusters():
-        pytest.skip(NO_POSTGRES + " (this test restarts a cluster of its own)")
+        _no_postgres(NO_POSTGRES + " (this test restarts a cluster of its own)")
     cluster = PostgresCluster(_cluster_folder()).create()
     yield cluster
     with contextlib.suppress(subprocess.CalledProcessError):
@@ -169,7 +176,7 @@ def postgres_dsn() -> Iterator[str]:
         yield local
         return
     if not _can_make_clusters():
-        pytest.skip(NO_POSTGRES)
+        _no_postgres(NO_POSTGRES)
     cluster = PostgresCluster(_cluster_folder()).create()
     yield cluster.dsn
     cluster.stop("immediate")
