@@ -100,13 +100,24 @@ def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> l
     low, high = _time_window(limits, now)
     points: list[Point] = []
     problems: list[dict[str, Any]] = []
+    encode = msgspec.json.encode
     for index, event in enumerate(events):
         ts = event.ts
         seconds = now if ts is None else ts if type(ts) is float else ts.timestamp()
-        for field, message in _limit_problems(event, seconds, low, high):
-            problems.append({"index": index, "field": field, "message": message})
-        tags = msgspec.json.encode(event.tags, order="sorted").decode() if event.tags else NO_TAGS
-        points.append((event.key, seconds, event.value, tags, event.distinct_id, event.id))
+        tags = event.tags
+        # Only strings of over 63 characters can exceed a 255-byte limit (4 bytes per
+        # character at most): the full check runs for those and for times off the window.
+        if (
+            not low <= seconds <= high
+            or len(event.key) > 63
+            or (tags and max(map(len, tags.values())) > 63)
+            or (event.id is not None and len(event.id) > 32)
+            or (event.distinct_id is not None and len(event.distinct_id) > 63)
+        ):
+            for field, message in _limit_problems(event, seconds, low, high):
+                problems.append({"index": index, "field": field, "message": message})
+        canonical = encode(tags, order="sorted").decode() if tags else NO_TAGS
+        points.append((event.key, seconds, event.value, canonical, event.distinct_id, event.id))
     if problems:
         raise _invalid(problems, len(events))
     return points

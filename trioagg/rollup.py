@@ -96,16 +96,6 @@ class Rollup:
         self.quantiles = quantiles
         self.distinct = distinct
 
-    def add(self, value: float) -> None:
-        self.count += 1
-        delta = value - self.shift
-        self.s1 += delta
-        self.s2 += delta * delta
-        if value < self.min:
-            self.min = value
-        elif value > self.max:
-            self.max = value
-
     def merge(self, other: Rollup) -> None:
         """Fold ``other`` into this rollup, keeping this rollup's shift."""
         offset = other.shift - self.shift
@@ -130,10 +120,6 @@ class Rollup:
                 if self.distinct is None
                 else union_distinct(self.distinct, other.distinct)
             )
-
-    @property
-    def has_sketches(self) -> bool:
-        return self.quantiles is not None or self.distinct is not None
 
     @property
     def sum(self) -> float:
@@ -202,15 +188,23 @@ def pre_aggregate(
 ) -> None:
     """Add events ``(key, ts, value, tags, distinct_id, id)`` to the rollups of their
     slots in ``into``; quantile sketches only for keys where ``keeps_quantiles``."""
+    get = into.get
     for key, ts, value, tags, distinct_id, _ in points:
         slot = (key, int(ts // width) * width, tags)
-        rollup = into.get(slot)
+        rollup = get(slot)
         if rollup is None:
             rollup = into[slot] = Rollup(value)
             if keeps_quantiles(key):
                 rollup.quantiles = new_quantiles()
-        else:
-            rollup.add(value)
+        else:  # the hottest lines of the writer: Rollup.merge of one value, inlined
+            rollup.count += 1
+            delta = value - rollup.shift
+            rollup.s1 += delta
+            rollup.s2 += delta * delta
+            if value < rollup.min:
+                rollup.min = value
+            elif value > rollup.max:
+                rollup.max = value
         if rollup.quantiles is not None:
             rollup.quantiles.update(value)
         if distinct_id is not None:

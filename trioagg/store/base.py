@@ -38,8 +38,9 @@ Row = tuple[str, int, str, Rollup]
 #: A series in the keys index: (key, tags JSON, first bucket, last bucket).
 SeriesSpan = tuple[str, str, int, int]
 KeyInfo = SeriesSpan
-#: A rollup to upsert with its encoded sketches (None: keep what is stored).
-UpsertRow = tuple[Slot, Rollup, bytes | None, bytes | None]
+#: A rollup to upsert, as the statement's parameters: key, bucket, tags, count, shift,
+#: s1, s2, min, max, and the encoded sketches (None: keep what is stored).
+UpsertRow = tuple[Any, ...]
 
 T = TypeVar("T")
 
@@ -164,7 +165,7 @@ def commit_batch(
             duplicates.append(len(points) - len(kept))
             pre_aggregate(kept, policy.bucket, rollups, policy.keeps_quantiles)
 
-        backend.upsert(conn, _merge_sketched_rows(backend, conn, rollups))
+        backend.upsert(conn, _upsert_rows(backend, conn, rollups))
         spans = _widened_series(rollups, series_seen)
         if spans:
             backend.upsert_series(conn, spans)
@@ -177,35 +178,35 @@ def commit_batch(
     return CommitResult(duplicates, len(rollups))
 
 
-def _merge_sketched_rows(
-    backend: Backend, conn: Any, rollups: dict[Slot, Rollup]
-) -> list[UpsertRow]:
+def _upsert_rows(backend: Backend, conn: Any, rollups: dict[Slot, Rollup]) -> list[UpsertRow]:
     """Rows still to upsert. Rows with sketches are inserted whole where their slot is
     new; where it is stored, their sketches are merged with the stored ones, read
     under a row lock. Slots go in sorted order, so concurrent writers never deadlock."""
     plain: list[UpsertRow] = []
-    sketched: list[UpsertRow] = []
-    for slot, rollup in rollups.items():
-        if rollup.has_sketches:
-            blobs = (encode_quantiles(rollup.quantiles), encode_distinct(rollup.distinct))
-            sketched.append((slot, rollup, *blobs))
+    sketched: dict[Slot, Rollup] = {}
+    for slot, r in rollups.items():
+        if r.quantiles is None and r.distinct is None:
+            plain.append((*slot, r.count, r.shift, r.s1, r.s2, r.min, r.max, None, None))
         else:
-            plain.append((slot, rollup, None, None))
+            sketched[slot] = r
     if not sketched:
         return plain
-    sketched.sort(key=lambda row: row[0])
-    inserted = backend.insert_new(conn, sketched)
-    existing = [row for row in sketched if row[0] not in inserted]
-    stored = backend.stored_sketches(conn, [row[0] for row in existing])
-    for slot, rollup, _, _ in existing:
+    slots = sorted(sketched)
+    inserted = backend.insert_new(conn, [_row(slot, sketched[slot]) for slot in slots])
+    existing = [slot for slot in slots if slot not in inserted]
+    stored = backend.stored_sketches(conn, existing)
+    for slot in existing:
         stored_rollup = Rollup(0.0, 0)
         stored_rollup.quantiles = decode_quantiles(stored[slot][0])
         stored_rollup.distinct = decode_distinct(stored[slot][1])
-        rollup.merge_sketches(stored_rollup)
-        plain.append(
-            (slot, rollup, encode_quantiles(rollup.quantiles), encode_distinct(rollup.distinct))
-        )
+        sketched[slot].merge_sketches(stored_rollup)
+        plain.append(_row(slot, sketched[slot]))
     return plain
+
+
+def _row(slot: Slot, r: Rollup) -> UpsertRow:
+    kll, hll = encode_quantiles(r.quantiles), encode_distinct(r.distinct)
+    return (*slot, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll)
 
 
 def _widened_series(

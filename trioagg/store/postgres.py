@@ -85,11 +85,6 @@ _CONNECT_TIMEOUT_SECONDS = 5
 _LOCK_WAIT_MS = 200
 
 
-def _row_values(row: UpsertRow) -> tuple[Any, ...]:
-    (key, bucket, tags), r, kll, hll = row
-    return (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll)
-
-
 class PostgresBackend:
     """PostgreSQL through psycopg 3; ``dsn`` is a ``postgresql://`` URL."""
 
@@ -158,10 +153,10 @@ class PostgresBackend:
                 f"INSERT INTO rollups ({_COLUMNS}) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (key, bucket, tags) DO NOTHING",
-                _row_values(row),
+                row,
             )
             if cursor.rowcount:
-                inserted.add(row[0])
+                inserted.add((row[0], row[1], row[2]))
         return inserted
 
     def stored_sketches(
@@ -180,9 +175,9 @@ class PostgresBackend:
         return {(k, b, t): (kll, hll) for k, b, t, kll, hll in rows}
 
     def upsert(self, conn: psycopg.Connection[Any], rows: Iterable[UpsertRow]) -> None:
-        ordered = sorted(rows, key=lambda row: row[0])
+        ordered = sorted(rows, key=lambda row: row[:3])  # lock rows in one global order
         if ordered:
-            conn.cursor().executemany(_UPSERT, [_row_values(row) for row in ordered])
+            conn.cursor().executemany(_UPSERT, ordered)
 
     def upsert_series(self, conn: psycopg.Connection[Any], spans: Sequence[SeriesSpan]) -> None:
         conn.cursor().executemany(_UPSERT_SERIES, sorted(spans))

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles
-from .base import KeyInfo, Row, SeriesSpan
+from .base import KeyInfo, Row, SeriesSpan, UpsertRow
 
 SCHEMA_VERSION = "2"
 
@@ -61,10 +61,10 @@ _SCHEMA = [
 
 # SET expressions read the row as it was before the update, so their order is free.
 # Sketch columns arrive already merged with the stored ones, or NULL to keep them.
-_UPSERT = """
-INSERT INTO rollups
-    (key, bucket, tags, count, shift, s1, s2, min, max, quantiles_kll, distinct_hll)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_COLUMNS = "key, bucket, tags, count, shift, s1, s2, min, max, quantiles_kll, distinct_hll"
+_MARKS = ", ".join("?" * 11)
+_UPSERT = f"""
+INSERT INTO rollups ({_COLUMNS}) VALUES ({_MARKS})
 ON CONFLICT (key, bucket, tags) DO UPDATE SET
     s2 = s2 + excluded.s2 + 2.0 * (excluded.shift - shift) * excluded.s1
          + excluded.count * (excluded.shift - shift) * (excluded.shift - shift),
@@ -176,21 +176,16 @@ class SQLiteBackend:
         )
         return cursor.rowcount
 
-    def insert_new(
-        self,
-        conn: sqlite3.Connection,
-        rows: Sequence[tuple[Slot, Rollup, bytes | None, bytes | None]],
-    ) -> set[Slot]:
+    def insert_new(self, conn: sqlite3.Connection, rows: Sequence[UpsertRow]) -> set[Slot]:
         inserted: set[Slot] = set()
-        for (key, bucket, tags), r, kll, hll in rows:
+        for row in rows:
             cursor = conn.execute(
-                "INSERT INTO rollups (key, bucket, tags, count, shift, s1, s2, min, max, "
-                "quantiles_kll, distinct_hll) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO rollups ({_COLUMNS}) VALUES ({_MARKS}) "
                 "ON CONFLICT (key, bucket, tags) DO NOTHING",
-                (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll),
+                row,
             )
             if cursor.rowcount:
-                inserted.add((key, bucket, tags))
+                inserted.add((row[0], row[1], row[2]))
         return inserted
 
     def stored_sketches(
@@ -205,18 +200,8 @@ class SQLiteBackend:
             ).fetchone()
         return found
 
-    def upsert(
-        self,
-        conn: sqlite3.Connection,
-        rows: Iterable[tuple[Slot, Rollup, bytes | None, bytes | None]],
-    ) -> None:
-        conn.executemany(
-            _UPSERT,
-            [
-                (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll)
-                for (key, bucket, tags), r, kll, hll in rows
-            ],
-        )
+    def upsert(self, conn: sqlite3.Connection, rows: Iterable[UpsertRow]) -> None:
+        conn.executemany(_UPSERT, rows)
 
     def upsert_series(self, conn: sqlite3.Connection, spans: Sequence[SeriesSpan]) -> None:
         conn.executemany(_UPSERT_SERIES, spans)
