@@ -222,6 +222,25 @@ def _widened_series(
     return [(key, tags, first, last) for (key, tags), (first, last) in spans.items()]
 
 
+def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
+    """Rows from fetched records: key, bucket, tags, count, shift, s1, s2, min, max,
+    and with ``sketches`` the quantiles and distinct blobs."""
+    if not sketches:
+        return [
+            (key, bucket, tags, Rollup(shift, count, s1, s2, low, high))
+            for key, bucket, tags, count, shift, s1, s2, low, high in records
+        ]
+    return [
+        (
+            key,
+            bucket,
+            tags,
+            Rollup(shift, count, s1, s2, low, high, decode_quantiles(kll), decode_distinct(hll)),
+        )
+        for key, bucket, tags, count, shift, s1, s2, low, high, kll, hll in records
+    ]
+
+
 class Link:
     """One connection of a store: opened on first use, and again after it broke.
 

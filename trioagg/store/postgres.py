@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles
-from .base import KeyInfo, Row, SeriesSpan, UpsertRow
+from ..rollup import Slot
+from .base import KeyInfo, Row, SeriesSpan, UpsertRow, to_rows
 from .sqlite import SCHEMA_VERSION, check_meta
 
 _SCHEMA = [
@@ -191,23 +191,13 @@ class PostgresBackend:
         *,
         sketches: bool = False,
     ) -> list[Row]:
-        blobs = "quantiles_kll, distinct_hll" if sketches else "NULL::bytea, NULL::bytea"
-        cursor = conn.execute(
-            f"SELECT key, bucket, tags, count, shift, s1, s2, min, max, {blobs} FROM rollups "
+        blobs = ", quantiles_kll, distinct_hll" if sketches else ""
+        records = conn.execute(
+            f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} FROM rollups "
             "WHERE key = ANY(%s) AND bucket >= %s AND bucket < %s",
             (list(keys), start, end),
-        )
-        return [
-            (
-                key,
-                bucket,
-                tags,
-                Rollup(
-                    shift, count, s1, s2, low, high, decode_quantiles(kll), decode_distinct(hll)
-                ),
-            )
-            for key, bucket, tags, count, shift, s1, s2, low, high, kll, hll in cursor
-        ]
+        ).fetchall()
+        return to_rows(records, sketches=sketches)
 
     def list_keys(
         self, conn: psycopg.Connection[Any], prefix: str, after: str, limit: int

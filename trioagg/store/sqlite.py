@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles
-from .base import KeyInfo, Row, SeriesSpan, UpsertRow
+from ..rollup import Slot
+from .base import KeyInfo, Row, SeriesSpan, UpsertRow, to_rows
 
 SCHEMA_VERSION = "2"
 
@@ -216,23 +216,13 @@ class SQLiteBackend:
         sketches: bool = False,
     ) -> list[Row]:
         marks = ",".join("?" * len(keys))
-        blobs = "quantiles_kll, distinct_hll" if sketches else "NULL, NULL"
-        cursor = conn.execute(
-            f"SELECT key, bucket, tags, count, shift, s1, s2, min, max, {blobs} FROM rollups "
+        blobs = ", quantiles_kll, distinct_hll" if sketches else ""
+        records = conn.execute(
+            f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} FROM rollups "
             f"WHERE key IN ({marks}) AND bucket >= ? AND bucket < ?",
             [*keys, start, end],
-        )
-        return [
-            (
-                key,
-                bucket,
-                tags,
-                Rollup(
-                    shift, count, s1, s2, low, high, decode_quantiles(kll), decode_distinct(hll)
-                ),
-            )
-            for key, bucket, tags, count, shift, s1, s2, low, high, kll, hll in cursor
-        ]
+        ).fetchall()
+        return to_rows(records, sketches=sketches)
 
     def list_keys(
         self, conn: sqlite3.Connection, prefix: str, after: str, limit: int
