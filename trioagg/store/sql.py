@@ -1,0 +1,213 @@
+"""The statements both SQL stores share, written once for SQLite and PostgreSQL.
+
+One ``rollups`` row per (key, bucket, tags) holds a
+:class:`~trioagg.rollup.Rollup`. The UPSERT merges an incoming rollup into the
+stored one with the same shifted-moment algebra as :meth:`Rollup.merge`, so a
+row is exact however many batches fed it; sketches arrive already merged with
+the stored ones (see :func:`~trioagg.store.base.commit_batch`) and replace
+them. ``series`` indexes keys, tags and first/last buckets for ``/v1/keys``;
+``event_ids`` remembers idempotency ids for the dedup window.
+
+Statements are written with ``?`` placeholders; a dialect with another style
+sets :attr:`SQLBackend.mark`. Subclasses own connecting, the schema, the
+transaction statements, and which errors mean "busy" or "disconnected".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+from ..rollup import Slot
+from .base import KeyInfo, Row, SeriesSpan, UpsertRow, to_rows
+
+SCHEMA_VERSION = "2"
+
+COLUMNS = "key, bucket, tags, count, shift, s1, s2, min, max, quantiles_kll, distinct_hll"
+
+# The largest code point: prefix + this sorts after every key with that prefix.
+_PREFIX_END = "\U0010ffff"
+# Stay far below any dialect's limit of bound parameters per statement.
+_CHUNK = 500
+_BUCKET_NAMES = {60: "1m", 300: "5m", 900: "15m", 3600: "1h"}
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SQLBackend:
+    """What the SQL stores share; see the module docstring for what a dialect adds."""
+
+    description: str
+    #: The placeholder of the driver's paramstyle.
+    mark = "?"
+    #: The two-argument minimum and maximum of the dialect.
+    least = "min"
+    greatest = "max"
+    #: Appended to the read of stored sketches: a row lock where writers run concurrently.
+    row_lock = ""
+    #: Whether upserts go in sorted order, so that concurrent writers never deadlock.
+    ordered_writes = False
+
+    def __init__(self) -> None:
+        least, greatest = self.least, self.greatest
+        # SET expressions read the row as it was before the update: their order is free.
+        self._upsert = self._sql(f"""
+            INSERT INTO rollups AS r ({COLUMNS}) VALUES ({", ".join("?" * 11)})
+            ON CONFLICT (key, bucket, tags) DO UPDATE SET
+                s2 = r.s2 + excluded.s2 + 2.0 * (excluded.shift - r.shift) * excluded.s1
+                     + excluded.count * (excluded.shift - r.shift) * (excluded.shift - r.shift),
+                s1 = r.s1 + excluded.s1 + excluded.count * (excluded.shift - r.shift),
+                count = r.count + excluded.count,
+                min = {least}(r.min, excluded.min),
+                max = {greatest}(r.max, excluded.max),
+                quantiles_kll = coalesce(excluded.quantiles_kll, r.quantiles_kll),
+                distinct_hll = coalesce(excluded.distinct_hll, r.distinct_hll)""")
+        self._insert_new = self._sql(
+            f"INSERT INTO rollups ({COLUMNS}) VALUES ({', '.join('?' * 11)}) "
+            "ON CONFLICT (key, bucket, tags) DO NOTHING"
+        )
+        self._upsert_series = self._sql(f"""
+            INSERT INTO series AS s (key, tags, first_bucket, last_bucket) VALUES (?, ?, ?, ?)
+            ON CONFLICT (key, tags) DO UPDATE SET
+                first_bucket = {least}(s.first_bucket, excluded.first_bucket),
+                last_bucket = {greatest}(s.last_bucket, excluded.last_bucket)""")
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", self.mark)
+
+    def claim_ids(self, conn: Any, ids: Sequence[str], now: float, since: float) -> set[str]:
+        claimed: set[str] = set()
+        for chunk in _chunks(sorted(ids)):
+            values = ", ".join(["(?, ?)"] * len(chunk))
+            rows = conn.execute(
+                self._sql(
+                    f"INSERT INTO event_ids (id, seen) VALUES {values} "
+                    "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen "
+                    "WHERE event_ids.seen < ? RETURNING id"
+                ),
+                [value for event_id in chunk for value in (event_id, now)] + [since],
+            ).fetchall()
+            claimed.update(row[0] for row in rows)
+        return claimed
+
+    def purge_ids(self, conn: Any, before: float, limit: int) -> int:
+        cursor = conn.execute(
+            self._sql(
+                "DELETE FROM event_ids WHERE id IN "
+                "(SELECT id FROM event_ids WHERE seen < ? LIMIT ?)"
+            ),
+            (before, limit),
+        )
+        count: int = cursor.rowcount
+        return count
+
+    def insert_new(self, conn: Any, rows: Sequence[UpsertRow]) -> set[Slot]:
+        inserted: set[Slot] = set()
+        for row in rows:
+            if conn.execute(self._insert_new, row).rowcount:
+                inserted.add((row[0], row[1], row[2]))
+        return inserted
+
+    def stored_sketches(
+        self, conn: Any, slots: Sequence[Slot]
+    ) -> dict[Slot, tuple[bytes | None, bytes | None]]:
+        found: dict[Slot, tuple[bytes | None, bytes | None]] = {}
+        for chunk in _chunks(sorted(slots)):
+            values = ", ".join(["(?, ?, ?)"] * len(chunk))
+            rows = conn.execute(
+                self._sql(
+                    "SELECT key, bucket, tags, quantiles_kll, distinct_hll FROM rollups "
+                    f"WHERE (key, bucket, tags) IN (VALUES {values}){self.row_lock}"
+                ),
+                [value for slot in chunk for value in slot],
+            ).fetchall()
+            found.update(((k, b, t), (kll, hll)) for k, b, t, kll, hll in rows)
+        return found
+
+    def upsert(self, conn: Any, rows: Iterable[UpsertRow]) -> None:
+        if self.ordered_writes:
+            rows = sorted(rows, key=lambda row: row[:3])
+        conn.cursor().executemany(self._upsert, rows)
+
+    def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
+        conn.cursor().executemany(
+            self._upsert_series, sorted(spans) if self.ordered_writes else spans
+        )
+
+    def fetch(
+        self, conn: Any, keys: Sequence[str], start: int, end: int, *, sketches: bool = False
+    ) -> list[Row]:
+        blobs = ", quantiles_kll, distinct_hll" if sketches else ""
+        records = conn.execute(
+            self._sql(
+                f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} FROM rollups "
+                f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
+            ),
+            [*keys, start, end],
+        ).fetchall()
+        return to_rows(records, sketches=sketches)
+
+    def list_keys(self, conn: Any, prefix: str, after: str, limit: int) -> list[KeyInfo]:
+        rows = conn.execute(
+            self._sql(
+                "SELECT key, tags, first_bucket, last_bucket FROM series WHERE key IN ("
+                "  SELECT DISTINCT key FROM series WHERE key > ? AND key >= ? AND key < ?"
+                "  ORDER BY key LIMIT ?"
+                ") ORDER BY key"
+            ),
+            (after, prefix, prefix + _PREFIX_END, limit),
+        ).fetchall()
+        return [(key, tags, first, last) for key, tags, first, last in rows]
+
+    def top(
+        self, conn: Any, start: int, end: int, stat: str, prefix: str, limit: int
+    ) -> list[tuple[str, float]]:
+        measure = "sum(count)" if stat == "count" else "sum(count * shift + s1)"
+        rows = conn.execute(
+            self._sql(
+                f"SELECT key, {measure} AS measure FROM rollups "
+                "WHERE bucket >= ? AND bucket < ? AND key >= ? AND key < ? "
+                "GROUP BY key ORDER BY measure DESC, key LIMIT ?"
+            ),
+            (start, end, prefix, prefix + _PREFIX_END, limit),
+        ).fetchall()
+        # PostgreSQL sums BIGINT to NUMERIC: counts are whole numbers.
+        return [(key, int(measure) if stat == "count" else measure) for key, measure in rows]
+
+    def ping(self, conn: Any) -> None:
+        conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+
+    def close(self, conn: Any) -> None:
+        conn.close()
+
+    def read_meta(self, conn: Any, bucket: int) -> dict[str, str]:
+        """Inside the schema transaction: the stored settings, recording them if new."""
+        stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+        if not stored:
+            conn.cursor().executemany(
+                self._sql("INSERT INTO meta (name, value) VALUES (?, ?)"),
+                [("bucket_seconds", str(bucket)), ("schema_version", SCHEMA_VERSION)],
+            )
+        return stored
+
+
+def check_meta(stored: dict[str, str], bucket: int, where: str) -> None:
+    """Raise ConfigError when an existing store was made with other settings."""
+    if not stored:
+        return
+    if stored.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(
+            f"the store at {where} has schema version {stored.get('schema_version')!r}; "
+            f"this trioagg reads version {SCHEMA_VERSION}"
+        )
+    stored_bucket = int(stored["bucket_seconds"])
+    if stored_bucket != bucket:
+        raise ConfigError(
+            f"the store at {where} was created with {_BUCKET_NAMES.get(stored_bucket)} buckets, "
+            f"but --bucket is {_BUCKET_NAMES.get(bucket)}; start with --bucket "
+            f"{_BUCKET_NAMES.get(stored_bucket)} or use a new --db"
+        )
