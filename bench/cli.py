@@ -7,6 +7,7 @@ Examples::
     just bench --scenario seed          # one scenario (repeat or comma-separate for more)
     just bench --server-arg '--sync normal' --server-arg --batch-size=2000
     just bench --deploy hypercorn --workers 2 --keep-alive 30
+    just bench --store postgres         # seed + batch on PostgreSQL, 1/2/4 writers x 1/2 workers
 
 Exit status: 0 when every measurement verified (stored events == acknowledged
 events, clean shutdown), 1 when one did not or a scenario failed, 2 for bad
@@ -28,18 +29,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import pgstore, report
 from .runner import Bench, BenchError, Options, Progress
 from .scenarios import (
     FULL,
+    PG_MATRIX,
     QUICK,
     RUNNERS,
     SCENARIOS,
     ScenarioResult,
     evaluate_targets,
+    runner_for,
     scaled,
 )
-from .server import Deployment, ServerError, flags_to_env, split_args
+from .server import Deployment, ServerError, flag_value, flags_to_env, split_args
 
 #: Options whose value is itself a flag (``--server-arg --sync=normal``).
 _PASS_THROUGH = ("--server-arg", "--hypercorn-arg")
@@ -91,6 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ARG",
         help="an extra hypercorn CLI argument for every server (--deploy hypercorn)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="where trioagg servers store: a fresh SQLite file per measurement (default), or "
+        "a fresh schema per measurement on PostgreSQL; postgres runs seed and batch as a "
+        "workers x writers matrix on the hypercorn CLI",
+    )
+    parser.add_argument(
+        "--pg-dsn",
+        default=None,
+        metavar="URL",
+        help=f"PostgreSQL server for --store postgres (default ${pgstore.ENV_DSN} or "
+        f"{pgstore.DEFAULT_DSN})",
+    )
+    parser.add_argument(
+        "--pg-writers",
+        default=None,
+        metavar="N,N",
+        help="trioagg --writers values of the PostgreSQL matrix (default 1,2,4)",
+    )
+    parser.add_argument(
+        "--pg-workers",
+        default=None,
+        metavar="N,N",
+        help="hypercorn worker counts of the PostgreSQL matrix (default 1,2)",
     )
     parser.add_argument(
         "--trioagg-src",
@@ -195,11 +225,45 @@ def parse_scenarios(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in SCENARIOS if name in chosen)
 
 
+def parse_counts(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``: distinct positive counts, in the order given."""
+    counts: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise ValueError(f"{flag} takes positive integers separated by commas, not {text!r}")
+        if int(part) not in counts:
+            counts.append(int(part))
+    if not counts:
+        raise ValueError(f"{flag} needs at least one count")
+    return tuple(counts)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(_join_pass_through(sys.argv[1:] if argv is None else argv))
     try:
+        if args.store == "postgres" and not args.scenario:
+            args.scenario = list(PG_MATRIX)
         scenarios = parse_scenarios(args.scenario)
+        postgres = args.store == "postgres"
+        for flag, value in (
+            ("--pg-dsn", args.pg_dsn),
+            ("--pg-writers", args.pg_writers),
+            ("--pg-workers", args.pg_workers),
+        ):
+            if value is not None and not postgres:
+                raise ValueError(f"{flag} needs --store postgres")
+        pg_dsn = pgstore.resolve_dsn(args.pg_dsn) if postgres else pgstore.DEFAULT_DSN
+        pg_writers = parse_counts(args.pg_writers or "1,2,4", "--pg-writers")
+        pg_workers = parse_counts(args.pg_workers or "1,2", "--pg-workers")
+        user_writers = flag_value(split_args(args.server_arg), "--writers")
+        if postgres and user_writers is not None and set(scenarios) & set(PG_MATRIX):
+            raise ValueError(
+                "--server-arg --writers would override the PostgreSQL matrix: use --pg-writers"
+            )
         if args.trioagg_ref is not None:
             if args.trioagg_src is not None:
                 raise ValueError("give --trioagg-src or --trioagg-ref, not both")
@@ -232,8 +296,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
         chart=not args.no_chart,
         baselines=not args.no_baselines,
         keep_stores=args.keep_stores,
+        store=args.store,
+        pg_dsn=pg_dsn,
+        pg_writers=pg_writers,
+        pg_workers=pg_workers,
     )
     return options, args
+
+
+def matrix_deployment_text(options: Options) -> str:
+    """How the PostgreSQL matrix deploys: the hypercorn CLI, every worker count."""
+    text = dataclasses.replace(options.deployment, deploy="hypercorn").describe()
+    return text.replace("--workers 1", "--workers " + ",".join(map(str, options.pg_workers)), 1)
 
 
 def summarize_verification(bench: Bench) -> dict[str, Any]:
@@ -251,10 +325,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in SCENARIOS:
             doc = (RUNNERS[name].__doc__ or "").strip().splitlines()[0]
             print(f"{name:<9} {doc}")
+        print("--store postgres: seed and batch run for every --pg-workers x --pg-writers cell")
         return 0
+    postgres: dict[str, Any] | None = None
+    if options.store == "postgres":
+        try:
+            postgres = pgstore.server_info(options.pg_dsn)
+        except pgstore.PostgresError as error:
+            print(f"python -m bench: error: {error}", file=sys.stderr)
+            return 2
     sizes = scaled(QUICK if options.quick else FULL, args.scale)
     progress = Progress()
     bench = Bench(options, progress)
+    if postgres is not None:
+        postgres["cpu_measured"] = bench.postmaster_pid is not None
     started = report.now_utc()
     t0 = time.perf_counter()
     machine_start = report.machine_info(bench.workdir)
@@ -263,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for number, name in enumerate(options.scenarios, start=1):
             progress.set(f"[{number}/{len(options.scenarios)}] {name}")
             try:
-                results[name] = RUNNERS[name](bench, sizes)
+                results[name] = runner_for(bench, name)(bench, sizes)
             except (ServerError, BenchError) as error:
                 results[name] = ScenarioResult(name, error=str(error))
                 progress.note(f"SCENARIO {name} FAILED: {error}")
@@ -284,18 +368,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "quick" if options.quick else "full"
     json_path = options.out / f"bench-{stamp}-{mode}.json"
     png_path = json_path.with_suffix(".png")
+    if postgres is None:
+        store = f"SQLite {machine_start['sqlite']}"
+    else:
+        store = (
+            f"PostgreSQL {postgres['version']} "
+            f"(synchronous_commit {postgres['synchronous_commit']})"
+            f" | workers {','.join(map(str, options.pg_workers))} x writers "
+            f"{','.join(map(str, options.pg_writers))}"
+        )
+    deploy = options.deployment.describe()
+    if postgres is not None and set(options.scenarios) & set(PG_MATRIX):
+        deploy = "matrix: " + matrix_deployment_text(options)
     header = (
         f"trioagg bench {started:%Y-%m-%d %H:%M} UTC | {mode} | "
-        f"deploy {options.deployment.describe()}"
+        f"deploy {deploy}"
         f" | {options.connections} connections | {machine_start['cpus']} x "
-        f"{machine_start['cpu_model']} | Python {machine_start['python']} | SQLite "
-        f"{machine_start['sqlite']} | fsync {machine_start.get('fsync_ms')} ms | {wall:.0f} s"
+        f"{machine_start['cpu_model']} | Python {machine_start['python']} | {store}"
+        f" | fsync {machine_start.get('fsync_ms')} ms | {wall:.0f} s"
     )
     files = [json_path]
+    pg_png = None
     if options.chart and results:
+        matrix = {n: r for n, r in results.items() if report.is_matrix(r)}
+        others = {n: r for n, r in results.items() if n not in matrix}
         try:
-            report.chart(png_path, results, header)
-            files.append(png_path)
+            if others:
+                report.chart(png_path, others, header)
+                files.append(png_path)
+            if matrix:
+                pg_png = (
+                    png_path if not others else png_path.with_name(png_path.stem + "-postgres.png")
+                )
+                report.pg_chart(pg_png, matrix, header)
+                files.append(pg_png)
         except Exception as error:  # a chart problem must not lose the figures
             bench.warn(f"chart not drawn: {error}")
     document = {
@@ -314,7 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hypercorn_args": list(options.deployment.hypercorn_args),
             "connections": options.connections,
             "baselines": options.baselines,
+            "store": options.store,
+            "pg_writers": list(options.pg_writers) if postgres else None,
+            "pg_workers": list(options.pg_workers) if postgres else None,
         },
+        "postgres": postgres,
         "sizes": dataclasses.asdict(sizes),
         "scale": args.scale,
         "machine": machine_start,
@@ -328,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warnings": bench.warnings,
         "scenarios": {name: result.to_json() for name, result in results.items()},
         "png": str(png_path) if png_path in files else None,
+        "png_postgres": str(pg_png) if pg_png in files else None,
     }
     report.write_json(json_path, document)
     print(report.table(header, results, targets, verification, bench.warnings, files))

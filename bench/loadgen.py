@@ -13,6 +13,7 @@ server's own word.
 Spec (JSON on stdin)::
 
     {"host": "127.0.0.1", "port": 8000, "server_pids": [123],
+     "db_pid": 456,
      "phases": [{"name": "writes", "max_seconds": 120,
                  "streams": [{"name": "w", "connections": 64,
                               "requests": 30000, "duration": null,
@@ -22,7 +23,8 @@ Spec (JSON on stdin)::
 A stream stops after ``requests`` requests or ``duration`` seconds, whichever
 comes first. Result (JSON on stdout): per phase, per stream and per request
 class, the status counts, acknowledged and sent events, latencies, and the CPU
-seconds the server processes and this process spent during the phase.
+seconds the server processes, the database server (``db_pid`` and its children,
+when given) and this process spent during the phase.
 Progress goes to stderr as one JSON object per line.
 """
 
@@ -211,6 +213,30 @@ def process_cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def process_tree_cpu(root: int | None) -> dict[int, float]:
+    """CPU seconds of ``root`` and its children, by pid (a database server: the
+    postmaster and its backends, which come and go with connections)."""
+    if root is None:
+        return {}
+    found = {root: process_cpu(root)}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == root:
+            found[int(entry)] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return found
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU the processes of ``after`` used since ``before`` (a new process: all of it)."""
+    return sum(max(0.0, used - before.get(pid, 0.0)) for pid, used in after.items())
 
 
 def system_busy_cpu() -> float:
@@ -408,7 +434,12 @@ async def _watch(
 
 
 async def run_phase(
-    phase: dict[str, Any], host: str, port: int, server_pids: Sequence[int], seed: int
+    phase: dict[str, Any],
+    host: str,
+    port: int,
+    server_pids: Sequence[int],
+    seed: int,
+    db_pid: int | None = None,
 ) -> dict[str, Any]:
     streams = []
     for number, spec in enumerate(phase["streams"]):
@@ -443,6 +474,7 @@ async def run_phase(
                         nursery.start_soon(_connection, stream, host, port, sock, go)
                 cpu_server = sum(process_cpu(pid) for pid in server_pids)
                 cpu_client = time.process_time()
+                cpu_db = process_tree_cpu(db_pid)
                 cpu_busy = system_busy_cpu()
                 started = time.perf_counter()
                 for stream in streams:
@@ -454,6 +486,7 @@ async def run_phase(
         ended = time.perf_counter()
         cpu_server = sum(process_cpu(pid) for pid in server_pids) - cpu_server
         cpu_client = time.process_time() - cpu_client
+        db_s = cpu_since(cpu_db, process_tree_cpu(db_pid))
         cpu_busy = system_busy_cpu() - cpu_busy
         outer.cancel_scope.cancel()
     elapsed = ended - started
@@ -467,7 +500,8 @@ async def run_phase(
         "cpu": {
             "server_s": round(cpu_server, 3),
             "client_s": round(cpu_client, 3),
-            "other_s": round(max(0.0, cpu_busy - cpu_server - cpu_client), 3),
+            "other_s": round(max(0.0, cpu_busy - cpu_server - cpu_client - db_s), 3),
+            "db_s": round(db_s, 3) if db_pid is not None else None,
             "server_util": round(cpu_server / elapsed, 3) if elapsed else None,
             "client_util": round(cpu_client / elapsed, 3) if elapsed else None,
         },
@@ -495,9 +529,10 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     port = int(spec["port"])
     pids = [int(pid) for pid in spec.get("server_pids", [])]
     seed = int(spec.get("seed", 1))
+    db_pid = spec.get("db_pid")
     phases = []
     for number, phase in enumerate(spec["phases"]):
-        phases.append(await run_phase(phase, host, port, pids, seed + 100 * number))
+        phases.append(await run_phase(phase, host, port, pids, seed + 100 * number, db_pid))
     return {"phases": phases}
 
 

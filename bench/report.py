@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .scenarios import Row, ScenarioResult, Target
+from .scenarios import Row, ScenarioResult, Target, parse_cell_key
 
 _ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trioagg", "trio", "hypercorn", "quart", "quart-trio", "msgspec", "h11", "werkzeug")
@@ -161,7 +161,9 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def _ratio(ours: Row, rows: Sequence[Row], system: str) -> str:
-    other = next((r for r in rows if r.key == ours.key and r.system == system), None)
+    # a PostgreSQL matrix cell compares with the baseline of its worker count
+    keys = {ours.key, ours.key.split(" writers=")[0]}
+    other = next((r for r in rows if r.key in keys and r.system == system), None)
     if other is None or not other.rate:
         return ""
     return f"{ours.rate / other.rate:.2f}"
@@ -179,7 +181,7 @@ def table(
     columns = (
         f"{'scenario':<9} {'measurement':<30} {'system':<8} {'rate':>9} {'unit':<8} "
         f"{'time':>6} {'p50':>7} {'p95':>7} {'p99':>7} {'xceil':>6} {'xnaive':>6} "
-        f"{'CPU ms/req':>11}  note"
+        f"{'CPU ms/req':>14}  note"
     )
     lines.append(columns)
     lines.append("-" * len(columns))
@@ -203,17 +205,25 @@ def table(
             cpu = "-"
             if row.server_cpu_1k is not None:
                 cpu = f"{row.server_cpu_1k:.2f}/{row.client_cpu_1k or 0:.2f}"
+                if row.db_cpu_1k is not None:
+                    cpu = (
+                        f"{row.server_cpu_1k:.2f}+{row.db_cpu_1k:.2f}/{row.client_cpu_1k or 0:.2f}"
+                    )
             x_ceiling = _ratio(row, result.rows, "ceiling") if row.system == "trioagg" else ""
             x_naive = _ratio(row, result.rows, "naive") if row.system == "trioagg" else ""
             lines.append(
                 f"{name if first else '':<9} {what[:30]:<30} {row.system:<8} "
                 f"{_num(row.rate):>9} {row.unit:<8} {row.elapsed_s:>5.1f}s "
                 f"{_num(lat.get('p50')):>7} {_num(lat.get('p95')):>7} {_num(lat.get('p99')):>7} "
-                f"{x_ceiling:>6} {x_naive:>6} {cpu:>11}  {row.note}"
+                f"{x_ceiling:>6} {x_naive:>6} {cpu:>14}  {row.note}"
             )
             first = False
     lines.append("latency in ms of acknowledged requests; CPU ms/req = server/client CPU seconds")
-    lines.append("per 1,000 requests of the phase; xceil, xnaive = trioagg rate / baseline rate")
+    lines.append("per 1,000 requests of the phase (server+PostgreSQL/client on --store postgres);")
+    lines.append("xceil, xnaive = trioagg rate / baseline rate")
+    scaling = pg_scaling(results)
+    if scaling:
+        lines += ["", *scaling]
     facts = _facts(results)
     if facts:
         lines += ["", "FACTS"] + [f"  {line}" for line in facts]
@@ -238,6 +248,90 @@ def table(
     for path in files:
         lines.append(f"wrote {_display(path)}")
     return "\n".join(lines)
+
+
+#: What the PostgreSQL matrix reports: (scenario, row key base, title).
+PG_MEASURES = (
+    ("batch", "json", "batch events/s (1,000-event JSON arrays, durable)"),
+    ("seed", "writes", "seed writes req/s (single events, durable)"),
+    ("seed", "reads", "seed reads req/s (1 key x 24 h)"),
+)
+
+
+def is_matrix(result: ScenarioResult) -> bool:
+    return result.facts.get("store") == "postgres" and "cells" in result.facts
+
+
+def pg_grid(
+    results: Mapping[str, ScenarioResult], scenario: str, base: str
+) -> tuple[dict[tuple[int, int], Row], dict[int, Row]]:
+    """One measure of the matrix: trioagg rows by (workers, writers), ceilings by workers."""
+    cells: dict[tuple[int, int], Row] = {}
+    ceilings: dict[int, Row] = {}
+    result = results.get(scenario)
+    if result is None or result.error or not is_matrix(result):
+        return cells, ceilings
+    for row in result.rows:
+        row_base, workers, writers = parse_cell_key(row.key)
+        if row_base != base:
+            continue
+        if row.system == "trioagg" and writers is not None:
+            cells[(workers, writers)] = row
+        elif row.system == "ceiling":
+            ceilings[workers] = row
+    return cells, ceilings
+
+
+def _cpu(row: Row) -> str:
+    """Server + database CPU ms per request."""
+    if row.server_cpu_1k is None:
+        return "-"
+    return f"{row.server_cpu_1k + (row.db_cpu_1k or 0):.2f}"
+
+
+def pg_scaling(results: Mapping[str, ScenarioResult]) -> list[str]:
+    """The PostgreSQL matrix as writers x workers tables, each rate also as a multiple
+    of the 1 worker / 1 writer cell (how throughput grows with writers and workers)."""
+    lines: list[str] = []
+    for scenario, base, title in PG_MEASURES:
+        cells, ceilings = pg_grid(results, scenario, base)
+        if not cells:
+            continue
+        workers = sorted({w for w, _ in cells} | set(ceilings))
+        writers = sorted({n for _, n in cells})
+        first = cells.get((min(workers), min(writers)))
+        unit_cell = f"{min(workers)} worker x {min(writers)} writer"
+        if not lines:
+            lines.append(
+                "POSTGRES SCALING (hypercorn --worker-class trio): rate, x the "
+                f"{unit_cell} cell, p99 ms, server+PostgreSQL CPU ms per request"
+            )
+        head = f"  {title:<52}" + "".join(
+            f"{f'{w} worker' + ('s' if w > 1 else '') + ': rate, x, p99, CPU':>36}" for w in workers
+        )
+        lines.append(head)
+        for n in writers:
+            text = f"  {f'{n} writer' + ('s' if n > 1 else ''):<52}"
+            for w in workers:
+                row = cells.get((w, n))
+                if row is None:
+                    text += f"{'-':>36}"
+                    continue
+                times = f"{row.rate / first.rate:.2f}x" if first and first.rate else ""
+                p99 = _num(row.latency_ms.get("p99"))
+                text += f"{_num(row.rate):>11} {times:>6} {p99:>7} {_cpu(row):>10}"
+            lines.append(text)
+        if ceilings:
+            text = f"  {'ceiling (stores nothing)':<52}"
+            for w in workers:
+                row = ceilings.get(w)
+                if row is None:
+                    text += f"{'-':>36}"
+                    continue
+                p99 = _num(row.latency_ms.get("p99"))
+                text += f"{_num(row.rate):>11} {'':>6} {p99:>7} {_cpu(row):>10}"
+            lines.append(text)
+    return lines
 
 
 def _display(path: Path) -> str:
@@ -317,6 +411,81 @@ def chart_label(key: str) -> str:
         short = f"{count // 1000}k" if count >= 1000 else str(count)
         return f"{short} keys\n{size}/req"
     return key.replace(" ", "\n", 1)
+
+
+def pg_chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None:
+    """The PostgreSQL matrix: rate and p99 against writers, one line per worker count,
+    the ceiling of each worker count dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, pg_grid(results, m[0], m[1])) for m in PG_MEASURES]
+    panels = [(m, grid) for m, grid in panels if grid[0]]
+    if not panels:
+        return
+    figure, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 8), squeeze=False)
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    for column, ((_, _, label), (cells, ceilings)) in enumerate(panels):
+        top, bottom = axes[0][column], axes[1][column]
+        writers = sorted({n for _, n in cells})
+        off_scale: list[str] = []
+        for index, workers in enumerate(sorted({w for w, _ in cells})):
+            colour = colours[index % len(colours)]
+            points = [(n, cells[(workers, n)]) for n in writers if (workers, n) in cells]
+            xs = [n for n, _ in points]
+            name = f"{workers} worker{'s' if workers > 1 else ''}"
+            top.plot(xs, [r.rate for _, r in points], "o-", color=colour, label=name)
+            for n, row in points:
+                top.annotate(
+                    f"{row.rate:,.0f}",
+                    (n, row.rate),
+                    fontsize=7,
+                    ha="center",
+                    va="bottom",
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                )
+            bottom.plot(
+                xs,
+                [r.latency_ms.get("p99") or 0 for _, r in points],
+                "o-",
+                color=colour,
+                label=name,
+            )
+            ceiling = ceilings.get(workers)
+            highest = max(row.rate for row in cells.values())
+            if ceiling is not None and ceiling.rate <= 3 * highest:
+                top.axhline(
+                    ceiling.rate,
+                    color=colour,
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"ceiling, {name}",
+                )
+            elif ceiling is not None:  # far above: a dashed line would flatten the others
+                off_scale.append(f"ceiling, {name}: {ceiling.rate:,.0f} (off scale)")
+        if off_scale:
+            top.text(
+                0.02, 0.02, "\n".join(off_scale), transform=top.transAxes, fontsize=7, va="bottom"
+            )
+        top.set_title(label, fontsize=9)
+        top.set_xticks(writers)
+        top.set_ylim(bottom=0)
+        top.set_ylabel("rate")
+        top.grid(alpha=0.3)
+        top.legend(fontsize=7)
+        bottom.set_xticks(writers)
+        bottom.set_xlabel("trioagg --writers")
+        bottom.set_ylabel("p99 latency (ms)")
+        bottom.set_ylim(bottom=0)
+        bottom.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None:

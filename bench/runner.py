@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import verify
+from . import pgstore, verify
 from .server import Deployment, Server, command
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,13 @@ class Options:
     chart: bool = True
     baselines: bool = True
     keep_stores: bool = False
+    #: where trioagg servers keep their roll-ups: ``sqlite`` (a fresh file per
+    #: measurement) or ``postgres`` (a fresh schema per measurement on ``pg_dsn``).
+    store: str = "sqlite"
+    pg_dsn: str = pgstore.DEFAULT_DSN
+    #: the PostgreSQL matrix: writers per server x hypercorn workers.
+    pg_writers: tuple[int, ...] = (1, 2, 4)
+    pg_workers: tuple[int, ...] = (1, 2)
 
 
 @dataclass
@@ -140,6 +147,10 @@ class Bench:
         self.warnings: list[str] = []
         self.cache: dict[str, Any] = {}
         self._counter = 0
+        #: the local PostgreSQL server's postmaster (its CPU is measured), if any
+        self.postmaster_pid: int | None = None
+        if options.store == "postgres":
+            self.postmaster_pid = pgstore.postmaster_pid(options.pg_dsn)
 
     def warn(self, text: str) -> None:
         if text not in self.warnings:
@@ -156,20 +167,67 @@ class Bench:
         *,
         server_flags: Iterable[str] = (),
         allowed_statuses: frozenset[int] = frozenset(),
+        deployment: Deployment | None = None,
     ) -> Measurement:
-        """Run ``phases`` against a fresh ``app`` server and verify its store."""
+        """Run ``phases`` against a fresh ``app`` server and verify its store.
+        ``deployment`` replaces the run's own (the PostgreSQL matrix varies workers)."""
+        deployment = deployment or self.options.deployment
         self._counter += 1
         stem = f"{self._counter:02d}-{label.replace('/', '-').replace(' ', '_')}-{app}"
         db = self.workdir / f"{stem}.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        argv, env = command(app, self.options.deployment, db, list(server_flags))
+        # trioagg on PostgreSQL: a fresh schema (the baselines keep their SQLite files)
+        schema = None
+        target: Path | str = db
+        if app == "trioagg" and self.options.store == "postgres":
+            schema = pgstore.new_schema_name(f"{self._counter:02d}")
+            try:
+                pgstore.create_schema(self.options.pg_dsn, schema)
+            except pgstore.PostgresError as error:
+                raise BenchError(f"{label}: {error}") from error
+            target = pgstore.schema_dsn(self.options.pg_dsn, schema)
+        try:
+            return self._measure(
+                label,
+                app,
+                phases,
+                stem=stem,
+                db=db,
+                target=target,
+                schema=schema,
+                server_flags=server_flags,
+                allowed_statuses=allowed_statuses,
+                deployment=deployment,
+            )
+        finally:
+            if schema is not None and not self.options.keep_stores:
+                try:
+                    pgstore.drop_schema(self.options.pg_dsn, schema)
+                except pgstore.PostgresError as error:
+                    self.warn(f"schema {schema} not dropped: {error}")
+
+    def _measure(
+        self,
+        label: str,
+        app: str,
+        phases: list[dict[str, Any]],
+        *,
+        stem: str,
+        db: Path,
+        target: Path | str,
+        schema: str | None,
+        server_flags: Iterable[str],
+        allowed_statuses: frozenset[int],
+        deployment: Deployment,
+    ) -> Measurement:
+        argv, env = command(app, deployment, target, list(server_flags))
         server = Server(
             app,
             argv,
             env,
             self.workdir / f"{stem}.log",
-            trioagg_src=self.options.deployment.trioagg_src,
+            trioagg_src=deployment.trioagg_src,
         )
         self.progress.set(f"{label}: {app} starting")
         try:
@@ -179,6 +237,8 @@ class Bench:
                 "host": "127.0.0.1",
                 "port": server.port,
                 "server_pids": server.pids,
+                # PostgreSQL's CPU is the store's, not another tenant's (BUSY MACHINE)
+                "db_pid": self.postmaster_pid if schema else None,
                 "seed": 7,
                 "phases": phases,
             }
@@ -191,9 +251,13 @@ class Bench:
         stored: tuple[int, int] | None = None
         if app != "ceiling":
             try:
-                stored = verify.store_totals(db)
+                if schema is not None:
+                    stored = pgstore.store_totals(self.options.pg_dsn, schema)
+                else:
+                    stored = verify.store_totals(db)
             except Exception as error:  # a missing or broken store fails the check
-                raise BenchError(f"{label}: cannot read the store {db}: {error}") from error
+                where = f"schema {schema}" if schema else str(db)
+                raise BenchError(f"{label}: cannot read the store {where}: {error}") from error
         totals = verify.acknowledged(result)
         unexpected = verify.unexpected_statuses(result, allowed_statuses)
         timed_out = any(phase["timed_out"] for phase in result["phases"])
@@ -223,8 +287,12 @@ class Bench:
             app=app,
             phases={phase["name"]: phase for phase in result["phases"]},
             server={
-                "argv": argv,
-                "env": env,
+                "argv": [_redacted(arg) for arg in argv],
+                "env": {name: _redacted(value) for name, value in env.items()},
+                "deploy": deployment.describe(),
+                "workers": deployment.workers,
+                "store": "postgres" if schema else ("none" if app == "ceiling" else "sqlite"),
+                "schema": schema,
                 "pids": len(server.pids),
                 "start_s": round(server.started_s, 3),
                 "peak_rss_bytes": rss,
@@ -317,12 +385,24 @@ class Bench:
         return result
 
 
+def _redacted(value: str) -> str:
+    return pgstore.redact(value) if value.startswith(("postgresql://", "postgres://")) else value
+
+
 def client_share(phase: Mapping[str, Any]) -> float | None:
     """Client CPU as a share of server CPU over a phase (None if the server used none)."""
     cpu = phase["cpu"]
     if not cpu.get("server_s"):
         return None
     return float(cpu["client_s"]) / float(cpu["server_s"])
+
+
+def db_cpu_per_1k(phase: Mapping[str, Any]) -> float | None:
+    """Database (PostgreSQL) CPU seconds per 1,000 requests of a phase, if measured."""
+    db = phase["cpu"].get("db_s")
+    if db is None or not phase["requests"]:
+        return None
+    return round(float(db) / phase["requests"] * 1000, 4)
 
 
 def cpu_per_1k(phase: Mapping[str, Any]) -> tuple[float | None, float | None]:

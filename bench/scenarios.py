@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .runner import Bench, Measurement, client_share, cpu_per_1k
+from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
+from .server import Deployment
 
 SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling")
 
@@ -35,6 +36,12 @@ class Sizes:
     scaling_s: float = 4.0
     scaling_keys: tuple[int, ...] = (10, 1_000, 100_000)
     scaling_batches: tuple[int, ...] = (1, 10, 100)
+    # --store postgres: every cell of the workers x writers matrix
+    pg_batch_s: float = 6.0
+    pg_seed_writes: int = 30_000
+    pg_seed_s: float = 6.0
+    pg_reads_s: float = 3.0
+    pg_baseline_s: float = 3.0
 
 
 def scaled(sizes: Sizes, factor: float) -> Sizes:
@@ -67,6 +74,11 @@ QUICK = Sizes(
     scaling_s=2.0,
     scaling_keys=(10, 1_000, 100_000),
     scaling_batches=(10,),
+    pg_batch_s=2.5,
+    pg_seed_writes=5_000,
+    pg_seed_s=2.5,
+    pg_reads_s=1.5,
+    pg_baseline_s=1.5,
 )
 
 KEYS = 1_000
@@ -96,6 +108,8 @@ class Row:
     client_cpu_1k: float | None
     client_share: float | None
     note: str = ""
+    #: PostgreSQL's CPU seconds per 1,000 requests (``--store postgres``)
+    db_cpu_1k: float | None = None
 
 
 @dataclass
@@ -202,6 +216,7 @@ def make_row(
         client_cpu_1k=client_1k,
         client_share=None if client_share(ph) is None else round(client_share(ph) or 0.0, 3),
         note=note,
+        db_cpu_1k=db_cpu_per_1k(ph),
     )
 
 
@@ -594,6 +609,218 @@ def scaling(bench: Bench, sizes: Sizes) -> ScenarioResult:
             "server_cpu_us_per_event": per_event_us,
         }
     return result
+
+
+# ---------------------------------------------------------------------- PostgreSQL matrix
+
+#: The scenarios ``--store postgres`` runs as a workers x writers matrix.
+PG_MATRIX = ("seed", "batch")
+
+
+def cell_key(base: str, workers: int, writers: int | None = None) -> str:
+    """Row key of one matrix cell (``writes workers=2 writers=4``); a baseline has no writers."""
+    key = f"{base} workers={workers}"
+    return key if writers is None else f"{key} writers={writers}"
+
+
+def parse_cell_key(key: str) -> tuple[str, int, int | None]:
+    """``writes workers=2 writers=4`` -> ``("writes", 2, 4)``."""
+    base, *pairs = key.split()
+    values = dict(pair.split("=", 1) for pair in pairs)
+    writers = values.get("writers")
+    return base, int(values["workers"]), None if writers is None else int(writers)
+
+
+def matrix_deployment(bench: Bench, workers: int) -> Deployment:
+    """The hypercorn CLI with ``workers`` trio workers (the only way to run several), with
+    the run's keep-alive, hypercorn arguments and trioagg source."""
+    return replace(bench.options.deployment, deploy="hypercorn", workers=workers)
+
+
+def _cell_facts(m: Measurement, row: Row, workers: int, writers: int | None) -> dict[str, Any]:
+    return {
+        "workers": workers,
+        "writers": writers,
+        "system": m.app,
+        "rate": row.rate,
+        "unit": row.unit,
+        "p99_ms": row.latency_ms.get("p99"),
+        "server_cpu_ms_per_req": row.server_cpu_1k,
+        "db_cpu_ms_per_req": row.db_cpu_1k,
+        "rows": m.store["rows"] if m.store else None,
+    }
+
+
+def pg_seed(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """seed on PostgreSQL: single-event writes, then reads, for every workers x writers cell."""
+    result = ScenarioResult("seed")
+    c = bench.options.connections
+    writes = f"{sizes.pg_seed_writes:,} single writes (<= {sizes.pg_seed_s:g} s)"
+    reads = f"reads, 1 key x 24 h ({sizes.pg_reads_s:g} s)"
+
+    def phases(writes_s: float, reads_s: float) -> list[dict[str, Any]]:
+        return [
+            phase(
+                "writes",
+                stream(
+                    "w",
+                    [("write", 1, events_request(bench))],
+                    connections=c,
+                    requests=sizes.pg_seed_writes,
+                    duration=writes_s,
+                    pool=sizes.pg_seed_writes,
+                ),
+            ),
+            phase(
+                "reads",
+                stream(
+                    "r",
+                    [("read", 1, reads_request(bench))],
+                    connections=c,
+                    duration=reads_s,
+                    pool=5_000,
+                ),
+            ),
+        ]
+
+    cells: list[dict[str, Any]] = []
+    for workers in bench.options.pg_workers:
+        deployment = matrix_deployment(bench, workers)
+        for writers in bench.options.pg_writers:
+            m = bench.measure(
+                f"pg seed {workers} worker(s) {writers} writer(s)",
+                "trioagg",
+                phases(sizes.pg_seed_s, sizes.pg_reads_s),
+                server_flags=("--writers", str(writers)),
+                deployment=deployment,
+            )
+            result.measurements.append(m)
+            for base, what, ph, st, cls in (
+                ("writes", writes, "writes", "w", "write"),
+                ("reads", reads, "reads", "r", "read"),
+            ):
+                row = make_row(
+                    "seed",
+                    cell_key(base, workers, writers),
+                    what,
+                    m,
+                    ph,
+                    st,
+                    cls,
+                    note=f"{workers} worker(s) x {writers} writer(s)",
+                )
+                result.rows.append(row)
+                cells.append({"measure": base, **_cell_facts(m, row, workers, writers)})
+        if bench.options.baselines:
+            ceiling = bench.measure(
+                f"pg seed ceiling {workers} worker(s)",
+                "ceiling",
+                phases(sizes.pg_baseline_s, sizes.pg_baseline_s),
+                deployment=deployment,
+            )
+            result.measurements.append(ceiling)
+            for base, what, ph, st, cls in (
+                ("writes", writes, "writes", "w", "write"),
+                ("reads", reads, "reads", "r", "read"),
+            ):
+                row = make_row(
+                    "seed",
+                    cell_key(base, workers),
+                    what,
+                    ceiling,
+                    ph,
+                    st,
+                    cls,
+                    note=f"{workers} worker(s), stores nothing",
+                )
+                result.rows.append(row)
+                cells.append({"measure": base, **_cell_facts(ceiling, row, workers, None)})
+    result.facts["store"] = "postgres"
+    result.facts["cells"] = cells
+    return result
+
+
+def pg_batch(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """batch on PostgreSQL: 1,000-event JSON arrays, durable, for every workers x writers cell."""
+    result = ScenarioResult("batch")
+    what = f"1,000-event JSON arrays ({sizes.pg_batch_s:g} s)"
+
+    def phases(seconds: float) -> list[dict[str, Any]]:
+        return [
+            phase(
+                "json",
+                stream(
+                    "json",
+                    [("write", 1, events_request(bench, events=BATCH_EVENTS))],
+                    connections=BATCH_CONNECTIONS,
+                    duration=seconds,
+                    pool=64,
+                ),
+            )
+        ]
+
+    cells: list[dict[str, Any]] = []
+    for workers in bench.options.pg_workers:
+        deployment = matrix_deployment(bench, workers)
+        for writers in bench.options.pg_writers:
+            m = bench.measure(
+                f"pg batch {workers} worker(s) {writers} writer(s)",
+                "trioagg",
+                phases(sizes.pg_batch_s),
+                server_flags=("--writers", str(writers)),
+                deployment=deployment,
+            )
+            result.measurements.append(m)
+            row = make_row(
+                "batch",
+                cell_key("json", workers, writers),
+                what,
+                m,
+                "json",
+                "json",
+                "write",
+                "events/s",
+                note=f"{workers} worker(s) x {writers} writer(s)",
+            )
+            result.rows.append(row)
+            cells.append({"measure": "json", **_cell_facts(m, row, workers, writers)})
+        if bench.options.baselines:
+            ceiling = bench.measure(
+                f"pg batch ceiling {workers} worker(s)",
+                "ceiling",
+                phases(sizes.pg_baseline_s),
+                deployment=deployment,
+            )
+            result.measurements.append(ceiling)
+            row = make_row(
+                "batch",
+                cell_key("json", workers),
+                what,
+                ceiling,
+                "json",
+                "json",
+                "write",
+                "events/s",
+                note=f"{workers} worker(s), stores nothing",
+            )
+            result.rows.append(row)
+            cells.append({"measure": "json", **_cell_facts(ceiling, row, workers, None)})
+    result.facts["store"] = "postgres"
+    result.facts["cells"] = cells
+    return result
+
+
+PG_RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
+    "seed": pg_seed,
+    "batch": pg_batch,
+}
+
+
+def runner_for(bench: Bench, name: str) -> Callable[[Bench, Sizes], ScenarioResult]:
+    """The scenario function: the PostgreSQL matrix for seed and batch on ``--store postgres``."""
+    if bench.options.store == "postgres" and name in PG_RUNNERS:
+        return PG_RUNNERS[name]
+    return RUNNERS[name]
 
 
 RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {

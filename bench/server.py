@@ -113,11 +113,11 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
 
 
 def command(
-    app: str, deployment: Deployment, db: Path | None, extra_args: Sequence[str] = ()
+    app: str, deployment: Deployment, db: Path | str | None, extra_args: Sequence[str] = ()
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv and extra environment that start ``app``. ``extra_args`` are the
-    scenario's own ``trioagg serve`` flags; the user's ``--server-arg`` come after
-    them and so win."""
+    """The argv and extra environment that start ``app``. ``db`` is a SQLite path or
+    a ``postgresql://`` DSN (trioagg only). ``extra_args`` are the scenario's own
+    ``trioagg serve`` flags; the user's ``--server-arg`` come after them and so win."""
     if app not in APPS:
         raise ValueError(f"unknown app {app!r}")
     python = sys.executable

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import trio
 
-from bench import cli, loadgen, scenarios, verify
+from bench import cli, loadgen, pgstore, report, scenarios, verify
 from bench.report import table
 from bench.runner import cpu_per_1k
 from bench.scenarios import Row, ScenarioResult, evaluate_targets
@@ -451,3 +451,174 @@ def test_scaled_sizes() -> None:
     assert small.batch_s == pytest.approx(0.8)
     assert small.scaling_keys == scenarios.FULL.scaling_keys
     assert scenarios.scaled(scenarios.FULL, 1) is scenarios.FULL
+
+
+# ---------------------------------------------------------------------- --store postgres
+
+
+def test_postgres_store_runs_seed_and_batch_as_a_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(pgstore.ENV_DSN, raising=False)
+    options, _ = cli.parse_args(["--store", "postgres"])
+    assert options.store == "postgres"
+    assert options.scenarios == ("seed", "batch")
+    assert (options.pg_writers, options.pg_workers) == ((1, 2, 4), (1, 2))
+    assert options.pg_dsn == "postgresql://127.0.0.1:5432/test"
+    options, _ = cli.parse_args(
+        ["--store", "postgres", "--scenario", "batch", "--pg-writers", "4,1", "--pg-workers", "2"]
+    )
+    assert options.scenarios == ("batch",)
+    assert (options.pg_writers, options.pg_workers) == ((4, 1), (2,))
+    assert cli.parse_args([])[0].store == "sqlite"
+
+
+def test_postgres_dsn_from_flag_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(pgstore.ENV_DSN, "postgresql://u@db:6543/x")
+    assert cli.parse_args(["--store", "postgres"])[0].pg_dsn == "postgresql://u@db:6543/x"
+    options, _ = cli.parse_args(["--store", "postgres", "--pg-dsn", "postgres://h/y"])
+    assert options.pg_dsn == "postgres://h/y"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pg-writers", "1,2"], "--pg-writers needs --store postgres"),
+        (["--pg-dsn", "postgresql://h/db"], "--pg-dsn needs --store postgres"),
+        (["--store", "postgres", "--pg-workers", "0"], "positive integers"),
+        (["--store", "postgres", "--pg-writers", ","], "at least one"),
+        (["--store", "postgres", "--pg-dsn", "/tmp/x.db"], "not a postgresql:// URL"),
+        (["--store", "postgres", "--pg-dsn", "postgresql://h/d?options=-cx%3Dy"], "options="),
+        (["--store", "postgres", "--server-arg", "--writers 2"], "use --pg-writers"),
+    ],
+)
+def test_postgres_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_schema_dsn_sets_the_search_path() -> None:
+    import psycopg
+
+    dsn = pgstore.schema_dsn("postgresql://127.0.0.1:5432/test", "bench_1_ab")
+    assert dsn == "postgresql://127.0.0.1:5432/test?options=-csearch_path%3Dbench_1_ab"
+    assert psycopg.conninfo.conninfo_to_dict(dsn)["options"] == "-csearch_path=bench_1_ab"
+    with_query = pgstore.schema_dsn("postgresql://h/d?sslmode=disable", "bench_x")
+    assert with_query.endswith("?sslmode=disable&options=-csearch_path%3Dbench_x")
+    with pytest.raises(ValueError):
+        pgstore.schema_dsn("postgresql://h/d", 'x"; DROP TABLE t; --')
+    name = pgstore.new_schema_name("07")
+    assert name.startswith("bench_") and name.endswith("_07")
+    assert name != pgstore.new_schema_name("07")
+
+
+def test_redact_hides_the_password() -> None:
+    assert pgstore.redact("postgresql://u:secret@h:5/d") == "postgresql://u:***@h:5/d"
+    assert pgstore.redact("postgresql://h/d") == "postgresql://h/d"
+
+
+def test_hypercorn_command_on_postgres_takes_the_dsn_and_writers() -> None:
+    dsn = "postgresql://127.0.0.1/test?options=-csearch_path%3Dbench_1"
+    deployment = Deployment(deploy="hypercorn", workers=2)
+    argv, env = command("trioagg", deployment, dsn, ["--writers", "4"])
+    assert argv[argv.index("--workers") + 1] == "2"
+    assert env == {"TRIOAGG_DB": dsn, "TRIOAGG_WRITERS": "4"}
+    argv, _ = command("trioagg", Deployment(), dsn, ["--writers", "2"])
+    assert argv[argv.index("--db") + 1] == dsn
+
+
+def test_matrix_deploys_with_the_hypercorn_cli() -> None:
+    options, _ = cli.parse_args(
+        ["--store", "postgres", "--deploy", "hypercorn", "--keep-alive", "30"]
+    )
+
+    class FakeBench:
+        pass
+
+    bench = FakeBench()
+    bench.options = options  # type: ignore[attr-defined]
+    deployment = scenarios.matrix_deployment(bench, 2)  # type: ignore[arg-type]
+    assert (deployment.deploy, deployment.workers, deployment.keep_alive) == ("hypercorn", 2, 30)
+    assert "--workers 1,2 --keep-alive 30" in cli.matrix_deployment_text(options)
+
+
+def test_cell_keys_round_trip() -> None:
+    assert scenarios.cell_key("writes", 2, 4) == "writes workers=2 writers=4"
+    assert scenarios.parse_cell_key("writes workers=2 writers=4") == ("writes", 2, 4)
+    assert scenarios.parse_cell_key(scenarios.cell_key("json", 1)) == ("json", 1, None)
+
+
+def _matrix() -> ScenarioResult:
+    rows = []
+    for workers in (1, 2):
+        for writers in (1, 2, 4):
+            rate = 1000.0 * workers * (1 + writers / 10)
+            row = _row("seed", scenarios.cell_key("writes", workers, writers), "trioagg", rate)
+            row.db_cpu_1k = 0.25
+            rows.append(row)
+        rows.append(_row("seed", scenarios.cell_key("writes", workers), "ceiling", 4000.0))
+    return ScenarioResult("seed", rows=rows, facts={"store": "postgres", "cells": []})
+
+
+def test_scaling_table_is_relative_to_the_first_cell() -> None:
+    lines = report.pg_scaling({"seed": _matrix()})
+    text = "\n".join(lines)
+    assert lines[0].startswith("POSTGRES SCALING")
+    assert "seed writes req/s" in text
+    one_writer = next(line for line in lines if line.strip().startswith("1 writer "))
+    assert "1,100" in one_writer and "1.00x" in one_writer and "2.00x" in one_writer
+    assert "0.75" in one_writer  # server 0.5 + PostgreSQL 0.25 ms CPU per request
+    assert "ceiling" in lines[-1] and "4,000" in lines[-1]
+    assert (
+        report.pg_scaling({"seed": ScenarioResult("seed", rows=[_row("seed", "w", "x", 1)])}) == []
+    )
+    # the main table compares every cell with the ceiling of its worker count
+    full = table("h", {"seed": _matrix()}, [], {"ok": True, "checked": 8, "failures": []}, [])
+    assert "0.28" in full  # 1,100 / 4,000
+    assert "0.50+0.25/0.05" in full
+
+
+def test_pg_chart_draws(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "pg.png"
+    report.pg_chart(path, {"seed": _matrix()}, "title")
+    assert path.stat().st_size > 1000
+
+
+def test_process_tree_cpu_counts_a_process_and_its_children() -> None:
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        tree = loadgen.process_tree_cpu(os.getpid())
+        assert set(tree) >= {os.getpid(), child.pid}
+    finally:
+        child.kill()
+        child.wait()
+    assert loadgen.process_tree_cpu(None) == {}
+    assert loadgen.cpu_since({1: 1.0, 2: 5.0}, {1: 1.5, 3: 0.25}) == pytest.approx(0.75)
+
+
+def test_store_totals_on_postgres() -> None:
+    """Against the local PostgreSQL server when there is one (skipped otherwise)."""
+    dsn = pgstore.resolve_dsn(None)
+    try:
+        pgstore.server_info(dsn)
+    except pgstore.PostgresError:
+        pytest.skip("no PostgreSQL server at " + pgstore.redact(dsn))
+    import psycopg
+
+    schema = pgstore.new_schema_name("test")
+    pgstore.create_schema(dsn, schema)
+    try:
+        with psycopg.connect(pgstore.schema_dsn(dsn, schema), autocommit=True) as conn:
+            conn.execute("CREATE TABLE rollups (key TEXT, bucket BIGINT, count BIGINT)")
+            conn.execute("INSERT INTO rollups VALUES ('a', 0, 3), ('a', 3600, 4), ('b', 0, 1)")
+        assert pgstore.store_totals(dsn, schema) == (8, 3)
+    finally:
+        pgstore.drop_schema(dsn, schema)
+    with pytest.raises(pgstore.PostgresError):
+        pgstore.store_totals(dsn, schema)
