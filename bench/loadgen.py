@@ -70,7 +70,10 @@ def render_event(rng: random.Random, template: dict[str, Any]) -> bytes:
     key = key_name(template.get("key_prefix", "k"), rng.randrange(template["keys"]))
     ts = template["start"] + rng.random() * template["span"]
     value = round(rng.uniform(0.0, 100.0), 3)
-    return b'{"key":"%s","ts":"%s","value":%r}' % (key.encode(), rfc3339(ts).encode(), value)
+    event = b'{"key":"%s","ts":"%s","value":%r' % (key.encode(), rfc3339(ts).encode(), value)
+    if template.get("distinct_ids"):  # feeds the distinct-count sketches
+        event += b',"distinct_id":"u%d"' % rng.randrange(template["distinct_ids"])
+    return event + b"}"
 
 
 def http_request(

@@ -16,7 +16,7 @@ from typing import Any
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
 from .server import Deployment
 
-SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling")
+SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling", "sketches")
 
 
 @dataclass(frozen=True)
@@ -611,6 +611,50 @@ def scaling(bench: Bench, sizes: Sizes) -> ScenarioResult:
     return result
 
 
+def sketches(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """What sketches cost: the batch load plain, then with a quantile sketch for every
+    key (--quantiles '*') and a distinct_id on every event, each on a fresh store."""
+    result = ScenarioResult("sketches")
+    variants = [
+        ("plain", "no sketches", (), events_request(bench, events=BATCH_EVENTS)),
+        (
+            "sketched",
+            "KLL + HLL on every event",
+            ("--quantiles", "*"),
+            {**events_request(bench, events=BATCH_EVENTS), "distinct_ids": 100_000},
+        ),
+    ]
+    for key, what, flags, request in variants:
+        m = bench.measure(
+            f"sketches {key}",
+            "trioagg",
+            [
+                phase(
+                    "ingest",
+                    stream(
+                        "s",
+                        [("write", 1, request)],
+                        connections=BATCH_CONNECTIONS,
+                        duration=sizes.scaling_s,
+                        pool=64,
+                    ),
+                )
+            ],
+            server_flags=flags,
+        )
+        result.measurements.append(m)
+        rows = m.store["rows"] if m.store else 0
+        result.rows.append(
+            make_row(
+                "sketches", key, what, m, "ingest", "s", "write", "events/s", note=f"{rows:,} rows"
+            )
+        )
+    plain, sketched = (row.rate for row in result.rows)
+    if plain and sketched:
+        result.facts["sketched / plain"] = round(sketched / plain, 3)
+    return result
+
+
 # ---------------------------------------------------------------------- PostgreSQL matrix
 
 #: The scenarios ``--store postgres`` runs as a workers x writers matrix.
@@ -830,6 +874,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "mixed": mixed,
     "overload": overload,
     "scaling": scaling,
+    "sketches": sketches,
 }
 
 

@@ -622,3 +622,17 @@ def test_store_totals_on_postgres() -> None:
         pgstore.drop_schema(dsn, schema)
     with pytest.raises(pgstore.PostgresError):
         pgstore.store_totals(dsn, schema)
+
+
+def test_events_carry_distinct_ids_only_when_asked() -> None:
+    rng = random.Random(3)
+    template = {"keys": 10, "start": 1_700_000_000, "span": 3600}
+    plain = msgspec.json.decode(loadgen.render_event(rng, template))
+    assert "distinct_id" not in plain
+    sketched = msgspec.json.decode(loadgen.render_event(rng, {**template, "distinct_ids": 5}))
+    assert sketched["distinct_id"] in {f"u{i}" for i in range(5)}
+
+
+def test_sketches_runs_alone() -> None:
+    options, _ = cli.parse_args(["--scenario", "sketches"])
+    assert options.scenarios == ("sketches",)
