@@ -22,7 +22,7 @@ async def test_saturated_channel_answers_503_with_retry_after(
 ) -> None:
     server = await start_server(queue_size="2", enqueue_timeout="200ms", busy_timeout="30s")
     hold_write_lock.acquire(server.db)
-    writer = server.app.service.writer
+    writer = server.app.service.writers
     # The writer takes the first request and waits on the lock; two more fill the channel.
     assert (await post(server.client, [{"key": "q"}] * 2, wait="false")).status_code == 202
     await wait_until(lambda: writer.queued() == 0)
@@ -114,7 +114,7 @@ async def test_batch_size_bounds_a_transaction_but_never_splits_a_request(
     for _ in range(5):
         assert (await post(server.client, [{"key": "b"}] * 4, wait="false")).status_code == 202
     hold_write_lock.release()
-    await wait_until(lambda: server.app.service.writer.committed_events == 20)
+    await wait_until(lambda: server.app.service.writers.committed_events == 20)
     # The first request alone, then [4 + 4] and [4 + 4]: a batch stops once it holds
     # batch_size events or more, and a request is never split.
     assert await metric(server, "trioagg_batch_events_count") == 3

@@ -50,10 +50,10 @@ _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 class Service:
     """The parts that outlive a request: settings, store, writer and metrics."""
 
-    def __init__(self, settings: Settings, store: Store, writer: Writers, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, store: Store, writers: Writers, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store
-        self.writer = writer
+        self.writers = writers
         self.metrics = metrics
         self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
 
@@ -94,7 +94,7 @@ class TrioaggApp(QuartTrio):
         assert self._lifespan_nursery is not None, "the ASGI lifespan is not running"
         settings = self.settings
         store = await open_store(settings)
-        writer = Writers(
+        writers = Writers(
             store,
             self.metrics,
             count=settings.writers,
@@ -102,11 +102,11 @@ class TrioaggApp(QuartTrio):
             queue_size=settings.queue_size,
             enqueue_timeout=settings.enqueue_timeout,
         )
-        await self._lifespan_nursery.start(writer.run)
+        await self._lifespan_nursery.start(writers.run)
         self._lifespan_nursery.start_soon(
             purge_expired_ids, store, min(60.0, settings.dedup_window / 10), self._purge_scope
         )
-        self._service = Service(settings, store, writer, self.metrics)
+        self._service = Service(settings, store, writers, self.metrics)
         log.info(
             "trioagg started: %s, %s buckets, %d writer(s), batch %d events, queue %d requests",
             store.backend.description,
@@ -121,14 +121,14 @@ class TrioaggApp(QuartTrio):
         service = self.service
         self._purge_scope.cancel()
         with trio.CancelScope(shield=True):
-            queued = service.writer.queued()
-            service.writer.close()
-            await service.writer.stopped.wait()
+            queued = service.writers.queued()
+            service.writers.close()
+            await service.writers.stopped.wait()
             await service.store.aclose()
         log.info(
             "trioagg stopped: drained %d queued requests, %d events committed since start",
             queued,
-            service.writer.committed_events,
+            service.writers.committed_events,
         )
 
 
@@ -173,7 +173,7 @@ def _add_routes(app: TrioaggApp) -> None:
         if length is not None and length > service.settings.max_body:
             raise PayloadTooLarge(_too_large_message(service.settings.max_body))
         durable = _wait_param(request.args.get("wait"))
-        await service.writer.admit()
+        await service.writers.admit()
         body = await request.get_data(False, False, False)
         try:
             points = decode_events(
@@ -184,7 +184,7 @@ def _add_routes(app: TrioaggApp) -> None:
             raise
         duplicates = 0
         if points:
-            submission = await service.writer.submit(points, durable=durable)
+            submission = await service.writers.submit(points, durable=durable)
             service.metrics.events_accepted.inc(len(points))
             if durable:
                 await submission.wait_committed()
@@ -232,10 +232,10 @@ def _add_routes(app: TrioaggApp) -> None:
             await service.store.ping()
         except Exception as error:
             checks["store"] = f"unreachable: {error}"
-        if not service.writer.running:
+        if not service.writers.running:
             checks["writer"] = "stopped"
-        if service.writer.saturated():
-            checks["queue"] = f"saturated ({service.writer.queued()} requests waiting)"
+        if service.writers.saturated():
+            checks["queue"] = f"saturated ({service.writers.queued()} requests waiting)"
         ready = checks == {"store": "ok", "writer": "running", "queue": "ok"}
         return _json(
             {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
