@@ -2,11 +2,12 @@
 
 Examples::
 
-    just bench                          # every scenario, a few minutes
+    just bench                          # every scenario, a few minutes (hypercorn -w 2)
     just bench --quick                  # reduced sizes, under two minutes
     just bench --scenario seed          # one scenario (repeat or comma-separate for more)
     just bench --server-arg '--sync normal' --server-arg --batch-size=2000
-    just bench --deploy hypercorn --workers 2 --keep-alive 30
+    just bench --deploy serve           # trioagg serve (one process) instead of hypercorn -w 2
+    just bench --workers 1 --keep-alive 30
     just bench --store postgres         # seed + batch on PostgreSQL, 1/2/4 writers x 1/2 workers
 
 Exit status: 0 when every measurement verified (stored events == acknowledged
@@ -42,7 +43,15 @@ from .scenarios import (
     runner_for,
     scaled,
 )
-from .server import Deployment, ServerError, flag_value, flags_to_env, split_args
+from .server import (
+    DEFAULT_DEPLOY,
+    DEFAULT_WORKERS,
+    Deployment,
+    ServerError,
+    flag_value,
+    flags_to_env,
+    split_args,
+)
 
 #: Options whose value is itself a flag (``--server-arg --sync=normal``).
 _PASS_THROUGH = ("--server-arg", "--hypercorn-arg")
@@ -66,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--deploy",
         choices=("serve", "hypercorn"),
-        default="serve",
-        help="serve: `trioagg serve` (hypercorn.trio.serve in-process, the default); "
-        "hypercorn: the hypercorn CLI with the trio worker class",
+        default=DEFAULT_DEPLOY,
+        help="hypercorn (default): the hypercorn CLI with the trio worker class and "
+        f"--workers {DEFAULT_WORKERS}, the documented deployment (docs/hypercorn-trio.md); "
+        "serve: `trioagg serve` (hypercorn.trio.serve in-process, one process)",
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="hypercorn workers (--deploy hypercorn)"
+        "--workers",
+        type=int,
+        default=None,
+        help=f"hypercorn workers (--deploy hypercorn; default {DEFAULT_WORKERS})",
     )
     parser.add_argument(
         "--keep-alive",
@@ -225,6 +238,14 @@ def parse_scenarios(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in SCENARIOS if name in chosen)
 
 
+def default_workers(deploy: str, workers: int | None) -> int:
+    """``--workers`` as given, else the documented deployment's count (one process for
+    ``trioagg serve``)."""
+    if workers is not None:
+        return workers
+    return DEFAULT_WORKERS if deploy == "hypercorn" else 1
+
+
 def parse_counts(text: str, flag: str) -> tuple[int, ...]:
     """``"1,2,4"`` -> ``(1, 2, 4)``: distinct positive counts, in the order given."""
     counts: list[int] = []
@@ -272,7 +293,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
             raise ValueError(f"--trioagg-src {args.trioagg_src} holds no trioagg package")
         deployment = Deployment(
             deploy=args.deploy,
-            workers=args.workers,
+            workers=default_workers(args.deploy, args.workers),
             keep_alive=args.keep_alive,
             server_args=split_args(args.server_arg),
             hypercorn_args=split_args(args.hypercorn_arg),
@@ -306,7 +327,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
 
 def matrix_deployment_text(options: Options) -> str:
     """How the PostgreSQL matrix deploys: the hypercorn CLI, every worker count."""
-    text = dataclasses.replace(options.deployment, deploy="hypercorn").describe()
+    text = dataclasses.replace(options.deployment, deploy="hypercorn", workers=1).describe()
     return text.replace("--workers 1", "--workers " + ",".join(map(str, options.pg_workers)), 1)
 
 

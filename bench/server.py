@@ -1,8 +1,9 @@
 """Starting, watching and stopping one server process for one measurement.
 
 A server is trioagg or a baseline app (``bench.baselines``), deployed either
-the way ``trioagg serve`` runs it (hypercorn.trio.serve in the process) or
-with hypercorn's CLI (``--worker-class trio``, ``--workers N``). It always
+with hypercorn's CLI (``--worker-class trio``, ``--workers N``; by default
+``--workers 2``, the documented deployment) or the way ``trioagg serve`` runs
+it (hypercorn.trio.serve in the process). It always
 binds 127.0.0.1 on a free port, logs to a file in the work directory, and is
 stopped with SIGTERM, which must end it with exit code 0.
 """
@@ -28,6 +29,10 @@ from .loadgen import parse_head
 
 APPS = ("trioagg", "ceiling", "naive")
 DEPLOYS = ("serve", "hypercorn")
+#: What ``just bench`` measures unless told otherwise: the documented default
+#: deployment (docs/hypercorn-trio.md), one trio worker per core of a 2-core machine.
+DEFAULT_DEPLOY = "hypercorn"
+DEFAULT_WORKERS = 2
 _RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
 _ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,10 +25,11 @@ from bench.server import Deployment, command, flag_value, flags_to_env, split_ar
 # ---------------------------------------------------------------------- arguments
 
 
-def test_defaults_run_every_scenario_with_trioagg_serve() -> None:
+def test_defaults_run_every_scenario_on_the_documented_deployment() -> None:
     options, args = cli.parse_args([])
     assert options.scenarios == scenarios.SCENARIOS
-    assert options.deployment.deploy == "serve"
+    # docs/hypercorn-trio.md: hypercorn's CLI, trio worker class, 2 workers
+    assert (options.deployment.deploy, options.deployment.workers) == ("hypercorn", 2)
     assert options.deployment.server_args == ()
     assert not options.quick
     assert options.baselines
@@ -66,9 +67,13 @@ def test_server_args_pass_through_in_any_spelling(argv: list[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--workers", "2"], "--workers needs --deploy hypercorn"),
-        (["--keep-alive", "30"], "--keep-alive needs --deploy hypercorn"),
-        (["--hypercorn-arg", "--backlog 10"], "--hypercorn-arg needs --deploy hypercorn"),
+        (["--deploy", "serve", "--workers", "2"], "--workers needs --deploy hypercorn"),
+        (["--deploy", "serve", "--keep-alive", "30"], "--keep-alive needs --deploy hypercorn"),
+        (
+            ["--deploy", "serve", "--hypercorn-arg", "--backlog 10"],
+            "--hypercorn-arg needs --deploy hypercorn",
+        ),
+        (["--workers", "0"], "--workers must be at least 1"),
         (["--server-arg", "sync"], "expected a --flag"),
         (["--server-arg", "--sync"], "--sync needs a value"),
         (["--scale", "0"], "--scale must be"),
@@ -81,6 +86,13 @@ def test_bad_combinations_fail_before_running(
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_serve_deployment_is_one_process() -> None:
+    options, _ = cli.parse_args(["--deploy", "serve"])
+    assert (options.deployment.deploy, options.deployment.workers) == ("serve", 1)
+    options, _ = cli.parse_args(["--workers", "1"])
+    assert (options.deployment.deploy, options.deployment.workers) == ("hypercorn", 1)
 
 
 def test_hypercorn_deployment_takes_workers_and_keep_alive() -> None:
