@@ -50,7 +50,9 @@ _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 class Service:
     """The parts that outlive a request: settings, store, writer and metrics."""
 
-    def __init__(self, settings: Settings, store: Store, writers: Writers, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, writers: Writers, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self.store = store
         self.writers = writers
@@ -174,17 +176,19 @@ def _add_routes(app: TrioaggApp) -> None:
             raise PayloadTooLarge(_too_large_message(service.settings.max_body))
         durable = _wait_param(request.args.get("wait"))
         await service.writers.admit()
-        body = await request.get_data(False, False, False)
         try:
+            body = await request.get_data(False, False, False)
             points = decode_events(
                 body, ndjson=mimetype in _NDJSON_TYPES, limits=service.limits, now=time.time()
             )
+            submission = await service.writers.submit(points, durable=durable) if points else None
         except InvalidEvents as error:
             service.metrics.events_rejected.inc(error.event_count)
             raise
+        finally:
+            service.writers.admitted()
         duplicates = 0
-        if points:
-            submission = await service.writers.submit(points, durable=durable)
+        if submission is not None:
             service.metrics.events_accepted.inc(len(points))
             if durable:
                 await submission.wait_committed()

@@ -250,6 +250,7 @@ class Writers:
             for shard in range(count)
         ]
         self.stopped = trio.Event()
+        self._admission = trio.Semaphore(queue_size * count)
         metrics.watch_channels(lambda: [writer.statistics() for writer in self.writers])
 
     @property
@@ -281,16 +282,24 @@ class Writers:
             writer.close()
 
     async def admit(self) -> None:
-        """Wait (up to ``enqueue_timeout``) until every channel has room, or raise
-        :class:`Overloaded`. Called before a request's body is read and decoded, so
-        that under overload the server refuses work before paying for it."""
-        if not self.saturated():
+        """Take one of ``queue_size`` admission tokens, waiting up to ``enqueue_timeout``,
+        or raise :class:`Overloaded`; give it back with :meth:`admitted` once the request
+        is queued or refused. Taken before a request's body is read and decoded, it
+        bounds how many requests are decoded at once, so that under overload the server
+        answers 503 before paying for the work, and the writer still gets its turn."""
+        try:
+            self._admission.acquire_nowait()
             return
-        deadline = trio.current_time() + self.enqueue_timeout
-        while self.saturated():
-            if trio.current_time() >= deadline:
-                raise _overloaded(self.enqueue_timeout)
-            await trio.sleep(0.005)
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(self.enqueue_timeout):
+            await self._admission.acquire()
+            return
+        raise _overloaded(self.enqueue_timeout)
+
+    def admitted(self) -> None:
+        """Give back the token of :meth:`admit`."""
+        self._admission.release()
 
     async def submit(self, points: list[Point], *, durable: bool) -> Submission | Receipt:
         """Queue a request's events with the writers owning their hours (see the class)."""
