@@ -66,7 +66,15 @@ def openapi_document() -> dict[str, Any]:
         "Accepted": {
             "type": "object",
             "required": ["accepted"],
-            "properties": {"accepted": {"type": "integer"}, "duplicates": {"type": "integer"}},
+            "properties": {
+                "accepted": {"type": "integer", "description": "Events of the request."},
+                "duplicates": {
+                    "type": "integer",
+                    "description": "Of those, events whose id was already stored within the "
+                    "dedup window: acknowledged, not counted again (durable answers only).",
+                },
+            },
+            "examples": [{"accepted": 3, "duplicates": 1}],
         },
         "Keys": {
             "type": "object",
