@@ -129,3 +129,38 @@ async def metric(server: Any, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     raise AssertionError(f"no sample {name} {labels}")
+
+
+async def test_admission_bounds_requests_read_and_decoded_at_once(
+    start_server: StartServer,
+) -> None:
+    """With queue_size=1, one request still sending its body holds the only admission
+    token: another is refused (503) without its body being read, though the queue is
+    empty; once the first is queued, the next is admitted."""
+    server = await start_server(queue_size="1", enqueue_timeout="200ms")
+    release = trio.Event()
+
+    async def slow_body() -> Any:
+        yield b'[{"key": "slow"},'
+        await release.wait()
+        yield b'{"key": "slow"}]'
+
+    async with trio.open_nursery() as nursery:
+        statuses: list[int] = []
+
+        async def send_slowly() -> None:
+            response = await server.client.post(
+                "/v1/events", content=slow_body(), headers={"Content-Type": "application/json"}
+            )
+            statuses.append(response.status_code)
+
+        nursery.start_soon(send_slowly)
+        await trio.sleep(0.2)  # the slow request is admitted and reading its body
+        refused = await post(server.client, {"key": "fast"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "overloaded"
+        assert server.app.service.writers.queued() == 0
+        release.set()
+    assert statuses == [200]
+    assert (await post(server.client, {"key": "fast"})).status_code == 200
+    assert stored_counts(server.db) == {"slow": 2, "fast": 1}
