@@ -185,6 +185,44 @@ def phase(name: str, *streams: dict[str, Any], max_seconds: float = 300.0) -> di
     return {"name": name, "streams": list(streams), "max_seconds": max_seconds}
 
 
+def writes_phase(
+    bench: Bench,
+    requests: int,
+    *,
+    duration: float | None = None,
+    pool: int | None = None,
+    wait: bool = True,
+) -> dict[str, Any]:
+    """Single-event writes over 1,000 keys and 24 h (the seed design's load);
+    ``pool`` distinct requests, by default one per request."""
+    return phase(
+        "writes",
+        stream(
+            "w",
+            [("write", 1, events_request(bench, wait=wait))],
+            connections=bench.options.connections,
+            requests=requests,
+            duration=duration,
+            pool=pool or requests,
+        ),
+    )
+
+
+def reads_phase(bench: Bench, requests: int, *, duration: float | None = None) -> dict[str, Any]:
+    """Random reads of one key's day of hourly buckets."""
+    return phase(
+        "reads",
+        stream(
+            "r",
+            [("read", 1, reads_request(bench))],
+            connections=bench.options.connections,
+            requests=requests,
+            duration=duration,
+            pool=5_000,
+        ),
+    )
+
+
 def make_row(
     scenario: str,
     key: str,
@@ -229,35 +267,15 @@ def _baseline(bench: Bench, name: str, make: Callable[[], Measurement]) -> Measu
 
 def ceiling_single(bench: Bench, sizes: Sizes) -> Measurement:
     """The ceiling with the seed load: single-event POSTs, then one key's day of reads."""
-    c = bench.options.connections
 
     def make() -> Measurement:
+        writes = min(sizes.baseline_requests, sizes.seed_writes)
         return bench.measure(
             "ceiling single+reads",
             "ceiling",
             [
-                phase(
-                    "writes",
-                    stream(
-                        "w",
-                        [("write", 1, events_request(bench))],
-                        connections=c,
-                        requests=min(sizes.baseline_requests, sizes.seed_writes),
-                        duration=sizes.baseline_s,
-                        pool=sizes.seed_writes,
-                    ),
-                ),
-                phase(
-                    "reads",
-                    stream(
-                        "r",
-                        [("read", 1, reads_request(bench))],
-                        connections=c,
-                        requests=sizes.seed_reads,
-                        duration=sizes.baseline_s,
-                        pool=5_000,
-                    ),
-                ),
+                writes_phase(bench, writes, duration=sizes.baseline_s, pool=sizes.seed_writes),
+                reads_phase(bench, sizes.seed_reads, duration=sizes.baseline_s),
             ],
         )
 
@@ -265,25 +283,11 @@ def ceiling_single(bench: Bench, sizes: Sizes) -> Measurement:
 
 
 def naive_single(bench: Bench, sizes: Sizes) -> Measurement:
-    c = bench.options.connections
-
     def make() -> Measurement:
         return bench.measure(
             "naive single",
             "naive",
-            [
-                phase(
-                    "writes",
-                    stream(
-                        "w",
-                        [("write", 1, events_request(bench))],
-                        connections=c,
-                        requests=sizes.seed_writes,
-                        duration=sizes.naive_s,
-                        pool=sizes.seed_writes,
-                    ),
-                )
-            ],
+            [writes_phase(bench, sizes.seed_writes, duration=sizes.naive_s)],
         )
 
     return _baseline(bench, "naive single", make)
@@ -295,32 +299,10 @@ def naive_single(bench: Bench, sizes: Sizes) -> Measurement:
 def seed(bench: Bench, sizes: Sizes) -> ScenarioResult:
     """30 K single-event writes over 1,000 keys and 24 h, then 100 K random reads."""
     result = ScenarioResult("seed")
-    c = bench.options.connections
     m = bench.measure(
         "seed",
         "trioagg",
-        [
-            phase(
-                "writes",
-                stream(
-                    "w",
-                    [("write", 1, events_request(bench))],
-                    connections=c,
-                    requests=sizes.seed_writes,
-                    pool=sizes.seed_writes,
-                ),
-            ),
-            phase(
-                "reads",
-                stream(
-                    "r",
-                    [("read", 1, reads_request(bench))],
-                    connections=c,
-                    requests=sizes.seed_reads,
-                    pool=5_000,
-                ),
-            ),
-        ],
+        [writes_phase(bench, sizes.seed_writes), reads_phase(bench, sizes.seed_reads)],
     )
     result.measurements.append(m)
     writes = f"{sizes.seed_writes:,} single writes"
