@@ -52,3 +52,17 @@ async def test_openapi_describes_every_endpoint(server: Server) -> None:
     event = document["components"]["schemas"]["Event"]
     assert set(event["properties"]) == {"key", "ts", "value", "tags", "distinct_id", "id"}
     assert event["additionalProperties"] is False
+
+
+async def test_every_openapi_parameter_has_a_description_and_an_example(server: Server) -> None:
+    document = (await server.client.get("/openapi.json")).json()
+    parameters = [
+        parameter
+        for item in document["paths"].values()
+        for operation in item.values()
+        for parameter in operation.get("parameters", [])
+    ]
+    assert len(parameters) >= 20
+    for parameter in parameters:
+        assert parameter["description"], parameter["name"]
+        assert "example" in parameter, parameter["name"]

@@ -26,8 +26,34 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
+#: An example value of every query parameter, by name.
+_EXAMPLES: dict[str, Any] = {
+    "wait": False,
+    "key": ["checkout.completed", "checkout.started"],
+    "from": "2026-11-01T00:00:00Z",
+    "to": "2026-12-01T00:00:00+01:00",
+    "granularity": "day",
+    "tz": "Europe/Berlin",
+    "fill": "zero",
+    "group_by": "region",
+    "stats": "count,avg,p99",
+    "tag.NAME": "eu",
+    "prefix": "checkout.",
+    "after": "checkout.completed",
+    "limit": 100,
+    "stat": "sum",
+}
+
+
 def _param(name: str, description: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"name": name, "in": "query", "description": description, "schema": schema, **extra}
+    return {
+        "name": name,
+        "in": "query",
+        "description": description,
+        "schema": schema,
+        "example": _EXAMPLES[name],
+        **extra,
+    }
 
 
 def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -237,13 +263,12 @@ def openapi_document() -> dict[str, Any]:
                             "p99.9; keys named by --quantiles). Example: count,avg,p99.",
                             {"type": "string", "default": ",".join(DEFAULT_STATS)},
                         ),
-                        {
-                            "name": "tag.NAME",
-                            "in": "query",
-                            "schema": {"type": "string"},
-                            "description": "Keep only series whose tag NAME has this value "
-                            "(repeatable with other names, AND).",
-                        },
+                        _param(
+                            "tag.NAME",
+                            "Keep only series whose tag NAME has this value, e.g. "
+                            "tag.region=eu (repeatable with other names, AND).",
+                            {"type": "string"},
+                        ),
                     ],
                     "responses": {
                         "200": _json_response(
