@@ -208,7 +208,9 @@ def writes_phase(
     )
 
 
-def reads_phase(bench: Bench, requests: int, *, duration: float | None = None) -> dict[str, Any]:
+def reads_phase(
+    bench: Bench, requests: int | None, *, duration: float | None = None
+) -> dict[str, Any]:
     """Random reads of one key's day of hourly buckets."""
     return phase(
         "reads",
@@ -680,34 +682,25 @@ def _cell_facts(m: Measurement, row: Row, workers: int, writers: int | None) -> 
 def pg_seed(bench: Bench, sizes: Sizes) -> ScenarioResult:
     """seed on PostgreSQL: single-event writes, then reads, for every workers x writers cell."""
     result = ScenarioResult("seed")
-    c = bench.options.connections
     writes = f"{sizes.pg_seed_writes:,} single writes (<= {sizes.pg_seed_s:g} s)"
     reads = f"reads, 1 key x 24 h ({sizes.pg_reads_s:g} s)"
 
     def phases(writes_s: float, reads_s: float) -> list[dict[str, Any]]:
         return [
-            phase(
-                "writes",
-                stream(
-                    "w",
-                    [("write", 1, events_request(bench))],
-                    connections=c,
-                    requests=sizes.pg_seed_writes,
-                    duration=writes_s,
-                    pool=sizes.pg_seed_writes,
-                ),
-            ),
-            phase(
-                "reads",
-                stream(
-                    "r",
-                    [("read", 1, reads_request(bench))],
-                    connections=c,
-                    duration=reads_s,
-                    pool=5_000,
-                ),
-            ),
+            writes_phase(bench, sizes.pg_seed_writes, duration=writes_s),
+            reads_phase(bench, None, duration=reads_s),
         ]
+
+    def add_rows(m: Measurement, workers: int, writers: int | None, note: str) -> None:
+        for base, what, ph, st, cls in (
+            ("writes", writes, "writes", "w", "write"),
+            ("reads", reads, "reads", "r", "read"),
+        ):
+            row = make_row(
+                "seed", cell_key(base, workers, writers), what, m, ph, st, cls, note=note
+            )
+            result.rows.append(row)
+            cells.append({"measure": base, **_cell_facts(m, row, workers, writers)})
 
     cells: list[dict[str, Any]] = []
     for workers in bench.options.pg_workers:
@@ -721,22 +714,7 @@ def pg_seed(bench: Bench, sizes: Sizes) -> ScenarioResult:
                 deployment=deployment,
             )
             result.measurements.append(m)
-            for base, what, ph, st, cls in (
-                ("writes", writes, "writes", "w", "write"),
-                ("reads", reads, "reads", "r", "read"),
-            ):
-                row = make_row(
-                    "seed",
-                    cell_key(base, workers, writers),
-                    what,
-                    m,
-                    ph,
-                    st,
-                    cls,
-                    note=f"{workers} worker(s) x {writers} writer(s)",
-                )
-                result.rows.append(row)
-                cells.append({"measure": base, **_cell_facts(m, row, workers, writers)})
+            add_rows(m, workers, writers, f"{workers} worker(s) x {writers} writer(s)")
         if bench.options.baselines:
             ceiling = bench.measure(
                 f"pg seed ceiling {workers} worker(s)",
@@ -745,22 +723,7 @@ def pg_seed(bench: Bench, sizes: Sizes) -> ScenarioResult:
                 deployment=deployment,
             )
             result.measurements.append(ceiling)
-            for base, what, ph, st, cls in (
-                ("writes", writes, "writes", "w", "write"),
-                ("reads", reads, "reads", "r", "read"),
-            ):
-                row = make_row(
-                    "seed",
-                    cell_key(base, workers),
-                    what,
-                    ceiling,
-                    ph,
-                    st,
-                    cls,
-                    note=f"{workers} worker(s), stores nothing",
-                )
-                result.rows.append(row)
-                cells.append({"measure": base, **_cell_facts(ceiling, row, workers, None)})
+            add_rows(ceiling, workers, None, f"{workers} worker(s), stores nothing")
     result.facts["store"] = "postgres"
     result.facts["cells"] = cells
     return result
