@@ -148,7 +148,7 @@ def commit_batch(
     now = time.time()
     backend.begin(conn)
     try:
-        ids = sorted({p[5] for points in batch for p in points if p[5] is not None})
+        ids = list({p[5] for points in batch for p in points if p[5] is not None})
         claimed = backend.claim_ids(conn, ids, now, now - policy.dedup_window) if ids else set()
         duplicates = []
         rollups: dict[Slot, Rollup] = {}
