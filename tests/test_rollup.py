@@ -20,7 +20,7 @@ from werkzeug.datastructures import MultiDict
 from trioagg.errors import InvalidQuery
 from trioagg.query import CALENDAR, GRANULARITIES, Query, answer, parse_query
 from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
-from trioagg.store.base import WritePolicy, commit_batch
+from trioagg.store.base import SeriesCache, WritePolicy, commit_batch
 from trioagg.store.sqlite import SQLiteBackend
 
 # 2025-10-24T00:00:00Z: the range crosses the end of DST in Europe (Oct 26)
@@ -57,7 +57,7 @@ def store_in_batches(
     backend.prepare(conn, width)
     policy = WritePolicy(width, 86400, lambda key: quantiles)
     bounds = sorted({0, len(points), *(c % (len(points) + 1) for c in cuts)})
-    series_seen: dict = {}
+    series_seen = SeriesCache()
     for lo, hi in itertools.pairwise(bounds):
         commit_batch(conn, backend, [points[lo:hi]], policy, series_seen)
     backend.close(conn)

@@ -10,12 +10,15 @@ Quart-Trio has already cancelled the scope it runs in).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import trio
+from hypercorn.utils import LifespanFailureError
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -27,6 +30,8 @@ from .errors import (
     InvalidQuery,
     PayloadTooLarge,
     RequestError,
+    StoreOutage,
+    StoreUnavailable,
     UnsupportedMediaType,
     error_body,
 )
@@ -48,7 +53,10 @@ _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 
 
 class Service:
-    """The parts that outlive a request: settings, store, writer and metrics."""
+    """The parts that outlive a request, and their life, which
+    ``async with Service.running(settings, metrics) as service`` owns: it opens the
+    store, starts the writers and the id purge in a nursery of its own, and on the
+    way out stops in a fixed order (see :meth:`running`)."""
 
     def __init__(
         self, settings: Settings, store: Store, writers: Writers, metrics: Metrics
@@ -59,9 +67,83 @@ class Service:
         self.metrics = metrics
         self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
 
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, settings: Settings, metrics: Metrics) -> AsyncIterator[Service]:
+        """Run the service for the body of the ``async with``. Leaving it: stop admitting
+        requests, stop the purge and wait for it, close the writers' channels, drain them
+        under ``drain_timeout`` (shielded from cancellation), answer what is left
+        unstored, and close the store once no thread uses it. A writer that crashes
+        cancels the body and the exception comes out of the ``async with``."""
+        store = await open_store(settings)
+        try:
+            writers = Writers(
+                store,
+                metrics,
+                count=settings.writers,
+                batch_size=settings.batch_size,
+                queue_size=settings.queue_size,
+                enqueue_timeout=settings.enqueue_timeout,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writers.run)
+                service = cls(settings, store, writers, metrics)
+                async with trio.open_nursery() as purging:
+                    interval = min(60.0, settings.dedup_window / 10)
+                    purging.start_soon(purge_expired_ids, store, interval)
+                    log.info(
+                        "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
+                        "queue %d requests",
+                        store.backend.description,
+                        _BUCKET_NAMES[store.bucket],
+                        settings.writers,
+                        settings.batch_size,
+                        settings.queue_size,
+                    )
+                    try:
+                        yield service
+                    finally:
+                        writers.accepting = False
+                        purging.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await service._drain()
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+    async def _drain(self) -> None:
+        """Commit what is queued, until ``drain_timeout``; then answer the rest unstored."""
+        writers, timeout = self.writers, self.settings.drain_timeout
+        before, queued = writers.committed_events, writers.queued()
+        if not await writers.drain(timeout):
+            log.error(
+                "the drain deadline (%gs, drain_timeout) passed: the rest went unstored", timeout
+            )
+        log.info(
+            "trioagg stopped: %d queued requests at shutdown, %d events committed while "
+            "draining, %d since start",
+            queued,
+            writers.committed_events - before,
+            writers.committed_events,
+        )
+
+
+class WriterCrashed(LifespanFailureError):
+    """A writer or the purge task died of a bug: the process must exit (non-zero) so
+    that its supervisor restarts it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("lifespan", message)
+
+
+# How long a crashed service keeps answering (503) before the process exits, so that
+# the requests it woke with an error get their answers out.
+_CRASH_GRACE_SECONDS = 0.5
+
 
 class TrioaggApp(QuartTrio):
-    """A Quart-Trio app whose writer task lives in a nursery around the ASGI lifespan."""
+    """A Quart-Trio app whose :class:`Service` runs in a task of a nursery around the
+    ASGI lifespan, so it outlives the HTTP server and drains after it."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__("trioagg")
@@ -69,7 +151,10 @@ class TrioaggApp(QuartTrio):
         self.metrics = Metrics()
         self._service: Service | None = None
         self._lifespan_nursery: trio.Nursery | None = None
-        self._purge_scope = trio.CancelScope()
+        self._stop_requested = trio.Event()
+        self._service_stopped = trio.Event()
+        #: Why the service died, once it has: the process is unhealthy and about to exit.
+        self.crashed: str | None = None
 
     def log_exception(self, exception_info: Any) -> None:
         if isinstance(exception_info[1], ConfigError):  # a plain sentence says it all
@@ -92,46 +177,38 @@ class TrioaggApp(QuartTrio):
             await super().__call__(scope, receive, send)
 
     async def start_service(self) -> None:
-        """Open the store and start the writer (``before_serving``)."""
+        """Start the service in the lifespan's nursery (``before_serving``)."""
         assert self._lifespan_nursery is not None, "the ASGI lifespan is not running"
-        settings = self.settings
-        store = await open_store(settings)
-        writers = Writers(
-            store,
-            self.metrics,
-            count=settings.writers,
-            batch_size=settings.batch_size,
-            queue_size=settings.queue_size,
-            enqueue_timeout=settings.enqueue_timeout,
-        )
-        await self._lifespan_nursery.start(writers.run)
-        self._lifespan_nursery.start_soon(
-            purge_expired_ids, store, min(60.0, settings.dedup_window / 10), self._purge_scope
-        )
-        self._service = Service(settings, store, writers, self.metrics)
-        log.info(
-            "trioagg started: %s, %s buckets, %d writer(s), batch %d events, queue %d requests",
-            store.backend.description,
-            _BUCKET_NAMES[store.bucket],
-            settings.writers,
-            settings.batch_size,
-            settings.queue_size,
-        )
+        self._service = await self._lifespan_nursery.start(self._run_service)
+
+    async def _run_service(self, *, task_status: trio.TaskStatus[Service]) -> None:
+        started = False
+        try:
+            async with Service.running(self.settings, self.metrics) as service:
+                task_status.started(service)
+                started = True
+                await self._stop_requested.wait()
+        except BaseException as failure:
+            if not started or _only_cancelled(failure):
+                raise
+            self.crashed = f"{type(failure).__name__}: {failure}"
+            log.critical("the service crashed; exiting", exc_info=failure)
+            await trio.sleep(_CRASH_GRACE_SECONDS)
+            raise WriterCrashed(f"the service crashed: {self.crashed}") from failure
+        finally:
+            self._service_stopped.set()
 
     async def stop_service(self) -> None:
-        """Drain the writer, commit, close the store (``after_serving``)."""
-        service = self.service
-        self._purge_scope.cancel()
+        """Stop and drain the service (``after_serving``)."""
+        self._stop_requested.set()
         with trio.CancelScope(shield=True):
-            queued = service.writers.queued()
-            service.writers.close()
-            await service.writers.stopped.wait()
-            await service.store.aclose()
-        log.info(
-            "trioagg stopped: drained %d queued requests, %d events committed since start",
-            queued,
-            service.writers.committed_events,
-        )
+            await self._service_stopped.wait()
+
+
+def _only_cancelled(failure: BaseException) -> bool:
+    if isinstance(failure, BaseExceptionGroup):
+        return failure.split(trio.Cancelled)[1] is None
+    return isinstance(failure, trio.Cancelled)
 
 
 def create_app(settings: Settings | None = None) -> TrioaggApp:
@@ -226,6 +303,10 @@ def _add_routes(app: TrioaggApp) -> None:
 
     @app.get("/healthz")
     async def healthz() -> Response:
+        if app.crashed is not None:
+            return _json({"status": "failing", "reason": "the service crashed; exiting"}, 503)
+        if not app.service.writers.running:
+            return _json({"status": "failing", "reason": "the writers are not running"}, 503)
         return _json({"status": "ok"})
 
     @app.get("/readyz")
@@ -234,8 +315,14 @@ def _add_routes(app: TrioaggApp) -> None:
         checks = {"store": "ok", "writer": "running", "queue": "ok"}
         try:
             await service.store.ping()
+        except StoreOutage as error:
+            log.warning("readiness: the store cannot be read: %s", error.__cause__)
+            checks["store"] = f"unreachable: {error.reason}"
         except Exception as error:
-            checks["store"] = f"unreachable: {error}"
+            log.warning("readiness: the store cannot be read: %s", error)
+            checks["store"] = "unreachable"
+        if service.writers.failing is not None:
+            checks["store"] = f"failing: {service.writers.failing}"
         if not service.writers.running:
             checks["writer"] = "stopped"
         if service.writers.saturated():
@@ -290,6 +377,15 @@ def _add_error_handlers(app: TrioaggApp) -> None:
         app.metrics.requests_rejected.labels(error.code).inc()
         return Response(
             error.body(), error.status, headers=error.headers(), content_type="application/json"
+        )
+
+    @app.errorhandler(StoreOutage)
+    async def store_outage(error: StoreOutage) -> Response:
+        log.warning(
+            "%s %s: the store is unavailable: %s", request.method, request.path, error.__cause__
+        )
+        return await request_error(
+            StoreUnavailable(f"the store cannot answer now ({error.reason}); retry later")
         )
 
     @app.errorhandler(HTTPException)

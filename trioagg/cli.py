@@ -21,9 +21,12 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.utils import LifespanFailureError
 
 from . import __version__
-from .app import TrioaggApp, create_app, log
+from .app import TrioaggApp, WriterCrashed, create_app, log
 from .errors import ConfigError
 from .settings import Settings, env_name, flag_name
+
+# Room between the end of the drain and hypercorn's cancelling of the lifespan.
+_SHUTDOWN_MARGIN_SECONDS = 10
 
 
 @click.group()
@@ -57,6 +60,8 @@ def serve(**values: str | None) -> None:
     try:
         trio.run(run_server, create_app(settings))
     except BaseExceptionGroup as group:
+        if group.subgroup(WriterCrashed) is not None:
+            sys.exit(1)  # logged; a supervisor should restart the service
         if group.subgroup(LifespanFailureError) is None:
             raise
         sys.exit(2)  # the app has logged why it could not start
@@ -74,6 +79,10 @@ async def run_server(
     config.bind = [f"{app.settings.host}:{app.settings.port}"]
     config.accesslog = None
     config.errorlog = "-"
+    # Requests in flight may wait for their commit, and the drain must end by itself
+    # (drain_timeout) before hypercorn would cancel it.
+    config.graceful_timeout = app.settings.drain_timeout
+    config.shutdown_timeout = app.settings.drain_timeout + _SHUTDOWN_MARGIN_SECONDS
     if shutdown_trigger is not None:
         await hypercorn_serve(
             app, config, shutdown_trigger=shutdown_trigger, task_status=task_status

@@ -4,8 +4,9 @@ The tree::
 
     TrioaggError
     ├── ConfigError              a setting is invalid, or the store disagrees with it
-    ├── StoreError               the database failed; nothing of the transaction is stored
-    │   └── StoreBusy            the database stayed locked for longer than busy_timeout
+    ├── StoreError               a transaction failed; nothing of it is stored (tied to its data)
+    │   └── StoreOutage          the store cannot commit anything now (unreachable, full, ...)
+    │       └── StoreBusy        the database stayed locked for longer than busy_timeout
     └── RequestError             answered to the client as {"error": {...}} with `status`
         ├── MalformedBody        400 malformed_json
         ├── PayloadTooLarge      413 payload_too_large
@@ -13,7 +14,9 @@ The tree::
         ├── InvalidEvents        422 invalid_events (details: every problem, by event index)
         ├── InvalidQuery         422 invalid_query  (details: every problem, by parameter)
         ├── Overloaded           503 overloaded (Retry-After)
-        └── CommitFailed         503 commit_failed (the request's events were not stored)
+        ├── CommitFailed         503 commit_failed (the request's events were not stored)
+        ├── StoreUnavailable     503 store_unavailable (a read could not reach the store)
+        └── Unstorable           422 unstorable_events (the store refused this request's data)
 
 Errors raised by Quart itself (404, 405) are given the same envelope by the app.
 """
@@ -37,7 +40,17 @@ class StoreError(TrioaggError):
     """A transaction failed; the store holds nothing of it."""
 
 
-class StoreBusy(StoreError):
+class StoreOutage(StoreError):
+    """The store cannot commit anything now, whatever the data: it is unreachable, full,
+    read-only, gone, or locked. ``reason`` is short and safe to show a client (no host,
+    path or driver text); the driver's own error is logged and chained."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StoreBusy(StoreOutage):
     """The database stayed locked by another writer for longer than ``busy_timeout``."""
 
 
@@ -111,6 +124,24 @@ class CommitFailed(RequestError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class StoreUnavailable(RequestError):
+    """A read could not reach the store (an outage); retrying later may work."""
+
+    status = 503
+    code = "store_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class Unstorable(RequestError):
+    """The store refused this request's events (and only this request's): retrying the
+    same events cannot work. Nothing of the request was stored."""
+
+    status = 422
+    code = "unstorable_events"
 
 
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:

@@ -44,6 +44,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.events_lost = Counter(
+            "trioagg_events_lost",
+            "Events answered 202 that were never stored, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.rows_upserted = Counter(
             "trioagg_rows_upserted", "Rollup rows upserted (after pre-aggregation).", registry=r
         )

@@ -69,15 +69,21 @@ def parse_patterns(text: str) -> tuple[str, ...]:
     return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
+def _whole_number(text: str, expected: str) -> int:
+    if re.fullmatch(r"\s*[0-9]{1,18}\s*", text) is None:
+        raise ValueError(f"{text!r} is not {expected}")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
-    number = int(text)
+    number = _whole_number(text, "a whole number of at least 1")
     if number < 1:
         raise ValueError(f"{text!r} must be at least 1")
     return number
 
 
 def _port(text: str) -> int:
-    number = int(text)
+    number = _whole_number(text, "a TCP port (a whole number 0-65535; 0 picks a free one)")
     if not 0 <= number <= 65535:
         raise ValueError(f"{text!r} is not a TCP port (0-65535; 0 picks a free one)")
     return number
@@ -145,6 +151,13 @@ class Settings:
     )
     busy_timeout: float = _setting(
         "10s", parse_duration, "How long a commit retries a locked database before failing (503)."
+    )
+    drain_timeout: float = _setting(
+        "20s",
+        parse_duration,
+        "On shutdown, how long the writers may commit what is queued; what is left then is "
+        "answered 503 (durable) or counted as lost (202). trioagg serve gives hypercorn room "
+        "for it; under the hypercorn CLI keep its --graceful-timeout and shutdown_timeout above.",
     )
     writers: int = _setting(
         "1",

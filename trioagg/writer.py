@@ -1,10 +1,10 @@
-"""The writer: one task that turns queued requests into committed rollups.
+"""The writers: tasks that turn queued requests into committed rollups.
 
 What the words mean here:
 
 * **accepted**: a request's events passed validation and its
-  :class:`Submission` is in the writer's bounded channel. ``?wait=false``
-  requests are answered 202 at this point; a crash before the commit loses them.
+  :class:`Submission` is in a writer's bounded channel. ``?wait=false``
+  requests are answered 202 at this point.
 * **committed**: the transaction holding the request's events has committed.
   Durable requests are answered 200 only after this, and never otherwise.
 
@@ -12,15 +12,27 @@ The loop takes the first waiting submission, drains every other one already
 waiting (up to ``batch_size`` events, but never splitting a request), and
 hands the batch to the store, which deduplicates ids, merges the events in
 memory per (series, bucket) and commits the result as one transaction in a
-worker thread (meanwhile the event loop goes on accepting requests). Then it
-wakes every durable request of that batch, with its duplicate count or with
-the error if the commit failed (in which case nothing of the batch is
-stored), and goes on with the next batch.
+worker thread. Then it wakes every durable request of that batch.
 
-Cancellation: :meth:`Writer.submit` is cancellable while it waits for room
-(and then nothing was queued). :meth:`Writer.run` should not be cancelled;
-it ends by itself after :meth:`Writer.close` once the channel is drained, and
-a commit under way always finishes, cancelled or not.
+When a commit fails, who hears of it depends on why:
+
+* **Tied to the data** (the store refused a value, or a bug met an input):
+  the batch is split in halves and each half committed on its own, down to
+  single requests, so only the request that cannot be stored gets the error
+  (422 ``unstorable_events``) and every other one is stored.
+* **A store outage** (locked past ``busy_timeout``, unreachable, full,
+  read-only, its file gone): durable requests get 503 ``commit_failed`` at
+  once and may retry. Events already answered 202 are kept and retried with
+  backoff until they commit or the drain deadline passes; while the store
+  fails, new ``wait=false`` requests are refused (503) rather than
+  acknowledged, since they might never be stored.
+
+Cancellation: :meth:`Writers.submit` is cancellable while it waits for room
+(and then nothing was queued). A writer stops by itself once its channel is
+closed and drained; :meth:`Writers.stop_draining` ends the drain early, and
+then every submission not committed is answered (503 for durable ones) and
+counted as lost. A commit under way always finishes: a transaction running
+in a thread is never abandoned.
 """
 
 from __future__ import annotations
@@ -28,40 +40,49 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 import trio
 
-from .errors import CommitFailed, Overloaded
+from .errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
 from .ingest import Point
 from .metrics import Metrics
 from .store import Store
 
 log = logging.getLogger("trioagg.writer")
 
+_FIRST_RETRY = 0.1
+_MAX_RETRY = 2.0
+#: Seconds an outage is remembered after the last failed commit (see Writer.failing).
+FAILING_MEMORY = 10.0
+
 
 class Submission:
-    """One request's events on their way to the store."""
+    """One request's events (or the part of them one writer owns) on their way."""
 
-    __slots__ = ("committed", "duplicates", "error", "points")
+    __slots__ = ("done", "duplicates", "durable", "error", "event", "points")
 
     def __init__(self, points: list[Point], *, durable: bool) -> None:
         self.points = points
-        #: Set once the batch holding these events has committed or failed.
-        self.committed: trio.Event | None = trio.Event() if durable else None
-        self.error: CommitFailed | None = None
+        self.durable = durable
+        #: Set when a durable submission is answered: committed, or failed with ``error``.
+        self.event: trio.Event | None = trio.Event() if durable else None
+        self.error: CommitFailed | Unstorable | None = None
         #: Events of this request whose id was already stored (not counted again).
         self.duplicates = 0
+        #: Whether this submission has had its outcome: committed, failed or lost.
+        self.done = False
 
     async def wait_committed(self) -> None:
-        """Wait for the commit; raise :class:`CommitFailed` if it failed."""
-        assert self.committed is not None, "only durable submissions are waited on"
-        await self.committed.wait()
-        if self.error is not None:
-            raise self.error
+        """Wait for the commit; raise the error the request should answer if it failed."""
+        assert self.event is not None, "only durable submissions are waited on"
+        await self.event.wait()
+        if self.error is not None:  # a fresh exception per waiter: one shared would
+            raise type(self.error)(self.error.message)  # gather every waiter's traceback
 
 
 class Writer:
-    """The bounded channel and the task that drains it into the store."""
+    """One bounded channel and the task that drains it into one write connection."""
 
     def __init__(
         self,
@@ -71,115 +92,208 @@ class Writer:
         shard: int = 0,
         batch_size: int,
         queue_size: int,
-        enqueue_timeout: float,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.shard = shard
         self.batch_size = batch_size
-        self.enqueue_timeout = enqueue_timeout
         self._send, self._receive = trio.open_memory_channel[Submission](queue_size)
+        # A slot is a place in the channel, taken before sending and given back when the
+        # writer receives: requests spanning writers take one slot of each, in shard order.
+        self._slots = trio.Semaphore(queue_size)
+        self._drain_scope = trio.CancelScope()
+        self._current: list[Submission] = []
         self.running = False
         self.stopped = trio.Event()
         self.committed_events = 0
+        self._outage: str | None = None
+        self._outage_at = -math.inf
+
+    @property
+    def failing(self) -> str | None:
+        """Why the store failed to commit (an outage), until a commit succeeds or
+        ``FAILING_MEMORY`` seconds pass without another failure (then requests probe
+        the store again, so an idle service does not stay "failing" for ever)."""
+        if trio.current_time() - self._outage_at > FAILING_MEMORY:
+            return None
+        return self._outage
 
     def statistics(self) -> trio.MemoryChannelStatistics:
         return self._send.statistics()
 
     def has_room(self) -> bool:
-        stats = self._send.statistics()
-        return stats.current_buffer_used < stats.max_buffer_size
+        return self._slots.value > 0
 
-    def submit_nowait(self, points: list[Point], *, durable: bool) -> Submission:
-        """Queue one request's events now; raises ``trio.WouldBlock`` if the channel is full."""
+    async def reserve(self, deadline: float) -> bool:
+        """Take a slot in the channel by ``deadline``; False if none freed in time."""
+        try:
+            self._slots.acquire_nowait()
+            return True
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_at(deadline):
+            await self._slots.acquire()
+            return True
+        return False
+
+    def unreserve(self) -> None:
+        self._slots.release()
+
+    def put(self, points: list[Point], *, durable: bool) -> Submission:
+        """Queue events in a slot taken with :meth:`reserve` (never blocks)."""
         submission = Submission(points, durable=durable)
         try:
             self._send.send_nowait(submission)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._slots.release()
             raise _not_writing() from None
         return submission
-
-    async def submit(self, points: list[Point], *, durable: bool) -> Submission:
-        """Queue one request's events; raise :class:`Overloaded` if the channel stays
-        full for longer than ``enqueue_timeout`` (nothing is queued then)."""
-        try:
-            return self.submit_nowait(points, durable=durable)
-        except trio.WouldBlock:
-            pass
-        submission = Submission(points, durable=durable)
-        with trio.move_on_after(self.enqueue_timeout):
-            try:
-                await self._send.send(submission)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise _not_writing() from None
-            return submission
-        raise _overloaded(self.enqueue_timeout)
 
     def close(self) -> None:
         """Accept no more submissions; :meth:`run` returns once the channel is drained."""
         self._send.close()
 
+    def stop_draining(self) -> None:
+        """End the drain now: what is not committed is answered and counted as lost."""
+        self._drain_scope.cancel()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Commit batches until :meth:`close` was called and everything queued is stored."""
+        """Commit batches until :meth:`close` was called and everything queued is stored
+        (or :meth:`stop_draining`). Whatever way it ends, a crash included, every
+        submission it holds is answered before it returns or raises."""
         self.running = True
         task_status.started()
+        why = "the service stopped before these events could be committed"
         try:
-            async with self._receive:
+            with self._drain_scope:
                 async for first in self._receive:
-                    batch = self._drain(first)
-                    try:
-                        await self._commit(batch)
-                    except Exception as failure:  # a bug: answer the batch, keep writing
-                        log.exception("the writer failed on a batch of %d requests", len(batch))
-                        self._answer(batch, CommitFailed(f"the writer failed: {failure}"))
+                    self._slots.release()
+                    self._current = self._drain([first])
+                    await self._write(self._current)
+                    self._current = []
+        except BaseException:
+            why = "the writer crashed before these events could be committed"
+            raise
         finally:
             self.running = False
+            self._receive.close()  # senders get "not writing" from now on
+            self._fail_leftovers(why)
             self.stopped.set()
 
-    def _drain(self, first: Submission) -> list[Submission]:
-        batch = [first]
-        events = len(first.points)
+    def _drain(self, batch: list[Submission]) -> list[Submission]:
+        """Add submissions already waiting to ``batch``, up to ``batch_size`` events."""
+        events = sum(len(submission.points) for submission in batch)
         while events < self.batch_size:
             try:
                 submission = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+            self._slots.release()
             batch.append(submission)
             events += len(submission.points)
         return batch
 
-    async def _commit(self, batch: list[Submission]) -> None:
+    async def _write(self, batch: list[Submission]) -> None:
+        """Commit ``batch``; retry its 202 submissions through an outage (see module)."""
+        held = await self._commit(batch)
+        delay = _FIRST_RETRY
+        while held:
+            await trio.sleep(delay)
+            delay = min(delay * 2, _MAX_RETRY)
+            # Requests queued meanwhile join the retry, as far as the batch has room;
+            # the channel fills up behind it, so the 202s held stay bounded.
+            held = self._drain(held)
+            self._current = held
+            held = await self._commit(held)
+
+    async def _commit(self, batch: list[Submission]) -> list[Submission]:
+        """Commit ``batch`` in one transaction, isolating a failure tied to the data.
+        Returns the 202 submissions an outage kept from being stored."""
         started = time.perf_counter()
         events = sum(len(submission.points) for submission in batch)
-        error = None
         try:
             result = await self.store.write(
                 [submission.points for submission in batch], shard=self.shard
             )
-        except Exception as failure:
-            log.error("commit of %d events failed, none stored: %s", events, failure)
+        except StoreOutage as outage:
+            if self.failing is None:
+                log.error("the store cannot commit (%s): %s", outage.reason, outage.__cause__)
+            self._outage, self._outage_at = outage.reason, trio.current_time()
             self.metrics.commit_failures.inc()
-            error = CommitFailed(f"the transaction holding these events failed: {failure}")
-        else:
-            for submission, duplicates in zip(batch, result.duplicates, strict=True):
-                submission.duplicates = duplicates
-            duplicates = sum(result.duplicates)
-            self.committed_events += events - duplicates
-            self.metrics.events_committed.inc(events - duplicates)
-            self.metrics.events_duplicate.inc(duplicates)
-            self.metrics.rows_upserted.inc(result.rows)
-            self.metrics.batch_events.observe(events)
-            self.metrics.batch_requests.observe(len(batch))
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._answer(batch, error)
+            failure = CommitFailed(
+                f"the store could not commit this request ({outage.reason}); "
+                "nothing of it was stored: retry later"
+            )
+            for submission in batch:
+                if submission.durable:
+                    self._answer(submission, failure)
+            return [submission for submission in batch if not submission.durable]
+        except Exception as failure:
+            self.metrics.commit_failures.inc()
+            if len(batch) > 1:  # find the request the store refuses, store the others
+                middle = len(batch) // 2
+                return await self._commit(batch[:middle]) + await self._commit(batch[middle:])
+            (culprit,) = batch
+            log.error("the store refused a request of %d events: %s", events, failure)
+            if culprit.durable:
+                self._answer(
+                    culprit,
+                    Unstorable(
+                        "the store refused this request's events; nothing of it was stored "
+                        "and retrying it cannot help (the server log says why)"
+                    ),
+                )
+            else:
+                self._lose([culprit], "refused by the store")
+            return []
+        self._outage = None
+        for submission, duplicates in zip(batch, result.duplicates, strict=True):
+            submission.duplicates = duplicates
+            self._answer(submission, None)
+        duplicates = sum(result.duplicates)
+        self.committed_events += events - duplicates
+        self.metrics.events_committed.inc(events - duplicates)
+        self.metrics.events_duplicate.inc(duplicates)
+        self.metrics.rows_upserted.inc(result.rows)
+        self.metrics.batch_events.observe(events)
+        self.metrics.batch_requests.observe(len(batch))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        return []
 
     @staticmethod
-    def _answer(batch: list[Submission], error: CommitFailed | None) -> None:
-        """Wake the durable requests of ``batch``, with ``error`` if it was not stored."""
-        for submission in batch:
-            if submission.committed is not None:
-                submission.error = error
-                submission.committed.set()
+    def _answer(submission: Submission, error: CommitFailed | Unstorable | None) -> None:
+        submission.done = True
+        if submission.event is not None:
+            submission.error = error
+            submission.event.set()
+
+    def _lose(self, submissions: Sequence[Submission], why: str) -> None:
+        """Count and log 202 events that will never be stored."""
+        events = sum(len(submission.points) for submission in submissions)
+        for submission in submissions:
+            submission.done = True
+        if events:
+            self.metrics.events_lost.labels(why).inc(events)
+            log.error("%d events answered 202 were lost: %s", events, why)
+
+    def _fail_leftovers(self, why: str) -> None:
+        """Answer every submission still held or queued: 503 for durable ones, and the
+        202 ones counted as lost."""
+        leftovers = [submission for submission in self._current if not submission.done]
+        self._current = []
+        while True:
+            try:
+                leftovers.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        if not leftovers:
+            return
+        failure = CommitFailed(f"{why}; nothing of this request was stored: retry")
+        for submission in leftovers:
+            if submission.durable:
+                self._answer(submission, failure)
+        self._lose([submission for submission in leftovers if not submission.durable], why)
+        log.error("%d queued requests were answered unstored: %s", len(leftovers), why)
 
 
 def _not_writing() -> Overloaded:
@@ -205,26 +319,30 @@ class Receipt:
 
     async def wait_committed(self) -> None:
         """Wait for every part; raise :class:`CommitFailed` if any part failed."""
-        failed = 0
+        errors = []
         for part in self.parts:
             try:
                 await part.wait_committed()
-            except CommitFailed:
-                failed += 1
-        if failed:
-            raise CommitFailed(
-                f"{failed} of the {len(self.parts)} writers holding this request's events "
+            except (CommitFailed, Unstorable) as error:
+                errors.append(error)
+        if errors:
+            kind = type(errors[0]) if all(type(e) is type(errors[0]) for e in errors) else None
+            message = (
+                f"{len(errors)} of the {len(self.parts)} writers holding this request's events "
                 "failed to commit; the events of the other writers' hours are stored. "
                 "Retry the request with event ids to count every event once"
             )
+            raise (kind or CommitFailed)(message)
 
 
 class Writers:
     """``count`` writers; writer ``i`` owns the buckets where ``bucket_hour % count == i``.
 
     A request whose events fall in the hours of several writers is split into
-    one part per writer; the parts are queued together or not at all, and the
-    request is acknowledged once every part has committed.
+    one part per writer; the parts are queued together or not at all (a slot
+    in each writer's channel is reserved first, in shard order, so requests
+    spanning writers wait in line like the others), and the request is
+    acknowledged once every part has committed.
     """
 
     def __init__(
@@ -238,24 +356,25 @@ class Writers:
         enqueue_timeout: float,
     ) -> None:
         self.enqueue_timeout = enqueue_timeout
+        self.metrics = metrics
         self.writers = [
-            Writer(
-                store,
-                metrics,
-                shard=shard,
-                batch_size=batch_size,
-                queue_size=queue_size,
-                enqueue_timeout=enqueue_timeout,
-            )
+            Writer(store, metrics, shard=shard, batch_size=batch_size, queue_size=queue_size)
             for shard in range(count)
         ]
         self.stopped = trio.Event()
+        #: False once shutdown began: new requests are refused (503).
+        self.accepting = True
         self._admission = trio.Semaphore(queue_size * count)
         metrics.watch_channels(lambda: [writer.statistics() for writer in self.writers])
 
     @property
     def running(self) -> bool:
         return all(writer.running for writer in self.writers)
+
+    @property
+    def failing(self) -> str | None:
+        """Why some writer's store fails to commit, if one does."""
+        return next((writer.failing for writer in self.writers if writer.failing), None)
 
     @property
     def committed_events(self) -> int:
@@ -278,15 +397,32 @@ class Writers:
             self.stopped.set()
 
     def close(self) -> None:
+        """Refuse new requests; the writers stop once their channels are drained."""
+        self.accepting = False
         for writer in self.writers:
             writer.close()
+
+    async def drain(self, timeout: float) -> bool:
+        """Close the channels and let the writers commit what is queued, for at most
+        ``timeout`` seconds; then end the drain (see :meth:`Writer.stop_draining`).
+        Returns whether everything queued was committed in time."""
+        self.close()
+        with trio.move_on_after(timeout):
+            await self.stopped.wait()
+            return True
+        for writer in self.writers:
+            writer.stop_draining()
+        await self.stopped.wait()  # at most one transaction under way
+        return False
 
     async def admit(self) -> None:
         """Take one of ``queue_size`` admission tokens, waiting up to ``enqueue_timeout``,
         or raise :class:`Overloaded`; give it back with :meth:`admitted` once the request
-        is queued or refused. Taken before a request's body is read and decoded, it
-        bounds how many requests are decoded at once, so that under overload the server
-        answers 503 before paying for the work, and the writer still gets its turn."""
+        is queued or refused. It bounds how many requests are decoded at once, so that
+        under overload the server answers 503 before paying for the work, and the
+        writer still gets its turn."""
+        if not self.accepting:
+            raise _not_writing()
         try:
             self._admission.acquire_nowait()
             return
@@ -304,38 +440,51 @@ class Writers:
     async def submit(self, points: list[Point], *, durable: bool) -> Submission | Receipt:
         """Queue a request's events with the writers owning their hours (see the class)."""
         count = len(self.writers)
-        if count == 1:
-            return await self.writers[0].submit(points, durable=durable)
-        parts: dict[int, list[Point]] = {}
-        for point in points:
-            parts.setdefault(int(point[1] // 3600) % count, []).append(point)
-        if len(parts) == 1:
-            ((shard, part),) = parts.items()
-            return await self.writers[shard].submit(part, durable=durable)
+        parts: dict[int, list[Point]] = {0: points}
+        if count > 1:
+            parts = {}
+            for point in points:
+                parts.setdefault(int(point[1] // 3600) % count, []).append(point)
+        if not durable:
+            failing = next(
+                (self.writers[s].failing for s in parts if self.writers[s].failing), None
+            )
+            if failing is not None:
+                raise StoreUnavailable(
+                    f"the store cannot commit now ({failing}); events that might never be "
+                    "stored are not acknowledged: retry later, or send with wait=true"
+                )
         deadline = trio.current_time() + self.enqueue_timeout
-        while not all(self.writers[shard].has_room() for shard in parts):
-            if trio.current_time() >= deadline:
-                raise _overloaded(self.enqueue_timeout)
-            await trio.sleep(0.005)
-        # No checkpoint from the check to the last send: every part is queued, or none.
-        return Receipt(
-            [
-                self.writers[shard].submit_nowait(part, durable=durable)
-                for shard, part in parts.items()
-            ]
-        )
+        reserved: list[int] = []
+        try:
+            for shard in sorted(parts):
+                if not await self.writers[shard].reserve(deadline):
+                    raise _overloaded(self.enqueue_timeout)
+                reserved.append(shard)
+        except BaseException:
+            for shard in reserved:
+                self.writers[shard].unreserve()
+            raise
+        if not self.accepting:
+            for shard in reserved:
+                self.writers[shard].unreserve()
+            raise _not_writing()
+        # No checkpoint from here to the last put: every part is queued, or none.
+        submissions = [
+            self.writers[shard].put(part, durable=durable) for shard, part in parts.items()
+        ]
+        return submissions[0] if len(submissions) == 1 else Receipt(submissions)
 
 
-async def purge_expired_ids(store: Store, interval: float, scope: trio.CancelScope) -> None:
-    """Forget expired idempotency ids every ``interval`` seconds until ``scope`` is
-    cancelled. Each chunk is a short transaction, so the writer is never held up long."""
-    with scope:
-        while True:
-            await trio.sleep(interval)
-            try:
-                purged = await store.purge_expired_ids()
-            except Exception as failure:
-                log.warning("purging expired event ids failed (will retry): %s", failure)
-            else:
-                if purged:
-                    log.debug("forgot %d expired event ids", purged)
+async def purge_expired_ids(store: Store, interval: float) -> None:
+    """Forget expired idempotency ids every ``interval`` seconds, until cancelled. Each
+    chunk is a short transaction, so the writer is never held up long."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            purged = await store.purge_expired_ids()
+        except Exception as failure:
+            log.warning("purging expired event ids failed (will retry): %s", failure)
+        else:
+            if purged:
+                log.debug("forgot %d expired event ids", purged)

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from ..errors import StoreBusy, StoreError
+from ..errors import ConfigError, StoreBusy, StoreError, StoreOutage, TrioaggError
 from ..ingest import Point
 from ..rollup import (
     Rollup,
@@ -111,6 +111,10 @@ class Backend(Protocol):
     def is_disconnect(self, error: Exception) -> bool:
         """Whether ``error`` means the connection is gone and must be opened again."""
 
+    def outage_reason(self, error: Exception) -> str | None:
+        """Why the store cannot commit anything now (unreachable, full, read-only, gone),
+        in words safe to show a client; None when ``error`` is tied to the data."""
+
     def close(self, conn: Any) -> None: ...
 
 
@@ -136,7 +140,7 @@ def commit_batch(
     backend: Backend,
     batch: Sequence[Sequence[Point]],
     policy: WritePolicy,
-    series_seen: dict[tuple[str, str], tuple[int, int]],
+    series_seen: SeriesCache,
 ) -> CommitResult:
     """One transaction holding every event of ``batch`` (a list of submissions).
 
@@ -173,8 +177,7 @@ def commit_batch(
     except BaseException:
         backend.rollback(conn)
         raise
-    for key, tags, first, last in spans:
-        series_seen[(key, tags)] = (first, last)
+    series_seen.remember(spans)
     return CommitResult(duplicates, len(rollups))
 
 
@@ -207,6 +210,22 @@ def _upsert_rows(backend: Backend, conn: Any, rollups: dict[Slot, Rollup]) -> li
 def _row(slot: Slot, r: Rollup) -> UpsertRow:
     kll, hll = encode_quantiles(r.quantiles), encode_distinct(r.distinct)
     return (*slot, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll)
+
+
+class SeriesCache(dict[tuple[str, str], tuple[int, int]]):
+    """The spans of the keys index one write connection knows to be stored, so that a
+    batch upserts only the series it widens. At most ``limit`` series: the oldest are
+    forgotten first (a forgotten series costs one more upsert, never a wrong answer)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, spans: Iterable[SeriesSpan]) -> None:
+        for key, tags, first, last in spans:
+            self[(key, tags)] = (first, last)
+        for _ in range(len(self) - self.limit):
+            del self[next(iter(self))]
 
 
 def _widened_series(
@@ -300,7 +319,7 @@ class Store:
         self._idle_send, self._idle_receive = trio.open_memory_channel[Link](readers)
         for link in self._read_links:
             self._idle_send.send_nowait(link)
-        self._series_seen: dict[tuple[str, str], tuple[int, int]] = {}
+        self._series_seen = [SeriesCache() for _ in range(writers)]
 
     @classmethod
     async def open(
@@ -314,20 +333,26 @@ class Store:
     ) -> Store:
         """Connect, create or check the schema; connections open as they are used."""
         store = cls(backend, policy, writers=writers, readers=readers, busy_timeout=busy_timeout)
-        await trio.to_thread.run_sync(store._write_links[0].run, backend.prepare, policy.bucket)
+        try:
+            # Processes starting together on a fresh store take turns on its lock.
+            await store._retry_busy(0, backend.prepare, policy.bucket)
+        except StoreError as error:
+            cause = error.__cause__ or error
+            raise ConfigError(f"cannot open the store {backend.description}: {cause}") from error
         return store
 
     async def write(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> CommitResult:
         """Commit a batch of submissions in one transaction (see :func:`commit_batch`)
         on write connection ``shard``, retrying while the database is busy.
 
-        Raises :class:`StoreBusy` after ``busy_timeout`` of retries and
-        :class:`StoreError` for any other failure (the database unreachable
-        included); either way nothing was stored. Cancellation while the
+        Raises :class:`StoreBusy` after ``busy_timeout`` of retries,
+        :class:`StoreOutage` when the store cannot commit anything now (unreachable,
+        full, read-only, its file gone), and :class:`StoreError` for a failure tied
+        to the batch's data; in every case nothing was stored. Cancellation while the
         transaction runs waits for it to finish.
         """
         return await self._retry_busy(
-            shard, commit_batch, self.backend, batch, self.policy, self._series_seen
+            shard, commit_batch, self.backend, batch, self.policy, self._series_seen[shard]
         )
 
     async def purge_expired_ids(self) -> int:
@@ -371,13 +396,20 @@ class Store:
         await self._run_read(self.backend.ping)
 
     async def aclose(self) -> None:
-        """Close every connection. Call it after the writers have stopped."""
+        """Close every connection, once no thread uses it: this takes every write
+        limiter and every read connection first, so a commit or read under way ends
+        before its connection closes."""
+        for limiter in self._write_limiters:
+            await limiter.acquire()
+        for _ in self._read_links:
+            await self._idle_receive.receive()
 
         def close_all() -> None:
             for link in [*self._write_links, *self._read_links]:
                 link.close()
 
-        await trio.to_thread.run_sync(close_all)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close_all)
 
     async def _retry_busy(self, shard: int, operation: Callable[..., T], *args: Any) -> T:
         link = self._write_links[shard]
@@ -388,11 +420,11 @@ class Store:
                 return await trio.to_thread.run_sync(
                     lambda: link.run(operation, *args), limiter=self._write_limiters[shard]
                 )
-            except StoreError:
+            except TrioaggError:
                 raise
             except Exception as error:
                 if not self.backend.is_busy(error):
-                    raise StoreError(f"the transaction failed: {error}") from error
+                    raise self._failure(error) from error
                 if trio.current_time() + backoff > deadline:
                     raise StoreBusy(
                         f"the database stayed locked for {self.busy_timeout:g}s"
@@ -401,9 +433,21 @@ class Store:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
 
+    def _failure(self, error: Exception) -> StoreError:
+        """``error`` as a :class:`StoreOutage` when the store cannot work now, else as a
+        :class:`StoreError` tied to the transaction's data."""
+        reason = self.backend.outage_reason(error)
+        if reason is not None:
+            return StoreOutage(reason)
+        return StoreError(f"the transaction failed: {error}")
+
     async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         link = await self._idle_receive.receive()
         try:
             return await trio.to_thread.run_sync(lambda: link.run(operation, *args, **kwargs))
+        except Exception as error:
+            if self.backend.is_busy(error) or self.backend.outage_reason(error) is not None:
+                raise StoreOutage(self.backend.outage_reason(error) or "busy") from error
+            raise
         finally:
             self._idle_send.send_nowait(link)

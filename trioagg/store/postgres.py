@@ -107,3 +107,14 @@ class PostgresBackend(SQLBackend):
 
     def is_disconnect(self, error: Exception) -> bool:
         return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+
+    def outage_reason(self, error: Exception) -> str | None:
+        if isinstance(error, pg_errors.InsufficientResources):  # disk full, out of memory
+            return "the database server is out of disk space or memory"
+        if isinstance(error, pg_errors.ReadOnlySqlTransaction):
+            return "the database is read-only (a standby?)"
+        if isinstance(error, pg_errors.InsufficientPrivilege):
+            return "the database user may not write these tables"
+        if self.is_disconnect(error):
+            return "the database server cannot be reached"
+        return None

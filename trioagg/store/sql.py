@@ -97,10 +97,11 @@ class SQLBackend:
     def purge_ids(self, conn: Any, before: float, limit: int) -> int:
         cursor = conn.execute(
             self._sql(
+                # seen < ? twice: an id claimed again since the subquery read it is kept.
                 "DELETE FROM event_ids WHERE id IN "
-                "(SELECT id FROM event_ids WHERE seen < ? LIMIT ?)"
+                "(SELECT id FROM event_ids WHERE seen < ? LIMIT ?) AND seen < ?"
             ),
-            (before, limit),
+            (before, limit, before),
         )
         count: int = cursor.rowcount
         return count

@@ -9,8 +9,10 @@ locked database is "busy" for :class:`~trioagg.store.base.Store` to retry.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
+from ..errors import ConfigError
 from .sql import SQLBackend, check_meta
 
 _SCHEMA = [
@@ -52,6 +54,22 @@ _SCHEMA = [
 # where it is cancellable, not inside a worker thread.
 _LOCK_WAIT_SECONDS = 0.2
 
+# SQLite's primary result codes that mean "no write can succeed now", whatever the data.
+_OUTAGES = {
+    "SQLITE_FULL": "the disk holding the database is full",
+    "SQLITE_READONLY": "the database is read-only",
+    "SQLITE_IOERR": "the disk holding the database failed (I/O error)",
+    "SQLITE_CANTOPEN": "the database file cannot be opened",
+    "SQLITE_CORRUPT": "the database file is corrupt",
+    "SQLITE_NOTADB": "the database file is not a SQLite database",
+    "SQLITE_PERM": "the database file cannot be written (permissions)",
+}
+
+
+class DatabaseFileGone(Exception):
+    """The file this store opened was deleted or replaced while the service ran: commits
+    would go to a file nobody will read again."""
+
 
 class SQLiteBackend(SQLBackend):
     """SQLite in WAL mode; ``sync`` is ``"full"`` or ``"normal"``."""
@@ -61,8 +79,12 @@ class SQLiteBackend(SQLBackend):
         self.path = path
         self.sync = sync
         self.description = f"sqlite {path} (synchronous={sync})"
+        self._identity: tuple[int, int] | None = None
 
     def connect(self, *, write: bool) -> sqlite3.Connection:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise ConfigError(f"cannot open the SQLite store {self.path}: {folder} does not exist")
         conn = sqlite3.connect(
             self.path,
             isolation_level=None,
@@ -87,8 +109,12 @@ class SQLiteBackend(SQLBackend):
             self.rollback(conn)
             raise
         check_meta(stored, bucket, self.path)
+        self._identity = _file_identity(self.path)
 
     def begin(self, conn: sqlite3.Connection) -> None:
+        # Only for the write connection; a stat per transaction costs microseconds.
+        if self._identity is not None and _file_identity(self.path) != self._identity:
+            raise DatabaseFileGone(self.path)
         conn.execute("BEGIN IMMEDIATE")
 
     def commit(self, conn: sqlite3.Connection) -> None:
@@ -105,3 +131,18 @@ class SQLiteBackend(SQLBackend):
 
     def is_disconnect(self, error: Exception) -> bool:
         return False  # an embedded database does not go away
+
+    def outage_reason(self, error: Exception) -> str | None:
+        if isinstance(error, DatabaseFileGone):
+            return "the database file was deleted or replaced; restart the service"
+        name = getattr(error, "sqlite_errorname", "")  # e.g. SQLITE_IOERR_WRITE
+        return _OUTAGES.get("_".join(name.split("_")[:2]))
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None where it does not exist."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino

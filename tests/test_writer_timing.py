@@ -1,0 +1,156 @@
+"""The writers' timing logic, deterministic under ``trio.testing.MockClock``: outages,
+retries of 202 events, the drain deadline and slots for requests spanning writers.
+
+The store here is a stand-in that fails or succeeds on cue (the issue of these tests
+is the writer's timing, not SQL); the same paths run against real stores in
+test_writer.py, test_writer_isolation.py and the fault-injection suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
+from trioagg.metrics import Metrics
+from trioagg.store import CommitResult
+from trioagg.writer import FAILING_MEMORY, Writers
+
+
+class CuedStore:
+    """Commits after ``delay`` seconds, or fails with an outage while ``down``."""
+
+    def __init__(self, delay: float = 0.01) -> None:
+        self.delay = delay
+        self.down = False
+        self.stored: list[Any] = []
+
+    async def write(self, batch: list[list[Any]], shard: int = 0) -> CommitResult:
+        await trio.sleep(self.delay)
+        if self.down:
+            raise StoreOutage("the disk holding the database is full")
+        self.stored.extend(point for points in batch for point in points)
+        return CommitResult([0] * len(batch), len(batch))
+
+
+def event(hour: int = 0) -> Any:
+    return ("k", hour * 3600.0 + 1, 1.0, "{}", None, None)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def make_writers(store: CuedStore, **settings: Any) -> tuple[Writers, Metrics]:
+    metrics = Metrics()
+    options = {"count": 1, "batch_size": 1000, "queue_size": 100, "enqueue_timeout": 1.0}
+    options.update(settings)
+    return Writers(store, metrics, **options), metrics  # type: ignore[arg-type]
+
+
+def lost(metrics: Metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("trioagg_events_lost_total", {"reason": reason}) or 0
+
+
+async def test_202_events_are_retried_through_an_outage_until_they_commit(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    store = CuedStore()
+    writers, metrics = make_writers(store)
+    await nursery.start(writers.run)
+    store.down = True
+    await writers.submit([event()] * 3, durable=False)
+    await trio.sleep(5)
+    # Durable requests meanwhile are answered at once: they can retry themselves.
+    durable = await writers.submit([event()], durable=True)
+    with pytest.raises(CommitFailed, match="disk holding the database is full"):
+        await durable.wait_committed()
+    # While the store fails, 202 is not promised for new events.
+    with pytest.raises(StoreUnavailable):
+        await writers.submit([event()], durable=False)
+    assert store.stored == []
+    store.down = False
+    await trio.sleep(5)
+    assert len(store.stored) == 3
+    assert writers.failing is None
+    assert lost(metrics, "the service stopped before these events could be committed") == 0
+    assert await writers.drain(10)
+
+
+async def test_the_drain_deadline_answers_what_is_left_and_counts_lost_202s(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    store = CuedStore()
+    writers, metrics = make_writers(store)
+    await nursery.start(writers.run)
+    store.down = True
+    await writers.submit([event()] * 4, durable=False)
+    waiting = await writers.submit([event()], durable=True)
+    outcome: list[str] = []
+
+    async def wait_durable() -> None:
+        try:
+            await waiting.wait_committed()
+        except CommitFailed as error:
+            outcome.append(error.message)
+
+    nursery.start_soon(wait_durable)
+    started = trio.current_time()
+    assert not await writers.drain(30)
+    assert trio.current_time() - started == pytest.approx(30, abs=1)
+    await trio.sleep(0)
+    assert len(outcome) == 1  # answered 503, not left hanging
+    assert lost(metrics, "the service stopped before these events could be committed") == 4
+    with pytest.raises(Overloaded, match="not running"):
+        await writers.submit([event()], durable=True)
+
+
+async def test_an_idle_service_forgets_an_outage_after_a_while(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    store = CuedStore()
+    writers, _ = make_writers(store)
+    await nursery.start(writers.run)
+    store.down = True
+    with pytest.raises(CommitFailed):
+        await (await writers.submit([event()], durable=True)).wait_committed()
+    assert writers.failing == "the disk holding the database is full"
+    await trio.sleep(FAILING_MEMORY + 1)
+    assert writers.failing is None
+    writers.close()
+
+
+async def test_requests_spanning_writers_wait_in_line_instead_of_starving(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Single-writer requests keep writer 0's channel full; a request with events in
+    the hours of both writers must still get its turn within enqueue_timeout."""
+    store = CuedStore(delay=0.05)
+    writers, _ = make_writers(store, count=2, queue_size=2, enqueue_timeout=1.0)
+    await nursery.start(writers.run)
+    spanning_results: list[str] = []
+
+    async def hammer_writer_0() -> None:
+        while True:
+            with contextlib.suppress(Overloaded):
+                await writers.submit([event(0)], durable=False)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as load:
+        for _ in range(20):
+            load.start_soon(hammer_writer_0)
+        for _ in range(20):
+            try:
+                receipt = await writers.submit([event(0), event(1)], durable=True)
+                await receipt.wait_committed()
+                spanning_results.append("ok")
+            except Overloaded:
+                spanning_results.append("503")
+        load.cancel_scope.cancel()
+    assert spanning_results == ["ok"] * 20
+    assert await writers.drain(30)
