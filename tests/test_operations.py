@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client.parser import text_string_to_metric_families
+
+from trioagg import __version__
 
 from .conftest import Server, post
 
@@ -34,8 +38,39 @@ async def test_metrics_count_what_happened(server: Server) -> None:
     assert samples[("trioagg_queue_depth", ())] == 0
     assert samples[("trioagg_queue_capacity", ())] == 1024
     assert samples[("trioagg_queue_waiting_senders", ())] == 0
-    assert samples[("trioagg_request_seconds_count", (("endpoint", "events"),))] == 1
-    assert samples[("trioagg_request_seconds_count", (("endpoint", "aggregates"),))] == 1
+
+    def timed(endpoint: str, status: str) -> float:
+        return samples[
+            ("trioagg_request_seconds_count", (("endpoint", endpoint), ("status", status)))
+        ]
+
+    assert timed("/v1/events", "200") == 1
+    assert timed("/v1/events", "422") == 1
+    assert timed("/v1/aggregates", "200") == 1
+    assert (
+        samples[
+            (
+                "trioagg_build_info",
+                (("python", platform.python_version()), ("version", __version__)),
+            )
+        ]
+        == 1
+    )
+    assert samples[("process_cpu_seconds_total", ())] > 0
+
+
+async def test_every_answer_is_timed_errors_included(server: Server) -> None:
+    await server.client.get("/v1/keys")
+    await server.client.get("/v1/top", params={"stat": "nope"})
+    await server.client.get("/nowhere")
+    text = (await server.client.get("/metrics")).text
+    timed = {
+        (s.labels["endpoint"], s.labels["status"])
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "trioagg_request_seconds_count"
+    }
+    assert {("/v1/keys", "200"), ("/v1/top", "422"), ("unrouted", "404")} <= timed
 
 
 async def test_openapi_describes_every_endpoint(server: Server) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import stored_counts
 
@@ -175,3 +176,30 @@ def test_ids_count_once_across_a_restart_and_a_killed_process(server_process: An
         assert client.post("/v1/events", json=retry).json() == {"accepted": 30, "duplicates": 30}
     assert third.stop() == 0
     assert stored_counts(third.db) == {"once": 30}
+
+
+def test_metrics_are_totals_across_hypercorn_workers(server_process: Any, tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR, whichever worker takes the scrape reads the same
+    totals, so Prometheus never sees a counter go backwards."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    env = {"TRIOAGG_DB": str(tmp_path / "workers.db"), "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    workers = ["--worker-class", "trio", "--workers", "2", "--bind", "127.0.0.1:0"]
+    server = server_process(env=env).start(
+        [sys.executable, "-m", "hypercorn", *workers, "trioagg.app:create_app()"]
+    )
+    assert server.url, server.output
+    for _ in range(40):  # a connection each, so that both workers take some
+        with httpx.Client(base_url=server.url) as client:
+            assert client.post("/v1/events", json={"key": "w"}).status_code == 200
+    pids = set()
+    for _ in range(60):
+        with httpx.Client(base_url=server.url) as client:
+            families = list(text_string_to_metric_families(client.get("/metrics").text))
+        values = {s.name: s for family in families for s in family.samples}
+        assert values["trioagg_events_committed_total"].value == 40
+        pids.add(values["trioagg_build_info"].labels["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2, "every scrape reached the same worker"
+    assert server.stop() == 0, server.output

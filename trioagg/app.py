@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import trio
 from hypercorn.utils import LifespanFailureError
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -221,7 +221,26 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     app.after_serving(app.stop_service)
     _add_routes(app)
     _add_error_handlers(app)
+    _time_every_answer(app)
     return app
+
+
+def _time_every_answer(app: TrioaggApp) -> None:
+    """Observe ``trioagg_request_seconds{endpoint, status}`` for every answer, errors too."""
+
+    @app.before_request
+    async def start_clock() -> None:
+        g.trioagg_started = time.perf_counter()
+
+    @app.after_request
+    async def stop_clock(response: Response) -> Response:
+        started = g.get("trioagg_started")
+        if started is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "unrouted"
+            app.metrics.request_seconds.labels(rule, str(response.status_code)).observe(
+                time.perf_counter() - started
+            )
+        return response
 
 
 def _configure_logging(level: str) -> None:
@@ -240,7 +259,6 @@ def _json(document: Any, status: int = 200) -> Response:
 def _add_routes(app: TrioaggApp) -> None:
     @app.post("/v1/events")
     async def post_events() -> Response:
-        started = time.perf_counter()
         service = app.service
         mimetype = request.mimetype
         if mimetype not in _JSON_TYPES and mimetype not in _NDJSON_TYPES:
@@ -270,23 +288,19 @@ def _add_routes(app: TrioaggApp) -> None:
             if durable:
                 await submission.wait_committed()
                 duplicates = submission.duplicates
-        service.metrics.ingest_seconds.observe(time.perf_counter() - started)
         if durable:
             return _json({"accepted": len(points), "duplicates": duplicates})
         return _json({"accepted": len(points)}, 202)
 
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
-        started = time.perf_counter()
         service = app.service
         query = parse_query(request.args, bucket=service.store.bucket, now=time.time())
         _check_quantiles_kept(query, service)
         rows = await service.store.read(
             query.keys, query.start, query.end, sketches=query.needs_sketches
         )
-        response = _json(answer(query, rows))
-        service.metrics.query_seconds.observe(time.perf_counter() - started)
-        return response
+        return _json(answer(query, rows))
 
     @app.get("/v1/keys")
     async def get_keys() -> Response:

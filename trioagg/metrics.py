@@ -1,16 +1,37 @@
 """Prometheus metrics of one trioagg app, in a registry of its own.
 
 Each app owns a registry, so several apps in one process (tests, embedding)
-never collide. Queue gauges are read from the channel's ``statistics()`` at
-scrape time, so the hot path pays nothing for them.
+never collide. Gauges of the moment (queue depth, the process's own figures,
+build info) are read at scrape time, so the hot path pays nothing for them.
+
+Several worker processes (``hypercorn --workers N``) each count their own
+events; a scrape reaches one of them. When ``PROMETHEUS_MULTIPROC_DIR`` names
+an empty folder shared by the workers (prometheus_client's multiprocess mode,
+which must be chosen before the process starts), counters and histograms are
+the totals of every worker that ever ran there, so they never go backwards
+whichever worker answers; the gauges of the moment then carry a ``pid`` label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import platform
+from collections.abc import Callable, Iterable, Iterator
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    values,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from . import __version__
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -74,37 +95,78 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        request_seconds = Histogram(
+        self.request_seconds = Histogram(
             "trioagg_request_seconds",
-            "Time to answer a request, by endpoint.",
-            ["endpoint"],
+            "Time to answer a request, by route and status code.",
+            ["endpoint", "status"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.ingest_seconds = request_seconds.labels("events")
-        self.query_seconds = request_seconds.labels("aggregates")
+        # Figures of the moment: read at scrape time, never written to multiprocess files.
+        self._live = CollectorRegistry()
+        self._channels = _ChannelGauges()
+        self._live.register(self._channels)
+        self._live.register(_BuildInfo())
+        self._live.register(ProcessCollector(registry=None))
+        self._shared: CollectorRegistry | None = None
+        if values.ValueClass is not values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR is set
+            self._shared = CollectorRegistry()
+            MultiProcessCollector(self._shared)  # type: ignore[no-untyped-call]
 
     def watch_channels(self, statistics: Callable[[], list[trio.MemoryChannelStatistics]]) -> None:
         """Export the writers' channel statistics, summed over writers, as gauges."""
-        gauges = [
-            (
-                "trioagg_queue_depth",
-                "Requests waiting in the writers' channels.",
-                "current_buffer_used",
-            ),
-            ("trioagg_queue_capacity", "Requests the writers' channels hold.", "max_buffer_size"),
-            (
-                "trioagg_queue_waiting_senders",
-                "Requests waiting for room in a full channel.",
-                "tasks_waiting_send",
-            ),
-        ]
-        for name, description, field in gauges:
-
-            def total(field: str = field) -> float:
-                return float(sum(getattr(stats, field) for stats in statistics()))
-
-            Gauge(name, description, registry=self.registry).set_function(total)
+        self._channels.statistics = statistics
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared is None:
+            return generate_latest(self.registry) + generate_latest(self._live)
+        return generate_latest(self._shared) + generate_latest(_PerProcess(self._live))
+
+
+_CHANNEL_GAUGES = [
+    ("trioagg_queue_depth", "Requests waiting in the writers' channels.", "current_buffer_used"),
+    ("trioagg_queue_capacity", "Requests the writers' channels hold.", "max_buffer_size"),
+    (
+        "trioagg_queue_waiting_senders",
+        "Requests waiting for room in a full channel.",
+        "tasks_waiting_send",
+    ),
+]
+
+
+class _ChannelGauges(Collector):
+    """The writers' channel statistics, summed over writers."""
+
+    def __init__(self) -> None:
+        self.statistics: Callable[[], list[trio.MemoryChannelStatistics]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        current = self.statistics()
+        for name, description, field in _CHANNEL_GAUGES:
+            yield GaugeMetricFamily(
+                name, description, value=float(sum(getattr(stats, field) for stats in current))
+            )
+
+
+class _BuildInfo(Collector):
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "trioagg_build_info", "The running trioagg and Python.", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+
+
+class _PerProcess(Collector):
+    """Another registry's samples with this process's ``pid`` as a label."""
+
+    def __init__(self, inner: CollectorRegistry) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterable[Metric]:
+        pid = str(os.getpid())
+        for family in self.inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, {**sample.labels, "pid": pid}, sample.value)
+            yield labelled
