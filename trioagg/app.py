@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -212,8 +213,17 @@ def _only_cancelled(failure: BaseException) -> bool:
 
 
 def create_app(settings: Settings | None = None) -> TrioaggApp:
-    """The ASGI app; without ``settings`` they come from ``TRIOAGG_*`` variables."""
-    settings = Settings.from_env() if settings is None else settings
+    """The ASGI app. Without ``settings`` (the hypercorn factory) they come from
+    ``TRIOAGG_*`` variables, and a bad variable or a store that cannot be opened
+    ends the process at once with one line and exit code 2."""
+    if settings is None:
+        _configure_logging("info")
+        try:
+            settings = Settings.from_env()
+        except ConfigError as error:
+            log.error("trioagg cannot start: %s", error)
+            sys.exit(2)
+        exit_unless_store_opens(settings)
     _configure_logging(settings.log_level)
     app = TrioaggApp(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
@@ -223,6 +233,23 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     _add_error_handlers(app)
     _time_every_answer(app)
     return app
+
+
+def exit_unless_store_opens(settings: Settings) -> None:
+    """Open (creating if needed) and close the store once, before anything listens: if
+    it cannot be opened, log one line naming it and why, and exit with code 2. Call it
+    where no trio run is going on (a command line, a worker loading the app)."""
+
+    async def open_and_close() -> None:
+        store = await open_store(settings)
+        await store.aclose()
+
+    _configure_logging(settings.log_level)
+    try:
+        trio.run(open_and_close)
+    except ConfigError as error:
+        log.error("trioagg cannot start: %s", error)
+        sys.exit(2)
 
 
 def _time_every_answer(app: TrioaggApp) -> None:

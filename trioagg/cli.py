@@ -21,7 +21,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.utils import LifespanFailureError
 
 from . import __version__
-from .app import TrioaggApp, WriterCrashed, create_app, log
+from .app import TrioaggApp, WriterCrashed, create_app, exit_unless_store_opens, log
 from .errors import ConfigError
 from .settings import Settings, env_name, flag_name
 
@@ -57,6 +57,7 @@ def serve(**values: str | None) -> None:
         settings = Settings.from_text({k: v for k, v in values.items() if v is not None})
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
+    exit_unless_store_opens(settings)
     try:
         trio.run(run_server, create_app(settings))
     except BaseExceptionGroup as group:
