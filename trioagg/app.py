@@ -10,6 +10,7 @@ Quart-Trio has already cancelled the scope it runs in).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
 from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
 from .errors import (
     ConfigError,
@@ -34,7 +36,7 @@ from .ingest import Limits, decode_events
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
-from .query import Query, answer, parse_query
+from .query import Query, answer, parse_query, work
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
@@ -157,7 +159,11 @@ def _configure_logging(level: str) -> None:
 
 
 def _json(document: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(document), status, content_type="application/json")
+    return _json_body(msgspec.json.encode(document), status)
+
+
+def _json_body(body: bytes, status: int = 200) -> Response:
+    return Response(body, status, content_type="application/json")
 
 
 def _add_routes(app: TrioaggApp) -> None:
@@ -198,31 +204,45 @@ def _add_routes(app: TrioaggApp) -> None:
             return _json({"accepted": len(points), "duplicates": duplicates})
         return _json({"accepted": len(points)}, 202)
 
+    app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
+    answering = trio.CapacityLimiter(2)  # worker threads building big answers
+
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
         started = time.perf_counter()
         service = app.service
-        query = parse_query(request.args, bucket=service.store.bucket, now=time.time())
+        budget: Budget = app.config["QUERY_BUDGET"]
+        query = parse_query(
+            request.args, bucket=service.store.bucket, now=time.time(), budget=budget
+        )
         _check_quantiles_kept(query, service)
         rows = await service.store.read(
-            query.keys, query.start, query.end, sketches=query.needs_sketches
+            query.keys, query.start, query.end, sketches=query.needs_sketches, limit=budget.rows + 1
         )
-        response = _json(answer(query, rows))
+        if len(rows) > budget.rows:
+            raise InvalidQuery(
+                "the query is invalid", [{"parameter": "from", "message": budget.rows_problem()}]
+            )
+        build = functools.partial(answer, query, rows, budget)
+        if work(query, rows) <= INLINE_WORK:
+            body = build()
+        else:
+            body = await trio.to_thread.run_sync(build, limiter=answering)
         service.metrics.query_seconds.observe(time.perf_counter() - started)
-        return response
+        return _json_body(body)
 
     @app.get("/v1/keys")
     async def get_keys() -> Response:
         query = parse_keys_query(request.args)
         series = await app.service.store.list_keys(query.prefix, query.after, query.limit)
-        return _json(keys_answer(query, series))
+        return _json_body(keys_answer(query, series))
 
     @app.get("/v1/top")
     async def get_top() -> Response:
         store = app.service.store
         query = parse_top_query(request.args, bucket=store.bucket, now=time.time())
         ranked = await store.top(query.start, query.end, query.stat, query.prefix, query.limit)
-        return _json(top_answer(query, ranked))
+        return _json_body(top_answer(query, ranked))
 
     @app.get("/healthz")
     async def healthz() -> Response:
