@@ -108,10 +108,11 @@ _PROBLEM: Final = {
             "required": ["index", "field", "message"],
             "properties": {
                 "index": {"type": "integer", "minimum": 0},
-                "field": {"type": "string"},
+                "field": {"type": ["string", "null"]},
                 "message": {"type": "string"},
             },
-            "description": "invalid_events: which event (0-based), which field, what is wrong.",
+            "description": "invalid_events: which event (0-based), which field (null when "
+            "the event as a whole is wrong), what is wrong.",
         },
         {
             "type": "object",
