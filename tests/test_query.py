@@ -265,3 +265,18 @@ async def test_answers_past_the_inline_size_are_whole(start_server: StartServer)
     span = {"from": DAY, "to": DAY + 3000 * 60, "granularity": "bucket", "stats": "count"}
     doc = await aggregates(server, key="k", **span)
     assert sum(b["count"] for b in doc["results"][0]["buckets"]) == 3000
+
+
+async def test_keys_of_many_series_are_listed_whole(server: Server) -> None:
+    events = [{"key": "wide", "ts": DAY, "tags": {"n": str(i)}} for i in range(2500)]
+    assert (await post(server.client, events)).status_code == 200
+    response = await server.client.get("/v1/keys", params={"prefix": "wide"})
+    assert response.json()["keys"] == [
+        {
+            "key": "wide",
+            "tags": ["n"],
+            "first": response.json()["keys"][0]["first"],
+            "last": response.json()["keys"][0]["first"],
+            "series": 2500,
+        }
+    ]

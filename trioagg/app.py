@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -207,6 +208,12 @@ def _add_routes(app: TrioaggApp) -> None:
     app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
     answering = trio.CapacityLimiter(2)  # worker threads building big answers
 
+    async def build(work: int, make: Callable[[], bytes]) -> bytes:
+        """``make()``, on the event loop when small, else in a worker thread."""
+        if work <= INLINE_WORK:
+            return make()
+        return await trio.to_thread.run_sync(make, limiter=answering)
+
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
         started = time.perf_counter()
@@ -223,11 +230,7 @@ def _add_routes(app: TrioaggApp) -> None:
             raise InvalidQuery(
                 "the query is invalid", [{"parameter": "from", "message": budget.rows_problem()}]
             )
-        build = functools.partial(answer, query, rows, budget)
-        if work(query, rows) <= INLINE_WORK:
-            body = build()
-        else:
-            body = await trio.to_thread.run_sync(build, limiter=answering)
+        body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
         service.metrics.query_seconds.observe(time.perf_counter() - started)
         return _json_body(body)
 
@@ -235,7 +238,7 @@ def _add_routes(app: TrioaggApp) -> None:
     async def get_keys() -> Response:
         query = parse_keys_query(request.args)
         series = await app.service.store.list_keys(query.prefix, query.after, query.limit)
-        return _json_body(keys_answer(query, series))
+        return _json_body(await build(len(series), functools.partial(keys_answer, query, series)))
 
     @app.get("/v1/top")
     async def get_top() -> Response:

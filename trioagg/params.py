@@ -122,7 +122,7 @@ def parse_args(table: Iterable[Param], args: Any) -> tuple[dict[str, Any], Probl
         if param.name in values:
             continue
         if param.required and param.name not in args:
-            problem(param.name, "required")
+            problem(param.name, f"required: {param.description}")
         values[param.name] = None if param.default is None else param.parse(param.default)
     for param in families:
         if len(values[param.name]) > MAX_TAG_FILTERS:
