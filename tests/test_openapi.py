@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -101,3 +102,13 @@ def test_the_server_keeps_the_documents_promises(
         case.call_and_validate()
 
     fuzz()
+
+
+async def test_the_documents_examples_are_answered_by_a_default_server(server: Server) -> None:
+    for path, item in openapi_document()["paths"].items():
+        operation = item.get("get", {})
+        params: dict[str, Any] = {p["name"]: p["example"] for p in operation.get("parameters", [])}
+        if not params:
+            continue
+        response = await server.client.get(path, params=params)
+        assert response.status_code == 200, (path, response.text)

@@ -160,11 +160,12 @@ def _configure_logging(level: str) -> None:
 
 
 def _json(document: Any, status: int = 200) -> Response:
-    return _json_body(msgspec.json.encode(document), status)
+    return Response(msgspec.json.encode(document), status, content_type="application/json")
 
 
-def _json_body(body: bytes, status: int = 200) -> Response:
-    return Response(body, status, content_type="application/json")
+def _json_body(body: bytes) -> Response:
+    """A 200 answer whose JSON is already encoded."""
+    return Response(body, 200, content_type="application/json")
 
 
 def _add_routes(app: TrioaggApp) -> None:
