@@ -150,3 +150,133 @@ async def test_every_problem_of_a_query_is_listed(server: Server) -> None:
     )
     parameters = {d["parameter"] for d in response.json()["error"]["details"]}
     assert parameters == {"key", "granularity", "stats", "to"}
+
+
+HOSTILE = [
+    {"key": "k", "from": "nan"},
+    {"key": "k", "from": "-inf"},
+    {"key": "k", "from": "-1e20"},
+    {"key": "k", "from": "0", "to": "1e300", "granularity": "bucket"},
+    {"key": "k", "from": "0", "to": "2e11", "granularity": "day"},
+    {"key": "k", "from": "0", "to": "9999-12-31T23:00:00Z", "granularity": "day"},
+    {
+        "key": "k",
+        "from": "9999-12-30T00:00:00Z",
+        "to": "9999-12-31T23:00:00+00:00",
+        "granularity": "month",
+    },
+    {"key": "k", "from": "0001-01-01T00:00:00Z", "granularity": "day"},
+    {"key": "k", "tz": "America"},
+    {"key": "k", "tz": "x" * 5000},
+    {"key": "k", "tz": "../../etc/passwd"},
+    {"key": "k", "tag.region": ""},
+    {"key": "k", "from": "\u0661\u0662"},  # Arabic-Indic digits, which float() would take
+    {"key": "k", "from": "1764000000000"},  # epoch milliseconds
+    {"key": "k", "from": "1" * 5000},
+    {"key": "k", "stats": "p\u0665"},
+    {"key": "k", "granularity": "hour", "fill": "zero", "from": "0", "to": "1e9"},
+]
+
+
+@pytest.mark.parametrize("params", HOSTILE)
+async def test_hostile_aggregates_queries_are_422(server: Server, params: dict[str, str]) -> None:
+    response = await server.client.get("/v1/aggregates", params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_query"
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/v1/keys", {"limit": "²"}),
+        ("/v1/keys", {"limit": "1" * 5000}),
+        ("/v1/keys", {"limit": "\u0663"}),
+        ("/v1/keys", {"limit": "0"}),
+        ("/v1/keys", {"prefix": "p" * 300}),
+        ("/v1/top", {"limit": "²"}),
+        ("/v1/top", {"from": "0", "to": "1e100"}),
+        ("/v1/top", {"from": ""}),
+        ("/v1/top", {"from": "-1"}),
+        ("/v1/top", {"to": "9999-12-31T23:59:59Z"}),  # widened past 9999
+        ("/v1/keys", {"limit": ["1", "2"]}),
+    ],
+)
+async def test_hostile_discovery_queries_are_422(
+    server: Server, path: str, params: dict[str, Any]
+) -> None:
+    response = await server.client.get(path, params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_query"
+
+
+async def test_epoch_milliseconds_are_refused_with_grafana_advice(server: Server) -> None:
+    response = await server.client.get(
+        "/v1/aggregates", params={"key": "k", "from": "1764000000000", "to": "1764003600000"}
+    )
+    assert response.status_code == 422
+    messages = [d["message"] for d in response.json()["error"]["details"]]
+    assert len(messages) == 2
+    assert all("milliseconds" in m and "${__from:date:seconds}" in m for m in messages)
+
+
+async def test_fill_over_the_answer_budget_is_refused_before_reading(server: Server) -> None:
+    # 100 keys x 1,441 hourly buckets = 144,100 buckets > 100,000, refused up front
+    params = {
+        "key": [f"k{i}" for i in range(100)],
+        "fill": "zero",
+        "from": DAY - 60 * 86400,
+        "to": DAY,
+    }
+    response = await server.client.get("/v1/aggregates", params=params)
+    assert response.status_code == 422
+    (detail,) = response.json()["error"]["details"]
+    assert detail["parameter"] == "fill" and "100 series x 1440 buckets" in detail["message"]
+
+
+async def test_rows_over_the_budget_are_refused(loaded: Server) -> None:
+    from trioagg.budget import Budget
+
+    loaded.app.config["QUERY_BUDGET"] = Budget(rows=3)
+    span = {"from": DAY, "to": DAY + 2 * 86400}
+    response = await loaded.client.get("/v1/aggregates", params={"key": "pay", **span})
+    assert response.status_code == 422
+    assert "more than the 3 rows" in response.json()["error"]["details"][0]["message"]
+    doc = await aggregates(loaded, key="signup", **span)  # one row: within the budget
+    assert doc["results"][0]["buckets"][0]["count"] == 1
+
+
+async def test_group_by_with_fill_is_bounded_by_series_times_buckets(loaded: Server) -> None:
+    from trioagg.budget import Budget
+
+    loaded.app.config["QUERY_BUDGET"] = Budget(answer_buckets=100)
+    span = {"from": DAY, "to": DAY + 2 * 86400, "fill": "zero", "group_by": "region"}
+    # 48 hourly buckets: one series fits, the three series of pay (eu, us, none) do not
+    doc = await aggregates(loaded, key="signup", **span)
+    assert len(doc["results"][0]["buckets"]) == 48
+    response = await loaded.client.get("/v1/aggregates", params={"key": "pay", **span})
+    assert response.status_code == 422
+    assert "3 series x 48 buckets" in response.json()["error"]["details"][0]["message"]
+
+
+async def test_answers_past_the_inline_size_are_whole(start_server: StartServer) -> None:
+    server = await start_server(bucket="1m")
+    events = [{"key": "k", "ts": DAY + 60 * i, "tags": {"n": str(i % 7)}} for i in range(3000)]
+    assert (await post(server.client, events)).status_code == 200
+    span = {"from": DAY, "to": DAY + 3000 * 60, "granularity": "bucket", "stats": "count"}
+    doc = await aggregates(server, key="k", **span)
+    assert sum(b["count"] for b in doc["results"][0]["buckets"]) == 3000
+
+
+async def test_keys_of_many_series_are_listed_whole(server: Server) -> None:
+    events = [{"key": "wide", "ts": DAY, "tags": {"n": str(i)}} for i in range(2500)]
+    assert (await post(server.client, events)).status_code == 200
+    response = await server.client.get("/v1/keys", params={"prefix": "wide"})
+    assert response.json()["keys"] == [
+        {
+            "key": "wide",
+            "tags": ["n"],
+            "first": response.json()["keys"][0]["first"],
+            "last": response.json()["keys"][0]["first"],
+            "series": 2500,
+        }
+    ]

@@ -12,13 +12,15 @@ import zoneinfo
 from collections import defaultdict
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from trioagg.errors import InvalidQuery
-from trioagg.query import CALENDAR, GRANULARITIES, Query, answer, parse_query
+from trioagg.params import GRANULARITIES
+from trioagg.query import Query, answer, parse_query
 from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
 from trioagg.store.base import SeriesCache, WritePolicy, commit_batch
 from trioagg.store.sqlite import SQLiteBackend
@@ -120,7 +122,7 @@ def test_batched_upserts_equal_naive_aggregation(
         )
         if group:
             args.add("group_by", "r")
-        if tz == "Asia/Kolkata" and width == 3600 and granularity in CALENDAR:
+        if tz == "Asia/Kolkata" and width == 3600 and granularity in ("day", "week", "month"):
             with pytest.raises(InvalidQuery) as refused:
                 parse_query(args, bucket=width, now=DAY0)
             assert "--bucket 15m answers it exactly" in refused.value.details[0]["message"]
@@ -129,7 +131,7 @@ def test_batched_upserts_equal_naive_aggregation(
         conn = backend.connect(write=False)
         rows = backend.fetch(conn, query.keys, query.start, query.end)
         backend.close(conn)
-    document = answer(query, rows)
+    document = msgspec.json.decode(answer(query, rows))
 
     expected = naive(points, query, width, group)
     seen = set()

@@ -11,10 +11,11 @@ Quart-Trio has already cancelled the scope it runs in).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -24,6 +25,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
 from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
 from .errors import (
     ConfigError,
@@ -40,7 +42,7 @@ from .ingest import Limits, decode_events
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
-from .query import Query, answer, parse_query
+from .query import Query, answer, parse_query, work
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
@@ -283,6 +285,11 @@ def _json(document: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(document), status, content_type="application/json")
 
 
+def _json_body(body: bytes) -> Response:
+    """A 200 answer whose JSON is already encoded."""
+    return Response(body, 200, content_type="application/json")
+
+
 def _add_routes(app: TrioaggApp) -> None:
     @app.post("/v1/events")
     async def post_events() -> Response:
@@ -319,28 +326,45 @@ def _add_routes(app: TrioaggApp) -> None:
             return _json({"accepted": len(points), "duplicates": duplicates})
         return _json({"accepted": len(points)}, 202)
 
+    app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
+    answering = trio.CapacityLimiter(2)  # worker threads building big answers
+
+    async def build(work: int, make: Callable[[], bytes]) -> bytes:
+        """``make()``, on the event loop when small, else in a worker thread."""
+        if work <= INLINE_WORK:
+            return make()
+        return await trio.to_thread.run_sync(make, limiter=answering)
+
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
         service = app.service
-        query = parse_query(request.args, bucket=service.store.bucket, now=time.time())
+        budget: Budget = app.config["QUERY_BUDGET"]
+        query = parse_query(
+            request.args, bucket=service.store.bucket, now=time.time(), budget=budget
+        )
         _check_quantiles_kept(query, service)
         rows = await service.store.read(
-            query.keys, query.start, query.end, sketches=query.needs_sketches
+            query.keys, query.start, query.end, sketches=query.needs_sketches, limit=budget.rows + 1
         )
-        return _json(answer(query, rows))
+        if len(rows) > budget.rows:
+            raise InvalidQuery(
+                "the query is invalid", [{"parameter": "from", "message": budget.rows_problem()}]
+            )
+        body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+        return _json_body(body)
 
     @app.get("/v1/keys")
     async def get_keys() -> Response:
         query = parse_keys_query(request.args)
         series = await app.service.store.list_keys(query.prefix, query.after, query.limit)
-        return _json(keys_answer(query, series))
+        return _json_body(await build(len(series), functools.partial(keys_answer, query, series)))
 
     @app.get("/v1/top")
     async def get_top() -> Response:
         store = app.service.store
         query = parse_top_query(request.args, bucket=store.bucket, now=time.time())
         ranked = await store.top(query.start, query.end, query.stat, query.prefix, query.limit)
-        return _json(top_answer(query, ranked))
+        return _json_body(top_answer(query, ranked))
 
     @app.get("/healthz")
     async def healthz() -> Response:

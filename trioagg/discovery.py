@@ -3,7 +3,8 @@
 Keys come from the store's series index (one row per key and tag set, with
 its first and last bucket), which the writer widens only when a batch moves
 a series' span; top ranks keys over a range read through the rollups' bucket
-index. Neither scans every bucket of the store.
+index. Neither scans every bucket of the store. Parameters are read through
+the tables of :mod:`trioagg.params`.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 
-from .query import Problems, parse_range
-from .store import KeyInfo
-from .times import rfc3339
-
-DEFAULT_LIMIT: Final = 100
-MAX_LIMIT: Final = 1000
-TOP_STATS: Final = ("count", "sum")
+from .answers import KeyInfo, Keys, Top
+from .params import KEYS, TOP, parse_args
+from .query import parse_range
+from .store import KeyInfo as StoredKey
+from .times import LATEST, rfc3339
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,71 +39,53 @@ class TopQuery:
     limit: int
 
 
-def _limit(args: Any, problem: Problems) -> int:
-    text = args.get("limit", str(DEFAULT_LIMIT))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        problem("limit", f"must be a whole number from 1 to {MAX_LIMIT}")
-        return DEFAULT_LIMIT
-    return int(text)
-
-
 def parse_keys_query(args: Any) -> KeysQuery:
-    problem = Problems({"prefix", "after", "limit"}, args)
-    limit = _limit(args, problem)
+    values, problem = parse_args(KEYS, args)
     problem.raise_any()
-    return KeysQuery(args.get("prefix", ""), args.get("after", ""), limit)
+    return KeysQuery(values["prefix"], values["after"], values["limit"])
 
 
-def keys_answer(query: KeysQuery, series: Sequence[KeyInfo]) -> dict[str, Any]:
+def keys_answer(query: KeysQuery, series: Sequence[StoredKey]) -> bytes:
     """One entry per key: its tag names, first and last bucket, and series count."""
     keys: dict[str, dict[str, Any]] = {}
     for key, tags_json, first, last in series:
         entry = keys.get(key)
         if entry is None:
-            entry = keys[key] = {
-                "key": key,
-                "tags": set(),
-                "first": first,
-                "last": last,
-                "series": 0,
-            }
+            entry = keys[key] = {"tags": set(), "first": first, "last": last, "series": 0}
         entry["tags"].update(msgspec.json.decode(tags_json))
         entry["first"] = min(entry["first"], first)
         entry["last"] = max(entry["last"], last)
         entry["series"] += 1
     listed = [
-        {
-            **entry,
-            "tags": sorted(entry["tags"]),
-            "first": rfc3339(entry["first"]),
-            "last": rfc3339(entry["last"]),
-        }
-        for entry in keys.values()
+        KeyInfo(
+            key,
+            sorted(entry["tags"]),
+            rfc3339(entry["first"]),
+            rfc3339(entry["last"]),
+            entry["series"],
+        )
+        for key, entry in keys.items()
     ]
-    return {"keys": listed, "next": listed[-1]["key"] if len(listed) == query.limit else None}
+    page = Keys(listed, listed[-1].key if len(listed) == query.limit else None)
+    return msgspec.json.encode(page)
 
 
 def parse_top_query(args: Any, *, bucket: int, now: float) -> TopQuery:
-    problem = Problems({"from", "to", "stat", "limit", "prefix"}, args)
-    start_at, end_at = parse_range(args, problem, now=now)
-    stat = args.get("stat", "count")
-    if stat not in TOP_STATS:
-        problem("stat", f"must be one of {', '.join(TOP_STATS)}")
-    limit = _limit(args, problem)
+    values, problem = parse_args(TOP, args)
+    start_at, end_at = parse_range(values, problem, now=now)
+    end = math.ceil(end_at / bucket) * bucket
+    if not problem.items and end >= LATEST:
+        problem("to", "the range widened to whole buckets ends after 9999-12-31")
     problem.raise_any()
     return TopQuery(
         math.floor(start_at / bucket) * bucket,
-        math.ceil(end_at / bucket) * bucket,
-        stat,
-        args.get("prefix", ""),
-        limit,
+        end,
+        values["stat"],
+        values["prefix"],
+        values["limit"],
     )
 
 
-def top_answer(query: TopQuery, ranked: Sequence[tuple[str, float]]) -> dict[str, Any]:
-    return {
-        "from": rfc3339(query.start),
-        "to": rfc3339(query.end),
-        "stat": query.stat,
-        "results": [{"key": key, query.stat: value} for key, value in ranked],
-    }
+def top_answer(query: TopQuery, ranked: Sequence[tuple[str, float]]) -> bytes:
+    results = [{"key": key, query.stat: value} for key, value in ranked]
+    return msgspec.json.encode(Top(rfc3339(query.start), rfc3339(query.end), query.stat, results))

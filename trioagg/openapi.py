@@ -1,165 +1,88 @@
 """The OpenAPI 3.1 document served at ``/openapi.json``.
 
-The event schema is generated from the msgspec types that validate events,
-so the document and the validation cannot drift apart; the rest follows
-``shared/API.md``.
+Nothing in it is written twice: the event schema is generated from the
+msgspec types that validate events (:mod:`trioagg.ingest`), the answers'
+schemas from the types the routes encode (:mod:`trioagg.answers`), and the
+query parameters from the tables the parsers read (:mod:`trioagg.params`).
+What JSON Schema cannot say (limits against the server's clock, the query
+budget) is said in descriptions.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
 from . import __version__
-from .discovery import MAX_LIMIT, TOP_STATS
+from .answers import ANSWERS
+from .budget import DEFAULT_BUDGET
 from .ingest import Event
-from .query import DEFAULT_STATS, FILLS, GRANULARITIES
-from .rollup import STATS
+from .params import AGGREGATES, EVENTS, KEYS, TOP, Param
+from .times import LATEST
+
+_REF = "#/components/schemas/{name}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
+    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
 
 
-#: An example value of every query parameter, by name.
-_EXAMPLES: dict[str, Any] = {
-    "wait": False,
-    "key": ["checkout.completed", "checkout.started"],
-    "from": "2026-11-01T00:00:00Z",
-    "to": "2026-12-01T00:00:00+01:00",
-    "granularity": "day",
-    "tz": "Europe/Berlin",
-    "fill": "zero",
-    "group_by": "region",
-    "stats": "count,avg,p99",
-    "tag.NAME": "eu",
-    "prefix": "checkout.",
-    "after": "checkout.completed",
-    "limit": 100,
-    "stat": "sum",
-}
-
-
-def _param(name: str, description: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "description": description,
-        "schema": schema,
-        "example": _EXAMPLES[name],
-        **extra,
-    }
+def _parameters(table: Iterable[Param]) -> list[dict[str, Any]]:
+    described = []
+    for param in table:
+        entry: dict[str, Any] = {
+            "name": param.name,
+            "in": "query",
+            "description": param.description,
+            "schema": dict(param.schema),
+            "example": param.example,
+        }
+        if param.required:
+            entry["required"] = True
+        if param.max_items > 1:
+            entry["explode"] = True
+        described.append(entry)
+    return described
 
 
 def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _event_limits(event: dict[str, Any]) -> None:
+    """Say in the event schema what the validation checks beyond types."""
+    fields = event["properties"]
+    fields["value"]["description"] = "A finite number with |value| <= 1e100; default 1."
+    fields["ts"]["description"] = (
+        "RFC 3339 with an offset, or Unix seconds; default: when the server received it. "
+        "Accepted from 1970-01-01T00:00:00Z (or --max-age ago, when the server sets it) to "
+        "--max-future (default 1 hour) ahead of the server's clock; anything else is 422."
+    )
+    for choice in fields["ts"].get("anyOf", []):
+        if choice.get("type") == "number":
+            choice.update(minimum=0, exclusiveMaximum=LATEST)
+            choice.pop("maximum", None)
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The whole document; built once."""
-    (event_ref,), definitions = msgspec.json.schema_components(
-        [Event], ref_template="#/components/schemas/{name}"
+    (event_ref, *_), schemas = msgspec.json.schema_components([Event, *ANSWERS], ref_template=_REF)
+    _event_limits(schemas["Event"])
+    budget = DEFAULT_BUDGET
+    too_big = (
+        f"Invalid parameters, every problem as {{parameter, message}}; also a query over the "
+        f"budget: more than {budget.answer_buckets} answer buckets (fill included), "
+        f"{budget.calendar_edges} day/week/month buckets, {budget.rows} stored rows or "
+        f"{budget.answer_bytes} bytes of answer; the message says how to narrow it."
     )
-    stats_list = ", ".join(STATS)
-    schemas = {
-        **definitions,
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message", "details"],
-                    "properties": {
-                        "code": {"type": "string", "examples": ["invalid_events"]},
-                        "message": {"type": "string"},
-                        "details": {
-                            "type": "array",
-                            "items": {"type": "object"},
-                            "description": "For invalid_events: {index, field, message} "
-                            "per problem; for invalid_query: {parameter, message}.",
-                        },
-                    },
-                }
-            },
-        },
-        "Accepted": {
-            "type": "object",
-            "required": ["accepted"],
-            "properties": {
-                "accepted": {"type": "integer", "description": "Events of the request."},
-                "duplicates": {
-                    "type": "integer",
-                    "description": "Of those, events whose id was already stored within the "
-                    "dedup window: acknowledged, not counted again (durable answers only).",
-                },
-            },
-            "examples": [{"accepted": 3, "duplicates": 1}],
-        },
-        "Keys": {
-            "type": "object",
-            "properties": {
-                "keys": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "key": {"type": "string"},
-                            "tags": {"type": "array", "items": {"type": "string"}},
-                            "first": {"type": "string", "format": "date-time"},
-                            "last": {"type": "string", "format": "date-time"},
-                            "series": {"type": "integer"},
-                        },
-                    },
-                },
-                "next": {"type": ["string", "null"]},
-            },
-        },
-        "Top": {
-            "type": "object",
-            "properties": {
-                "from": {"type": "string", "format": "date-time"},
-                "to": {"type": "string", "format": "date-time"},
-                "stat": {"type": "string"},
-                "results": {"type": "array", "items": {"type": "object"}},
-            },
-        },
-        "Aggregates": {
-            "type": "object",
-            "properties": {
-                "from": {"type": "string", "format": "date-time"},
-                "to": {"type": "string", "format": "date-time"},
-                "granularity": {"type": "string"},
-                "tz": {"type": "string"},
-                "results": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "key": {"type": "string"},
-                            "tags": {"type": "object", "additionalProperties": {"type": "string"}},
-                            "buckets": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "properties": {
-                                        "start": {"type": "string", "format": "date-time"}
-                                    },
-                                    "additionalProperties": {"type": "number"},
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    }
     busy = _error(
         "The writer's queue stayed full (overloaded, with Retry-After) or the "
         "commit failed (commit_failed); nothing of the request was stored."
@@ -176,15 +99,9 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Ingest events (one object, a JSON array, or NDJSON)",
                     "description": "Atomic: an invalid event rejects the whole request. Durable by "
-                    "default: answered after the commit. Unknown event fields are rejected.",
-                    "parameters": [
-                        _param(
-                            "wait",
-                            "false: answer 202 once queued, before the commit (may be lost "
-                            "on a crash)",
-                            {"type": "boolean", "default": True},
-                        )
-                    ],
+                    "default: answered after the commit. Unknown event fields are rejected. "
+                    "NDJSON (application/x-ndjson) carries one event object per line.",
+                    "parameters": _parameters(EVENTS),
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -194,19 +111,20 @@ def openapi_document() -> dict[str, Any]:
                                 }
                             },
                             "application/x-ndjson": {
-                                "schema": {"type": "string"},
-                                "description": "One event object per line.",
+                                "schema": {
+                                    "type": "string",
+                                    "description": "One event object per line.",
+                                }
                             },
                         },
                     },
                     "responses": {
-                        "200": _json_response(
-                            "Committed.", {"$ref": "#/components/schemas/Accepted"}
+                        "200": _json_response("Committed.", _ref("Accepted")),
+                        "202": _json_response("Queued (wait=false).", _ref("Accepted")),
+                        "400": _error(
+                            "Malformed JSON (the message says where), an empty body, or a bad "
+                            "wait value."
                         ),
-                        "202": _json_response(
-                            "Queued (wait=false).", {"$ref": "#/components/schemas/Accepted"}
-                        ),
-                        "400": _error("Malformed JSON (the message says where) or an empty body."),
                         "413": _error("Body over max_body or more than max_batch events."),
                         "415": _error("Content-Type other than application/json or NDJSON."),
                         "422": _error("Invalid events: every problem as {index, field, message}."),
@@ -217,134 +135,47 @@ def openapi_document() -> dict[str, Any]:
             "/v1/aggregates": {
                 "get": {
                     "summary": "Roll-ups of one or more keys over a time range",
-                    "parameters": [
-                        _param(
-                            "key",
-                            "Key to read; repeat for several (at most 100).",
-                            {"type": "array", "items": {"type": "string"}},
-                            required=True,
-                            explode=True,
-                        ),
-                        _param(
-                            "from",
-                            "Start, RFC 3339 or Unix seconds (inclusive); default to minus 24 h.",
-                            {"type": "string"},
-                        ),
-                        _param(
-                            "to",
-                            "End, RFC 3339 or Unix seconds (exclusive); default now.",
-                            {"type": "string"},
-                        ),
-                        _param(
-                            "granularity",
-                            "Width of the answer's buckets.",
-                            {"type": "string", "enum": list(GRANULARITIES), "default": "hour"},
-                        ),
-                        _param(
-                            "tz",
-                            "IANA zone for day, week and month boundaries (e.g. Europe/Berlin); "
-                            "422 when its boundaries miss the store's bucket edges.",
-                            {"type": "string", "default": "UTC"},
-                        ),
-                        _param(
-                            "fill",
-                            "none: omit empty buckets; zero: every stat 0; null: count 0, "
-                            "other stats null.",
-                            {"type": "string", "enum": list(FILLS), "default": "none"},
-                        ),
-                        _param(
-                            "group_by",
-                            "A tag name: one result series per value of it.",
-                            {"type": "string"},
-                        ),
-                        _param(
-                            "stats",
-                            f"Comma list of {stats_list} and percentiles pNN or pNN.N (p50, "
-                            "p99.9; keys named by --quantiles). Example: count,avg,p99.",
-                            {"type": "string", "default": ",".join(DEFAULT_STATS)},
-                        ),
-                        _param(
-                            "tag.NAME",
-                            "Keep only series whose tag NAME has this value, e.g. "
-                            "tag.region=eu (repeatable with other names, AND).",
-                            {"type": "string"},
-                        ),
-                    ],
+                    "parameters": _parameters(AGGREGATES),
                     "responses": {
-                        "200": _json_response(
-                            "The roll-ups.", {"$ref": "#/components/schemas/Aggregates"}
-                        ),
-                        "422": _error("Invalid parameters: every problem as {parameter, message}."),
+                        "200": _json_response("The roll-ups.", _ref("Aggregates")),
+                        "422": _error(too_big),
                     },
                 }
             },
             "/v1/keys": {
                 "get": {
                     "summary": "Keys with their tag names and first and last bucket, paginated",
-                    "parameters": [
-                        _param("prefix", "Only keys starting with this.", {"type": "string"}),
-                        _param(
-                            "after",
-                            "Keys after this one (the previous page's next).",
-                            {"type": "string"},
-                        ),
-                        _param(
-                            "limit",
-                            "Keys per page.",
-                            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
-                        ),
-                    ],
+                    "parameters": _parameters(KEYS),
                     "responses": {
                         "200": _json_response(
-                            "A page of keys; next is null on the last page.",
-                            {"$ref": "#/components/schemas/Keys"},
+                            "A page of keys; next is null on the last page.", _ref("Keys")
                         ),
-                        "422": _error("Invalid parameters."),
+                        "422": _error("Invalid parameters: every problem as {parameter, message}."),
                     },
                 }
             },
             "/v1/top": {
                 "get": {
                     "summary": "Keys ranked by total count or sum over a range",
-                    "parameters": [
-                        _param(
-                            "from",
-                            "Start, RFC 3339 or Unix seconds; default to minus 24 h.",
-                            {"type": "string"},
-                        ),
-                        _param("to", "End (exclusive); default now.", {"type": "string"}),
-                        _param(
-                            "stat",
-                            "What to rank by.",
-                            {"type": "string", "enum": list(TOP_STATS), "default": "count"},
-                        ),
-                        _param(
-                            "limit",
-                            "How many keys.",
-                            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
-                        ),
-                        _param("prefix", "Only keys starting with this.", {"type": "string"}),
-                    ],
+                    "parameters": _parameters(TOP),
                     "responses": {
-                        "200": _json_response(
-                            "Keys, highest first.", {"$ref": "#/components/schemas/Top"}
-                        ),
-                        "422": _error("Invalid parameters."),
+                        "200": _json_response("Keys, highest first.", _ref("Top")),
+                        "422": _error("Invalid parameters: every problem as {parameter, message}."),
                     },
                 }
             },
             "/healthz": {
                 "get": {
                     "summary": "Liveness: the process answers",
-                    "responses": {"200": _json_response("Alive.", {"type": "object"})},
+                    "responses": {"200": _json_response("Alive.", _ref("Health"))},
                 }
             },
             "/readyz": {
                 "get": {
                     "summary": "Readiness: store reachable, writer running, queue not saturated",
                     "responses": {
-                        "200": _json_response("Ready.", {"type": "object"}),
-                        "503": _json_response("Not ready; checks says why.", {"type": "object"}),
+                        "200": _json_response("Ready.", _ref("Ready")),
+                        "503": _json_response("Not ready; checks says why.", _ref("Ready")),
                     },
                 }
             },

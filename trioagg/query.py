@@ -1,11 +1,12 @@
 """``GET /v1/aggregates``: parsing its parameters and merging stored rows into answers.
 
-No I/O: :func:`parse_query` turns query parameters into a :class:`Query`
-(raising :class:`~trioagg.errors.InvalidQuery` with every problem), and
-:func:`answer` merges the rows a store returned for it into the response
-document. Coarser buckets are merged with :meth:`Rollup.merge`: exact for
-count, min and max, numerically stable for sum, avg and stddev, and sketch
-merges for quantiles and distinct counts.
+No I/O: :func:`parse_query` turns query parameters (read through
+:data:`trioagg.params.AGGREGATES`) into a :class:`Query`, raising
+:class:`~trioagg.errors.InvalidQuery` with every problem, and :func:`answer`
+merges the rows a store returned for it into the encoded response. Coarser
+buckets are merged with :meth:`Rollup.merge`: exact for count, min and max,
+numerically stable for sum, avg and stddev, and sketch merges for quantiles
+and distinct counts. Both hold to a :class:`~trioagg.budget.Budget`.
 
 ``bucket`` and ``hour`` are fixed widths aligned to UTC. ``day``, ``week``
 (Monday first) and ``month`` follow the calendar of ``tz``, so a local day can
@@ -17,33 +18,26 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import itertools
 import math
-import re
 import zoneinfo
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 
+from .answers import Aggregates, Series
+from .budget import DEFAULT_BUDGET, Budget
 from .errors import InvalidQuery
-from .rollup import STATS, Rollup, is_percentile
+from .params import AGGREGATES, Problems, parse_args
+from .rollup import Rollup, is_percentile
 from .settings import BUCKET_WIDTHS
 from .store import Row
-from .times import parse_time, rfc3339
+from .times import LATEST, rfc3339
 
 FIXED: Final = {"bucket": None, "hour": 3600}
-CALENDAR: Final = ("day", "week", "month")
-GRANULARITIES: Final = ("bucket", "hour", "day", "week", "month", "all")
-FILLS: Final = ("none", "zero", "null")
-DEFAULT_STATS: Final = ("count", "sum", "min", "max", "avg")
 DEFAULT_RANGE: Final = 86400
-MAX_KEYS: Final = 100
-#: Most answer buckets one query may ask to be filled in.
-MAX_FILLED_BUCKETS: Final = 100_000
-_TAG_PARAM = re.compile(r"^tag\.([A-Za-z_][A-Za-z0-9_.-]{0,63})$")
-_KNOWN = {"key", "from", "to", "granularity", "group_by", "stats", "tz", "fill"}
-_UTC = zoneinfo.ZoneInfo("UTC")
 
 #: A result series within a key: () when merged, (tag value,) with group_by.
 Group = tuple[str | None, ...]
@@ -70,6 +64,10 @@ class Query:
     @property
     def end(self) -> int:
         return self.boundaries[-1]
+
+    @property
+    def buckets_per_series(self) -> int:
+        return len(self.boundaries) - 1
 
     @property
     def needs_sketches(self) -> bool:
@@ -102,92 +100,41 @@ class FixedEdges(Sequence[int]):
         return self.start + index * self.step
 
 
-class Problems:
-    """Every problem of a query's parameters, unknown parameters included."""
-
-    def __init__(self, known: Iterable[str], args: Any, *, tag_filters: bool = False) -> None:
-        known = set(known)
-        self.items: list[dict[str, Any]] = [
-            {"parameter": name, "message": "unknown parameter"}
-            for name in args
-            if name not in known and not (tag_filters and _TAG_PARAM.match(name))
-        ]
-
-    def __call__(self, parameter: str, message: str) -> None:
-        self.items.append({"parameter": parameter, "message": message})
-
-    def raise_any(self) -> None:
-        if self.items:
-            raise InvalidQuery("the query is invalid", self.items)
-
-
-def parse_range(args: Any, problem: Problems, *, now: float) -> tuple[float, float]:
-    """``from`` and ``to`` as Unix seconds; by default the last 24 hours."""
-    end_at = _parse_time(args.get("to"), "to", problem)
-    end_at = now if end_at is None else end_at
-    start_at = _parse_time(args.get("from"), "from", problem)
-    start_at = end_at - DEFAULT_RANGE if start_at is None else start_at
+def parse_range(values: Mapping[str, Any], problem: Problems, *, now: float) -> tuple[float, float]:
+    """``from`` and ``to`` (already parsed) as Unix seconds; by default the last 24 hours."""
+    end_at = now if values["to"] is None else values["to"]
+    start_at = max(0.0, end_at - DEFAULT_RANGE) if values["from"] is None else values["from"]
     if start_at >= end_at:
         problem("from", "from must be before to")
     return start_at, end_at
 
 
-def parse_query(args: Any, *, bucket: int, now: float) -> Query:
+def parse_query(args: Any, *, bucket: int, now: float, budget: Budget = DEFAULT_BUDGET) -> Query:
     """Validate the parameters of ``/v1/aggregates``; every problem is reported at once."""
-    problem = Problems(_KNOWN, args, tag_filters=True)
-    keys = tuple(dict.fromkeys(args.getlist("key")))
-    if not keys:
-        problem("key", "at least one key is required (repeat key= for several)")
-    elif len(keys) > MAX_KEYS:
-        problem("key", f"at most {MAX_KEYS} keys per query")
-
-    granularity = args.get("granularity", "hour")
-    if granularity not in GRANULARITIES:
-        problem("granularity", f"must be one of {', '.join(GRANULARITIES)}")
-        granularity = "hour"
-
-    tz_name = args.get("tz", "UTC")
-    try:
-        zone = zoneinfo.ZoneInfo(tz_name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        problem("tz", f"{tz_name!r} is not an IANA time zone (e.g. Europe/Berlin)")
-        zone = _UTC
-
-    fill = args.get("fill", "none")
-    if fill not in FILLS:
-        problem("fill", f"must be one of {', '.join(FILLS)}")
-
-    start_at, end_at = parse_range(args, problem, now=now)
-
-    stats = tuple(dict.fromkeys(args.get("stats", ",".join(DEFAULT_STATS)).split(",")))
-    unknown = [name for name in stats if name not in STATS and not is_percentile(name)]
-    if unknown:
-        problem(
-            "stats",
-            f"unknown stat(s) {', '.join(unknown)}; choose from {', '.join(STATS)} "
-            "or a percentile such as p50, p99, p99.9",
-        )
-
-    tags = {match[1]: args.get(name) for name in args if (match := _TAG_PARAM.match(name))}
-    group_by = args.get("group_by") or None
-
+    values, problem = parse_args(AGGREGATES, args)
+    start_at, end_at = parse_range(values, problem, now=now)
+    keys: tuple[str, ...] = values["key"] or ()
+    granularity, zone, fill = values["granularity"], values["tz"], values["fill"]
     boundaries: Sequence[int] = ()
     if not problem.items:
-        boundaries = _boundaries(granularity, zone, start_at, end_at, bucket, problem)
-        if fill != "none" and len(boundaries) - 1 > MAX_FILLED_BUCKETS:
-            problem("fill", f"fill would emit more than {MAX_FILLED_BUCKETS} buckets per series")
+        boundaries = _boundaries(granularity, zone, start_at, end_at, bucket, problem, budget)
+    if not problem.items and boundaries[-1] >= LATEST:
+        problem("to", f"the range widened to whole {granularity} buckets ends after 9999-12-31")
+    if not problem.items and fill != "none":
+        trouble = budget.fill_problem(fill, len(keys), len(boundaries) - 1)
+        if trouble:
+            problem("fill", trouble)
     problem.raise_any()
-    return Query(keys, granularity, tz_name, boundaries, tags, group_by, stats, fill)
-
-
-def _parse_time(text: str | None, name: str, problem: Problems) -> float | None:
-    if text is None:
-        return None
-    try:
-        return parse_time(text)
-    except ValueError as error:
-        problem(name, str(error))
-        return None
+    return Query(
+        keys,
+        granularity,
+        zone.key,
+        boundaries,
+        values["tag.NAME"],
+        values["group_by"],
+        values["stats"],
+        fill,
+    )
 
 
 def _boundaries(
@@ -196,7 +143,8 @@ def _boundaries(
     start_at: float,
     end_at: float,
     bucket: int,
-    problem: Callable[[str, str], None],
+    problem: Problems,
+    budget: Budget,
 ) -> Sequence[int]:
     """The answer buckets' edges covering ``[start_at, end_at)``, widened to whole buckets."""
     if granularity in FIXED:
@@ -205,10 +153,22 @@ def _boundaries(
         return FixedEdges(start, math.ceil(end_at / step) * step, step)
     if granularity == "all":
         return [math.floor(start_at / bucket) * bucket, math.ceil(end_at / bucket) * bucket]
-    edges = list(_calendar_edges(granularity, zone, start_at, end_at))
-    misaligned = [edge for edge in edges if edge % bucket]
+    trouble = budget.calendar_problem(granularity, start_at, end_at)
+    if trouble:
+        problem("granularity", trouble)
+        return ()
+    edges = _calendar_edges(granularity, zone, start_at, end_at)
+    try:  # the bound guards zones whose history has shorter days than DST makes
+        listed = list(itertools.islice(edges, budget.calendar_edges + 1))
+    except (OverflowError, ValueError):  # a local date before year 1 or after 9999
+        problem("to", f"{granularity} boundaries in {zone.key} fall outside years 1-9999")
+        return ()
+    if len(listed) > budget.calendar_edges:
+        problem("granularity", budget.calendar_problem(granularity, 0, LATEST) or "")
+        return ()
+    misaligned = [edge for edge in listed if edge % bucket]
     if misaligned:
-        width = _widest_dividing(edges)
+        width = _widest_dividing(listed)
         advice = (
             f"a store created with --bucket {width} answers it exactly"
             if width
@@ -219,7 +179,7 @@ def _boundaries(
             f"{granularity} boundaries in {zone.key} fall at {rfc3339(misaligned[0])}, "
             f"which is not on an edge of this store's {_width_name(bucket)} buckets; {advice}",
         )
-    return edges
+    return listed
 
 
 def _calendar_edges(
@@ -253,10 +213,11 @@ def _width_name(seconds: int) -> str:
     return next(name for name, width in BUCKET_WIDTHS.items() if width == seconds)
 
 
-def answer(query: Query, rows: Iterable[Row]) -> dict[str, Any]:
-    """Merge stored rows into the response document of ``query``."""
+def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -> bytes:
+    """Merge stored rows into the encoded response of ``query``, within ``budget``."""
     series: dict[str, dict[Group, dict[int, Rollup]]] = {key: {} for key in query.keys}
     tag_cache: dict[str, dict[str, str]] = {}
+    buckets_left = budget.answer_buckets
     for key, bucket, tags_json, rollup in rows:
         tags = tag_cache.get(tags_json)
         if tags is None:
@@ -268,26 +229,47 @@ def answer(query: Query, rows: Iterable[Row]) -> dict[str, Any]:
         buckets = series[key].setdefault(group, {})
         merged = buckets.get(start)
         if merged is None:
+            buckets_left -= 1
+            if buckets_left < 0:
+                message = budget.buckets_problem()
+                raise InvalidQuery("the query is invalid", [_problem("granularity", message)])
             buckets[start] = rollup
         else:
             merged.merge(rollup)
+    for groups in series.values():
+        if not groups and not query.group_by:
+            groups[()] = {}
+    if query.fill != "none":
+        count = sum(len(groups) for groups in series.values())
+        trouble = budget.fill_problem(query.fill, count, query.buckets_per_series)
+        if trouble:
+            raise InvalidQuery("the query is invalid", [_problem("fill", trouble)])
 
     results = []
     for key, groups in series.items():
-        if not groups and not query.group_by:
-            groups = {(): {}}
         for group in sorted(groups, key=_group_order):
             tags = dict(query.tags)
             if query.group_by and group[0] is not None:
                 tags[query.group_by] = group[0]
-            results.append({"key": key, "tags": tags, "buckets": _buckets(query, groups[group])})
-    return {
-        "from": rfc3339(query.start),
-        "to": rfc3339(query.end),
-        "granularity": query.granularity,
-        "tz": query.tz,
-        "results": results,
-    }
+            results.append(Series(key, tags, _buckets(query, groups[group])))
+    document = Aggregates(
+        rfc3339(query.start), rfc3339(query.end), query.granularity, query.tz, results
+    )
+    encoded = msgspec.json.encode(document)
+    if len(encoded) > budget.answer_bytes:
+        raise InvalidQuery("the query is invalid", [_problem("stats", budget.bytes_problem())])
+    return encoded
+
+
+def _problem(parameter: str, message: str) -> dict[str, str]:
+    return {"parameter": parameter, "message": message}
+
+
+def work(query: Query, rows: Sequence[Row]) -> int:
+    """About how many rows and buckets answering ``query`` with ``rows`` handles."""
+    if query.fill == "none":
+        return len(rows)
+    return len(rows) + query.buckets_per_series * max(len(query.keys), len(rows))
 
 
 def _buckets(query: Query, rollups: dict[int, Rollup]) -> list[dict[str, Any]]:

@@ -90,9 +90,16 @@ class Backend(Protocol):
         """Widen the keys index to cover ``spans``."""
 
     def fetch(
-        self, conn: Any, keys: Sequence[str], start: int, end: int, *, sketches: bool = False
+        self,
+        conn: Any,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        *,
+        sketches: bool = False,
+        limit: int | None = None,
     ) -> list[Row]:
-        """The rows of ``keys`` whose bucket starts in ``[start, end)``."""
+        """The rows of ``keys`` whose bucket starts in ``[start, end)``, at most ``limit``."""
 
     def list_keys(self, conn: Any, prefix: str, after: str, limit: int) -> list[KeyInfo]:
         """Series of the first ``limit`` keys after ``after`` that start with ``prefix``."""
@@ -378,10 +385,19 @@ class Store:
         return count
 
     async def read(
-        self, keys: Sequence[str], start: int, end: int, *, sketches: bool = False
+        self,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        *,
+        sketches: bool = False,
+        limit: int | None = None,
     ) -> list[Row]:
-        """Rows of ``keys`` in ``[start, end)``, read on a connection of the read pool."""
-        return await self._run_read(self.backend.fetch, keys, start, end, sketches=sketches)
+        """Rows of ``keys`` in ``[start, end)`` (at most ``limit``), read on a connection of
+        the read pool."""
+        return await self._run_read(
+            self.backend.fetch, keys, start, end, sketches=sketches, limit=limit
+        )
 
     async def list_keys(self, prefix: str, after: str, limit: int) -> list[KeyInfo]:
         return await self._run_read(self.backend.list_keys, prefix, after, limit)

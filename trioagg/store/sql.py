@@ -140,15 +140,23 @@ class SQLBackend:
         )
 
     def fetch(
-        self, conn: Any, keys: Sequence[str], start: int, end: int, *, sketches: bool = False
+        self,
+        conn: Any,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        *,
+        sketches: bool = False,
+        limit: int | None = None,
     ) -> list[Row]:
         blobs = ", quantiles_kll, distinct_hll" if sketches else ""
         records = conn.execute(
             self._sql(
                 f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} FROM rollups "
                 f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
+                + ("" if limit is None else " LIMIT ?")
             ),
-            [*keys, start, end],
+            [*keys, start, end, *([] if limit is None else [limit])],
         ).fetchall()
         return to_rows(records, sketches=sketches)
 
