@@ -18,7 +18,7 @@ import trio.testing
 from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
 from trioagg.metrics import Metrics
 from trioagg.store import CommitResult
-from trioagg.writer import FAILING_MEMORY, Writers
+from trioagg.writer import FAILING_MEMORY, Writers, watch_loop_stalls
 
 
 class CuedStore:
@@ -154,3 +154,16 @@ async def test_requests_spanning_writers_wait_in_line_instead_of_starving(
         load.cancel_scope.cancel()
     assert spanning_results == ["ok"] * 20
     assert await writers.drain(30)
+
+
+async def test_a_stalled_event_loop_is_measured(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    metrics = Metrics()
+    nursery.start_soon(watch_loop_stalls, metrics, 0.01)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(0.3)  # as if one task had held the loop for 0.3 s
+    await trio.testing.wait_all_tasks_blocked()
+    longest = metrics.registry.get_sample_value("trioagg_loop_stall_seconds_sum")
+    assert longest == pytest.approx(0.29)
+    assert b"trioagg_loop_stall_max_seconds 0.29" in metrics.render()

@@ -46,7 +46,7 @@ from .query import Query, answer, parse_query, work
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
-from .writer import Writers, purge_expired_ids
+from .writer import Writers, purge_expired_ids, watch_loop_stalls
 
 log = logging.getLogger("trioagg")
 
@@ -91,9 +91,10 @@ class Service:
             async with trio.open_nursery() as nursery:
                 await nursery.start(writers.run)
                 service = cls(settings, store, writers, metrics)
-                async with trio.open_nursery() as purging:
+                async with trio.open_nursery() as helpers:
                     interval = min(60.0, settings.dedup_window / 10)
-                    purging.start_soon(purge_expired_ids, store, interval)
+                    helpers.start_soon(purge_expired_ids, store, interval)
+                    helpers.start_soon(watch_loop_stalls, metrics)
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
                         "queue %d requests",
@@ -107,7 +108,7 @@ class Service:
                         yield service
                     finally:
                         writers.accepting = False
-                        purging.cancel_scope.cancel()
+                        helpers.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await service._drain()
         finally:

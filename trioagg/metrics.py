@@ -36,6 +36,7 @@ from . import __version__
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _BATCH_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000)
+_STALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -95,6 +96,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.loop_stall_seconds = Histogram(
+            "trioagg_loop_stall_seconds",
+            "How late the event loop woke a 10 ms heartbeat: time it was held by one task.",
+            buckets=_STALL_BUCKETS,
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "trioagg_request_seconds",
             "Time to answer a request, by route and status code.",
@@ -105,8 +112,10 @@ class Metrics:
         # Figures of the moment: read at scrape time, never written to multiprocess files.
         self._live = CollectorRegistry()
         self._channels = _ChannelGauges()
+        self._stalls = _LongestStall()
         self._live.register(self._channels)
         self._live.register(_BuildInfo())
+        self._live.register(self._stalls)
         self._live.register(ProcessCollector(registry=None))
         self._shared: CollectorRegistry | None = None
         if values.ValueClass is not values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR is set
@@ -116,6 +125,11 @@ class Metrics:
     def watch_channels(self, statistics: Callable[[], list[trio.MemoryChannelStatistics]]) -> None:
         """Export the writers' channel statistics, summed over writers, as gauges."""
         self._channels.statistics = statistics
+
+    def loop_stalled(self, seconds: float) -> None:
+        """Record one heartbeat's lateness."""
+        self.loop_stall_seconds.observe(seconds)
+        self._stalls.longest = max(self._stalls.longest, seconds)
 
     def render(self) -> bytes:
         if self._shared is None:
@@ -146,6 +160,20 @@ class _ChannelGauges(Collector):
             yield GaugeMetricFamily(
                 name, description, value=float(sum(getattr(stats, field) for stats in current))
             )
+
+
+class _LongestStall(Collector):
+    """The longest event-loop stall of this process since it started."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "trioagg_loop_stall_max_seconds",
+            "The longest the event loop was held by one task since the process started.",
+            value=self.longest,
+        )
 
 
 class _BuildInfo(Collector):
