@@ -46,11 +46,15 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-def make_writers(store: CuedStore, **settings: Any) -> tuple[Writers, Metrics]:
+async def start_writers(
+    store: CuedStore, nursery: trio.Nursery, **settings: Any
+) -> tuple[Writers, Metrics]:
     metrics = Metrics()
     options = {"count": 1, "batch_size": 1000, "queue_size": 100, "enqueue_timeout": 1.0}
     options.update(settings)
-    return Writers(store, metrics, **options), metrics  # type: ignore[arg-type]
+    writers = Writers(store, metrics, **options)  # type: ignore[arg-type]
+    await nursery.start(writers.run)
+    return writers, metrics
 
 
 def lost(metrics: Metrics, reason: str) -> float:
@@ -61,8 +65,7 @@ async def test_202_events_are_retried_through_an_outage_until_they_commit(
     clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     store = CuedStore()
-    writers, metrics = make_writers(store)
-    await nursery.start(writers.run)
+    writers, metrics = await start_writers(store, nursery)
     store.down = True
     await writers.submit([event()] * 3, durable=False)
     await trio.sleep(5)
@@ -86,8 +89,7 @@ async def test_the_drain_deadline_answers_what_is_left_and_counts_lost_202s(
     clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     store = CuedStore()
-    writers, metrics = make_writers(store)
-    await nursery.start(writers.run)
+    writers, metrics = await start_writers(store, nursery)
     store.down = True
     await writers.submit([event()] * 4, durable=False)
     waiting = await writers.submit([event()], durable=True)
@@ -114,8 +116,7 @@ async def test_an_idle_service_forgets_an_outage_after_a_while(
     clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     store = CuedStore()
-    writers, _ = make_writers(store)
-    await nursery.start(writers.run)
+    writers, _ = await start_writers(store, nursery)
     store.down = True
     with pytest.raises(CommitFailed):
         await (await writers.submit([event()], durable=True)).wait_committed()
@@ -131,8 +132,7 @@ async def test_requests_spanning_writers_wait_in_line_instead_of_starving(
     """Single-writer requests keep writer 0's channel full; a request with events in
     the hours of both writers must still get its turn within enqueue_timeout."""
     store = CuedStore(delay=0.05)
-    writers, _ = make_writers(store, count=2, queue_size=2, enqueue_timeout=1.0)
-    await nursery.start(writers.run)
+    writers, _ = await start_writers(store, nursery, count=2, queue_size=2, enqueue_timeout=1.0)
     spanning_results: list[str] = []
 
     async def hammer_writer_0() -> None:
