@@ -98,3 +98,8 @@ def test_parse_duration(text: str, seconds: float) -> None:
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_max_inflight_must_hold_the_largest_body() -> None:
+    with pytest.raises(ConfigError, match="--max-inflight .* must be at least --max-body"):
+        Settings.from_text({"max_inflight": "1MiB", "max_body": "2MiB"})

@@ -167,3 +167,23 @@ async def test_a_stalled_event_loop_is_measured(
     longest = metrics.registry.get_sample_value("trioagg_loop_stall_seconds_sum")
     assert longest == pytest.approx(0.29)
     assert b"trioagg_loop_stall_max_seconds 0.29" in metrics.render()
+
+
+async def test_bytes_in_flight_are_held_until_the_events_are_done(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    store = CuedStore(delay=1.0)
+    writers, _ = await start_writers(store, nursery, count=2, max_inflight=1000)
+    writers.inflight.take(600)
+    with pytest.raises(Overloaded, match="max_inflight"):
+        writers.inflight.take(500)
+    receipt = await writers.submit([event(0), event(1), event(1)], durable=True, weight=600)
+    assert writers.inflight.used == 600
+    await receipt.wait_committed()
+    assert writers.inflight.used == 0
+    # Events answered unstored give their bytes back too.
+    store.down = True
+    writers.inflight.take(300)
+    await writers.submit([event()] * 3, durable=False, weight=300)
+    assert not await writers.drain(5)
+    assert writers.inflight.used == 0

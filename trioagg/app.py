@@ -87,6 +87,7 @@ class Service:
                 batch_size=settings.batch_size,
                 queue_size=settings.queue_size,
                 enqueue_timeout=settings.enqueue_timeout,
+                max_inflight=settings.max_inflight,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(writers.run)

@@ -159,6 +159,12 @@ class Settings:
         "answered 503 (durable) or counted as lost (202). trioagg serve gives hypercorn room "
         "for it; under the hypercorn CLI keep its --graceful-timeout and shutdown_timeout above.",
     )
+    max_inflight: int = _setting(
+        "256MiB",
+        parse_size,
+        "Most memory requests may hold at once: bodies being read, and decoded events until "
+        "they are committed; a request that would pass it gets 503 with Retry-After.",
+    )
     writers: int = _setting(
         "1",
         _positive_int,
@@ -171,6 +177,13 @@ class Settings:
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "Logging level."
     )
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < self.max_body:
+            raise ConfigError(
+                f"{flag_name('max_inflight')} ({self.max_inflight} bytes) must be at least "
+                f"{flag_name('max_body')} ({self.max_body} bytes): the largest body must fit"
+            )
 
     @classmethod
     def from_text(cls, values: Mapping[str, str]) -> Settings:

@@ -60,11 +60,13 @@ FAILING_MEMORY = 10.0
 class Submission:
     """One request's events (or the part of them one writer owns) on their way."""
 
-    __slots__ = ("done", "duplicates", "durable", "error", "event", "points")
+    __slots__ = ("done", "duplicates", "durable", "error", "event", "points", "weight")
 
-    def __init__(self, points: list[Point], *, durable: bool) -> None:
+    def __init__(self, points: list[Point], *, durable: bool, weight: int = 0) -> None:
         self.points = points
         self.durable = durable
+        #: Bytes of :class:`InflightBytes` these events hold until they are done.
+        self.weight = weight
         #: Set when a durable submission is answered: committed, or failed with ``error``.
         self.event: trio.Event | None = trio.Event() if durable else None
         self.error: CommitFailed | Unstorable | None = None
@@ -92,9 +94,11 @@ class Writer:
         shard: int = 0,
         batch_size: int,
         queue_size: int,
+        inflight: InflightBytes | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.inflight = inflight or InflightBytes(None)
         self.shard = shard
         self.batch_size = batch_size
         self._send, self._receive = trio.open_memory_channel[Submission](queue_size)
@@ -139,9 +143,9 @@ class Writer:
     def unreserve(self) -> None:
         self._slots.release()
 
-    def put(self, points: list[Point], *, durable: bool) -> Submission:
+    def put(self, points: list[Point], *, durable: bool, weight: int = 0) -> Submission:
         """Queue events in a slot taken with :meth:`reserve` (never blocks)."""
-        submission = Submission(points, durable=durable)
+        submission = Submission(points, durable=durable, weight=weight)
         try:
             self._send.send_nowait(submission)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -260,9 +264,8 @@ class Writer:
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         return []
 
-    @staticmethod
-    def _answer(submission: Submission, error: CommitFailed | Unstorable | None) -> None:
-        submission.done = True
+    def _answer(self, submission: Submission, error: CommitFailed | Unstorable | None) -> None:
+        self._done(submission)
         if submission.event is not None:
             submission.error = error
             submission.event.set()
@@ -271,10 +274,15 @@ class Writer:
         """Count and log 202 events that will never be stored."""
         events = sum(len(submission.points) for submission in submissions)
         for submission in submissions:
-            submission.done = True
+            self._done(submission)
         if events:
             self.metrics.events_lost.labels(why).inc(events)
             log.error("%d events answered 202 were lost: %s", events, why)
+
+    def _done(self, submission: Submission) -> None:
+        submission.done = True
+        self.inflight.give_back(submission.weight)
+        submission.weight = 0
 
     def _fail_leftovers(self, why: str) -> None:
         """Answer every submission still held or queued: 503 for durable ones, and the
@@ -294,6 +302,37 @@ class Writer:
                 self._answer(submission, failure)
         self._lose([submission for submission in leftovers if not submission.durable], why)
         log.error("%d queued requests were answered unstored: %s", len(leftovers), why)
+
+
+class InflightBytes:
+    """Memory that requests hold, in bytes: bodies being read and decoded events until
+    they are committed (or answered unstored). At most ``limit`` (None: no limit); a
+    request that would pass it is refused at once with 503 and Retry-After."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        """Hold ``size`` more bytes, or raise :class:`Overloaded` (nothing held then)."""
+        if self.limit is not None and self.used + size > self.limit:
+            raise Overloaded(
+                f"the server holds {self.used} bytes of requests in flight and this one "
+                f"would pass max_inflight ({self.limit}); retry later",
+                retry_after=1,
+            )
+        self.used += size
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+
+
+def _split(total: int, sizes: list[int]) -> list[int]:
+    """``total`` in parts proportional to ``sizes`` (summing to ``total`` exactly)."""
+    whole = sum(sizes) or 1
+    shares = [total * size // whole for size in sizes]
+    shares[-1] += total - sum(shares)
+    return shares
 
 
 def _not_writing() -> Overloaded:
@@ -354,11 +393,20 @@ class Writers:
         batch_size: int,
         queue_size: int,
         enqueue_timeout: float,
+        max_inflight: int | None = None,
     ) -> None:
         self.enqueue_timeout = enqueue_timeout
         self.metrics = metrics
+        self.inflight = InflightBytes(max_inflight)
         self.writers = [
-            Writer(store, metrics, shard=shard, batch_size=batch_size, queue_size=queue_size)
+            Writer(
+                store,
+                metrics,
+                shard=shard,
+                batch_size=batch_size,
+                queue_size=queue_size,
+                inflight=self.inflight,
+            )
             for shard in range(count)
         ]
         self.stopped = trio.Event()
@@ -394,6 +442,7 @@ class Writers:
                     await nursery.start(writer.run)
                 task_status.started()
         finally:
+            self.accepting = False
             self.stopped.set()
 
     def close(self) -> None:
@@ -437,8 +486,12 @@ class Writers:
         """Give back the token of :meth:`admit`."""
         self._admission.release()
 
-    async def submit(self, points: list[Point], *, durable: bool) -> Submission | Receipt:
-        """Queue a request's events with the writers owning their hours (see the class)."""
+    async def submit(
+        self, points: list[Point], *, durable: bool, weight: int = 0
+    ) -> Submission | Receipt:
+        """Queue a request's events with the writers owning their hours (see the class).
+        ``weight`` bytes, taken from :attr:`inflight` by the caller, are given back once
+        every part is done."""
         count = len(self.writers)
         parts: dict[int, list[Point]] = {0: points}
         if count > 1:
@@ -470,8 +523,10 @@ class Writers:
                 self.writers[shard].unreserve()
             raise _not_writing()
         # No checkpoint from here to the last put: every part is queued, or none.
+        shares = _split(weight, [len(part) for part in parts.values()])
         submissions = [
-            self.writers[shard].put(part, durable=durable) for shard, part in parts.items()
+            self.writers[shard].put(part, durable=durable, weight=share)
+            for (shard, part), share in zip(parts.items(), shares, strict=True)
         ]
         return submissions[0] if len(submissions) == 1 else Receipt(submissions)
 

@@ -462,8 +462,11 @@ class Store:
         try:
             return await trio.to_thread.run_sync(lambda: link.run(operation, *args, **kwargs))
         except Exception as error:
-            if self.backend.is_busy(error) or self.backend.outage_reason(error) is not None:
-                raise StoreOutage(self.backend.outage_reason(error) or "busy") from error
-            raise
+            reason = self.backend.outage_reason(error)
+            if reason is None and self.backend.is_busy(error):
+                reason = "the database is locked by another writer"
+            if reason is None:
+                raise
+            raise StoreOutage(reason) from error
         finally:
             self._idle_send.send_nowait(link)
