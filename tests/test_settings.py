@@ -101,5 +101,5 @@ def test_parse_size(text: str, size: int) -> None:
 
 
 def test_max_inflight_must_hold_the_largest_body() -> None:
-    with pytest.raises(ConfigError, match="--max-inflight .* must be at least --max-body"):
+    with pytest.raises(ConfigError, match=r"--max-inflight .* must be at least --max-body"):
         Settings.from_text({"max_inflight": "1MiB", "max_body": "2MiB"})
