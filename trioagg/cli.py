@@ -74,6 +74,7 @@ async def run_server(
     config.bind = [f"{app.settings.host}:{app.settings.port}"]
     config.accesslog = None
     config.errorlog = "-"
+    config.keep_alive_timeout = app.settings.keep_alive_timeout
     if shutdown_trigger is not None:
         await hypercorn_serve(
             app, config, shutdown_trigger=shutdown_trigger, task_status=task_status

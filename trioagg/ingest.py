@@ -9,6 +9,8 @@ so a request is stored whole or not at all.
 
 Valid bodies take the fast path: one typed msgspec decode and one loop.
 Only a body that fails it is decoded again, untyped, to find every problem.
+:func:`decode_body` runs large bodies in a worker thread, so that the event
+loop keeps serving other requests while they are decoded.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import datetime
 import decimal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Final
 
 import msgspec
+import trio
 
 from .errors import InvalidEvents, MalformedBody, PayloadTooLarge
 from .times import LATEST, rfc3339
@@ -93,6 +97,28 @@ class Limits:
     max_batch: int
     max_future: float
     max_age: float | None
+
+
+#: Bodies up to this size are decoded on the event loop (a few milliseconds at most);
+#: larger ones in a worker thread, at most DECODE_THREADS at once.
+INLINE_DECODE_BYTES: Final = 64 * 1024
+DECODE_THREADS: Final = 2
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "trioagg_decode_limiter"
+)
+
+
+async def decode_body(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> list[Point]:
+    """:func:`decode_events`, in a worker thread when the body is large."""
+    if len(body) <= INLINE_DECODE_BYTES:
+        return decode_events(body, ndjson=ndjson, limits=limits, now=now)
+    try:
+        limiter = _DECODE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(DECODE_THREADS)
+        _DECODE_LIMITER.set(limiter)
+    decode = partial(decode_events, body, ndjson=ndjson, limits=limits, now=now)
+    return await trio.to_thread.run_sync(decode, limiter=limiter)
 
 
 def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> list[Point]:
