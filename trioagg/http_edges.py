@@ -149,7 +149,7 @@ def guard_connections(app: ASGIApp) -> ASGIApp:
         async def watched_receive() -> ASGIReceiveEvent:
             nonlocal body_pending
             message = await receive()
-            if message["type"] != "http.request" or not message["more_body"]:
+            if message["type"] != "http.request" or not message.get("more_body", False):
                 body_pending = False
             return message
 
