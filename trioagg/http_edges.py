@@ -1,9 +1,10 @@
 """The HTTP edge of trioagg: what a request body must be before it is read, the one
 place it is read, and how connections end.
 
-* :func:`body_format` checks ``Content-Type`` and ``Content-Encoding`` before a
-  byte of the body is read: JSON or NDJSON in UTF-8 only, so that no web page can
-  post events with a "simple" (no-CORS) request, identity, gzip or deflate only.
+* :func:`body_format` checks the headers before a byte of the body is read:
+  ``Content-Type`` JSON or NDJSON in UTF-8, required so that no web page can
+  post events with a "simple" (no-CORS) request; ``Content-Encoding`` identity,
+  gzip or deflate.
 * :func:`read_body` reads a body within ``max_body`` (on the wire and inflated)
   and ``body_timeout``, inflating gzip and deflate as it arrives.
 * :func:`guard_connections` wraps the ASGI app so that connections end when HTTP
