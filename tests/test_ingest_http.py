@@ -20,6 +20,9 @@ INVALID_EVENTS: list[tuple[dict[str, Any] | str, str | None]] = [
     ({"key": "é" * 128}, "key"),  # 128 characters, 256 bytes
     ({"key": "line\nbreak"}, "key"),
     ({"key": "nul\u0000"}, "key"),
+    ({"key": "abc\n"}, "key"),  # "$" alone would match before the final newline
+    ({"key": "c1\u0085"}, "key"),  # C1 controls U+0080-U+009F are control characters too
+    ({"key": "c1\u009f"}, "key"),
     ({"key": 7}, "key"),
     ({"key": "k", "ts": "2026-11-24T10:15:02"}, "ts"),  # no offset: no guessing
     ({"key": "k", "ts": "yesterday"}, "ts"),
@@ -28,10 +31,13 @@ INVALID_EVENTS: list[tuple[dict[str, Any] | str, str | None]] = [
     ({"key": "k", "value": True}, "value"),
     ({"key": "k", "value": "3"}, "value"),
     ('{"key": "k", "value": 1e999}', "value"),  # decodes to infinity
+    ({"key": "k", "value": -1e308}, "value"),  # beyond MAX_ABS_VALUE (1e100)
+    ({"key": "k", "value": 1.0000000000000001e101}, "value"),
     ('{"key": "k", "value": NaN}', None),  # not JSON at all: 400
     ({"key": "k", "value": None}, "value"),
     ({"key": "k", "tags": {"1st": "x"}}, "tags"),
     ({"key": "k", "tags": {"a" * 65: "x"}}, "tags"),
+    ({"key": "k", "tags": {"ok\n": "x"}}, "tags"),
     ({"key": "k", "tags": {"t": ""}}, "tags"),
     ({"key": "k", "tags": {"t": "v" * 256}}, "tags"),
     ({"key": "k", "tags": {"t": "ü" * 128}}, "tags"),
@@ -55,7 +61,9 @@ VALID_EVENTS: list[dict[str, Any]] = [
     {"key": "k", "ts": 1764000000.75},
     {"key": "k", "value": -42.5},
     {"key": "k", "value": 0},
-    {"key": "k", "value": 1e300},
+    {"key": "k", "value": 1e100},
+    {"key": "k", "value": -1e100},
+    {"key": "k\u00a0"},  # U+00A0 is a space, not a control character
     {"key": "k", "tags": {f"t{i}": "v" for i in range(16)}},
     {"key": "k", "tags": {"_a.b-c": "v" * 255}},
     {"key": "k", "distinct_id": "user-991", "id": "i" * 128},

@@ -18,7 +18,7 @@ import trio.testing
 from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
 from trioagg.metrics import Metrics
 from trioagg.store import CommitResult
-from trioagg.writer import FAILING_MEMORY, Writers, watch_loop_stalls
+from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers, watch_loop_stalls
 
 
 class CuedStore:
@@ -173,17 +173,16 @@ async def test_bytes_in_flight_are_held_until_the_events_are_done(
     clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     store = CuedStore(delay=1.0)
-    writers, _ = await start_writers(store, nursery, count=2, max_inflight=1000)
-    writers.inflight.take(600)
+    writers, _ = await start_writers(store, nursery, count=2, max_inflight=3 * EVENT_BYTES + 100)
+    receipt = await writers.submit([event(0), event(1), event(1)], durable=True)
+    assert writers.inflight.used == 3 * EVENT_BYTES
     with pytest.raises(Overloaded, match="max_inflight"):
-        writers.inflight.take(500)
-    receipt = await writers.submit([event(0), event(1), event(1)], durable=True, weight=600)
-    assert writers.inflight.used == 600
+        await writers.submit([event()] * 1, durable=True)
+    assert writers.inflight.used == 3 * EVENT_BYTES  # nothing held for the refused one
     await receipt.wait_committed()
     assert writers.inflight.used == 0
     # Events answered unstored give their bytes back too.
     store.down = True
-    writers.inflight.take(300)
-    await writers.submit([event()] * 3, durable=False, weight=300)
+    await writers.submit([event()] * 3, durable=False)
     assert not await writers.drain(5)
     assert writers.inflight.used == 0

@@ -23,6 +23,7 @@ import trio
 from hypercorn.utils import LifespanFailureError
 from quart import Response, g, request
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
@@ -35,10 +36,10 @@ from .errors import (
     RequestError,
     StoreOutage,
     StoreUnavailable,
-    UnsupportedMediaType,
     error_body,
 )
-from .ingest import Limits, decode_events
+from .http_edges import body_format, guard_connections, read_body, too_large_message
+from .ingest import Limits, decode_body
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -50,8 +51,6 @@ from .writer import Writers, purge_expired_ids, watch_loop_stalls
 
 log = logging.getLogger("trioagg")
 
-_JSON_TYPES = {"application/json", ""}
-_NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonlines"}
 _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 
 
@@ -236,6 +235,7 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     _add_routes(app)
     _add_error_handlers(app)
     _time_every_answer(app)
+    app.asgi_app = guard_connections(app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
 
 
@@ -296,28 +296,32 @@ def _add_routes(app: TrioaggApp) -> None:
     @app.post("/v1/events")
     async def post_events() -> Response:
         service = app.service
-        mimetype = request.mimetype
-        if mimetype not in _JSON_TYPES and mimetype not in _NDJSON_TYPES:
-            raise UnsupportedMediaType(
-                f"Content-Type {mimetype!r} is not accepted: send application/json "
-                "(an event or an array of events) or application/x-ndjson"
-            )
-        length = request.content_length
-        if length is not None and length > service.settings.max_body:
-            raise PayloadTooLarge(_too_large_message(service.settings.max_body))
+        settings = service.settings
+        body_form = body_format(request.headers)
         durable = _wait_param(request.args.get("wait"))
-        await service.writers.admit()
-        try:
-            body = await request.get_data(False, False, False)
-            points = decode_events(
-                body, ndjson=mimetype in _NDJSON_TYPES, limits=service.limits, now=time.time()
+        # What the body may hold once read (and inflated), until its events are queued.
+        reading = request.content_length if body_form.encoding == "identity" else None
+        with service.writers.inflight.holding(reading or settings.max_body):
+            # Read before taking an admission token: a slow upload holds none.
+            body = await read_body(
+                request,
+                body_form.encoding,
+                max_body=settings.max_body,
+                timeout=settings.body_timeout,
             )
-            submission = await service.writers.submit(points, durable=durable) if points else None
-        except InvalidEvents as error:
-            service.metrics.events_rejected.inc(error.event_count)
-            raise
-        finally:
-            service.writers.admitted()
+            await service.writers.admit()
+            try:
+                points = await decode_body(
+                    body, ndjson=body_form.ndjson, limits=service.limits, now=time.time()
+                )
+                submission = (
+                    await service.writers.submit(points, durable=durable) if points else None
+                )
+            except InvalidEvents as error:
+                service.metrics.events_rejected.inc(error.event_count)
+                raise
+            finally:
+                service.writers.admitted()
         duplicates = 0
         if submission is not None:
             service.metrics.events_accepted.inc(len(points))
@@ -434,10 +438,6 @@ def _wait_param(text: str | None) -> bool:
     raise RequestError(f"wait must be true or false, not {text!r}")
 
 
-def _too_large_message(limit: int) -> str:
-    return f"the request body is larger than {limit} bytes (max_body)"
-
-
 def _add_error_handlers(app: TrioaggApp) -> None:
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
@@ -459,11 +459,16 @@ def _add_error_handlers(app: TrioaggApp) -> None:
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 413:
-            return await request_error(PayloadTooLarge(_too_large_message(app.settings.max_body)))
+            return await request_error(PayloadTooLarge(too_large_message(app.settings.max_body)))
         code = (error.name or "error").lower().replace(" ", "_")
         app.metrics.requests_rejected.labels(code).inc()
+        # Keep what the exception adds (Allow on a 405), not its HTML Content-Type.
+        headers = Headers([(k, v) for k, v in error.get_headers() if k.lower() != "content-type"])
         return Response(
-            error_body(code, error.description or code), status, content_type="application/json"
+            error_body(code, error.description or code),
+            status,
+            headers=headers,
+            content_type="application/json",
         )
 
     @app.errorhandler(Exception)

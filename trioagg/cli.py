@@ -80,6 +80,7 @@ async def run_server(
     config.bind = [f"{app.settings.host}:{app.settings.port}"]
     config.accesslog = None
     config.errorlog = "-"
+    config.keep_alive_timeout = app.settings.keep_alive_timeout
     # Requests in flight may wait for their commit, and the drain must end by itself
     # (drain_timeout) before hypercorn would cancel it.
     config.graceful_timeout = app.settings.drain_timeout

@@ -9,6 +9,7 @@ The tree::
     │       └── StoreBusy        the database stayed locked for longer than busy_timeout
     └── RequestError             answered to the client as {"error": {...}} with `status`
         ├── MalformedBody        400 malformed_json
+        ├── RequestTimedOut      408 request_timeout
         ├── PayloadTooLarge      413 payload_too_large
         ├── UnsupportedMediaType 415 unsupported_media_type
         ├── InvalidEvents        422 invalid_events (details: every problem, by event index)
@@ -19,6 +20,8 @@ The tree::
         └── Unstorable           422 unstorable_events (the store refused this request's data)
 
 Errors raised by Quart itself (404, 405) are given the same envelope by the app.
+Requests that hypercorn refuses before the app sees them (a request line or
+headers over 16 KiB) are answered by hypercorn, without the envelope.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ class RequestError(TrioaggError):
 class MalformedBody(RequestError):
     status = 400
     code = "malformed_json"
+
+
+class RequestTimedOut(RequestError):
+    """The client took longer than ``body_timeout`` to send the request body."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(RequestError):

@@ -9,6 +9,8 @@ so a request is stored whole or not at all.
 
 Valid bodies take the fast path: one typed msgspec decode and one loop.
 Only a body that fails it is decoded again, untyped, to find every problem.
+:func:`decode_body` runs large bodies in a worker thread, so that the event
+loop keeps serving other requests while they are decoded.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import datetime
 import decimal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Final
 
 import msgspec
+import trio
 
 from .errors import InvalidEvents, MalformedBody, PayloadTooLarge
 from .times import LATEST, rfc3339
@@ -30,13 +34,24 @@ Point = tuple[str, float, float, str, str | None, str | None]
 
 NO_TAGS: Final = "{}"
 
+#: The largest magnitude of an event's value. Squares of values (the spread's
+#: moments) summed over any realistic count of events stay finite: 1e100 ** 2
+#: * 1e18 events ~ 1e218, far below float's 1.8e308.
+MAX_ABS_VALUE: Final = 1e100
+
 _FINITE = msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)
-Key = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
-TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
+# msgspec matches a pattern with Python's re.search, whose "$" also matches before a
+# final newline: "(?!\n)" makes it the very end, in Python and in the ECMA-262 regexes
+# of the OpenAPI document alike. C0 and C1 control characters and DEL are refused.
+Key = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$(?!\n)"),
+]
+TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$(?!\n)")]
 TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=16)]
 Timestamp = Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
-Value = Annotated[float, _FINITE]
+Value = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 DistinctId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
@@ -57,7 +72,7 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 RULES: Final = {
     "key": "required string, 1-255 bytes UTF-8, no control characters",
     "ts": "RFC 3339 string with an offset (Z or +02:00) or Unix seconds",
-    "value": "finite JSON number",
+    "value": "JSON number from -1e100 to 1e100 (MAX_ABS_VALUE)",
     "tags": "object of at most 16 string pairs; names [A-Za-z_][A-Za-z0-9_.-]{0,63}, "
     "values 1-255 bytes",
     "distinct_id": "string of 1-255 bytes",
@@ -70,6 +85,9 @@ _BODY_DECODER = msgspec.json.Decoder(Event | list[Event])
 # Decimal keeps numbers beyond float's range (1e999) checkable as the field's problem.
 _UNTYPED_DECODER = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _LINE_DECODER = msgspec.json.Decoder(Event)
+# What a body that is not JSON raises: msgspec's own error, invalid UTF-8 in a
+# string, or arrays and objects nested deeper than Python's recursion limit.
+_NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +97,28 @@ class Limits:
     max_batch: int
     max_future: float
     max_age: float | None
+
+
+#: Bodies up to this size are decoded on the event loop (a few milliseconds at most);
+#: larger ones in a worker thread, at most DECODE_THREADS at once.
+INLINE_DECODE_BYTES: Final = 64 * 1024
+DECODE_THREADS: Final = 2
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "trioagg_decode_limiter"
+)
+
+
+async def decode_body(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> list[Point]:
+    """:func:`decode_events`, in a worker thread when the body is large."""
+    if len(body) <= INLINE_DECODE_BYTES:
+        return decode_events(body, ndjson=ndjson, limits=limits, now=now)
+    try:
+        limiter = _DECODE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(DECODE_THREADS)
+        _DECODE_LIMITER.set(limiter)
+    decode = partial(decode_events, body, ndjson=ndjson, limits=limits, now=now)
+    return await trio.to_thread.run_sync(decode, limiter=limiter)
 
 
 def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> list[Point]:
@@ -91,7 +131,7 @@ def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> l
         raw = _decode_untyped(body, ndjson=ndjson)
         _check_count(len(raw), limits)
         raise _invalid(_problems_of_raw(raw, limits, now), len(raw)) from None
-    except msgspec.DecodeError:
+    except _NOT_JSON:
         _decode_untyped(body, ndjson=ndjson)  # raises MalformedBody saying where
         raise  # pragma: no cover - the untyped decode fails wherever the typed one did
     events = [decoded] if isinstance(decoded, Event) else decoded
@@ -171,8 +211,8 @@ def _decode_untyped(body: bytes, *, ndjson: bool) -> list[Any]:
     if not ndjson:
         try:
             raw = _UNTYPED_DECODER.decode(body)
-        except msgspec.DecodeError as error:
-            raise MalformedBody(f"the body is not valid JSON: {error}") from None
+        except _NOT_JSON as error:
+            raise MalformedBody(f"the body {_why_not_json(error)}") from None
         return raw if isinstance(raw, list) else [raw]
     lines = []
     for number, line in enumerate(body.splitlines(), start=1):
@@ -180,11 +220,19 @@ def _decode_untyped(body: bytes, *, ndjson: bool) -> list[Any]:
             continue
         try:
             lines.append(_UNTYPED_DECODER.decode(line))
-        except msgspec.DecodeError as error:
+        except _NOT_JSON as error:
             raise MalformedBody(
-                f"line {number} of the NDJSON body is not valid JSON: {error}"
+                f"line {number} of the NDJSON body {_why_not_json(error)}"
             ) from None
     return lines
+
+
+def _why_not_json(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "nests arrays or objects too deeply to be an event"
+    if isinstance(error, UnicodeDecodeError):
+        return "is not valid UTF-8: send JSON encoded as UTF-8"
+    return f"is not valid JSON: {error}"
 
 
 class _Fields:

@@ -134,6 +134,14 @@ class Settings:
         "SQLite synchronous mode: full survives power loss, normal only a process crash.",
     )
     max_body: int = _setting("10MiB", parse_size, "Largest request body accepted (413 above).")
+    body_timeout: float = _setting(
+        "10s", parse_duration, "How long a client may take to send a request body (408 after)."
+    )
+    keep_alive_timeout: float = _setting(
+        "5s",
+        parse_duration,
+        "How long an idle keep-alive connection stays open (trioagg serve only).",
+    )
     max_batch: int = _setting("10000", _positive_int, "Most events in one request (413 above).")
     max_future: float = _setting(
         "1h", parse_duration, "Reject events whose ts is further ahead of the server clock."

@@ -37,10 +37,11 @@ in a thread is never abandoned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import trio
 
@@ -51,6 +52,8 @@ from .store import Store
 
 log = logging.getLogger("trioagg.writer")
 
+#: What one decoded event is taken to hold in memory until it is committed.
+EVENT_BYTES = 300
 _FIRST_RETRY = 0.1
 _MAX_RETRY = 2.0
 #: Seconds an outage is remembered after the last failed commit (see Writer.failing).
@@ -326,6 +329,15 @@ class InflightBytes:
     def give_back(self, size: int) -> None:
         self.used -= size
 
+    @contextlib.contextmanager
+    def holding(self, size: int) -> Iterator[None]:
+        """Hold ``size`` bytes for the body of the ``with`` (see :meth:`take`)."""
+        self.take(size)
+        try:
+            yield
+        finally:
+            self.give_back(size)
+
 
 def _split(total: int, sizes: list[int]) -> list[int]:
     """``total`` in parts proportional to ``sizes`` (summing to ``total`` exactly)."""
@@ -467,9 +479,9 @@ class Writers:
     async def admit(self) -> None:
         """Take one of ``queue_size`` admission tokens, waiting up to ``enqueue_timeout``,
         or raise :class:`Overloaded`; give it back with :meth:`admitted` once the request
-        is queued or refused. It bounds how many requests are decoded at once, so that
-        under overload the server answers 503 before paying for the work, and the
-        writer still gets its turn."""
+        is queued or refused. Taken once the body is read and before it is decoded, it
+        bounds how many requests are decoded at once, so that under overload the server
+        answers 503 before paying for the work, and the writer still gets its turn."""
         if not self.accepting:
             raise _not_writing()
         try:
@@ -486,12 +498,10 @@ class Writers:
         """Give back the token of :meth:`admit`."""
         self._admission.release()
 
-    async def submit(
-        self, points: list[Point], *, durable: bool, weight: int = 0
-    ) -> Submission | Receipt:
+    async def submit(self, points: list[Point], *, durable: bool) -> Submission | Receipt:
         """Queue a request's events with the writers owning their hours (see the class).
-        ``weight`` bytes, taken from :attr:`inflight` by the caller, are given back once
-        every part is done."""
+        They hold ``EVENT_BYTES`` each of :attr:`inflight` until they are done; if that
+        would pass its limit, :class:`Overloaded` is raised and nothing is queued."""
         count = len(self.writers)
         parts: dict[int, list[Point]] = {0: points}
         if count > 1:
@@ -507,6 +517,8 @@ class Writers:
                     f"the store cannot commit now ({failing}); events that might never be "
                     "stored are not acknowledged: retry later, or send with wait=true"
                 )
+        weight = len(points) * EVENT_BYTES
+        self.inflight.take(weight)
         deadline = trio.current_time() + self.enqueue_timeout
         reserved: list[int] = []
         try:
@@ -514,14 +526,13 @@ class Writers:
                 if not await self.writers[shard].reserve(deadline):
                     raise _overloaded(self.enqueue_timeout)
                 reserved.append(shard)
+            if not self.accepting:
+                raise _not_writing()
         except BaseException:
             for shard in reserved:
                 self.writers[shard].unreserve()
+            self.inflight.give_back(weight)
             raise
-        if not self.accepting:
-            for shard in reserved:
-                self.writers[shard].unreserve()
-            raise _not_writing()
         # No checkpoint from here to the last put: every part is queued, or none.
         shares = _split(weight, [len(part) for part in parts.values()])
         submissions = [

@@ -1,0 +1,80 @@
+"""Decoding: bodies that are not JSON are a MalformedBody (400), never a crash; values
+beyond MAX_ABS_VALUE are invalid; large bodies are decoded off the event loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from trioagg.errors import InvalidEvents, MalformedBody
+from trioagg.ingest import INLINE_DECODE_BYTES, MAX_ABS_VALUE, Limits, decode_body, decode_events
+
+LIMITS = Limits(max_batch=10_000, max_future=3600, max_age=None)
+NOW = 1_764_000_000.0
+DEEP = 100_000  # far beyond the recursion limit, far below the default max_body
+
+
+@pytest.mark.parametrize(
+    ("body", "ndjson"),
+    [
+        (b"[" * DEEP + b"]" * DEEP, False),
+        (b'{"a":' * DEEP + b"1" + b"}" * DEEP, False),
+        (b'{"key": "k", "tags": ' + b"[" * DEEP + b"]" * DEEP + b"}", False),
+        (b'{"key": "k"}\n' + b"[" * DEEP + b"]" * DEEP, True),
+    ],
+)
+def test_deep_nesting_is_malformed(body: bytes, ndjson: bool) -> None:
+    with pytest.raises(MalformedBody, match="too deeply"):
+        decode_events(body, ndjson=ndjson, limits=LIMITS, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("body", "ndjson"),
+    [
+        (b'{"key": "a\xff"}', False),
+        (b'[{"key": "a"}, {"key": "\xe9t\xe9"}]', False),  # latin-1, not UTF-8
+        (b'{"key": "a"}\n{"key": "\xc3"}\n', True),
+    ],
+)
+def test_invalid_utf8_is_malformed(body: bytes, ndjson: bool) -> None:
+    with pytest.raises(MalformedBody, match="UTF-8"):
+        decode_events(body, ndjson=ndjson, limits=LIMITS, now=NOW)
+
+
+@pytest.mark.parametrize("value", ["-1e308", "1e101", "-100000000000000000000" + "0" * 90])
+def test_values_beyond_max_abs_value_name_the_limit(value: str) -> None:
+    body = b'{"key": "k", "value": %s}' % value.encode()
+    with pytest.raises(InvalidEvents) as caught:
+        decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+    (problem,) = caught.value.details
+    assert problem["field"] == "value" and "1e100" in problem["message"]
+
+
+def test_max_abs_value_itself_is_accepted() -> None:
+    body = b'[{"key": "k", "value": 1e100}, {"key": "k", "value": -1e100}]'
+    points = decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+    assert [point[2] for point in points] == [MAX_ABS_VALUE, -MAX_ABS_VALUE]
+
+
+async def test_large_bodies_are_decoded_off_the_event_loop() -> None:
+    """While a large body is decoded (here: the slow path of an invalid one), other
+    tasks keep running; decoded inline, they could not run until it was done."""
+    body = json.dumps([{"key": "big", "value": "x"}] * 10_000).encode()
+    assert len(body) > INLINE_DECODE_BYTES
+    turns = 0
+    done = False
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        with pytest.raises(InvalidEvents):
+            await decode_body(body, ndjson=False, limits=LIMITS, now=NOW)
+        done = True
+    assert turns > 0

@@ -1,0 +1,166 @@
+"""The HTTP edge of trioagg: what a request body must be before it is read, the one
+place it is read, and how connections end.
+
+* :func:`body_format` checks the headers before a byte of the body is read:
+  ``Content-Type`` JSON or NDJSON in UTF-8, required so that no web page can
+  post events with a "simple" (no-CORS) request; ``Content-Encoding`` identity,
+  gzip or deflate.
+* :func:`read_body` reads a body within ``max_body`` (on the wire and inflated)
+  and ``body_timeout``, inflating gzip and deflate as it arrives.
+* :func:`guard_connections` wraps the ASGI app so that connections end when HTTP
+  says they do (see its docstring for the Quart-Trio behaviour it works around).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
+from quart import Request
+from werkzeug.datastructures import Headers
+from werkzeug.http import parse_options_header
+
+from .errors import MalformedBody, PayloadTooLarge, RequestTimedOut, UnsupportedMediaType
+
+JSON_TYPES: Final = frozenset({"application/json"})
+NDJSON_TYPES: Final = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonlines"}
+)
+_CHARSETS: Final = frozenset({"utf-8", "utf8"})
+#: zlib's window bits per accepted Content-Encoding (None: not compressed).
+_WBITS: Final[dict[str, int | None]] = {
+    "identity": None,
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
+
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFormat:
+    """What a request says its body is: NDJSON or JSON, and how it is compressed."""
+
+    ndjson: bool
+    encoding: str
+
+
+def body_format(headers: Headers) -> BodyFormat:
+    """The format of a body from its headers, or :class:`UnsupportedMediaType` (415)."""
+    content_type = headers.get("Content-Type", "")
+    mimetype, params = parse_options_header(content_type)
+    mimetype = mimetype.lower()
+    if mimetype not in JSON_TYPES and mimetype not in NDJSON_TYPES:
+        given = f"Content-Type {content_type!r}" if content_type else "a body without Content-Type"
+        raise UnsupportedMediaType(
+            f"{given} is not accepted: send Content-Type: application/json (an event or an "
+            "array of events) or application/x-ndjson (one event per line)"
+        )
+    charset = params.get("charset", "utf-8").lower()
+    if charset not in _CHARSETS:
+        raise UnsupportedMediaType(
+            f"charset {charset!r} is not accepted: send the body as UTF-8 "
+            "(charset=utf-8, or no charset)"
+        )
+    encoding = ", ".join(headers.getlist("Content-Encoding")).strip().lower() or "identity"
+    if encoding not in _WBITS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed, "
+            "or compressed with gzip or deflate"
+        )
+    return BodyFormat(ndjson=mimetype in NDJSON_TYPES, encoding=encoding)
+
+
+def too_large_message(max_body: int) -> str:
+    return f"the request body is larger than {max_body} bytes (max_body)"
+
+
+async def read_body(request: Request, encoding: str, *, max_body: int, timeout: float) -> bytes:
+    """The whole body, inflated: :class:`PayloadTooLarge` when more than ``max_body``
+    bytes arrive or inflate, :class:`RequestTimedOut` when it takes longer than
+    ``timeout``, :class:`MalformedBody` when compressed data is corrupt."""
+    if request.content_length is not None and request.content_length > max_body:
+        raise PayloadTooLarge(too_large_message(max_body))
+    wbits = _WBITS[encoding]
+    inflater = None if wbits is None else zlib.decompressobj(wbits)
+    received = 0
+    body = bytearray()
+    with trio.move_on_after(timeout) as deadline:
+        async for chunk in request.body:
+            received += len(chunk)
+            if received > max_body:
+                raise PayloadTooLarge(too_large_message(max_body))
+            if inflater is None:
+                body += chunk
+                continue
+            try:
+                # At most one byte more than the room left: a zip bomb costs no more.
+                body += inflater.decompress(chunk, max_body - len(body) + 1)
+            except zlib.error as error:
+                raise _corrupt(encoding, error) from None
+            if len(body) > max_body:
+                raise PayloadTooLarge(too_large_message(max_body) + " once decompressed")
+    if deadline.cancelled_caught:
+        raise RequestTimedOut(
+            f"the request body took longer than {timeout:g} s to arrive (body_timeout)"
+        )
+    if inflater is not None and (not inflater.eof or inflater.unused_data):
+        raise _corrupt(encoding, "truncated, or followed by other data")
+    return bytes(body)
+
+
+def _corrupt(encoding: str, error: object) -> MalformedBody:
+    return MalformedBody(f"the body is not valid {encoding} data: {error}")
+
+
+def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            return True
+        if name.lower() == b"content-length" and value.strip() != b"0":
+            return True
+    return False
+
+
+def guard_connections(app: ASGIApp) -> ASGIApp:
+    """Wrap an ASGI app so that HTTP connections end on time.
+
+    Quart-Trio cancels the request's tasks as soon as the server reports the
+    request done, which it does from inside the app's last ``send``: hypercorn's
+    next steps there (closing the socket for ``Connection: close``, arming the
+    keep-alive timer) are cancelled with it, and the connection stays open
+    forever. The wrapper shields each ``send`` so that those steps complete.
+
+    A response that starts before the request body has all arrived (an early
+    415, 413 or 405) carries ``Connection: close``: the unread rest of the body
+    would otherwise be taken for the next request on the connection.
+    """
+
+    async def guarded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        body_pending = _declares_body(scope["headers"])
+
+        async def watched_receive() -> ASGIReceiveEvent:
+            nonlocal body_pending
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_pending = False
+            return message
+
+        async def shielded_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and body_pending:
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await app(scope, watched_receive, shielded_send)
+
+    return guarded
