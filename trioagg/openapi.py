@@ -84,9 +84,12 @@ def openapi_document() -> dict[str, Any]:
         f"{budget.answer_bytes} bytes of answer; the message says how to narrow it."
     )
     busy = _error(
-        "The writer's queue stayed full (overloaded, with Retry-After) or the "
-        "commit failed (commit_failed); nothing of the request was stored."
+        "Nothing of the request was stored; retry after Retry-After: the writer's queue "
+        "stayed full or the bytes in flight would pass max_inflight (overloaded), the "
+        "store could not commit (commit_failed), or the store is failing and a wait=false "
+        "request is not acknowledged (store_unavailable)."
     )
+    unreachable = _error("The store cannot answer now (store_unavailable, with Retry-After).")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -100,7 +103,11 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Ingest events (one object, a JSON array, or NDJSON)",
                     "description": "Atomic: an invalid event rejects the whole request. Durable by "
                     "default: answered after the commit. Unknown event fields are rejected. "
-                    "NDJSON (application/x-ndjson) carries one event object per line.",
+                    "NDJSON (application/x-ndjson, also application/ndjson or "
+                    "application/jsonlines) carries one event object per line. The Content-Type "
+                    "is required, and its charset, if given, must be UTF-8. The body may be "
+                    "compressed with Content-Encoding gzip, x-gzip or deflate; max_body bounds "
+                    "it on the wire and inflated.",
                     "parameters": _parameters(EVENTS),
                     "requestBody": {
                         "required": True,
@@ -122,12 +129,25 @@ def openapi_document() -> dict[str, Any]:
                         "200": _json_response("Committed.", _ref("Accepted")),
                         "202": _json_response("Queued (wait=false).", _ref("Accepted")),
                         "400": _error(
-                            "Malformed JSON (the message says where), an empty body, or a bad "
-                            "wait value."
+                            "Malformed JSON (the message says where), invalid UTF-8, nesting "
+                            "too deep, corrupt compressed data, an empty body, or a bad wait "
+                            "value."
                         ),
-                        "413": _error("Body over max_body or more than max_batch events."),
-                        "415": _error("Content-Type other than application/json or NDJSON."),
-                        "422": _error("Invalid events: every problem as {index, field, message}."),
+                        "408": _error("The body took longer than body_timeout to arrive."),
+                        "413": _error(
+                            "Body over max_body (on the wire or inflated) or more than "
+                            "max_batch events."
+                        ),
+                        "415": _error(
+                            "No Content-Type, or one other than application/json or NDJSON; a "
+                            "charset other than UTF-8; a Content-Encoding other than gzip, "
+                            "x-gzip or deflate."
+                        ),
+                        "422": _error(
+                            "Invalid events (invalid_events: every problem as {index, field, "
+                            "message}), or events the store refused (unstorable_events: "
+                            "retrying cannot help)."
+                        ),
                         "503": busy,
                     },
                 }
@@ -139,6 +159,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json_response("The roll-ups.", _ref("Aggregates")),
                         "422": _error(too_big),
+                        "503": unreachable,
                     },
                 }
             },
@@ -151,6 +172,7 @@ def openapi_document() -> dict[str, Any]:
                             "A page of keys; next is null on the last page.", _ref("Keys")
                         ),
                         "422": _error("Invalid parameters: every problem as {parameter, message}."),
+                        "503": unreachable,
                     },
                 }
             },
@@ -161,6 +183,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json_response("Keys, highest first.", _ref("Top")),
                         "422": _error("Invalid parameters: every problem as {parameter, message}."),
+                        "503": unreachable,
                     },
                 }
             },
