@@ -1,6 +1,7 @@
 """``trioagg`` with an injected bug, for the fault-injection suite (not a test module).
 
-Run as ``python tests/crashing_server.py serve --db ... --port 0``. With
+Run as ``python tests/crashing_server.py serve --db ... --port 0``, or under hypercorn
+as ``hypercorn --worker-class trio 'tests/crashing_server.py:create_app()'``. With
 ``TRIOAGG_TEST_CRASH=writer`` the writer raises :class:`InjectedBug` (a
 ``BaseException``, like a bug no handler expects) when a batch holds an event
 of key ``crash``; with ``TRIOAGG_TEST_CRASH=purge`` the id purge raises it.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trioagg import cli
+from trioagg import app, cli
 from trioagg.store import Store
 from trioagg.writer import Submission, Writer
 
@@ -39,6 +40,12 @@ def inject(where: str) -> None:
         Store.purge_expired_ids = crashing_purge  # type: ignore[method-assign]
     else:
         raise SystemExit(f"TRIOAGG_TEST_CRASH must be writer or purge, not {where!r}")
+
+
+def create_app() -> app.TrioaggApp:
+    """The hypercorn factory, with the bug injected."""
+    inject(os.environ.get("TRIOAGG_TEST_CRASH", "writer"))
+    return app.create_app()
 
 
 if __name__ == "__main__":
