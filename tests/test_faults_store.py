@@ -8,12 +8,21 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from trioagg.errors import CommitFailed
+from trioagg.ingest import Point
+from trioagg.metrics import Metrics
+from trioagg.settings import Settings
+from trioagg.store import open_store
+from trioagg.writer import Writers
 
 from .conftest import Server, StartServer, assert_store_holds, post
 
@@ -157,3 +166,92 @@ async def test_a_deleted_database_file_never_acknowledges_again(
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "store_unavailable"
     assert not os.path.exists(server.db), "a connection created a new, empty database"
+
+
+async def wait_committed(server: Server, events: int) -> None:
+    with trio.fail_after(10):
+        while server.app.service.writers.committed_events < events:
+            await trio.sleep(0.02)
+
+
+async def test_202s_held_through_a_lock_are_committed_once_it_goes(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="200ms")
+    assert (await post(server.client, {"key": "before"})).status_code == 200
+    hold_write_lock.acquire(server.db)
+    accepted = 0
+    while True:  # 202 until the first commit fails, then 503
+        response = await post(server.client, [{"key": "held"}] * 3, wait="false")
+        if response.status_code != 202:
+            break
+        accepted += 3
+        await trio.sleep(0.02)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "store_unavailable"
+    assert accepted > 0
+    hold_write_lock.release()
+    await wait_committed(server, 1 + accepted)
+    assert_store_holds(server.db, {"before": 1, "held": accepted})
+
+
+async def test_202s_still_unstored_at_the_drain_deadline_are_counted_as_lost(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="2s", drain_timeout="500ms")
+    assert (await post(server.client, {"key": "before"})).status_code == 200
+    hold_write_lock.acquire(server.db)
+    for _ in range(4):
+        response = await post(server.client, [{"key": "lost"}] * 5, wait="false")
+        assert response.status_code == 202, response.text
+    with trio.fail_after(10):
+        await server.shutdown()
+    lost = [
+        sample
+        for family in text_string_to_metric_families(server.app.metrics.render().decode())
+        for sample in family.samples
+        if sample.name == "trioagg_events_lost_total"
+    ]
+    assert sum(sample.value for sample in lost) == 20
+    assert all(sample.labels["reason"] for sample in lost)
+    hold_write_lock.release()
+    assert_store_holds(server.db, {"before": 1})
+
+
+async def test_requests_still_queued_at_the_drain_deadline_are_answered_and_counted(
+    db_url: str, hold_write_lock: Any
+) -> None:
+    # One submission per batch: the first waits in its commit for the lock, and the
+    # others wait in the writer's channel when the drain deadline passes.
+    store = await open_store(Settings.from_text({"db": db_url, "busy_timeout": "10s"}))
+    metrics = Metrics()
+    writers = Writers(store, metrics, count=1, batch_size=1, queue_size=10, enqueue_timeout=1)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writers.run)
+            hold_write_lock.acquire(db_url)
+            first = await writers.submit([point("first")], durable=True)
+            with trio.fail_after(5):
+                while not writers.writers[0]._current:  # the writer took it
+                    await trio.sleep(0.01)
+            queued = await writers.submit([point("queued")], durable=True)
+            await writers.submit([point("unacknowledged")] * 2, durable=False)
+            assert not await writers.drain(0.3)
+            for submission in (first, queued):
+                with trio.fail_after(1), pytest.raises(CommitFailed):
+                    await submission.wait_committed()
+    finally:
+        hold_write_lock.release()
+        await store.aclose()
+    lost = [
+        sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if sample.name == "trioagg_events_lost_total"
+    ]
+    assert sum(lost) == 2
+    assert_store_holds(db_url, {})
+
+
+def point(key: str) -> Point:
+    return (key, time.time(), 1.0, "{}", None, None)
