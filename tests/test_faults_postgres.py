@@ -52,7 +52,10 @@ async def test_postgres_stopped_and_restarted_under_load_counts_every_event_once
         for _ in range(5):
             answers = [
                 ("post", await post(client, [{"key": "probe"}])),
+                ("post wait=false", await post(client, [{"key": "probe"}], wait="false")),
                 ("get", await client.get("/v1/aggregates", params={"key": "pg0"})),
+                ("keys", await client.get("/v1/keys")),
+                ("top", await client.get("/v1/top")),
                 ("readyz", await client.get("/readyz")),
             ]
             for name, response in answers:
@@ -77,7 +80,10 @@ async def test_postgres_stopped_and_restarted_under_load_counts_every_event_once
             done.set()
         assert seen == {
             ("post", 503, "commit_failed"),
+            ("post wait=false", 503, "store_unavailable"),
             ("get", 503, "store_unavailable"),
+            ("keys", 503, "store_unavailable"),
+            ("top", 503, "store_unavailable"),
             ("readyz", 503, ""),
         }
         ready = await client.get("/readyz")
