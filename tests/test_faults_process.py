@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -211,6 +212,20 @@ def test_a_store_that_cannot_open_stops_start_up_with_one_line_and_exit_2(
     assert len(errors) == 1, server.output
     assert "cannot open the SQLite store /nonexistent/folder/x.db" in errors[0]
     assert "Traceback" not in server.output
+
+
+def test_an_unreachable_postgresql_stops_start_up_with_exit_2_and_no_password(
+    server_process: Any,
+) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_process(db=f"postgresql://user:s3cret@127.0.0.1:{port}/x").start()
+    assert server.wait() == 2
+    errors = [line for line in server.output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, server.output
+    assert f"cannot open the store postgresql 127.0.0.1:{port}/x" in errors[0]
+    assert "s3cret" not in server.output and "Traceback" not in server.output
 
 
 @pytest.mark.xfail(
