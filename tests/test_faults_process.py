@@ -22,6 +22,20 @@ from .conftest import Ledger, assert_store_holds
 pytestmark = pytest.mark.slow
 
 CRASHING_SERVER = str(Path(__file__).with_name("crashing_server.py"))
+# With one worker the exit code hypercorn's run() returns for a failed worker is always
+# 0 (pgjones/hypercorn#269); with two it depends on whether the second worker has been
+# reaped by the time run() looks again, so the xfails below use one.
+HYPERCORN_ONE_WORKER = [
+    sys.executable,
+    "-m",
+    "hypercorn",
+    "--worker-class",
+    "trio",
+    "--workers",
+    "1",
+    "--bind",
+    "127.0.0.1:0",
+]
 HYPERCORN_TWO_WORKERS = [
     sys.executable,
     "-m",
@@ -192,7 +206,7 @@ def test_a_crashed_writer_makes_hypercorn_exit_non_zero(
 ) -> None:
     env = {"TRIOAGG_DB": str(tmp_path / "crash.db"), "TRIOAGG_TEST_CRASH": "writer"}
     server = server_process(env=env).start(
-        [*HYPERCORN_TWO_WORKERS[:-1], f"{CRASHING_SERVER}:create_app()"]
+        [*HYPERCORN_ONE_WORKER, f"{CRASHING_SERVER}:create_app()"]
     )
     assert server.url, server.output
     with (
@@ -239,15 +253,15 @@ def test_a_store_that_cannot_open_never_says_running_on(server_process: Any) -> 
     assert "Running on" not in server.output
 
 
-def start_hypercorn_on_a_missing_folder(server_process: Any) -> Any:
+def start_hypercorn_on_a_missing_folder(server_process: Any, command: list[str]) -> Any:
     server = server_process(env={"TRIOAGG_DB": "/nonexistent/folder/x.db"})
-    server.start(HYPERCORN_TWO_WORKERS)
+    server.start(command)
     server.wait()
     return server
 
 
 def test_a_store_that_cannot_open_stops_hypercorn_workers(server_process: Any) -> None:
-    server = start_hypercorn_on_a_missing_folder(server_process)
+    server = start_hypercorn_on_a_missing_folder(server_process, HYPERCORN_TWO_WORKERS)
     errors = [line for line in server.output.splitlines() if " ERROR trioagg" in line]
     assert errors, server.output
     assert all("cannot open the SQLite store /nonexistent/folder/x.db" in e for e in errors)
@@ -260,7 +274,8 @@ def test_a_store_that_cannot_open_stops_hypercorn_workers(server_process: Any) -
     "pgjones/hypercorn#269, fix proposed in pgjones/hypercorn#372",
 )
 def test_a_store_that_cannot_open_makes_hypercorn_exit_non_zero(server_process: Any) -> None:
-    server = start_hypercorn_on_a_missing_folder(server_process)
+    command = [*HYPERCORN_ONE_WORKER, "trioagg.app:create_app()"]
+    server = start_hypercorn_on_a_missing_folder(server_process, command)
     assert server.proc.returncode != 0, server.output
 
 
