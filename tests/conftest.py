@@ -377,3 +377,45 @@ def hold_write_lock() -> Any:
     lock = Lock()
     yield lock
     lock.release()
+
+
+def assert_store_holds(db: str | Path, expected: dict[str, int]) -> None:
+    """The store holds exactly ``expected`` events per key, and a SQLite file is sound."""
+    assert stored_counts(db) == expected
+    if not str(db).startswith("postgresql://"):
+        assert sql(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+class Ledger:
+    """What clients sent and were told: requests of ``size`` events, each with an id,
+    and which of them were answered 200. Sent again until answered 200, every request
+    must be counted exactly once: :meth:`expected` is then what the store must hold."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = size
+        self.bodies: dict[str, list[dict[str, Any]]] = {}
+        self.acknowledged: set[str] = set()
+        self.statuses: dict[int, int] = {}
+
+    def new(self, key: str) -> str:
+        request = f"{key}-{len(self.bodies)}"
+        self.bodies[request] = [{"key": key, "id": f"{request}-{j}"} for j in range(self.size)]
+        return request
+
+    async def send(self, client: httpx.AsyncClient, request: str) -> httpx.Response:
+        """POST one request durably; a 200 must count all its events or none (a retry)."""
+        response = await client.post("/v1/events", json=self.bodies[request])
+        self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
+        if response.status_code == 200:
+            assert response.json()["duplicates"] in (0, self.size), response.text
+            self.acknowledged.add(request)
+        return response
+
+    def unacknowledged(self) -> list[str]:
+        return [request for request in self.bodies if request not in self.acknowledged]
+
+    def expected(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for body in self.bodies.values():
+            counts[body[0]["key"]] = counts.get(body[0]["key"], 0) + len(body)
+        return counts

@@ -183,8 +183,9 @@ class Writer:
             raise
         finally:
             self.running = False
-            self._receive.close()  # senders get "not writing" from now on
+            # Leftovers first: receiving from a closed channel gets nothing of what it holds.
             self._fail_leftovers(why)
+            self._receive.close()  # senders get "not writing" from now on
             self.stopped.set()
 
     def _drain(self, batch: list[Submission]) -> list[Submission]:

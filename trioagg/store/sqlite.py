@@ -10,6 +10,7 @@ locked database is "busy" for :class:`~trioagg.store.base.Store` to retry.
 from __future__ import annotations
 
 import os
+import pathlib
 import sqlite3
 
 from ..errors import ConfigError
@@ -85,11 +86,15 @@ class SQLiteBackend(SQLBackend):
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise ConfigError(f"cannot open the SQLite store {self.path}: {folder} does not exist")
+        # A read connection never creates the file: opened after the file was deleted,
+        # it fails (SQLITE_CANTOPEN, an outage) instead of reading a new empty database.
+        where = self.path if write else pathlib.Path(self.path).absolute().as_uri() + "?mode=ro"
         conn = sqlite3.connect(
-            self.path,
+            where,
             isolation_level=None,
             check_same_thread=False,
             timeout=_LOCK_WAIT_SECONDS,
+            uri=not write,
         )
         if write:
             conn.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,152 @@
+"""Fault injection on the PostgreSQL store: the database server stopped and restarted
+under load, and the id purge racing a transaction that claims an expired id again."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import trio
+
+from trioagg.store.postgres import PostgresBackend
+
+from .conftest import Ledger, PostgresCluster, StartServer, assert_store_holds, post, sql
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_postgres_stopped_and_restarted_under_load_counts_every_event_once(
+    server_process: Any, own_postgres: PostgresCluster
+) -> None:
+    # log level error: a warning per refused read would fill the pipe nobody reads.
+    server = server_process("--log-level", "error", db=own_postgres.dsn).start()
+    assert server.url, server.output
+    ledger = Ledger()
+    done = trio.Event()
+    leaks: list[str] = []
+    where = f"{own_postgres.port}"
+
+    def check_body(response: httpx.Response) -> None:
+        assert response.status_code != 500, response.text
+        if where in response.text or "127.0.0.1" in response.text:
+            leaks.append(response.text)
+
+    async def client_loop(number: int, client: httpx.AsyncClient) -> None:
+        while not done.is_set():
+            request = ledger.new(f"pg{number}")
+            while True:
+                response = await ledger.send(client, request)
+                check_body(response)
+                if response.status_code == 200:
+                    break
+                assert response.status_code == 503, response.text
+                await trio.sleep(0.05)
+
+    async def outage_answers(client: httpx.AsyncClient) -> set[tuple[str, int, str]]:
+        """What POST, GET /v1/aggregates and /readyz answer while the server is down."""
+        seen = set()
+        for _ in range(5):
+            answers = [
+                ("post", await post(client, [{"key": "probe"}])),
+                ("post wait=false", await post(client, [{"key": "probe"}], wait="false")),
+                ("get", await client.get("/v1/aggregates", params={"key": "pg0"})),
+                ("keys", await client.get("/v1/keys")),
+                ("top", await client.get("/v1/top")),
+                ("readyz", await client.get("/readyz")),
+            ]
+            for name, response in answers:
+                check_body(response)
+                code = response.json().get("error", {}).get("code", "")
+                seen.add((name, response.status_code, code))
+            await trio.sleep(0.1)
+        return seen
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        async with trio.open_nursery() as nursery:
+            for number in range(6):
+                nursery.start_soon(client_loop, number, client)
+            await trio.sleep(0.7)
+            await trio.to_thread.run_sync(own_postgres.stop)
+            seen = await outage_answers(client)
+            await trio.to_thread.run_sync(own_postgres.start)
+            acknowledged = len(ledger.acknowledged)
+            with trio.fail_after(20):
+                while len(ledger.acknowledged) < acknowledged + 30:
+                    await trio.sleep(0.05)
+            done.set()
+        assert seen == {
+            ("post", 503, "commit_failed"),
+            ("post wait=false", 503, "store_unavailable"),
+            ("get", 503, "store_unavailable"),
+            ("keys", 503, "store_unavailable"),
+            ("top", 503, "store_unavailable"),
+            ("readyz", 503, ""),
+        }
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+    assert leaks == []
+    assert set(ledger.statuses) == {200, 503}
+    assert server.stop() == 0, server.output
+    assert_store_holds(own_postgres.dsn, ledger.expected())
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_purge_keeps_an_id_claimed_again_while_it_ran(start_server: StartServer) -> None:
+    server = await start_server()
+    event = {"key": "raced", "id": "evt-raced"}
+    assert (await post(server.client, event)).json() == {"accepted": 1, "duplicates": 0}
+    window = server.app.settings.dedup_window
+    sql_now = f"UPDATE event_ids SET seen = seen - {2 * window} WHERE id = 'evt-raced'"
+    await trio.to_thread.run_sync(execute, server.db, sql_now)  # the id has expired
+
+    backend = PostgresBackend(server.db)
+    claimer = await trio.to_thread.run_sync(lambda: psycopg.connect(server.db, autocommit=True))
+    purger = await trio.to_thread.run_sync(lambda: psycopg.connect(server.db, autocommit=True))
+    purged: list[int] = []
+
+    def purge() -> None:
+        backend.begin(purger)
+        purged.append(backend.purge_ids(purger, time.time() - window, 1000))
+        backend.commit(purger)
+
+    try:
+        # A writer's transaction claims the expired id again (and stores its event) and
+        # holds the row lock; the purge, which read the id as expired, waits for it.
+        now = time.time()
+        backend.begin(claimer)
+        assert backend.claim_ids(claimer, ["evt-raced"], now, now - window) == {"evt-raced"}
+        hour = int(now // 3600 * 3600)
+        backend.upsert(claimer, [("raced", hour, "{}", 1, 1.0, 0.0, 0.0, 1.0, 1.0, None, None)])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, purge)
+            with trio.fail_after(10):
+                while not await trio.to_thread.run_sync(waits_on_a_lock, server.db):
+                    await trio.sleep(0.02)
+            await trio.to_thread.run_sync(backend.commit, claimer)
+    finally:
+        claimer.close()
+        purger.close()
+    assert purged == [0]
+    assert sql(server.db, "SELECT id FROM event_ids") == [("evt-raced",)]
+    retry = await post(server.client, event)
+    assert retry.json() == {"accepted": 1, "duplicates": 1}
+    assert_store_holds(server.db, {"raced": 2})
+
+
+def execute(db: str, statement: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def waits_on_a_lock(db: str) -> bool:
+    """Whether some transaction waits for a row lock on the DELETE of the purge."""
+    rows = sql(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE 'DELETE FROM event_ids%'",
+    )
+    return bool(rows[0][0])

@@ -1,0 +1,100 @@
+"""Fault injection on a SQLite file shared by processes: two hypercorn workers and a
+``trioagg serve`` writing at once, and many processes opening one fresh file together."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from trioagg.settings import Settings
+from trioagg.store import open_store
+
+from .conftest import Ledger, assert_store_holds
+
+pytestmark = pytest.mark.slow
+
+
+async def test_two_hypercorn_workers_and_a_serve_on_one_file_count_every_event_once(
+    server_process: Any, tmp_path: Path
+) -> None:
+    db = tmp_path / "shared.db"
+    serve = server_process(db=db).start()
+    workers = server_process(db=db, env={"TRIOAGG_DB": str(db)}).start(
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--worker-class",
+            "trio",
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "trioagg.app:create_app()",
+        ]
+    )
+    assert serve.url and workers.url, serve.output + workers.output
+    ledger = Ledger()
+
+    async def client_loop(url: str, key: str, requests: int) -> None:
+        # A connection per client: the kernel spreads them over both workers.
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for _ in range(requests):
+                request = ledger.new(key)
+                while (response := await ledger.send(client, request)).status_code != 200:
+                    assert response.status_code == 503, response.text  # then retry: ids
+
+    async with trio.open_nursery() as nursery:
+        for number in range(6):
+            nursery.start_soon(client_loop, serve.url, f"serve{number}", 25)
+            nursery.start_soon(client_loop, workers.url, f"workers{number}", 25)
+    assert workers.stop() == 0, workers.output
+    assert serve.stop() == 0, serve.output
+    assert len(ledger.acknowledged) == len(ledger.bodies) == 300
+    assert_store_holds(db, ledger.expected())
+
+
+ROUNDS = 50
+PROCESSES = 8
+
+
+def open_fresh_stores(folder: str, barrier: Any, failures: Any) -> None:
+    """In a forked child: every round, open the round's fresh file with the others."""
+
+    async def open_and_close(db: str) -> None:
+        store = await open_store(Settings.from_text({"db": db, "busy_timeout": "10s"}))
+        await store.aclose()
+
+    for round_number in range(ROUNDS):
+        barrier.wait()
+        try:
+            trio.run(open_and_close, f"{folder}/round{round_number}.db")
+        except BaseException as error:
+            failures.put(f"round {round_number}: {type(error).__name__}: {error}")
+
+
+def test_processes_opening_one_fresh_file_at_once_all_succeed(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(PROCESSES)
+    failures = context.SimpleQueue()
+    children = [
+        context.Process(target=open_fresh_stores, args=(str(tmp_path), barrier, failures))
+        for _ in range(PROCESSES)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0] * PROCESSES
+    found = []
+    while not failures.empty():
+        found.append(failures.get())
+    assert found == []
+    for round_number in range(ROUNDS):
+        assert_store_holds(tmp_path / f"round{round_number}.db", {})

@@ -1,0 +1,257 @@
+"""Fault injection on a running server's SQLite store: disk full, the write lock held by
+another process, the file made read-only, the file deleted. The server runs in this
+process (real hypercorn on loopback) so that the test can reach its write connection."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from trioagg.errors import CommitFailed
+from trioagg.ingest import Point
+from trioagg.metrics import Metrics
+from trioagg.settings import Settings
+from trioagg.store import open_store
+from trioagg.writer import Writers
+
+from .conftest import Server, StartServer, assert_store_holds, post
+
+pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+def many_keys(prefix: str, count: int = 2000) -> list[dict[str, Any]]:
+    return [{"key": f"{prefix}-{i:05d}-{'x' * 40}"} for i in range(count)]
+
+
+async def assert_outage(server: Server, key: str) -> dict[str, Any]:
+    """Durable POSTs fail 503 commit_failed, /readyz reports the store failing, and
+    wait=false is refused 503; returns /readyz's body."""
+    response = await post(server.client, many_keys(key))
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "commit_failed"
+    ready = await server.client.get("/readyz")
+    assert ready.status_code == 503, ready.text
+    assert ready.json()["checks"]["store"].startswith("failing: "), ready.text
+    refused = await post(server.client, [{"key": key}], wait="false")
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "store_unavailable"
+    return ready.json()
+
+
+async def assert_recovered(server: Server) -> None:
+    response = await post(server.client, [{"key": "after"}])
+    assert response.status_code == 200, response.text
+    assert (await server.client.get("/readyz")).status_code == 200
+
+
+async def on_write_connection(server: Server, statement: str) -> list[Any]:
+    """Run ``statement`` on the server's write connection, in turn with its commits."""
+    store = server.app.service.store
+    conn = store._write_links[0].conn
+    assert conn is not None, "the write connection opens with the first commit"
+    return await trio.to_thread.run_sync(
+        lambda: conn.execute(statement).fetchall(), limiter=store._write_limiters[0]
+    )
+
+
+async def test_disk_full_fails_durable_requests_and_recovers(start_server: StartServer) -> None:
+    server = await start_server()
+    assert (await post(server.client, [{"key": "before"}] * 2)).status_code == 200
+    ((pages,),) = await on_write_connection(server, "PRAGMA page_count")
+    await on_write_connection(server, f"PRAGMA max_page_count = {pages}")
+
+    ready = await assert_outage(server, "full")
+    assert ready["checks"]["store"] == "failing: the disk holding the database is full"
+    reads = await server.client.get("/v1/aggregates", params={"key": "before"})
+    assert reads.status_code == 200, "reads go on while writes cannot"
+
+    await on_write_connection(server, "PRAGMA max_page_count = 1073741823")
+    await assert_recovered(server)
+    stored = await post(server.client, many_keys("room"))
+    assert stored.status_code == 200, stored.text
+    expected = {"before": 2, "after": 1} | {event["key"]: 1 for event in many_keys("room")}
+    assert_store_holds(server.db, expected)
+
+
+async def test_a_write_lock_held_past_busy_timeout_fails_then_recovers(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="300ms")
+    assert (await post(server.client, {"key": "before"})).status_code == 200
+    hold_write_lock.acquire(server.db)
+    ready = await assert_outage(server, "locked")
+    assert "locked" in ready["checks"]["store"]
+    hold_write_lock.release()
+    await assert_recovered(server)
+    assert_store_holds(server.db, {"before": 1, "after": 1})
+
+
+@contextlib.contextmanager
+def immutable(paths: list[Path]) -> Iterator[None]:
+    """Make files immutable (chattr +i): unlike chmod, this stops root, and writes
+    through descriptors already open, as a read-only remount would."""
+    done: list[Path] = []
+    try:
+        for path in paths:
+            subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+            done.append(path)
+        yield
+    finally:
+        for path in done:
+            subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
+
+
+def can_make_immutable(folder: Path) -> str | None:
+    """Why files in ``folder`` cannot be made immutable here, or None if they can."""
+    if shutil.which("chattr") is None:
+        return "no chattr"
+    probe = folder / "probe"
+    probe.write_bytes(b"x")
+    descriptor = os.open(probe, os.O_WRONLY | os.O_APPEND)
+    try:
+        with immutable([probe]):
+            os.write(descriptor, b"y")
+        return "writes through an open descriptor still reach an immutable file"
+    except PermissionError:
+        return None
+    except subprocess.CalledProcessError as error:
+        return f"chattr +i failed: {error.stderr.decode().strip()}"
+    finally:
+        os.close(descriptor)
+        probe.unlink()
+
+
+async def test_a_read_only_database_fails_durable_requests_and_recovers(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # chmod 0444 is no fault: root writes anyway, and a connection writes through the
+    # descriptors it opened before. An immutable file refuses both, like a read-only mount.
+    why_not = can_make_immutable(tmp_path)
+    if why_not is not None:
+        pytest.skip(f"cannot make a database read-only under a running server: {why_not}")
+    server = await start_server()
+    assert (await post(server.client, {"key": "before"})).status_code == 200
+    # Not the -shm file: SQLite writes it through a shared mapping, and a write fault on
+    # an immutable mapping is SIGBUS, a crash, not a read-only store.
+    with immutable([Path(server.db), Path(f"{server.db}-wal")]):
+        await assert_outage(server, "read-only")
+    await assert_recovered(server)
+    assert_store_holds(server.db, {"before": 1, "after": 1})
+
+
+async def test_a_deleted_database_file_never_acknowledges_again(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    assert (await post(server.client, {"key": "before"})).status_code == 200
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(server.db + suffix)
+    ready = await assert_outage(server, "gone")
+    assert "deleted" in ready["checks"]["store"]
+    for _ in range(3):
+        assert (await post(server.client, {"key": "gone"})).status_code == 503
+        for path in ("/v1/aggregates?key=before", "/v1/keys", "/v1/top"):
+            response = await server.client.get(path)
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "store_unavailable"
+    assert not os.path.exists(server.db), "a connection created a new, empty database"
+
+
+async def wait_committed(server: Server, events: int) -> None:
+    with trio.fail_after(10):
+        while server.app.service.writers.committed_events < events:
+            await trio.sleep(0.02)
+
+
+async def test_202s_held_through_a_lock_are_committed_once_it_goes(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="200ms")
+    assert (await post(server.client, {"key": "before"})).status_code == 200
+    hold_write_lock.acquire(server.db)
+    accepted = 0
+    while True:  # 202 until the first commit fails, then 503
+        response = await post(server.client, [{"key": "held"}] * 3, wait="false")
+        if response.status_code != 202:
+            break
+        accepted += 3
+        await trio.sleep(0.02)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "store_unavailable"
+    assert accepted > 0
+    hold_write_lock.release()
+    await wait_committed(server, 1 + accepted)
+    assert_store_holds(server.db, {"before": 1, "held": accepted})
+
+
+async def test_202s_still_unstored_at_the_drain_deadline_are_counted_as_lost(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="2s", drain_timeout="500ms")
+    assert (await post(server.client, {"key": "before"})).status_code == 200
+    hold_write_lock.acquire(server.db)
+    for _ in range(4):
+        response = await post(server.client, [{"key": "lost"}] * 5, wait="false")
+        assert response.status_code == 202, response.text
+    with trio.fail_after(10):
+        await server.shutdown()
+    lost = [
+        sample
+        for family in text_string_to_metric_families(server.app.metrics.render().decode())
+        for sample in family.samples
+        if sample.name == "trioagg_events_lost_total"
+    ]
+    assert sum(sample.value for sample in lost) == 20
+    assert all(sample.labels["reason"] for sample in lost)
+    hold_write_lock.release()
+    assert_store_holds(server.db, {"before": 1})
+
+
+async def test_requests_still_queued_at_the_drain_deadline_are_answered_and_counted(
+    db_url: str, hold_write_lock: Any
+) -> None:
+    # One submission per batch: the first waits in its commit for the lock, and the
+    # others wait in the writer's channel when the drain deadline passes.
+    store = await open_store(Settings.from_text({"db": db_url, "busy_timeout": "10s"}))
+    metrics = Metrics()
+    writers = Writers(store, metrics, count=1, batch_size=1, queue_size=10, enqueue_timeout=1)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writers.run)
+            hold_write_lock.acquire(db_url)
+            first = await writers.submit([point("first")], durable=True)
+            with trio.fail_after(5):
+                while not writers.writers[0]._current:  # the writer took it
+                    await trio.sleep(0.01)
+            queued = await writers.submit([point("queued")], durable=True)
+            await writers.submit([point("unacknowledged")] * 2, durable=False)
+            assert not await writers.drain(0.3)
+            for submission in (first, queued):
+                with trio.fail_after(1), pytest.raises(CommitFailed):
+                    await submission.wait_committed()
+    finally:
+        hold_write_lock.release()
+        await store.aclose()
+    lost = [
+        sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if sample.name == "trioagg_events_lost_total"
+    ]
+    assert sum(lost) == 2
+    assert_store_holds(db_url, {})
+
+
+def point(key: str) -> Point:
+    return (key, time.time(), 1.0, "{}", None, None)
