@@ -25,7 +25,10 @@ comes first. Result (JSON on stdout): per phase, per stream and per request
 class, the status counts, acknowledged and sent events, latencies, and the CPU
 seconds the server processes, the database server (``db_pid`` and its children,
 when given) and this process spent during the phase.
-Progress goes to stderr as one JSON object per line.
+With ``"metrics": "/metrics"`` in the spec, the generator scrapes that path
+before the first phase and after each one (outside the phase's clock) and adds
+``loop_stalls`` to each phase: the server's event-loop stalls during it
+(``bench.stalls``). Progress goes to stderr as one JSON object per line.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 import trio
+
+from . import stalls
 
 LOCALHOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PERCENTILES = (50, 95, 99)
@@ -533,10 +538,40 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     pids = [int(pid) for pid in spec.get("server_pids", [])]
     seed = int(spec.get("seed", 1))
     db_pid = spec.get("db_pid")
+    metrics = spec.get("metrics")
+    before = await scrape(host, port, metrics) if metrics else None
     phases = []
     for number, phase in enumerate(spec["phases"]):
-        phases.append(await run_phase(phase, host, port, pids, seed + 100 * number, db_pid))
+        result = await run_phase(phase, host, port, pids, seed + 100 * number, db_pid)
+        if metrics:
+            after = await scrape(host, port, metrics)
+            result["loop_stalls"] = None
+            if before is not None and after is not None:
+                result["loop_stalls"] = stalls.window(after, before)
+            before = after
+        phases.append(result)
     return {"phases": phases}
+
+
+async def scrape(host: str, port: int, path: str, timeout: float = 5.0) -> stalls.Scrape | None:
+    """The stall figures of one GET ``path`` on a connection of its own (None if the
+    server does not answer 200 in time)."""
+    with trio.move_on_after(timeout):
+        try:
+            async with trio.SocketStream(await _connect(host, port)) as stream:
+                await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                data = bytearray()
+                while b"\r\n\r\n" not in data and (chunk := await stream.receive_some(65536)):
+                    data += chunk
+                head, _, body = bytes(data).partition(b"\r\n\r\n")
+                status, length, _ = parse_head(head)
+                while len(body) < length and (chunk := await stream.receive_some(65536)):
+                    body += chunk
+            if status == 200 and len(body) == length:
+                return stalls.parse(body.decode())
+        except (OSError, trio.BrokenResourceError, ProtocolError, ValueError):
+            pass
+    return None
 
 
 def main() -> None:

@@ -160,6 +160,17 @@ def _num(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _stall(row: Row) -> str:
+    """The loop stall column: the bound in ms and the count of long stalls if any;
+    ``-`` for a server without a heartbeat (the baselines)."""
+    if row.loop_stalls_over_10ms is None and row.loop_stall_ms is None:
+        return "-"
+    text = "> 2,500" if row.loop_stall_ms is None else _num(row.loop_stall_ms)
+    if row.loop_stalls_over_10ms:
+        text += f", {row.loop_stalls_over_10ms} >10ms"
+    return text
+
+
 def _ratio(ours: Row, rows: Sequence[Row], system: str) -> str:
     # a PostgreSQL matrix cell compares with the baseline of its worker count
     keys = {ours.key, ours.key.split(" writers=")[0]}
@@ -181,7 +192,7 @@ def table(
     columns = (
         f"{'scenario':<9} {'measurement':<30} {'system':<8} {'rate':>9} {'unit':<8} "
         f"{'time':>6} {'p50':>7} {'p95':>7} {'p99':>7} {'xceil':>6} {'xnaive':>6} "
-        f"{'CPU ms/req':>14}  note"
+        f"{'CPU ms/req':>14} {'loop stall max (ms)':>19}  note"
     )
     lines.append(columns)
     lines.append("-" * len(columns))
@@ -215,12 +226,14 @@ def table(
                 f"{name if first else '':<9} {what[:30]:<30} {row.system:<8} "
                 f"{_num(row.rate):>9} {row.unit:<8} {row.elapsed_s:>5.1f}s "
                 f"{_num(lat.get('p50')):>7} {_num(lat.get('p95')):>7} {_num(lat.get('p99')):>7} "
-                f"{x_ceiling:>6} {x_naive:>6} {cpu:>14}  {row.note}"
+                f"{x_ceiling:>6} {x_naive:>6} {cpu:>14} {_stall(row):>19}  {row.note}"
             )
             first = False
     lines.append("latency in ms of acknowledged requests; CPU ms/req = server/client CPU seconds")
     lines.append("per 1,000 requests of the phase (server+PostgreSQL/client on --store postgres);")
-    lines.append("xceil, xnaive = trioagg rate / baseline rate")
+    lines.append("xceil, xnaive = trioagg rate / baseline rate; loop stall max = upper bound of")
+    lines.append("the longest event-loop stall of trioagg in the phase (heartbeat histogram, or")
+    lines.append("the workers' longest-stall gauges if lower); N >10ms = heartbeats > 10 ms late")
     scaling = pg_scaling(results)
     if scaling:
         lines += ["", *scaling]

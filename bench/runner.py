@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import pgstore, verify
-from .server import Deployment, Server, command
+from . import pgstore, stalls, verify
+from .server import Deployment, Server, command, http_get
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,8 @@ CLIENT_CPU_SHARE_LIMIT = 0.5
 CLIENT_UTIL_LIMIT = 0.9
 #: Other processes (not server, not client) using this share of a core disturb a phase.
 OTHER_UTIL_LIMIT = 0.25
+#: where trioagg exports its metrics (the event-loop stalls among them)
+METRICS_PATH = "/metrics"
 
 
 class BenchError(RuntimeError):
@@ -222,6 +225,12 @@ class Bench:
         deployment: Deployment,
     ) -> Measurement:
         argv, env = command(app, deployment, target, list(server_flags))
+        prom_dir = self.workdir / f"{stem}.prom"
+        if app == "trioagg":
+            # an empty folder of its own: the stall histogram summed over workers
+            shutil.rmtree(prom_dir, ignore_errors=True)
+            prom_dir.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
         server = Server(
             app,
             argv,
@@ -241,9 +250,16 @@ class Bench:
                 "db_pid": self.postmaster_pid if schema else None,
                 "seed": 7,
                 "phases": phases,
+                # trioagg's event-loop stalls per phase (the baselines have no heartbeat)
+                "metrics": METRICS_PATH if app == "trioagg" else None,
             }
             result = self._loadgen(spec)
             rss = server.peak_rss_bytes()
+            loop_stalls = None
+            if app == "trioagg":
+                loop_stalls = stalls.longest(
+                    scrape_stalls(server, deployment.workers), deployment.workers
+                )
             exit_code = server.stop()
         except BaseException:
             server.kill()
@@ -296,6 +312,7 @@ class Bench:
                 "pids": len(server.pids),
                 "start_s": round(server.started_s, 3),
                 "peak_rss_bytes": rss,
+                "loop_stalls": loop_stalls,
                 "exit_code": exit_code,
             },
             store=None if stored is None else {"events": stored[0], "rows": stored[1]},
@@ -307,6 +324,7 @@ class Bench:
         if not self.options.keep_stores:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(prom_dir, ignore_errors=True)
         self._check_client(label, app, measurement)
         return measurement
 
@@ -383,6 +401,26 @@ class Bench:
             raise BenchError(f"the load generator failed ({process.returncode}): {detail}")
         result: dict[str, Any] = json.loads(out)
         return result
+
+
+def scrape_stalls(server: Server, workers: int, tries: int = 12) -> list[stalls.Scrape]:
+    """Up to ``tries`` scrapes of ``/metrics``, each on a connection of its own (any
+    worker may answer one), until every worker's longest-stall gauge has been read."""
+    scrapes: list[stalls.Scrape] = []
+    seen: set[str] = set()
+    for _ in range(tries):
+        try:
+            status, body = http_get("127.0.0.1", server.port, METRICS_PATH)
+        except OSError:
+            continue
+        if status != 200:
+            break
+        scrape = stalls.parse(body.decode())
+        scrapes.append(scrape)
+        seen.update(scrape.longest)
+        if len(seen) >= workers or "" in seen:  # "" = one process, no pid label
+            break
+    return scrapes
 
 
 def _redacted(value: str) -> str:

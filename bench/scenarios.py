@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from . import stalls
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
 from .server import Deployment
 
@@ -110,6 +111,11 @@ class Row:
     note: str = ""
     #: PostgreSQL's CPU seconds per 1,000 requests (``--store postgres``)
     db_cpu_1k: float | None = None
+    #: the longest event-loop stall of the phase, an upper bound in ms (``bench.stalls``);
+    #: None for the baselines, which have no heartbeat
+    loop_stall_ms: float | None = None
+    #: heartbeats of the phase more than 10 ms late
+    loop_stalls_over_10ms: int | None = None
 
 
 @dataclass
@@ -241,6 +247,7 @@ def make_row(
     elapsed = m.phases[phase_name]["streams"][stream_name]["elapsed_s"]
     server_1k, client_1k = cpu_per_1k(ph)
     rate = data["acked_events_per_s"] if unit == "events/s" else data["ok_per_s"]
+    phase_stalls = ph.get("loop_stalls")
     return Row(
         scenario=scenario,
         key=key,
@@ -257,6 +264,8 @@ def make_row(
         client_share=None if client_share(ph) is None else round(client_share(ph) or 0.0, 3),
         note=note,
         db_cpu_1k=db_cpu_per_1k(ph),
+        loop_stall_ms=stalls.bound_ms(phase_stalls, m.server.get("loop_stalls")),
+        loop_stalls_over_10ms=phase_stalls["over_10ms"] if phase_stalls else None,
     )
 
 

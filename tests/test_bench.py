@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import msgspec
 import pytest
 import trio
 
-from bench import cli, loadgen, pgstore, report, scenarios, verify
+from bench import cli, loadgen, pgstore, report, scenarios, stalls, verify
 from bench.report import table
 from bench.runner import cpu_per_1k
 from bench.scenarios import Row, ScenarioResult, evaluate_targets
@@ -455,6 +456,93 @@ def test_table_shows_ratios_targets_and_verification() -> None:
     assert "PASS  single durable (seed writes) >= 0.9 x ceiling" in text
     assert "VERIFY  FAIL" in text
     assert "WARNING: CLIENT IS THE LIMIT" in text
+
+
+def _metrics(counts: list[int], longest: dict[str, float]) -> str:
+    """A /metrics text as trioagg writes it with PROMETHEUS_MULTIPROC_DIR: the stall
+    histogram summed over workers, one longest-stall gauge per scraped worker."""
+    bounds = ["0.001", "0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.25", "0.5", "1.0"]
+    bounds += ["2.5", "+Inf"]
+    lines = [
+        "# HELP trioagg_events_accepted_total Events accepted (queued for commit).",
+        "# TYPE trioagg_events_accepted_total counter",
+        "trioagg_events_accepted_total 12.0",
+        "# HELP trioagg_loop_stall_seconds How late the event loop woke a 10 ms heartbeat.",
+        "# TYPE trioagg_loop_stall_seconds histogram",
+        "trioagg_loop_stall_seconds_sum 0.27",
+        *(
+            f'trioagg_loop_stall_seconds_bucket{{le="{le}"}} {n}.0'
+            for le, n in zip(bounds, counts, strict=True)
+        ),
+        f"trioagg_loop_stall_seconds_count {counts[-1]}.0",
+        "# HELP trioagg_loop_stall_max_seconds The longest the event loop was held.",
+        "# TYPE trioagg_loop_stall_max_seconds gauge",
+        *(f'trioagg_loop_stall_max_seconds{{pid="{pid}"}} {s}' for pid, s in longest.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_stalls_of_a_phase_are_the_histogram_between_two_scrapes() -> None:
+    before = stalls.parse(_metrics([90, 95, 98, 98, 98] + [98] * 7, {"11": 0.004}))
+    assert before.buckets[0] == (0.001, 90.0) and before.buckets[-1] == (float("inf"), 98.0)
+    assert before.longest == {"11": 0.004}
+    # during the phase: 100 heartbeats, 3 of them 10-20 ms late, 1 of them 20-50 ms late
+    after = stalls.parse(_metrics([180, 190, 194, 194, 197] + [198] * 7, {"12": 0.031}))
+    assert stalls.window(after, before) == {"heartbeats": 100, "over_10ms": 4, "at_most_ms": 50.0}
+    # since start: the highest non-empty bucket of the whole histogram
+    assert stalls.window(before) == {"heartbeats": 98, "over_10ms": 0, "at_most_ms": 5.0}
+    # a quiet phase: nothing new
+    assert stalls.window(before, before) == {"heartbeats": 0, "over_10ms": 0, "at_most_ms": 0.0}
+    # beyond the last bucket: no upper bound
+    beyond = stalls.parse(_metrics([1] * 11 + [2], {}))
+    assert stalls.window(beyond) == {"heartbeats": 2, "over_10ms": 1, "at_most_ms": None}
+    # a server without the heartbeat (an older trioagg): nothing to say
+    assert stalls.parse("# HELP x y\n# TYPE x counter\nx_total 1.0\n") == stalls.Scrape()
+    assert stalls.window(stalls.Scrape()) is None
+
+
+def test_longest_stall_is_the_largest_gauge_over_the_scrapes() -> None:
+    histogram = [50, 60, 70, 80, 81] + [81] * 7
+    first = stalls.parse(_metrics(histogram, {"11": 0.0125}))
+    second = stalls.parse(_metrics(histogram, {"12": 0.0031}))
+    again = stalls.parse(_metrics(histogram, {"11": 0.0125}))
+    both = stalls.longest([first, again, second], workers=2)
+    assert both == {
+        "max_ms": 12.5,
+        "by_pid_ms": {"11": 12.5, "12": 3.1},
+        "all_workers_seen": True,
+        "heartbeats": 81,
+        "over_10ms": 1,
+        "at_most_ms": 20.0,
+    }
+    one = stalls.longest([second], workers=2)
+    assert one is not None and not one["all_workers_seen"] and one["max_ms"] == 3.1
+    assert stalls.longest([stalls.Scrape()], workers=2) is None
+    # a phase's bound: the lower of its histogram bound and a complete gauge
+    assert stalls.bound_ms({"at_most_ms": 20.0}, both) == 12.5
+    assert stalls.bound_ms({"at_most_ms": 5.0}, both) == 5.0
+    # an incomplete gauge may miss the worker that stalled: the histogram alone
+    assert stalls.bound_ms({"at_most_ms": 20.0}, one) == 20.0
+    assert stalls.bound_ms({"at_most_ms": None}, both) == 12.5
+    assert stalls.bound_ms(None, None) is None
+
+
+def test_table_shows_the_loop_stall_column() -> None:
+    row = _row("seed", "writes", "trioagg", 900)
+    ours = replace(row, loop_stall_ms=12.5, loop_stalls_over_10ms=2)
+    quiet = replace(row, key="reads", what="reads", loop_stall_ms=2.0, loop_stalls_over_10ms=0)
+    text = table(
+        "header",
+        {"seed": ScenarioResult("seed", rows=[ours, quiet, _row("seed", "reads", "ceiling", 9)])},
+        [],
+        {"ok": True, "checked": 1, "failures": []},
+        [],
+    )
+    assert "loop stall max (ms)" in text
+    lines = text.splitlines()
+    assert "12.5, 2 >10ms" in next(line for line in lines if "writes" in line)
+    assert next(line for line in lines if " reads " in line).rstrip().endswith(" 2.0")
+    assert next(line for line in lines if "ceiling" in line).rstrip().endswith("-")
 
 
 def test_scaled_sizes() -> None:
