@@ -367,7 +367,7 @@ class AsyncClient:
 
     async def _deliver(self, lines: list[bytes]) -> None:
         """Send ``lines`` until acknowledged, refused or out of time; count the outcome."""
-        deadline = time.monotonic() + self.retry_timeout
+        started = time.monotonic()
         body = b"".join(lines)
         attempt = 0
         while True:
@@ -394,7 +394,7 @@ class AsyncClient:
                     return
             attempt += 1
             pause = max(delay or 0.0, random.uniform(0, min(30.0, 0.1 * 2**attempt)))
-            if time.monotonic() + pause > deadline:
+            if time.monotonic() + pause > started + self.retry_timeout:
                 self._fail(lines, problem)
                 return
             self.counters.retried += 1
