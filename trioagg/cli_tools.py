@@ -2,12 +2,15 @@
 
 ``ingest`` reads NDJSON or CSV, turns each line into an event with an id derived
 from the source and the line (so a re-run counts nothing twice), and sends them
-through :class:`~trioagg.client.Client`. The query commands print the server's
-answers as a table, JSON or CSV.
+through :class:`~trioagg.client.AsyncClient`: reading, parsing and sending take
+turns in one trio thread. The query commands print the server's answers as a
+table, JSON or CSV.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import functools
 import hashlib
@@ -16,18 +19,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 import click
 import msgspec
 
-from .client import DEFAULT_URL, AsyncClient, Client, Rejected, ServerError
+from .client import DEFAULT_URL, AsyncClient, Rejected, ServerError
 from .ingest import Event
 
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
-_PROGRESS_EVERY: Final = 4096
+_CHUNK_BYTES: Final = 1 << 20
 _FORMATS: Final = click.Choice(["table", "json", "csv"])
 
 _url = click.option(
@@ -99,18 +102,17 @@ class LineReader:
     """Turns lines of a source into encoded events with ids."""
 
     def __init__(self, source: str, mapping: Mapping) -> None:
-        self.source = source.encode()
+        self._prefix = hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
         self.mapping = mapping
         self._decode_event = msgspec.json.Decoder(Event).decode
         self._decode = msgspec.json.Decoder().decode
         self._encode = msgspec.json.Encoder().encode
 
     def line_id(self, number: int, line: bytes) -> str:
-        """The id of line ``number``: a hash of the source, the number and the line."""
-        digest = hashlib.blake2b(self.source, digest_size=16)
-        digest.update(b"\0%d\0" % number)
-        digest.update(line)
-        return digest.hexdigest()
+        """The id of line ``number``: the source's hash, the number and the line's hash.
+        Ids of one source share a prefix and grow with the line: the server's id index
+        takes them in order, as it does UUIDv7s (random ids would scatter its writes)."""
+        return f"{self._prefix}-{number:010d}-{hashlib.blake2b(line, digest_size=8).hexdigest()}"
 
     def ndjson(self, number: int, line: bytes) -> bytes:
         """An NDJSON line as an encoded event."""
@@ -175,35 +177,73 @@ def _plain(error: Exception) -> str:
     return str(error).replace("`$.", "`")
 
 
-def _counted_lines(stream: IO[bytes], read: list[int]) -> Iterator[bytes]:
-    for line in stream:
-        read[0] += len(line)
-        yield line
+class EventSource:
+    """Turns chunks of whole lines of one input, in order, into numbered events."""
 
+    def __init__(self, kind: str, reader: LineReader) -> None:
+        self.kind = kind
+        self.reader = reader
+        self._number = 0
+        self._lines: collections.deque[str] = collections.deque()
+        self._rows = csv.DictReader(_Feed(self._lines))
 
-def read_events(
-    stream: IO[bytes], kind: str, reader: LineReader, read: list[int]
-) -> Iterator[tuple[int, bytes | BadLine]]:
-    """(line number, encoded event or the problem) for each event line of ``stream``;
-    ``read[0]`` counts the bytes read so far."""
-    lines = _counted_lines(stream, read)
-    if kind == "ndjson":
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    def events(self, lines: Sequence[bytes]) -> Iterator[tuple[int, bytes | BadLine]]:
+        """(line number, encoded event or the problem) for each event of ``lines``. For CSV,
+        a chunk must end between records (see :func:`chunks`)."""
+        if self.kind == "ndjson":
+            for line in lines:
+                self._number += 1
+                if line.strip():
+                    try:
+                        yield self._number, self.reader.ndjson(self._number, line)
+                    except BadLine as problem:
+                        yield self._number, problem
+            return
+        self._lines.extend(line.decode("utf-8-sig") for line in lines)
+        rows = self._rows
+        for row in rows:
+            number = rows.line_num
+            text = ",".join(row.get(k) or "" for k in rows.fieldnames or ()).encode()
             try:
-                yield number, reader.ndjson(number, line)
+                yield number, self.reader.record(number, text, row)
             except BadLine as problem:
                 yield number, problem
-        return
-    rows = csv.DictReader(line.decode("utf-8-sig") for line in lines)
-    for row in rows:
-        number = rows.line_num
-        text = ",".join(row.get(k) or "" for k in rows.fieldnames or ()).encode()
-        try:
-            yield number, reader.record(number, text, row)
-        except BadLine as problem:
-            yield number, problem
+
+
+class _Feed:
+    """An iterator over a deque that others refill: ends for now whenever it is empty."""
+
+    def __init__(self, lines: collections.deque[str]) -> None:
+        self._lines = lines
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> str:
+        if not self._lines:
+            raise StopIteration
+        return self._lines.popleft()
+
+
+async def chunks(stream: IO[bytes], kind: str, blocking: bool) -> AsyncGenerator[list[bytes], None]:
+    """Whole lines of ``stream``, about 1 MiB at a time; read in a worker thread when a
+    read may block (a pipe), else here. A CSV chunk ends outside quotes."""
+    import trio
+
+    async def read() -> list[bytes]:
+        if blocking:
+            return await trio.to_thread.run_sync(stream.readlines, _CHUNK_BYTES)
+        await trio.lowlevel.checkpoint()
+        return stream.readlines(_CHUNK_BYTES)
+
+    while lines := await read():
+        if kind == "csv":
+            while sum(line.count(b'"') for line in lines) % 2:  # inside a quoted field
+                more = await read()
+                if not more:
+                    break
+                lines += more
+        yield lines
 
 
 @dataclass
@@ -270,7 +310,7 @@ def _progress(size: int | None, enabled: bool) -> Any:
     show_default=True,
     help="Stop after more bad or refused lines than this.",
 )
-@click.option("--batch-events", default=5000, show_default=True, help="Events per request.")
+@click.option("--batch-events", default=10_000, show_default=True, help="Events per request.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
 @click.option("--progress/--no-progress", default=True, help="A progress bar (on a terminal).")
 @_url
@@ -319,29 +359,41 @@ def ingest(
         if not rejected.problems:
             click.echo(f"refused {len(rejected.events)} events: {rejected.error}", err=True)
 
-    read = [0]
+    import trio
+
+    async def send_all() -> None:
+        async with AsyncClient(
+            url, api_key=api_key, batch_events=batch_events, wait=wait, on_error=refused
+        ) as client:
+            clients.append(client)
+            await send_lines(client)
+
+    async def send_lines(client: AsyncClient) -> None:
+        nonlocal stopped
+        with _progress(size, progress) as bar:
+            task = bar.add_task("ingest", total=size, events=0, rate=0.0)
+            read = 0
+            async with contextlib.aclosing(chunks(file, kind, blocking=size is None)) as feed:
+                async for lines in feed:
+                    read += sum(map(len, lines))
+                    for number, item in events_of.events(lines):
+                        if isinstance(item, BadLine):
+                            tally.bad += 1
+                            click.echo(f"line {number}: {item}", err=True)
+                        else:
+                            await client.send_encoded(item)
+                            tally.events += 1
+                        if tally.bad + tally.rejected > max_errors:
+                            stopped = True
+                            return
+                        rate = tally.events / max(time.monotonic() - started, 1e-9)
+                    bar.update(task, completed=read, events=tally.events, rate=rate)
+
+    events_of = EventSource(kind, reader)
+    clients: list[AsyncClient] = []
     started = time.monotonic()
-    client = Client(url, api_key=api_key, batch_events=batch_events, wait=wait, on_error=refused)
-    with client, _progress(size, progress) as bar:
-        task = bar.add_task("ingest", total=size, events=0, rate=0.0)
-        for number, item in read_events(file, kind, reader, read):
-            if isinstance(item, BadLine):
-                tally.bad += 1
-                click.echo(f"line {number}: {item}", err=True)
-                if tally.bad + tally.rejected > max_errors:
-                    stopped = True
-                    break
-                continue
-            client.send_encoded(item)
-            tally.events += 1
-            if not tally.events % _PROGRESS_EVERY:
-                if tally.rejected > max_errors:
-                    stopped = True
-                    break
-                rate = tally.events / max(time.monotonic() - started, 1e-9)
-                bar.update(task, completed=read[0], events=tally.events, rate=rate)
-        bar.update(task, completed=read[0], events=tally.events)
-    counters = client.counters
+    trio.run(send_all)
+    counters = clients[0].counters
     elapsed = time.monotonic() - started
     click.echo(
         f"{tally.events:,} events read in {elapsed:.1f} s ({tally.events / elapsed:,.0f}/s): "

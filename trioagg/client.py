@@ -134,6 +134,8 @@ class _Buffer:
         self.lines: collections.deque[bytes] = collections.deque()
         self.bytes = 0
         self.first_at = 0.0
+        #: the flusher was told about the events buffered (once between two takes)
+        self.woken = False
         self.capacity = capacity
         self.policy = policy
         self.counters = counters
@@ -141,8 +143,9 @@ class _Buffer:
         self.room = threading.Condition(self.lock)
 
     def put(self, line: bytes, limits: tuple[int, int], wait: bool) -> bool | None:
-        """Add ``line``; True when the flusher should wake (first event or a full batch),
-        None when the buffer is full and the policy says to wait (``wait`` False)."""
+        """Add ``line``; True when the flusher should wake (first event or a full batch,
+        once until it takes a batch), None when the buffer is full and the policy says
+        to wait (``wait`` False)."""
         with self.lock:
             while len(self.lines) >= self.capacity:
                 if self.policy == "drop_oldest":
@@ -159,7 +162,12 @@ class _Buffer:
             self.bytes += len(line)
             self.counters.buffered += 1
             count = len(self.lines)
-            return count == 1 or count >= limits[0] or self.bytes >= limits[1]
+            if count == 1:
+                return True
+            if self.woken or (count < limits[0] and self.bytes < limits[1]):
+                return False
+            self.woken = True
+            return True
 
     def take(self, max_events: int, max_bytes: int) -> _Batch:
         with self.lock:
@@ -172,6 +180,7 @@ class _Buffer:
                 lines.append(self.lines.popleft())
                 size += len(line)
             self.bytes -= size
+            self.woken = False
             self.first_at = time.monotonic()
             self.room.notify_all()
             return _Batch(lines, size)
@@ -337,6 +346,7 @@ class AsyncClient:
     async def _flusher(self, batches: anyio.abc.ObjectSendStream[_Batch]) -> None:
         async with batches:
             while True:
+                self._wake = anyio.Event()  # before looking: a later wake() is not lost
                 wait = self._buffer.ready(*self._limits, self.max_delay)
                 if wait and (self._flushing or self._closing) and wait != math.inf:
                     wait = 0.0
@@ -345,7 +355,6 @@ class AsyncClient:
                 if wait > 0:
                     with anyio.move_on_after(wait):
                         await self._wake.wait()
-                    self._wake = anyio.Event()
                     continue
                 batch = self._buffer.take(*self._limits)
                 self._room.set()
