@@ -166,3 +166,17 @@ async def test_a_refused_query_prints_the_server_details(server: Server) -> None
     result = await run(server, "query", "k", "--stats", "bogus")
     assert result.exit_code == 1
     assert "422 invalid_query" in result.stderr and '"parameter": "stats"' in result.stderr
+
+
+async def test_ingest_reads_stdin_in_chunks_that_keep_quoted_csv_fields_whole(
+    server: Server,
+) -> None:
+    rows = 12_000  # about 1.3 MiB: more than one chunk, each record over two lines
+    text = "key,note\n" + "".join(f'multi,"{"x" * 50}\n{"y" * 50}"\n' for _ in range(rows))
+    result = await trio.to_thread.run_sync(
+        lambda: CliRunner().invoke(
+            main, ["ingest", "-", "--format", "csv", "--url", server.url], input=text
+        )
+    )
+    assert result.exit_code == 0, result.stderr
+    assert stored_counts(server.db) == {"multi": rows}
