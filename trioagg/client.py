@@ -15,6 +15,7 @@ lost answer is counted once by the server (within its dedup window).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import datetime
 import functools
@@ -545,8 +546,6 @@ class Client:
         self._started.wait()
         if self._failure is not None:
             raise self._failure
-        import atexit
-
         atexit.register(self.close)
 
     def _run(self) -> None:
@@ -599,6 +598,7 @@ class Client:
         if self._stop.is_set():
             return
         self._stop.set()
+        atexit.unregister(self.close)
         if self._token is not None and self._thread.is_alive():
             self._token.run_sync_soon(self._stop_loop)
         self._thread.join()
