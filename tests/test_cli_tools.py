@@ -92,7 +92,8 @@ async def test_ingest_reports_what_the_server_refuses(server: Server, tmp_path: 
     path.write_text('{"key": "now"}\n{"key": "future", "ts": "2999-01-01T00:00:00Z"}\n')
     result = await run(server, "ingest", str(path))
     assert result.exit_code == 1
-    assert "refused: invalid_events" in result.stderr and "too far in the future" in result.stderr
+    assert "line 2: refused: invalid_events" in result.stderr
+    assert "too far in the future" in result.stderr
     assert stored_counts(server.db) == {"now": 1}
 
 

@@ -26,7 +26,7 @@ from typing import IO, Any, Final
 import click
 import msgspec
 
-from .client import DEFAULT_URL, AsyncClient, Rejected, ServerError
+from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
 from .ingest import Event
 
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
@@ -113,6 +113,16 @@ class LineReader:
         Ids of one source share a prefix and grow with the line: the server's id index
         takes them in order, as it does UUIDv7s (random ids would scatter its writes)."""
         return f"{self._prefix}-{number:010d}-{hashlib.blake2b(line, digest_size=8).hexdigest()}"
+
+    def line_of(self, event: bytes) -> str | None:
+        """ "line N" for an encoded event whose id :meth:`line_id` made, else None."""
+        try:
+            event_id = msgspec.json.decode(event).get("id", "")
+        except (msgspec.DecodeError, AttributeError):
+            return None
+        prefix, _, rest = str(event_id).partition("-")
+        number = rest.split("-", 1)[0]
+        return f"line {int(number)}" if prefix == self._prefix and number.isdigit() else None
 
     def ndjson(self, number: int, line: bytes) -> bytes:
         """An NDJSON line as an encoded event."""
@@ -310,7 +320,13 @@ def _progress(size: int | None, enabled: bool) -> Any:
     show_default=True,
     help="Stop after more bad or refused lines than this.",
 )
-@click.option("--batch-events", default=10_000, show_default=True, help="Events per request.")
+@click.option(
+    "--batch-events",
+    type=click.IntRange(1, SERVER_MAX_EVENTS),
+    default=SERVER_MAX_EVENTS,
+    show_default=True,
+    help="Events per request.",
+)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
 @click.option("--progress/--no-progress", default=True, help="A progress bar (on a terminal).")
 @_url
@@ -354,8 +370,9 @@ def ingest(
         tally.rejected += len(rejected.events)
         for problem in rejected.problems[:max_errors]:
             index = problem.get("index")
-            line = rejected.events[index].decode() if isinstance(index, int) else ""
-            click.echo(f"refused: {rejected.error.code}: {json.dumps(problem)} {line}", err=True)
+            event = rejected.events[index] if isinstance(index, int) else b""
+            where = reader.line_of(event) or event.decode(errors="replace").strip()
+            click.echo(f"{where}: refused: {rejected.error.code}: {json.dumps(problem)}", err=True)
         if not rejected.problems:
             click.echo(f"refused {len(rejected.events)} events: {rejected.error}", err=True)
 
