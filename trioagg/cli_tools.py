@@ -327,6 +327,13 @@ def _progress(size: int | None, enabled: bool) -> Any:
     show_default=True,
     help="Events per request.",
 )
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Requests in flight at once.",
+)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
 @click.option("--progress/--no-progress", default=True, help="A progress bar (on a terminal).")
 @_url
@@ -343,6 +350,7 @@ def ingest(
     source: str | None,
     max_errors: int,
     batch_events: int,
+    concurrency: int,
     wait: bool,
     progress: bool,
     url: str,
@@ -380,7 +388,12 @@ def ingest(
 
     async def send_all() -> None:
         async with AsyncClient(
-            url, api_key=api_key, batch_events=batch_events, wait=wait, on_error=refused
+            url,
+            api_key=api_key,
+            batch_events=batch_events,
+            concurrency=concurrency,
+            wait=wait,
+            on_error=refused,
         ) as client:
             clients.append(client)
             await send_lines(client)
