@@ -241,3 +241,18 @@ def test_retries_through_a_server_restart_count_every_event_once(
     assert client.counters.retried > 0
     assert stored_counts(tmp_path / "trioagg.db") == {"restart": 1000}
     second.stop()
+
+
+async def test_the_async_client_runs_under_asyncio_too(server: Server) -> None:
+    import asyncio
+
+    async def under_asyncio() -> Any:
+        async with AsyncClient(server.url, batch_events=100) as client:
+            await asyncio.gather(*(client.send("aio", i, ts=TS) for i in range(300)))
+            await client.flush()
+            answer = await client.aggregates("aio", start=TS, end=TS + 3600, granularity="all")
+        return client.counters, answer.results[0].buckets[0]["count"]
+
+    counters, count = await trio.to_thread.run_sync(asyncio.run, under_asyncio())
+    assert (counters.acknowledged, count) == (300, 300)
+    assert stored_counts(server.db) == {"aio": 300}
