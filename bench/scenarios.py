@@ -17,7 +17,7 @@ from . import stalls
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
 from .server import Deployment
 
-SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling", "sketches")
+SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling", "sketches", "client")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class Sizes:
     pg_seed_s: float = 6.0
     pg_reads_s: float = 3.0
     pg_baseline_s: float = 3.0
+    # the client path: the seed's single events through trioagg.client; trioagg ingest
+    client_events: int = 30_000
+    ingest_lines: int = 1_000_000
 
 
 def scaled(sizes: Sizes, factor: float) -> Sizes:
@@ -80,6 +83,8 @@ QUICK = Sizes(
     pg_seed_s=2.5,
     pg_reads_s=1.5,
     pg_baseline_s=1.5,
+    client_events=5_000,
+    ingest_lines=100_000,
 )
 
 KEYS = 1_000
@@ -808,6 +813,13 @@ def pg_batch(bench: Bench, sizes: Sizes) -> ScenarioResult:
     return result
 
 
+def client(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """30 K single events through trioagg.client (1 thread; 64 tasks) vs 1 per request; ingest."""
+    from .clientpath import client_scenario
+
+    return client_scenario(bench, sizes)
+
+
 PG_RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "seed": pg_seed,
     "batch": pg_batch,
@@ -829,6 +841,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "overload": overload,
     "scaling": scaling,
     "sketches": sketches,
+    "client": client,
 }
 
 
@@ -911,6 +924,7 @@ def evaluate_targets(results: dict[str, ScenarioResult]) -> list[Target]:
             "req/s",
         )
     )
+    targets += client_targets(results)
     over = results.get("overload")
     if over is None or over.error or not over.facts:
         targets.append(Target("overload: 0 lost, peak RSS < 300 MB", "SKIP", "-", "not run"))
@@ -926,4 +940,46 @@ def evaluate_targets(results: dict[str, ScenarioResult]) -> list[Target]:
                 f"503 share {over.facts['share_503']:.0%}",
             )
         )
+    return targets
+
+
+def client_targets(results: dict[str, ScenarioResult]) -> list[Target]:
+    """The client path: >= 20 x one request per event, ahead of the Go design's 30 K run,
+    and trioagg ingest above 150 K events/s under 200 MB."""
+    from .clientpath import GO_DESIGN_30K_S
+
+    result = results.get("client")
+    if result is None or result.error or not result.facts:
+        return [Target("client path >= 20 x one per request", "SKIP", "-", "not run")]
+    per_request = result.facts["per_request_events_per_s"]
+    targets = []
+    for mode in ("thread", "tasks"):
+        facts = result.facts[mode]
+        targets.append(
+            _ratio_target(
+                f"client ({mode}) >= 20 x one per request",
+                facts["events_per_s"],
+                per_request,
+                20.0,
+                "events/s",
+            )
+        )
+        total = facts["total_s"]
+        targets.append(
+            Target(
+                f"client ({mode}) committed before the Go design's {GO_DESIGN_30K_S} s",
+                "PASS" if total < GO_DESIGN_30K_S else "MISS",
+                f"{total:.2f} s",
+                "all sent events committed (scaled runs send fewer)",
+            )
+        )
+    ingest = result.facts["ingest"]
+    ok = ingest["events_per_s"] > 150_000 and ingest["peak_rss_mb"] < 200
+    targets.append(
+        Target(
+            "trioagg ingest > 150,000 events/s, client RSS < 200 MB",
+            "PASS" if ok else "MISS",
+            f"{ingest['events_per_s']:,} events/s, {ingest['peak_rss_mb']:.0f} MB",
+        )
+    )
     return targets

@@ -22,6 +22,7 @@ from hypercorn.utils import LifespanFailureError
 
 from . import __version__
 from .app import TrioaggApp, WriterCrashed, create_app, exit_unless_store_opens, log
+from .cli_tools import COMMANDS as _CLIENT_COMMANDS
 from .errors import ConfigError
 from .settings import Settings, env_name, flag_name
 
@@ -33,6 +34,10 @@ _SHUTDOWN_MARGIN_SECONDS = 10
 @click.version_option(__version__, prog_name="trioagg")
 def main() -> None:
     """trioagg: events in over HTTP, exact roll-ups out."""
+
+
+for _command in _CLIENT_COMMANDS:  # ingest, query, keys, top (trioagg.cli_tools)
+    main.add_command(_command)
 
 
 def _setting_options(command: Any) -> Any:

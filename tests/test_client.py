@@ -1,0 +1,258 @@
+"""trioagg.client against real servers: batching, retries, the full-buffer policy, threads."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trioagg.client import AsyncClient, Client, Rejected, uuid7
+
+from .conftest import Server, StartServer, stored_counts
+from .test_writer import metric, wait_until
+
+TS = 1795514400  # 2026-11-24T10:00:00Z
+
+
+def test_uuid7_is_time_ordered_and_versioned() -> None:
+    ids = [uuid7() for _ in range(50)]
+    assert all(i[14] == "7" and i[19] in "89ab" for i in ids)
+    assert len(set(ids)) == 50
+    assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)  # the millisecond prefix
+
+
+async def test_a_full_batch_goes_at_once_and_the_rest_on_flush(server: Server) -> None:
+    async with AsyncClient(server.url, batch_events=10, max_delay=3600) as client:
+        for i in range(35):
+            await client.send("size", i, ts=TS)
+        await wait_until(lambda: client.counters.acknowledged == 30)
+        assert client.counters.buffered == 5  # too few for a batch, too young to go
+        assert await metric(server, "trioagg_events_accepted_total") == 30
+        await client.flush()
+        assert client.counters.acknowledged == 35
+    assert stored_counts(server.db) == {"size": 35}
+
+
+async def test_batches_go_by_bytes_and_by_age(server: Server) -> None:
+    async with AsyncClient(server.url, batch_bytes=1000, max_delay=3600) as client:
+        for _ in range(20):  # about 90 bytes each
+            await client.send("bytes", ts=TS, tags={"pad": "x" * 30})
+        await wait_until(lambda: client.counters.acknowledged >= 10)
+        assert client.counters.buffered > 0
+    async with AsyncClient(server.url, max_delay=0.05) as client:
+        await client.send("age", ts=TS)
+        await wait_until(lambda: client.counters.acknowledged == 1)  # no flush, no close
+    assert stored_counts(server.db) == {"bytes": 20, "age": 1}
+
+
+async def test_gzip_by_default_falls_back_when_the_server_refuses_it(server: Server) -> None:
+    async with AsyncClient(server.url, batch_events=100) as client:
+        for _ in range(500):
+            await client.send("zipped", ts=TS)
+    assert client.counters.acknowledged == 500
+    assert client.counters.failed == 0
+    assert client.gzip is not None  # decided by the server's first answer
+    assert stored_counts(server.db) == {"zipped": 500}
+
+
+async def test_close_flushes_and_ids_make_a_resend_count_once(server: Server) -> None:
+    async with AsyncClient(server.url) as client:
+        for i in range(10):
+            await client.send("once", ts=TS, id=f"event-{i}")
+    async with AsyncClient(server.url, wait=False) as again:
+        for i in range(10):
+            await again.send("once", ts=TS, id=f"event-{i}")
+    assert again.counters.acknowledged == 10  # 202: queued; duplicates known only durably
+    await wait_until(lambda: server.app.service.writers.queued() == 0)
+    async with AsyncClient(server.url) as third:
+        for i in range(10):
+            await third.send("once", ts=TS, id=f"event-{i}")
+    assert (third.counters.acknowledged, third.counters.duplicates) == (10, 10)
+    assert stored_counts(server.db) == {"once": 10}
+
+
+async def test_refused_events_reach_the_caller_and_the_rest_is_stored(server: Server) -> None:
+    refused: list[Rejected] = []
+    async with AsyncClient(server.url, on_error=refused.append) as client:
+        await client.send("good", ts=TS)
+        await client.send("bad\x01key", ts=TS)
+        await client.send("good", ts=TS)
+        await client.send("bad", ts=TS, tags={"no spaces": "x"})
+    (rejected,) = refused
+    assert rejected.error.status == 422 and rejected.error.code == "invalid_events"
+    assert [b'"bad\\u0001key"' in rejected.events[0], b'"bad"' in rejected.events[1]] == [True] * 2
+    assert {(p["index"], p["field"]) for p in rejected.problems} == {(0, "key"), (1, "tags")}
+    assert client.counters.failed == 2 and client.counters.retried == 0
+    assert client.counters.acknowledged == 2
+    assert stored_counts(server.db) == {"good": 2}
+
+
+async def test_forced_503s_are_retried_to_exact_totals(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="100ms")
+    hold_write_lock.acquire(server.db)
+    async with AsyncClient(server.url, batch_events=50, max_delay=0.01) as client:
+        for i in range(200):
+            await client.send(f"k{i % 3}", ts=TS)
+        await wait_until(lambda: client.counters.retried >= 3)
+        assert client.counters.acknowledged == 0
+        hold_write_lock.release()
+        await client.flush()
+    assert (client.counters.acknowledged, client.counters.failed) == (200, 0)
+    assert sum(stored_counts(server.db).values()) == 200
+
+
+async def test_a_request_too_large_for_the_server_is_split(start_server: StartServer) -> None:
+    server = await start_server(max_batch="7")
+    async with AsyncClient(server.url, batch_events=100) as client:
+        for _ in range(30):
+            await client.send("split", ts=TS)
+    assert (client.counters.acknowledged, client.counters.failed) == (30, 0)
+    assert stored_counts(server.db) == {"split": 30}
+
+
+def _dead_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+async def test_a_full_buffer_drops_the_oldest_and_counts_them() -> None:
+    async with AsyncClient(
+        _dead_url(),
+        buffer=10,
+        batch_events=5,
+        concurrency=1,
+        retry_timeout=0.3,
+        policy="drop_oldest",
+    ) as client:
+        for i in range(100):
+            await client.send("lost", i)
+        counters = client.counters
+        # held: the buffer, one batch waiting for the sender, one being retried
+        assert counters.buffered <= 10 + 2 * 5
+        assert counters.dropped + counters.buffered == 100
+    assert counters.buffered == 0
+    assert counters.dropped + counters.failed == 100
+
+
+async def test_a_full_buffer_blocks_send_under_the_block_policy() -> None:
+    sent = 0
+    async with AsyncClient(_dead_url(), buffer=10, batch_events=5, concurrency=1) as client:
+        with trio.move_on_after(0.5):
+            for _ in range(100):
+                await client.send("held")
+                sent += 1
+        # the buffer, one batch waiting for the sender, one being retried; nothing dropped
+        assert (sent, client.counters.buffered, client.counters.dropped) == (20, 20, 0)
+        client.retry_timeout = 0  # give up now
+    assert client.counters.failed == 20
+
+
+async def test_the_sync_client_is_safe_from_many_threads(server: Server) -> None:
+    def run() -> Client:
+        with Client(server.url, batch_events=100) as client:
+
+            def worker(n: int) -> None:
+                for i in range(500):
+                    client.send(f"thread{n % 2}", i, ts=TS)
+
+            threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            client.flush()
+            assert client.counters.acknowledged == 4000
+            assert len(client.keys("thread")) == 2
+        return client
+
+    client = await trio.to_thread.run_sync(run)
+    assert (client.counters.sent, client.counters.duplicates) == (4000, 0)
+    assert stored_counts(server.db) == {"thread0": 2000, "thread1": 2000}
+
+
+async def test_the_sync_client_flushes_at_interpreter_exit(server: Server) -> None:
+    script = (
+        "from trioagg.client import Client\n"
+        f"client = Client({server.url!r}, max_delay=3600)\n"
+        f"for _ in range(7): client.send('exit', ts={TS})\n"
+    )
+    await trio.run_process([sys.executable, "-c", script], capture_stderr=True)
+    assert stored_counts(server.db) == {"exit": 7}
+
+
+async def test_queries_answer_typed_results_and_errors_carry_the_envelope(server: Server) -> None:
+    from trioagg.client import ServerError
+
+    async with AsyncClient(server.url) as client:
+        for i in range(5):
+            await client.send("typed", i, ts=TS + i * 3600, tags={"r": "eu" if i % 2 else "us"})
+        await client.flush()
+        answer = await client.aggregates(
+            "typed", start=TS, end=TS + 86400, granularity="all", group_by="r", stats=["count"]
+        )
+        assert {s.tags["r"]: s.buckets[0]["count"] for s in answer.results} == {"eu": 2, "us": 3}
+        eu = await client.aggregates("typed", start=TS, end=TS + 86400, tags={"r": "eu"})
+        assert [b["sum"] for b in eu.results[0].buckets] == [1.0, 3.0]
+        top = await client.top(start=TS, end=TS + 86400, stat="sum")
+        assert top.results == [{"key": "typed", "sum": 10.0}]
+        with pytest.raises(ServerError) as raised:
+            await client.aggregates("typed", stats=["bogus"])
+    assert raised.value.status == 422 and raised.value.code == "invalid_query"
+    assert raised.value.details[0]["parameter"] == "stats"
+
+
+async def test_keys_follows_every_page(server: Server) -> None:
+    async with AsyncClient(server.url) as client:
+        for i in range(25):
+            await client.send(f"page.{i:02d}", ts=TS)
+        await client.flush()
+        found = await client.keys("page.", page=10)
+    assert [k.key for k in found] == [f"page.{i:02d}" for i in range(25)]
+
+
+@pytest.mark.slow
+def test_retries_through_a_server_restart_count_every_event_once(
+    server_process: Any, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    # An idle keep-alive connection of the client holds a graceful stop for drain_timeout.
+    first = server_process("--port", port, "--drain-timeout", "1").start()
+    with Client(first.url, batch_events=100, max_delay=0.01, retry_timeout=60) as client:
+        for i in range(500):
+            client.send("restart", i, ts=TS)
+        client.flush()
+        assert first.stop() == 0
+        for i in range(500):
+            client.send("restart", i, ts=TS)
+        second = server_process("--port", port)
+        threading.Timer(0.5, second.start).start()  # the client retries meanwhile
+        client.flush()
+    assert (client.counters.acknowledged, client.counters.failed) == (1000, 0)
+    assert client.counters.retried > 0
+    assert stored_counts(tmp_path / "trioagg.db") == {"restart": 1000}
+    second.stop()
+
+
+async def test_the_async_client_runs_under_asyncio_too(server: Server) -> None:
+    import asyncio
+
+    async def under_asyncio() -> Any:
+        async with AsyncClient(server.url, batch_events=100) as client:
+            await asyncio.gather(*(client.send("aio", i, ts=TS) for i in range(300)))
+            await client.flush()
+            answer = await client.aggregates("aio", start=TS, end=TS + 3600, granularity="all")
+        return client.counters, answer.results[0].buckets[0]["count"]
+
+    counters, count = await trio.to_thread.run_sync(asyncio.run, under_asyncio())
+    assert (counters.acknowledged, count) == (300, 300)
+    assert stored_counts(server.db) == {"aio": 300}

@@ -1,0 +1,625 @@
+"""``trioagg ingest``, ``query``, ``keys`` and ``top``: the client's command line.
+
+``ingest`` reads NDJSON or CSV, turns each line into an event with an id derived
+from the source and the line (so a re-run counts nothing twice), and sends them
+through :class:`~trioagg.client.AsyncClient`: reading, parsing and sending take
+turns in one trio thread. The query commands print the server's answers as a
+table, JSON or CSV.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import functools
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Final
+
+import click
+import msgspec
+
+from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
+from .ingest import Event
+
+_SPARKS: Final = "▁▂▃▄▅▆▇█"
+_CHUNK_BYTES: Final = 1 << 20
+_FORMATS: Final = click.Choice(["table", "json", "csv"])
+
+_url = click.option(
+    "--url",
+    envvar="TRIOAGG_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="The server. [env: TRIOAGG_URL]",
+)
+_api_key = click.option(
+    "--api-key",
+    envvar="TRIOAGG_API_KEY",
+    default=None,
+    help="Sent as 'Authorization: Bearer KEY' (for servers that check one). [env: TRIOAGG_API_KEY]",
+)
+
+
+def _fail_on_server_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the client's errors into one clean line and exit status 1."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            return function(*args, **kwargs)
+        except ServerError as error:
+            lines = [str(error)] + [f"  {json.dumps(d)}" for d in error.details]
+            raise click.ClickException("\n".join(lines)) from None
+        except httpx.TransportError as error:
+            raise click.ClickException(f"cannot reach the server: {error!r}") from None
+
+    return run
+
+
+# -- ingest ------------------------------------------------------------------
+
+
+@dataclass
+class Mapping:
+    """Which field (NDJSON) or column (CSV) holds each part of an event."""
+
+    key: str = "key"
+    ts: str = "ts"
+    value: str = "value"
+    id: str = "id"
+    distinct_id: str = "distinct_id"
+    #: tag name -> column; for NDJSON, the ``tags`` object is taken as well
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def plain(self) -> bool:
+        """NDJSON lines are events as they are: no renaming needed."""
+        return (self.key, self.ts, self.value, self.id, self.distinct_id, self.tags) == (
+            "key",
+            "ts",
+            "value",
+            "id",
+            "distinct_id",
+            {},
+        )
+
+
+class BadLine(ValueError):
+    """A line that is not an event; the message says why."""
+
+
+class LineReader:
+    """Turns lines of a source into encoded events with ids."""
+
+    def __init__(self, source: str, mapping: Mapping) -> None:
+        self._prefix = hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+        self.mapping = mapping
+        self._decode_event = msgspec.json.Decoder(Event).decode
+        self._decode = msgspec.json.Decoder().decode
+        self._encode = msgspec.json.Encoder().encode
+
+    def line_id(self, number: int, line: bytes) -> str:
+        """The id of line ``number``: the source's hash, the number and the line's hash.
+        Ids of one source share a prefix and grow with the line: the server's id index
+        takes them in order, as it does UUIDv7s (random ids would scatter its writes)."""
+        return f"{self._prefix}-{number:010d}-{hashlib.blake2b(line, digest_size=8).hexdigest()}"
+
+    def line_of(self, event: bytes) -> str | None:
+        """ "line N" for an encoded event whose id :meth:`line_id` made, else None."""
+        try:
+            event_id = msgspec.json.decode(event).get("id", "")
+        except (msgspec.DecodeError, AttributeError):
+            return None
+        prefix, _, rest = str(event_id).partition("-")
+        number = rest.split("-", 1)[0]
+        return f"line {int(number)}" if prefix == self._prefix and number.isdigit() else None
+
+    def ndjson(self, number: int, line: bytes) -> bytes:
+        """An NDJSON line as an encoded event."""
+        if self.mapping.plain:
+            try:
+                event = self._decode_event(line)
+            except msgspec.DecodeError as error:
+                raise BadLine(_plain(error)) from None
+            text = line.rstrip()
+            if event.id is None:
+                # The line is a valid JSON object: put the id before its closing brace.
+                return b'%s,"id":"%s"}\n' % (text[:-1], self.line_id(number, line).encode())
+            return text + b"\n"
+        try:
+            record = self._decode(line)
+        except msgspec.DecodeError as error:
+            raise BadLine(_plain(error)) from None
+        if not isinstance(record, dict):
+            raise BadLine("a line must be a JSON object")
+        return self.record(number, line, record)
+
+    def record(self, number: int, line: bytes, record: dict[str, Any]) -> bytes:
+        """A record (a CSV row or a decoded NDJSON object) as an encoded event."""
+        m = self.mapping
+        event: dict[str, Any] = {"key": record.get(m.key)}
+        if not event["key"]:
+            raise BadLine(f"no key (field {m.key!r})")
+        for name, column in (("ts", m.ts), ("value", m.value), ("distinct_id", m.distinct_id)):
+            text = record.get(column)
+            if text not in (None, ""):
+                event[name] = text
+        if isinstance(event.get("value"), str):
+            try:
+                event["value"] = float(event["value"])
+            except ValueError:
+                raise BadLine(f"value {event['value']!r} is not a number") from None
+        ts = event.get("ts")
+        if isinstance(ts, str) and _is_number(ts):
+            event["ts"] = float(ts)
+        tags = dict(record.get("tags") or {}) if isinstance(record.get("tags"), dict) else {}
+        tags.update((name, record[column]) for name, column in m.tags.items() if record.get(column))
+        if tags:
+            event["tags"] = tags
+        event["id"] = record.get(m.id) or self.line_id(number, line)
+        encoded = self._encode(event)
+        try:
+            self._decode_event(encoded)
+        except msgspec.ValidationError as error:
+            raise BadLine(_plain(error)) from None
+        return encoded + b"\n"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _plain(error: Exception) -> str:
+    return str(error).replace("`$.", "`")
+
+
+class EventSource:
+    """Turns chunks of whole lines of one input, in order, into numbered events."""
+
+    def __init__(self, kind: str, reader: LineReader) -> None:
+        self.kind = kind
+        self.reader = reader
+        self._number = 0
+        self._lines: collections.deque[str] = collections.deque()
+        self._rows = csv.DictReader(_Feed(self._lines))
+
+    def events(self, lines: Sequence[bytes]) -> Iterator[tuple[int, bytes | BadLine]]:
+        """(line number, encoded event or the problem) for each event of ``lines``. For CSV,
+        a chunk must end between records (see :func:`chunks`)."""
+        if self.kind == "ndjson":
+            for line in lines:
+                self._number += 1
+                if line.strip():
+                    try:
+                        yield self._number, self.reader.ndjson(self._number, line)
+                    except BadLine as problem:
+                        yield self._number, problem
+            return
+        self._lines.extend(line.decode("utf-8-sig") for line in lines)
+        rows = self._rows
+        for row in rows:
+            number = rows.line_num
+            text = ",".join(row.get(k) or "" for k in rows.fieldnames or ()).encode()
+            try:
+                yield number, self.reader.record(number, text, row)
+            except BadLine as problem:
+                yield number, problem
+
+
+class _Feed:
+    """An iterator over a deque that others refill: ends for now whenever it is empty."""
+
+    def __init__(self, lines: collections.deque[str]) -> None:
+        self._lines = lines
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> str:
+        if not self._lines:
+            raise StopIteration
+        return self._lines.popleft()
+
+
+async def chunks(stream: IO[bytes], kind: str, blocking: bool) -> AsyncGenerator[list[bytes], None]:
+    """Whole lines of ``stream``, about 1 MiB at a time; read in a worker thread when a
+    read may block (a pipe), else here. A CSV chunk ends outside quotes."""
+    import trio
+
+    async def read() -> list[bytes]:
+        if blocking:
+            return await trio.to_thread.run_sync(stream.readlines, _CHUNK_BYTES)
+        await trio.lowlevel.checkpoint()
+        return stream.readlines(_CHUNK_BYTES)
+
+    while lines := await read():
+        if kind == "csv":
+            while sum(line.count(b'"') for line in lines) % 2:  # inside a quoted field
+                more = await read()
+                if not more:
+                    break
+                lines += more
+        yield lines
+
+
+@dataclass
+class Tally:
+    bad: int = 0
+    rejected: int = 0
+    events: int = 0
+
+
+def _progress(size: int | None, enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    columns: list[Any] = [
+        TextColumn("{task.fields[events]:,} events"),
+        TextColumn("{task.fields[rate]:,.0f} events/s"),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+    ]
+    if size is not None:
+        columns[2:2] = [BarColumn()]
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console, disable=not (enabled and console.is_terminal))
+
+
+@click.command()
+@click.argument("file", type=click.File("rb"))
+@click.option(
+    "--format",
+    "kind",
+    type=click.Choice(["auto", "ndjson", "csv"]),
+    default="auto",
+    show_default=True,
+    help="auto: csv for a .csv file name, else ndjson.",
+)
+@click.option("--key", "key", default="key", show_default=True, help="Field/column of the key.")
+@click.option("--ts", default="ts", show_default=True, help="Field/column of the time stamp.")
+@click.option("--value", default="value", show_default=True, help="Field/column of the value.")
+@click.option("--id", "id_", default="id", show_default=True, help="Field/column of the id.")
+@click.option("--distinct-id", default="distinct_id", show_default=True)
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="NAME[=COLUMN]",
+    help="A tag from a column (repeat). NDJSON lines' own tags object is kept.",
+)
+@click.option(
+    "--source",
+    default=None,
+    help="The identity ids are derived from [default: the file's absolute path; '-': stdin].",
+)
+@click.option(
+    "--max-errors",
+    default=100,
+    show_default=True,
+    help="Stop after more bad or refused lines than this.",
+)
+@click.option(
+    "--batch-events",
+    type=click.IntRange(1, SERVER_MAX_EVENTS),
+    default=SERVER_MAX_EVENTS,
+    show_default=True,
+    help="Events per request.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Requests in flight at once.",
+)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
+@click.option("--progress/--no-progress", default=True, help="A progress bar (on a terminal).")
+@_url
+@_api_key
+def ingest(
+    file: IO[bytes],
+    kind: str,
+    key: str,
+    ts: str,
+    value: str,
+    id_: str,
+    distinct_id: str,
+    tags: Sequence[str],
+    source: str | None,
+    max_errors: int,
+    batch_events: int,
+    concurrency: int,
+    wait: bool,
+    progress: bool,
+    url: str,
+    api_key: str | None,
+) -> None:
+    """Send the events of FILE (NDJSON or CSV; - for stdin) through the batching client.
+
+    Each event without an id gets one derived from the source and its line, so
+    running the same file again counts nothing twice (within the server's dedup
+    window). Exit status 1 when any line was not stored.
+    """
+    name = getattr(file, "name", "-")
+    if kind == "auto":
+        kind = "csv" if str(name).lower().endswith(".csv") else "ndjson"
+    if source is None:
+        source = "-" if name in ("-", "<stdin>") else os.path.realpath(name)
+    tag_columns = {name: column or name for name, _, column in (t.partition("=") for t in tags)}
+    mapping = Mapping(key, ts, value, id_, distinct_id, tag_columns)
+    reader = LineReader(source, mapping)
+    size = _size(file)
+    tally = Tally()
+    stopped = False
+
+    def refused(rejected: Rejected) -> None:
+        tally.rejected += len(rejected.events)
+        for problem in rejected.problems[:max_errors]:
+            index = problem.get("index")
+            event = rejected.events[index] if isinstance(index, int) else b""
+            where = reader.line_of(event) or event.decode(errors="replace").strip()
+            click.echo(f"{where}: refused: {rejected.error.code}: {json.dumps(problem)}", err=True)
+        if not rejected.problems:
+            click.echo(f"refused {len(rejected.events)} events: {rejected.error}", err=True)
+
+    import trio
+
+    async def send_all() -> None:
+        async with AsyncClient(
+            url,
+            api_key=api_key,
+            batch_events=batch_events,
+            concurrency=concurrency,
+            wait=wait,
+            on_error=refused,
+        ) as client:
+            clients.append(client)
+            await send_lines(client)
+
+    async def send_lines(client: AsyncClient) -> None:
+        nonlocal stopped
+        with _progress(size, progress) as bar:
+            task = bar.add_task("ingest", total=size, events=0, rate=0.0)
+            read = 0
+            async with contextlib.aclosing(chunks(file, kind, blocking=size is None)) as feed:
+                async for lines in feed:
+                    read += sum(map(len, lines))
+                    for number, item in events_of.events(lines):
+                        if isinstance(item, BadLine):
+                            tally.bad += 1
+                            click.echo(f"line {number}: {item}", err=True)
+                        else:
+                            await client.send_encoded(item)
+                            tally.events += 1
+                        if tally.bad + tally.rejected > max_errors:
+                            stopped = True
+                            return
+                        rate = tally.events / max(time.monotonic() - started, 1e-9)
+                    bar.update(task, completed=read, events=tally.events, rate=rate)
+
+    events_of = EventSource(kind, reader)
+    clients: list[AsyncClient] = []
+    started = time.monotonic()
+    trio.run(send_all)
+    counters = clients[0].counters
+    elapsed = time.monotonic() - started
+    click.echo(
+        f"{tally.events:,} events read in {elapsed:.1f} s ({tally.events / elapsed:,.0f}/s): "
+        f"{counters.acknowledged:,} stored ({counters.duplicates:,} already there), "
+        f"{counters.failed:,} refused, {tally.bad:,} bad lines"
+        + (f"; stopped after more than {max_errors} errors" if stopped else ""),
+        err=True,
+    )
+    if stopped or counters.failed or tally.bad:
+        sys.exit(1)
+
+
+def _size(file: IO[bytes]) -> int | None:
+    try:
+        stat = os.fstat(file.fileno())
+    except (OSError, io.UnsupportedOperation):
+        return None
+    import stat as stat_module
+
+    return stat.st_size if stat_module.S_ISREG(stat.st_mode) and stat.st_size else None
+
+
+# -- queries -----------------------------------------------------------------
+
+
+def _run_query(url: str, api_key: str | None, ask: Callable[[AsyncClient], Any]) -> Any:
+    import trio
+
+    async def main() -> Any:
+        async with AsyncClient(url, api_key=api_key) as client:
+            return await ask(client)
+
+    return trio.run(main)
+
+
+def sparkline(values: Sequence[float | None]) -> str:
+    """A line of block characters, one per value (a space for a missing value)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return ""
+    low, high = min(present), max(present)
+    span = (high - low) or 1.0
+    return "".join(
+        " " if v is None else _SPARKS[round((v - low) / span * (len(_SPARKS) - 1))] for v in values
+    )
+
+
+def _emit(rows: list[dict[str, Any]], document: Any, output: str, title: str = "") -> None:
+    """Print ``rows`` as a table or CSV, or ``document`` as JSON."""
+    if output == "json":
+        click.echo(msgspec.json.encode(document).decode())
+        return
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    if output == "csv":
+        writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(
+            {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()} for row in rows
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    Console().print(table)
+
+
+_TEXT_COLUMNS: Final = frozenset({"key", "tags", "start", "first", "last", "trend"})
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _tag_filters(tags: Sequence[str]) -> dict[str, str]:
+    filters = {}
+    for text in tags:
+        name, sep, value = text.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{text!r} is not NAME=VALUE", param_hint="--tag")
+        filters[name] = value
+    return filters
+
+
+@click.command()
+@click.argument("keys", nargs=-1, required=True)
+@click.option("--from", "start", help="Start (RFC 3339 or Unix seconds) [default: to - 24 h].")
+@click.option("--to", "end", help="End, exclusive [default: now].")
+@click.option("--granularity", help="bucket, hour, day, week, month or all [default: hour].")
+@click.option("--tz", help="IANA zone of day/week/month boundaries [default: UTC].")
+@click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE", help="Tag filter (repeat).")
+@click.option("--group-by", help="One series per value of this tag.")
+@click.option("--stats", help="Comma list, e.g. count,sum,p99 [default: count,sum,min,max,avg].")
+@click.option("--fill", help="none, zero or null [default: none].")
+@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@_url
+@_api_key
+@_fail_on_server_errors
+def query(
+    keys: tuple[str, ...],
+    start: str | None,
+    end: str | None,
+    granularity: str | None,
+    tz: str | None,
+    tags: Sequence[str],
+    group_by: str | None,
+    stats: str | None,
+    fill: str | None,
+    output: str,
+    url: str,
+    api_key: str | None,
+) -> None:
+    """Roll-ups of KEYS (GET /v1/aggregates): one row per series and bucket."""
+    filters = _tag_filters(tags)
+    answer = _run_query(
+        url,
+        api_key,
+        lambda c: c.aggregates(
+            keys,
+            start=start,
+            end=end,
+            granularity=granularity,
+            tz=tz,
+            fill=fill,
+            group_by=group_by,
+            stats=stats.split(",") if stats else None,
+            tags=filters,
+        ),
+    )
+    rows = [
+        {"key": series.key, "tags": series.tags, **bucket}
+        for series in answer.results
+        for bucket in series.buckets
+    ]
+    title = f"{answer.start} .. {answer.end}, {answer.granularity}, {answer.tz}"
+    if output == "table":
+        for series in answer.results:
+            first = next((k for k in series.buckets[0] if k != "start"), None)
+            trend = sparkline([b.get(first) for b in series.buckets]) if first else ""
+            title += f"\n{series.key} {_cell(series.tags)} {first}: {trend}"
+    _emit(rows, answer, output, title)
+
+
+@click.command()
+@click.option("--prefix", help="Only keys starting with this.")
+@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@_url
+@_api_key
+@_fail_on_server_errors
+def keys(prefix: str | None, output: str, url: str, api_key: str | None) -> None:
+    """Every key the server holds (GET /v1/keys, all pages)."""
+    found = _run_query(url, api_key, lambda c: c.keys(prefix))
+    _emit([msgspec.structs.asdict(k) for k in found], found, output)
+
+
+@click.command()
+@click.option("--from", "start", help="Start [default: to - 24 h].")
+@click.option("--to", "end", help="End, exclusive [default: now].")
+@click.option("--stat", type=click.Choice(["count", "sum"]), help="Rank by [default: count].")
+@click.option("--prefix", help="Only keys starting with this.")
+@click.option("--limit", type=int, help="How many keys [default: 100].")
+@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@_url
+@_api_key
+@_fail_on_server_errors
+def top(
+    start: str | None,
+    end: str | None,
+    stat: str | None,
+    prefix: str | None,
+    limit: int | None,
+    output: str,
+    url: str,
+    api_key: str | None,
+) -> None:
+    """The keys with the most events (or the highest sum) over a range (GET /v1/top)."""
+    answer = _run_query(
+        url,
+        api_key,
+        lambda c: c.top(start=start, end=end, stat=stat, prefix=prefix, limit=limit),
+    )
+    rows = [{"rank": rank, **item} for rank, item in enumerate(answer.results, start=1)]
+    _emit(rows, answer, output, f"{answer.start} .. {answer.end}, by {answer.stat}")
+
+
+#: The commands this module adds to ``trioagg``.
+COMMANDS: Final = (ingest, query, keys, top)

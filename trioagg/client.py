@@ -1,0 +1,623 @@
+"""The Python client: batching senders and typed queries.
+
+:class:`AsyncClient` is for async programs. It is built on ``httpx.AsyncClient``
+and anyio, so it runs under trio and under asyncio alike. :class:`Client` is
+for plain synchronous code: it runs an :class:`AsyncClient` on trio in a
+background thread of its own, and any number of threads may call it.
+
+``send()`` never makes a request: events go into a bounded buffer, encoded,
+and a flusher cuts the buffer into NDJSON requests (optionally gzip) when it
+holds ``batch_events`` events or ``batch_bytes`` bytes, when its oldest event
+is ``max_delay`` seconds old, on ``flush()``, and on ``close()``. Each event
+gets a time-ordered id (UUIDv7) unless it has one, so a request retried after a
+lost answer is counted once by the server (within its dedup window).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import datetime
+import functools
+import gzip
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+import anyio.abc
+import httpx
+import msgspec
+import trio
+
+from .answers import Accepted, Aggregates, KeyInfo, Keys, Top
+
+DEFAULT_URL: Final = "http://127.0.0.1:8000"
+#: The server's default max_batch and max_body; a request never exceeds them.
+SERVER_MAX_EVENTS: Final = 10_000
+SERVER_MAX_BYTES: Final = 10 * 1024 * 1024
+_RETRY_STATUS: Final = frozenset({502, 503, 504})
+_T = TypeVar("_T")
+_Params = list[tuple[str, str | int | float | bool | None]]
+
+Policy = Literal["block", "drop_oldest"]
+
+
+def uuid7() -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+class _Event(msgspec.Struct, omit_defaults=True):
+    key: str
+    value: float = 1.0
+    ts: float | datetime.datetime | str | None = None
+    tags: dict[str, str] | None = None
+    distinct_id: str | None = None
+    id: str | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class ServerError(Exception):
+    """An error answer of the server: its status and its error envelope's fields."""
+
+    def __init__(self, status: int, code: str, message: str, details: list[Any]) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> ServerError:
+        try:
+            error = msgspec.json.decode(response.content)["error"]
+            return cls(response.status_code, error["code"], error["message"], error["details"])
+        except (msgspec.DecodeError, KeyError, TypeError):
+            return cls(response.status_code, "http_error", response.text[:200], [])
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Events the server refused (a 4xx): not retried, and not stored.
+
+    ``events`` are the refused events as sent (JSON lines); ``problems`` are the
+    server's details for them (for ``invalid_events``, by index into ``events``).
+    """
+
+    error: ServerError
+    events: list[bytes]
+    problems: list[dict[str, Any]]
+
+
+@dataclass
+class Counters:
+    """What the client did, readable at any time.
+
+    ``sent``: events handed to a first request; ``acknowledged``: events the server
+    answered for (durable: committed; ``wait=False``: queued); ``duplicates``: of those,
+    events whose id the server had already stored; ``retried``: requests sent again;
+    ``dropped``: events pushed out of a full buffer (policy ``drop_oldest``);
+    ``failed``: events refused (4xx) or given up after ``retry_timeout``;
+    ``buffered``: events not yet acknowledged, refused or dropped.
+    """
+
+    sent: int = 0
+    acknowledged: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dropped: int = 0
+    failed: int = 0
+    buffered: int = 0
+
+
+@dataclass
+class _Batch:
+    lines: list[bytes]
+    size: int = field(default=0)
+
+
+class _Buffer:
+    """Encoded events waiting for a request; bounded, and safe to fill from any thread."""
+
+    def __init__(self, capacity: int, policy: Policy, counters: Counters) -> None:
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.bytes = 0
+        self.first_at = 0.0
+        #: the flusher was told about the events buffered (once between two takes)
+        self.woken = False
+        self.capacity = capacity
+        self.policy = policy
+        self.counters = counters
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)
+
+    def put(self, line: bytes, limits: tuple[int, int], wait: bool) -> bool | None:
+        """Add ``line``; True when the flusher should wake (first event or a full batch,
+        once until it takes a batch), None when the buffer is full and the policy says
+        to wait (``wait`` False)."""
+        with self.lock:
+            while len(self.lines) >= self.capacity:
+                if self.policy == "drop_oldest":
+                    self.bytes -= len(self.lines.popleft())
+                    self.counters.dropped += 1
+                    self.counters.buffered -= 1
+                elif wait:
+                    self.room.wait()
+                else:
+                    return None
+            if not self.lines:
+                self.first_at = time.monotonic()
+            self.lines.append(line)
+            self.bytes += len(line)
+            self.counters.buffered += 1
+            count = len(self.lines)
+            if count == 1:
+                return True
+            if self.woken or (count < limits[0] and self.bytes < limits[1]):
+                return False
+            self.woken = True
+            return True
+
+    def take(self, max_events: int, max_bytes: int) -> _Batch:
+        with self.lock:
+            lines: list[bytes] = []
+            size = 0
+            while self.lines and len(lines) < max_events:
+                line = self.lines[0]
+                if lines and size + len(line) > max_bytes:
+                    break
+                lines.append(self.lines.popleft())
+                size += len(line)
+            self.bytes -= size
+            self.woken = False
+            self.first_at = time.monotonic()
+            self.room.notify_all()
+            return _Batch(lines, size)
+
+    def ready(self, max_events: int, max_bytes: int, max_delay: float) -> float:
+        """Seconds until a batch is due (0: now; inf: the buffer is empty)."""
+        with self.lock:
+            if not self.lines:
+                return math.inf
+            if len(self.lines) >= max_events or self.bytes >= max_bytes:
+                return 0.0
+            return max(0.0, self.first_at + max_delay - time.monotonic())
+
+
+class AsyncClient:
+    """Send events in batches and query a trioagg server, from trio or asyncio.
+
+    Use it as ``async with AsyncClient(url) as client:``; leaving the block flushes
+    everything and waits for the answers. See the module docstring for batching.
+
+    ``buffer``: events held at most before ``policy`` applies: ``block`` makes
+    ``send()`` wait for room, ``drop_oldest`` drops the oldest waiting event and
+    counts it. ``wait=False`` asks for 202 answers (queued, not yet committed).
+    Connection errors and 502/503/504 answers are retried with exponential backoff
+    and full jitter (at least the ``Retry-After`` asked for) for ``retry_timeout``
+    seconds; 4xx answers are not retried: the refused events go to ``on_error``.
+    A 422 ``invalid_events`` refuses only the invalid events: the others of the
+    request are sent again. A 413 splits the request in two. ``gzip=None`` sends
+    gzip bodies while the server takes them and stops at the first that it refuses.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        batch_events: int = 1000,
+        batch_bytes: int = 1024 * 1024,
+        max_delay: float = 0.1,
+        buffer: int = 100_000,
+        policy: Policy = "block",
+        wait: bool = True,
+        gzip: bool | None = None,
+        concurrency: int = 2,
+        retry_timeout: float = 60.0,
+        timeout: float = 30.0,
+        on_error: Callable[[Rejected], None] | None = None,
+    ) -> None:
+        if not 1 <= batch_events <= SERVER_MAX_EVENTS:
+            raise ValueError(f"batch_events must be 1 to {SERVER_MAX_EVENTS}")
+        if not 1 <= batch_bytes <= SERVER_MAX_BYTES // 2:
+            raise ValueError(f"batch_bytes must be 1 to {SERVER_MAX_BYTES // 2}")
+        if policy not in ("block", "drop_oldest"):
+            raise ValueError("policy must be block or drop_oldest")
+        self.url = url.rstrip("/")
+        self.counters = Counters()
+        self.batch_events = batch_events
+        self.batch_bytes = batch_bytes
+        self.max_delay = max_delay
+        self.wait = wait
+        self.gzip = gzip
+        self.concurrency = concurrency
+        self.retry_timeout = retry_timeout
+        self.on_error = on_error
+        self._buffer = _Buffer(max(buffer, 1), policy, self.counters)
+        self._limits = (batch_events, batch_bytes)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self._in_flight = 0
+        self._flushing = False
+        self._closing = False
+        self._group: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        self._wake = anyio.Event()
+        self._room = anyio.Event()
+        self._idle = anyio.Event()
+        self._group = await anyio.create_task_group().__aenter__()
+        send, receive = anyio.create_memory_object_stream[_Batch](0)
+        self._group.start_soon(self._flusher, send)
+        for _ in range(self.concurrency):
+            self._group.start_soon(self._sender, receive.clone())
+        receive.close()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush every buffered event, wait for the answers, and stop."""
+        if self._group is None or self._closing:
+            return
+        self._closing = True
+        self.wake()
+        try:
+            await self._group.__aexit__(None, None, None)
+        finally:
+            await self._http.aclose()
+
+    # -- sending --------------------------------------------------------------
+
+    def event(
+        self,
+        key: str,
+        value: float = 1,
+        ts: float | datetime.datetime | str | None = None,
+        tags: Mapping[str, str] | None = None,
+        distinct_id: str | None = None,
+        id: str | None = None,
+    ) -> bytes:
+        """One event encoded as an NDJSON line, with an id (a new UUIDv7 if none)."""
+        return (
+            _encode(
+                _Event(
+                    key, float(value), ts, dict(tags) if tags else None, distinct_id, id or uuid7()
+                )
+            )
+            + b"\n"
+        )
+
+    async def send(
+        self,
+        key: str,
+        value: float = 1,
+        ts: float | datetime.datetime | str | None = None,
+        tags: Mapping[str, str] | None = None,
+        distinct_id: str | None = None,
+        id: str | None = None,
+    ) -> None:
+        """Buffer one event; waits only when the buffer is full under ``policy="block"``."""
+        await self.send_encoded(self.event(key, value, ts, tags, distinct_id, id))
+
+    async def send_encoded(self, line: bytes) -> None:
+        """Buffer one event already encoded as a JSON object and a newline (with its id)."""
+        if self._closing:
+            raise RuntimeError("the client is closed")
+        while (wake := self._buffer.put(line, self._limits, wait=False)) is None:
+            room = self._room
+            self.wake()
+            await room.wait()
+        if wake:
+            self._wake.set()
+
+    def put_nowait(self, line: bytes, *, wait: bool) -> bool | None:
+        """For :class:`Client`: buffer ``line`` from another thread (see ``_Buffer.put``)."""
+        return self._buffer.put(line, self._limits, wait=wait)
+
+    def wake(self) -> None:
+        """Make the flusher look at the buffer now (call it in the client's own thread)."""
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Send everything buffered now and wait until every request has its answer."""
+        self._flushing = True
+        try:
+            while self.counters.buffered:
+                idle = self._idle
+                self.wake()
+                await idle.wait()
+        finally:
+            self._flushing = False
+
+    async def _flusher(self, batches: anyio.abc.ObjectSendStream[_Batch]) -> None:
+        async with batches:
+            while True:
+                self._wake = anyio.Event()  # before looking: a later wake() is not lost
+                wait = self._buffer.ready(*self._limits, self.max_delay)
+                if wait and (self._flushing or self._closing) and wait != math.inf:
+                    wait = 0.0
+                if wait == math.inf and self._closing:
+                    return
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await self._wake.wait()
+                    continue
+                batch = self._buffer.take(*self._limits)
+                self._room.set()
+                self._room = anyio.Event()
+                self._in_flight += 1
+                await batches.send(batch)
+
+    async def _sender(self, batches: anyio.abc.ObjectReceiveStream[_Batch]) -> None:
+        async with batches:
+            async for batch in batches:
+                self.counters.sent += len(batch.lines)
+                try:
+                    await self._deliver(batch.lines)
+                finally:
+                    self._in_flight -= 1
+                    if not self._in_flight:
+                        self._idle.set()
+                        self._idle = anyio.Event()
+
+    async def _deliver(self, lines: list[bytes]) -> None:
+        """Send ``lines`` until acknowledged, refused or out of time; count the outcome."""
+        started = time.monotonic()
+        body = b"".join(lines)
+        attempt = 0
+        while True:
+            zipped = self.gzip is not False
+            try:
+                response = await self._post(body, zipped)
+            except httpx.TransportError as error:
+                delay: float | None = 0.0
+                problem = ServerError(0, "connection_error", repr(error), [])
+            else:
+                if response.status_code in (200, 202):
+                    answer = msgspec.json.decode(response.content, type=Accepted)
+                    self._settle(len(lines), acknowledged=len(lines), dup=answer.duplicates)
+                    if zipped:
+                        self.gzip = True  # this server takes gzip bodies
+                    return
+                problem = ServerError.of(response)
+                if zipped and self.gzip is not True and response.status_code in (400, 415):
+                    self.gzip = False  # this server does not take gzip bodies
+                    continue
+                delay = _retry_after(response) if response.status_code in _RETRY_STATUS else None
+                if delay is None:
+                    await self._refused(lines, problem)
+                    return
+            attempt += 1
+            pause = max(delay or 0.0, random.uniform(0, min(30.0, 0.1 * 2**attempt)))
+            if time.monotonic() + pause > started + self.retry_timeout:
+                self._fail(lines, problem)
+                return
+            self.counters.retried += 1
+            await anyio.sleep(pause)
+
+    async def _post(self, body: bytes, zipped: bool) -> httpx.Response:
+        headers = {"Content-Type": "application/x-ndjson"}
+        if zipped:
+            body = await anyio.to_thread.run_sync(functools.partial(gzip.compress, body, 1))
+            headers["Content-Encoding"] = "gzip"
+        params = {} if self.wait else {"wait": "false"}
+        return await self._http.post("/v1/events", content=body, headers=headers, params=params)
+
+    async def _refused(self, lines: list[bytes], error: ServerError) -> None:
+        if error.status == 413 and len(lines) > 1:
+            half = len(lines) // 2
+            await self._deliver(lines[:half])
+            await self._deliver(lines[half:])
+            return
+        details = [p for p in error.details if isinstance(p, dict)]
+        indexes = {p.get("index") for p in details}
+        if error.code == "invalid_events" and indexes and indexes <= set(range(len(lines))):
+            bad = sorted(i for i in indexes if isinstance(i, int))
+            problems = [{**p, "index": bad.index(p["index"])} for p in details]
+            self._fail([lines[i] for i in bad], error, problems)
+            good = [line for i, line in enumerate(lines) if i not in indexes]
+            if good:
+                await self._deliver(good)
+            return
+        self._fail(lines, error)
+
+    def _fail(
+        self,
+        lines: list[bytes],
+        error: ServerError,
+        problems: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self._settle(len(lines), failed=len(lines))
+        if self.on_error is not None:
+            self.on_error(Rejected(error, lines, error.details if problems is None else problems))
+
+    def _settle(self, count: int, acknowledged: int = 0, dup: int = 0, failed: int = 0) -> None:
+        with self._buffer.lock:
+            self.counters.buffered -= count
+            self.counters.acknowledged += acknowledged
+            self.counters.duplicates += dup
+            self.counters.failed += failed
+
+    # -- queries --------------------------------------------------------------
+
+    async def aggregates(
+        self,
+        key: str | Sequence[str],
+        *,
+        start: str | float | None = None,
+        end: str | float | None = None,
+        granularity: str | None = None,
+        tz: str | None = None,
+        fill: str | None = None,
+        group_by: str | None = None,
+        stats: Sequence[str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Aggregates:
+        """``GET /v1/aggregates``; ``start`` and ``end`` are the ``from`` and ``to``."""
+        keys = [key] if isinstance(key, str) else list(key)
+        params: _Params = [("key", k) for k in keys]
+        params += _params(
+            {"from": start, "to": end, "granularity": granularity, "tz": tz, "fill": fill},
+            {"group_by": group_by, "stats": ",".join(stats) if stats else None},
+        )
+        params += [(f"tag.{name}", value) for name, value in (tags or {}).items()]
+        return await self._get("/v1/aggregates", params, Aggregates)
+
+    async def keys(self, prefix: str | None = None, *, page: int = 1000) -> list[KeyInfo]:
+        """Every key (``GET /v1/keys``, pages followed), optionally under ``prefix``."""
+        found: list[KeyInfo] = []
+        after: str | None = None
+        while True:
+            params = _params({"prefix": prefix, "after": after, "limit": page})
+            answer = await self._get("/v1/keys", params, Keys)
+            found += answer.keys
+            if answer.next is None:
+                return found
+            after = answer.next
+
+    async def top(
+        self,
+        *,
+        start: str | float | None = None,
+        end: str | float | None = None,
+        stat: str | None = None,
+        prefix: str | None = None,
+        limit: int | None = None,
+    ) -> Top:
+        """``GET /v1/top``: keys ranked by count or sum over a range."""
+        params = _params({"from": start, "to": end, "stat": stat, "prefix": prefix, "limit": limit})
+        return await self._get("/v1/top", params, Top)
+
+    async def _get(self, path: str, params: _Params, kind: type[_T]) -> _T:
+        response = await self._http.get(path, params=params)
+        if response.status_code != 200:
+            raise ServerError.of(response)
+        return msgspec.json.decode(response.content, type=kind)
+
+
+def _params(*groups: Mapping[str, object]) -> _Params:
+    return [
+        (name, str(value)) for group in groups for name, value in group.items() if value is not None
+    ]
+
+
+def _retry_after(response: httpx.Response) -> float:
+    text = response.headers.get("Retry-After", "")
+    try:
+        return min(max(float(text), 0.0), 60.0)
+    except ValueError:
+        return 0.0
+
+
+class Client:
+    """The synchronous client: an :class:`AsyncClient` on trio in a background thread.
+
+    Every method may be called from any thread. ``send()`` returns at once (or, with
+    ``policy="block"`` and a full buffer, when there is room); ``close()``, leaving
+    the ``with`` block, and the interpreter's exit flush what is buffered. Takes the
+    arguments of :class:`AsyncClient`.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, **options: Any) -> None:
+        self._async = AsyncClient(url, **options)
+        self.counters = self._async.counters
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._started = threading.Event()
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._stop_loop: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(target=self._run, name="trioagg-client", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._failure is not None:
+            raise self._failure
+        atexit.register(self.close)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            stop = trio.Event()
+            self._stop_loop = stop.set
+            async with self._async:
+                self._token = trio.lowlevel.current_trio_token()
+                self._started.set()
+                await stop.wait()
+
+        try:
+            trio.run(main)
+        except BaseException as error:  # reported by close()
+            self._failure = error
+        finally:
+            self._started.set()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(
+        self,
+        key: str,
+        value: float = 1,
+        ts: float | datetime.datetime | str | None = None,
+        tags: Mapping[str, str] | None = None,
+        distinct_id: str | None = None,
+        id: str | None = None,
+    ) -> None:
+        """Buffer one event (see :meth:`AsyncClient.send`)."""
+        self.send_encoded(self._async.event(key, value, ts, tags, distinct_id, id))
+
+    def send_encoded(self, line: bytes) -> None:
+        """Buffer one event already encoded as a JSON object and a newline (with its id)."""
+        if self._stop.is_set():
+            raise RuntimeError("the client is closed")
+        if self._async.put_nowait(line, wait=True) and self._token is not None:
+            self._token.run_sync_soon(self._async.wake)
+
+    def flush(self) -> None:
+        """Send everything buffered and wait for the answers."""
+        self._call(self._async.flush)
+
+    def close(self) -> None:
+        """Flush, wait for the answers, and stop the background thread (idempotent)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        atexit.unregister(self.close)
+        if self._token is not None and self._thread.is_alive():
+            self._token.run_sync_soon(self._stop_loop)
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def aggregates(self, key: str | Sequence[str], **query: Any) -> Aggregates:
+        """See :meth:`AsyncClient.aggregates`."""
+        return self._call(functools.partial(self._async.aggregates, key, **query))
+
+    def keys(self, prefix: str | None = None, *, page: int = 1000) -> list[KeyInfo]:
+        """See :meth:`AsyncClient.keys`."""
+        return self._call(functools.partial(self._async.keys, prefix, page=page))
+
+    def top(self, **query: Any) -> Top:
+        """See :meth:`AsyncClient.top`."""
+        return self._call(functools.partial(self._async.top, **query))
+
+    def _call(self, function: Callable[[], Awaitable[_T]]) -> _T:
+        if self._token is None or self._stop.is_set():
+            raise RuntimeError("the client is closed")
+        return trio.from_thread.run(function, trio_token=self._token)
