@@ -164,6 +164,15 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/status": {
+                "get": {
+                    "summary": "The service's figures at a glance: events, queue, commits",
+                    "description": "What the dashboard at / shows of the service itself, read "
+                    "from the same counters as /metrics; a client derives rates from two "
+                    "answers (their difference over the difference of time).",
+                    "responses": {"200": _json_response("The figures.", _ref("Status"))},
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness: the process answers",

@@ -1,0 +1,94 @@
+"""What the dashboard needs from the server, over HTTP: the page and its files with their
+caching headers, and ``GET /v1/status``. The page itself is tested in a browser
+(test_dashboard_browser.py)."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trioagg import __version__
+
+from .conftest import Server, StartServer, post
+
+
+async def test_the_page_is_served_with_its_files(server: Server) -> None:
+    page = await server.client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["cache-control"] == "no-cache"
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    prefix = re.search(r'src="(static/[0-9a-f]{16})/dashboard.js"', page.text)
+    assert prefix is not None, page.text
+    assert "{{static}}" not in page.text
+
+    again = await server.client.get("/", headers={"If-None-Match": page.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+    script = await server.client.get(f"/{prefix[1]}/dashboard.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert script.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert script.headers["x-content-type-options"] == "nosniff"
+    shipped = resources.files("trioagg") / "static" / "dashboard.js"
+    assert script.content == shipped.read_bytes()
+    cached = await server.client.get(
+        f"/{prefix[1]}/dashboard.js", headers={"If-None-Match": script.headers["etag"]}
+    )
+    assert cached.status_code == 304
+
+    chart_library = await server.client.get(f"/{prefix[1]}/uplot/uPlot.esm.js")
+    assert chart_library.status_code == 200 and b"uPlot" in chart_library.content
+    license_text = await server.client.get(f"/{prefix[1]}/uplot/LICENSE")
+    assert license_text.headers["content-type"] == "text/plain; charset=utf-8"
+    assert "MIT" in license_text.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/0000000000000000/dashboard.js",  # another version's address
+        "/static/{version}/missing.js",
+        "/static/{version}/../app.py",
+        "/static/{version}/index.html",  # the page is served at / only
+    ],
+)
+async def test_unknown_files_are_404_in_the_error_envelope(server: Server, path: str) -> None:
+    page = (await server.client.get("/")).text
+    version = re.search(r"static/([0-9a-f]{16})/", page)
+    assert version is not None
+    response = await server.client.get(path.format(version=version[1]))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_status_reads_what_metrics_count(start_server: StartServer) -> None:
+    server = await start_server(quantiles="api.*,db.?", bucket="15m")
+    assert (await post(server.client, [{"key": "a"}] * 3)).status_code == 200
+    assert (await post(server.client, [{"key": "a", "value": "x"}])).status_code == 422
+    status = (await server.client.get("/v1/status")).json()
+    metrics = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families((await server.client.get("/metrics")).text)
+        for sample in family.samples
+        if not sample.labels
+    }
+    assert status.pop("time") == pytest.approx(metrics["process_start_time_seconds"], abs=600)
+    assert status == {
+        "version": __version__,
+        "bucket_seconds": 900,
+        "quantiles": ["api.*", "db.?"],
+        "events_accepted": 3,
+        "events_committed": 3,
+        "events_rejected": 1,
+        "events_lost": 0,
+        "queue_depth": 0,
+        "queue_capacity": 1024,
+        "commits": metrics["trioagg_commit_seconds_count"],
+        "commit_seconds_sum": metrics["trioagg_commit_seconds_sum"],
+        "loop_stall_max_seconds": metrics["trioagg_loop_stall_max_seconds"],
+    }
+    assert status["commits"] >= 1
