@@ -1,6 +1,6 @@
 """What the dashboard needs from the server, over HTTP: the page and its files with their
-caching headers, and ``GET /v1/status``. The page itself is tested in a browser
-(test_dashboard_browser.py)."""
+caching headers, ``GET /v1/status``, and CORS for the origins ``--cors-origin`` names.
+The page itself is tested in a browser (test_dashboard_browser.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import __version__
+from trioagg.errors import ConfigError
+from trioagg.settings import Settings, parse_origins
 
 from .conftest import Server, StartServer, post
 
@@ -92,3 +94,59 @@ async def test_status_reads_what_metrics_count(start_server: StartServer) -> Non
         "loop_stall_max_seconds": metrics["trioagg_loop_stall_max_seconds"],
     }
     assert status["commits"] >= 1
+
+
+GRAFANA = "https://grafana.example.com"
+
+
+async def test_cors_lets_the_named_origins_read(start_server: StartServer) -> None:
+    server = await start_server(cors_origin=f"{GRAFANA}, http://localhost:3000")
+    keys = await server.client.get("/v1/keys", headers={"Origin": GRAFANA})
+    assert keys.status_code == 200
+    assert keys.headers["access-control-allow-origin"] == GRAFANA
+    assert "Origin" in keys.headers["vary"]
+    refused = await server.client.get("/v1/aggregates", headers={"Origin": GRAFANA})
+    assert refused.status_code == 422  # errors are readable too, or the page sees nothing
+    assert refused.headers["access-control-allow-origin"] == GRAFANA
+    other = await server.client.get("/v1/keys", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+    preflight = await server.client.options(
+        "/v1/events",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert preflight.headers["access-control-allow-headers"].lower() == "content-type"
+    assert preflight.headers["access-control-max-age"] == "600"
+
+
+async def test_any_origin_with_a_star(start_server: StartServer) -> None:
+    server = await start_server(cors_origin="*")
+    response = await server.client.get("/v1/status", headers={"Origin": "https://a.example"})
+    assert response.headers["access-control-allow-origin"] == "*"
+
+
+async def test_no_cors_headers_by_default(server: Server) -> None:
+    response = await server.client.get("/v1/keys", headers={"Origin": GRAFANA})
+    assert response.status_code == 200
+    assert not [name for name in response.headers if name.startswith("access-control-")]
+
+
+def test_origins_are_checked() -> None:
+    assert parse_origins("none") == ()
+    assert parse_origins("*") == ("*",)
+    assert parse_origins("HTTPS://Grafana.example.com:3000,http://[::1]:8080") == (
+        "https://grafana.example.com:3000",
+        "http://[::1]:8080",
+    )
+    for bad in ("grafana.example.com", "https://grafana.example.com/", "https://a.b/path"):
+        with pytest.raises(ValueError, match="is not an origin"):
+            parse_origins(bad)
+    with pytest.raises(ConfigError, match="--cors-origin / TRIOAGG_CORS_ORIGIN"):
+        Settings.from_text({"cors_origin": "example.com"})

@@ -1,4 +1,4 @@
-"""What browsers get: the dashboard page, its files and the status figures.
+"""What browsers get: the dashboard page, its files, the status figures, and CORS.
 
 The page (``GET /``) and its JavaScript, CSS and the vendored chart library are
 files of the package (``trioagg/static/``), read once when the app is made and
@@ -7,6 +7,10 @@ ETag); the files it loads live under ``/static/<digest>/``, where the digest is
 of every file's name and bytes, so they are cached for good (``immutable``) and
 a new version of trioagg is a new address. The page reads only the public API,
 plus ``GET /v1/status``: the figures of ``/metrics`` that a glance needs.
+
+``--cors-origin`` lets pages of other origins (Grafana, a notebook) read the API
+from a browser: quart-cors adds the headers to every answer, errors included,
+and answers preflights.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 from quart import Response, request
+from quart_cors import cors
 from werkzeug.exceptions import NotFound
 
 from . import __version__
@@ -119,7 +124,7 @@ def status(metrics: Metrics, *, bucket: int, quantiles: tuple[str, ...]) -> Stat
 
 
 def add_dashboard(app: TrioaggApp) -> None:
-    """Serve the page at ``/``, its files and ``GET /v1/status``."""
+    """Serve the page at ``/``, its files, ``GET /v1/status``; allow ``--cors-origin``."""
     static = StaticFiles()
 
     @app.get("/")
@@ -143,3 +148,13 @@ def add_dashboard(app: TrioaggApp) -> None:
             app.metrics, bucket=service.store.bucket, quantiles=service.settings.quantiles
         )
         return Response(msgspec.json.encode(figures), 200, content_type="application/json")
+
+    if app.settings.cors_origin:
+        cors(
+            app,
+            allow_origin=app.settings.cors_origin,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )

@@ -69,6 +69,22 @@ def parse_patterns(text: str) -> tuple[str, ...]:
     return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s,]+")
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """A comma list of origins (``https://grafana.example.com``), ``*`` for any, or ``none``;
+    lower-cased, as browsers send them."""
+    origins = tuple(origin.lower() for origin in parse_patterns(text))
+    for origin in origins:
+        if origin != "*" and _ORIGIN.fullmatch(origin) is None:
+            raise ValueError(
+                f"{origin!r} is not an origin: scheme://host[:port], no path "
+                "(e.g. https://grafana.example.com), or *"
+            )
+    return origins
+
+
 def _whole_number(text: str, expected: str) -> int:
     if re.fullmatch(r"\s*[0-9]{1,18}\s*", text) is None:
         raise ValueError(f"{text!r} is not {expected}")
@@ -134,6 +150,12 @@ class Settings:
         "SQLite synchronous mode: full survives power loss, normal only a process crash.",
     )
     max_body: int = _setting("10MiB", parse_size, "Largest request body accepted (413 above).")
+    cors_origin: tuple[str, ...] = _setting(
+        "none",
+        parse_origins,
+        "Origins whose browser pages may read the API (CORS): comma list of "
+        "scheme://host[:port], * for any, none.",
+    )
     max_batch: int = _setting("10000", _positive_int, "Most events in one request (413 above).")
     max_future: float = _setting(
         "1h", parse_duration, "Reject events whose ts is further ahead of the server clock."
