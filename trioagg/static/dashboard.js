@@ -411,8 +411,9 @@ function scheduleLive() {
   liveTimer = state.live
     ? setInterval(() => {
         if (document.hidden) return;
-        loadChart();
-        loadTop();
+        // a slow answer is waited for, not cancelled by the next tick
+        if (!inflight.has("chart")) loadChart();
+        if (!inflight.has("top")) loadTop();
       }, state.live * 1000)
     : null;
 }
