@@ -179,8 +179,18 @@ def test_keys_are_listed_paged_and_searched(page: Any, site: ServerProcess) -> N
     top = page.locator("#top button")
     top.nth(1).wait_for()
     assert top.locator(".name").all_text_contents() == ["shop.orders", "shop.visits"]
-    expected = api(site, "/v1/top", [("from", FROM), ("to", TO), ("prefix", "shop.")]).json()
-    assert top.first.locator(".value").text_content() == str(expected["results"][0]["count"])
+    asked = [("from", FROM), ("to", TO), ("prefix", "shop.")]
+    expected = api(site, "/v1/top", asked).json()["results"]
+    assert top.first.locator(".value").text_content() == str(expected[0]["count"])
+
+    page.select_option("#top-stat", "sum")
+    by_sum = api(site, "/v1/top", [*asked, ("stat", "sum")]).json()["results"]
+    shown = [f"{item['key']}{item['sum']:,g}" for item in by_sum]
+    page.wait_for_function(
+        "shown => [...document.querySelectorAll('#top button')].map(b => b.textContent)"
+        ".join() === shown.join()",
+        arg=shown,
+    )
 
 
 def test_a_picked_key_is_drawn_as_the_api_answers_it(page: Any, site: ServerProcess) -> None:
@@ -208,6 +218,18 @@ def test_a_picked_key_is_drawn_as_the_api_answers_it(page: Any, site: ServerProc
     page.click("#copy-curl")
     copied = page.evaluate("() => navigator.clipboard.readText()")
     assert copied == page.locator("#curl").text_content()
+
+
+def test_missing_buckets_break_the_line(page: Any, site: ServerProcess) -> None:
+    """fill=none leaves empty buckets out of the answer: the line breaks there."""
+    page.goto(f"/?{RANGE}&key=shop.orders&stats=count&fill=none")
+    settle(page)
+    answer = page.evaluate("() => window.dashboard.answer")
+    assert len(answer["results"][0]["buckets"]) == 22  # 05:00 and 06:00 have no events
+    xs, counts = plotted(page)["data"]
+    assert xs[5] == DAY + 5 * 3600 and counts[5] is None
+    assert xs[6] == DAY + 7 * 3600 and counts[6] == 4
+    assert len(xs) == 23
 
 
 def test_group_by_and_a_tag_filter_change_the_series(page: Any, site: ServerProcess) -> None:
