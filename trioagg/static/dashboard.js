@@ -491,6 +491,7 @@ async function start() {
   await loadHealth(); // the chart's auto granularity needs the store's bucket width
   loadKeyInfo();
   loadChart();
+  setTimeout(loadHealth, 1000); // a second answer soon, for a first ingest rate
   setInterval(loadHealth, HEALTH_EVERY_MS);
   scheduleLive();
 }
