@@ -165,7 +165,7 @@ def _no_browser(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """A headless Chromium from the system's packages (``TRIOAGG_CHROMIUM``, else
     ``chromium`` on the PATH), driven by Playwright; never a downloaded browser."""
