@@ -54,22 +54,26 @@ _IMMUTABLE = "public, max-age=31536000, immutable"
 class _File:
     body: bytes
     content_type: str
+    etag: str
+
+    @classmethod
+    def of(cls, name: str, body: bytes) -> _File:
+        return cls(body, _content_type(name), hashlib.sha256(body).hexdigest()[:32])
 
 
 class StaticFiles:
     """The page and the files under ``trioagg/static/``, in memory, with their digest."""
 
-    def __init__(self, root: Traversable | None = None) -> None:
-        root = root or resources.files("trioagg") / "static"
-        found = dict(sorted(_walk(root, "")))
+    def __init__(self) -> None:
+        found = dict(sorted(_walk(resources.files("trioagg") / "static", "")))
         digest = hashlib.sha256()
         for name, body in found.items():
             digest.update(name.encode() + b"\0" + hashlib.sha256(body).digest())
         #: Where this version's files are served, relative to the page.
         self.prefix = f"static/{digest.hexdigest()[:16]}"
         page = found.pop(_INDEX).replace(_STATIC_MARK, self.prefix.encode())
-        self.page = _File(page, _content_type(_INDEX))
-        self.files = {name: _File(body, _content_type(name)) for name, body in found.items()}
+        self.page = _File.of(_INDEX, page)
+        self.files = {name: _File.of(name, body) for name, body in found.items()}
 
 
 def _walk(folder: Traversable, path: str) -> list[tuple[str, bytes]]:
@@ -93,7 +97,7 @@ async def _conditional(file: _File, cache_control: str) -> Response:
     response = Response(file.body, 200, content_type=file.content_type)
     response.headers["Cache-Control"] = cache_control
     response.headers["X-Content-Type-Options"] = "nosniff"
-    response.set_etag(hashlib.sha256(file.body).hexdigest()[:32])
+    response.set_etag(file.etag)
     return await response.make_conditional(request)
 
 

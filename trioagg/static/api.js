@@ -11,7 +11,7 @@ export class ApiError extends Error {
 }
 
 /** The absolute URL of an API path with its parameters (a list of [name, value]). */
-export function apiUrl(path, params = []) {
+function apiUrl(path, params = []) {
   const url = new URL(path, document.baseURI);
   // : , / need no escaping in a query; left plain, times and stat lists stay readable
   url.search = new URLSearchParams(params).toString().replace(/%3A|%2C|%2F/g, decodeURIComponent);

@@ -32,7 +32,7 @@ function withAlpha(hex, alpha) {
 }
 
 /** A result's name in the legend: the group_by value, or the key. */
-export function groupName(result, groupBy) {
+function groupName(result, groupBy) {
   if (!groupBy) return result.key;
   return Object.hasOwn(result.tags, groupBy) ? `${groupBy}=${result.tags[groupBy]}` : `no ${groupBy}`;
 }
@@ -43,7 +43,7 @@ export function groupName(result, groupBy) {
  * bucket width after the last bucket before it, so the line breaks there instead of
  * bridging it.
  */
-export function plotData(answer, stats, fill, width) {
+function plotData(answer, stats, fill, width) {
   const starts = new Set();
   const indexed = answer.results.map((result) => {
     const byStart = new Map();

@@ -2,7 +2,7 @@
 // Every text that comes from the store (keys, tag values) is set as text, never as HTML.
 
 import { curlCommand, getJSON } from "./api.js";
-import { chartConfig, formatNumber, groupName, uPlot } from "./chart.js";
+import { chartConfig, formatNumber, uPlot } from "./chart.js";
 import * as S from "./state.js";
 
 const $ = (id) => document.getElementById(id);

@@ -2,11 +2,11 @@
 // named as the API names it where there is one, so a view can be bookmarked and shared.
 // No DOM here.
 
-export const PRESETS = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
-export const GRANULARITIES = ["auto", "bucket", "hour", "day", "week", "month"];
-export const FILLS = ["null", "zero", "none"];
-export const TOP_STATS = ["count", "sum"];
-export const DEFAULT_STATS = ["count", "avg", "min", "max"];
+const PRESETS = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
+const GRANULARITIES = ["auto", "bucket", "hour", "day", "week", "month"];
+const FILLS = ["null", "zero", "none"];
+const TOP_STATS = ["count", "sum"];
+const DEFAULT_STATS = ["count", "avg", "min", "max"];
 /** Stats the page offers as check boxes, in the order it asks for them; min and max go
  * together, drawn as a band. Anything else (percentiles) is typed. */
 export const CHECKED_STATS = ["count", "sum", "avg", "min", "max", "stddev", "distinct"];
@@ -74,12 +74,12 @@ export function writeState(state) {
 }
 
 /** RFC 3339 in UTC, whole seconds. */
-export function iso(seconds) {
+function iso(seconds) {
   return new Date(seconds * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
 }
 
 /** Seconds of a time as the API reads it (RFC 3339 or Unix seconds), or null. */
-export function parseTime(text) {
+function parseTime(text) {
   if (/^\s*-?\d+(\.\d+)?\s*$/.test(text)) return Number(text);
   const ms = Date.parse(text);
   return Number.isNaN(ms) ? null : ms / 1000;
@@ -129,7 +129,7 @@ export function aggregateParams(state, range, granularity) {
 }
 
 /** fnmatch's case-sensitive glob (what --quantiles patterns are) as a RegExp. */
-export function globToRegExp(pattern) {
+function globToRegExp(pattern) {
   let source = "";
   for (let i = 0; i < pattern.length; i++) {
     const c = pattern[i];
