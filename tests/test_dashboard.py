@@ -35,7 +35,7 @@ async def test_the_page_is_served_with_its_files(server: Server) -> None:
     assert script.headers["content-type"] == "text/javascript; charset=utf-8"
     assert script.headers["cache-control"] == "public, max-age=31536000, immutable"
     assert script.headers["x-content-type-options"] == "nosniff"
-    shipped = resources.files("trioagg") / "static" / "dashboard.js"
+    shipped = resources.files("trioagg") / "web" / "dashboard.js"
     assert script.content == shipped.read_bytes()
     cached = await server.client.get(
         f"/{prefix[1]}/dashboard.js", headers={"If-None-Match": script.headers["etag"]}
@@ -56,6 +56,8 @@ async def test_the_page_is_served_with_its_files(server: Server) -> None:
         "/static/{version}/missing.js",
         "/static/{version}/../app.py",
         "/static/{version}/index.html",  # the page is served at / only
+        "/static/dashboard.js",  # no other way to the files (Quart's own static folder)
+        "/web/dashboard.js",
     ],
 )
 async def test_unknown_files_are_404_in_the_error_envelope(server: Server, path: str) -> None:

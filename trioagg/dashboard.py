@@ -1,7 +1,7 @@
 """What browsers get: the dashboard page, its files, the status figures, and CORS.
 
 The page (``GET /``) and its JavaScript, CSS and the vendored chart library are
-files of the package (``trioagg/static/``), read once when the app is made and
+files of the package (``trioagg/web/``), read once when the app is made and
 served from memory. The page is revalidated on every load (``no-cache`` with an
 ETag); the files it loads live under ``/static/<digest>/``, where the digest is
 of every file's name and bytes, so they are cached for good (``immutable``) and
@@ -62,10 +62,11 @@ class _File:
 
 
 class StaticFiles:
-    """The page and the files under ``trioagg/static/``, in memory, with their digest."""
+    """The page and the files under ``trioagg/web/``, in memory, with their digest. (Not
+    ``trioagg/static/``: Quart would serve a folder of that name by itself, uncached.)"""
 
     def __init__(self) -> None:
-        found = dict(sorted(_walk(resources.files("trioagg") / "static", "")))
+        found = dict(sorted(_walk(resources.files("trioagg") / "web", "")))
         digest = hashlib.sha256()
         for name, body in found.items():
             digest.update(name.encode() + b"\0" + hashlib.sha256(body).digest())
@@ -138,8 +139,8 @@ def add_dashboard(app: TrioaggApp) -> None:
         response.headers["Referrer-Policy"] = "same-origin"
         return response
 
-    @app.get("/static/<version>/<path:name>")
-    async def static_file(version: str, name: str) -> Response:
+    @app.get("/static/<version>/<path:name>", endpoint="dashboard_file")
+    async def dashboard_file(version: str, name: str) -> Response:
         file = static.files.get(name)
         if file is None or f"static/{version}" != static.prefix:
             raise NotFound(f"no such file: {request.path[:300]}")

@@ -173,6 +173,18 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json_response("The figures.", _ref("Status"))},
                 }
             },
+            "/": {
+                "get": {
+                    "summary": "The dashboard: a page for people, with a browser",
+                    "responses": {
+                        "200": {
+                            "description": "The page; its scripts and styles are files of "
+                            "the package under /static/.",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness: the process answers",
