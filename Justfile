@@ -17,3 +17,7 @@ lint:
 # The stress harness: just bench, just bench --quick, just bench --scenario seed
 bench *ARGS:
     python -m bench {{ARGS}}
+
+# The README's dashboard screenshot (docs/dashboard.png), in Debian's headless chromium
+screenshot *ARGS:
+    python tools/screenshot.py {{ARGS}}

@@ -151,6 +151,37 @@ def _no_postgres(reason: str) -> None:
     pytest.skip(reason)
 
 
+NO_BROWSER = (
+    "NO BROWSER: install Debian's chromium (apt-get install chromium) and playwright "
+    "(pip install -e '.[test]'), or point TRIOAGG_CHROMIUM at a Chromium, so that the "
+    "dashboard can be tested"
+)
+
+
+def _no_browser(reason: str) -> None:
+    """Skip loudly; fail where the browser is required (CI sets TRIOAGG_REQUIRE_BROWSER=1)."""
+    if os.environ.get("TRIOAGG_REQUIRE_BROWSER"):
+        pytest.fail(reason + " (TRIOAGG_REQUIRE_BROWSER is set)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless Chromium from the system's packages (``TRIOAGG_CHROMIUM``, else
+    ``chromium`` on the PATH), driven by Playwright; never a downloaded browser."""
+    executable = os.environ.get("TRIOAGG_CHROMIUM") or shutil.which("chromium")
+    if not executable or not os.access(executable, os.X_OK):
+        _no_browser(NO_BROWSER + f" (no chromium found: {executable or 'not on the PATH'})")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser(NO_BROWSER + " (playwright is not installed)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable)
+        yield launched
+        launched.close()
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresCluster]:
     """A cluster of this test's own, for stopping and restarting it."""

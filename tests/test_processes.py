@@ -196,6 +196,7 @@ def test_metrics_are_totals_across_hypercorn_workers(server_process: Any, tmp_pa
     for _ in range(60):
         with httpx.Client(base_url=server.url) as client:
             families = list(text_string_to_metric_families(client.get("/metrics").text))
+            assert client.get("/v1/status").json()["events_committed"] == 40  # the dashboard's
         values = {s.name: s for family in families for s in family.samples}
         assert values["trioagg_events_committed_total"].value == 40
         pids.add(values["trioagg_build_info"].labels["pid"])

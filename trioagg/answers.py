@@ -153,5 +153,38 @@ class Ready(msgspec.Struct):
     checks: ReadyChecks
 
 
+_Total = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Status(msgspec.Struct):
+    """The figures of ``/metrics`` a dashboard shows at a glance, and what the page needs
+    to know of the server. Totals count since the process started (across workers with
+    PROMETHEUS_MULTIPROC_DIR); the queue is this process's."""
+
+    version: str
+    time: Annotated[float, msgspec.Meta(description="The server's clock, in Unix seconds.")]
+    bucket_seconds: Annotated[
+        int, msgspec.Meta(ge=60, description="The store's bucket width, in seconds.")
+    ]
+    quantiles: Annotated[
+        list[str],
+        msgspec.Meta(description="Glob patterns of the keys that keep quantiles (--quantiles)."),
+    ]
+    events_accepted: _Total
+    events_committed: _Total
+    events_rejected: _Total
+    events_lost: _Total
+    queue_depth: Annotated[int, msgspec.Meta(ge=0, description="Requests waiting to commit.")]
+    queue_capacity: Annotated[int, msgspec.Meta(ge=0, description="Requests the queue holds.")]
+    commits: Annotated[int, msgspec.Meta(ge=0, description="Batches committed.")]
+    commit_seconds_sum: Annotated[
+        float, msgspec.Meta(ge=0, description="Time spent committing them, in seconds.")
+    ]
+    loop_stall_max_seconds: Annotated[
+        float,
+        msgspec.Meta(ge=0, description="The longest one task held the event loop."),
+    ]
+
+
 #: Every answer type, for the OpenAPI document's components.
-ANSWERS: Final = (Aggregates, Keys, Top, Accepted, Error, Health, Ready)
+ANSWERS: Final = (Aggregates, Keys, Top, Accepted, Error, Health, Ready, Status)

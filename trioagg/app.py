@@ -27,6 +27,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
+from .dashboard import add_dashboard
 from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
 from .errors import (
     ConfigError,
@@ -233,6 +234,7 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     app.before_serving(app.start_service)
     app.after_serving(app.stop_service)
     _add_routes(app)
+    add_dashboard(app)
     _add_error_handlers(app)
     _time_every_answer(app)
     app.asgi_app = guard_connections(app.asgi_app)  # type: ignore[method-assign,assignment]

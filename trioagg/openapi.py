@@ -187,6 +187,27 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/status": {
+                "get": {
+                    "summary": "The service's figures at a glance: events, queue, commits",
+                    "description": "What the dashboard at / shows of the service itself, read "
+                    "from the same counters as /metrics; a client derives rates from two "
+                    "answers (their difference over the difference of time).",
+                    "responses": {"200": _json_response("The figures.", _ref("Status"))},
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The dashboard: a page for people, with a browser",
+                    "responses": {
+                        "200": {
+                            "description": "The page; its scripts and styles are files of "
+                            "the package under /static/.",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness: the process answers",

@@ -69,6 +69,22 @@ def parse_patterns(text: str) -> tuple[str, ...]:
     return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s,]+")
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """A comma list of origins (``https://grafana.example.com``), ``*`` for any, or ``none``;
+    lower-cased, as browsers send them."""
+    origins = tuple(origin.lower() for origin in parse_patterns(text))
+    for origin in origins:
+        if origin != "*" and _ORIGIN.fullmatch(origin) is None:
+            raise ValueError(
+                f"{origin!r} is not an origin: scheme://host[:port], no path "
+                "(e.g. https://grafana.example.com), or *"
+            )
+    return origins
+
+
 def _whole_number(text: str, expected: str) -> int:
     if re.fullmatch(r"\s*[0-9]{1,18}\s*", text) is None:
         raise ValueError(f"{text!r} is not {expected}")
@@ -141,6 +157,12 @@ class Settings:
         "5s",
         parse_duration,
         "How long an idle keep-alive connection stays open (trioagg serve only).",
+    )
+    cors_origin: tuple[str, ...] = _setting(
+        "none",
+        parse_origins,
+        "Origins whose browser pages may read the API (CORS): comma list of "
+        "scheme://host[:port], * for any, none.",
     )
     max_batch: int = _setting("10000", _positive_int, "Most events in one request (413 above).")
     max_future: float = _setting(

@@ -1,0 +1,156 @@
+// The page's state and its address: every choice is a parameter of the page's URL,
+// named as the API names it where there is one, so a view can be bookmarked and shared.
+// No DOM here.
+
+const PRESETS = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
+const GRANULARITIES = ["auto", "bucket", "hour", "day", "week", "month"];
+const FILLS = ["null", "zero", "none"];
+const TOP_STATS = ["count", "sum"];
+const DEFAULT_STATS = ["count", "avg", "min", "max"];
+/** Stats the page offers as check boxes, in the order it asks for them; min and max go
+ * together, drawn as a band. Anything else (percentiles) is typed. */
+export const CHECKED_STATS = ["count", "sum", "avg", "min", "max", "stddev", "distinct"];
+/** Auto granularity: the finest that draws at most this many buckets. */
+const MOST_POINTS = 1000;
+const WIDTHS = { hour: 3600, day: 86400, week: 7 * 86400, month: 31 * 86400 };
+const MAX_LIVE = 3600;
+
+export function browserZone() {
+  return Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+}
+
+function oneOf(value, choices, fallback) {
+  return choices.includes(value) ? value : fallback;
+}
+
+/** The state a page address describes; anything missing or unknown gets its default. */
+export function readState(search) {
+  const params = new URLSearchParams(search);
+  // [name, value] pairs, not an object: a tag may be called __proto__
+  const tags = [];
+  for (const [name, value] of params) {
+    if (name.startsWith("tag.") && name.length > 4) tags.push([name.slice(4), value]);
+  }
+  const custom = params.has("from") || params.has("to");
+  const range = params.get("range") ?? (custom ? "custom" : "24h");
+  const stats = (params.get("stats") ?? "").split(",").filter(Boolean);
+  const live = Number.parseInt(params.get("live") ?? "0", 10);
+  return {
+    key: params.get("key") ?? "",
+    prefix: params.get("prefix") ?? "",
+    range: range in PRESETS || range === "custom" ? range : "24h",
+    from: params.get("from") ?? "",
+    to: params.get("to") ?? "",
+    granularity: oneOf(params.get("granularity"), GRANULARITIES, "auto"),
+    tz: params.get("tz") || browserZone(),
+    fill: oneOf(params.get("fill"), FILLS, "null"),
+    stats: stats.length ? [...new Set(stats)] : DEFAULT_STATS,
+    groupBy: params.get("group_by") ?? "",
+    tags,
+    top: oneOf(params.get("top"), TOP_STATS, "count"),
+    live: live >= 1 && live <= MAX_LIVE ? live : 0,
+  };
+}
+
+/** The page address's query for a state (the inverse of readState). */
+export function writeState(state) {
+  const params = new URLSearchParams();
+  if (state.key) params.set("key", state.key);
+  params.set("range", state.range);
+  if (state.range === "custom") {
+    params.set("from", state.from);
+    params.set("to", state.to);
+  }
+  params.set("granularity", state.granularity);
+  params.set("tz", state.tz);
+  params.set("fill", state.fill);
+  params.set("stats", state.stats.join(","));
+  if (state.groupBy) params.set("group_by", state.groupBy);
+  for (const [name, value] of state.tags) params.append(`tag.${name}`, value);
+  params.set("top", state.top);
+  if (state.prefix) params.set("prefix", state.prefix);
+  if (state.live) params.set("live", String(state.live));
+  return params.toString();
+}
+
+/** RFC 3339 in UTC, whole seconds. */
+function iso(seconds) {
+  return new Date(seconds * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+}
+
+/** Seconds of a time as the API reads it (RFC 3339 or Unix seconds), or null. */
+function parseTime(text) {
+  if (/^\s*-?\d+(\.\d+)?\s*$/.test(text)) return Number(text);
+  const ms = Date.parse(text);
+  return Number.isNaN(ms) ? null : ms / 1000;
+}
+
+/** The range to ask for: a preset ends now; a custom range is sent as typed, for the API
+ * to judge (and refuse with its own words). */
+export function resolveRange(state, now) {
+  if (state.range === "custom") {
+    const start = parseTime(state.from);
+    const end = parseTime(state.to);
+    const span = start !== null && end !== null && end > start ? end - start : null;
+    return { from: state.from, to: state.to, span };
+  }
+  const end = Math.floor(now);
+  return { from: iso(end - PRESETS[state.range]), to: iso(end), span: PRESETS[state.range] };
+}
+
+/** The nominal width of a granularity's buckets, in seconds. */
+export function bucketWidth(granularity, bucketSeconds) {
+  return granularity === "bucket" ? bucketSeconds : WIDTHS[granularity];
+}
+
+/** The granularity to ask for: the one chosen, or for auto the finest that keeps the
+ * chart under MOST_POINTS buckets (so the page never asks for more than it can show). */
+export function chooseGranularity(state, span, bucketSeconds) {
+  if (state.granularity !== "auto") return state.granularity;
+  if (span === null) return "hour";
+  const candidates = bucketSeconds < 3600 ? ["bucket", "hour", "day", "week"] : ["hour", "day", "week"];
+  return candidates.find((name) => span / bucketWidth(name, bucketSeconds) <= MOST_POINTS) ?? "month";
+}
+
+/** The /v1/aggregates parameters of a state, in a fixed order. */
+export function aggregateParams(state, range, granularity) {
+  const params = [
+    ["key", state.key],
+    ["from", range.from],
+    ["to", range.to],
+    ["granularity", granularity],
+    ["tz", state.tz],
+    ["fill", state.fill],
+    ["stats", state.stats.join(",")],
+  ];
+  if (state.groupBy) params.push(["group_by", state.groupBy]);
+  for (const [name, value] of state.tags) params.push([`tag.${name}`, value]);
+  return params;
+}
+
+/** fnmatch's case-sensitive glob (what --quantiles patterns are) as a RegExp. */
+function globToRegExp(pattern) {
+  let source = "";
+  for (let i = 0; i < pattern.length; i++) {
+    const c = pattern[i];
+    if (c === "*") source += ".*";
+    else if (c === "?") source += ".";
+    else if (c === "[") {
+      const end = pattern.indexOf("]", i + 2);
+      if (end < 0) {
+        source += "\\[";
+      } else {
+        let set = pattern.slice(i + 1, end).replace(/\\/g, "\\\\");
+        if (set.startsWith("!")) set = "^" + set.slice(1);
+        else if (set.startsWith("^")) set = "\\" + set;
+        source += `[${set}]`;
+        i = end;
+      }
+    } else source += c.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+  }
+  return new RegExp(`^${source}$`, "s");
+}
+
+export function keepsQuantiles(key, patterns) {
+  return patterns.some((pattern) => globToRegExp(pattern).test(key));
+}
