@@ -242,11 +242,6 @@ def test_an_unreachable_postgresql_stops_start_up_with_exit_2_and_no_password(
     assert "s3cret" not in server.output and "Traceback" not in server.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hypercorn's trio Lifespan.handle_lifespan sets its startup event in a finally, "
-    "so worker_serve binds and logs 'Running on' before the startup failure cancels it",
-)
 def test_a_store_that_cannot_open_never_says_running_on(server_process: Any) -> None:
     server = server_process(db=Path("/nonexistent/folder/x.db")).start()
     assert server.wait() == 2
@@ -288,12 +283,6 @@ def test_a_port_that_is_not_a_number_says_a_tcp_port_is_expected(server_process:
     assert "TCP port" in server.output, server.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hypercorn's run() terminate()s (SIGTERM, which kills a trio worker outright) "
-    "every worker still running as soon as one worker has exited, so a worker still "
-    "draining loses the events it answered 202, silently",
-)
 def test_sigterm_to_hypercorn_workers_commits_every_202(
     server_process: Any, hold_write_lock: Any, tmp_path: Path
 ) -> None:

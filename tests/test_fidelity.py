@@ -90,7 +90,7 @@ async def test_percentiles_of_keys_without_quantiles_are_refused(server: Server)
 
 
 async def test_distinct_counts_merge_by_union_not_by_sum(server: Server) -> None:
-    rng = random.Random()
+    rng = random.Random(20261125)  # fixed: a 3-sigma bound fails about 1 run in 100 otherwise
     users = [f"user-{rng.getrandbits(48)}" for _ in range(20_000)]
     events, per_hour = [], []
     for hour in range(3):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import multiprocessing
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -228,6 +230,11 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
             log.error("trioagg cannot start: %s", error)
             sys.exit(2)
         exit_unless_store_opens(settings)
+        if multiprocessing.parent_process() is not None:
+            # A hypercorn worker: its main process stops it through a shared event, and
+            # SIGTERMs the workers still running as soon as one has exited, which would
+            # kill this one in the middle of its drain. The drain has its own deadline.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _configure_logging(settings.log_level)
     app = TrioaggApp(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
