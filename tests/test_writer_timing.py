@@ -18,6 +18,7 @@ import trio.testing
 from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
 from trioagg.metrics import Metrics
 from trioagg.store import CommitResult
+from trioagg.store.base import SeriesCache
 from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers, watch_loop_stalls
 
 
@@ -186,3 +187,27 @@ async def test_bytes_in_flight_are_held_until_the_events_are_done(
     await writers.submit([event()] * 3, durable=False)
     assert not await writers.drain(5)
     assert writers.inflight.used == 0
+
+
+def test_the_series_cache_forgets_the_oldest_series_past_its_limit() -> None:
+    cache = SeriesCache(limit=3)
+    cache.remember([("k", f"t{n}", 0, 3600) for n in range(5)])
+    assert list(cache) == [("k", "t2"), ("k", "t3"), ("k", "t4")]
+    cache.remember([("k", "t2", 0, 7200)])  # known series are updated, not added
+    assert len(cache) == 3 and cache[("k", "t2")] == (0, 7200)
+
+
+async def test_every_waiter_gets_an_error_of_its_own(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    store = CuedStore()
+    writers, _ = await start_writers(store, nursery)
+    store.down = True
+    submissions = [await writers.submit([event()], durable=True) for _ in range(2)]
+    errors = []
+    for submission in submissions:
+        with pytest.raises(CommitFailed) as caught:
+            await submission.wait_committed()
+        errors.append(caught.value)
+    assert errors[0] is not errors[1]
+    writers.close()
