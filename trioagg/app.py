@@ -46,6 +46,7 @@ from .ingest import Limits, decode_body
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
+from .params import parse_wait
 from .query import Query, answer, parse_query, work
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
@@ -440,11 +441,12 @@ def _check_quantiles_kept(query: Query, service: Service) -> None:
 
 
 def _wait_param(text: str | None) -> bool:
-    if text is None or text.lower() in ("true", "1", "yes"):
+    if text is None:
         return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise RequestError(f"wait must be true or false, not {text!r}")
+    try:
+        return parse_wait(text)
+    except ValueError as error:
+        raise RequestError(f"wait {error}") from None
 
 
 def _add_error_handlers(app: TrioaggApp) -> None:

@@ -185,7 +185,7 @@ def _limit(text: str) -> int:
     return int(text)
 
 
-def _wait(text: str) -> bool:
+def parse_wait(text: str) -> bool:
     if text.lower() in ("true", "1", "yes"):
         return True
     if text.lower() in ("false", "0", "no"):
@@ -242,7 +242,7 @@ EVENTS: Final = (
         "false: answer 202 once queued, before the commit (may be lost on a crash).",
         {"type": "boolean", "default": True},
         False,
-        _wait,
+        parse_wait,
         default="true",
     ),
 )
