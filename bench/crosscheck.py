@@ -16,6 +16,7 @@ stopped, which the server may still commit).
 from __future__ import annotations
 
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from . import godesign, verify
-from .runner import Bench, Measurement
+from .loadgen import process_cpu, system_busy_cpu
+from .runner import OTHER_UTIL_LIMIT, Bench, Measurement
 from .scenarios import BATCH_CONNECTIONS, BATCH_EVENTS, KEYS, Row, ScenarioResult, Sizes
 from .server import Deployment, Server, ServerError, command
 
@@ -119,8 +121,8 @@ def _systems(bench: Bench) -> list[tuple[str, str, str, Deployment]]:
     hypercorn = replace(run, deploy="hypercorn", workers=2)
     serve = Deployment(deploy="serve", server_args=run.server_args, trioagg_src=run.trioagg_src)
     systems = [
-        ("wrk", "trioagg", f"trioagg, {hypercorn.describe()}", hypercorn),
-        ("wrk serve", "trioagg", f"trioagg, {serve.describe()}", serve),
+        ("wrk", "trioagg", "trioagg hypercorn -w 2", hypercorn),
+        ("wrk serve", "trioagg", "trioagg serve", serve),
     ]
     if bench.options.baselines and bench.go_binary() is not None:
         systems.append(("wrk", godesign.APP, "the seed's Go design", serve))
@@ -169,7 +171,9 @@ def _run_one(
         line = shlex.join(argv_wrk)
         bench.progress.note(f"wrk against {label}: {line}")
         bench.progress.set(f"wrk: {label}")
+        before = _cpu(server.pids)
         ran = subprocess.run(argv_wrk, capture_output=True, text=True, timeout=seconds + 120)
+        cpu = {name: round(after - before[name], 3) for name, after in _cpu(server.pids).items()}
         exit_code = server.stop()
     except BaseException:
         server.kill()
@@ -177,6 +181,12 @@ def _run_one(
     if ran.returncode != 0:
         raise ServerError(f"wrk exited with {ran.returncode}: {ran.stderr.strip()[-300:]}")
     figures = parse_wrk(ran.stdout)
+    cpu["other_s"] = round(max(0.0, cpu.pop("busy_s") - cpu["server_s"] - cpu["client_s"]), 3)
+    if cpu["other_s"] / max(figures["duration_s"], 0.1) >= OTHER_UTIL_LIMIT:
+        bench.warn(
+            f"BUSY MACHINE during wrk / {label}: other processes used "
+            f"{cpu['other_s'] / figures['duration_s']:.0%} of a core; its figures are pessimistic"
+        )
     stored, rows = verify.store_totals(db)
     acked = (figures["requests"] - figures["non_2xx"]) * BATCH_EVENTS
     drain = server.stopped_s
@@ -193,11 +203,11 @@ def _run_one(
     measurement = Measurement(
         label=f"wrk {label}",
         app=app,
-        phases={"wrk": {"command": line, "stdout": ran.stdout, **figures}},
+        phases={"wrk": {"command": line, "stdout": ran.stdout, "cpu": cpu, **figures}},
         server={
             "argv": argv,
             "env": env,
-            "deploy": label,
+            "deploy": deployment.describe() if app == "trioagg" else "one Go process",
             "stop_s": round(drain, 3),
             "exit_code": exit_code,
         },
@@ -213,7 +223,7 @@ def _run_one(
     row = Row(
         scenario="wrk",
         key=key,
-        what=f"wrk, {BATCH_EVENTS:,}-event JSON, {BATCH_CONNECTIONS} conns",
+        what=f"wrk, {label}",
         system=app,
         unit="events/s",
         rate=rate,
@@ -225,9 +235,24 @@ def _run_one(
             "p95": None,
             "p99": figures["latency_ms"].get("p99"),
         },
-        server_cpu_1k=None,
-        client_cpu_1k=None,
-        client_share=None,
-        note=f"{label}; committed incl. {drain:.2f} s drain",
+        server_cpu_1k=_per_1k(cpu["server_s"], figures["requests"]),
+        client_cpu_1k=_per_1k(cpu["client_s"], figures["requests"]),
+        client_share=round(cpu["client_s"] / cpu["server_s"], 3) if cpu["server_s"] else None,
+        note=f"committed incl. {drain:.2f} s drain",
     )
     return measurement, row, line
+
+
+def _cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far: the server's processes, this process's reaped children (wrk
+    once it has exited) and the whole machine."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "server_s": sum(process_cpu(pid) for pid in pids),
+        "client_s": children.ru_utime + children.ru_stime,
+        "busy_s": system_busy_cpu(),
+    }
+
+
+def _per_1k(seconds: float, requests: int) -> float | None:
+    return round(seconds / requests * 1000, 4) if requests else None

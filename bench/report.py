@@ -384,6 +384,22 @@ def _facts(results: Mapping[str, ScenarioResult]) -> list[str]:
             f"max read {_num(f.get('read_max_ms_mixed'))} ms, "
             f"max write {_num(f.get('write_max_ms_mixed'))} ms"
         )
+    if mixed and not mixed.error and "reads_alone_x_ceiling" in mixed.facts:
+        f = mixed.facts
+        out.append(
+            f"mixed: reads alone {f['reads_alone_x_ceiling']:.2f} x the ceiling's reads; reads "
+            f"during a batch load {f.get('reads_during_batch_x_ceiling', 0):.2f} x, "
+            f"read p99 during the batch load {_num(f.get('read_p99_ms_during_batch'))} ms"
+        )
+    for name in ("seed", "batch", "wrk"):
+        result = results.get(name)
+        ratios = result.facts.get("trioagg_over_go") if result and not result.error else None
+        if ratios:
+            listed = ", ".join(f"{key} {ratio:.2f} x" for key, ratio in ratios.items())
+            out.append(f"{name}: trioagg / Go design: {listed}")
+    wrk = results.get("wrk")
+    for entry in wrk.facts.get("commands", []) if wrk and not wrk.error else []:
+        out.append(f"wrk ({entry['system']}): {entry['command']}")
     over = results.get("overload")
     if over and not over.error and over.facts:
         f = over.facts

@@ -28,6 +28,9 @@ SCENARIOS = (
     "client",
     "wrk",
 )
+#: what ``--quick`` runs unless told otherwise: all but the wrk cross-check, whose three
+#: servers and the Go design's drain would take a third of the quick run's two minutes
+QUICK_SCENARIOS = tuple(name for name in SCENARIOS if name != "wrk")
 
 
 @dataclass(frozen=True)
@@ -529,7 +532,7 @@ def durable(bench: Bench, sizes: Sizes) -> ScenarioResult:
 def mixed(bench: Bench, sizes: Sizes) -> ScenarioResult:
     """Reads alone, writes alone, 80/20 read/write, then reads during a batch load.
 
-    On a filled store; the ceiling's reads are measured alone and under the same batch load."""
+    On a filled store; both read rates are compared with the ceiling's reads alone."""
     result = ScenarioResult("mixed")
     c = bench.options.connections
     read = ("read", 4.0, reads_request(bench))
@@ -574,54 +577,53 @@ def mixed(bench: Bench, sizes: Sizes) -> ScenarioResult:
     result.measurements.append(m)
     during = f"reads, {READS_BATCH_CONNECTIONS} conns of batches"
     batch_what = f"batch under reads ({READS_BATCH_CONNECTIONS} conns)"
-
-    def read_rows(source: Measurement) -> list[Row]:
-        return [
-            make_row("mixed", "reads alone", "reads alone", source, "reads alone", "r", "read"),
-            make_row("mixed", "reads batch", during, source, "reads+batch", "r", "read"),
-            make_row(
-                "mixed", "batch reads", batch_what, source, "reads+batch", "b", "batch", "events/s"
-            ),
-        ]
-
-    rows = [
+    result.rows += [
         make_row("mixed", "reads alone", "reads alone", m, "reads alone", "r", "read"),
         make_row("mixed", "reads mixed", "reads, 80/20 mix", m, "80/20", "rw", "read"),
         make_row("mixed", "writes alone", "writes alone", m, "writes alone", "w", "write"),
         make_row("mixed", "writes mixed", "writes, 80/20 mix", m, "80/20", "rw", "write"),
+        make_row("mixed", "reads batch", during, m, "reads+batch", "r", "read"),
+        make_row("mixed", "batch reads", batch_what, m, "reads+batch", "b", "batch", "events/s"),
     ]
-    result.rows += rows + read_rows(m)[1:]
-    for kind, alone, mix in (("read", rows[0], rows[1]), ("write", rows[2], rows[3])):
+    for kind, alone_key, mix_key in (
+        ("read", "reads alone", "reads mixed"),
+        ("write", "writes alone", "writes mixed"),
+    ):
+        alone, mix = result.row(alone_key, "trioagg"), result.row(mix_key, "trioagg")
+        assert alone is not None and mix is not None
         a99, m99 = alone.latency_ms.get("p99"), mix.latency_ms.get("p99")
         if a99 and m99:
             result.facts[f"{kind}_p99_mixed_over_alone"] = round(m99 / a99, 3)
         result.facts[f"{kind}_max_ms_mixed"] = mix.latency_ms.get("max")
     during_row = result.row("reads batch", "trioagg")
-    result.facts["read_p99_ms_during_batch"] = (
-        during_row.latency_ms.get("p99") if during_row else None
-    )
+    assert during_row is not None
+    result.facts["read_p99_ms_during_batch"] = during_row.latency_ms.get("p99")
     if bench.options.baselines:
-        ceiling = bench.measure("mixed", "ceiling", [reads_alone, reads_batch])
+        ceiling = bench.measure("mixed", "ceiling", [reads_alone])
         result.measurements.append(ceiling)
-        result.rows += read_rows(ceiling)
-        result.facts.update(read_ratios(result))
+        result.rows.append(
+            make_row("mixed", "reads alone", "reads alone", ceiling, "reads alone", "r", "read")
+        )
+        ratios = read_ratios(result)
+        result.facts.update(ratios)
+        if "reads_during_batch_x_ceiling" in ratios:
+            during_row.note = (
+                f"{ratios['reads_during_batch_x_ceiling']:.2f} x the ceiling's reads alone"
+            )
     return result
 
 
 def read_ratios(result: ScenarioResult) -> dict[str, float]:
-    """trioagg's reads over the ceiling's: alone, and while each takes the same batch
-    load (and over the ceiling alone, the stricter reading)."""
+    """trioagg's reads alone and during a batch load over the ceiling's reads alone."""
     ratios: dict[str, float] = {}
-    alone = result.row("reads alone", "ceiling")
-    for name, key, other in (
-        ("reads_alone_x_ceiling", "reads alone", alone),
-        ("reads_during_batch_x_ceiling_during_batch", "reads batch", None),
-        ("reads_during_batch_x_ceiling_alone", "reads batch", alone),
+    ceiling = result.row("reads alone", "ceiling")
+    for name, key in (
+        ("reads_alone_x_ceiling", "reads alone"),
+        ("reads_during_batch_x_ceiling", "reads batch"),
     ):
         ours = result.row(key, "trioagg")
-        theirs = other or result.row(key, "ceiling")
-        if ours and theirs and theirs.rate:
-            ratios[name] = round(ours.rate / theirs.rate, 3)
+        if ours and ceiling and ceiling.rate:
+            ratios[name] = round(ours.rate / ceiling.rate, 3)
     return ratios
 
 
@@ -1074,9 +1076,9 @@ def evaluate_targets(results: dict[str, ScenarioResult]) -> list[Target]:
     )
     targets.append(
         _ratio_target(
-            "reads during batch ingest >= 0.8 x ceiling",
+            "reads during batch ingest >= 0.8 x ceiling GET",
             _rate(results, "mixed", "reads batch", "trioagg"),
-            _rate(results, "mixed", "reads batch", "ceiling"),
+            _rate(results, "mixed", "reads alone", "ceiling"),
             0.8,
             "req/s",
         )
