@@ -436,7 +436,7 @@ def batch(bench: Bench, sizes: Sizes) -> ScenarioResult:
         )
 
     def json_row(m: Measurement, keys: int = KEYS, note: str = "") -> Row:
-        what = f"1,000-event JSON arrays, {keys:,} keys"
+        what = f"1,000-event JSON, {keys:,} keys"
         return make_row(
             "batch", batch_key(keys), what, m, "json", "json", "write", "events/s", note
         )
