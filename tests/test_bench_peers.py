@@ -9,6 +9,7 @@ warm Go build cache, about 35 s the first time on a machine).
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ import pytest
 
 from bench import cli, crosscheck, godesign, scenarios, verify
 from bench.report import table
-from bench.runner import Measurement
+from bench.runner import Bench, Measurement, Options, Progress
 from bench.scenarios import Row, ScenarioResult, evaluate_targets
 from bench.server import Deployment, Server, command, http_get
 
@@ -61,6 +62,19 @@ def test_build_without_the_packages_is_skipped_with_that_line(tmp_path: Path) ->
     assert "golang-github-mattn-go-sqlite3-dev" in missing
     assert str(raised.value) == godesign.skip_line(missing)
     assert not (tmp_path / "goseed").exists()
+
+
+def test_a_run_without_go_warns_once_and_measures_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(godesign, "missing_packages", lambda *args: ["golang-go"])
+    bench = Bench(Options(workdir=tmp_path), Progress())
+    assert scenarios.go_design(bench, "seed", []) is None
+    assert scenarios.go_design(bench, "batch", []) is None
+    line = godesign.skip_line(["golang-go"])
+    assert bench.warnings == [line]
+    assert capsys.readouterr().err.count(line) == 1
+    assert bench.measurements == []
 
 
 def test_committed_rate_counts_the_drain() -> None:
@@ -362,6 +376,7 @@ def test_go_design_takes_every_body_shape_and_commits_them_by_its_drain(
     finally:
         exit_code = server.stop()
     assert exit_code == 0
+    assert server.stopped_s > 0  # SIGTERM to exit: the drain the bench adds to its time
     assert status == 200
     # written before its read, yet maybe not committed yet: the design answers first
     buckets = json.loads(body)["results"][0]["buckets"]
@@ -375,3 +390,26 @@ def test_go_design_takes_every_body_shape_and_commits_them_by_its_drain(
     finally:
         conn.close()
     assert row == (2, 8.0, 3.0, 5.0)
+
+
+@pytest.mark.slow
+def test_wrk_against_the_go_design_counts_what_it_committed(
+    go_binary: Path, tmp_path: Path
+) -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip(crosscheck.SKIP_LINE)
+    bench = Bench(Options(workdir=tmp_path), Progress())
+    bench.cache["go binary"] = go_binary
+    measurement, row, line = crosscheck._run_one(
+        bench, "wrk", "go", "the seed's Go design", Deployment(deploy="serve"), 1.0
+    )
+    assert line.startswith("wrk -t 1 -c 16 -d 1s --timeout 30s --latency -s ")
+    assert measurement.verdict["ok"], measurement.verdict["problems"]
+    answered = measurement.phases["wrk"]["requests"] * 1_000
+    stored = measurement.store["events"] if measurement.store else 0
+    assert answered <= stored <= answered + 16_000
+    drain = measurement.server["stop_s"]
+    seconds = measurement.phases["wrk"]["duration_s"] + drain  # drain rounded to ms
+    assert row.rate == pytest.approx(stored / seconds, rel=1e-3)
+    assert bench.measurements == [measurement]
+    assert not list(tmp_path.glob("*.db"))
