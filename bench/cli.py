@@ -36,6 +36,7 @@ from .scenarios import (
     FULL,
     PG_MATRIX,
     QUICK,
+    QUICK_SCENARIOS,
     RUNNERS,
     SCENARIOS,
     ScenarioResult,
@@ -64,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     )
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (under 2 minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced sizes (under 2 minutes); leaves out the wrk cross-check unless named",
+    )
     parser.add_argument(
         "--scenario",
         action="append",
@@ -220,8 +225,9 @@ def export_ref(ref: str) -> Path:
     return target
 
 
-def parse_scenarios(values: Sequence[str]) -> tuple[str, ...]:
-    """Scenario names from ``--scenario`` values, in run order; empty or ``all`` = every one."""
+def parse_scenarios(values: Sequence[str], default: Sequence[str] = SCENARIOS) -> tuple[str, ...]:
+    """Scenario names from ``--scenario`` values, in run order; ``all`` = every one, none
+    given = ``default``."""
     names: list[str] = []
     for value in values:
         for name in value.split(","):
@@ -234,7 +240,7 @@ def parse_scenarios(values: Sequence[str]) -> tuple[str, ...]:
                 raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIOS)})")
             else:
                 names.append(name)
-    chosen = set(names) or set(SCENARIOS)
+    chosen = set(names) or set(default)
     return tuple(name for name in SCENARIOS if name in chosen)
 
 
@@ -268,7 +274,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
     try:
         if args.store == "postgres" and not args.scenario:
             args.scenario = list(PG_MATRIX)
-        scenarios = parse_scenarios(args.scenario)
+        scenarios = parse_scenarios(args.scenario, QUICK_SCENARIOS if args.quick else SCENARIOS)
         postgres = args.store == "postgres"
         for flag, value in (
             ("--pg-dsn", args.pg_dsn),

@@ -20,7 +20,7 @@ from .scenarios import Row, ScenarioResult, Target, parse_cell_key
 
 _ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trioagg", "trio", "hypercorn", "quart", "quart-trio", "msgspec", "h11", "werkzeug")
-SYSTEMS = ("trioagg", "ceiling", "naive")
+SYSTEMS = ("trioagg", "ceiling", "naive", "go")
 
 
 # ---------------------------------------------------------------------- machine info
@@ -191,7 +191,7 @@ def table(
     lines = [header, ""]
     columns = (
         f"{'scenario':<9} {'measurement':<30} {'system':<8} {'rate':>9} {'unit':<8} "
-        f"{'time':>6} {'p50':>7} {'p95':>7} {'p99':>7} {'xceil':>6} {'xnaive':>6} "
+        f"{'time':>6} {'p50':>7} {'p95':>7} {'p99':>7} {'xceil':>6} {'xnaive':>6} {'xgo':>6} "
         f"{'CPU ms/req':>14} {'loop stall max (ms)':>19}  note"
     )
     lines.append(columns)
@@ -222,18 +222,22 @@ def table(
                     )
             x_ceiling = _ratio(row, result.rows, "ceiling") if row.system == "trioagg" else ""
             x_naive = _ratio(row, result.rows, "naive") if row.system == "trioagg" else ""
+            x_go = _ratio(row, result.rows, "go") if row.system == "trioagg" else ""
             lines.append(
                 f"{name if first else '':<9} {what[:30]:<30} {row.system:<8} "
                 f"{_num(row.rate):>9} {row.unit:<8} {row.elapsed_s:>5.1f}s "
                 f"{_num(lat.get('p50')):>7} {_num(lat.get('p95')):>7} {_num(lat.get('p99')):>7} "
-                f"{x_ceiling:>6} {x_naive:>6} {cpu:>14} {_stall(row):>19}  {row.note}"
+                f"{x_ceiling:>6} {x_naive:>6} {x_go:>6} {cpu:>14} {_stall(row):>19}  {row.note}"
             )
             first = False
     lines.append("latency in ms of acknowledged requests; CPU ms/req = server/client CPU seconds")
     lines.append("per 1,000 requests of the phase (server+PostgreSQL/client on --store postgres);")
-    lines.append("xceil, xnaive = trioagg rate / baseline rate; loop stall max = upper bound of")
-    lines.append("the longest event-loop stall of trioagg in the phase (heartbeat histogram, or")
-    lines.append("the workers' longest-stall gauges if lower); N >10ms = heartbeats > 10 ms late")
+    lines.append("xceil, xnaive, xgo = trioagg rate / baseline rate (go = the seed's Go design;")
+    lines.append("its batch events/s are committed events/s, drain included); loop stall max =")
+    lines.append("upper bound of the longest event-loop stall of trioagg in the phase (heartbeat")
+    lines.append("histogram, or the workers' longest-stall gauges if lower); N >10ms = heartbeats")
+    lines.append("> 10 ms late. Absolute figures drift up to 2x between days on shared machines:")
+    lines.append("compare ratios from one run only.")
     scaling = pg_scaling(results)
     if scaling:
         lines += ["", *scaling]
@@ -380,6 +384,22 @@ def _facts(results: Mapping[str, ScenarioResult]) -> list[str]:
             f"max read {_num(f.get('read_max_ms_mixed'))} ms, "
             f"max write {_num(f.get('write_max_ms_mixed'))} ms"
         )
+    if mixed and not mixed.error and "reads_alone_x_ceiling" in mixed.facts:
+        f = mixed.facts
+        out.append(
+            f"mixed: reads alone {f['reads_alone_x_ceiling']:.2f} x the ceiling's reads; reads "
+            f"during a batch load {f.get('reads_during_batch_x_ceiling', 0):.2f} x, "
+            f"read p99 during the batch load {_num(f.get('read_p99_ms_during_batch'))} ms"
+        )
+    for name in ("seed", "batch", "wrk"):
+        result = results.get(name)
+        ratios = result.facts.get("trioagg_over_go") if result and not result.error else None
+        if ratios:
+            listed = ", ".join(f"{key} {ratio:.2f} x" for key, ratio in ratios.items())
+            out.append(f"{name}: trioagg / Go design: {listed}")
+    wrk = results.get("wrk")
+    for entry in wrk.facts.get("commands", []) if wrk and not wrk.error else []:
+        out.append(f"wrk ({entry['system']}): {entry['command']}")
     over = results.get("overload")
     if over and not over.error and over.facts:
         f = over.facts
@@ -520,8 +540,8 @@ def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None
                 groups.append((label, {row.system: row}))
     if not groups:
         return
-    colours = {"trioagg": "#1f77b4", "ceiling": "#9e9e9e", "naive": "#d62728"}
-    width = 0.27
+    colours = {"trioagg": "#1f77b4", "ceiling": "#9e9e9e", "naive": "#d62728", "go": "#2ca02c"}
+    width = 0.8 / len(SYSTEMS)
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(max(10, len(groups) * 0.95), 9), sharex=True
     )
@@ -531,7 +551,7 @@ def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None
             row = systems.get(system)
             if row is None:
                 continue
-            xs.append(index + (offset - 1) * width)
+            xs.append(index + (offset - (len(SYSTEMS) - 1) / 2) * width)
             rates.append(max(row.rate, 0.1))
             p99s.append(max(row.latency_ms.get("p99") or 0.01, 0.01))
         if xs:
@@ -541,13 +561,13 @@ def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None
         ours = systems.get("trioagg")
         ratios = [
             f"{ours.rate / other.rate:.2f}x {name.replace('ceiling', 'ceil')}"
-            for name in ("ceiling", "naive")
+            for name in ("ceiling", "naive", "go")
             if ours and (other := systems.get(name)) and other.rate
         ]
         if ours and ratios:
             top.annotate(
                 "\n".join(ratios),
-                (index - width, max(ours.rate, 0.1)),
+                (index - (len(SYSTEMS) - 1) / 2 * width, max(ours.rate, 0.1)),
                 ha="center",
                 va="bottom",
                 fontsize=7,

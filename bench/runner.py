@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import pgstore, stalls, verify
+from . import godesign, pgstore, stalls, verify
 from .server import Deployment, Server, command, http_get
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +155,18 @@ class Bench:
         if options.store == "postgres":
             self.postmaster_pid = pgstore.postmaster_pid(options.pg_dsn)
 
+    def go_binary(self) -> Path | None:
+        """The Go design built for this run (once), or None with its skip line printed."""
+        if "go binary" not in self.cache:
+            self.progress.set("building the Go design (bench/goseed)")
+            try:
+                self.cache["go binary"] = godesign.build(self.workdir)
+            except godesign.GoUnavailable as error:
+                self.cache["go binary"] = None
+                self.warn(str(error))
+        binary: Path | None = self.cache["go binary"]
+        return binary
+
     def warn(self, text: str) -> None:
         if text not in self.warnings:
             self.warnings.append(text)
@@ -224,7 +236,8 @@ class Bench:
         allowed_statuses: frozenset[int],
         deployment: Deployment,
     ) -> Measurement:
-        argv, env = command(app, deployment, target, list(server_flags))
+        go_binary = self.go_binary() if app == godesign.APP else None
+        argv, env = command(app, deployment, target, list(server_flags), go_binary)
         prom_dir = self.workdir / f"{stem}.prom"
         if app == "trioagg":
             # an empty folder of its own: the stall histogram summed over workers
@@ -305,12 +318,13 @@ class Bench:
             server={
                 "argv": [_redacted(arg) for arg in argv],
                 "env": {name: _redacted(value) for name, value in env.items()},
-                "deploy": deployment.describe(),
-                "workers": deployment.workers,
+                "deploy": "one Go process" if app == godesign.APP else deployment.describe(),
+                "workers": 1 if app == godesign.APP else deployment.workers,
                 "store": "postgres" if schema else ("none" if app == "ceiling" else "sqlite"),
                 "schema": schema,
                 "pids": len(server.pids),
                 "start_s": round(server.started_s, 3),
+                "stop_s": round(server.stopped_s, 3),
                 "peak_rss_bytes": rss,
                 "loop_stalls": loop_stalls,
                 "exit_code": exit_code,

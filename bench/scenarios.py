@@ -13,11 +13,24 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from . import stalls
+from . import godesign, stalls
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
 from .server import Deployment
 
-SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling", "sketches", "client")
+SCENARIOS = (
+    "seed",
+    "batch",
+    "durable",
+    "mixed",
+    "overload",
+    "scaling",
+    "sketches",
+    "client",
+    "wrk",
+)
+#: what ``--quick`` runs unless told otherwise: all but the wrk cross-check, whose three
+#: servers and the Go design's drain would take a third of the quick run's two minutes
+QUICK_SCENARIOS = tuple(name for name in SCENARIOS if name != "wrk")
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,10 @@ class Sizes:
     scaling_s: float = 4.0
     scaling_keys: tuple[int, ...] = (10, 1_000, 100_000)
     scaling_batches: tuple[int, ...] = (1, 10, 100)
+    #: key counts of the batch scenario (1,000 = the issue's shape, with NDJSON too)
+    batch_keys: tuple[int, ...] = (10, 1_000, 100_000)
+    #: the wrk cross-check: seconds of wrk per server
+    wrk_s: float = 8.0
     # --store postgres: every cell of the workers x writers matrix
     pg_batch_s: float = 6.0
     pg_seed_writes: int = 30_000
@@ -78,6 +95,8 @@ QUICK = Sizes(
     scaling_s=2.0,
     scaling_keys=(10, 1_000, 100_000),
     scaling_batches=(10,),
+    batch_keys=(1_000,),
+    wrk_s=3.0,
     pg_batch_s=2.5,
     pg_seed_writes=5_000,
     pg_seed_s=2.5,
@@ -92,6 +111,9 @@ DAY = 86_400
 BATCH_EVENTS = 1_000
 BATCH_CONNECTIONS = 16
 NAIVE_BATCH_CONNECTIONS = 4
+#: the batch load under which reads are measured (mixed scenario): a steady stream,
+#: not a saturating one
+READS_BATCH_CONNECTIONS = 4
 OVERLOAD_CONNECTIONS = 256
 OVERLOAD_FLAGS = ("--queue-size", "4", "--enqueue-timeout", "100ms")
 
@@ -309,6 +331,35 @@ def naive_single(bench: Bench, sizes: Sizes) -> Measurement:
     return _baseline(bench, "naive single", make)
 
 
+def go_design(bench: Bench, label: str, phases: list[dict[str, Any]]) -> Measurement | None:
+    """The Go design under ``phases`` (a fresh store), or None when baselines are off or
+    it cannot be built here (the skip line is printed once per run)."""
+    if not bench.options.baselines or bench.go_binary() is None:
+        return None
+    return bench.measure(label, godesign.APP, phases)
+
+
+def committed_row(row: Row, m: Measurement) -> Row:
+    """A Go design row in committed events/s: its last phase's acknowledged events over
+    the phase plus the drain after SIGTERM (it answers before it commits)."""
+    drain = float(m.server.get("stop_s") or 0.0)
+    return replace(
+        row,
+        rate=godesign.committed_rate(row.events, row.elapsed_s, drain),
+        note=f"committed, incl. {drain:.2f} s drain; answered {row.rate:,.0f}/s before commit",
+    )
+
+
+def go_ratios(result: ScenarioResult) -> dict[str, float]:
+    """trioagg rate / Go design rate for every row key both measured."""
+    ratios = {}
+    for row in result.rows:
+        go = result.row(row.key, godesign.APP)
+        if row.system == "trioagg" and go is not None and go.rate:
+            ratios[row.key] = round(row.rate / go.rate, 3)
+    return ratios
+
+
 # ---------------------------------------------------------------------- scenarios
 
 
@@ -341,76 +392,102 @@ def seed(bench: Bench, sizes: Sizes) -> ScenarioResult:
         result.rows.append(make_row("seed", "writes", writes, ceiling, "writes", "w", "write"))
         result.rows.append(make_row("seed", "writes", writes, naive, "writes", "w", "write"))
         result.rows.append(make_row("seed", "reads", reads, ceiling, "reads", "r", "read"))
+    go = go_design(
+        bench,
+        "seed",
+        [writes_phase(bench, sizes.seed_writes), reads_phase(bench, sizes.seed_reads)],
+    )
+    if go is not None:
+        result.measurements.append(go)
+        note = "202 before commit"
+        result.rows.append(
+            make_row("seed", "writes", writes, go, "writes", "w", "write", note=note)
+        )
+        result.rows.append(make_row("seed", "reads", reads, go, "reads", "r", "read"))
+        result.facts["trioagg_over_go"] = go_ratios(result)
     return result
 
 
+def batch_key(keys: int) -> str:
+    """Row key of the batch scenario's JSON measurement over ``keys`` keys."""
+    return "json" if keys == KEYS else f"json keys={keys}"
+
+
 def batch(bench: Bench, sizes: Sizes) -> ScenarioResult:
-    """Sustained ingest of 1,000-event requests: JSON arrays and NDJSON, durable."""
+    """1,000-event requests, durable: JSON arrays and NDJSON; 10, 1 K, 100 K keys; Go design.
+
+    The Go design's events/s are committed events/s (its drain after SIGTERM included)."""
     result = ScenarioResult("batch")
 
-    def phases(json_s: float, ndjson_s: float | None, conns: int) -> list[dict[str, Any]]:
-        out = [
-            phase(
-                "json",
-                stream(
-                    "json",
-                    [("write", 1, events_request(bench, events=BATCH_EVENTS))],
-                    connections=conns,
-                    duration=json_s,
-                    pool=64,
-                ),
-            )
-        ]
-        if ndjson_s is not None:
-            out.append(
-                phase(
-                    "ndjson",
-                    stream(
-                        "ndjson",
-                        [("write", 1, events_request(bench, events=BATCH_EVENTS, fmt="ndjson"))],
-                        connections=conns,
-                        duration=ndjson_s,
-                        pool=64,
-                    ),
-                )
-            )
-        return out
+    def json_phase(seconds: float, conns: int, keys: int = KEYS) -> dict[str, Any]:
+        # enough distinct requests that repeats do not hide new keys
+        pool = max(64, min(256, keys // BATCH_EVENTS))
+        request = events_request(bench, events=BATCH_EVENTS, keys=keys)
+        return phase(
+            "json",
+            stream("json", [("write", 1, request)], connections=conns, duration=seconds, pool=pool),
+        )
 
-    m = bench.measure("batch", "trioagg", phases(sizes.batch_s, sizes.ndjson_s, BATCH_CONNECTIONS))
+    def ndjson_phase(seconds: float, conns: int) -> dict[str, Any]:
+        request = events_request(bench, events=BATCH_EVENTS, fmt="ndjson")
+        return phase(
+            "ndjson",
+            stream("ndjson", [("write", 1, request)], connections=conns, duration=seconds, pool=64),
+        )
+
+    def json_row(m: Measurement, keys: int = KEYS, note: str = "") -> Row:
+        what = f"1,000-event JSON, {keys:,} keys"
+        return make_row(
+            "batch", batch_key(keys), what, m, "json", "json", "write", "events/s", note
+        )
+
+    m = bench.measure(
+        "batch",
+        "trioagg",
+        [
+            json_phase(sizes.batch_s, BATCH_CONNECTIONS),
+            ndjson_phase(sizes.ndjson_s, BATCH_CONNECTIONS),
+        ],
+    )
     result.measurements.append(m)
-    json_what = "1,000-event JSON arrays"
     nd_what = "1,000-event NDJSON"
-    result.rows.append(make_row("batch", "json", json_what, m, "json", "json", "write", "events/s"))
+    result.rows.append(json_row(m))
     result.rows.append(
         make_row("batch", "ndjson", nd_what, m, "ndjson", "ndjson", "write", "events/s")
     )
     result.facts["rows"] = m.store["rows"] if m.store else None
     if bench.options.baselines:
+        half = sizes.baseline_s / 2
         ceiling = bench.measure(
             "batch",
             "ceiling",
-            phases(sizes.baseline_s / 2, sizes.baseline_s / 2, BATCH_CONNECTIONS),
+            [json_phase(half, BATCH_CONNECTIONS), ndjson_phase(half, BATCH_CONNECTIONS)],
         )
         naive = bench.measure(
-            "batch", "naive", phases(sizes.naive_s / 2, None, NAIVE_BATCH_CONNECTIONS)
+            "batch", "naive", [json_phase(sizes.naive_s / 2, NAIVE_BATCH_CONNECTIONS)]
         )
         result.measurements += [ceiling, naive]
-        for row in (
-            make_row("batch", "json", json_what, ceiling, "json", "json", "write", "events/s"),
-            make_row("batch", "ndjson", nd_what, ceiling, "ndjson", "ndjson", "write", "events/s"),
-            make_row(
-                "batch",
-                "json",
-                json_what,
-                naive,
-                "json",
-                "json",
-                "write",
-                "events/s",
-                note=f"{NAIVE_BATCH_CONNECTIONS} connections",
-            ),
-        ):
-            result.rows.append(row)
+        result.rows.append(json_row(ceiling))
+        result.rows.append(
+            make_row("batch", "ndjson", nd_what, ceiling, "ndjson", "ndjson", "write", "events/s")
+        )
+        result.rows.append(json_row(naive, note=f"{NAIVE_BATCH_CONNECTIONS} connections"))
+    for keys in sizes.batch_keys:
+        seconds = sizes.batch_s if keys == KEYS else sizes.scaling_s
+        if keys != KEYS:
+            variant = bench.measure(
+                f"batch {keys} keys", "trioagg", [json_phase(seconds, BATCH_CONNECTIONS, keys)]
+            )
+            result.measurements.append(variant)
+            rows = variant.store["rows"] if variant.store else 0
+            result.rows.append(json_row(variant, keys, note=f"{rows:,} rows"))
+        go = go_design(bench, f"batch {keys} keys", [json_phase(seconds, BATCH_CONNECTIONS, keys)])
+        if go is not None:
+            result.measurements.append(go)
+            result.rows.append(committed_row(json_row(go, keys), go))
+    ratios = go_ratios(result)
+    if ratios:
+        result.facts["trioagg_over_go"] = ratios
     return result
 
 
@@ -453,11 +530,27 @@ def durable(bench: Bench, sizes: Sizes) -> ScenarioResult:
 
 
 def mixed(bench: Bench, sizes: Sizes) -> ScenarioResult:
-    """Reads alone, writes alone, then 80 % reads / 20 % writes at once, on a filled store."""
+    """Reads alone, writes alone, 80/20 read/write, then reads during a batch load.
+
+    On a filled store; both read rates are compared with the ceiling's reads alone."""
     result = ScenarioResult("mixed")
     c = bench.options.connections
     read = ("read", 4.0, reads_request(bench))
     write = ("write", 1.0, events_request(bench))
+    batch_write = ("batch", 1.0, events_request(bench, events=BATCH_EVENTS))
+    reads_alone = phase("reads alone", stream("r", [read], connections=c, duration=sizes.mixed_s))
+    # reads on their connections while 1,000-event arrays stream in on a few others
+    reads_batch = phase(
+        "reads+batch",
+        stream("r", [read], connections=c, duration=sizes.mixed_s),
+        stream(
+            "b",
+            [batch_write],
+            connections=READS_BATCH_CONNECTIONS,
+            duration=sizes.mixed_s,
+            pool=64,
+        ),
+    )
     m = bench.measure(
         "mixed",
         "trioagg",
@@ -472,28 +565,66 @@ def mixed(bench: Bench, sizes: Sizes) -> ScenarioResult:
                     pool=30,
                 ),
             ),
-            phase("reads alone", stream("r", [read], connections=c, duration=sizes.mixed_s)),
+            reads_alone,
             phase("writes alone", stream("w", [write], connections=c, duration=sizes.mixed_s)),
             phase(
                 "80/20",
                 stream("rw", [read, write], connections=c, duration=sizes.mixed_s, pool=5_000),
             ),
+            reads_batch,
         ],
     )
     result.measurements.append(m)
-    rows = [
+    during = f"reads, {READS_BATCH_CONNECTIONS} conns of batches"
+    batch_what = f"batch under reads ({READS_BATCH_CONNECTIONS} conns)"
+    result.rows += [
         make_row("mixed", "reads alone", "reads alone", m, "reads alone", "r", "read"),
         make_row("mixed", "reads mixed", "reads, 80/20 mix", m, "80/20", "rw", "read"),
         make_row("mixed", "writes alone", "writes alone", m, "writes alone", "w", "write"),
         make_row("mixed", "writes mixed", "writes, 80/20 mix", m, "80/20", "rw", "write"),
+        make_row("mixed", "reads batch", during, m, "reads+batch", "r", "read"),
+        make_row("mixed", "batch reads", batch_what, m, "reads+batch", "b", "batch", "events/s"),
     ]
-    result.rows += rows
-    for kind, alone, mix in (("read", rows[0], rows[1]), ("write", rows[2], rows[3])):
+    for kind, alone_key, mix_key in (
+        ("read", "reads alone", "reads mixed"),
+        ("write", "writes alone", "writes mixed"),
+    ):
+        alone, mix = result.row(alone_key, "trioagg"), result.row(mix_key, "trioagg")
+        assert alone is not None and mix is not None
         a99, m99 = alone.latency_ms.get("p99"), mix.latency_ms.get("p99")
         if a99 and m99:
             result.facts[f"{kind}_p99_mixed_over_alone"] = round(m99 / a99, 3)
         result.facts[f"{kind}_max_ms_mixed"] = mix.latency_ms.get("max")
+    during_row = result.row("reads batch", "trioagg")
+    assert during_row is not None
+    result.facts["read_p99_ms_during_batch"] = during_row.latency_ms.get("p99")
+    if bench.options.baselines:
+        ceiling = bench.measure("mixed", "ceiling", [reads_alone])
+        result.measurements.append(ceiling)
+        result.rows.append(
+            make_row("mixed", "reads alone", "reads alone", ceiling, "reads alone", "r", "read")
+        )
+        ratios = read_ratios(result)
+        result.facts.update(ratios)
+        if "reads_during_batch_x_ceiling" in ratios:
+            during_row.note = (
+                f"{ratios['reads_during_batch_x_ceiling']:.2f} x the ceiling's reads alone"
+            )
     return result
+
+
+def read_ratios(result: ScenarioResult) -> dict[str, float]:
+    """trioagg's reads alone and during a batch load over the ceiling's reads alone."""
+    ratios: dict[str, float] = {}
+    ceiling = result.row("reads alone", "ceiling")
+    for name, key in (
+        ("reads_alone_x_ceiling", "reads alone"),
+        ("reads_during_batch_x_ceiling", "reads batch"),
+    ):
+        ours = result.row(key, "trioagg")
+        if ours and ceiling and ceiling.rate:
+            ratios[name] = round(ours.rate / ceiling.rate, 3)
+    return ratios
 
 
 def overload(bench: Bench, sizes: Sizes) -> ScenarioResult:
@@ -820,6 +951,15 @@ def client(bench: Bench, sizes: Sizes) -> ScenarioResult:
     return client_scenario(bench, sizes)
 
 
+def wrk(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """wrk cross-check: 1,000-event arrays, 16 conns; trioagg -w 2, serve, Go; committed/s.
+
+    Committed events/s include the drain after SIGTERM (``bench.crosscheck``)."""
+    from .crosscheck import wrk_scenario
+
+    return wrk_scenario(bench, sizes)
+
+
 PG_RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "seed": pg_seed,
     "batch": pg_batch,
@@ -842,6 +982,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "scaling": scaling,
     "sketches": sketches,
     "client": client,
+    "wrk": wrk,
 }
 
 
@@ -917,9 +1058,27 @@ def evaluate_targets(results: dict[str, ScenarioResult]) -> list[Target]:
         )
     targets.append(
         _ratio_target(
-            "reads >= 0.8 x ceiling GET",
+            "batch durable >= 2 x Go design (committed)",
+            batch_rate,
+            _rate(results, "batch", "json", godesign.APP),
+            2.0,
+            "events/s",
+        )
+    )
+    targets.append(
+        _ratio_target(
+            "reads >= 1.0 x ceiling GET",
             _rate(results, "seed", "reads", "trioagg"),
             _rate(results, "seed", "reads", "ceiling"),
+            1.0,
+            "req/s",
+        )
+    )
+    targets.append(
+        _ratio_target(
+            "reads during batch ingest >= 0.8 x ceiling GET",
+            _rate(results, "mixed", "reads batch", "trioagg"),
+            _rate(results, "mixed", "reads alone", "ceiling"),
             0.8,
             "req/s",
         )

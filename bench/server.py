@@ -25,9 +25,10 @@ from pathlib import Path
 
 import psutil
 
+from . import godesign
 from .loadgen import parse_head
 
-APPS = ("trioagg", "ceiling", "naive")
+APPS = ("trioagg", "ceiling", "naive", godesign.APP)
 DEPLOYS = ("serve", "hypercorn")
 #: What ``just bench`` measures unless told otherwise: the documented default
 #: deployment (docs/hypercorn-trio.md), one trio worker per core of a 2-core machine.
@@ -118,17 +119,27 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
 
 
 def command(
-    app: str, deployment: Deployment, db: Path | str | None, extra_args: Sequence[str] = ()
+    app: str,
+    deployment: Deployment,
+    db: Path | str | None,
+    extra_args: Sequence[str] = (),
+    go_binary: Path | str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and extra environment that start ``app``. ``db`` is a SQLite path or
     a ``postgresql://`` DSN (trioagg only). ``extra_args`` are the scenario's own
-    ``trioagg serve`` flags; the user's ``--server-arg`` come after them and so win."""
+    ``trioagg serve`` flags; the user's ``--server-arg`` come after them and so win.
+    The Go design (``go_binary``, built by ``bench.godesign``) is one process whatever
+    the deployment, and like the naive app follows ``--sync`` only."""
     if app not in APPS:
         raise ValueError(f"unknown app {app!r}")
     python = sys.executable
     flags = [*extra_args, *deployment.server_args]
     env: dict[str, str] = {}
     sync = flag_value(flags, "--sync") or "full"
+    if app == godesign.APP:
+        if go_binary is None:
+            raise ValueError("the Go design needs its built binary")
+        return godesign.command(go_binary, str(db), sync), env
     if deployment.deploy == "serve":
         if app == "trioagg":
             argv = [python, "-m", "trioagg", "serve", "--db", str(db)]
@@ -166,6 +177,8 @@ class Server:
     port: int = 0
     pids: list[int] = field(default_factory=list)
     started_s: float = 0.0
+    #: seconds from SIGTERM to exit: the drain of whatever was still queued
+    stopped_s: float = 0.0
     exit_code: int | None = None
     trioagg_src: str | None = None
 
@@ -223,9 +236,11 @@ class Server:
         """SIGTERM, wait, and return the exit code (graceful shutdown must give 0)."""
         assert self.process is not None
         if self.process.poll() is None:
+            begun = time.perf_counter()
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
+                self.stopped_s = time.perf_counter() - begun
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise ServerError(
