@@ -14,7 +14,7 @@ import pathlib
 import sqlite3
 
 from ..errors import ConfigError
-from .sql import SQLBackend, check_meta
+from .sql import KEYS_TABLE, SQLBackend, check_meta
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -49,6 +49,7 @@ _SCHEMA = [
         seen REAL NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS event_ids_by_seen ON event_ids (seen)",
+    KEYS_TABLE,
 ]
 
 # Short on purpose: waiting on a lock happens in Store.write's backoff loop,
