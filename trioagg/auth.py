@@ -208,9 +208,10 @@ class Authenticator:
     short-lived, bounded cache (see the module docstring). Times of the cache are
     ``trio.current_time()``, so tests drive them with ``trio.testing.MockClock``."""
 
-    def __init__(self, mode: str, store: Store) -> None:
+    def __init__(self, mode: str, store: Store, *, cache_size: int = CACHE_SIZE) -> None:
         self.mode = mode
         self.store = store
+        self.cache_size = cache_size
         self._cache: collections.OrderedDict[str, tuple[float, ApiKey | None]] = (
             collections.OrderedDict()
         )
@@ -267,7 +268,7 @@ class Authenticator:
         key = None if row is None else ApiKey.from_row(row)
         self._cache[digest] = (trio.current_time(), key)
         self._cache.move_to_end(digest)
-        while len(self._cache) > CACHE_SIZE:
+        while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return key
 
@@ -276,15 +277,19 @@ class Authenticator:
         A failure is logged and retried next time (usage times are informative)."""
         while True:
             await trio.sleep(interval)
-            used, self._used = self._used, {}
-            if not used:
-                continue
-            try:
-                await self.store.touch_api_keys([(when, d) for d, when in used.items()])
-            except Exception as error:
-                log.warning("could not record when API keys were last used: %s", error)
-                for digest, when in used.items():
-                    self._used.setdefault(digest, when)
+            await self.flush_uses()
+
+    async def flush_uses(self) -> None:
+        """Write the last uses recorded since the previous flush."""
+        used, self._used = self._used, {}
+        if not used:
+            return
+        try:
+            await self.store.touch_api_keys([(when, d) for d, when in used.items()])
+        except Exception as error:
+            log.warning("could not record when API keys were last used: %s", error)
+            for digest, when in used.items():
+                self._used.setdefault(digest, when)
 
 
 def current_key() -> ApiKey | None:
