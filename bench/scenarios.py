@@ -13,11 +13,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from trioagg.auth import new_secret
+
 from . import stalls
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
 from .server import Deployment
 
-SCENARIOS = ("seed", "batch", "durable", "mixed", "overload", "scaling", "sketches", "client")
+SCENARIOS = (
+    "seed",
+    "batch",
+    "durable",
+    "mixed",
+    "overload",
+    "scaling",
+    "sketches",
+    "client",
+    "auth",
+)
 
 
 @dataclass(frozen=True)
@@ -147,10 +159,18 @@ class ScenarioResult:
 
 
 def events_request(
-    bench: Bench, *, events: int = 1, keys: int = KEYS, fmt: str = "json", wait: bool = True
+    bench: Bench,
+    *,
+    events: int = 1,
+    keys: int = KEYS,
+    fmt: str = "json",
+    wait: bool = True,
+    bearer: str | None = None,
 ) -> dict[str, Any]:
-    """Events over ``keys`` keys with timestamps spread over one whole past day."""
+    """Events over ``keys`` keys with timestamps spread over one whole past day, sent
+    with ``Authorization: Bearer <bearer>`` when given."""
     return {
+        "bearer": bearer,
         "kind": "events",
         "events": events,
         "array": events > 1,
@@ -203,6 +223,7 @@ def writes_phase(
     duration: float | None = None,
     pool: int | None = None,
     wait: bool = True,
+    bearer: str | None = None,
 ) -> dict[str, Any]:
     """Single-event writes over 1,000 keys and 24 h (the seed design's load);
     ``pool`` distinct requests, by default one per request."""
@@ -210,7 +231,7 @@ def writes_phase(
         "writes",
         stream(
             "w",
-            [("write", 1, events_request(bench, wait=wait))],
+            [("write", 1, events_request(bench, wait=wait, bearer=bearer))],
             connections=bench.options.connections,
             requests=requests,
             duration=duration,
@@ -820,6 +841,44 @@ def client(bench: Bench, sizes: Sizes) -> ScenarioResult:
     return client_scenario(bench, sizes)
 
 
+def auth(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """The seed's single-event writes, then 1,000-event JSON arrays, with ``--auth off``
+    and with ``--auth on`` (every request carrying a key), each on a fresh store: what
+    checking keys costs (the issue's goal: at most 3 % of throughput)."""
+    result = ScenarioResult("auth")
+    for mode in ("off", "on"):
+        secret = new_secret() if mode == "on" else None
+        batches = stream(
+            "b",
+            [("write", 1, events_request(bench, events=BATCH_EVENTS, bearer=secret))],
+            connections=BATCH_CONNECTIONS,
+            duration=sizes.batch_s,
+            pool=64,
+        )
+        m = bench.measure(
+            f"auth {mode}",
+            "trioagg",
+            [
+                writes_phase(bench, sizes.seed_writes, bearer=secret),
+                phase("batch", batches),
+            ],
+            server_flags=["--auth", mode],
+            api_key=secret,
+        )
+        result.measurements.append(m)
+        writes = f"auth {mode}: {sizes.seed_writes:,} single writes"
+        result.rows.append(make_row("auth", f"single {mode}", writes, m, "writes", "w", "write"))
+        arrays = f"auth {mode}: 1,000-event arrays"
+        result.rows.append(
+            make_row("auth", f"batch {mode}", arrays, m, "batch", "b", "write", "events/s")
+        )
+    for kind in ("single", "batch"):
+        off = _rate({"auth": result}, "auth", f"{kind} off", "trioagg")
+        on = _rate({"auth": result}, "auth", f"{kind} on", "trioagg")
+        result.facts[f"{kind}_on_over_off"] = round(on / off, 4) if on and off else None
+    return result
+
+
 PG_RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "seed": pg_seed,
     "batch": pg_batch,
@@ -842,6 +901,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "scaling": scaling,
     "sketches": sketches,
     "client": client,
+    "auth": auth,
 }
 
 
@@ -925,6 +985,16 @@ def evaluate_targets(results: dict[str, ScenarioResult]) -> list[Target]:
         )
     )
     targets += client_targets(results)
+    for kind in ("single", "batch"):
+        targets.append(
+            _ratio_target(
+                f"auth on >= 0.97 x auth off ({kind})",
+                _rate(results, "auth", f"{kind} on", "trioagg"),
+                _rate(results, "auth", f"{kind} off", "trioagg"),
+                0.97,
+                "req/s" if kind == "single" else "events/s",
+            )
+        )
     over = results.get("overload")
     if over is None or over.error or not over.facts:
         targets.append(Target("overload: 0 lost, peak RSS < 300 MB", "SKIP", "-", "not run"))

@@ -533,6 +533,7 @@ async def _status(server: Server, path: str, status: int) -> bool:
 
 def test_https_with_certfile_and_keyfile(server_process: Any, tmp_path: Path) -> None:
     import trustme
+
     authority = trustme.CA()
     certificate = authority.issue_cert("127.0.0.1")
     certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"

@@ -121,7 +121,9 @@ async def test_ingest_csv_with_a_column_mapping_and_own_ids(server: Server, tmp_
     }
 
 
-async def test_query_series_and_top_print_json_csv_and_tables(server: Server, tmp_path: Path) -> None:
+async def test_query_series_and_top_print_json_csv_and_tables(
+    server: Server, tmp_path: Path
+) -> None:
     path = tmp_path / "q.ndjson"
     path.write_text(
         "".join(

@@ -295,6 +295,8 @@ def _authenticate_every_request(app: TrioaggApp) -> None:
     (what arrived of its body meanwhile is bounded by max_body, and the connection is
     closed after the answer, see guard_connections). CORS preflights (OPTIONS) carry no
     credentials by design and are never refused."""
+    if app.settings.auth == "off":
+        return  # nothing to check: not even a hook to run
     scopes = dict(ENDPOINT_SCOPES)
     if app.settings.metrics_public:
         del scopes["/metrics"]

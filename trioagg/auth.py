@@ -154,10 +154,12 @@ def create_key(
     tenant: str | None = None,
     lifetime: float | None = None,
     now: float | None = None,
+    secret: str | None = None,
 ) -> str:
-    """Store a new key and return its secret (shown once: only its digest is kept)."""
+    """Store a new key and return its secret (shown once: only its digest is kept).
+    ``secret`` is a fresh one unless given (the bench renders its requests first)."""
     now = time.time() if now is None else now
-    secret = new_secret()
+    secret = secret or new_secret()
     expires = None if lifetime is None else now + lifetime
     row = (name, digest_of(secret), ",".join(scopes), tenant, now, expires, None, None)
     if not _on_store(backend, backend.insert_api_key, row):
@@ -230,7 +232,7 @@ class Authenticator:
     async def check(self, authorization: str | None, scope: str) -> ApiKey | None:
         """The key of a request that may use ``scope``; None when no key is required.
         Raises :class:`Unauthorized` or :class:`Forbidden`, with the reason."""
-        if not await self.required():
+        if self.mode != "on" and not await self.required():
             return None
         kind, _, secret = (authorization or "").strip().partition(" ")
         if not authorization:
