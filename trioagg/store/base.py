@@ -141,6 +141,10 @@ class Backend(Protocol):
     def ping(self, conn: Any) -> None:
         """Raise if the database cannot be reached."""
 
+    def check_readable(self) -> None:
+        """Raise before a read when what the read connections would read is gone (a
+        SQLite file deleted or replaced: a connection opened before reads the old one)."""
+
     def is_busy(self, error: Exception) -> bool:
         """Whether ``error`` means another writer holds the database's lock."""
 
@@ -506,7 +510,11 @@ class Store:
     async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         link = await self._idle_receive.receive()
         try:
-            return await trio.to_thread.run_sync(lambda: link.run(operation, *args, **kwargs))
+            def read() -> T:
+                self.backend.check_readable()
+                return link.run(operation, *args, **kwargs)
+
+            return await trio.to_thread.run_sync(read)
         except Exception as error:
             reason = self.backend.outage_reason(error)
             if reason is None and self.backend.is_busy(error):
