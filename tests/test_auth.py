@@ -112,12 +112,21 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
     store = await open_store(Settings(db=str(db)))
     try:
         checker = auth.Authenticator("auto", store)
-        assert not await checker.required()
-        assert await checker.check(None, "read") is None  # auto, no key: open
-        secret = make_key(db, "reader", "read")
-        assert not await checker.required()  # what it read is fresh for CACHE_SECONDS
-        mock_clock.jump(auth.CACHE_SECONDS)
-        assert await checker.required()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(checker.watch_keys)
+            assert not checker.required
+            assert await checker.check(None, "read") is None  # auto, no key: open
+            secret = make_key(db, "reader", "read")
+            mock_clock.jump(auth.CACHE_SECONDS - 0.1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not checker.required  # the store is asked every CACHE_SECONDS
+            mock_clock.jump(0.1)
+            deadline = time.monotonic() + 10  # (real time: the store's thread)
+            while not checker.required and time.monotonic() < deadline:
+                await trio.sleep(0)
+            assert checker.required
+            await trio.testing.wait_all_tasks_blocked()
+            assert not nursery.child_tasks  # required for good: no more asking
         with pytest.raises(Unauthorized) as missing:
             await checker.check(None, "read")
         assert missing.value.reason == "missing"
@@ -132,7 +141,7 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
         with pytest.raises(Unauthorized) as revoked:
             await checker.check(f"Bearer {secret}", "read")
         assert revoked.value.reason == "revoked"
-        assert await checker.required()  # revoking every key never opens the server again
+        assert checker.required  # revoking every key never opens the server again
 
         # An unknown secret is cached too: a key made with it later waits for the entry.
         unknown = auth.new_secret()

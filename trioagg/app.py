@@ -112,15 +112,18 @@ class Service:
                     helpers.start_soon(purge_expired_ids, store, interval)
                     helpers.start_soon(watch_loop_stalls, metrics)
                     helpers.start_soon(service.auth.record_uses)
+                    if settings.auth == "auto":
+                        await helpers.start(service.auth.watch_keys)
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
-                        "queue %d requests, auth %s",
+                        "queue %d requests, auth %s (keys %s)",
                         store.backend.description,
                         _BUCKET_NAMES[store.bucket],
                         settings.writers,
                         settings.batch_size,
                         settings.queue_size,
                         settings.auth,
+                        "required" if service.auth.required else "not required yet",
                     )
                     try:
                         yield service

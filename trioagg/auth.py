@@ -21,9 +21,10 @@ is written at most every :data:`TOUCH_SECONDS` (60 s), in one small transaction.
 
 **Modes** (``--auth``): ``on`` requires a key; ``off`` requires none (keys sent are
 ignored, tenants too); ``auto`` requires one as soon as the store holds any key (even
-revoked ones: revoking every key never opens the server again), checked at most
-every :data:`CACHE_SECONDS`. ``trioagg serve`` turns ``auto`` into ``on`` when it
-listens on a non-loopback address (see :func:`settle_mode`).
+revoked ones: revoking every key never opens the server again), which a background
+task asks every :data:`CACHE_SECONDS` (:meth:`Authenticator.watch_keys`). ``trioagg
+serve`` turns ``auto`` into ``on`` when it listens on a non-loopback address (see
+:func:`settle_mode`).
 
 **Tenants.** A key with a tenant stamps ``tenant=<value>`` on every event it sends
 (:func:`stamp_tenant`) and reads only series with that tag (:func:`tenant_tags` and
@@ -47,7 +48,7 @@ import msgspec
 import trio
 from quart import g
 
-from .errors import ConfigError, Forbidden, Unauthorized
+from .errors import ConfigError, Forbidden, StoreOutage, Unauthorized
 from .ingest import NO_TAGS, Point
 from .settings import Settings, flag_name
 from .store import Backend, Store
@@ -217,22 +218,32 @@ class Authenticator:
         self._cache: collections.OrderedDict[str, tuple[float, ApiKey | None]] = (
             collections.OrderedDict()
         )
-        self._keys_exist = False
-        self._keys_checked = -float("inf")
+        #: Whether a key is required (``auto``: whether the store held a key when last
+        #: asked; see :meth:`watch_keys`).
+        self.required = mode == "on"
         self._used: dict[str, float] = {}
 
-    async def required(self) -> bool:
-        if self.mode != "auto":
-            return self.mode == "on"
-        if not self._keys_exist and trio.current_time() - self._keys_checked >= CACHE_SECONDS:
-            self._keys_exist = await self.store.any_api_key()
-            self._keys_checked = trio.current_time()
-        return self._keys_exist
+    async def watch_keys(
+        self, interval: float = CACHE_SECONDS, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """``auto``: ask the store whether it holds a key, then every ``interval`` seconds
+        until it does; from then on a key is required. Started (``nursery.start``) once the
+        first answer is in. The request path only reads the answer, so it never waits for
+        the store, and a store out of reach fails no request here (it keeps the last
+        answer: while the store is out, no key can be made in it either)."""
+        self.required = await self.store.any_api_key()
+        task_status.started()
+        while not self.required:
+            await trio.sleep(interval)
+            try:
+                self.required = await self.store.any_api_key()
+            except StoreOutage as error:
+                log.warning("cannot tell whether the store holds API keys now: %s", error)
 
     async def check(self, authorization: str | None, scope: str) -> ApiKey | None:
         """The key of a request that may use ``scope``; None when no key is required.
         Raises :class:`Unauthorized` or :class:`Forbidden`, with the reason."""
-        if self.mode != "on" and not await self.required():
+        if not self.required:
             return None
         kind, _, secret = (authorization or "").strip().partition(" ")
         if not authorization:

@@ -510,6 +510,7 @@ class Store:
     async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         link = await self._idle_receive.receive()
         try:
+
             def read() -> T:
                 self.backend.check_readable()
                 return link.run(operation, *args, **kwargs)
