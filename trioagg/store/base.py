@@ -508,13 +508,12 @@ class Store:
         return StoreError(f"the transaction failed: {error}")
 
     async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        def read() -> T:
+            self.backend.check_readable()
+            return link.run(operation, *args, **kwargs)
+
         link = await self._idle_receive.receive()
         try:
-
-            def read() -> T:
-                self.backend.check_readable()
-                return link.run(operation, *args, **kwargs)
-
             return await trio.to_thread.run_sync(read)
         except Exception as error:
             reason = self.backend.outage_reason(error)
