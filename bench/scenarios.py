@@ -841,37 +841,49 @@ def client(bench: Bench, sizes: Sizes) -> ScenarioResult:
     return client_scenario(bench, sizes)
 
 
+#: Rounds of the auth scenario; each runs both modes, in turns (off first, then on first).
+AUTH_ROUNDS = 2
+
+
 def auth(bench: Bench, sizes: Sizes) -> ScenarioResult:
     """The seed's single-event writes, then 1,000-event JSON arrays, with ``--auth off``
     and with ``--auth on`` (every request carrying a key), each on a fresh store: what
-    checking keys costs (the issue's goal: at most 3 % of throughput)."""
+    checking keys costs (the issue's goal: at most 3 % of throughput). The modes take
+    turns for AUTH_ROUNDS rounds and each row is the mode's best, so that a neighbour's
+    load during one measurement does not pass for the cost of keys. ``/metrics`` is
+    public on both (the harness scrapes it for the loop stalls)."""
     result = ScenarioResult("auth")
-    for mode in ("off", "on"):
-        secret = new_secret() if mode == "on" else None
-        batches = stream(
-            "b",
-            [("write", 1, events_request(bench, events=BATCH_EVENTS, bearer=secret))],
-            connections=BATCH_CONNECTIONS,
-            duration=sizes.batch_s,
-            pool=64,
-        )
-        m = bench.measure(
-            f"auth {mode}",
-            "trioagg",
-            [
-                writes_phase(bench, sizes.seed_writes, bearer=secret),
-                phase("batch", batches),
-            ],
-            server_flags=["--auth", mode],
-            api_key=secret,
-        )
-        result.measurements.append(m)
+    measured: dict[str, list[Measurement]] = {"off": [], "on": []}
+    for round_number in range(AUTH_ROUNDS):
+        for mode in ("off", "on") if round_number % 2 == 0 else ("on", "off"):
+            secret = new_secret() if mode == "on" else None
+            batches = stream(
+                "b",
+                [("write", 1, events_request(bench, events=BATCH_EVENTS, bearer=secret))],
+                connections=BATCH_CONNECTIONS,
+                duration=sizes.batch_s,
+                pool=64,
+            )
+            m = bench.measure(
+                f"auth {mode} {round_number + 1}",
+                "trioagg",
+                [writes_phase(bench, sizes.seed_writes, bearer=secret), phase("batch", batches)],
+                server_flags=["--auth", mode, "--metrics-public", "true"],
+                api_key=secret,
+            )
+            result.measurements.append(m)
+            measured[mode].append(m)
+    best = f"best of {AUTH_ROUNDS}"
+    for mode, ms in measured.items():
         writes = f"auth {mode}: {sizes.seed_writes:,} single writes"
-        result.rows.append(make_row("auth", f"single {mode}", writes, m, "writes", "w", "write"))
+        rows = [make_row("auth", f"single {mode}", writes, m, "writes", "w", "write") for m in ms]
+        result.rows.append(replace(max(rows, key=lambda row: row.rate), note=best))
         arrays = f"auth {mode}: 1,000-event arrays"
-        result.rows.append(
+        rows = [
             make_row("auth", f"batch {mode}", arrays, m, "batch", "b", "write", "events/s")
-        )
+            for m in ms
+        ]
+        result.rows.append(replace(max(rows, key=lambda row: row.rate), note=best))
     for kind in ("single", "batch"):
         off = _rate({"auth": result}, "auth", f"{kind} off", "trioagg")
         on = _rate({"auth": result}, "auth", f"{kind} on", "trioagg")

@@ -43,16 +43,12 @@ for _command in (*_CLIENT_COMMANDS, *_KEY_COMMANDS):  # ingest, query, series, t
 
 def _setting_options(command: Any) -> Any:
     for field in reversed(dataclasses.fields(Settings)):
-        # A true-or-false setting is a plain flag; its variable still takes true/false.
-        kind: dict[str, Any] = (
-            {"is_flag": True, "flag_value": "true"} if field.type == "bool" else {"metavar": "TEXT"}
-        )
         command = click.option(
             flag_name(field.name),
             field.name,
             envvar=env_name(field.name),
             default=None,
-            **kind,
+            metavar="TEXT",
             help=f"{field.metadata['help']} [default: {field.metadata['text']}; "
             f"env: {env_name(field.name)}]",
         )(command)

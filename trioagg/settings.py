@@ -225,7 +225,7 @@ class Settings:
         "the hypercorn CLI, auto means on once the store holds a key: set on explicitly.",
     )
     metrics_public: bool = _setting(
-        "false", _boolean, "Serve /metrics without a key (by default it needs an admin key)."
+        "false", _boolean, "true: serve /metrics without a key (by default it needs an admin key)."
     )
     certfile: str | None = _setting(
         "none", _optional_path, "TLS certificate chain (PEM); with keyfile, serve HTTPS."
