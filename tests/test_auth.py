@@ -566,3 +566,36 @@ def test_https_with_certfile_and_keyfile(server_process: Any, tmp_path: Path) ->
         httpx.get(process.url.replace("https://", "http://") + "/healthz", timeout=5)
     assert process.stop() == 0
     assert stored_counts(tmp_path / "trioagg.db") == {"tls": 1}
+
+
+async def test_cors_preflights_need_no_key_and_allow_the_authorization_header(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on", cors_origin="https://grafana.example.com")
+    preflight = await server.client.options(
+        "/v1/keys",
+        headers={
+            "Origin": "https://grafana.example.com",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert preflight.status_code == 200
+    allowed = preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert "authorization" in allowed
+    refused = await server.client.get("/v1/keys", headers={"Origin": "https://grafana.example.com"})
+    assert refused.status_code == 401  # the answer itself still needs a key, CORS or not
+    assert refused.headers["Access-Control-Allow-Origin"] == "https://grafana.example.com"
+
+
+def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
+    from trioagg.openapi import openapi_document
+
+    document = openapi_document()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            guarded = path in auth.ENDPOINT_SCOPES
+            assert ("security" in operation) == guarded, path
+            assert ("401" in operation["responses"]) == guarded, path
+            assert ("403" in operation["responses"]) == guarded, path

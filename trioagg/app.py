@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import trio
 from hypercorn.utils import LifespanFailureError
-from quart import Response, g, request
+from quart import Request, Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
@@ -306,11 +306,14 @@ def _authenticate_every_request(app: TrioaggApp) -> None:
 
     @app.before_request
     async def authenticate() -> None:
-        rule = request.url_rule.rule if request.url_rule is not None else None
-        scope = scopes.get(rule) if rule is not None else None
-        if scope is None or request.method == "OPTIONS":
+        # One look-up of the request context, not one per attribute (microseconds each).
+        current: Request = request._get_current_object()  # type: ignore[attr-defined]
+        rule = current.url_rule
+        scope = None if rule is None else scopes.get(rule.rule)
+        if scope is None or current.method == "OPTIONS":
             return
-        g.trioagg_key = await app.service.auth.check(request.headers.get("Authorization"), scope)
+        key = await app.service.auth.check(current.headers.get("Authorization"), scope)
+        g.trioagg_key = key
 
 
 def _time_every_answer(app: TrioaggApp) -> None:
