@@ -380,6 +380,14 @@ def _facts(results: Mapping[str, ScenarioResult]) -> list[str]:
             f"max read {_num(f.get('read_max_ms_mixed'))} ms, "
             f"max write {_num(f.get('write_max_ms_mixed'))} ms"
         )
+    auth = results.get("auth")
+    if auth and not auth.error and auth.facts.get("check_us"):
+        f = auth.facts
+        out.append(
+            f"auth: on/off {_num(f['single_on_over_off'], 2)} x single, "
+            f"{_num(f['batch_on_over_off'], 2)} x batch; the key check costs "
+            f"{f['check_us']:.1f} us of the event loop per request (in-process)"
+        )
     over = results.get("overload")
     if over and not over.error and over.facts:
         f = over.facts

@@ -15,7 +15,7 @@ from typing import Any
 
 from trioagg.auth import new_secret
 
-from . import stalls
+from . import authcost, stalls
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
 from .server import Deployment
 
@@ -888,6 +888,7 @@ def auth(bench: Bench, sizes: Sizes) -> ScenarioResult:
         off = _rate({"auth": result}, "auth", f"{kind} off", "trioagg")
         on = _rate({"auth": result}, "auth", f"{kind} on", "trioagg")
         result.facts[f"{kind}_on_over_off"] = round(on / off, 4) if on and off else None
+    result.facts["check_us"] = round(authcost.check_microseconds(), 2)
     return result
 
 
