@@ -193,6 +193,14 @@ async def test_last_use_is_written_when_uses_are_flushed(tmp_path: Path) -> None
         await checker.flush_uses()
         (listed,) = auth.list_keys(make_backend(Settings(db=str(db))))
         assert listed.last_used is not None and listed.created <= listed.last_used <= time.time()
+
+        async with trio.open_nursery() as nursery:  # and once more when the service stops
+            nursery.start_soon(checker.record_uses)
+            await trio.testing.wait_all_tasks_blocked()
+            await checker.check(f"Bearer {secret}", "read")
+            nursery.cancel_scope.cancel()
+        (again,) = auth.list_keys(make_backend(Settings(db=str(db))))
+        assert again.last_used is not None and again.last_used > listed.last_used
     finally:
         await store.aclose()
 
@@ -599,3 +607,26 @@ def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
             assert ("security" in operation) == guarded, path
             assert ("401" in operation["responses"]) == guarded, path
             assert ("403" in operation["responses"]) == guarded, path
+
+
+def test_the_key_commands_refuse_what_they_cannot_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default --db is ./trioagg.db
+    monkeypatch.delenv("TRIOAGG_DB", raising=False)
+    db = str(tmp_path / "other.db")
+    made = _cli("keys", "create", "--name", "a", "--scope", "read", "--tenant", "acme", "--db", db)
+    assert made.exit_code == 0 and made.stdout.startswith("tgk_")
+    again = _cli("keys", "create", "--name", "a", "--scope", "ingest", "--db", db)
+    assert again.exit_code == 1 and "a key named 'a' exists already" in again.output
+    bad = _cli("keys", "create", "--name", "b", "--scope", "write", "--db", db)
+    assert bad.exit_code == 2 and "scopes are ingest, read, admin" in bad.output
+    lasting = _cli("keys", "create", "--name", "b", "--scope", "admin", "--expires", "2d")
+    assert lasting.exit_code == 0
+    assert " b " in _cli("keys", "list").stdout  # in ./trioagg.db, not in the other store
+    assert " b " not in _cli("keys", "list", "--db", db).stdout
+    assert _cli("keys", "revoke", "nobody", "--db", db).exit_code == 1
+    assert _cli("keys", "revoke", "a", "--db", db).exit_code == 0
+    assert _cli("keys", "revoke", "a", "--db", db).exit_code == 1  # revoked already
+    listed = _cli("keys", "list", "--db", db).stdout
+    assert "acme" in listed and "revoked" in listed and "tgk_" not in listed

@@ -63,6 +63,10 @@ TOUCH_SECONDS: Final = 60.0
 TENANT_TAG: Final = "tenant"
 #: A secret is PREFIX + 43 characters; anything much longer is not one of ours.
 _MAX_SECRET: Final = 128
+#: Store look-ups of keys at once (of --readers read connections, 4 by default).
+_LOOKUPS: Final = 2
+#: The most the last uses are written for at shutdown.
+_LAST_FLUSH_SECONDS: Final = 1.0
 #: How long the key commands retry a store locked by a running server's writer.
 _BUSY_SECONDS: Final = 10.0
 
@@ -222,6 +226,9 @@ class Authenticator:
         #: asked; see :meth:`watch_keys`).
         self.required = mode == "on"
         self._used: dict[str, float] = {}
+        # Keys the cache does not know take at most this many of the store's read
+        # connections at once, so a flood of made-up keys cannot take them all.
+        self._lookups = trio.CapacityLimiter(_LOOKUPS)
 
     async def watch_keys(
         self, interval: float = CACHE_SECONDS, *, task_status: trio.TaskStatus[None]
@@ -277,7 +284,8 @@ class Authenticator:
         if cached is not None and now - cached[0] < CACHE_SECONDS:
             self._cache.move_to_end(digest)
             return cached[1]
-        row = await self.store.find_api_key(digest)
+        async with self._lookups:
+            row = await self.store.find_api_key(digest)
         key = None if row is None else ApiKey.from_row(row)
         self._cache[digest] = (trio.current_time(), key)
         self._cache.move_to_end(digest)
@@ -286,11 +294,16 @@ class Authenticator:
         return key
 
     async def record_uses(self, interval: float = TOUCH_SECONDS) -> None:
-        """Write when keys were last used, every ``interval`` seconds, until cancelled.
-        A failure is logged and retried next time (usage times are informative)."""
-        while True:
-            await trio.sleep(interval)
-            await self.flush_uses()
+        """Write when keys were last used, every ``interval`` seconds until cancelled,
+        and once more then (for at most a second: shutdown must not wait on it). A
+        failure is logged and retried next time (usage times are informative)."""
+        try:
+            while True:
+                await trio.sleep(interval)
+                await self.flush_uses()
+        finally:
+            with trio.move_on_after(_LAST_FLUSH_SECONDS, shield=True):
+                await self.flush_uses()
 
     async def flush_uses(self) -> None:
         """Write the last uses recorded since the previous flush."""
