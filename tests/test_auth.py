@@ -630,3 +630,25 @@ def test_the_key_commands_refuse_what_they_cannot_do(
     assert _cli("keys", "revoke", "a", "--db", db).exit_code == 1  # revoked already
     listed = _cli("keys", "list", "--db", db).stdout
     assert "acme" in listed and "revoked" in listed and "tgk_" not in listed
+
+
+async def test_a_request_without_a_key_is_refused_before_its_body_is_sent(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on")
+    host, port = server.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        head = (
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 5000000\r\n\r\n"
+        )
+        await stream.send_all(head.encode())  # and not one byte of the 5 MB body
+        answer = b""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some()
+    status, *headers = answer.split(b"\r\n\r\n")[0].decode().lower().split("\r\n")
+    assert status.startswith("http/1.1 401")
+    assert "connection: close" in headers  # the unread body never becomes a request
+    assert stored_counts(server.db) == {}
