@@ -652,3 +652,28 @@ async def test_a_request_without_a_key_is_refused_before_its_body_is_sent(
     assert status.startswith("http/1.1 401")
     assert "connection: close" in headers  # the unread body never becomes a request
     assert stored_counts(server.db) == {}
+
+
+async def test_the_python_client_sends_its_key(start_server: StartServer) -> None:
+    from trioagg.client import Client, ServerError
+
+    server = await start_server(auth="on")
+    secret = await trio.to_thread.run_sync(make_key, server.db, "py", "ingest", "read")
+
+    def use_the_client() -> tuple[Any, Any, str]:
+        with Client(server.url, api_key=secret) as client:
+            client.send("py.k", 2.0, ts=TS)
+            client.flush()
+            listed = client.keys()
+        with Client(server.url) as anonymous:
+            anonymous.send("py.k", 3.0, ts=TS)
+            anonymous.flush()
+            with pytest.raises(ServerError) as refused:
+                anonymous.keys()
+        return listed, anonymous.counters, f"{refused.value.status} {refused.value.code}"
+
+    listed, counters, refusal = await trio.to_thread.run_sync(use_the_client)
+    assert [info.key for info in listed] == ["py.k"]
+    assert counters.failed == 1 and counters.acknowledged == 0  # 401: not retried
+    assert refusal == "401 unauthorized"
+    assert stored_counts(server.db) == {"py.k": 1}
