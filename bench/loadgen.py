@@ -82,9 +82,17 @@ def render_event(rng: random.Random, template: dict[str, Any]) -> bytes:
 
 
 def http_request(
-    method: str, path: str, host: str, port: int, body: bytes = b"", content_type: str = ""
+    method: str,
+    path: str,
+    host: str,
+    port: int,
+    body: bytes = b"",
+    content_type: str = "",
+    bearer: str | None = None,
 ) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    if bearer:
+        head += f"Authorization: Bearer {bearer}\r\n"
     if method == "POST":
         head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
@@ -112,7 +120,8 @@ def render_request(
         else:
             raise SpecError(f"unknown event format {fmt!r}")
         path = "/v1/events" if template.get("wait", True) else "/v1/events?wait=false"
-        return http_request("POST", path, host, port, body, content_type), count
+        request = http_request("POST", path, host, port, body, content_type, template.get("bearer"))
+        return request, count
     if kind == "aggregates":
         key = key_name(template.get("key_prefix", "k"), rng.randrange(template["keys"]))
         params = {"key": key, "from": int(template["from"]), "to": int(template["to"])}

@@ -400,6 +400,14 @@ def _facts(results: Mapping[str, ScenarioResult]) -> list[str]:
     wrk = results.get("wrk")
     for entry in wrk.facts.get("commands", []) if wrk and not wrk.error else []:
         out.append(f"wrk ({entry['system']}): {entry['command']}")
+    auth = results.get("auth")
+    if auth and not auth.error and auth.facts.get("check_us"):
+        f = auth.facts
+        out.append(
+            f"auth: on/off {_num(f['single_on_over_off'], 2)} x single, "
+            f"{_num(f['batch_on_over_off'], 2)} x batch; the key check costs "
+            f"{f['check_us']:.1f} us of the event loop per request (in-process)"
+        )
     over = results.get("overload")
     if over and not over.error and over.facts:
         f = over.facts

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trioagg.auth import create_key
+from trioagg.settings import Settings
+from trioagg.store import make_backend
+
 from . import godesign, pgstore, stalls, verify
 from .server import Deployment, Server, command, http_get
 
@@ -183,9 +187,11 @@ class Bench:
         server_flags: Iterable[str] = (),
         allowed_statuses: frozenset[int] = frozenset(),
         deployment: Deployment | None = None,
+        api_key: str | None = None,
     ) -> Measurement:
         """Run ``phases`` against a fresh ``app`` server and verify its store.
-        ``deployment`` replaces the run's own (the PostgreSQL matrix varies workers)."""
+        ``deployment`` replaces the run's own (the PostgreSQL matrix varies workers);
+        ``api_key`` is stored (admin scope) in the fresh store before the server starts."""
         deployment = deployment or self.options.deployment
         self._counter += 1
         stem = f"{self._counter:02d}-{label.replace('/', '-').replace(' ', '_')}-{app}"
@@ -202,6 +208,8 @@ class Bench:
             except pgstore.PostgresError as error:
                 raise BenchError(f"{label}: {error}") from error
             target = pgstore.schema_dsn(self.options.pg_dsn, schema)
+        if api_key is not None:
+            create_key(make_backend(Settings(db=str(target))), "bench", ("admin",), secret=api_key)
         try:
             return self._measure(
                 label,

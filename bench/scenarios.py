@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from . import godesign, stalls
+from trioagg.auth import new_secret
+
+from . import authcost, godesign, stalls
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k
 from .server import Deployment
 
@@ -27,10 +29,12 @@ SCENARIOS = (
     "sketches",
     "client",
     "wrk",
+    "auth",
 )
-#: what ``--quick`` runs unless told otherwise: all but the wrk cross-check, whose three
-#: servers and the Go design's drain would take a third of the quick run's two minutes
-QUICK_SCENARIOS = tuple(name for name in SCENARIOS if name != "wrk")
+#: what ``--quick`` runs unless told otherwise: all but the wrk cross-check (its three
+#: servers and the Go design's drain) and auth (four servers), which would take more
+#: than the quick run's two minutes
+QUICK_SCENARIOS = tuple(name for name in SCENARIOS if name not in ("wrk", "auth"))
 
 
 @dataclass(frozen=True)
@@ -169,10 +173,18 @@ class ScenarioResult:
 
 
 def events_request(
-    bench: Bench, *, events: int = 1, keys: int = KEYS, fmt: str = "json", wait: bool = True
+    bench: Bench,
+    *,
+    events: int = 1,
+    keys: int = KEYS,
+    fmt: str = "json",
+    wait: bool = True,
+    bearer: str | None = None,
 ) -> dict[str, Any]:
-    """Events over ``keys`` keys with timestamps spread over one whole past day."""
+    """Events over ``keys`` keys with timestamps spread over one whole past day, sent
+    with ``Authorization: Bearer <bearer>`` when given."""
     return {
+        "bearer": bearer,
         "kind": "events",
         "events": events,
         "array": events > 1,
@@ -225,6 +237,7 @@ def writes_phase(
     duration: float | None = None,
     pool: int | None = None,
     wait: bool = True,
+    bearer: str | None = None,
 ) -> dict[str, Any]:
     """Single-event writes over 1,000 keys and 24 h (the seed design's load);
     ``pool`` distinct requests, by default one per request."""
@@ -232,7 +245,7 @@ def writes_phase(
         "writes",
         stream(
             "w",
-            [("write", 1, events_request(bench, wait=wait))],
+            [("write", 1, events_request(bench, wait=wait, bearer=bearer))],
             connections=bench.options.connections,
             requests=requests,
             duration=duration,
@@ -960,6 +973,57 @@ def wrk(bench: Bench, sizes: Sizes) -> ScenarioResult:
     return wrk_scenario(bench, sizes)
 
 
+#: Rounds of the auth scenario; each runs both modes, in turns (off first, then on first).
+AUTH_ROUNDS = 2
+
+
+def auth(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """The seed's single-event writes, then 1,000-event JSON arrays, with ``--auth off``
+    and with ``--auth on`` (every request carrying a key), each on a fresh store: what
+    checking keys costs (the issue's goal: at most 3 % of throughput). The modes take
+    turns for AUTH_ROUNDS rounds and each row is the mode's best, so that a neighbour's
+    load during one measurement does not pass for the cost of keys. ``/metrics`` is
+    public on both (the harness scrapes it for the loop stalls)."""
+    result = ScenarioResult("auth")
+    measured: dict[str, list[Measurement]] = {"off": [], "on": []}
+    for round_number in range(AUTH_ROUNDS):
+        for mode in ("off", "on") if round_number % 2 == 0 else ("on", "off"):
+            secret = new_secret() if mode == "on" else None
+            batches = stream(
+                "b",
+                [("write", 1, events_request(bench, events=BATCH_EVENTS, bearer=secret))],
+                connections=BATCH_CONNECTIONS,
+                duration=sizes.batch_s,
+                pool=64,
+            )
+            m = bench.measure(
+                f"auth {mode} {round_number + 1}",
+                "trioagg",
+                [writes_phase(bench, sizes.seed_writes, bearer=secret), phase("batch", batches)],
+                server_flags=["--auth", mode, "--metrics-public", "true"],
+                api_key=secret,
+            )
+            result.measurements.append(m)
+            measured[mode].append(m)
+    best = f"best of {AUTH_ROUNDS}"
+    for mode, ms in measured.items():
+        writes = f"auth {mode}: {sizes.seed_writes:,} single writes"
+        rows = [make_row("auth", f"single {mode}", writes, m, "writes", "w", "write") for m in ms]
+        result.rows.append(replace(max(rows, key=lambda row: row.rate), note=best))
+        arrays = f"auth {mode}: 1,000-event arrays"
+        rows = [
+            make_row("auth", f"batch {mode}", arrays, m, "batch", "b", "write", "events/s")
+            for m in ms
+        ]
+        result.rows.append(replace(max(rows, key=lambda row: row.rate), note=best))
+    for kind in ("single", "batch"):
+        off = _rate({"auth": result}, "auth", f"{kind} off", "trioagg")
+        on = _rate({"auth": result}, "auth", f"{kind} on", "trioagg")
+        result.facts[f"{kind}_on_over_off"] = round(on / off, 4) if on and off else None
+    result.facts["check_us"] = round(authcost.check_microseconds(), 2)
+    return result
+
+
 PG_RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "seed": pg_seed,
     "batch": pg_batch,
@@ -983,6 +1047,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "sketches": sketches,
     "client": client,
     "wrk": wrk,
+    "auth": auth,
 }
 
 
@@ -1084,6 +1149,16 @@ def evaluate_targets(results: dict[str, ScenarioResult]) -> list[Target]:
         )
     )
     targets += client_targets(results)
+    for kind in ("single", "batch"):
+        targets.append(
+            _ratio_target(
+                f"auth on >= 0.97 x auth off ({kind})",
+                _rate(results, "auth", f"{kind} on", "trioagg"),
+                _rate(results, "auth", f"{kind} off", "trioagg"),
+                0.97,
+                "req/s" if kind == "single" else "events/s",
+            )
+        )
     over = results.get("overload")
     if over is None or over.error or not over.facts:
         targets.append(Target("overload: 0 lost, peak RSS < 300 MB", "SKIP", "-", "not run"))

@@ -329,7 +329,7 @@ class ServerProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line)
-            match = re.search(r"Running on (http://[\d.]+:\d+)", line)
+            match = re.search(r"Running on (https?://[\d.]+:\d+)", line)
             if match:
                 self.url = match[1]
                 break

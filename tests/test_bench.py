@@ -738,3 +738,10 @@ def test_events_carry_distinct_ids_only_when_asked() -> None:
 def test_sketches_runs_alone() -> None:
     options, _ = cli.parse_args(["--scenario", "sketches"])
     assert options.scenarios == ("sketches",)
+
+
+def test_the_key_check_is_timed_in_a_real_app() -> None:
+    from bench import authcost
+
+    microseconds = authcost.check_microseconds(calls=50)
+    assert 0 < microseconds < float("inf")

@@ -318,11 +318,12 @@ def test_quick_keeps_one_key_count_and_full_runs_three() -> None:
     assert scenarios.FULL.batch_keys == (10, 1_000, 100_000)
 
 
-def test_quick_leaves_wrk_out_unless_it_is_named() -> None:
-    assert cli.parse_args([])[0].scenarios[-1] == "wrk"
+def test_quick_leaves_wrk_and_auth_out_unless_named() -> None:
+    assert {"wrk", "auth"} <= set(cli.parse_args([])[0].scenarios)
     quick = cli.parse_args(["--quick"])[0].scenarios
-    assert "wrk" not in quick and "batch" in quick
+    assert "wrk" not in quick and "auth" not in quick and "batch" in quick
     assert cli.parse_args(["--quick", "--scenario", "wrk"])[0].scenarios == ("wrk",)
+    assert cli.parse_args(["--quick", "--scenario", "auth"])[0].scenarios == ("auth",)
     assert "wrk" in cli.parse_args(["--quick", "--scenario", "all"])[0].scenarios
 
 

@@ -1,4 +1,4 @@
-"""``trioagg ingest``, ``query``, ``keys`` and ``top`` against a real server."""
+"""``trioagg ingest``, ``query``, ``series`` and ``top`` against a real server."""
 
 from __future__ import annotations
 
@@ -121,7 +121,9 @@ async def test_ingest_csv_with_a_column_mapping_and_own_ids(server: Server, tmp_
     }
 
 
-async def test_query_keys_and_top_print_json_csv_and_tables(server: Server, tmp_path: Path) -> None:
+async def test_query_series_and_top_print_json_csv_and_tables(
+    server: Server, tmp_path: Path
+) -> None:
     path = tmp_path / "q.ndjson"
     path.write_text(
         "".join(
@@ -152,7 +154,7 @@ async def test_query_keys_and_top_print_json_csv_and_tables(server: Server, tmp_
     assert table.exit_code == 0
     assert "sum: ▁▃▆█" in table.stdout and "2026-11-24T13:00:00Z" in table.stdout
 
-    keys = await run(server, "keys", "--format", "csv")
+    keys = await run(server, "series", "--format", "csv")
     assert [r["key"] for r in csv.DictReader(io.StringIO(keys.stdout))] == ["q.a", "q.b"]
     top = await run(server, "top", *DAY, "--format", "json")
     assert json.loads(top.stdout)["results"] == [

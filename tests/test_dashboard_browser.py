@@ -401,3 +401,71 @@ def test_the_pages_own_logic(page: Any, site: ServerProcess) -> None:
         [module, address],
     )
     assert again == address
+
+
+@pytest.fixture(scope="module")
+def locked_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+    """A server with auth on, holding the module's events, and a read key for the page."""
+    from trioagg.auth import create_key
+    from trioagg.settings import Settings
+    from trioagg.store import make_backend
+
+    db = tmp_path_factory.mktemp("locked") / "trioagg.db"
+    backend = make_backend(Settings(db=str(db)))
+    viewer = create_key(backend, "viewer", ("read",))
+    writer = create_key(backend, "writer", ("ingest",))
+    process = ServerProcess(db, "--auth", "on", "--log-level", "warning").start()
+    assert process.url, process.output
+    response = httpx.post(
+        f"{process.url}/v1/events",
+        json=_events(),
+        headers={"Authorization": f"Bearer {writer}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    yield process, viewer
+    process.stop()
+
+
+def test_the_page_sends_the_key_typed_in_its_header(
+    browser: Any, locked_site: tuple[ServerProcess, str]
+) -> None:
+    site, viewer = locked_site
+    context = browser.new_context(base_url=site.url, timezone_id=ZONE, locale="en-US")
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    problems: list[str] = []
+    refused = "the server responded with a status of 401"  # before the key is typed
+
+    def logged(message: Any) -> None:
+        if message.type == "error" and refused not in message.text:
+            problems.append(message.text)
+
+    page.on("console", logged)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    try:
+        page.goto(f"/?key=shop.orders&{RANGE}")
+        page.locator("#error-title", has_text="401 unauthorized").wait_for()
+        assert "API key field" in page.locator("#error-message").text_content()
+        assert page.locator("#keys button").count() == 0
+
+        page.fill("#api-key", viewer)
+        page.press("#api-key", "Enter")
+        page.locator("#keys button", has_text="api.latency").wait_for()
+        page.wait_for_function("() => document.getElementById('error').hidden")
+        settle(page)
+        assert plotted(page)["data"][0]  # the chart has buckets
+        assert page.evaluate("() => sessionStorage.getItem('trioagg.apiKey')") == viewer
+        command = page.locator("#curl").text_content()
+        assert '-H "Authorization: Bearer $TRIOAGG_API_KEY"' in command
+        assert viewer not in command and viewer not in page.url
+
+        page.reload()  # the tab keeps the key
+        page.locator("#keys button", has_text="api.latency").wait_for()
+        assert page.input_value("#api-key") == viewer
+        other = context.new_page()  # sessionStorage is per tab: a new one has no key
+        other.goto(f"/?{RANGE}")
+        assert other.evaluate("() => sessionStorage.getItem('trioagg.apiKey')") is None
+    finally:
+        context.close()
+    assert not problems, problems

@@ -154,6 +154,8 @@ async def test_a_deleted_database_file_never_acknowledges_again(
 ) -> None:
     server = await start_server()
     assert (await post(server.client, {"key": "before"})).status_code == 200
+    for _ in range(4):  # every read connection of the pool opened on the file before
+        assert (await server.client.get("/v1/keys")).status_code == 200
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(server.db + suffix)

@@ -11,6 +11,7 @@ Quart-Trio has already cancelled the scope it runs in).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -23,22 +24,32 @@ from typing import Any
 import msgspec
 import trio
 from hypercorn.utils import LifespanFailureError
-from quart import Response, g, request
+from quart import Request, Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
+from .auth import (
+    ENDPOINT_SCOPES,
+    Authenticator,
+    current_tenant,
+    settle_mode,
+    stamp_tenant,
+    tenant_tags,
+)
 from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
 from .dashboard import add_dashboard
 from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
 from .errors import (
     ConfigError,
+    Forbidden,
     InvalidEvents,
     InvalidQuery,
     PayloadTooLarge,
     RequestError,
     StoreOutage,
     StoreUnavailable,
+    Unauthorized,
     error_body,
 )
 from .http_edges import body_format, guard_connections, read_body, too_large_message
@@ -72,6 +83,7 @@ class Service:
         self.writers = writers
         self.metrics = metrics
         self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
+        self.auth = Authenticator(settings.auth, store)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -99,14 +111,19 @@ class Service:
                     interval = min(60.0, settings.dedup_window / 10)
                     helpers.start_soon(purge_expired_ids, store, interval)
                     helpers.start_soon(watch_loop_stalls, metrics)
+                    helpers.start_soon(service.auth.record_uses)
+                    if settings.auth == "auto":
+                        await helpers.start(service.auth.watch_keys)
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
-                        "queue %d requests",
+                        "queue %d requests, auth %s (keys %s)",
                         store.backend.description,
                         _BUCKET_NAMES[store.bucket],
                         settings.writers,
                         settings.batch_size,
                         settings.queue_size,
+                        settings.auth,
+                        "required" if service.auth.required else "not required yet",
                     )
                     try:
                         yield service
@@ -245,25 +262,58 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     add_dashboard(app)
     _add_error_handlers(app)
     _time_every_answer(app)
+    _authenticate_every_request(app)
     app.asgi_app = guard_connections(app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
 
 
-def exit_unless_store_opens(settings: Settings) -> None:
+def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> Settings:
     """Open (creating if needed) and close the store once, before anything listens: if
     it cannot be opened, log one line naming it and why, and exit with code 2. Call it
-    where no trio run is going on (a command line, a worker loading the app)."""
+    where no trio run is going on (a command line, a worker loading the app).
 
-    async def open_and_close() -> None:
+    With ``listening`` (``trioagg serve``, which knows the address it binds), return the
+    settings with ``--auth auto`` settled for that address (:func:`~trioagg.auth.settle_mode`),
+    exiting the same way when a non-loopback address has no key to require."""
+
+    async def open_and_close() -> bool:
         store = await open_store(settings)
-        await store.aclose()
+        try:
+            return await store.any_api_key()
+        finally:
+            await store.aclose()
 
     _configure_logging(settings.log_level)
     try:
-        trio.run(open_and_close)
+        keys_exist = trio.run(open_and_close)
+        return settle_mode(settings, keys_exist=keys_exist) if listening else settings
     except ConfigError as error:
         log.error("trioagg cannot start: %s", error)
         sys.exit(2)
+
+
+def _authenticate_every_request(app: TrioaggApp) -> None:
+    """Check the key of every request to an endpoint of :data:`ENDPOINT_SCOPES`, before the
+    view runs: a refused request never reaches the body-reading, admission or store code
+    (what arrived of its body meanwhile is bounded by max_body, and the connection is
+    closed after the answer, see guard_connections). CORS preflights (OPTIONS) carry no
+    credentials by design and are never refused."""
+    if app.settings.auth == "off":
+        return  # nothing to check: not even a hook to run
+    scopes = dict(ENDPOINT_SCOPES)
+    if app.settings.metrics_public:
+        del scopes["/metrics"]
+
+    @app.before_request
+    async def authenticate() -> None:
+        # One look-up of the request context, not one per attribute (microseconds each).
+        current: Request = request._get_current_object()  # type: ignore[attr-defined]
+        rule = current.url_rule
+        scope = None if rule is None else scopes.get(rule.rule)
+        if scope is None or current.method == "OPTIONS":
+            return
+        key = await app.service.auth.check(current.headers.get("Authorization"), scope)
+        g.trioagg_key = key
 
 
 def _time_every_answer(app: TrioaggApp) -> None:
@@ -324,6 +374,9 @@ def _add_routes(app: TrioaggApp) -> None:
                 points = await decode_body(
                     body, ndjson=body_form.ndjson, limits=service.limits, now=time.time()
                 )
+                tenant = current_tenant()
+                if tenant is not None:
+                    points = stamp_tenant(points, tenant)
                 submission = (
                     await service.writers.submit(points, durable=durable) if points else None
                 )
@@ -358,9 +411,17 @@ def _add_routes(app: TrioaggApp) -> None:
         query = parse_query(
             request.args, bucket=service.store.bucket, now=time.time(), budget=budget
         )
+        tenant = current_tenant()
+        if tenant is not None:
+            query = dataclasses.replace(query, tags=tenant_tags(query.tags, tenant))
         _check_quantiles_kept(query, service)
         rows = await service.store.read(
-            query.keys, query.start, query.end, sketches=query.needs_sketches, limit=budget.rows + 1
+            query.keys,
+            query.start,
+            query.end,
+            sketches=query.needs_sketches,
+            limit=budget.rows + 1,
+            tenant=tenant,
         )
         if len(rows) > budget.rows:
             raise InvalidQuery(
@@ -372,14 +433,18 @@ def _add_routes(app: TrioaggApp) -> None:
     @app.get("/v1/keys")
     async def get_keys() -> Response:
         query = parse_keys_query(request.args)
-        series = await app.service.store.list_keys(query.prefix, query.after, query.limit)
+        series = await app.service.store.list_keys(
+            query.prefix, query.after, query.limit, current_tenant()
+        )
         return _json_body(await build(len(series), functools.partial(keys_answer, query, series)))
 
     @app.get("/v1/top")
     async def get_top() -> Response:
         store = app.service.store
         query = parse_top_query(request.args, bucket=store.bucket, now=time.time())
-        ranked = await store.top(query.start, query.end, query.stat, query.prefix, query.limit)
+        ranked = await store.top(
+            query.start, query.end, query.stat, query.prefix, query.limit, current_tenant()
+        )
         return _json_body(top_answer(query, ranked))
 
     @app.get("/healthz")
@@ -453,6 +518,8 @@ def _add_error_handlers(app: TrioaggApp) -> None:
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
         app.metrics.requests_rejected.labels(error.code).inc()
+        if isinstance(error, Unauthorized | Forbidden):
+            app.metrics.auth_refused.labels(error.reason).inc()
         return Response(
             error.body(), error.status, headers=error.headers(), content_type="application/json"
         )

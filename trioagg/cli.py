@@ -22,6 +22,7 @@ from hypercorn.utils import LifespanFailureError
 
 from . import __version__
 from .app import TrioaggApp, WriterCrashed, create_app, exit_unless_store_opens, log
+from .cli_keys import COMMANDS as _KEY_COMMANDS
 from .cli_tools import COMMANDS as _CLIENT_COMMANDS
 from .errors import ConfigError
 from .settings import Settings, env_name, flag_name
@@ -36,7 +37,7 @@ def main() -> None:
     """trioagg: events in over HTTP, exact roll-ups out."""
 
 
-for _command in _CLIENT_COMMANDS:  # ingest, query, keys, top (trioagg.cli_tools)
+for _command in (*_CLIENT_COMMANDS, *_KEY_COMMANDS):  # ingest, query, series, top; keys
     main.add_command(_command)
 
 
@@ -62,7 +63,7 @@ def serve(**values: str | None) -> None:
         settings = Settings.from_text({k: v for k, v in values.items() if v is not None})
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
-    exit_unless_store_opens(settings)
+    settings = exit_unless_store_opens(settings, listening=True)
     try:
         trio.run(run_server, create_app(settings))
     except BaseExceptionGroup as group:
@@ -86,6 +87,8 @@ async def run_server(
     config.accesslog = None
     config.errorlog = "-"
     config.keep_alive_timeout = app.settings.keep_alive_timeout
+    config.certfile = app.settings.certfile
+    config.keyfile = app.settings.keyfile
     # Requests in flight may wait for their commit, and the drain must end by itself
     # (drain_timeout) before hypercorn would cancel it.
     config.graceful_timeout = app.settings.drain_timeout

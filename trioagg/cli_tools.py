@@ -1,4 +1,4 @@
-"""``trioagg ingest``, ``query``, ``keys`` and ``top``: the client's command line.
+"""``trioagg ingest``, ``query``, ``series`` and ``top``: the client's command line.
 
 ``ingest`` reads NDJSON or CSV, turns each line into an event with an id derived
 from the source and the line (so a re-run counts nothing twice), and sends them
@@ -44,7 +44,8 @@ _api_key = click.option(
     "--api-key",
     envvar="TRIOAGG_API_KEY",
     default=None,
-    help="Sent as 'Authorization: Bearer KEY' (for servers that check one). [env: TRIOAGG_API_KEY]",
+    help="An API key (trioagg keys create), sent as 'Authorization: Bearer KEY'. "
+    "[env: TRIOAGG_API_KEY]",
 )
 
 
@@ -585,8 +586,8 @@ def query(
 @_url
 @_api_key
 @_fail_on_server_errors
-def keys(prefix: str | None, output: str, url: str, api_key: str | None) -> None:
-    """Every key the server holds (GET /v1/keys, all pages)."""
+def series(prefix: str | None, output: str, url: str, api_key: str | None) -> None:
+    """Every series key the server holds (GET /v1/keys, all pages)."""
     found = _run_query(url, api_key, lambda c: c.keys(prefix))
     _emit([msgspec.structs.asdict(k) for k in found], found, output)
 
@@ -622,4 +623,4 @@ def top(
 
 
 #: The commands this module adds to ``trioagg``.
-COMMANDS: Final = (ingest, query, keys, top)
+COMMANDS: Final = (ingest, query, series, top)

@@ -33,6 +33,8 @@ from werkzeug.exceptions import NotFound
 
 from . import __version__
 from .answers import Status
+from .auth import current_tenant
+from .errors import Forbidden
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -148,6 +150,9 @@ def add_dashboard(app: TrioaggApp) -> None:
 
     @app.get("/v1/status")
     async def get_status() -> Response:
+        if current_tenant() is not None:
+            # The figures are the whole service's: they would tell one tenant of the others.
+            raise Forbidden("the service's figures are for keys without a tenant", "tenant")
         service = app.service
         figures = status(
             app.metrics, bucket=service.store.bucket, quantiles=service.settings.quantiles
@@ -159,7 +164,7 @@ def add_dashboard(app: TrioaggApp) -> None:
             app,
             allow_origin=app.settings.cors_origin,
             allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type"],
+            allow_headers=["Content-Type", "Authorization"],
             expose_headers=["Retry-After"],
             max_age=600,
         )

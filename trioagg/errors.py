@@ -9,6 +9,8 @@ The tree::
     │       └── StoreBusy        the database stayed locked for longer than busy_timeout
     └── RequestError             answered to the client as {"error": {...}} with `status`
         ├── MalformedBody        400 malformed_json
+        ├── Unauthorized         401 unauthorized (WWW-Authenticate: Bearer)
+        ├── Forbidden            403 forbidden (the key lacks the scope, or the tenant differs)
         ├── RequestTimedOut      408 request_timeout
         ├── PayloadTooLarge      413 payload_too_large
         ├── UnsupportedMediaType 415 unsupported_media_type
@@ -78,6 +80,37 @@ class RequestError(TrioaggError):
 class MalformedBody(RequestError):
     status = 400
     code = "malformed_json"
+
+
+class Unauthorized(RequestError):
+    """No key, or one that is unknown, revoked or expired. ``reason`` is the metric's label
+    (never the key); any reason but ``missing`` (a key was sent) adds RFC 6750's
+    ``error="invalid_token"`` to the challenge."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def headers(self) -> dict[str, str]:
+        challenge = 'Bearer realm="trioagg"'
+        if self.reason != "missing":
+            challenge += ', error="invalid_token"'
+        return {"WWW-Authenticate": challenge}
+
+
+class Forbidden(RequestError):
+    """A valid key without the scope the endpoint needs, or whose tenant differs from the
+    one the request names. ``reason`` is the metric's label."""
+
+    status = 403
+    code = "forbidden"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RequestTimedOut(RequestError):

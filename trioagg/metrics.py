@@ -66,6 +66,13 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.auth_refused = Counter(
+            "trioagg_auth_refused",
+            "Requests refused for their API key (401, 403), by reason: missing, malformed, "
+            "unknown, revoked, expired, scope, tenant.",
+            ["reason"],
+            registry=r,
+        )
         self.events_lost = Counter(
             "trioagg_events_lost",
             "Events answered 202 that were never stored, by reason.",

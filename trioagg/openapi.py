@@ -18,6 +18,7 @@ import msgspec
 
 from . import __version__
 from .answers import ANSWERS
+from .auth import ENDPOINT_SCOPES
 from .budget import DEFAULT_BUDGET
 from .ingest import Event
 from .params import AGGREGATES, EVENTS, KEYS, TOP, Param
@@ -71,6 +72,39 @@ def _event_limits(event: dict[str, Any]) -> None:
             choice.pop("maximum", None)
 
 
+_SECURITY_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An API key made with `trioagg keys create` (tgk_...), sent as "
+    "`Authorization: Bearer <key>`. Scopes: ingest (POST /v1/events), read (the queries and "
+    "/v1/status), admin (everything, /metrics too unless --metrics-public). A key with a "
+    "tenant stamps tenant=<value> on the events it sends and reads only series with that "
+    "tag. With --auth off, or auto on a loopback address while the store holds no key, "
+    "no key is needed.",
+}
+
+
+def _secure(paths: dict[str, Any]) -> None:
+    """Add the bearer requirement and its 401 and 403 answers to every endpoint that needs
+    a key (:data:`trioagg.auth.ENDPOINT_SCOPES`); ``{}`` says a key may be absent (auth
+    off, or auto without keys)."""
+    for path, scope in ENDPOINT_SCOPES.items():
+        for operation in paths[path].values():
+            operation["security"] = [{"bearer": []}, {}]
+            operation["description"] = (
+                operation.get("description", "") + f" Needs an API key with the {scope} scope "
+                "when auth is on (see the bearer security scheme)."
+            ).strip()
+            operation["responses"]["401"] = _error(
+                "No API key, or one that is unknown, revoked or expired (unauthorized, with "
+                'WWW-Authenticate: Bearer realm="trioagg"). Nothing was stored.'
+            )
+            operation["responses"]["403"] = _error(
+                f"The key lacks the {scope} scope, or its tenant differs from the tenant the "
+                "request names (forbidden). Nothing was stored."
+            )
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The whole document; built once."""
@@ -90,7 +124,7 @@ def openapi_document() -> dict[str, Any]:
         "request is not acknowledged (store_unavailable)."
     )
     unreachable = _error("The store cannot answer now (store_unavailable, with Retry-After).")
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "trioagg",
@@ -241,5 +275,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {"bearer": _SECURITY_SCHEME}},
     }
+    _secure(document["paths"])
+    return document

@@ -114,6 +114,18 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _boolean(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _optional_path(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "none") else text
+
+
 def _setting(default: str, parse: Callable[[str], Any], help: str) -> Any:
     """A field whose default is given as text, parsed like a flag would be."""
     return dataclasses.field(
@@ -204,11 +216,31 @@ class Settings:
     readers: int = _setting(
         "4", _positive_int, "Read connections (and worker threads) for queries."
     )
+    auth: str = _setting(
+        "auto",
+        _choice("auto", "on", "off"),
+        "API keys: on requires one on every request but /healthz, /readyz, /openapi.json and "
+        "the dashboard page; off requires none; auto (trioagg serve) is off on a loopback address "
+        "until the store holds a key, and on elsewhere (refusing to start without a key). Under "
+        "the hypercorn CLI, auto means on once the store holds a key: set on explicitly.",
+    )
+    metrics_public: bool = _setting(
+        "false", _boolean, "true: serve /metrics without a key (by default it needs an admin key)."
+    )
+    certfile: str | None = _setting(
+        "none", _optional_path, "TLS certificate chain (PEM); with keyfile, serve HTTPS."
+    )
+    keyfile: str | None = _setting("none", _optional_path, "TLS private key (PEM) of certfile.")
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "Logging level."
     )
 
     def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError(
+                f"{flag_name('certfile')} and {flag_name('keyfile')} go together: give both "
+                "to serve HTTPS, or neither"
+            )
         if self.max_inflight < self.max_body:
             raise ConfigError(
                 f"{flag_name('max_inflight')} ({self.max_inflight} bytes) must be at least "

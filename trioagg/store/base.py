@@ -98,19 +98,52 @@ class Backend(Protocol):
         *,
         sketches: bool = False,
         limit: int | None = None,
+        tenant: str | None = None,
     ) -> list[Row]:
-        """The rows of ``keys`` whose bucket starts in ``[start, end)``, at most ``limit``."""
+        """The rows of ``keys`` whose bucket starts in ``[start, end)``, at most ``limit``;
+        with ``tenant``, only rows of series tagged ``tenant=<tenant>`` (so for the
+        other two reads)."""
 
-    def list_keys(self, conn: Any, prefix: str, after: str, limit: int) -> list[KeyInfo]:
+    def list_keys(
+        self, conn: Any, prefix: str, after: str, limit: int, tenant: str | None = None
+    ) -> list[KeyInfo]:
         """Series of the first ``limit`` keys after ``after`` that start with ``prefix``."""
 
     def top(
-        self, conn: Any, start: int, end: int, stat: str, prefix: str, limit: int
+        self,
+        conn: Any,
+        start: int,
+        end: int,
+        stat: str,
+        prefix: str,
+        limit: int,
+        tenant: str | None = None,
     ) -> list[tuple[str, float]]:
         """Keys ranked by total ``stat`` (count or sum) over ``[start, end)``."""
 
+    # API keys (trioagg.auth); rows are (name, digest, scopes, tenant, created, expires,
+    # revoked, last_used).
+
+    def create_keys_table(self, conn: Any) -> None: ...
+
+    def insert_api_key(self, conn: Any, row: Sequence[Any]) -> bool: ...
+
+    def find_api_key(self, conn: Any, digest: str) -> tuple[Any, ...] | None: ...
+
+    def list_api_keys(self, conn: Any) -> list[tuple[Any, ...]]: ...
+
+    def any_api_key(self, conn: Any) -> bool: ...
+
+    def revoke_api_key(self, conn: Any, name: str, now: float) -> bool: ...
+
+    def touch_api_keys(self, conn: Any, used: Sequence[tuple[float, str]]) -> None: ...
+
     def ping(self, conn: Any) -> None:
         """Raise if the database cannot be reached."""
+
+    def check_readable(self) -> None:
+        """Raise before a read when what the read connections would read is gone (a
+        SQLite file deleted or replaced: a connection opened before reads the old one)."""
 
     def is_busy(self, error: Exception) -> bool:
         """Whether ``error`` means another writer holds the database's lock."""
@@ -368,21 +401,24 @@ class Store:
         before = time.time() - self.policy.dedup_window
         purged = 0
         while True:
-            count = await self._retry_busy(0, self._purge_chunk, before)
+            count: int = await self._retry_busy(
+                0, self._transaction, self.backend.purge_ids, before, _PURGE_CHUNK
+            )
             purged += count
             if count < _PURGE_CHUNK:
                 return purged
             await trio.sleep(0)
 
-    def _purge_chunk(self, conn: Any, before: float) -> int:
+    def _transaction(self, conn: Any, operation: Callable[..., T], *args: Any) -> T:
+        """``operation(conn, *args)`` in a transaction of its own."""
         self.backend.begin(conn)
         try:
-            count = self.backend.purge_ids(conn, before, _PURGE_CHUNK)
+            result = operation(conn, *args)
             self.backend.commit(conn)
         except BaseException:
             self.backend.rollback(conn)
             raise
-        return count
+        return result
 
     async def read(
         self,
@@ -392,20 +428,34 @@ class Store:
         *,
         sketches: bool = False,
         limit: int | None = None,
+        tenant: str | None = None,
     ) -> list[Row]:
-        """Rows of ``keys`` in ``[start, end)`` (at most ``limit``), read on a connection of
-        the read pool."""
+        """Rows of ``keys`` in ``[start, end)`` (at most ``limit``; with ``tenant`` only
+        those of series tagged with it), read on a connection of the read pool."""
         return await self._run_read(
-            self.backend.fetch, keys, start, end, sketches=sketches, limit=limit
+            self.backend.fetch, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
         )
 
-    async def list_keys(self, prefix: str, after: str, limit: int) -> list[KeyInfo]:
-        return await self._run_read(self.backend.list_keys, prefix, after, limit)
+    async def list_keys(
+        self, prefix: str, after: str, limit: int, tenant: str | None = None
+    ) -> list[KeyInfo]:
+        return await self._run_read(self.backend.list_keys, prefix, after, limit, tenant)
 
     async def top(
-        self, start: int, end: int, stat: str, prefix: str, limit: int
+        self, start: int, end: int, stat: str, prefix: str, limit: int, tenant: str | None = None
     ) -> list[tuple[str, float]]:
-        return await self._run_read(self.backend.top, start, end, stat, prefix, limit)
+        return await self._run_read(self.backend.top, start, end, stat, prefix, limit, tenant)
+
+    async def find_api_key(self, digest: str) -> tuple[Any, ...] | None:
+        """The API key row with this digest, from the read pool (never the writer's thread)."""
+        return await self._run_read(self.backend.find_api_key, digest)
+
+    async def any_api_key(self) -> bool:
+        return await self._run_read(self.backend.any_api_key)
+
+    async def touch_api_keys(self, used: Sequence[tuple[float, str]]) -> None:
+        """Record when keys were last used, in one short transaction of writer 0."""
+        await self._retry_busy(0, self._transaction, self.backend.touch_api_keys, used)
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached from a read connection."""
@@ -458,9 +508,13 @@ class Store:
         return StoreError(f"the transaction failed: {error}")
 
     async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        def read() -> T:
+            self.backend.check_readable()
+            return link.run(operation, *args, **kwargs)
+
         link = await self._idle_receive.receive()
         try:
-            return await trio.to_thread.run_sync(lambda: link.run(operation, *args, **kwargs))
+            return await trio.to_thread.run_sync(read)
         except Exception as error:
             reason = self.backend.outage_reason(error)
             if reason is None and self.backend.is_busy(error):

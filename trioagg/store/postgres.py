@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from .sql import SQLBackend, check_meta
+from .sql import KEYS_TABLE, SQLBackend, check_meta
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -51,6 +51,7 @@ _SCHEMA = [
         seen DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS event_ids_by_seen ON event_ids (seen)",
+    KEYS_TABLE,
 ]
 
 # Taken while creating the schema, so that processes starting together do not race.
@@ -67,6 +68,7 @@ class PostgresBackend(SQLBackend):
     greatest = "GREATEST"
     row_lock = " ORDER BY key, bucket, tags FOR UPDATE"
     ordered_writes = True
+    position = "strpos"
 
     def __init__(self, dsn: str) -> None:
         super().__init__()

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgspec
+
 from ..errors import ConfigError
 from ..rollup import Slot
 from .base import KeyInfo, Row, SeriesSpan, UpsertRow, to_rows
@@ -31,6 +33,23 @@ _PREFIX_END = "\U0010ffff"
 # Stay far below any dialect's limit of bound parameters per statement.
 _CHUNK = 500
 _BUCKET_NAMES = {60: "1m", 300: "5m", 900: "15m", 3600: "1h"}
+
+
+#: API keys (trioagg.auth): only a SHA-256 digest of each secret. Created IF NOT EXISTS by
+#: ``prepare`` and by the key commands, so a store of an older trioagg opens unchanged and
+#: SCHEMA_VERSION stays. Portable types: SQLite reads DOUBLE PRECISION as REAL.
+KEYS_TABLE = """CREATE TABLE IF NOT EXISTS api_keys (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    scopes TEXT NOT NULL,
+    tenant TEXT,
+    created DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION,
+    revoked DOUBLE PRECISION,
+    last_used DOUBLE PRECISION
+)"""
+#: A row of api_keys: name, digest, scopes, tenant, created, expires, revoked, last_used.
+KEY_COLUMNS = "name, digest, scopes, tenant, created, expires, revoked, last_used"
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -51,6 +70,8 @@ class SQLBackend:
     row_lock = ""
     #: Whether upserts go in sorted order, so that concurrent writers never deadlock.
     ordered_writes = False
+    #: The dialect's position of a substring (0: absent), haystack first.
+    position = "instr"
 
     def __init__(self) -> None:
         least, greatest = self.least, self.greatest
@@ -148,44 +169,124 @@ class SQLBackend:
         *,
         sketches: bool = False,
         limit: int | None = None,
+        tenant: str | None = None,
     ) -> list[Row]:
         blobs = ", quantiles_kll, distinct_hll" if sketches else ""
+        only, only_params = self._tenant_clause(tenant)
         records = conn.execute(
             self._sql(
                 f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} FROM rollups "
                 f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
+                + only
                 + ("" if limit is None else " LIMIT ?")
             ),
-            [*keys, start, end, *([] if limit is None else [limit])],
+            [*keys, start, end, *only_params, *([] if limit is None else [limit])],
         ).fetchall()
         return to_rows(records, sketches=sketches)
 
-    def list_keys(self, conn: Any, prefix: str, after: str, limit: int) -> list[KeyInfo]:
+    def list_keys(
+        self, conn: Any, prefix: str, after: str, limit: int, tenant: str | None = None
+    ) -> list[KeyInfo]:
+        only, only_params = self._tenant_clause(tenant)
         rows = conn.execute(
             self._sql(
                 "SELECT key, tags, first_bucket, last_bucket FROM series WHERE key IN ("
-                "  SELECT DISTINCT key FROM series WHERE key > ? AND key >= ? AND key < ?"
-                "  ORDER BY key LIMIT ?"
-                ") ORDER BY key"
+                f"  SELECT DISTINCT key FROM series WHERE key > ? AND key >= ? AND key < ?{only}"
+                f"  ORDER BY key LIMIT ?"
+                f"){only} ORDER BY key"
             ),
-            (after, prefix, prefix + _PREFIX_END, limit),
+            (after, prefix, prefix + _PREFIX_END, *only_params, limit, *only_params),
         ).fetchall()
         return [(key, tags, first, last) for key, tags, first, last in rows]
 
     def top(
-        self, conn: Any, start: int, end: int, stat: str, prefix: str, limit: int
+        self,
+        conn: Any,
+        start: int,
+        end: int,
+        stat: str,
+        prefix: str,
+        limit: int,
+        tenant: str | None = None,
     ) -> list[tuple[str, float]]:
         measure = "sum(count)" if stat == "count" else "sum(count * shift + s1)"
+        only, only_params = self._tenant_clause(tenant)
         rows = conn.execute(
             self._sql(
                 f"SELECT key, {measure} AS measure FROM rollups "
-                "WHERE bucket >= ? AND bucket < ? AND key >= ? AND key < ? "
+                f"WHERE bucket >= ? AND bucket < ? AND key >= ? AND key < ?{only} "
                 "GROUP BY key ORDER BY measure DESC, key LIMIT ?"
             ),
-            (start, end, prefix, prefix + _PREFIX_END, limit),
+            (start, end, prefix, prefix + _PREFIX_END, *only_params, limit),
         ).fetchall()
         # PostgreSQL sums BIGINT to NUMERIC: counts are whole numbers.
         return [(key, int(measure) if stat == "count" else measure) for key, measure in rows]
+
+    def _tenant_clause(self, tenant: str | None) -> tuple[str, tuple[str, ...]]:
+        """`` AND <tags hold tenant=VALUE>`` and its parameters; nothing for no tenant.
+
+        Tags are canonical JSON (msgspec, keys sorted, strings escaped the same way
+        every time), so the pair is found as text: ``"tenant":<VALUE as JSON>`` right
+        after ``{`` or ``,``. Inside a JSON string every quote is escaped, so a quote
+        after ``{`` or ``,`` starts a member name, and the encoded value then ends
+        exactly where its closing quote is: another tag's value that merely contains
+        the text cannot match, nor can a longer value (``acme2`` for ``acme``).
+        """
+        if tenant is None:
+            return "", ()
+        pair = '"tenant":' + msgspec.json.encode(tenant).decode()
+        clause = f" AND ({self.position}(tags, ?) > 0 OR {self.position}(tags, ?) > 0)"
+        return clause, ("{" + pair, "," + pair)
+
+    # -- API keys: every statement a single one, so none needs a transaction of its own.
+
+    def create_keys_table(self, conn: Any) -> None:
+        conn.execute(KEYS_TABLE)
+
+    def insert_api_key(self, conn: Any, row: Sequence[Any]) -> bool:
+        """Insert a key; False when its name is taken."""
+        cursor = conn.execute(
+            self._sql(
+                f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({', '.join('?' * 8)}) "
+                "ON CONFLICT (name) DO NOTHING"
+            ),
+            tuple(row),
+        )
+        return bool(cursor.rowcount)
+
+    def find_api_key(self, conn: Any, digest: str) -> tuple[Any, ...] | None:
+        row = conn.execute(
+            self._sql(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE digest = ?"), (digest,)
+        ).fetchone()
+        return None if row is None else tuple(row)
+
+    def list_api_keys(self, conn: Any) -> list[tuple[Any, ...]]:
+        rows = conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name").fetchall()
+        return [tuple(row) for row in rows]
+
+    def any_api_key(self, conn: Any) -> bool:
+        return conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
+    def revoke_api_key(self, conn: Any, name: str, now: float) -> bool:
+        """Revoke a key by name; False when no unrevoked key has that name."""
+        cursor = conn.execute(
+            self._sql("UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL"),
+            (now, name),
+        )
+        return bool(cursor.rowcount)
+
+    def touch_api_keys(self, conn: Any, used: Sequence[tuple[float, str]]) -> None:
+        """Record (last used, digest) pairs; a later time never goes back."""
+        conn.cursor().executemany(
+            self._sql(
+                "UPDATE api_keys SET last_used = ? WHERE digest = ? "
+                "AND (last_used IS NULL OR last_used < ?)"
+            ),
+            [(when, digest, when) for when, digest in sorted(used, key=lambda pair: pair[1])],
+        )
+
+    def check_readable(self) -> None:
+        pass  # a database server's tables cannot vanish under an open connection
 
     def ping(self, conn: Any) -> None:
         conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()

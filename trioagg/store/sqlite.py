@@ -14,7 +14,7 @@ import pathlib
 import sqlite3
 
 from ..errors import ConfigError
-from .sql import SQLBackend, check_meta
+from .sql import KEYS_TABLE, SQLBackend, check_meta
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -49,6 +49,7 @@ _SCHEMA = [
         seen REAL NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS event_ids_by_seen ON event_ids (seen)",
+    KEYS_TABLE,
 ]
 
 # Short on purpose: waiting on a lock happens in Store.write's backoff loop,
@@ -118,9 +119,14 @@ class SQLiteBackend(SQLBackend):
 
     def begin(self, conn: sqlite3.Connection) -> None:
         # Only for the write connection; a stat per transaction costs microseconds.
+        self.check_readable()
+        conn.execute("BEGIN IMMEDIATE")
+
+    def check_readable(self) -> None:
+        # Before every transaction and every read (a stat: microseconds): a connection
+        # opened before the file was deleted or replaced would go on using the old file.
         if self._identity is not None and _file_identity(self.path) != self._identity:
             raise DatabaseFileGone(self.path)
-        conn.execute("BEGIN IMMEDIATE")
 
     def commit(self, conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")

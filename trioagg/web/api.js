@@ -10,6 +10,27 @@ export class ApiError extends Error {
   }
 }
 
+// The API key the page sends (auth on): kept in this tab's sessionStorage, so it is gone
+// when the tab closes and never appears in the address, a cookie or the page.
+const KEY_ITEM = "trioagg.apiKey";
+
+export function apiKey() {
+  try {
+    return sessionStorage.getItem(KEY_ITEM) ?? "";
+  } catch {
+    return ""; // storage disabled: no key
+  }
+}
+
+export function setApiKey(value) {
+  try {
+    if (value) sessionStorage.setItem(KEY_ITEM, value);
+    else sessionStorage.removeItem(KEY_ITEM);
+  } catch {
+    // storage disabled: the key cannot be kept
+  }
+}
+
 /** The absolute URL of an API path with its parameters (a list of [name, value]). */
 function apiUrl(path, params = []) {
   const url = new URL(path, document.baseURI);
@@ -22,7 +43,10 @@ function apiUrl(path, params = []) {
 export async function getJSON(path, params, signal) {
   let response;
   try {
-    response = await fetch(apiUrl(path, params), { signal, headers: { Accept: "application/json" } });
+    const headers = { Accept: "application/json" };
+    const key = apiKey();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    response = await fetch(apiUrl(path, params), { signal, headers });
   } catch (error) {
     if (error.name === "AbortError") throw error;
     throw new ApiError(0, "unreachable", `trioagg did not answer: ${error.message}`, []);
@@ -48,5 +72,7 @@ export async function getJSON(path, params, signal) {
 /** The same request as a shell command. URLSearchParams percent-encodes quotes (and every
  * other character a shell would read), so the URL never breaks out of the single quotes. */
 export function curlCommand(path, params) {
-  return `curl -s '${apiUrl(path, params).href}'`;
+  // Never the key itself: the command names the variable the key commands use.
+  const auth = apiKey() ? ` -H "Authorization: Bearer $TRIOAGG_API_KEY"` : "";
+  return `curl -s '${apiUrl(path, params).href}'${auth}`;
 }

@@ -1,7 +1,7 @@
 // The dashboard page: its controls, the page's address and the API, wired together.
 // Every text that comes from the store (keys, tag values) is set as text, never as HTML.
 
-import { curlCommand, getJSON } from "./api.js";
+import { apiKey, curlCommand, getJSON, setApiKey } from "./api.js";
 import { chartConfig, formatNumber, uPlot } from "./chart.js";
 import * as S from "./state.js";
 
@@ -200,7 +200,8 @@ function renderErrors() {
   if (!first) return;
   $("error-title").textContent =
     first.status === 0 ? "trioagg cannot be reached" : `The API answered ${first.status} ${first.code}`;
-  $("error-message").textContent = first.message;
+  $("error-message").textContent =
+    first.status === 401 ? `${first.message} (type a key with the read scope in the API key field above)` : first.message;
   $("error-details").replaceChildren(
     ...[...shown.values()].flatMap((error) =>
       error.details.map((detail) =>
@@ -291,6 +292,7 @@ async function loadKeyInfo() {
   try {
     const page = await ask("key", "v1/keys", [["prefix", state.key], ["limit", "1"]]);
     keyInfo = page.keys[0]?.key === state.key ? page.keys[0] : null;
+    setError("key", null);
   } catch (error) {
     if (error.name === "AbortError") return;
     setError("key", error);
@@ -428,7 +430,22 @@ function debounce(action, ms) {
   };
 }
 
+function applyKey() {
+  setApiKey($("api-key").value.trim());
+  loadKeys(false);
+  loadTop();
+  loadHealth();
+  loadKeyInfo();
+  loadChart();
+}
+
 function wire() {
+  $("api-key").value = apiKey();
+  $("api-key").addEventListener("change", applyKey);
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    applyKey();
+  });
   $("search").addEventListener("input", debounce(() => update({ prefix: $("search").value }), 250));
   $("more-keys").addEventListener("click", () => loadKeys(true));
   for (const list of [$("keys"), $("top")]) {

@@ -1,0 +1,679 @@
+"""API keys, scopes and tenants: the pure parts directly, the cache under a MockClock, and
+real servers over real HTTP (SQLite and PostgreSQL) for every endpoint and every kind
+of key, with the store checked unchanged after every refused request."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from click.testing import CliRunner
+
+from trioagg import auth
+from trioagg.cli import main
+from trioagg.errors import ConfigError, Forbidden, Unauthorized
+from trioagg.settings import Settings
+from trioagg.store import make_backend, open_store
+
+from .conftest import Server, ServerProcess, StartServer, sql, stored_counts
+
+TS = 1795514400  # 2026-11-24T10:00:00Z
+DAY = {"from": "2026-11-24T00:00:00Z", "to": "2026-11-25T00:00:00Z"}
+
+
+def make_key(db: str | Path, name: str, *scopes: str, **options: Any) -> str:
+    return auth.create_key(make_backend(Settings(db=str(db))), name, scopes, **options)
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def snapshot(db: str) -> tuple[Any, ...]:
+    """Everything a request could have changed in the store."""
+    return (
+        stored_counts(db),
+        sql(db, "SELECT key, tags, first_bucket, last_bucket FROM series ORDER BY key, tags"),
+        sql(db, "SELECT id FROM event_ids ORDER BY id"),
+    )
+
+
+# -- pure parts ----------------------------------------------------------------
+
+
+def test_secrets_are_prefixed_high_entropy_and_stored_as_their_digest() -> None:
+    first, second = auth.new_secret(), auth.new_secret()
+    assert first.startswith("tgk_") and len(first) == 4 + 43 and first != second
+    assert auth.digest_of(first) == auth.digest_of(first) != auth.digest_of(second)
+    assert first not in auth.digest_of(first) and len(auth.digest_of(first)) == 64
+
+
+def test_scopes_and_states() -> None:
+    assert auth.parse_scopes(["read,ingest"]) == ("ingest", "read")
+    assert auth.parse_scopes(["admin", "read"]) == ("read", "admin")
+    for bad in (["write"], [""], []):
+        with pytest.raises(ValueError, match="scopes are ingest, read, admin"):
+            auth.parse_scopes(bad)
+    key = auth.ApiKey("k", "d", ("read",), None, 0.0, 100.0, None, None)
+    assert key.allows("read") and not key.allows("ingest") and not key.allows("admin")
+    assert auth.ApiKey("a", "d", ("admin",), None, 0, None, None, None).allows("ingest")
+    assert key.state(99.9) == "active" and key.state(100.0) == "expired"
+    revoked = auth.ApiKey("k", "d", ("read",), None, 0.0, None, 5.0, None)
+    assert revoked.state(1.0) == "revoked"
+
+
+def test_the_tenant_is_stamped_on_every_event_and_another_one_is_refused() -> None:
+    points = [
+        ("k", 1.0, 1.0, "{}", None, None),
+        ("k", 1.0, 1.0, '{"region":"eu"}', None, "id-1"),
+        ("k", 1.0, 1.0, '{"tenant":"acme","z":"1"}', None, None),
+    ]
+    assert [p[3] for p in auth.stamp_tenant(points, "acme")] == [
+        '{"tenant":"acme"}',
+        '{"region":"eu","tenant":"acme"}',
+        '{"tenant":"acme","z":"1"}',
+    ]
+    with pytest.raises(Forbidden) as refused:
+        auth.stamp_tenant([*points, ("k", 1.0, 1.0, '{"tenant":"globex"}', None, None)], "acme")
+    assert refused.value.reason == "tenant" and refused.value.status == 403
+    assert auth.tenant_tags({"region": "eu"}, "acme") == {"region": "eu", "tenant": "acme"}
+    assert auth.tenant_tags({"tenant": "acme"}, "acme") == {"tenant": "acme"}
+    with pytest.raises(Forbidden):
+        auth.tenant_tags({"tenant": "globex"}, "acme")
+
+
+def test_auto_is_on_off_loopback_and_refuses_to_start_there_without_a_key() -> None:
+    assert auth.is_loopback("127.0.0.1") and auth.is_loopback("::1")
+    assert auth.is_loopback("[::1]") and auth.is_loopback("localhost")
+    assert not auth.is_loopback("0.0.0.0") and not auth.is_loopback("example.com")
+    local = Settings(host="127.0.0.1")
+    assert auth.settle_mode(local, keys_exist=False).auth == "auto"
+    public = Settings(host="0.0.0.0")
+    assert auth.settle_mode(public, keys_exist=True).auth == "on"
+    with pytest.raises(ConfigError, match=r"trioagg keys create .* --auth off"):
+        auth.settle_mode(public, keys_exist=False)
+    explicit = Settings(host="0.0.0.0", auth="off")
+    assert auth.settle_mode(explicit, keys_exist=False).auth == "off"
+
+
+# -- the cache, under a mock clock -----------------------------------------------
+
+
+async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    store = await open_store(Settings(db=str(db)))
+    try:
+        checker = auth.Authenticator("auto", store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(checker.watch_keys)
+            assert not checker.required
+            assert await checker.check(None, "read") is None  # auto, no key: open
+            secret = make_key(db, "reader", "read")
+            mock_clock.jump(auth.CACHE_SECONDS - 0.1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not checker.required  # the store is asked every CACHE_SECONDS
+            mock_clock.jump(0.1)
+            deadline = time.monotonic() + 10  # (real time: the store's thread)
+            while not checker.required and time.monotonic() < deadline:
+                await trio.sleep(0)
+            assert checker.required
+            await trio.testing.wait_all_tasks_blocked()
+            assert not nursery.child_tasks  # required for good: no more asking
+        with pytest.raises(Unauthorized) as missing:
+            await checker.check(None, "read")
+        assert missing.value.reason == "missing"
+
+        assert (await checker.check(f"Bearer {secret}", "read")).name == "reader"
+        with pytest.raises(Forbidden):
+            await checker.check(f"Bearer {secret}", "ingest")
+        auth.revoke_key(make_backend(Settings(db=str(db))), "reader")
+        mock_clock.jump(auth.CACHE_SECONDS - 0.1)
+        assert (await checker.check(f"bearer {secret}", "read")).name == "reader"  # cached
+        mock_clock.jump(0.1)
+        with pytest.raises(Unauthorized) as revoked:
+            await checker.check(f"Bearer {secret}", "read")
+        assert revoked.value.reason == "revoked"
+        assert checker.required  # revoking every key never opens the server again
+
+        # An unknown secret is cached too: a key made with it later waits for the entry.
+        unknown = auth.new_secret()
+        assert await checker.lookup(unknown) is None
+        row = ("late", auth.digest_of(unknown), "read", None, time.time(), None, None, None)
+        backend = make_backend(Settings(db=str(db)))
+        auth._on_store(backend, backend.insert_api_key, row)
+        assert await checker.lookup(unknown) is None
+        mock_clock.jump(auth.CACHE_SECONDS)
+        assert (await checker.lookup(unknown)).name == "late"
+    finally:
+        await store.aclose()
+
+
+async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secrets = [make_key(db, f"k{n}", "read") for n in range(3)]
+    store = await open_store(Settings(db=str(db)))
+    try:
+        checker = auth.Authenticator("on", store, cache_size=2)
+        for secret in secrets:
+            await checker.lookup(secret)
+        assert len(checker._cache) == 2
+        assert auth.digest_of(secrets[0]) not in checker._cache
+        # Not ours (no prefix, too long): refused without asking the store or caching.
+        for bogus in ("nope", "tgk_" + "x" * 200):
+            with pytest.raises(Unauthorized) as refused:
+                await checker.check(f"Bearer {bogus}", "read")
+            assert refused.value.reason == "unknown"
+        assert len(checker._cache) == 2
+        with pytest.raises(Unauthorized) as malformed:
+            await checker.check(f"Basic {secrets[0]}", "read")
+        assert malformed.value.reason == "malformed"
+    finally:
+        await store.aclose()
+
+
+async def test_last_use_is_written_when_uses_are_flushed(tmp_path: Path) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "k", "read")
+    store = await open_store(Settings(db=str(db)))
+    try:
+        checker = auth.Authenticator("on", store)
+        await checker.check(f"Bearer {secret}", "read")
+        (listed,) = auth.list_keys(make_backend(Settings(db=str(db))))
+        assert listed.last_used is None  # not written per request
+        await checker.flush_uses()
+        (listed,) = auth.list_keys(make_backend(Settings(db=str(db))))
+        assert listed.last_used is not None and listed.created <= listed.last_used <= time.time()
+
+        async with trio.open_nursery() as nursery:  # and once more when the service stops
+            nursery.start_soon(checker.record_uses)
+            await trio.testing.wait_all_tasks_blocked()
+            await checker.check(f"Bearer {secret}", "read")
+            nursery.cancel_scope.cancel()
+        (again,) = auth.list_keys(make_backend(Settings(db=str(db))))
+        assert again.last_used is not None and again.last_used > listed.last_used
+    finally:
+        await store.aclose()
+
+
+async def test_a_store_of_the_previous_version_opens_and_gains_the_keys_table(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "trioagg.db"
+    store = await open_store(Settings(db=str(db)))
+    await store.aclose()
+    sql(db, "DROP TABLE api_keys")
+    store = await open_store(Settings(db=str(db)))
+    try:
+        assert not await store.any_api_key()
+    finally:
+        await store.aclose()
+
+
+# -- every endpoint x every kind of key, over HTTP --------------------------------
+
+
+#: (method, path, params, body) of a request that only its key decides.
+ENDPOINTS: dict[str, tuple[str, str, dict[str, str], Any]] = {
+    "events": ("POST", "/v1/events", {}, [{"key": "t.k", "ts": TS, "id": "e-1"}]),
+    "aggregates": ("GET", "/v1/aggregates", {"key": "t.k", **DAY}, None),
+    "keys": ("GET", "/v1/keys", {}, None),
+    "top": ("GET", "/v1/top", DAY, None),
+    "status": ("GET", "/v1/status", {}, None),
+    "metrics": ("GET", "/metrics", {}, None),
+    "healthz": ("GET", "/healthz", {}, None),
+    "readyz": ("GET", "/readyz", {}, None),
+    "openapi": ("GET", "/openapi.json", {}, None),
+    "page": ("GET", "/", {}, None),
+}
+#: What the "other tenant" request asks: data of tenant=acme, with globex's key.
+OTHER_TENANT = {
+    "events": [{"key": "t.k", "ts": TS, "id": "e-2", "tags": {"tenant": "acme"}}],
+    "aggregates": {"key": "t.k", "tag.tenant": "acme", **DAY},
+}
+KINDS = ["none", "unknown", "revoked", "expired", "wrong scope", "right scope", "other tenant"]
+# The exact status per endpoint and kind of key (same order as KINDS).
+GUARDED = {
+    "events": [401, 401, 401, 401, 403, 200, 403],
+    "aggregates": [401, 401, 401, 401, 403, 200, 403],
+    "keys": [401, 401, 401, 401, 403, 200, 200],
+    "top": [401, 401, 401, 401, 403, 200, 200],
+    "status": [401, 401, 401, 401, 403, 200, 403],
+    "metrics": [401, 401, 401, 401, 403, 200, 403],
+}
+#: The scope each endpoint needs, and one that is not it.
+NEEDS = {
+    "events": ("ingest", "read"),
+    "aggregates": ("read", "ingest"),
+    "keys": ("read", "ingest"),
+    "top": ("read", "ingest"),
+    "status": ("read", "ingest"),
+    "metrics": ("admin", "read"),
+}
+
+
+async def test_every_endpoint_answers_every_kind_of_key_exactly(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on")
+    db = server.db
+    keys = {
+        scope: await trio.to_thread.run_sync(make_key, db, scope, scope)
+        for scope in ("ingest", "read", "admin")
+    }
+    revoked = await trio.to_thread.run_sync(make_key, db, "revoked", "admin")
+    await trio.to_thread.run_sync(lambda: auth.revoke_key(make_backend(Settings(db=db)), "revoked"))
+    expired = await trio.to_thread.run_sync(
+        lambda: make_key(db, "expired", "admin", lifetime=60.0, now=time.time() - 61)
+    )
+    globex = await trio.to_thread.run_sync(
+        lambda: make_key(db, "globex", "ingest", "read", tenant="globex")
+    )
+    admin = bearer(keys["admin"])
+
+    async def ask(name: str, kind: str) -> httpx.Response:
+        method, path, params, body = ENDPOINTS[name]
+        secret = {
+            "none": None,
+            "unknown": auth.new_secret(),
+            "revoked": revoked,
+            "expired": expired,
+            "wrong scope": keys[NEEDS.get(name, ("read", "read"))[1]],
+            "right scope": keys[NEEDS.get(name, ("read", "read"))[0]],
+            "other tenant": globex,
+        }[kind]
+        if kind == "other tenant" and name == "events":
+            body = OTHER_TENANT["events"]
+        elif kind == "other tenant":
+            params = OTHER_TENANT.get(name, params)
+        return await server.client.request(
+            method,
+            path,
+            params=params,
+            json=body,
+            headers=bearer(secret) if secret else {},
+        )
+
+    for name in ENDPOINTS:
+        for number, kind in enumerate(KINDS):
+            before = snapshot(db)
+            response = await ask(name, kind)
+            expected = GUARDED[name][number] if name in GUARDED else 200
+            assert response.status_code == expected, (name, kind, response.text)
+            if expected in (401, 403):
+                error = response.json()["error"]
+                assert error["code"] == ("unauthorized" if expected == 401 else "forbidden")
+                assert snapshot(db) == before, (name, kind)  # a refused request stored nothing
+                secret_sent = response.request.headers.get("Authorization", "")[7:]
+                assert not secret_sent or secret_sent not in response.text
+            if expected == 401:
+                challenge = response.headers["WWW-Authenticate"]
+                assert challenge.startswith('Bearer realm="trioagg"')
+                assert ('error="invalid_token"' in challenge) == (kind != "none")
+    assert stored_counts(db) == {"t.k": 1}
+
+    metrics = (await server.client.get("/metrics", headers=admin)).text
+    refused = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("trioagg_auth_refused_total{")
+    }
+    # Per guarded endpoint: one missing, unknown, revoked, expired and wrong scope each;
+    # other tenants refused on events, aggregates, status and metrics (its scopes).
+    assert refused == {
+        "missing": 6.0,
+        "unknown": 6.0,
+        "revoked": 6.0,
+        "expired": 6.0,
+        "scope": 7.0,
+        "tenant": 3.0,
+    }
+    for secret in (*keys.values(), revoked, expired, globex):
+        assert secret not in metrics
+
+
+async def test_metrics_can_be_public(start_server: StartServer) -> None:
+    server = await start_server(auth="on", metrics_public="true")
+    assert (await server.client.get("/metrics")).status_code == 200
+    assert (await server.client.get("/v1/keys")).status_code == 401
+
+
+async def test_auth_off_lets_everything_in_and_ignores_keys(start_server: StartServer) -> None:
+    server = await start_server(auth="off")
+    await trio.to_thread.run_sync(make_key, server.db, "k", "read")
+    await trio.sleep(0)
+    for path in ("/v1/keys", "/metrics", "/v1/status"):
+        assert (await server.client.get(path)).status_code == 200
+
+
+# -- tenants ------------------------------------------------------------------------
+
+
+async def test_tenants_see_only_their_own_series_everywhere(start_server: StartServer) -> None:
+    server = await start_server(auth="on")
+    db = server.db
+    made = {
+        name: await trio.to_thread.run_sync(
+            lambda name=name: make_key(db, name, "ingest", "read", tenant=name)
+        )
+        for name in ("acme", "acme2", 'we"ird')
+    }
+    admin = await trio.to_thread.run_sync(make_key, db, "admin", "admin")
+
+    async def send(who: str, events: list[dict[str, Any]]) -> httpx.Response:
+        secret = admin if who == "admin" else made[who]
+        return await server.client.post("/v1/events", json=events, headers=bearer(secret))
+
+    acme = [
+        {"key": "shared", "ts": TS, "value": 1, "tags": {"region": "eu"}},
+        {"key": "shared", "ts": TS, "value": 2, "tags": {"region": "us", "tenant": "acme"}},
+        {"key": "acme.only", "ts": TS, "value": 4},
+    ]
+    assert (await send("acme", acme)).status_code == 200
+    other = [
+        {"key": "shared", "ts": TS, "value": 100, "tags": {"region": "eu"}},
+        {"key": "acme2.only", "ts": TS, "value": 100},
+    ]
+    assert (await send("acme2", other)).status_code == 200
+    assert (await send('we"ird', other)).status_code == 200
+    # Tag values that merely contain the text of acme's tag are other series.
+    tricky = [
+        {"key": "shared", "ts": TS, "value": 1000, "tags": {"note": ',"tenant":"acme"'}},
+        {"key": "shared", "ts": TS, "value": 1000, "tags": {"note": '{"tenant":"acme"}'}},
+        {"key": "shared", "ts": TS, "value": 1000, "tags": {"tenant": "acme2"}},
+        {"key": "admin.only", "ts": TS, "value": 1000},
+    ]
+    assert (await send("admin", tricky)).status_code == 200
+
+    async def read(who: str, path: str, **params: str) -> Any:
+        secret = admin if who == "admin" else made[who]
+        response = await server.client.get(path, params=params, headers=bearer(secret))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    grouped = await read(
+        "acme",
+        "/v1/aggregates",
+        key="shared",
+        group_by="region",
+        granularity="all",
+        stats="count,sum",
+        **DAY,
+    )
+    assert {
+        (s["tags"]["region"], s["tags"]["tenant"], s["buckets"][0]["sum"])
+        for s in grouped["results"]
+    } == {("eu", "acme", 1.0), ("us", "acme", 2.0)}
+    merged = await read("acme", "/v1/aggregates", key="shared", granularity="all", **DAY)
+    assert merged["results"][0]["buckets"][0]["sum"] == 3.0
+    by_tenant = await read(
+        "admin", "/v1/aggregates", key="shared", group_by="tenant", granularity="all", **DAY
+    )
+    assert {s["tags"].get("tenant"): s["buckets"][0]["sum"] for s in by_tenant["results"]} == {
+        "acme": 3.0,
+        "acme2": 1100.0,
+        'we"ird': 100.0,
+        None: 2000.0,
+    }
+
+    listed = await read("acme", "/v1/keys")
+    assert [(k["key"], k["series"]) for k in listed["keys"]] == [("acme.only", 1), ("shared", 2)]
+    assert [k["key"] for k in (await read("acme2", "/v1/keys"))["keys"]] == [
+        "acme2.only",
+        "shared",
+    ]
+    assert len((await read("admin", "/v1/keys"))["keys"]) == 4
+
+    top = await read("acme", "/v1/top", stat="sum", **DAY)
+    assert top["results"] == [{"key": "acme.only", "sum": 4.0}, {"key": "shared", "sum": 3.0}]
+    weird = await read('we"ird', "/v1/top", stat="sum", **DAY)
+    assert weird["results"] == [
+        {"key": "acme2.only", "sum": 100.0},
+        {"key": "shared", "sum": 100.0},
+    ]
+
+
+# -- keys made and revoked while servers run --------------------------------------
+
+
+def _cli(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args))
+
+
+async def test_a_key_created_while_serving_switches_auto_on(start_server: StartServer) -> None:
+    server = await start_server()  # auth auto, on loopback
+    assert (await server.client.get("/v1/keys")).status_code == 200
+    made = await trio.to_thread.run_sync(
+        _cli, "keys", "create", "--name", "first", "--scope", "read", "--db", server.db
+    )
+    assert made.exit_code == 0, made.output
+    secret = made.stdout.strip()
+    assert secret.startswith("tgk_")
+
+    async def refused() -> bool:
+        return (await server.client.get("/v1/keys")).status_code == 401
+
+    await wait_until_async(refused, timeout=auth.CACHE_SECONDS * 3)
+    answer = await server.client.get("/v1/keys", headers=bearer(secret))
+    assert answer.status_code == 200
+    listed = await trio.to_thread.run_sync(_cli, "keys", "list", "--db", server.db)
+    assert "first" in listed.stdout and "read" in listed.stdout
+    assert secret not in listed.stdout
+    assert secret not in "".join(map(str, sql(server.db, "SELECT * FROM api_keys")))
+
+
+async def wait_until_async(condition: Any, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not await condition():
+            await trio.sleep(0.1)
+
+
+async def test_two_processes_agree_on_revocation(server_process: Any, tmp_path: Path) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "shared", "read")
+    servers: list[ServerProcess] = [server_process("--log-level", "warning") for _ in range(2)]
+    for process in servers:
+        assert process.start().url, process.output
+    async with httpx.AsyncClient(timeout=10) as client:
+        for process in servers:
+            answer = await client.get(f"{process.url}/v1/keys", headers=bearer(secret))
+            assert answer.status_code == 200
+        revoked = await trio.to_thread.run_sync(_cli, "keys", "revoke", "shared", "--db", str(db))
+        assert revoked.exit_code == 0, revoked.output
+
+        async def both_refuse() -> bool:
+            statuses = [
+                (await client.get(f"{p.url}/v1/keys", headers=bearer(secret))).status_code
+                for p in servers
+            ]
+            return statuses == [401, 401]
+
+        await wait_until_async(both_refuse, timeout=auth.CACHE_SECONDS * 3)
+    for process in servers:
+        assert process.stop() == 0
+
+
+def test_a_public_address_without_a_key_refuses_to_start(
+    server_process: Any, tmp_path: Path
+) -> None:
+    refused = server_process("--host", "0.0.0.0").start()
+    assert refused.wait() == 2
+    lines = [line for line in refused.output.splitlines() if "cannot start" in line]
+    assert len(lines) == 1 and "trioagg keys create" in lines[0] and "--auth off" in lines[0]
+
+    secret = make_key(tmp_path / "trioagg.db", "admin", "admin")
+    started = server_process("--host", "0.0.0.0", "--log-level", "warning").start()
+    assert started.url, started.output
+    port = started.url.rsplit(":", 1)[1]
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/keys").status_code == 401
+    answer = httpx.get(f"http://127.0.0.1:{port}/v1/keys", headers=bearer(secret))
+    assert answer.status_code == 200
+    assert started.stop() == 0
+
+
+# -- the command line tools and TLS ------------------------------------------------
+
+
+async def test_the_client_commands_send_their_key(server: Server, tmp_path: Path) -> None:
+    secret = await trio.to_thread.run_sync(make_key, server.db, "cli", "ingest", "read")
+    path = tmp_path / "e.ndjson"
+    path.write_text(f'{{"key": "cli.k", "ts": {TS}}}\n')
+
+    async def cli(*args: str) -> Any:
+        return await trio.to_thread.run_sync(lambda: _cli(*args, "--url", server.url))
+
+    await wait_until_async(lambda: _status(server, "/v1/keys", 401), timeout=auth.CACHE_SECONDS * 3)
+    without = await cli("ingest", str(path), "--no-progress")
+    assert without.exit_code == 1 and "401" in without.stderr
+    assert stored_counts(server.db) == {}
+    sent = await cli("ingest", str(path), "--no-progress", "--api-key", secret)
+    assert sent.exit_code == 0, sent.stderr
+    assert stored_counts(server.db) == {"cli.k": 1}
+    listed = await cli("series", "--format", "csv", "--api-key", secret)
+    assert listed.exit_code == 0 and "cli.k" in listed.stdout
+    refused = await cli("series")
+    assert refused.exit_code == 1 and "401 unauthorized" in refused.stderr
+
+
+async def _status(server: Server, path: str, status: int) -> bool:
+    return (await server.client.get(path)).status_code == status
+
+
+def test_https_with_certfile_and_keyfile(server_process: Any, tmp_path: Path) -> None:
+    import trustme
+
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    certificate.private_key_pem.write_to_path(str(keyfile))
+    secret = make_key(tmp_path / "trioagg.db", "tls", "ingest")
+    process = server_process(
+        "--certfile", str(certfile), "--keyfile", str(keyfile), "--log-level", "warning"
+    ).start()
+    assert process.url.startswith("https://"), process.output
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    with httpx.Client(verify=trusting, timeout=10) as client:
+        posted = client.post(
+            f"{process.url}/v1/events", json={"key": "tls", "ts": TS}, headers=bearer(secret)
+        )
+        assert posted.status_code == 200, posted.text
+    with pytest.raises(httpx.ConnectError):  # not trusted without the authority
+        httpx.get(f"{process.url}/healthz", timeout=5)
+    with pytest.raises(httpx.TransportError):  # plain HTTP is not served
+        httpx.get(process.url.replace("https://", "http://") + "/healthz", timeout=5)
+    assert process.stop() == 0
+    assert stored_counts(tmp_path / "trioagg.db") == {"tls": 1}
+
+
+async def test_cors_preflights_need_no_key_and_allow_the_authorization_header(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on", cors_origin="https://grafana.example.com")
+    preflight = await server.client.options(
+        "/v1/keys",
+        headers={
+            "Origin": "https://grafana.example.com",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert preflight.status_code == 200
+    allowed = preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert "authorization" in allowed
+    refused = await server.client.get("/v1/keys", headers={"Origin": "https://grafana.example.com"})
+    assert refused.status_code == 401  # the answer itself still needs a key, CORS or not
+    assert refused.headers["Access-Control-Allow-Origin"] == "https://grafana.example.com"
+
+
+def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
+    from trioagg.openapi import openapi_document
+
+    document = openapi_document()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            guarded = path in auth.ENDPOINT_SCOPES
+            assert ("security" in operation) == guarded, path
+            assert ("401" in operation["responses"]) == guarded, path
+            assert ("403" in operation["responses"]) == guarded, path
+
+
+def test_the_key_commands_refuse_what_they_cannot_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default --db is ./trioagg.db
+    monkeypatch.delenv("TRIOAGG_DB", raising=False)
+    db = str(tmp_path / "other.db")
+    made = _cli("keys", "create", "--name", "a", "--scope", "read", "--tenant", "acme", "--db", db)
+    assert made.exit_code == 0 and made.stdout.startswith("tgk_")
+    again = _cli("keys", "create", "--name", "a", "--scope", "ingest", "--db", db)
+    assert again.exit_code == 1 and "a key named 'a' exists already" in again.output
+    bad = _cli("keys", "create", "--name", "b", "--scope", "write", "--db", db)
+    assert bad.exit_code == 2 and "scopes are ingest, read, admin" in bad.output
+    lasting = _cli("keys", "create", "--name", "b", "--scope", "admin", "--expires", "2d")
+    assert lasting.exit_code == 0
+    assert " b " in _cli("keys", "list").stdout  # in ./trioagg.db, not in the other store
+    assert " b " not in _cli("keys", "list", "--db", db).stdout
+    assert _cli("keys", "revoke", "nobody", "--db", db).exit_code == 1
+    assert _cli("keys", "revoke", "a", "--db", db).exit_code == 0
+    assert _cli("keys", "revoke", "a", "--db", db).exit_code == 1  # revoked already
+    listed = _cli("keys", "list", "--db", db).stdout
+    assert "acme" in listed and "revoked" in listed and "tgk_" not in listed
+
+
+async def test_a_request_without_a_key_is_refused_before_its_body_is_sent(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on")
+    host, port = server.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        head = (
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 5000000\r\n\r\n"
+        )
+        await stream.send_all(head.encode())  # and not one byte of the 5 MB body
+        answer = b""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some()
+    status, *headers = answer.split(b"\r\n\r\n")[0].decode().lower().split("\r\n")
+    assert status.startswith("http/1.1 401")
+    assert "connection: close" in headers  # the unread body never becomes a request
+    assert stored_counts(server.db) == {}
+
+
+async def test_the_python_client_sends_its_key(start_server: StartServer) -> None:
+    from trioagg.client import Client, ServerError
+
+    server = await start_server(auth="on")
+    secret = await trio.to_thread.run_sync(make_key, server.db, "py", "ingest", "read")
+
+    def use_the_client() -> tuple[Any, Any, str]:
+        with Client(server.url, api_key=secret) as client:
+            client.send("py.k", 2.0, ts=TS)
+            client.flush()
+            listed = client.keys()
+        with Client(server.url) as anonymous:
+            anonymous.send("py.k", 3.0, ts=TS)
+            anonymous.flush()
+            with pytest.raises(ServerError) as refused:
+                anonymous.keys()
+        return listed, anonymous.counters, f"{refused.value.status} {refused.value.code}"
+
+    listed, counters, refusal = await trio.to_thread.run_sync(use_the_client)
+    assert [info.key for info in listed] == ["py.k"]
+    assert counters.failed == 1 and counters.acknowledged == 0  # 401: not retried
+    assert refusal == "401 unauthorized"
+    assert stored_counts(server.db) == {"py.k": 1}

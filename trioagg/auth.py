@@ -1,0 +1,359 @@
+"""API keys: making them, keeping only their digests, and checking every request.
+
+**Secrets.** A key is ``tgk_`` and 32 random bytes from :mod:`secrets` (256 bits, URL-safe
+base64). The prefix makes a leaked key easy to recognise (secret scanners, logs). The
+store keeps the SHA-256 digest of the secret, never the secret, and finds a key by its
+digest. A fast hash is right here: slow password hashes (bcrypt, argon2) exist to make
+guessing a *low-entropy* password expensive, but nobody can guess among 2**256 secrets
+at any speed, so a slow hash would only cost every request milliseconds. No per-store
+secret (pepper) is needed either, for the same reason, which lets ``trioagg keys`` work
+on the store alone. Looking a key up by its digest makes the time taken depend on the
+digest, never on how much of a secret matched: an attacker learns nothing about a
+secret from timing (no byte-by-byte comparison of secrets ever happens).
+
+**Cache.** Each process keeps what it read of a key for :data:`CACHE_SECONDS` (5 s),
+unknown keys included, in at most :data:`CACHE_SIZE` entries (the least recently used
+go first), so a revoked key stops working on every process within 5 s, and a request
+with a known key costs a dictionary lookup. Expiry is checked against the clock at
+every request, so it is exact. Key lookups run on the store's read pool (a worker
+thread), never on the event loop or the writer's connection. When keys were last used
+is written at most every :data:`TOUCH_SECONDS` (60 s), in one small transaction.
+
+**Modes** (``--auth``): ``on`` requires a key; ``off`` requires none (keys sent are
+ignored, tenants too); ``auto`` requires one as soon as the store holds any key (even
+revoked ones: revoking every key never opens the server again), which a background
+task asks every :data:`CACHE_SECONDS` (:meth:`Authenticator.watch_keys`). ``trioagg
+serve`` turns ``auto`` into ``on`` when it listens on a non-loopback address (see
+:func:`settle_mode`).
+
+**Tenants.** A key with a tenant stamps ``tenant=<value>`` on every event it sends
+(:func:`stamp_tenant`) and reads only series with that tag (:func:`tenant_tags` and
+the store's ``tenant`` filters).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+import trio
+from quart import g
+
+from .errors import ConfigError, Forbidden, StoreOutage, Unauthorized
+from .ingest import NO_TAGS, Point
+from .settings import Settings, flag_name
+from .store import Backend, Store
+
+log = logging.getLogger("trioagg.auth")
+
+PREFIX: Final = "tgk_"
+SCOPES: Final = ("ingest", "read", "admin")
+CACHE_SECONDS: Final = 5.0
+CACHE_SIZE: Final = 10_000
+TOUCH_SECONDS: Final = 60.0
+TENANT_TAG: Final = "tenant"
+#: A secret is PREFIX + 43 characters; anything much longer is not one of ours.
+_MAX_SECRET: Final = 128
+#: Store look-ups of keys at once (of --readers read connections, 4 by default).
+_LOOKUPS: Final = 2
+#: The most the last uses are written for at shutdown.
+_LAST_FLUSH_SECONDS: Final = 1.0
+#: How long the key commands retry a store locked by a running server's writer.
+_BUSY_SECONDS: Final = 10.0
+
+#: The scope each endpoint (Quart's URL rule) needs; endpoints not here are open.
+ENDPOINT_SCOPES: Final = {
+    "/v1/events": "ingest",
+    "/v1/aggregates": "read",
+    "/v1/keys": "read",
+    "/v1/top": "read",
+    "/v1/status": "read",
+    "/metrics": "admin",
+}
+
+
+def new_secret() -> str:
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def digest_of(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A stored key, without its secret."""
+
+    name: str
+    digest: str
+    scopes: tuple[str, ...]
+    tenant: str | None
+    created: float
+    expires: float | None
+    revoked: float | None
+    last_used: float | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> ApiKey:
+        name, digest, scopes, tenant, created, expires, revoked, last_used = row
+        return cls(
+            name, digest, tuple(scopes.split(",")), tenant, created, expires, revoked, last_used
+        )
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+    def state(self, now: float) -> str:
+        """``active``, ``revoked`` or ``expired`` at ``now`` (Unix seconds)."""
+        if self.revoked is not None:
+            return "revoked"
+        if self.expires is not None and now >= self.expires:
+            return "expired"
+        return "active"
+
+
+# -- managing keys (blocking: the key commands) ------------------------------
+
+
+def parse_scopes(texts: Sequence[str]) -> tuple[str, ...]:
+    """Scopes from repeated or comma-separated texts, in SCOPES order."""
+    given = {part.strip().lower() for text in texts for part in text.split(",") if part.strip()}
+    unknown = given - set(SCOPES)
+    if unknown or not given:
+        raise ValueError(f"scopes are {', '.join(SCOPES)} (got {', '.join(sorted(texts))})")
+    return tuple(scope for scope in SCOPES if scope in given)
+
+
+def _on_store(backend: Backend, operation: Any, *args: Any) -> Any:
+    """``operation(conn, *args)`` on a write connection of its own, after making sure the
+    keys table exists; retried while a running server's writer holds the lock."""
+    deadline = time.monotonic() + _BUSY_SECONDS
+    conn = backend.connect(write=True)
+    try:
+        while True:
+            try:
+                backend.create_keys_table(conn)
+                return operation(conn, *args)
+            except Exception as error:
+                if not backend.is_busy(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        backend.close(conn)
+
+
+def create_key(
+    backend: Backend,
+    name: str,
+    scopes: tuple[str, ...],
+    *,
+    tenant: str | None = None,
+    lifetime: float | None = None,
+    now: float | None = None,
+    secret: str | None = None,
+) -> str:
+    """Store a new key and return its secret (shown once: only its digest is kept).
+    ``secret`` is a fresh one unless given (the bench renders its requests first)."""
+    now = time.time() if now is None else now
+    secret = secret or new_secret()
+    expires = None if lifetime is None else now + lifetime
+    row = (name, digest_of(secret), ",".join(scopes), tenant, now, expires, None, None)
+    if not _on_store(backend, backend.insert_api_key, row):
+        raise ConfigError(f"a key named {name!r} exists already: pick another name")
+    return secret
+
+
+def list_keys(backend: Backend) -> list[ApiKey]:
+    return [ApiKey.from_row(row) for row in _on_store(backend, backend.list_api_keys)]
+
+
+def revoke_key(backend: Backend, name: str) -> None:
+    if not _on_store(backend, backend.revoke_api_key, name, time.time()):
+        raise ConfigError(f"no key named {name!r} is active")
+
+
+# -- the mode trioagg serve starts in -----------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def settle_mode(settings: Settings, *, keys_exist: bool) -> Settings:
+    """The settings ``trioagg serve`` runs with: ``auto`` on a non-loopback address is
+    ``on``, and refuses to start (ConfigError) while the store holds no key."""
+    if settings.auth != "auto" or is_loopback(settings.host):
+        return settings
+    if not keys_exist:
+        raise ConfigError(
+            f"{flag_name('host')} {settings.host} is not a loopback address and the store "
+            "holds no API key: create one (trioagg keys create --name NAME --scope admin "
+            f"--db {settings.db}) or pass {flag_name('auth')} off to serve without keys"
+        )
+    return dataclasses.replace(settings, auth="on")
+
+
+# -- checking requests ---------------------------------------------------------
+
+
+class Authenticator:
+    """Checks the ``Authorization`` header of requests against the store's keys, with a
+    short-lived, bounded cache (see the module docstring). Times of the cache are
+    ``trio.current_time()``, so tests drive them with ``trio.testing.MockClock``."""
+
+    def __init__(self, mode: str, store: Store, *, cache_size: int = CACHE_SIZE) -> None:
+        self.mode = mode
+        self.store = store
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[str, tuple[float, ApiKey | None]] = (
+            collections.OrderedDict()
+        )
+        #: Whether a key is required (``auto``: whether the store held a key when last
+        #: asked; see :meth:`watch_keys`).
+        self.required = mode == "on"
+        self._used: dict[str, float] = {}
+        # Keys the cache does not know take at most this many of the store's read
+        # connections at once, so a flood of made-up keys cannot take them all.
+        self._lookups = trio.CapacityLimiter(_LOOKUPS)
+
+    async def watch_keys(
+        self, interval: float = CACHE_SECONDS, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """``auto``: ask the store whether it holds a key, then every ``interval`` seconds
+        until it does; from then on a key is required. Started (``nursery.start``) once the
+        first answer is in. The request path only reads the answer, so it never waits for
+        the store, and a store out of reach fails no request here (it keeps the last
+        answer: while the store is out, no key can be made in it either)."""
+        self.required = await self.store.any_api_key()
+        task_status.started()
+        while not self.required:
+            await trio.sleep(interval)
+            try:
+                self.required = await self.store.any_api_key()
+            except StoreOutage as error:
+                log.warning("cannot tell whether the store holds API keys now: %s", error)
+
+    async def check(self, authorization: str | None, scope: str) -> ApiKey | None:
+        """The key of a request that may use ``scope``; None when no key is required.
+        Raises :class:`Unauthorized` or :class:`Forbidden`, with the reason."""
+        if not self.required:
+            return None
+        kind, _, secret = (authorization or "").strip().partition(" ")
+        if not authorization:
+            raise Unauthorized(
+                "this endpoint needs an API key: send Authorization: Bearer <key>", "missing"
+            )
+        if kind.lower() != "bearer" or not secret.strip():
+            raise Unauthorized("the Authorization header must be Bearer <key>", "malformed")
+        key = await self.lookup(secret.strip())
+        if key is None:
+            raise Unauthorized("the API key is not known", "unknown")
+        state = key.state(time.time())
+        if state != "active":
+            raise Unauthorized(f"the API key is {state}", state)
+        if not key.allows(scope):
+            raise Forbidden(
+                f"the API key {key.name!r} does not have the {scope} scope "
+                f"(it has {', '.join(key.scopes)})",
+                "scope",
+            )
+        self._used[key.digest] = time.time()
+        return key
+
+    async def lookup(self, secret: str) -> ApiKey | None:
+        """The stored key of ``secret`` (None: unknown), from the cache when fresh."""
+        if not secret.startswith(PREFIX) or len(secret) > _MAX_SECRET:
+            return None  # not one of ours: no need to ask the store
+        digest = digest_of(secret)
+        now = trio.current_time()
+        cached = self._cache.get(digest)
+        if cached is not None and now - cached[0] < CACHE_SECONDS:
+            self._cache.move_to_end(digest)
+            return cached[1]
+        async with self._lookups:
+            row = await self.store.find_api_key(digest)
+        key = None if row is None else ApiKey.from_row(row)
+        self._cache[digest] = (trio.current_time(), key)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return key
+
+    async def record_uses(self, interval: float = TOUCH_SECONDS) -> None:
+        """Write when keys were last used, every ``interval`` seconds until cancelled,
+        and once more then (for at most a second: shutdown must not wait on it). A
+        failure is logged and retried next time (usage times are informative)."""
+        try:
+            while True:
+                await trio.sleep(interval)
+                await self.flush_uses()
+        finally:
+            with trio.move_on_after(_LAST_FLUSH_SECONDS, shield=True):
+                await self.flush_uses()
+
+    async def flush_uses(self) -> None:
+        """Write the last uses recorded since the previous flush."""
+        used, self._used = self._used, {}
+        if not used:
+            return
+        try:
+            await self.store.touch_api_keys([(when, d) for d, when in used.items()])
+        except Exception as error:
+            log.warning("could not record when API keys were last used: %s", error)
+            for digest, when in used.items():
+                self._used.setdefault(digest, when)
+
+
+def current_key() -> ApiKey | None:
+    """The key the current request was let in with (None: auth is off)."""
+    key: ApiKey | None = g.get("trioagg_key")
+    return key
+
+
+def current_tenant() -> str | None:
+    key = current_key()
+    return None if key is None else key.tenant
+
+
+def tenant_tags(tags: Mapping[str, str], tenant: str) -> dict[str, str]:
+    """A read's tag filters restricted to ``tenant``; Forbidden when they name another."""
+    named = tags.get(TENANT_TAG)
+    if named is not None and named != tenant:
+        raise Forbidden(f"this API key reads only {TENANT_TAG}={tenant}", "tenant")
+    return {**tags, TENANT_TAG: tenant}
+
+
+def stamp_tenant(points: Sequence[Point], tenant: str) -> list[Point]:
+    """``points`` with ``tenant=<tenant>`` in their tags; Forbidden (nothing stored) when
+    an event carries another tenant. The tag is added to the event's own (up to 16)."""
+    stamped: dict[str, str] = {NO_TAGS: msgspec.json.encode({TENANT_TAG: tenant}).decode()}
+    out: list[Point] = []
+    for key, ts, value, tags, distinct_id, event_id in points:
+        canonical = stamped.get(tags)
+        if canonical is None:
+            decoded = msgspec.json.decode(tags)
+            named = decoded.get(TENANT_TAG)
+            if named is not None and named != tenant:
+                raise Forbidden(
+                    f"this API key sends events of {TENANT_TAG}={tenant} only; an event "
+                    f"names {TENANT_TAG}={named}: nothing of this request was stored",
+                    "tenant",
+                )
+            decoded[TENANT_TAG] = tenant
+            canonical = stamped[tags] = msgspec.json.encode(decoded, order="sorted").decode()
+        out.append((key, ts, value, canonical, distinct_id, event_id))
+    return out
