@@ -171,6 +171,16 @@ def _stall(row: Row) -> str:
     return text
 
 
+def _step(row: Row) -> str:
+    """The CPU step column: the bound in ms, "<1" under 1 ms; ``-`` where no step was
+    timed (the baselines, or a server not sampling)."""
+    if not row.loop_steps_timed:
+        return "-"
+    if row.loop_step_cpu_ms is None:
+        return "> 2,500"
+    return "<1" if row.loop_step_cpu_ms == 0 else _num(row.loop_step_cpu_ms)
+
+
 def _ratio(ours: Row, rows: Sequence[Row], system: str) -> str:
     # a PostgreSQL matrix cell compares with the baseline of its worker count
     keys = {ours.key, ours.key.split(" writers=")[0]}
@@ -192,7 +202,7 @@ def table(
     columns = (
         f"{'scenario':<9} {'measurement':<30} {'system':<8} {'rate':>9} {'unit':<8} "
         f"{'time':>6} {'p50':>7} {'p95':>7} {'p99':>7} {'xceil':>6} {'xnaive':>6} "
-        f"{'CPU ms/req':>14} {'loop stall max (ms)':>19}  note"
+        f"{'CPU ms/req':>14} {'loop stall max (ms)':>19} {'CPU step (ms)':>13}  note"
     )
     lines.append(columns)
     lines.append("-" * len(columns))
@@ -226,14 +236,20 @@ def table(
                 f"{name if first else '':<9} {what[:30]:<30} {row.system:<8} "
                 f"{_num(row.rate):>9} {row.unit:<8} {row.elapsed_s:>5.1f}s "
                 f"{_num(lat.get('p50')):>7} {_num(lat.get('p95')):>7} {_num(lat.get('p99')):>7} "
-                f"{x_ceiling:>6} {x_naive:>6} {cpu:>14} {_stall(row):>19}  {row.note}"
+                f"{x_ceiling:>6} {x_naive:>6} {cpu:>14} {_stall(row):>19} {_step(row):>13}  "
+                f"{row.note}"
             )
             first = False
     lines.append("latency in ms of acknowledged requests; CPU ms/req = server/client CPU seconds")
     lines.append("per 1,000 requests of the phase (server+PostgreSQL/client on --store postgres);")
     lines.append("xceil, xnaive = trioagg rate / baseline rate; loop stall max = upper bound of")
     lines.append("the longest event-loop stall of trioagg in the phase (heartbeat histogram, or")
-    lines.append("the workers' longest-stall gauges if lower); N >10ms = heartbeats > 10 ms late")
+    lines.append("the workers' longest-stall gauges if lower); N >10ms = heartbeats > 10 ms late;")
+    lines.append(
+        "CPU step = upper bound of the most event-loop CPU one task step used in the phase"
+    )
+    lines.append("(while the server sampled, --loop-step-sampling): a stall without one is the")
+    lines.append("process waiting for a core, not a task holding the loop")
     scaling = pg_scaling(results)
     if scaling:
         lines += ["", *scaling]

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .http_edges import body_format, guard_connections, read_body, too_large_message
 from .ingest import Limits, decode_body
+from .loopwatch import LongSteps, sample_loop_steps, watch_loop_stalls
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -51,7 +52,7 @@ from .query import Query, answer, parse_query, work
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
-from .writer import Writers, purge_expired_ids, watch_loop_stalls
+from .writer import Writers, purge_expired_ids
 
 log = logging.getLogger("trioagg")
 
@@ -72,6 +73,8 @@ class Service:
         self.writers = writers
         self.metrics = metrics
         self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
+        #: The event loop's longest task steps (:mod:`trioagg.loopwatch`).
+        self.loop_steps = LongSteps(metrics)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -99,6 +102,9 @@ class Service:
                     interval = min(60.0, settings.dedup_window / 10)
                     helpers.start_soon(purge_expired_ids, store, interval)
                     helpers.start_soon(watch_loop_stalls, metrics)
+                    helpers.start_soon(
+                        sample_loop_steps, service.loop_steps, settings.loop_step_sampling
+                    )
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
                         "queue %d requests",

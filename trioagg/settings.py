@@ -105,6 +105,16 @@ def _port(text: str) -> int:
     return number
 
 
+def _fraction(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 1:
+        raise ValueError(f"{text!r} is not a fraction from 0 to 1")
+    return number
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.lower() not in options:
@@ -203,6 +213,12 @@ class Settings:
     )
     readers: int = _setting(
         "4", _positive_int, "Read connections (and worker threads) for queries."
+    )
+    loop_step_sampling: float = _setting(
+        "0.1",
+        _fraction,
+        "Share of the time (0-1) the event loop's task steps are timed on its thread's CPU "
+        "clock (trioagg_loop_step_cpu_seconds); each timed step costs about 3 us.",
     )
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "Logging level."

@@ -555,12 +555,3 @@ async def purge_expired_ids(store: Store, interval: float) -> None:
         else:
             if purged:
                 log.debug("forgot %d expired event ids", purged)
-
-
-async def watch_loop_stalls(metrics: Metrics, interval: float = 0.01) -> None:
-    """Until cancelled, wake every ``interval`` seconds and record how late the wake-up
-    was: the time some task held the event loop without a checkpoint."""
-    while True:
-        asleep = trio.current_time()
-        await trio.sleep(interval)
-        metrics.loop_stalled(max(0.0, trio.current_time() - asleep - interval))
