@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 
 import pytest
 import trio
 import trio.testing
 
-from trioagg.loopwatch import KEPT, LongSteps, StepTimer, sample_loop_steps
+from tests.conftest import Server
+from trioagg.loopwatch import (
+    KEPT,
+    LongSteps,
+    StepTimer,
+    freeze_startup_objects,
+    sample_loop_steps,
+)
 from trioagg.metrics import Metrics
 
 
@@ -131,3 +139,25 @@ async def test_no_sampling_times_nothing(autojump_clock: trio.testing.MockClock)
     with trio.move_on_after(5):
         await sample_loop_steps(LongSteps(metrics), 0.0)
     assert _sample(metrics, "trioagg_loop_steps_timed_total") == 0
+
+
+def test_startup_objects_are_frozen_out_of_the_collector() -> None:
+    freeze_startup_objects()
+    assert gc.get_freeze_count() > 1000
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/v1/status"])
+async def test_metrics_are_rendered_off_the_event_loop(server: Server, path: str) -> None:
+    """Both answers wait for the render thread's limiter, and the loop keeps serving."""
+    answers: list[int] = []
+
+    async def ask() -> None:
+        answers.append((await server.client.get(path)).status_code)
+
+    async with trio.open_nursery() as nursery:
+        async with server.app.metrics.rendering:
+            nursery.start_soon(ask)
+            for _ in range(3):
+                assert (await server.client.get("/healthz")).status_code == 200
+            assert answers == []  # still waiting for its turn in a render thread
+    assert answers == [200]

@@ -43,7 +43,12 @@ from .errors import (
 )
 from .http_edges import body_format, guard_connections, read_body, too_large_message
 from .ingest import Limits, decode_body
-from .loopwatch import LongSteps, sample_loop_steps, watch_loop_stalls
+from .loopwatch import (
+    LongSteps,
+    freeze_startup_objects,
+    sample_loop_steps,
+    watch_loop_stalls,
+)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -105,6 +110,7 @@ class Service:
                     helpers.start_soon(
                         sample_loop_steps, service.loop_steps, settings.loop_step_sampling
                     )
+                    freeze_startup_objects()
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
                         "queue %d requests",
@@ -421,7 +427,8 @@ def _add_routes(app: TrioaggApp) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(app.metrics.render(), 200, content_type=METRICS_CONTENT_TYPE)
+        body = await app.metrics.render_in_thread()
+        return Response(body, 200, content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:

@@ -27,6 +27,7 @@ every second), which catches any holder that recurs, at a tenth of the cost.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
 import os
@@ -191,6 +192,23 @@ async def sample_loop_steps(
     finally:
         for step in found.longest():
             log.info("a long event-loop step: %s", step.describe())
+
+
+_frozen = False
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive once the service has started (modules, classes,
+    functions: ~70,000 of them) out of the cyclic garbage collector's reach, once
+    per process. A full collection walks every tracked object, and it runs in
+    whichever step (or worker thread, holding the GIL) allocates at the wrong
+    moment: 40-70 ms measured with them, under 2 ms without. Frozen objects are
+    still freed by reference counting; a cycle among them would only be kept."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 async def watch_loop_stalls(metrics: Metrics, interval: float = 0.01) -> None:

@@ -138,6 +138,9 @@ class Metrics:
         self._live.register(self._stalls)
         self._live.register(self._steps)
         self._live.register(ProcessCollector(registry=None))
+        #: The thread that renders the metrics (several ms of CPU, reading files in
+        #: multiprocess mode: never on the event loop), one render at a time.
+        self.rendering = trio.CapacityLimiter(1)
         self._shared: CollectorRegistry | None = None
         if values.ValueClass is not values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR is set
             self._shared = CollectorRegistry()
@@ -156,6 +159,10 @@ class Metrics:
         """Record one task step that used at least 1 ms of the loop thread's CPU."""
         self.loop_step_cpu_seconds.observe(cpu_seconds)
         self._steps.longest = max(self._steps.longest, cpu_seconds)
+
+    async def render_in_thread(self) -> bytes:
+        """:meth:`render`, in a worker thread."""
+        return await trio.to_thread.run_sync(self.render, limiter=self.rendering)
 
     def render(self) -> bytes:
         if self._shared is None:
