@@ -54,6 +54,7 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .params import parse_wait
 from .query import Query, answer, parse_query, work
+from .readcache import ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
@@ -71,9 +72,15 @@ class Service:
     way out stops in a fixed order (see :meth:`running`)."""
 
     def __init__(
-        self, settings: Settings, store: Store, writers: Writers, metrics: Metrics
+        self,
+        settings: Settings,
+        store: Store,
+        writers: Writers,
+        metrics: Metrics,
+        read_cache: ReadCache,
     ) -> None:
         self.settings = settings
+        self.read_cache = read_cache
         self.store = store
         self.writers = writers
         self.metrics = metrics
@@ -91,9 +98,15 @@ class Service:
         cancels the body and the exception comes out of the ``async with``."""
         store = await open_store(settings)
         try:
+            read_cache = ReadCache(
+                entries=settings.read_cache_entries,
+                max_bytes=settings.read_cache_bytes,
+                ttl=settings.read_cache_ttl,
+            )
             writers = Writers(
                 store,
                 metrics,
+                committed=read_cache.committed if read_cache.enabled else None,
                 count=settings.writers,
                 batch_size=settings.batch_size,
                 queue_size=settings.queue_size,
@@ -102,7 +115,7 @@ class Service:
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(writers.run)
-                service = cls(settings, store, writers, metrics)
+                service = cls(settings, store, writers, metrics, read_cache)
                 async with trio.open_nursery() as helpers:
                     interval = min(60.0, settings.dedup_window / 10)
                     helpers.start_soon(purge_expired_ids, store, interval)
@@ -371,14 +384,29 @@ def _add_routes(app: TrioaggApp) -> None:
             request.args, bucket=service.store.bucket, now=time.time(), budget=budget
         )
         _check_quantiles_kept(query, service)
-        rows = await service.store.read(
-            query.keys, query.start, query.end, sketches=query.needs_sketches, limit=budget.rows + 1
-        )
-        if len(rows) > budget.rows:
-            raise InvalidQuery(
-                "the query is invalid", [{"parameter": "from", "message": budget.rows_problem()}]
+        cache = service.read_cache
+        key = cache_key(query) if cache.enabled else None
+        body = cache.get(key) if key is not None else None
+        if body is not None:
+            service.metrics.read_cache.labels("hit").inc()
+            return _json_body(body)
+        with cache.reading(query.keys) as keep:
+            rows = await service.store.read(
+                query.keys,
+                query.start,
+                query.end,
+                sketches=query.needs_sketches,
+                limit=budget.rows + 1,
             )
-        body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+            if len(rows) > budget.rows:
+                raise InvalidQuery(
+                    "the query is invalid",
+                    [{"parameter": "from", "message": budget.rows_problem()}],
+                )
+            body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+            if key is not None:
+                service.metrics.read_cache.labels("miss").inc()
+                keep(key, body)
         return _json_body(body)
 
     @app.get("/v1/keys")

@@ -114,6 +114,12 @@ class Metrics:
             "Task steps of the event loop timed by the step timer (all, long or not).",
             registry=r,
         )
+        self.read_cache = Counter(
+            "trioagg_read_cache",
+            "Aggregates queries answered from the read cache (hit) or read from the store (miss).",
+            ["result"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "trioagg_request_seconds",
             "Time to answer a request, by route and status code.",

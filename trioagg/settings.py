@@ -91,6 +91,10 @@ def _whole_number(text: str, expected: str) -> int:
     return int(text)
 
 
+def _whole_number_text(text: str) -> int:
+    return _whole_number(text, "a whole number (0 or more)")
+
+
 def _positive_int(text: str) -> int:
     number = _whole_number(text, "a whole number of at least 1")
     if number < 1:
@@ -213,6 +217,21 @@ class Settings:
     )
     readers: int = _setting(
         "4", _positive_int, "Read connections (and worker threads) for queries."
+    )
+    read_cache_entries: int = _setting(
+        "4096",
+        _whole_number_text,
+        "Most /v1/aggregates answers kept to answer repeated reads without a thread hop "
+        "(0: no cache); dropped when a commit touches their keys.",
+    )
+    read_cache_bytes: int = _setting(
+        "16MiB", parse_size, "Most bytes of answers the read cache keeps (0: no cache)."
+    )
+    read_cache_ttl: float = _setting(
+        "2s",
+        parse_duration,
+        "Oldest answer the read cache serves (0: no cache): how stale a read may be of "
+        "events another process (hypercorn worker) committed to the same store.",
     )
     loop_step_sampling: float = _setting(
         "0.1",
