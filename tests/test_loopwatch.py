@@ -42,7 +42,10 @@ async def test_a_step_that_uses_cpu_is_timed_and_named() -> None:
     timer = StepTimer(found, clock=cpu)
 
     async def holder() -> None:
-        cpu.now += 0.030  # 30 ms of the loop thread's CPU before the next checkpoint
+        cpu.now += 0.022  # 30 ms of the loop thread's CPU before the next checkpoint,
+        timer.collecting("start", {})
+        cpu.now += 0.008  # 8 ms of them collecting garbage
+        timer.collecting("stop", {})
         await trio.sleep(0)
 
     async def polite() -> None:
@@ -61,6 +64,7 @@ async def test_a_step_that_uses_cpu_is_timed_and_named() -> None:
     (step,) = found.longest()
     assert step.cpu == pytest.approx(0.030)
     assert step.task == "holder"
+    assert step.collecting == pytest.approx(0.008)
     assert "test_loopwatch.py" in step.where and "holder" in step.where
     assert _sample(metrics, "trioagg_loop_step_cpu_seconds_count") == 1
     bucket = "trioagg_loop_step_cpu_seconds_bucket"
@@ -154,10 +158,9 @@ async def test_metrics_are_rendered_off_the_event_loop(server: Server, path: str
     async def ask() -> None:
         answers.append((await server.client.get(path)).status_code)
 
-    async with trio.open_nursery() as nursery:
-        async with server.app.metrics.rendering:
-            nursery.start_soon(ask)
-            for _ in range(3):
-                assert (await server.client.get("/healthz")).status_code == 200
-            assert answers == []  # still waiting for its turn in a render thread
+    async with trio.open_nursery() as nursery, server.app.metrics.rendering:
+        nursery.start_soon(ask)
+        for _ in range(3):
+            assert (await server.client.get("/healthz")).status_code == 200
+        assert answers == []  # still waiting for its turn in a render thread
     assert answers == [200]

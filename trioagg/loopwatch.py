@@ -31,6 +31,7 @@ import gc
 import heapq
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,12 +61,15 @@ class Step:
 
     cpu: float
     wall: float = field(compare=False)
+    #: CPU seconds of the step spent in the cyclic garbage collector
+    collecting: float = field(compare=False)
     task: str = field(compare=False)
     where: str = field(compare=False)
 
     def describe(self) -> str:
         return (
-            f"{self.cpu * 1000:.1f} ms CPU ({self.wall * 1000:.1f} ms wall) "
+            f"{self.cpu * 1000:.1f} ms CPU ({self.wall * 1000:.1f} ms wall, "
+            f"{self.collecting * 1000:.1f} ms of it collecting garbage) "
             f"in task {self.task} at {self.where}"
         )
 
@@ -80,12 +84,12 @@ class LongSteps:
         self.kept: list[Step] = []  # a min-heap: the shortest kept step first
         self.timed = 0
 
-    def record(self, cpu: float, wall: float, task: trio.lowlevel.Task) -> None:
+    def record(self, cpu: float, wall: float, collecting: float, task: trio.lowlevel.Task) -> None:
         """One step of at least :data:`LONG_STEP` of CPU (rare: may take its time)."""
         self.metrics.loop_step(cpu)
         if cpu < REPORT_STEP or (len(self.kept) == KEPT and cpu <= self.kept[0].cpu):
             return
-        step = Step(cpu, wall, task.name, where(task))
+        step = Step(cpu, wall, collecting, task.name, where(task))
         longest = max(self.kept, default=None)
         if len(self.kept) < KEPT:
             heapq.heappush(self.kept, step)
@@ -128,8 +132,9 @@ def _frame_text(frame: object) -> str:
 
 
 class StepTimer(trio.abc.Instrument):
-    """Times every task step on the loop thread's CPU clock (see the module).
-    ``clock`` and ``wall`` are injectable for tests."""
+    """Times every task step on the loop thread's CPU clock (see the module), and
+    how much of it the cyclic garbage collector took (:meth:`collecting`, a
+    ``gc.callbacks`` entry). ``clock`` and ``wall`` are injectable for tests."""
 
     def __init__(
         self,
@@ -144,6 +149,9 @@ class StepTimer(trio.abc.Instrument):
         self._wall = wall
         self._cpu_at: float | None = None
         self._wall_at = 0.0
+        self._loop_thread = threading.get_ident()
+        self._collecting_at = 0.0
+        self._collected = 0.0
 
     def stopped(self) -> int:
         """Call once removed: forgets the step it was removed in (its end is unknown)
@@ -151,7 +159,17 @@ class StepTimer(trio.abc.Instrument):
         steps, self.steps, self._cpu_at = self.steps, 0, None
         return steps
 
+    def collecting(self, phase: str, info: dict[str, int]) -> None:
+        """A ``gc.callbacks`` entry: adds the loop thread's collections to the step."""
+        if threading.get_ident() != self._loop_thread:
+            return
+        if phase == "start":
+            self._collecting_at = self._clock()
+        else:
+            self._collected += self._clock() - self._collecting_at
+
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._collected = 0.0
         self._wall_at = self._wall()
         self._cpu_at = self._clock()
 
@@ -163,7 +181,7 @@ class StepTimer(trio.abc.Instrument):
         self.steps += 1
         cpu -= started
         if cpu >= LONG_STEP:
-            self.found.record(cpu, self._wall() - self._wall_at, task)
+            self.found.record(cpu, self._wall() - self._wall_at, self._collected, task)
 
 
 async def sample_loop_steps(
@@ -182,9 +200,11 @@ async def sample_loop_steps(
     try:
         while True:
             trio.lowlevel.add_instrument(timer)
+            gc.callbacks.append(timer.collecting)
             try:
                 await trio.sleep(on if off else PERIOD)
             finally:
+                gc.callbacks.remove(timer.collecting)
                 trio.lowlevel.remove_instrument(timer)
                 found.add_timed(timer.stopped())
             if off:
