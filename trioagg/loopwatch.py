@@ -18,7 +18,7 @@ Two measures, both on ``/metrics``:
   :data:`REPORT_STEP` are kept (the :data:`KEPT` longest, with the task's
   name and where it suspended) and logged when one is the longest so far.
 
-Timing a step costs about 3 us of CPU (two clock reads, which are system
+Timing a step costs about 3-5 us of CPU (two clock reads, which are system
 calls, and trio's hook calls), on each of the ~25 steps of a request: too
 much to pay on every step. :func:`sample_loop_steps` therefore installs the
 timer for a share of the time (``--loop-step-sampling``, by default 0.1 of

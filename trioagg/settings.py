@@ -237,7 +237,7 @@ class Settings:
         "0.1",
         _fraction,
         "Share of the time (0-1) the event loop's task steps are timed on its thread's CPU "
-        "clock (trioagg_loop_step_cpu_seconds); each timed step costs about 3 us.",
+        "clock (trioagg_loop_step_cpu_seconds); each timed step costs about 3-5 us.",
     )
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "Logging level."
