@@ -171,6 +171,16 @@ def _stall(row: Row) -> str:
     return text
 
 
+def _step(row: Row) -> str:
+    """The CPU step column: the bound in ms, "<1" under 1 ms; ``-`` where no step was
+    timed (the baselines, or a server not sampling)."""
+    if not row.loop_steps_timed:
+        return "-"
+    if row.loop_step_cpu_ms is None:
+        return "> 2,500"
+    return "<1" if row.loop_step_cpu_ms == 0 else _num(row.loop_step_cpu_ms)
+
+
 def _ratio(ours: Row, rows: Sequence[Row], system: str) -> str:
     # a PostgreSQL matrix cell compares with the baseline of its worker count
     keys = {ours.key, ours.key.split(" writers=")[0]}
@@ -192,7 +202,7 @@ def table(
     columns = (
         f"{'scenario':<9} {'measurement':<30} {'system':<8} {'rate':>9} {'unit':<8} "
         f"{'time':>6} {'p50':>7} {'p95':>7} {'p99':>7} {'xceil':>6} {'xnaive':>6} {'xgo':>6} "
-        f"{'CPU ms/req':>14} {'loop stall max (ms)':>19}  note"
+        f"{'CPU ms/req':>14} {'loop stall max (ms)':>19} {'CPU step (ms)':>13}  note"
     )
     lines.append(columns)
     lines.append("-" * len(columns))
@@ -227,7 +237,8 @@ def table(
                 f"{name if first else '':<9} {what[:30]:<30} {row.system:<8} "
                 f"{_num(row.rate):>9} {row.unit:<8} {row.elapsed_s:>5.1f}s "
                 f"{_num(lat.get('p50')):>7} {_num(lat.get('p95')):>7} {_num(lat.get('p99')):>7} "
-                f"{x_ceiling:>6} {x_naive:>6} {x_go:>6} {cpu:>14} {_stall(row):>19}  {row.note}"
+                f"{x_ceiling:>6} {x_naive:>6} {x_go:>6} {cpu:>14} {_stall(row):>19} "
+                f"{_step(row):>13}  {row.note}"
             )
             first = False
     lines.append("latency in ms of acknowledged requests; CPU ms/req = server/client CPU seconds")
@@ -236,8 +247,11 @@ def table(
     lines.append("its batch events/s are committed events/s, drain included); loop stall max =")
     lines.append("upper bound of the longest event-loop stall of trioagg in the phase (heartbeat")
     lines.append("histogram, or the workers' longest-stall gauges if lower); N >10ms = heartbeats")
-    lines.append("> 10 ms late. Absolute figures drift up to 2x between days on shared machines:")
-    lines.append("compare ratios from one run only.")
+    lines.append("> 10 ms late; CPU step = upper bound of the most event-loop CPU one task step")
+    lines.append("used in the phase (while the server sampled, --loop-step-sampling): a stall")
+    lines.append("without one is the process waiting for a core, not a task holding the loop.")
+    lines.append("Absolute figures drift up to 2x between days on shared machines: compare")
+    lines.append("ratios from one run only.")
     scaling = pg_scaling(results)
     if scaling:
         lines += ["", *scaling]

@@ -147,6 +147,11 @@ class Row:
     loop_stall_ms: float | None = None
     #: heartbeats of the phase more than 10 ms late
     loop_stalls_over_10ms: int | None = None
+    #: the most CPU one task step used on the event loop in the phase, an upper bound
+    #: in ms (0: under 1 ms); None if beyond the histogram or nothing was timed
+    loop_step_cpu_ms: float | None = None
+    #: task steps the server timed in the phase (None: no step timer)
+    loop_steps_timed: int | None = None
 
 
 @dataclass
@@ -306,6 +311,8 @@ def make_row(
         db_cpu_1k=db_cpu_per_1k(ph),
         loop_stall_ms=stalls.bound_ms(phase_stalls, m.server.get("loop_stalls")),
         loop_stalls_over_10ms=phase_stalls["over_10ms"] if phase_stalls else None,
+        loop_step_cpu_ms=stalls.step_bound_ms(phase_stalls, m.server.get("loop_stalls")),
+        loop_steps_timed=phase_stalls.get("cpu_steps_timed") if phase_stalls else None,
     )
 
 

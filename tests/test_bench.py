@@ -460,11 +460,21 @@ def test_table_shows_ratios_targets_and_verification() -> None:
     assert "WARNING: CLIENT IS THE LIMIT" in text
 
 
-def _metrics(counts: list[int], longest: dict[str, float]) -> str:
+_BOUNDS = ["0.001", "0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.25", "0.5", "1.0"]
+_BOUNDS += ["2.5", "+Inf"]
+
+
+def _metrics(
+    counts: list[int],
+    longest: dict[str, float],
+    steps: list[int] | None = None,
+    step_longest: dict[str, float] | None = None,
+    timed: int = 0,
+) -> str:
     """A /metrics text as trioagg writes it with PROMETHEUS_MULTIPROC_DIR: the stall
-    histogram summed over workers, one longest-stall gauge per scraped worker."""
-    bounds = ["0.001", "0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.25", "0.5", "1.0"]
-    bounds += ["2.5", "+Inf"]
+    histogram summed over workers, one longest-stall gauge per scraped worker; with
+    ``steps``, the CPU step histogram, counter and gauges too."""
+    bounds = _BOUNDS
     lines = [
         "# HELP trioagg_events_accepted_total Events accepted (queued for commit).",
         "# TYPE trioagg_events_accepted_total counter",
@@ -481,7 +491,55 @@ def _metrics(counts: list[int], longest: dict[str, float]) -> str:
         "# TYPE trioagg_loop_stall_max_seconds gauge",
         *(f'trioagg_loop_stall_max_seconds{{pid="{pid}"}} {s}' for pid, s in longest.items()),
     ]
+    if steps is not None:
+        lines += [
+            "# HELP trioagg_loop_step_cpu_seconds Task steps of at least 1 ms of CPU.",
+            "# TYPE trioagg_loop_step_cpu_seconds histogram",
+            *(
+                f'trioagg_loop_step_cpu_seconds_bucket{{le="{le}"}} {n}.0'
+                for le, n in zip(bounds, steps, strict=True)
+            ),
+            f"trioagg_loop_step_cpu_seconds_count {steps[-1]}.0",
+            "# HELP trioagg_loop_steps_timed_total Task steps timed.",
+            "# TYPE trioagg_loop_steps_timed_total counter",
+            f"trioagg_loop_steps_timed_total {timed}.0",
+            "# HELP trioagg_loop_step_cpu_max_seconds The most CPU of one step.",
+            "# TYPE trioagg_loop_step_cpu_max_seconds gauge",
+            *(
+                f'trioagg_loop_step_cpu_max_seconds{{pid="{pid}"}} {s}'
+                for pid, s in (step_longest or {}).items()
+            ),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def test_cpu_steps_of_a_phase_are_the_step_histogram_between_two_scrapes() -> None:
+    quiet = [90] * 12
+    before = stalls.parse(_metrics(quiet, {"11": 0.05}, [0] * 12, {"11": 0.0}, timed=1000))
+    assert before.steps_timed == 1000 and before.step_longest == {"11": 0.0}
+    # during the phase: 5,000 steps timed, 3 of 1-2 ms, 1 of 5-10 ms
+    steps = [0, 3, 3, 4] + [4] * 8
+    stalled = [90] * 5 + [91] * 7  # and one heartbeat 20-50 ms late
+    after = stalls.parse(_metrics(stalled, {"11": 0.05}, steps, {"11": 0.0071}, timed=6000))
+    phase = stalls.window(after, before)
+    assert phase is not None
+    assert (phase["cpu_steps_timed"], phase["cpu_steps_over_1ms"]) == (5000, 4)
+    assert phase["cpu_step_at_most_ms"] == 10.0
+    # the gauge read from every worker bounds it tighter; a stall with no CPU step behind it
+    server = stalls.longest([after], workers=1)
+    assert server is not None and server["cpu_step_max_ms"] == 7.1
+    assert stalls.step_bound_ms(phase, server) == 7.1
+    assert stalls.bound_ms(phase, server) == 50.0
+    # steps timed, none of 1 ms: under 1 ms; nothing timed: no figure
+    calm = stalls.window(after, after)
+    assert calm is not None and calm["cpu_step_at_most_ms"] is None
+    assert stalls.step_bound_ms(calm, server) is None
+    later = stalls.parse(_metrics(stalled, {"11": 0.05}, steps, {"11": 0.0071}, timed=7000))
+    timed_only = stalls.window(later, after)
+    assert timed_only is not None and timed_only["cpu_step_at_most_ms"] == 0.0
+    assert stalls.step_bound_ms(timed_only, server) == 0.0
+    # a server without the step timer: the stall figures alone
+    assert "cpu_steps_timed" not in (stalls.window(stalls.parse(_metrics(quiet, {}))) or {})
 
 
 def test_stalls_of_a_phase_are_the_histogram_between_two_scrapes() -> None:
@@ -529,10 +587,20 @@ def test_longest_stall_is_the_largest_gauge_over_the_scrapes() -> None:
     assert stalls.bound_ms(None, None) is None
 
 
-def test_table_shows_the_loop_stall_column() -> None:
+def test_table_shows_the_loop_stall_and_cpu_step_columns() -> None:
     row = _row("seed", "writes", "trioagg", 900)
-    ours = replace(row, loop_stall_ms=12.5, loop_stalls_over_10ms=2)
-    quiet = replace(row, key="reads", what="reads", loop_stall_ms=2.0, loop_stalls_over_10ms=0)
+    ours = replace(
+        row, loop_stall_ms=12.5, loop_stalls_over_10ms=2, loop_step_cpu_ms=5.0, loop_steps_timed=9
+    )
+    quiet = replace(
+        row,
+        key="reads",
+        what="reads",
+        loop_stall_ms=2.0,
+        loop_stalls_over_10ms=0,
+        loop_step_cpu_ms=0.0,
+        loop_steps_timed=9,
+    )
     text = table(
         "header",
         {"seed": ScenarioResult("seed", rows=[ours, quiet, _row("seed", "reads", "ceiling", 9)])},
@@ -540,11 +608,11 @@ def test_table_shows_the_loop_stall_column() -> None:
         {"ok": True, "checked": 1, "failures": []},
         [],
     )
-    assert "loop stall max (ms)" in text
+    assert "loop stall max (ms)" in text and "CPU step (ms)" in text
     lines = text.splitlines()
-    assert "12.5, 2 >10ms" in next(line for line in lines if "writes" in line)
-    assert next(line for line in lines if " reads " in line).rstrip().endswith(" 2.0")
-    assert next(line for line in lines if "ceiling" in line).rstrip().endswith("-")
+    assert "12.5, 2 >10ms           5.0" in next(line for line in lines if "writes" in line)
+    assert next(line for line in lines if " reads " in line).rstrip().endswith(" 2.0            <1")
+    assert next(line for line in lines if "ceiling" in line).rstrip().endswith("-             -")
 
 
 def test_scaled_sizes() -> None:

@@ -63,6 +63,9 @@ def test_environment_variables() -> None:
         ("sync", "sometimes", "not one of"),
         ("max_body", "lots", "not a size"),
         ("max_future", "soon", "not a duration"),
+        ("loop_step_sampling", "1.5", "not a fraction from 0 to 1"),
+        ("loop_step_sampling", "nan", "not a fraction from 0 to 1"),
+        ("read_cache_entries", "-1", "is not a whole number"),
     ],
 )
 def test_bad_values_name_flag_and_variable(name: str, text: str, message: str) -> None:
@@ -70,6 +73,14 @@ def test_bad_values_name_flag_and_variable(name: str, text: str, message: str) -
         Settings.from_text({name: text})
     with pytest.raises(ConfigError, match=message):
         Settings.from_text({name: text})
+
+
+def test_fractions_and_cache_sizes() -> None:
+    settings = Settings.from_text(
+        {"loop_step_sampling": "0.25", "read_cache_entries": "0", "read_cache_ttl": "500ms"}
+    )
+    assert settings.loop_step_sampling == 0.25 and settings.read_cache_entries == 0
+    assert settings.read_cache_ttl == 0.5
 
 
 def test_unknown_setting_is_an_error() -> None:

@@ -16,10 +16,11 @@ import trio
 import trio.testing
 
 from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
+from trioagg.loopwatch import watch_loop_stalls
 from trioagg.metrics import Metrics
 from trioagg.store import CommitResult
 from trioagg.store.base import SeriesCache
-from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers, watch_loop_stalls
+from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers
 
 
 class CuedStore:

@@ -54,15 +54,22 @@ from .errors import (
 )
 from .http_edges import body_format, guard_connections, read_body, too_large_message
 from .ingest import Limits, decode_body
+from .loopwatch import (
+    LongSteps,
+    freeze_startup_objects,
+    sample_loop_steps,
+    watch_loop_stalls,
+)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
 from .params import parse_wait
 from .query import Query, answer, parse_query, work
+from .readcache import ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store
-from .writer import Writers, purge_expired_ids, watch_loop_stalls
+from .writer import Writers, purge_expired_ids
 
 log = logging.getLogger("trioagg")
 
@@ -76,14 +83,22 @@ class Service:
     way out stops in a fixed order (see :meth:`running`)."""
 
     def __init__(
-        self, settings: Settings, store: Store, writers: Writers, metrics: Metrics
+        self,
+        settings: Settings,
+        store: Store,
+        writers: Writers,
+        metrics: Metrics,
+        read_cache: ReadCache,
     ) -> None:
         self.settings = settings
+        self.read_cache = read_cache
         self.store = store
         self.writers = writers
         self.metrics = metrics
         self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
         self.auth = Authenticator(settings.auth, store)
+        #: The event loop's longest task steps (:mod:`trioagg.loopwatch`).
+        self.loop_steps = LongSteps(metrics)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -95,9 +110,15 @@ class Service:
         cancels the body and the exception comes out of the ``async with``."""
         store = await open_store(settings)
         try:
+            read_cache = ReadCache(
+                entries=settings.read_cache_entries,
+                max_bytes=settings.read_cache_bytes,
+                ttl=settings.read_cache_ttl,
+            )
             writers = Writers(
                 store,
                 metrics,
+                committed=read_cache.committed if read_cache.enabled else None,
                 count=settings.writers,
                 batch_size=settings.batch_size,
                 queue_size=settings.queue_size,
@@ -106,7 +127,7 @@ class Service:
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(writers.run)
-                service = cls(settings, store, writers, metrics)
+                service = cls(settings, store, writers, metrics, read_cache)
                 async with trio.open_nursery() as helpers:
                     interval = min(60.0, settings.dedup_window / 10)
                     helpers.start_soon(purge_expired_ids, store, interval)
@@ -114,6 +135,10 @@ class Service:
                     helpers.start_soon(service.auth.record_uses)
                     if settings.auth == "auto":
                         await helpers.start(service.auth.watch_keys)
+                    helpers.start_soon(
+                        sample_loop_steps, service.loop_steps, settings.loop_step_sampling
+                    )
+                    freeze_startup_objects()
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
                         "queue %d requests, auth %s (keys %s)",
@@ -415,19 +440,31 @@ def _add_routes(app: TrioaggApp) -> None:
         if tenant is not None:
             query = dataclasses.replace(query, tags=tenant_tags(query.tags, tenant))
         _check_quantiles_kept(query, service)
-        rows = await service.store.read(
-            query.keys,
-            query.start,
-            query.end,
-            sketches=query.needs_sketches,
-            limit=budget.rows + 1,
-            tenant=tenant,
-        )
-        if len(rows) > budget.rows:
-            raise InvalidQuery(
-                "the query is invalid", [{"parameter": "from", "message": budget.rows_problem()}]
+        cache = service.read_cache
+        # A tenant's reads carry its tag in query.tags, so tenants never share an entry.
+        key = cache_key(query) if cache.enabled else None
+        body = cache.get(key) if key is not None else None
+        if body is not None:
+            service.metrics.read_cache.labels("hit").inc()
+            return _json_body(body)
+        with cache.reading(query.keys) as keep:
+            rows = await service.store.read(
+                query.keys,
+                query.start,
+                query.end,
+                sketches=query.needs_sketches,
+                limit=budget.rows + 1,
+                tenant=tenant,
             )
-        body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+            if len(rows) > budget.rows:
+                raise InvalidQuery(
+                    "the query is invalid",
+                    [{"parameter": "from", "message": budget.rows_problem()}],
+                )
+            body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+            if key is not None:
+                service.metrics.read_cache.labels("miss").inc()
+                keep(key, body)
         return _json_body(body)
 
     @app.get("/v1/keys")
@@ -480,7 +517,8 @@ def _add_routes(app: TrioaggApp) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(app.metrics.render(), 200, content_type=METRICS_CONTENT_TYPE)
+        body = await app.metrics.render_in_thread()
+        return Response(body, 200, content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:

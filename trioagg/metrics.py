@@ -109,6 +109,24 @@ class Metrics:
             buckets=_STALL_BUCKETS,
             registry=r,
         )
+        self.loop_step_cpu_seconds = Histogram(
+            "trioagg_loop_step_cpu_seconds",
+            "Task steps that held the event loop for at least 1 ms of its thread's CPU "
+            "(timed while sampling, see --loop-step-sampling), by CPU seconds.",
+            buckets=_STALL_BUCKETS,
+            registry=r,
+        )
+        self.loop_steps_timed = Counter(
+            "trioagg_loop_steps_timed",
+            "Task steps of the event loop timed by the step timer (all, long or not).",
+            registry=r,
+        )
+        self.read_cache = Counter(
+            "trioagg_read_cache",
+            "Aggregates queries answered from the read cache (hit) or read from the store (miss).",
+            ["result"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "trioagg_request_seconds",
             "Time to answer a request, by route and status code.",
@@ -119,11 +137,23 @@ class Metrics:
         # Figures of the moment: read at scrape time, never written to multiprocess files.
         self._live = CollectorRegistry()
         self._channels = _ChannelGauges()
-        self._stalls = _LongestStall()
+        self._stalls = _Longest(
+            "trioagg_loop_stall_max_seconds",
+            "The longest the event loop was held by one task since the process started.",
+        )
+        self._steps = _Longest(
+            "trioagg_loop_step_cpu_max_seconds",
+            "The most CPU one task step used on the event loop since the process started "
+            "(while sampling).",
+        )
         self._live.register(self._channels)
         self._live.register(_BuildInfo())
         self._live.register(self._stalls)
+        self._live.register(self._steps)
         self._live.register(ProcessCollector(registry=None))
+        #: The thread that renders the metrics (several ms of CPU, reading files in
+        #: multiprocess mode: never on the event loop), one render at a time.
+        self.rendering = trio.CapacityLimiter(1)
         self._shared: CollectorRegistry | None = None
         if values.ValueClass is not values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR is set
             self._shared = CollectorRegistry()
@@ -137,6 +167,15 @@ class Metrics:
         """Record one heartbeat's lateness."""
         self.loop_stall_seconds.observe(seconds)
         self._stalls.longest = max(self._stalls.longest, seconds)
+
+    def loop_step(self, cpu_seconds: float) -> None:
+        """Record one task step that used at least 1 ms of the loop thread's CPU."""
+        self.loop_step_cpu_seconds.observe(cpu_seconds)
+        self._steps.longest = max(self._steps.longest, cpu_seconds)
+
+    async def render_in_thread(self) -> bytes:
+        """:meth:`render`, in a worker thread."""
+        return await trio.to_thread.run_sync(self.render, limiter=self.rendering)
 
     def render(self) -> bytes:
         if self._shared is None:
@@ -169,18 +208,15 @@ class _ChannelGauges(Collector):
             )
 
 
-class _LongestStall(Collector):
-    """The longest event-loop stall of this process since it started."""
+class _Longest(Collector):
+    """A gauge of the longest of something in this process since it started."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
         self.longest = 0.0
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "trioagg_loop_stall_max_seconds",
-            "The longest the event loop was held by one task since the process started.",
-            value=self.longest,
-        )
+        yield GaugeMetricFamily(self.name, self.documentation, value=self.longest)
 
 
 class _BuildInfo(Collector):

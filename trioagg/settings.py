@@ -91,6 +91,10 @@ def _whole_number(text: str, expected: str) -> int:
     return int(text)
 
 
+def _whole_number_text(text: str) -> int:
+    return _whole_number(text, "a whole number (0 or more)")
+
+
 def _positive_int(text: str) -> int:
     number = _whole_number(text, "a whole number of at least 1")
     if number < 1:
@@ -102,6 +106,16 @@ def _port(text: str) -> int:
     number = _whole_number(text, "a TCP port (a whole number 0-65535; 0 picks a free one)")
     if not 0 <= number <= 65535:
         raise ValueError(f"{text!r} is not a TCP port (0-65535; 0 picks a free one)")
+    return number
+
+
+def _fraction(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 1:
+        raise ValueError(f"{text!r} is not a fraction from 0 to 1")
     return number
 
 
@@ -231,6 +245,27 @@ class Settings:
         "none", _optional_path, "TLS certificate chain (PEM); with keyfile, serve HTTPS."
     )
     keyfile: str | None = _setting("none", _optional_path, "TLS private key (PEM) of certfile.")
+    read_cache_entries: int = _setting(
+        "4096",
+        _whole_number_text,
+        "Most /v1/aggregates answers kept to answer repeated reads without a thread hop "
+        "(0: no cache); dropped when a commit touches their keys.",
+    )
+    read_cache_bytes: int = _setting(
+        "16MiB", parse_size, "Most bytes of answers the read cache keeps (0: no cache)."
+    )
+    read_cache_ttl: float = _setting(
+        "2s",
+        parse_duration,
+        "Oldest answer the read cache serves (0: no cache): how stale a read may be of "
+        "events another process (hypercorn worker) committed to the same store.",
+    )
+    loop_step_sampling: float = _setting(
+        "0.1",
+        _fraction,
+        "Share of the time (0-1) the event loop's task steps are timed on its thread's CPU "
+        "clock (trioagg_loop_step_cpu_seconds); each timed step costs about 3-5 us.",
+    )
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "Logging level."
     )

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import trio
 
@@ -51,6 +51,9 @@ from .metrics import Metrics
 from .store import Store
 
 log = logging.getLogger("trioagg.writer")
+
+#: Told the events of a commit (one list per request), e.g. to invalidate cached reads.
+Committed = Callable[[list[list[Point]]], None]
 
 #: What one decoded event is taken to hold in memory until it is committed.
 EVENT_BYTES = 300
@@ -98,9 +101,12 @@ class Writer:
         batch_size: int,
         queue_size: int,
         inflight: InflightBytes | None = None,
+        committed: Committed | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        #: Told the events of each successful commit, before their requests are answered.
+        self.committed = committed
         self.inflight = inflight or InflightBytes(None)
         self.shard = shard
         self.batch_size = batch_size
@@ -255,6 +261,8 @@ class Writer:
                 self._lose([culprit], "refused by the store")
             return []
         self._outage = None
+        if self.committed is not None:
+            self.committed([submission.points for submission in batch])
         for submission, duplicates in zip(batch, result.duplicates, strict=True):
             submission.duplicates = duplicates
             self._answer(submission, None)
@@ -407,6 +415,7 @@ class Writers:
         queue_size: int,
         enqueue_timeout: float,
         max_inflight: int | None = None,
+        committed: Committed | None = None,
     ) -> None:
         self.enqueue_timeout = enqueue_timeout
         self.metrics = metrics
@@ -419,6 +428,7 @@ class Writers:
                 batch_size=batch_size,
                 queue_size=queue_size,
                 inflight=self.inflight,
+                committed=committed,
             )
             for shard in range(count)
         ]
@@ -555,12 +565,3 @@ async def purge_expired_ids(store: Store, interval: float) -> None:
         else:
             if purged:
                 log.debug("forgot %d expired event ids", purged)
-
-
-async def watch_loop_stalls(metrics: Metrics, interval: float = 0.01) -> None:
-    """Until cancelled, wake every ``interval`` seconds and record how late the wake-up
-    was: the time some task held the event loop without a checkpoint."""
-    while True:
-        asleep = trio.current_time()
-        await trio.sleep(interval)
-        metrics.loop_stalled(max(0.0, trio.current_time() - asleep - interval))

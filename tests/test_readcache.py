@@ -1,0 +1,155 @@
+"""The read cache: its bounds and invalidation directly, and its exactness on real servers."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.conftest import StartServer, post
+from trioagg.readcache import ENTRY_OVERHEAD, ReadCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cache(
+    entries: int = 10, max_bytes: int = 1 << 20, ttl: float = 5.0
+) -> tuple[ReadCache, Clock]:
+    clock = Clock()
+    return ReadCache(entries=entries, max_bytes=max_bytes, ttl=ttl, clock=clock), clock
+
+
+def _fill(cache: ReadCache, name: str, keys: tuple[str, ...], body: bytes) -> None:
+    with cache.reading(keys) as keep:
+        keep(name, body)
+
+
+def _point(key: str) -> tuple[str, float, float, str, None, None]:
+    return (key, 0.0, 1.0, "{}", None, None)
+
+
+def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
+    cache, _ = _cache()
+    _fill(cache, "q-a", ("a",), b"A")
+    _fill(cache, "q-ab", ("a", "b"), b"AB")
+    _fill(cache, "q-c", ("c",), b"C")
+    assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", b"AB", b"C")
+    cache.committed([[_point("b"), _point("x")]])
+    assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", None, b"C")
+    cache.committed([[_point("x")], [_point("a")]])
+    assert (cache.get("q-a"), cache.get("q-c")) == (None, b"C")
+    assert len(cache) == 1 and cache.bytes == 1 + ENTRY_OVERHEAD
+
+
+def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
+    cache, _ = _cache()
+    with cache.reading(("a",)) as keep_a, cache.reading(("b",)) as keep_b:
+        cache.committed([[_point("a")]])  # committed while both reads were under way
+        with cache.reading(("a",)) as keep_later:  # began after that commit: not raced
+            keep_later("q-a2", b"A2")
+        keep_a("q-a", b"A")
+        keep_b("q-b", b"B")
+    assert (cache.get("q-a"), cache.get("q-b"), cache.get("q-a2")) == (None, b"B", b"A2")
+
+
+def test_answers_expire_after_the_ttl() -> None:
+    cache, clock = _cache(ttl=2.0)
+    _fill(cache, "q", ("a",), b"A")
+    clock.now = 1.9
+    assert cache.get("q") == b"A"
+    clock.now = 2.0
+    assert cache.get("q") is None and len(cache) == 0 and cache.bytes == 0
+
+
+def test_entries_and_bytes_are_bounded_least_recently_used_first() -> None:
+    cache, _ = _cache(entries=3)
+    for name in "abcd":
+        _fill(cache, name, (name,), name.encode())
+        cache.get("a")  # a stays recently used
+    assert [cache.get(name) for name in "abcd"] == [b"a", None, b"c", b"d"]
+    body = b"x" * 1000
+    per_entry = len(body) + ENTRY_OVERHEAD
+    sized, _ = _cache(entries=100, max_bytes=8 * per_entry)
+    for number in range(12):
+        _fill(sized, number, (str(number),), body)
+    assert len(sized) == 8 and sized.bytes == 8 * per_entry
+    assert sized.get(3) is None and sized.get(4) == body
+    # an answer larger than an eighth of the bytes is never kept
+    _fill(sized, "big", ("big",), b"y" * per_entry)
+    assert sized.get("big") is None
+    # invalidation leaves no trace in the index
+    sized.committed([[_point(str(n)) for n in range(12)]])
+    assert len(sized) == 0 and sized.bytes == 0 and not sized._by_key
+
+
+def test_a_disabled_cache_keeps_nothing() -> None:
+    for cache, _ in (_cache(entries=0), _cache(max_bytes=0), _cache(ttl=0)):
+        _fill(cache, "q", ("a",), b"A")
+        assert not cache.enabled and cache.get("q") is None
+
+
+DAY = {"from": "2026-11-24T00:00:00Z", "to": "2026-11-25T00:00:00Z", "granularity": "day"}
+
+
+async def test_a_read_after_a_200_sees_that_write(start_server: StartServer) -> None:
+    server = await start_server()
+    counts = []
+    for value in (1, 2, 3):
+        event = {"key": "rc", "ts": "2026-11-24T10:00:00Z", "value": value, "tags": {"t": "x"}}
+        assert (await post(server.client, event)).status_code == 200
+        for _ in range(2):  # the second read is answered from the cache
+            answer = (await server.client.get("/v1/aggregates", params={"key": "rc", **DAY})).json()
+            (series,) = answer["results"]
+            counts.append(series["buckets"][0]["count"])
+    assert counts == [1, 1, 2, 2, 3, 3]
+    metrics = server.app.metrics.registry
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 3
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 3
+
+
+async def test_reads_under_concurrent_writes_never_miss_an_acknowledged_write(
+    start_server: StartServer,
+) -> None:
+    """Writers and readers of one key at once: every read that starts after a 200 counts
+    at least the events acknowledged by then, cached or not."""
+    server = await start_server()
+    acknowledged = 0
+    problems: list[str] = []
+
+    async def write() -> None:
+        nonlocal acknowledged
+        for _ in range(40):
+            event = {"key": "hot", "ts": "2026-11-24T10:00:00Z"}
+            assert (await post(server.client, [event, event])).status_code == 200
+            acknowledged += 2
+
+    async def read() -> None:
+        for _ in range(60):
+            floor = acknowledged
+            response = await server.client.get("/v1/aggregates", params={"key": "hot", **DAY})
+            buckets = response.json()["results"][0]["buckets"]
+            count = buckets[0]["count"] if buckets else 0
+            if count < floor:
+                problems.append(f"read {count} after {floor} were acknowledged")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        for _ in range(3):
+            nursery.start_soon(read)
+    assert problems == []
+    final = await server.client.get("/v1/aggregates", params={"key": "hot", **DAY})
+    assert final.json()["results"][0]["buckets"][0]["count"] == 80
+
+
+@pytest.mark.parametrize("ttl", ["0"])
+async def test_no_cache_with_a_zero_ttl(start_server: StartServer, ttl: str) -> None:
+    server = await start_server(read_cache_ttl=ttl)
+    for _ in range(2):
+        await server.client.get("/v1/aggregates", params={"key": "none", **DAY})
+    metrics = server.app.metrics.registry
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) is None

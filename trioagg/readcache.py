@@ -1,0 +1,161 @@
+"""Recent ``/v1/aggregates`` answers, served on the event loop without a thread hop.
+
+A hot read (the same parsed query again) is answered from memory: no worker
+thread, no SELECT, no merging. What keeps it exact:
+
+* **Invalidation by key**: after each commit the writer calls
+  :meth:`ReadCache.committed` with the events it stored, and every cached
+  answer over one of their keys is dropped. An answer from the cache is
+  therefore what a fresh read would return as of the last commit this process
+  made.
+* **No stale insert**: an answer is cached only if no commit touched one of
+  its keys while it was being read (:meth:`ReadCache.reading`), so a read that
+  raced a commit is answered but not kept.
+* **Other processes**: commits by another process sharing the store (another
+  hypercorn worker) are not seen here; an answer older than ``ttl`` seconds is
+  never served, which bounds how stale such a read can be.
+
+Bounded by ``entries`` and by ``max_bytes`` (answers' bytes); the least
+recently used answers are dropped first, and an answer larger than an eighth
+of ``max_bytes`` is never kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from .ingest import Point
+from .query import Query
+
+#: What an entry costs besides its answer's bytes (the key, the entry, the index).
+ENTRY_OVERHEAD = 200
+
+
+def cache_key(query: Query) -> Hashable:
+    """Everything that decides a query's answer. The answer buckets' edges follow from
+    the granularity, the zone and the first and last edge (and the store's fixed bucket)."""
+    return (
+        query.keys,
+        query.granularity,
+        query.tz,
+        query.start,
+        query.end,
+        tuple(sorted(query.tags.items())),
+        query.group_by,
+        query.stats,
+        query.fill,
+    )
+
+
+@dataclass(slots=True)
+class _Entry:
+    keys: tuple[str, ...]
+    body: bytes
+    stored_at: float
+
+
+class ReadCache:
+    """Encoded answers by :func:`cache_key` (see the module)."""
+
+    def __init__(
+        self,
+        *,
+        entries: int,
+        max_bytes: int,
+        ttl: float,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.entries = entries
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.clock = clock
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._answers: OrderedDict[Hashable, _Entry] = OrderedDict()
+        #: cached answers by event key, for invalidation
+        self._by_key: dict[str, set[Hashable]] = {}
+        #: keys being read now: [reads under way, commits that touched the key meanwhile]
+        self._reading: dict[str, list[int]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.entries > 0 and self.max_bytes > 0 and self.ttl > 0
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def get(self, key: Hashable) -> bytes | None:
+        """The cached answer, if there is one younger than ``ttl``."""
+        entry = self._answers.get(key)
+        if entry is None or self.clock() - entry.stored_at >= self.ttl:
+            if entry is not None:
+                self._drop(key)
+            self.misses += 1
+            return None
+        self._answers.move_to_end(key)
+        self.hits += 1
+        return entry.body
+
+    @contextlib.contextmanager
+    def reading(self, keys: Sequence[str]) -> Iterator[Callable[[Hashable, bytes], None]]:
+        """For the body of the ``with``, a read of ``keys`` is under way; it yields
+        ``keep(cache_key, body)``, which caches the answer unless a commit touched
+        one of ``keys`` since the ``with`` began."""
+        counts = [self._reading.setdefault(key, [0, 0]) for key in keys]
+        touches = []
+        for count in counts:
+            count[0] += 1
+            touches.append(count[1])
+        started = self.clock()
+
+        def keep(cache_key: Hashable, body: bytes) -> None:
+            if all(count[1] == seen for count, seen in zip(counts, touches, strict=True)):
+                self._put(cache_key, tuple(keys), body, started)
+
+        try:
+            yield keep
+        finally:
+            for key, count in zip(keys, counts, strict=True):
+                count[0] -= 1
+                if not count[0]:
+                    del self._reading[key]
+
+    def committed(self, batches: Iterable[Sequence[Point]]) -> None:
+        """Events were committed: drop every answer over their keys, and count a touch
+        on each of their keys being read."""
+        if not self._by_key and not self._reading:
+            return
+        touched = {point[0] for points in batches for point in points}
+        for key in touched & self._reading.keys():
+            self._reading[key][1] += 1
+        for key in touched & self._by_key.keys():
+            for cached in list(self._by_key.get(key, ())):
+                self._drop(cached)
+
+    def _put(self, key: Hashable, keys: tuple[str, ...], body: bytes, stored_at: float) -> None:
+        size = len(body) + ENTRY_OVERHEAD
+        if not self.enabled or size > self.max_bytes // 8:
+            return
+        if key in self._answers:
+            self._drop(key)
+        self._answers[key] = _Entry(keys, body, stored_at)
+        self.bytes += size
+        for name in keys:
+            self._by_key.setdefault(name, set()).add(key)
+        while len(self._answers) > self.entries or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._answers)))
+
+    def _drop(self, key: Hashable) -> None:
+        entry = self._answers.pop(key)
+        self.bytes -= len(entry.body) + ENTRY_OVERHEAD
+        for name in entry.keys:
+            cached = self._by_key[name]
+            cached.discard(key)
+            if not cached:
+                del self._by_key[name]
