@@ -53,12 +53,17 @@ class Backend(Protocol):
     """Blocking, dialect-specific operations; every method runs in a worker thread."""
 
     description: str
+    #: Databases the writers' hours are spread over: 1 where every writer shares one
+    #: (PostgreSQL), else one per writer, writer ``i`` writing only in shard ``i``.
+    shards: int
 
-    def connect(self, *, write: bool) -> Any: ...
+    def connect(self, *, write: bool, shard: int = 0) -> Any:
+        """A connection; a write connection to shard ``shard``'s database."""
 
     def prepare(self, conn: Any, bucket: int) -> None:
-        """Create the schema if needed and record ``bucket`` in a new store.
-        Raises ConfigError when an existing store was created differently."""
+        """On shard 0's write connection: create the schema (of every shard) if needed
+        and record ``bucket`` in a new store. Raises ConfigError when an existing store
+        was created differently."""
 
     def begin(self, conn: Any) -> None:
         """Start the write transaction, taking the database's write lock."""
@@ -275,14 +280,15 @@ class Link:
     next operation connects afresh: the service recovers by itself.
     """
 
-    def __init__(self, backend: Backend, *, write: bool) -> None:
+    def __init__(self, backend: Backend, *, write: bool, shard: int = 0) -> None:
         self.backend = backend
         self.write = write
+        self.shard = shard
         self.conn: Any = None
 
     def run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self.conn is None:
-            self.conn = self.backend.connect(write=self.write)
+            self.conn = self.backend.connect(write=self.write, shard=self.shard)
         try:
             return operation(self.conn, *args, **kwargs)
         except Exception as error:
@@ -303,8 +309,9 @@ class Store:
     """A backend's connections, used from trio. Create it with :meth:`open`.
 
     ``writers`` write connections, each behind a capacity limiter of its own
-    (writer ``i`` of :class:`~trioagg.writer.Writers` uses shard ``i``), and a
-    fixed pool of read connections.
+    (writer ``i`` of :class:`~trioagg.writer.Writers` uses connection ``i``, to the
+    backend's shard ``i`` where it has several), and a fixed pool of read
+    connections, each reading every shard.
     """
 
     def __init__(
@@ -320,7 +327,7 @@ class Store:
         self.policy = policy
         self.bucket = policy.bucket
         self.busy_timeout = busy_timeout
-        self._write_links = [Link(backend, write=True) for _ in range(writers)]
+        self._write_links = [Link(backend, write=True, shard=shard) for shard in range(writers)]
         self._write_limiters = [trio.CapacityLimiter(1) for _ in range(writers)]
         self._read_links = [Link(backend, write=False) for _ in range(readers)]
         self._idle_send, self._idle_receive = trio.open_memory_channel[Link](readers)
@@ -363,16 +370,18 @@ class Store:
         )
 
     async def purge_expired_ids(self) -> int:
-        """Forget ids older than the dedup window, a short transaction per chunk so
-        the writers' commits interleave. Returns how many were forgotten."""
+        """Forget ids older than the dedup window in every shard, a short transaction
+        per chunk so the writers' commits interleave. Returns how many were forgotten."""
         before = time.time() - self.policy.dedup_window
         purged = 0
-        while True:
-            count = await self._retry_busy(0, self._purge_chunk, before)
-            purged += count
-            if count < _PURGE_CHUNK:
-                return purged
-            await trio.sleep(0)
+        for shard in range(self.backend.shards):
+            while True:
+                count = await self._retry_busy(shard, self._purge_chunk, before)
+                purged += count
+                if count < _PURGE_CHUNK:
+                    break
+                await trio.sleep(0)
+        return purged
 
     def _purge_chunk(self, conn: Any, before: float) -> int:
         self.backend.begin(conn)

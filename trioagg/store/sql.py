@@ -51,8 +51,12 @@ class SQLBackend:
     row_lock = ""
     #: Whether upserts go in sorted order, so that concurrent writers never deadlock.
     ordered_writes = False
+    #: Databases the writers' hours are spread over (1: every writer shares one).
+    shards = 1
 
     def __init__(self) -> None:
+        #: What reads name the shard tables: the tables, or views over several shards.
+        self.tables = {"rollups": "rollups", "series": "series"}
         least, greatest = self.least, self.greatest
         # SET expressions read the row as it was before the update: their order is free.
         self._upsert = self._sql(f"""
@@ -152,7 +156,8 @@ class SQLBackend:
         blobs = ", quantiles_kll, distinct_hll" if sketches else ""
         records = conn.execute(
             self._sql(
-                f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} FROM rollups "
+                f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} "
+                f"FROM {self.tables['rollups']} "
                 f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
                 + ("" if limit is None else " LIMIT ?")
             ),
@@ -161,12 +166,14 @@ class SQLBackend:
         return to_rows(records, sketches=sketches)
 
     def list_keys(self, conn: Any, prefix: str, after: str, limit: int) -> list[KeyInfo]:
+        series = self.tables["series"]
+        # A series whose hours span shards has a span in each: the keys index is their union.
         rows = conn.execute(
             self._sql(
-                "SELECT key, tags, first_bucket, last_bucket FROM series WHERE key IN ("
-                "  SELECT DISTINCT key FROM series WHERE key > ? AND key >= ? AND key < ?"
-                "  ORDER BY key LIMIT ?"
-                ") ORDER BY key"
+                f"SELECT key, tags, min(first_bucket), max(last_bucket) FROM {series} "
+                f"WHERE key IN (SELECT DISTINCT key FROM {series} "
+                "  WHERE key > ? AND key >= ? AND key < ? ORDER BY key LIMIT ?"
+                ") GROUP BY key, tags ORDER BY key, tags"
             ),
             (after, prefix, prefix + _PREFIX_END, limit),
         ).fetchall()
@@ -178,7 +185,7 @@ class SQLBackend:
         measure = "sum(count)" if stat == "count" else "sum(count * shift + s1)"
         rows = conn.execute(
             self._sql(
-                f"SELECT key, {measure} AS measure FROM rollups "
+                f"SELECT key, {measure} AS measure FROM {self.tables['rollups']} "
                 "WHERE bucket >= ? AND bucket < ? AND key >= ? AND key < ? "
                 "GROUP BY key ORDER BY measure DESC, key LIMIT ?"
             ),
@@ -193,13 +200,17 @@ class SQLBackend:
     def close(self, conn: Any) -> None:
         conn.close()
 
-    def read_meta(self, conn: Any, bucket: int) -> dict[str, str]:
-        """Inside the schema transaction: the stored settings, recording them if new."""
+    def read_meta(
+        self, conn: Any, bucket: int, extra: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """Inside the schema transaction: the stored settings, recording them (and
+        ``extra``) if new."""
         stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         if not stored:
+            settings = {"bucket_seconds": str(bucket), "schema_version": SCHEMA_VERSION}
             conn.cursor().executemany(
                 self._sql("INSERT INTO meta (name, value) VALUES (?, ?)"),
-                [("bucket_seconds", str(bucket)), ("schema_version", SCHEMA_VERSION)],
+                list({**settings, **(extra or {})}.items()),
             )
         return stored
 
