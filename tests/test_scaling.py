@@ -11,6 +11,10 @@ import httpx
 import pytest
 import trio
 
+from trioagg.errors import ConfigError
+from trioagg.settings import Settings
+from trioagg.store import open_store
+
 from .conftest import SHARDED, PostgresCluster, StartServer, fresh_schema, post, stored_counts
 
 HOUR = 3600
@@ -123,6 +127,19 @@ def test_a_sqlite_store_opens_only_with_the_writers_it_was_made_with(
     (tmp_path / "elsewhere.db").rename(tmp_path / "trioagg.db-shard1")
     assert server_process("--writers", "2").start().stop() == 0
     assert db.exists()
+
+
+async def test_a_shard_file_with_data_never_joins_a_new_main_file(tmp_path: Any) -> None:
+    db = str(tmp_path / "trioagg.db")
+    settings = Settings.from_text({"db": db, "writers": "2"})
+    store = await open_store(settings)
+    await store.write([[("k", DAY + HOUR, 1.0, "{}", None, None)]], shard=1)
+    await store.aclose()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"trioagg.db{suffix}").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=r"trioagg\.db-shard1 holds data of another store"):
+        await open_store(settings)
+    assert stored_counts(db + "-shard1") == {"k": 1}
 
 
 def test_a_sqlite_store_of_one_file_keeps_opening(server_process: Any, tmp_path: Any) -> None:

@@ -187,6 +187,14 @@ class SQLiteBackend(SQLBackend):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 stored = self._prepare_file(conn, [_META], bucket, shard)
+                # A shard file left by a creation that crashed before its main file
+                # committed is empty; one with data belongs to a store whose main file
+                # is gone, and must not join a new one.
+                if new and conn.execute("SELECT 1 FROM rollups LIMIT 1").fetchall():
+                    raise ConfigError(
+                        f"{path} holds data of another store (its main file {self.path} "
+                        "is new): move it away, or restore that store's main file"
+                    )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
