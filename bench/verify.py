@@ -17,15 +17,18 @@ from typing import Any
 
 
 def store_totals(db: Path) -> tuple[int, int]:
-    """(events, rows) of a store: ``sum(count)`` and ``count(*)`` of its rollups."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        events, rows = conn.execute(
-            "SELECT coalesce(sum(count), 0), count(*) FROM rollups"
-        ).fetchone()
-    finally:
-        conn.close()
-    return int(events), int(rows)
+    """(events, rows) of a store: ``sum(count)`` and ``count(*)`` of its rollups, over
+    its shard files too (``<db>-shard1`` ..., made by ``--writers N``)."""
+    events = rows = 0
+    shards = [found for found in db.parent.glob(f"{db.name}-shard*") if found.name[-1].isdigit()]
+    for path in [db, *shards]:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            found = conn.execute("SELECT coalesce(sum(count), 0), count(*) FROM rollups").fetchone()
+        finally:
+            conn.close()
+        events, rows = events + int(found[0]), rows + int(found[1])
+    return events, rows
 
 
 def acknowledged(loadgen_result: Mapping[str, Any]) -> dict[str, int]:

@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -235,11 +236,28 @@ def fresh_schema(dsn: str) -> tuple[str, str]:
     return schema, f"{dsn}{separator}options=-csearch_path%3D{schema}"
 
 
+class StoreUrl(str):
+    """A store's ``--db``, with the flags its servers start with by default."""
+
+    flags: dict[str, str]
+
+    def __new__(cls, url: str, **flags: str) -> StoreUrl:
+        made = super().__new__(cls, url)
+        made.flags = flags
+        return made
+
+
+#: The SQLite store of two shard files (``--writers 2``), as ``db_url``'s parameter.
+SHARDED = "sqlite-2-shards"
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty store: a SQLite file, or a PostgreSQL schema of its own."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "trioagg.db")
+    """A fresh, empty store: a SQLite file, or a PostgreSQL schema of its own; or, where
+    a test asks for :data:`SHARDED`, a SQLite store of two shard files."""
+    if request.param in ("sqlite", SHARDED):
+        writers = {"writers": "2"} if request.param == SHARDED else {}
+        yield StoreUrl(str(tmp_path / "trioagg.db"), **writers)
         return
     dsn = request.getfixturevalue("postgres_dsn")
     schema, url = fresh_schema(dsn)
@@ -257,6 +275,7 @@ async def start_server(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Star
 
     async def start(**settings: str) -> Server:
         values = {"db": db_url, "port": "0", "log_level": "warning"}
+        values.update(getattr(db_url, "flags", {}))
         values.update(settings)
         app = create_app(Settings.from_text(values))
         stop, stopped = trio.Event(), trio.Event()
@@ -290,14 +309,35 @@ def post(client: httpx.AsyncClient, body: Any, **params: str) -> Awaitable[httpx
     return client.post("/v1/events", json=body, params=params)
 
 
+def shard_files(db: str | Path) -> list[Path]:
+    """The files of a SQLite store: the main file, then its shard files in order."""
+    main = Path(db)
+    numbers = [
+        int(found.name.rsplit("-shard", 1)[1])
+        for found in main.parent.glob(f"{main.name}-shard*")
+        if re.fullmatch(r"\d+", found.name.rsplit("-shard", 1)[1])
+    ]
+    return [main, *(Path(f"{main}-shard{number}") for number in sorted(numbers))]
+
+
 def sql(db: str | Path, query: str) -> list[tuple[Any, ...]]:
-    """Rows of ``query``, read straight from a store (SQLite file or PostgreSQL URL)."""
+    """Rows of ``query``, read straight from a store (SQLite file or PostgreSQL URL).
+    On a SQLite store of several shard files, its tables read as the union of every
+    shard's (``TEMP`` views of the same names, which come first in name lookup)."""
     if str(db).startswith("postgresql://"):
         import psycopg
 
         with psycopg.connect(str(db)) as conn:
             return [tuple(row) for row in conn.execute(query).fetchall()]
-    with sqlite3.connect(db) as conn:
+    files = shard_files(db)
+    with contextlib.closing(sqlite3.connect(files[0])) as conn:
+        if len(files) > 1:
+            for number, path in enumerate(files[1:], start=1):
+                conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(path),))
+            for table in ("rollups", "series", "event_ids"):
+                arms = [f"SELECT * FROM shard{n}.{table}" for n in range(1, len(files))]
+                union = " UNION ALL ".join([f"SELECT * FROM main.{table}", *arms])
+                conn.execute(f"CREATE TEMP VIEW {table} AS {union}")
         return conn.execute(query).fetchall()
 
 
@@ -395,8 +435,10 @@ def hold_write_lock() -> Any:
                 self.conn = psycopg.connect(str(db), autocommit=True)
                 self.conn.execute("BEGIN")
                 self.conn.execute("LOCK TABLE rollups, series, event_ids IN EXCLUSIVE MODE")
-            else:
+            else:  # BEGIN IMMEDIATE takes the write lock of every attached file too
                 self.conn = sqlite3.connect(db, isolation_level=None)
+                for number, path in enumerate(shard_files(db)[1:], start=1):
+                    self.conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(path),))
                 self.conn.execute("BEGIN IMMEDIATE")
 
         def release(self) -> None:
@@ -411,10 +453,11 @@ def hold_write_lock() -> Any:
 
 
 def assert_store_holds(db: str | Path, expected: dict[str, int]) -> None:
-    """The store holds exactly ``expected`` events per key, and a SQLite file is sound."""
+    """The store holds exactly ``expected`` events per key, and every SQLite file is sound."""
     assert stored_counts(db) == expected
     if not str(db).startswith("postgresql://"):
-        assert sql(db, "PRAGMA integrity_check") == [("ok",)]
+        for path in shard_files(db):
+            assert sql(path, "PRAGMA integrity_check") == [("ok",)]
 
 
 class Ledger:
@@ -422,8 +465,11 @@ class Ledger:
     and which of them were answered 200. Sent again until answered 200, every request
     must be counted exactly once: :meth:`expected` is then what the store must hold."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, hours: int = 1) -> None:
         self.size = size
+        #: Events of a request spread over this many past hours (with ``hours`` > 1, a
+        #: request spans the writers of a sharded store, atomic per writer only).
+        self.hours = hours
         self.bodies: dict[str, list[dict[str, Any]]] = {}
         self.acknowledged: set[str] = set()
         self.statuses: dict[int, int] = {}
@@ -431,6 +477,10 @@ class Ledger:
     def new(self, key: str) -> str:
         request = f"{key}-{len(self.bodies)}"
         self.bodies[request] = [{"key": key, "id": f"{request}-{j}"} for j in range(self.size)]
+        if self.hours > 1:
+            hour = int(time.time()) // 3600 * 3600
+            for j, event in enumerate(self.bodies[request]):
+                event["ts"] = hour - (j % self.hours) * 3600
         return request
 
     async def send(self, client: httpx.AsyncClient, request: str) -> httpx.Response:
@@ -438,7 +488,8 @@ class Ledger:
         response = await client.post("/v1/events", json=self.bodies[request])
         self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
         if response.status_code == 200:
-            assert response.json()["duplicates"] in (0, self.size), response.text
+            whole = (0, self.size) if self.hours == 1 else range(self.size + 1)
+            assert response.json()["duplicates"] in whole, response.text
             self.acknowledged.add(request)
         return response
 

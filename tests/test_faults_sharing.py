@@ -15,17 +15,19 @@ import trio
 from trioagg.settings import Settings
 from trioagg.store import open_store
 
-from .conftest import Ledger, assert_store_holds
+from .conftest import Ledger, assert_store_holds, shard_files
 
 pytestmark = pytest.mark.slow
 
 
-async def test_two_hypercorn_workers_and_a_serve_on_one_file_count_every_event_once(
-    server_process: Any, tmp_path: Path
+@pytest.mark.parametrize("writers", [1, 2])
+async def test_two_hypercorn_workers_and_a_serve_on_one_store_count_every_event_once(
+    server_process: Any, tmp_path: Path, writers: int
 ) -> None:
     db = tmp_path / "shared.db"
-    serve = server_process(db=db).start()
-    workers = server_process(db=db, env={"TRIOAGG_DB": str(db)}).start(
+    serve = server_process("--writers", str(writers), db=db).start()
+    environment = {"TRIOAGG_DB": str(db), "TRIOAGG_WRITERS": str(writers)}
+    workers = server_process(db=db, env=environment).start(
         [
             sys.executable,
             "-m",
@@ -40,7 +42,7 @@ async def test_two_hypercorn_workers_and_a_serve_on_one_file_count_every_event_o
         ]
     )
     assert serve.url and workers.url, serve.output + workers.output
-    ledger = Ledger()
+    ledger = Ledger(hours=2)
 
     async def client_loop(url: str, key: str, requests: int) -> None:
         # A connection per client: the kernel spreads them over both workers.
@@ -64,11 +66,12 @@ ROUNDS = 50
 PROCESSES = 8
 
 
-def open_fresh_stores(folder: str, barrier: Any, failures: Any) -> None:
-    """In a forked child: every round, open the round's fresh file with the others."""
+def open_fresh_stores(folder: str, writers: int, barrier: Any, failures: Any) -> None:
+    """In a forked child: every round, open the round's fresh store with the others."""
 
     async def open_and_close(db: str) -> None:
-        store = await open_store(Settings.from_text({"db": db, "busy_timeout": "10s"}))
+        settings = {"db": db, "busy_timeout": "10s", "writers": str(writers)}
+        store = await open_store(Settings.from_text(settings))
         await store.aclose()
 
     for round_number in range(ROUNDS):
@@ -79,14 +82,15 @@ def open_fresh_stores(folder: str, barrier: Any, failures: Any) -> None:
             failures.put(f"round {round_number}: {type(error).__name__}: {error}")
 
 
-def test_processes_opening_one_fresh_file_at_once_all_succeed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writers", [1, 2])
+def test_processes_opening_one_fresh_store_at_once_all_succeed(
+    tmp_path: Path, writers: int
+) -> None:
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(PROCESSES)
     failures = context.SimpleQueue()
-    children = [
-        context.Process(target=open_fresh_stores, args=(str(tmp_path), barrier, failures))
-        for _ in range(PROCESSES)
-    ]
+    arguments = (str(tmp_path), writers, barrier, failures)
+    children = [context.Process(target=open_fresh_stores, args=arguments) for _ in range(PROCESSES)]
     for child in children:
         child.start()
     for child in children:
@@ -98,3 +102,4 @@ def test_processes_opening_one_fresh_file_at_once_all_succeed(tmp_path: Path) ->
     assert found == []
     for round_number in range(ROUNDS):
         assert_store_holds(tmp_path / f"round{round_number}.db", {})
+        assert len(shard_files(tmp_path / f"round{round_number}.db")) == writers

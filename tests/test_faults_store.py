@@ -54,13 +54,14 @@ async def assert_recovered(server: Server) -> None:
     assert (await server.client.get("/readyz")).status_code == 200
 
 
-async def on_write_connection(server: Server, statement: str) -> list[Any]:
-    """Run ``statement`` on the server's write connection, in turn with its commits."""
+async def on_write_connection(server: Server, statement: str, shard: int = 0) -> list[Any]:
+    """Run ``statement`` on the server's write connection to ``shard``, in turn with its
+    commits."""
     store = server.app.service.store
-    conn = store._write_links[0].conn
+    conn = store._write_links[shard].conn
     assert conn is not None, "the write connection opens with the first commit"
     return await trio.to_thread.run_sync(
-        lambda: conn.execute(statement).fetchall(), limiter=store._write_limiters[0]
+        lambda: conn.execute(statement).fetchall(), limiter=store._write_limiters[shard]
     )
 
 
@@ -168,6 +169,68 @@ async def test_a_deleted_database_file_never_acknowledges_again(
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "store_unavailable"
     assert not os.path.exists(server.db), "a connection created a new, empty database"
+
+
+# Two past hours, owned by writer 0 and writer 1 of a store of two shard files.
+EVEN_HOUR = (int(time.time()) // 7200 - 1) * 7200
+ODD_HOUR = EVEN_HOUR + 3600
+
+
+def in_hour(events: list[dict[str, Any]], hour: int) -> list[dict[str, Any]]:
+    return [{**event, "ts": hour} for event in events]
+
+
+async def test_a_full_shard_fails_its_hours_only_and_recovers(start_server: StartServer) -> None:
+    server = await start_server(writers="2")
+    both = in_hour([{"key": "before"}], EVEN_HOUR) + in_hour([{"key": "before"}], ODD_HOUR)
+    assert (await post(server.client, both)).status_code == 200
+    ((pages,),) = await on_write_connection(server, "PRAGMA page_count", shard=1)
+    await on_write_connection(server, f"PRAGMA max_page_count = {pages}", shard=1)
+
+    full = await post(server.client, in_hour(many_keys("full"), ODD_HOUR))
+    assert full.status_code == 503, full.text
+    assert full.json()["error"]["code"] == "commit_failed"
+    ready = await server.client.get("/readyz")
+    assert ready.json()["checks"]["store"] == "failing: the disk holding the database is full"
+    spanning = await post(
+        server.client,
+        in_hour(many_keys("span", 100), EVEN_HOUR) + in_hour(many_keys("lost"), ODD_HOUR),
+    )
+    assert spanning.status_code == 503, "a request is answered 200 only if every part commits"
+    other = await post(server.client, in_hour(many_keys("room"), EVEN_HOUR))
+    assert other.status_code == 200, "the other shard's writer goes on"
+
+    await on_write_connection(server, "PRAGMA max_page_count = 1073741823", shard=1)
+    assert (await post(server.client, in_hour(many_keys("full"), ODD_HOUR))).status_code == 200
+    # The spanning request's even-hour part was committed by its writer (atomic per writer).
+    expected = {"before": 2} | {event["key"]: 1 for event in many_keys("room")}
+    expected |= {event["key"]: 1 for event in many_keys("full")}
+    expected |= {event["key"]: 1 for event in many_keys("span", 100)}
+    assert_store_holds(server.db, expected)
+
+
+async def test_a_deleted_shard_file_never_acknowledges_its_hours_again(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(writers="2")
+    assert (await post(server.client, in_hour([{"key": "b"}], ODD_HOUR))).status_code == 200
+    shard = server.db + "-shard1"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(shard + suffix)
+    for _ in range(3):
+        gone = await post(server.client, in_hour([{"key": "gone"}], ODD_HOUR))
+        assert gone.status_code == 503, gone.text
+        assert gone.json()["error"]["code"] == "commit_failed"
+    ready = await server.client.get("/readyz")
+    assert "deleted" in ready.json()["checks"]["store"], ready.text
+    refused = await post(server.client, in_hour([{"key": "gone"}], ODD_HOUR), wait="false")
+    assert refused.json()["error"]["code"] == "store_unavailable"
+    kept = await post(server.client, in_hour([{"key": "kept"}], EVEN_HOUR))
+    assert kept.status_code == 200, kept.text
+    response = await server.client.get("/v1/aggregates", params={"key": "kept"})
+    assert response.status_code == 503, "a read never answers without a shard's hours"
+    assert not os.path.exists(shard), "a connection created a new, empty shard file"
 
 
 async def wait_committed(server: Server, events: int) -> None:

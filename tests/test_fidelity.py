@@ -15,7 +15,10 @@ import trio
 
 from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
 
-from .conftest import Server, StartServer, post, sql, stored_counts
+from .conftest import SHARDED, Server, StartServer, post, sql, stored_counts
+
+# Every test on one SQLite file, on two shard files (--writers 2) and on PostgreSQL.
+pytestmark = pytest.mark.parametrize("db_url", ["sqlite", SHARDED, "postgres"], indirect=True)
 
 HOUR = 3600
 NOW = int(time.time())

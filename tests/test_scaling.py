@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import time
 from typing import Any
 
@@ -10,17 +11,23 @@ import httpx
 import pytest
 import trio
 
-from .conftest import PostgresCluster, StartServer, fresh_schema, post, stored_counts
+from trioagg.errors import ConfigError
+from trioagg.settings import Settings
+from trioagg.store import open_store
+
+from .conftest import SHARDED, PostgresCluster, StartServer, fresh_schema, post, stored_counts
 
 HOUR = 3600
 DAY = (int(time.time()) // 86400 - 1) * 86400
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", SHARDED, "postgres"])
 def shared_store(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, list[str]]:
     """A store several server processes share, and the flags they need."""
     if request.param == "sqlite":
         return str(tmp_path / "shared.db"), []
+    if request.param == SHARDED:
+        return str(tmp_path / "shared.db"), ["--writers", "2"]
     _, url = fresh_schema(request.getfixturevalue("postgres_dsn"))
     return url, ["--writers", "2"]
 
@@ -56,10 +63,11 @@ async def test_several_processes_on_one_store_keep_exact_totals(
     assert stored_counts(db) == expected
 
 
-ON_POSTGRES = pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+#: Stores of several writers: shard files of SQLite, or PostgreSQL.
+WRITERS = pytest.mark.parametrize("db_url", [SHARDED, "postgres"], indirect=True)
 
 
-@ON_POSTGRES
+@WRITERS
 async def test_a_request_spanning_writers_is_acknowledged_once_every_part_commits(
     start_server: StartServer, hold_write_lock: Any
 ) -> None:
@@ -81,7 +89,7 @@ async def test_a_request_spanning_writers_is_acknowledged_once_every_part_commit
     assert stored_counts(db) == {"span": 8}
 
 
-@ON_POSTGRES
+@WRITERS
 async def test_a_request_whose_parts_all_fail_stores_nothing(
     start_server: StartServer, hold_write_lock: Any
 ) -> None:
@@ -97,10 +105,56 @@ async def test_a_request_whose_parts_all_fail_stores_nothing(
     assert stored_counts(db) == {"fail": 4}
 
 
-def test_several_writers_on_sqlite_are_refused(server_process: Any) -> None:
-    server = server_process("--writers", "2").start()
-    assert server.wait() == 2
-    assert "SQLite has one writer" in server.output
+def test_a_sqlite_store_opens_only_with_the_writers_it_was_made_with(
+    server_process: Any, tmp_path: Any
+) -> None:
+    db = tmp_path / "trioagg.db"
+    made = server_process("--writers", "2").start()
+    assert made.url, made.output
+    assert made.stop() == 0
+    assert (tmp_path / "trioagg.db-shard1").exists()
+    for writers in ("1", "3"):
+        other = server_process("--writers", writers).start()
+        assert other.wait() == 2
+        assert "created with --writers 2" in other.output
+        assert f"but --writers is {writers}" in other.output
+    assert not (tmp_path / "trioagg.db-shard2").exists(), "a refused start made a shard"
+    (tmp_path / "trioagg.db-shard1").rename(tmp_path / "elsewhere.db")
+    missing = server_process("--writers", "2").start()
+    assert missing.wait() == 2
+    assert "trioagg.db-shard1 is missing" in missing.output
+    assert not (tmp_path / "trioagg.db-shard1").exists(), "a missing shard was made anew"
+    (tmp_path / "elsewhere.db").rename(tmp_path / "trioagg.db-shard1")
+    assert server_process("--writers", "2").start().stop() == 0
+    assert db.exists()
+
+
+async def test_a_shard_file_with_data_never_joins_a_new_main_file(tmp_path: Any) -> None:
+    db = str(tmp_path / "trioagg.db")
+    settings = Settings.from_text({"db": db, "writers": "2"})
+    store = await open_store(settings)
+    await store.write([[("k", DAY + HOUR, 1.0, "{}", None, None)]], shard=1)
+    await store.aclose()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"trioagg.db{suffix}").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=r"trioagg\.db-shard1 holds data of another store"):
+        await open_store(settings)
+    assert stored_counts(db + "-shard1") == {"k": 1}
+
+
+def test_a_sqlite_store_of_one_file_keeps_opening(server_process: Any, tmp_path: Any) -> None:
+    """A store made before shard files existed records no shard count: it is one file."""
+    db = tmp_path / "trioagg.db"
+    made = server_process().start()
+    assert made.stop() == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM meta WHERE name IN ('shards', 'shard')")
+    again = server_process().start()
+    assert again.url, again.output
+    assert again.stop() == 0
+    refused = server_process("--writers", "2").start()
+    assert refused.wait() == 2
+    assert "created with --writers 1" in refused.output
 
 
 # Requests cut off by the restart leave httpx's body iterators unfinished.

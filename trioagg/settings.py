@@ -225,7 +225,8 @@ class Settings:
         "1",
         _positive_int,
         "Writer tasks, each with its own channel and connection, owning the buckets where "
-        "bucket_hour % writers is its number (PostgreSQL only; SQLite has one writer).",
+        "bucket_hour % writers is its number; on SQLite each writes a shard file of its own, "
+        "and a store opens only with the count it was created with.",
     )
     readers: int = _setting(
         "4", _positive_int, "Read connections (and worker threads) for queries."

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 
-from ..errors import ConfigError
 from ..settings import Settings
 from .base import Backend, CommitResult, KeyInfo, Row, Store, WritePolicy
 from .sqlite import SQLiteBackend
@@ -45,12 +44,7 @@ def make_backend(settings: Settings) -> Backend:
         from .postgres import PostgresBackend  # loads libpq only when it is used
 
         return PostgresBackend(settings.db)
-    if settings.writers != 1:
-        raise ConfigError(
-            f"--writers / TRIOAGG_WRITERS is {settings.writers}, but SQLite has one writer: "
-            "use 1 with a SQLite store, or a postgresql:// --db for several"
-        )
-    return SQLiteBackend(settings.db, settings.sync)
+    return SQLiteBackend(settings.db, settings.sync, shards=settings.writers)
 
 
 async def open_store(settings: Settings) -> Store:

