@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import pytest
 import trio
 
 from tests.conftest import StartServer, post
-from trioagg.readcache import ENTRY_OVERHEAD, ReadCache
+from trioagg.readcache import ReadCache, entry_cost
 
 
 class Clock:
@@ -43,7 +46,7 @@ def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", None, b"C")
     cache.committed([[_point("x")], [_point("a")]])
     assert (cache.get("q-a"), cache.get("q-c")) == (None, b"C")
-    assert len(cache) == 1 and cache.bytes == 1 + ENTRY_OVERHEAD
+    assert len(cache) == 1 and cache.bytes == entry_cost(("c",), b"C")
 
 
 def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
@@ -73,18 +76,38 @@ def test_entries_and_bytes_are_bounded_least_recently_used_first() -> None:
         cache.get("a")  # a stays recently used
     assert [cache.get(name) for name in "abcd"] == [b"a", None, b"c", b"d"]
     body = b"x" * 1000
-    per_entry = len(body) + ENTRY_OVERHEAD
+    per_entry = entry_cost(("00",), body)
     sized, _ = _cache(entries=100, max_bytes=8 * per_entry)
     for number in range(12):
-        _fill(sized, number, (str(number),), body)
+        _fill(sized, number, (f"{number:02d}",), body)
     assert len(sized) == 8 and sized.bytes == 8 * per_entry
     assert sized.get(3) is None and sized.get(4) == body
     # an answer larger than an eighth of the bytes is never kept
     _fill(sized, "big", ("big",), b"y" * per_entry)
     assert sized.get("big") is None
     # invalidation leaves no trace in the index
-    sized.committed([[_point(str(n)) for n in range(12)]])
+    sized.committed([[_point(f"{n:02d}") for n in range(12)]])
     assert len(sized) == 0 and sized.bytes == 0 and not sized._by_key
+
+
+def test_the_byte_bound_covers_what_the_keys_of_the_entries_hold() -> None:
+    """Small answers to queries of 100 long key names: what the cache counts is at least
+    what it holds in memory, and the byte bound keeps it small."""
+    cache, _ = _cache(entries=4096, max_bytes=2 << 20)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(200):
+            names = tuple(f"{number:04d}.{index:03d}." + "k" * 140 for index in range(100))
+            _fill(cache, ("q", number, names), names, b"{}")
+        del names
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.bytes <= 2 << 20 and len(cache) < 200
+    assert held <= cache.bytes * 1.1, (held, cache.bytes)
 
 
 def test_a_disabled_cache_keeps_nothing() -> None:

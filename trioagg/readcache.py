@@ -15,9 +15,9 @@ thread, no SELECT, no merging. What keeps it exact:
   hypercorn worker) are not seen here; an answer older than ``ttl`` seconds is
   never served, which bounds how stale such a read can be.
 
-Bounded by ``entries`` and by ``max_bytes`` (answers' bytes); the least
-recently used answers are dropped first, and an answer larger than an eighth
-of ``max_bytes`` is never kept.
+Bounded by ``entries`` and by ``max_bytes`` (answers' bytes and what their keys
+cost, :func:`entry_cost`); the least recently used answers are dropped first,
+and an entry larger than an eighth of ``max_bytes`` is never kept.
 """
 
 from __future__ import annotations
@@ -32,8 +32,18 @@ import trio
 from .ingest import Point
 from .query import Query
 
-#: What an entry costs besides its answer's bytes (the key, the entry, the index).
+#: What an entry costs besides its answer's bytes and its key names (the entry, the rest
+#: of its cache key).
 ENTRY_OVERHEAD = 200
+#: What each key name of an entry costs besides its characters: the string, its place in
+#: the cache key and in the index of answers by key (about 290 bytes, traced).
+NAME_OVERHEAD = 300
+
+
+def entry_cost(keys: Sequence[str], body: bytes) -> int:
+    """The bytes an entry is counted for. A query names up to 100 keys of up to 255
+    bytes, so its names can outweigh a small answer many times over."""
+    return len(body) + ENTRY_OVERHEAD + sum(len(name) + NAME_OVERHEAD for name in keys)
 
 
 def cache_key(query: Query) -> Hashable:
@@ -57,6 +67,7 @@ class _Entry:
     keys: tuple[str, ...]
     body: bytes
     stored_at: float
+    cost: int
 
 
 class ReadCache:
@@ -139,13 +150,13 @@ class ReadCache:
                 self._drop(cached)
 
     def _put(self, key: Hashable, keys: tuple[str, ...], body: bytes, stored_at: float) -> None:
-        size = len(body) + ENTRY_OVERHEAD
-        if not self.enabled or size > self.max_bytes // 8:
+        cost = entry_cost(keys, body)
+        if not self.enabled or cost > self.max_bytes // 8:
             return
         if key in self._answers:
             self._drop(key)
-        self._answers[key] = _Entry(keys, body, stored_at)
-        self.bytes += size
+        self._answers[key] = _Entry(keys, body, stored_at, cost)
+        self.bytes += cost
         for name in keys:
             self._by_key.setdefault(name, set()).add(key)
         while len(self._answers) > self.entries or self.bytes > self.max_bytes:
@@ -153,7 +164,7 @@ class ReadCache:
 
     def _drop(self, key: Hashable) -> None:
         entry = self._answers.pop(key)
-        self.bytes -= len(entry.body) + ENTRY_OVERHEAD
+        self.bytes -= entry.cost
         for name in entry.keys:
             cached = self._by_key[name]
             cached.discard(key)
