@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioagg.errors import CommitFailed
+from trioagg.errors import CommitFailed, StoreOutage
 from trioagg.ingest import Point
 from trioagg.metrics import Metrics
 from trioagg.settings import Settings
@@ -320,3 +321,21 @@ async def test_requests_still_queued_at_the_drain_deadline_are_answered_and_coun
 
 def point(key: str) -> Point:
     return (key, time.time(), 1.0, "{}", None, None)
+
+
+async def test_a_failing_shard_does_not_stop_the_purge_of_the_others(db_url: str) -> None:
+    """Expired ids of shard 1 are forgotten though shard 0's file is gone; the purge
+    still reports shard 0's outage."""
+    db = Path(db_url)
+    store = await open_store(Settings.from_text({"db": str(db), "writers": "2"}))
+    try:
+        for path in (db, Path(f"{db}-shard1")):
+            with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+                conn.executemany("INSERT INTO event_ids (id, seen) VALUES (?, 0)", [("a",), ("b",)])
+        os.remove(db)
+        with pytest.raises(StoreOutage, match="deleted or replaced"):
+            await store.purge_expired_ids()
+        with contextlib.closing(sqlite3.connect(f"{db}-shard1")) as conn:
+            assert conn.execute("SELECT count(*) FROM event_ids").fetchone() == (0,)
+    finally:
+        await store.aclose()

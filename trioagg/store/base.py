@@ -422,19 +422,31 @@ class Store:
 
     async def purge_expired_ids(self) -> int:
         """Forget ids older than the dedup window in every shard, a short transaction
-        per chunk so the writers' commits interleave. Returns how many were forgotten."""
+        per chunk so the writers' commits interleave. Returns how many were forgotten;
+        a shard that fails raises its error once the others are purged."""
         before = time.time() - self.policy.dedup_window
         purged = 0
+        failed: StoreError | None = None
         for shard in range(self.backend.shards):
-            while True:
-                count: int = await self._retry_busy(
-                    shard, self._transaction, self.backend.purge_ids, before, _PURGE_CHUNK
-                )
-                purged += count
-                if count < _PURGE_CHUNK:
-                    break
-                await trio.sleep(0)
+            try:
+                purged += await self._purge_shard(shard, before)
+            except StoreError as failure:
+                # One shard's outage must not keep every later shard's ids for ever.
+                failed = failed or failure
+        if failed is not None:
+            raise failed
         return purged
+
+    async def _purge_shard(self, shard: int, before: float) -> int:
+        purged = 0
+        while True:
+            count: int = await self._retry_busy(
+                shard, self._transaction, self.backend.purge_ids, before, _PURGE_CHUNK
+            )
+            purged += count
+            if count < _PURGE_CHUNK:
+                return purged
+            await trio.sleep(0)
 
     def _transaction(self, conn: Any, operation: Callable[..., T], *args: Any) -> T:
         """``operation(conn, *args)`` in a transaction of its own."""
