@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from trioagg import auth
 from trioagg.cli import main
-from trioagg.errors import ConfigError, Forbidden, Unauthorized
+from trioagg.errors import ConfigError, Forbidden, Overloaded, Unauthorized
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 
@@ -166,17 +166,71 @@ async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
         checker = auth.Authenticator("on", store, cache_size=2)
         for secret in secrets:
             await checker.lookup(secret)
-        assert len(checker._cache) == 2
-        assert auth.digest_of(secrets[0]) not in checker._cache
+        assert len(checker._known) == 2
+        assert auth.digest_of(secrets[0]) not in checker._known
         # Not ours (no prefix, too long): refused without asking the store or caching.
         for bogus in ("nope", "tgk_" + "x" * 200):
             with pytest.raises(Unauthorized) as refused:
                 await checker.check(f"Bearer {bogus}", "read")
             assert refused.value.reason == "unknown"
-        assert len(checker._cache) == 2
+        assert len(checker._known) == 2 and len(checker._unknown) == 0
         with pytest.raises(Unauthorized) as malformed:
             await checker.check(f"Basic {secrets[0]}", "read")
         assert malformed.value.reason == "malformed"
+    finally:
+        await store.aclose()
+
+
+async def test_made_up_secrets_never_evict_known_keys(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secrets = [make_key(db, f"k{n}", "read") for n in range(2)]
+    store = await open_store(Settings(db=str(db)))
+    try:
+        checker = auth.Authenticator("on", store, cache_size=2, unknown_cache_size=3)
+        for secret in secrets:
+            assert (await checker.lookup(secret)) is not None
+        flood = [auth.new_secret() for _ in range(20)]
+        for secret in flood:
+            assert await checker.lookup(secret) is None
+        assert len(checker._unknown) == 3 and auth.digest_of(flood[-1]) in checker._unknown
+        assert all(auth.digest_of(secret) in checker._known for secret in secrets)
+        # Still answered from the cache: with every look-up slot taken, they need none.
+        holders = [object() for _ in range(int(checker._lookups.total_tokens))]
+        for holder in holders:
+            checker._lookups.acquire_on_behalf_of_nowait(holder)
+        for secret in secrets:
+            assert (await checker.lookup(secret)) is not None
+    finally:
+        await store.aclose()
+
+
+def test_key_lookups_always_leave_a_read_connection_free() -> None:
+    assert [auth.lookup_slots(readers) for readers in (1, 2, 3, 4, 16)] == [1, 1, 2, 2, 2]
+
+
+async def test_a_request_waits_for_a_lookup_slot_at_most_two_seconds(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "k", "read")
+    store = await open_store(Settings(db=str(db), readers=2))
+    try:
+        checker = auth.Authenticator("on", store)
+        assert checker._lookups.total_tokens == 1
+        holder = object()
+        checker._lookups.acquire_on_behalf_of_nowait(holder)
+        started = trio.current_time()
+        mock_clock.autojump_threshold = 0  # nothing else runs: the wait is all there is
+        with pytest.raises(Overloaded) as refused:
+            await checker.check(f"Bearer {secret}", "read")
+        mock_clock.autojump_threshold = float("inf")
+        assert trio.current_time() - started == pytest.approx(auth.LOOKUP_WAIT_SECONDS)
+        assert refused.value.status == 503 and refused.value.headers() == {"Retry-After": "1"}
+        assert checker._lookups.borrowed_tokens == 1, "a refused wait holds no slot"
+        checker._lookups.release_on_behalf_of(holder)
+        assert (await checker.check(f"Bearer {secret}", "read")) is not None
     finally:
         await store.aclose()
 

@@ -379,6 +379,7 @@ class Store:
         self.policy = policy
         self.bucket = policy.bucket
         self.busy_timeout = busy_timeout
+        self.readers = readers
         self._write_links = [Link(backend, write=True, shard=shard) for shard in range(writers)]
         self._write_limiters = [trio.CapacityLimiter(1) for _ in range(writers)]
         self._read_links = [Link(backend, write=False) for _ in range(readers)]
