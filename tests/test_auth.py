@@ -666,12 +666,27 @@ def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
             assert ("403" in operation["responses"]) == guarded, path
 
 
+async def new_store(db: str) -> None:
+    await (await open_store(Settings(db=db))).aclose()
+
+
 def test_the_key_commands_refuse_what_they_cannot_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the default --db is ./trioagg.db
     monkeypatch.delenv("TRIOAGG_DB", raising=False)
     db = str(tmp_path / "other.db")
+    for command in (["create", "--name", "a", "--scope", "read"], ["list"], ["revoke", "a"]):
+        typo = _cli("keys", *command, "--db", db)
+        assert typo.exit_code == 2, typo.output
+        assert f"no trioagg store at {db}" in typo.output and "--db" in typo.output
+        assert not (tmp_path / "other.db").exists(), "a key command created a store"
+    Path(db).write_bytes(b"")  # a file, but no store in it
+    empty = _cli("keys", "list", "--db", db)
+    assert empty.exit_code == 2 and "no such table: meta" in empty.output
+    Path(db).unlink()
+    for path in (db, "trioagg.db"):
+        trio.run(new_store, path)
     made = _cli("keys", "create", "--name", "a", "--scope", "read", "--tenant", "acme", "--db", db)
     assert made.exit_code == 0 and made.stdout.startswith("tgk_")
     again = _cli("keys", "create", "--name", "a", "--scope", "ingest", "--db", db)
