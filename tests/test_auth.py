@@ -102,6 +102,49 @@ def test_auto_is_on_off_loopback_and_refuses_to_start_there_without_a_key() -> N
     assert auth.settle_mode(explicit, keys_exist=False).auth == "off"
 
 
+def test_auto_without_keys_serves_only_connections_that_reached_a_loopback_address() -> None:
+    assert auth.reached_locally(("127.0.0.1", 8000)) and auth.reached_locally(("::1", 8000))
+    assert auth.reached_locally(("::ffff:127.0.0.1", 8000))
+    assert auth.reached_locally(None), "a Unix socket: only this machine reaches it"
+    for public in ("192.0.2.2", "10.0.0.5", "2001:db8::1", "::ffff:192.0.2.2"):
+        assert not auth.reached_locally((public, 8000))
+
+
+def _public_address() -> str:
+    """An address of this machine that is not loopback (skip where there is none)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        except OSError as error:
+            pytest.skip(f"no non-loopback address to reach the server on: {error}")
+        address: str = probe.getsockname()[0]
+    if auth.is_loopback(address):
+        pytest.skip("no non-loopback address to reach the server on")
+    return address
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_auto_without_keys_refuses_requests_that_reached_a_public_address(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(host="0.0.0.0")  # as under hypercorn --bind 0.0.0.0:PORT
+    port = httpx.URL(server.url).port
+    assert (await server.client.get(f"http://127.0.0.1:{port}/v1/keys")).status_code == 200
+    async with httpx.AsyncClient(base_url=f"http://{_public_address()}:{port}") as public:
+        for method, path in (("GET", "/v1/keys"), ("POST", "/v1/events")):
+            refused = await public.request(method, path, json={"key": "k", "ts": TS})
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "unauthorized"
+            assert "trioagg keys create" in refused.json()["error"]["message"]
+            assert refused.headers["WWW-Authenticate"] == 'Bearer realm="trioagg"'
+        assert (await public.get("/healthz")).status_code == 200
+    metrics = (await server.client.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert 'trioagg_auth_refused_total{reason="public_without_keys"} 2.0' in metrics
+    assert stored_counts(server.db) == {}
+
+
 # -- the cache, under a mock clock -----------------------------------------------
 
 

@@ -337,7 +337,9 @@ def _authenticate_every_request(app: TrioaggApp) -> None:
         scope = None if rule is None else scopes.get(rule.rule)
         if scope is None or current.method == "OPTIONS":
             return
-        key = await app.service.auth.check(current.headers.get("Authorization"), scope)
+        key = await app.service.auth.check(
+            current.headers.get("Authorization"), scope, current.scope.get("server")
+        )
         g.trioagg_key = key
 
 

@@ -193,9 +193,19 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:  # a host name: it may resolve anywhere
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (a dual-stack socket)
+    return address.is_loopback
+
+
+def reached_locally(server: Sequence[Any] | None) -> bool:
+    """Whether a connection reached the server on a loopback address: ``server`` is the
+    ASGI scope's (host, port) of the server's end, None on a Unix socket (which only
+    this machine can reach)."""
+    return server is None or is_loopback(str(server[0]))
 
 
 def settle_mode(settings: Settings, *, keys_exist: bool) -> Settings:
@@ -297,10 +307,23 @@ class Authenticator:
             except StoreOutage as error:
                 log.warning("cannot tell whether the store holds API keys now: %s", error)
 
-    async def check(self, authorization: str | None, scope: str) -> ApiKey | None:
-        """The key of a request that may use ``scope``; None when no key is required.
-        Raises :class:`Unauthorized` or :class:`Forbidden`, with the reason."""
+    async def check(
+        self, authorization: str | None, scope: str, server: Sequence[Any] | None = None
+    ) -> ApiKey | None:
+        """The key of a request that may use ``scope``, which reached the server's address
+        ``server`` (the ASGI scope's); None when no key is required. Raises
+        :class:`Unauthorized` or :class:`Forbidden`, with the reason."""
         if not self.required:
+            if self.mode == "auto" and not reached_locally(server):
+                # Under the hypercorn CLI nothing settled ``auto`` for the address it binds:
+                # without keys, only loopback connections are served.
+                raise Unauthorized(
+                    "this server holds no API key yet and serves without one only on "
+                    "loopback addresses: create a key (trioagg keys create --name NAME "
+                    "--scope admin --db DB) or set --auth off (TRIOAGG_AUTH=off) to serve "
+                    "without keys",
+                    "public_without_keys",
+                )
             return None
         kind, _, secret = (authorization or "").strip().partition(" ")
         if not authorization:
