@@ -110,6 +110,15 @@ def test_auto_without_keys_serves_only_connections_that_reached_a_loopback_addre
         assert not auth.reached_locally((public, 8000))
 
 
+def test_the_start_up_log_says_what_auth_does() -> None:
+    from trioagg.app import _auth_state
+
+    assert _auth_state("off", required=False) == "keys never required"
+    assert _auth_state("on", required=True) == "keys required"
+    assert _auth_state("auto", required=True) == "keys required"
+    assert "loopback connections only" in _auth_state("auto", required=False)
+
+
 def _public_address() -> str:
     """An address of this machine that is not loopback (skip where there is none)."""
     import socket
