@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from trioagg import auth
 from trioagg.cli import main
-from trioagg.errors import ConfigError, Forbidden, Unauthorized
+from trioagg.errors import ConfigError, Forbidden, Overloaded, Unauthorized
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 
@@ -102,6 +102,58 @@ def test_auto_is_on_off_loopback_and_refuses_to_start_there_without_a_key() -> N
     assert auth.settle_mode(explicit, keys_exist=False).auth == "off"
 
 
+def test_auto_without_keys_serves_only_connections_that_reached_a_loopback_address() -> None:
+    assert auth.reached_locally(("127.0.0.1", 8000)) and auth.reached_locally(("::1", 8000))
+    assert auth.reached_locally(("::ffff:127.0.0.1", 8000))
+    assert auth.reached_locally(None), "a Unix socket: only this machine reaches it"
+    for public in ("192.0.2.2", "10.0.0.5", "2001:db8::1", "::ffff:192.0.2.2"):
+        assert not auth.reached_locally((public, 8000))
+
+
+def test_the_start_up_log_says_what_auth_does() -> None:
+    from trioagg.app import _auth_state
+
+    assert _auth_state("off", required=False) == "keys never required"
+    assert _auth_state("on", required=True) == "keys required"
+    assert _auth_state("auto", required=True) == "keys required"
+    assert "loopback connections only" in _auth_state("auto", required=False)
+
+
+def _public_address() -> str:
+    """An address of this machine that is not loopback (skip where there is none)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        except OSError as error:
+            pytest.skip(f"no non-loopback address to reach the server on: {error}")
+        address: str = probe.getsockname()[0]
+    if auth.is_loopback(address):
+        pytest.skip("no non-loopback address to reach the server on")
+    return address
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_auto_without_keys_refuses_requests_that_reached_a_public_address(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(host="0.0.0.0")  # as under hypercorn --bind 0.0.0.0:PORT
+    port = httpx.URL(server.url).port
+    assert (await server.client.get(f"http://127.0.0.1:{port}/v1/keys")).status_code == 200
+    async with httpx.AsyncClient(base_url=f"http://{_public_address()}:{port}") as public:
+        for method, path in (("GET", "/v1/keys"), ("POST", "/v1/events")):
+            refused = await public.request(method, path, json={"key": "k", "ts": TS})
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "unauthorized"
+            assert "trioagg keys create" in refused.json()["error"]["message"]
+            assert refused.headers["WWW-Authenticate"] == 'Bearer realm="trioagg"'
+        assert (await public.get("/healthz")).status_code == 200
+    metrics = (await server.client.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert 'trioagg_auth_refused_total{reason="public_without_keys"} 2.0' in metrics
+    assert stored_counts(server.db) == {}
+
+
 # -- the cache, under a mock clock -----------------------------------------------
 
 
@@ -166,17 +218,71 @@ async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
         checker = auth.Authenticator("on", store, cache_size=2)
         for secret in secrets:
             await checker.lookup(secret)
-        assert len(checker._cache) == 2
-        assert auth.digest_of(secrets[0]) not in checker._cache
+        assert len(checker._known) == 2
+        assert auth.digest_of(secrets[0]) not in checker._known
         # Not ours (no prefix, too long): refused without asking the store or caching.
         for bogus in ("nope", "tgk_" + "x" * 200):
             with pytest.raises(Unauthorized) as refused:
                 await checker.check(f"Bearer {bogus}", "read")
             assert refused.value.reason == "unknown"
-        assert len(checker._cache) == 2
+        assert len(checker._known) == 2 and len(checker._unknown) == 0
         with pytest.raises(Unauthorized) as malformed:
             await checker.check(f"Basic {secrets[0]}", "read")
         assert malformed.value.reason == "malformed"
+    finally:
+        await store.aclose()
+
+
+async def test_made_up_secrets_never_evict_known_keys(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secrets = [make_key(db, f"k{n}", "read") for n in range(2)]
+    store = await open_store(Settings(db=str(db)))
+    try:
+        checker = auth.Authenticator("on", store, cache_size=2, unknown_cache_size=3)
+        for secret in secrets:
+            assert (await checker.lookup(secret)) is not None
+        flood = [auth.new_secret() for _ in range(20)]
+        for secret in flood:
+            assert await checker.lookup(secret) is None
+        assert len(checker._unknown) == 3 and auth.digest_of(flood[-1]) in checker._unknown
+        assert all(auth.digest_of(secret) in checker._known for secret in secrets)
+        # Still answered from the cache: with every look-up slot taken, they need none.
+        holders = [object() for _ in range(int(checker._lookups.total_tokens))]
+        for holder in holders:
+            checker._lookups.acquire_on_behalf_of_nowait(holder)
+        for secret in secrets:
+            assert (await checker.lookup(secret)) is not None
+    finally:
+        await store.aclose()
+
+
+def test_key_lookups_always_leave_a_read_connection_free() -> None:
+    assert [auth.lookup_slots(readers) for readers in (1, 2, 3, 4, 16)] == [1, 1, 2, 2, 2]
+
+
+async def test_a_request_waits_for_a_lookup_slot_at_most_two_seconds(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "k", "read")
+    store = await open_store(Settings(db=str(db), readers=2))
+    try:
+        checker = auth.Authenticator("on", store)
+        assert checker._lookups.total_tokens == 1
+        holder = object()
+        checker._lookups.acquire_on_behalf_of_nowait(holder)
+        started = trio.current_time()
+        mock_clock.autojump_threshold = 0  # nothing else runs: the wait is all there is
+        with pytest.raises(Overloaded) as refused:
+            await checker.check(f"Bearer {secret}", "read")
+        mock_clock.autojump_threshold = float("inf")
+        assert trio.current_time() - started == pytest.approx(auth.LOOKUP_WAIT_SECONDS)
+        assert refused.value.status == 503 and refused.value.headers() == {"Retry-After": "1"}
+        assert checker._lookups.borrowed_tokens == 1, "a refused wait holds no slot"
+        checker._lookups.release_on_behalf_of(holder)
+        assert (await checker.check(f"Bearer {secret}", "read")) is not None
     finally:
         await store.aclose()
 
@@ -612,12 +718,27 @@ def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
             assert ("403" in operation["responses"]) == guarded, path
 
 
+async def new_store(db: str) -> None:
+    await (await open_store(Settings(db=db))).aclose()
+
+
 def test_the_key_commands_refuse_what_they_cannot_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the default --db is ./trioagg.db
     monkeypatch.delenv("TRIOAGG_DB", raising=False)
     db = str(tmp_path / "other.db")
+    for command in (["create", "--name", "a", "--scope", "read"], ["list"], ["revoke", "a"]):
+        typo = _cli("keys", *command, "--db", db)
+        assert typo.exit_code == 2, typo.output
+        assert f"no trioagg store at {db}" in typo.output and "--db" in typo.output
+        assert not (tmp_path / "other.db").exists(), "a key command created a store"
+    Path(db).write_bytes(b"")  # a file, but no store in it
+    empty = _cli("keys", "list", "--db", db)
+    assert empty.exit_code == 2 and "no such table: meta" in empty.output
+    Path(db).unlink()
+    for path in (db, "trioagg.db"):
+        trio.run(new_store, path)
     made = _cli("keys", "create", "--name", "a", "--scope", "read", "--tenant", "acme", "--db", db)
     assert made.exit_code == 0 and made.stdout.startswith("tgk_")
     again = _cli("keys", "create", "--name", "a", "--scope", "ingest", "--db", db)

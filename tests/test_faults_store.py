@@ -18,11 +18,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from trioagg import auth
 from trioagg.errors import CommitFailed, StoreOutage
 from trioagg.ingest import Point
 from trioagg.metrics import Metrics
 from trioagg.settings import Settings
-from trioagg.store import open_store
+from trioagg.store import make_backend, open_store
 from trioagg.writer import Writers
 
 from .conftest import Server, StartServer, assert_store_holds, post
@@ -232,6 +233,36 @@ async def test_a_deleted_shard_file_never_acknowledges_its_hours_again(
     response = await server.client.get("/v1/aggregates", params={"key": "kept"})
     assert response.status_code == 503, "a read never answers without a shard's hours"
     assert not os.path.exists(shard), "a connection created a new, empty shard file"
+
+
+async def test_a_deleted_shard_file_does_not_stop_key_lookups(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(writers="2", auth="on")
+    backend = make_backend(Settings(db=server.db, writers=2))
+    early, fresh = (auth.create_key(backend, name, ("ingest",)) for name in ("early", "fresh"))
+    events = in_hour([{"key": "b"}], EVEN_HOUR) + in_hour([{"key": "b"}], ODD_HOUR)
+    assert (await post(server.client, events)).status_code == 401, "auth is on"
+    sent = await server.client.post(
+        "/v1/events", json=events, headers={"Authorization": f"Bearer {early}"}
+    )
+    assert sent.status_code == 200, sent.text
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(server.db + "-shard1" + suffix)
+    # A key the server has not cached is looked up in the main file, which is intact.
+    kept = await server.client.post(
+        "/v1/events",
+        json=in_hour([{"key": "kept"}], EVEN_HOUR),
+        headers={"Authorization": f"Bearer {fresh}"},
+    )
+    assert kept.status_code == 200, kept.text
+    gone = await server.client.post(
+        "/v1/events",
+        json=in_hour([{"key": "gone"}], ODD_HOUR),
+        headers={"Authorization": f"Bearer {fresh}"},
+    )
+    assert gone.status_code == 503, gone.text
 
 
 async def wait_committed(server: Server, events: int) -> None:

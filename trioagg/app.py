@@ -141,14 +141,14 @@ class Service:
                     freeze_startup_objects()
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
-                        "queue %d requests, auth %s (keys %s)",
+                        "queue %d requests, auth %s (%s)",
                         store.backend.description,
                         _BUCKET_NAMES[store.bucket],
                         settings.writers,
                         settings.batch_size,
                         settings.queue_size,
                         settings.auth,
-                        "required" if service.auth.required else "not required yet",
+                        _auth_state(settings.auth, required=service.auth.required),
                     )
                     try:
                         yield service
@@ -292,6 +292,15 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     return app
 
 
+def _auth_state(mode: str, *, required: bool) -> str:
+    """What the start-up log says of ``--auth``."""
+    if mode == "off":
+        return "keys never required"
+    if required:
+        return "keys required"
+    return "no key yet: served without one to loopback connections only"
+
+
 def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> Settings:
     """Open (creating if needed) and close the store once, before anything listens: if
     it cannot be opened, log one line naming it and why, and exit with code 2. Call it
@@ -337,7 +346,9 @@ def _authenticate_every_request(app: TrioaggApp) -> None:
         scope = None if rule is None else scopes.get(rule.rule)
         if scope is None or current.method == "OPTIONS":
             return
-        key = await app.service.auth.check(current.headers.get("Authorization"), scope)
+        key = await app.service.auth.check(
+            current.headers.get("Authorization"), scope, current.scope.get("server")
+        )
         g.trioagg_key = key
 
 

@@ -11,13 +11,17 @@ on the store alone. Looking a key up by its digest makes the time taken depend o
 digest, never on how much of a secret matched: an attacker learns nothing about a
 secret from timing (no byte-by-byte comparison of secrets ever happens).
 
-**Cache.** Each process keeps what it read of a key for :data:`CACHE_SECONDS` (5 s),
-unknown keys included, in at most :data:`CACHE_SIZE` entries (the least recently used
-go first), so a revoked key stops working on every process within 5 s, and a request
-with a known key costs a dictionary lookup. Expiry is checked against the clock at
-every request, so it is exact. Key lookups run on the store's read pool (a worker
-thread), never on the event loop or the writer's connection. When keys were last used
-is written at most every :data:`TOUCH_SECONDS` (60 s), in one small transaction.
+**Cache.** Each process keeps what it read of a key for :data:`CACHE_SECONDS` (5 s), in
+at most :data:`CACHE_SIZE` entries (the least recently used go first), so a revoked key
+stops working on every process within 5 s, and a request with a known key costs a
+dictionary lookup. Secrets the store does not know are kept apart, in at most
+:data:`UNKNOWN_CACHE_SIZE` entries of their own, so a flood of made-up secrets can never
+evict a real key. Expiry is checked against the clock at every request, so it is exact.
+Key lookups run on the store's read pool (a worker thread), never on the event loop or
+the writer's connection, at most two at once and always leaving one read connection
+free (see :func:`lookup_slots`); a request waits at most :data:`LOOKUP_WAIT_SECONDS`
+for its turn, then is answered 503 ``overloaded``. When keys were last used is written
+at most every :data:`TOUCH_SECONDS` (60 s), in one small transaction.
 
 **Modes** (``--auth``): ``on`` requires a key; ``off`` requires none (keys sent are
 ignored, tenants too); ``auto`` requires one as soon as the store holds any key (even
@@ -48,7 +52,7 @@ import msgspec
 import trio
 from quart import g
 
-from .errors import ConfigError, Forbidden, StoreOutage, Unauthorized
+from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
 from .ingest import NO_TAGS, Point
 from .settings import Settings, flag_name
 from .store import Backend, Store
@@ -59,12 +63,13 @@ PREFIX: Final = "tgk_"
 SCOPES: Final = ("ingest", "read", "admin")
 CACHE_SECONDS: Final = 5.0
 CACHE_SIZE: Final = 10_000
+UNKNOWN_CACHE_SIZE: Final = 1_000
+#: The longest a request waits for a turn to look its key up in the store.
+LOOKUP_WAIT_SECONDS: Final = 2.0
 TOUCH_SECONDS: Final = 60.0
 TENANT_TAG: Final = "tenant"
 #: A secret is PREFIX + 43 characters; anything much longer is not one of ours.
 _MAX_SECRET: Final = 128
-#: Store look-ups of keys at once (of --readers read connections, 4 by default).
-_LOOKUPS: Final = 2
 #: The most the last uses are written for at shutdown.
 _LAST_FLUSH_SECONDS: Final = 1.0
 #: How long the key commands retry a store locked by a running server's writer.
@@ -188,9 +193,19 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:  # a host name: it may resolve anywhere
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (a dual-stack socket)
+    return address.is_loopback
+
+
+def reached_locally(server: Sequence[Any] | None) -> bool:
+    """Whether a connection reached the server on a loopback address: ``server`` is the
+    ASGI scope's (host, port) of the server's end, None on a Unix socket (which only
+    this machine can reach)."""
+    return server is None or is_loopback(str(server[0]))
 
 
 def settle_mode(settings: Settings, *, keys_exist: bool) -> Settings:
@@ -210,25 +225,70 @@ def settle_mode(settings: Settings, *, keys_exist: bool) -> Settings:
 # -- checking requests ---------------------------------------------------------
 
 
+def lookup_slots(readers: int) -> int:
+    """Store look-ups of keys at once with ``readers`` read connections: at most two,
+    and one fewer than the connections (where there are two or more), so a flood of
+    made-up keys can never take every read connection."""
+    return max(1, min(2, readers - 1))
+
+
+class _TimedLRU:
+    """At most ``size`` values, each fresh for :data:`CACHE_SECONDS` after it was put;
+    the least recently used go first. Times are ``trio.current_time()``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[str, tuple[float, Any]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._entries
+
+    def get(self, digest: str) -> tuple[bool, Any]:
+        """(whether a fresh value is here, the value)."""
+        entry = self._entries.get(digest)
+        if entry is None or trio.current_time() - entry[0] >= CACHE_SECONDS:
+            return False, None
+        self._entries.move_to_end(digest)
+        return True, entry[1]
+
+    def put(self, digest: str, value: Any) -> None:
+        self._entries[digest] = (trio.current_time(), value)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def drop(self, digest: str) -> None:
+        self._entries.pop(digest, None)
+
+
 class Authenticator:
     """Checks the ``Authorization`` header of requests against the store's keys, with a
     short-lived, bounded cache (see the module docstring). Times of the cache are
     ``trio.current_time()``, so tests drive them with ``trio.testing.MockClock``."""
 
-    def __init__(self, mode: str, store: Store, *, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        mode: str,
+        store: Store,
+        *,
+        cache_size: int = CACHE_SIZE,
+        unknown_cache_size: int = UNKNOWN_CACHE_SIZE,
+    ) -> None:
         self.mode = mode
         self.store = store
-        self.cache_size = cache_size
-        self._cache: collections.OrderedDict[str, tuple[float, ApiKey | None]] = (
-            collections.OrderedDict()
-        )
+        #: Keys the store holds (revoked and expired ones too), and secrets it does not.
+        self._known = _TimedLRU(cache_size)
+        self._unknown = _TimedLRU(unknown_cache_size)
         #: Whether a key is required (``auto``: whether the store held a key when last
         #: asked; see :meth:`watch_keys`).
         self.required = mode == "on"
         self._used: dict[str, float] = {}
         # Keys the cache does not know take at most this many of the store's read
         # connections at once, so a flood of made-up keys cannot take them all.
-        self._lookups = trio.CapacityLimiter(_LOOKUPS)
+        self._lookups = trio.CapacityLimiter(lookup_slots(store.readers))
 
     async def watch_keys(
         self, interval: float = CACHE_SECONDS, *, task_status: trio.TaskStatus[None]
@@ -247,10 +307,23 @@ class Authenticator:
             except StoreOutage as error:
                 log.warning("cannot tell whether the store holds API keys now: %s", error)
 
-    async def check(self, authorization: str | None, scope: str) -> ApiKey | None:
-        """The key of a request that may use ``scope``; None when no key is required.
-        Raises :class:`Unauthorized` or :class:`Forbidden`, with the reason."""
+    async def check(
+        self, authorization: str | None, scope: str, server: Sequence[Any] | None = None
+    ) -> ApiKey | None:
+        """The key of a request that may use ``scope``, which reached the server's address
+        ``server`` (the ASGI scope's); None when no key is required. Raises
+        :class:`Unauthorized` or :class:`Forbidden`, with the reason."""
         if not self.required:
+            if self.mode == "auto" and not reached_locally(server):
+                # Under the hypercorn CLI nothing settled ``auto`` for the address it binds:
+                # without keys, only loopback connections are served.
+                raise Unauthorized(
+                    "this server holds no API key yet and serves without one only on "
+                    "loopback addresses: create a key (trioagg keys create --name NAME "
+                    "--scope admin --db DB) or set --auth off (TRIOAGG_AUTH=off) to serve "
+                    "without keys",
+                    "public_without_keys",
+                )
             return None
         kind, _, secret = (authorization or "").strip().partition(" ")
         if not authorization:
@@ -279,18 +352,28 @@ class Authenticator:
         if not secret.startswith(PREFIX) or len(secret) > _MAX_SECRET:
             return None  # not one of ours: no need to ask the store
         digest = digest_of(secret)
-        now = trio.current_time()
-        cached = self._cache.get(digest)
-        if cached is not None and now - cached[0] < CACHE_SECONDS:
-            self._cache.move_to_end(digest)
-            return cached[1]
-        async with self._lookups:
+        fresh, key = self._known.get(digest)
+        if fresh:
+            return key  # type: ignore[no-any-return]
+        if self._unknown.get(digest)[0]:
+            return None
+        with trio.move_on_after(LOOKUP_WAIT_SECONDS) as waiting:
+            await self._lookups.acquire()
+        if waiting.cancelled_caught:
+            raise Overloaded(
+                "too many API keys are being looked up at once; retry shortly", retry_after=1
+            )
+        try:
             row = await self.store.find_api_key(digest)
-        key = None if row is None else ApiKey.from_row(row)
-        self._cache[digest] = (trio.current_time(), key)
-        self._cache.move_to_end(digest)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        finally:
+            self._lookups.release()
+        if row is None:
+            self._known.drop(digest)
+            self._unknown.put(digest, None)
+            return None
+        key = ApiKey.from_row(row)
+        self._unknown.drop(digest)
+        self._known.put(digest, key)
         return key
 
     async def record_uses(self, interval: float = TOUCH_SECONDS) -> None:

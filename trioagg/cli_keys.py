@@ -1,7 +1,8 @@
 """``trioagg keys create|list|revoke``: API keys, managed on the store itself.
 
 The commands open the store named by ``--db`` (``TRIOAGG_DB``) directly, SQLite file
-or PostgreSQL URL, and may run while servers use it: a new key works at once, and a
+or PostgreSQL URL, only if it exists (a server creates it), and may run while servers
+use it: a new key works at once, and a
 revoked one stops working within a few seconds on every server (their key cache's
 lifetime, :data:`trioagg.auth.CACHE_SECONDS`). See :mod:`trioagg.auth`.
 """
@@ -29,10 +30,36 @@ _db = click.option(
 )
 
 
-def _on_store(db: str, action: Callable[[Backend], Any]) -> Any:
-    """``action`` on the backend of ``db``; a store that cannot do it is one clean line."""
+class _NoStore(click.ClickException):
+    exit_code = 2
+
+
+def _existing(backend: Backend, db: str) -> Backend:
+    """``backend`` once it is known to hold a store; else exit 2 with one line. The key
+    commands never create a store: a mistyped --db would get a new, empty one."""
     try:
-        return action(_make_backend(Settings(db=db)))
+        conn = backend.connect(write=False)  # read-only: opening creates nothing
+        try:
+            backend.ping(conn)  # the store's meta table
+        finally:
+            backend.close(conn)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise _NoStore(
+            f"no trioagg store at {db} ({error}): check --db, or start the server once "
+            f"(trioagg serve --db {db}) to create the store"
+        ) from None
+    return backend
+
+
+def _on_store(db: str, action: Callable[[Backend], Any]) -> Any:
+    """``action`` on the backend of ``db``, an existing store; a store that cannot do it
+    is one clean line."""
+    try:
+        return action(_existing(_make_backend(Settings(db=db)), db))
+    except click.ClickException:
+        raise
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     except Exception as error:  # the driver's own words: a path or host the user gave

@@ -84,8 +84,8 @@ class MalformedBody(RequestError):
 
 class Unauthorized(RequestError):
     """No key, or one that is unknown, revoked or expired. ``reason`` is the metric's label
-    (never the key); any reason but ``missing`` (a key was sent) adds RFC 6750's
-    ``error="invalid_token"`` to the challenge."""
+    (never the key); any reason but ``missing`` and ``public_without_keys`` (a key was
+    sent) adds RFC 6750's ``error="invalid_token"`` to the challenge."""
 
     status = 401
     code = "unauthorized"
@@ -96,7 +96,7 @@ class Unauthorized(RequestError):
 
     def headers(self) -> dict[str, str]:
         challenge = 'Bearer realm="trioagg"'
-        if self.reason != "missing":
+        if self.reason not in ("missing", "public_without_keys"):
             challenge += ', error="invalid_token"'
         return {"WWW-Authenticate": challenge}
 

@@ -69,7 +69,7 @@ class Metrics:
         self.auth_refused = Counter(
             "trioagg_auth_refused",
             "Requests refused for their API key (401, 403), by reason: missing, malformed, "
-            "unknown, revoked, expired, scope, tenant.",
+            "unknown, revoked, expired, scope, tenant, public_without_keys.",
             ["reason"],
             registry=r,
         )

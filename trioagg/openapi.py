@@ -79,8 +79,9 @@ _SECURITY_SCHEME = {
     "`Authorization: Bearer <key>`. Scopes: ingest (POST /v1/events), read (the queries and "
     "/v1/status), admin (everything, /metrics too unless --metrics-public). A key with a "
     "tenant stamps tenant=<value> on the events it sends and reads only series with that "
-    "tag. With --auth off, or auto on a loopback address while the store holds no key, "
-    "no key is needed.",
+    "tag. With --auth off no key is needed; with auto, while the store holds no key, none "
+    "is needed on a loopback address and requests reaching any other address are refused "
+    "(401).",
 }
 
 

@@ -146,9 +146,10 @@ class Backend(Protocol):
     def ping(self, conn: Any) -> None:
         """Raise if the database cannot be reached."""
 
-    def check_readable(self) -> None:
+    def check_readable(self, *, main_only: bool = False) -> None:
         """Raise before a read when what the read connections would read is gone (a
-        SQLite file deleted or replaced: a connection opened before reads the old one)."""
+        SQLite file deleted or replaced: a connection opened before reads the old one).
+        ``main_only``: only what the main file holds (the API keys) is read."""
 
     def is_busy(self, error: Exception) -> bool:
         """Whether ``error`` means another writer holds the database's lock."""
@@ -378,6 +379,7 @@ class Store:
         self.policy = policy
         self.bucket = policy.bucket
         self.busy_timeout = busy_timeout
+        self.readers = readers
         self._write_links = [Link(backend, write=True, shard=shard) for shard in range(writers)]
         self._write_limiters = [trio.CapacityLimiter(1) for _ in range(writers)]
         self._read_links = [Link(backend, write=False) for _ in range(readers)]
@@ -396,7 +398,8 @@ class Store:
         readers: int,
         busy_timeout: float,
     ) -> Store:
-        """Connect, create or check the schema; connections open as they are used."""
+        """Connect, create or check the schema; connections open as they are used (the
+        read connections of a store of several shard files at once)."""
         store = cls(backend, policy, writers=writers, readers=readers, busy_timeout=busy_timeout)
         try:
             # Processes starting together on a fresh store take turns on its lock.
@@ -404,6 +407,20 @@ class Store:
         except StoreError as error:
             cause = error.__cause__ or error
             raise ConfigError(f"cannot open the store {backend.description}: {cause}") from error
+        if backend.shards > 1:
+            # A read connection attaches every shard file when it opens: opened after a
+            # shard file was lost, it could not open, and the API keys of the main file
+            # could no longer be looked up. So they all open now, while every file is here.
+            def open_reads() -> None:
+                for link in store._read_links:
+                    link.run(backend.ping)
+
+            try:
+                await trio.to_thread.run_sync(open_reads)
+            except Exception as error:
+                raise ConfigError(
+                    f"cannot open the store {backend.description}: {error}"
+                ) from error
         return store
 
     async def write(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> CommitResult:
@@ -487,10 +504,10 @@ class Store:
 
     async def find_api_key(self, digest: str) -> tuple[Any, ...] | None:
         """The API key row with this digest, from the read pool (never the writer's thread)."""
-        return await self._run_read(self.backend.find_api_key, digest)
+        return await self._run_read(self.backend.find_api_key, digest, main_only=True)
 
     async def any_api_key(self) -> bool:
-        return await self._run_read(self.backend.any_api_key)
+        return await self._run_read(self.backend.any_api_key, main_only=True)
 
     async def touch_api_keys(self, used: Sequence[tuple[float, str]]) -> None:
         """Record when keys were last used, in one short transaction of writer 0."""
@@ -546,9 +563,14 @@ class Store:
             return StoreOutage(reason)
         return StoreError(f"the transaction failed: {error}")
 
-    async def _run_read(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _run_read(
+        self, operation: Callable[..., T], *args: Any, main_only: bool = False, **kwargs: Any
+    ) -> T:
+        """``operation(conn, *args, **kwargs)`` on an idle read connection. ``main_only``:
+        it reads only the main file (API keys), so a lost shard file does not fail it."""
+
         def read() -> T:
-            self.backend.check_readable()
+            self.backend.check_readable(main_only=main_only)
             return link.run(operation, *args, **kwargs)
 
         link = await self._idle_receive.receive()

@@ -292,7 +292,7 @@ class SQLBackend:
             [(when, digest, when) for when, digest in sorted(used, key=lambda pair: pair[1])],
         )
 
-    def check_readable(self) -> None:
+    def check_readable(self, *, main_only: bool = False) -> None:
         pass  # a database server's tables cannot vanish under an open connection
 
     def ping(self, conn: Any) -> None:

@@ -241,10 +241,13 @@ class SQLiteBackend(SQLBackend):
             raise DatabaseFileGone(conn.path)
         conn.execute("BEGIN IMMEDIATE")
 
-    def check_readable(self) -> None:
+    def check_readable(self, *, main_only: bool = False) -> None:
         # Before every read (a stat per file: microseconds): a read connection opened
-        # before a file was deleted or replaced would go on reading the old one.
-        for shard, identity in enumerate(self._identities):
+        # before a file was deleted or replaced would go on reading the old one. The API
+        # keys live in the main file only, so their look-ups check it alone: a lost shard
+        # file must not stop ingest into the healthy shards.
+        identities = self._identities[:1] if main_only else self._identities
+        for shard, identity in enumerate(identities):
             path = shard_path(self.path, shard)
             if _file_identity(path) != identity:
                 raise DatabaseFileGone(path)
