@@ -105,6 +105,18 @@ async def test_a_request_whose_parts_all_fail_stores_nothing(
     assert stored_counts(db) == {"fail": 4}
 
 
+def test_more_sqlite_shards_than_a_connection_can_attach_are_refused_before_any_file(
+    server_process: Any, tmp_path: Any
+) -> None:
+    refused = server_process("--writers", "12").start()
+    assert refused.wait() == 2
+    assert "at most 11 shard files" in refused.output
+    assert list(tmp_path.iterdir()) == []
+    most = server_process("--writers", "11").start()
+    assert most.url, most.output
+    assert most.stop() == 0
+
+
 def test_a_sqlite_store_opens_only_with_the_writers_it_was_made_with(
     server_process: Any, tmp_path: Any
 ) -> None:

@@ -109,10 +109,22 @@ def shard_path(path: str, shard: int) -> str:
     return path if shard == 0 else f"{path}-shard{shard}"
 
 
+#: A read connection attaches every shard file but its own, and SQLite attaches at most
+#: 10 databases to a connection (SQLITE_MAX_ATTACHED, as Debian and CPython build it).
+MAX_SHARDS = 11
+
+
 class SQLiteBackend(SQLBackend):
     """SQLite in WAL mode over ``shards`` files; ``sync`` is ``"full"`` or ``"normal"``."""
 
     def __init__(self, path: str, sync: str = "full", shards: int = 1) -> None:
+        if shards > MAX_SHARDS:
+            # Refused before any file exists: a store made with more could never be read.
+            raise ConfigError(
+                f"--writers is {shards}, but a SQLite store has at most {MAX_SHARDS} shard "
+                f"files (SQLite attaches at most {MAX_SHARDS - 1} databases to the one that "
+                f"reads them): use --writers {MAX_SHARDS} or fewer, or a postgresql:// --db"
+            )
         super().__init__()
         self.path = path
         self.sync = sync
