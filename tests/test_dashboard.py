@@ -98,6 +98,14 @@ async def test_status_reads_what_metrics_count(start_server: StartServer) -> Non
     assert status["commits"] >= 1
 
 
+async def test_status_refuses_parameters_it_does_not_take(server: Server) -> None:
+    response = await server.client.get("/v1/status", params={"key": "a"})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == [
+        {"parameter": "key", "message": "unknown parameter"}
+    ]
+
+
 GRAFANA = "https://grafana.example.com"
 
 

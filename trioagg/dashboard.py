@@ -38,6 +38,7 @@ from .answers import Status
 from .auth import current_tenant
 from .errors import Forbidden
 from .metrics import Metrics
+from .params import STATUS, parse_args
 
 if TYPE_CHECKING:
     from .app import TrioaggApp
@@ -152,6 +153,7 @@ def add_dashboard(app: TrioaggApp) -> None:
 
     @app.get("/v1/status")
     async def get_status() -> Response:
+        parse_args(STATUS, request.args)[1].raise_any()
         if current_tenant() is not None:
             # The figures are the whole service's: they would tell one tenant of the others.
             raise Forbidden("the service's figures are for keys without a tenant", "tenant")

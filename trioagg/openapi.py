@@ -228,7 +228,10 @@ def openapi_document() -> dict[str, Any]:
                     "description": "What the dashboard at / shows of the service itself, read "
                     "from the same counters as /metrics; a client derives rates from two "
                     "answers (their difference over the difference of time).",
-                    "responses": {"200": _json_response("The figures.", _ref("Status"))},
+                    "responses": {
+                        "200": _json_response("The figures.", _ref("Status")),
+                        "422": _error("An unknown parameter: it takes none."),
+                    },
                 }
             },
             "/": {

@@ -348,3 +348,7 @@ TOP: Final = (
     _LIMIT_PARAM,
     _PREFIX,
 )
+
+
+#: ``GET /v1/status`` takes none: an unknown parameter is a 422, as everywhere.
+STATUS: Final[tuple[Param, ...]] = ()
