@@ -86,18 +86,18 @@ def scaled(sizes: Sizes, factor: float) -> Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    seed_writes=5_000,
-    seed_reads=10_000,
-    baseline_requests=5_000,
-    baseline_s=3.0,
-    naive_s=2.0,
-    batch_s=3.0,
-    ndjson_s=2.0,
-    durable_requests=5_000,
-    mixed_s=2.5,
-    overload_s=5.0,
-    scaling_s=2.0,
-    scaling_keys=(10, 1_000, 100_000),
+    seed_writes=2_000,
+    seed_reads=2_500,
+    baseline_requests=2_000,
+    baseline_s=1.5,
+    naive_s=1.0,
+    batch_s=1.5,
+    ndjson_s=1.0,
+    durable_requests=2_000,
+    mixed_s=1.2,
+    overload_s=2.0,
+    scaling_s=1.0,
+    scaling_keys=(10, 1_000),
     scaling_batches=(10,),
     batch_keys=(1_000,),
     wrk_s=3.0,
@@ -106,8 +106,8 @@ QUICK = Sizes(
     pg_seed_s=2.5,
     pg_reads_s=1.5,
     pg_baseline_s=1.5,
-    client_events=5_000,
-    ingest_lines=100_000,
+    client_events=2_000,
+    ingest_lines=30_000,
 )
 
 KEYS = 1_000
