@@ -78,3 +78,29 @@ async def test_large_bodies_are_decoded_off_the_event_loop() -> None:
             await decode_body(body, ndjson=False, limits=LIMITS, now=NOW)
         done = True
     assert turns > 0
+
+
+@pytest.mark.parametrize(
+    ("event_id", "ok"),
+    [
+        ("0190f4c5-8d2e-7b3a-9c1d-2e4f6a8b0c1d", True),  # a UUIDv7: 36 characters
+        ("i" * 128, True),
+        ("i" * 129, False),
+        ("\U0001f600" * 32, True),  # 128 bytes in 32 characters
+        ("\U0001f600" * 33, False),  # 132 bytes in 33 characters
+        ("é" * 64, True),  # 128 bytes
+        ("é" * 64 + "a", False),  # 129 bytes in 65 characters
+    ],
+)
+def test_ids_are_limited_in_utf8_bytes_whatever_their_length_in_characters(
+    event_id: str, ok: bool
+) -> None:
+    body = json.dumps({"key": "k", "id": event_id}).encode()
+    if ok:
+        [point] = decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+        assert point[5] == event_id
+        return
+    with pytest.raises(InvalidEvents) as caught:
+        decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+    assert caught.value.details[0]["field"] == "id"
+    assert "1-128 bytes" in caught.value.details[0]["message"]

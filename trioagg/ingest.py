@@ -147,11 +147,13 @@ def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> l
         tags = event.tags
         # Only strings of over 63 characters can exceed a 255-byte limit (4 bytes per
         # character at most): the full check runs for those and for times off the window.
+        # Ids are measured here: most (UUIDs, ingest's line ids) are over 32 characters,
+        # and the full check cost them 0.6 us each.
         if (
             not low <= seconds <= high
             or len(event.key) > 63
             or (tags and max(map(len, tags.values())) > 63)
-            or (event.id is not None and len(event.id) > 32)
+            or (event.id is not None and len(event.id) > 32 and len(event.id.encode()) > 128)
             or (event.distinct_id is not None and len(event.distinct_id) > 63)
         ):
             for field, message in _limit_problems(event, seconds, low, high):
