@@ -6,7 +6,9 @@ servers of the run's deployment: one event per request (the load generator,
 as the seed scenario does), ``Client.send()`` from one thread, and
 ``AsyncClient.send()`` from 64 trio tasks. For the client paths it reports
 events/s of the ``send()`` calls and the time until all are committed
-(``close()`` returns after the last durable answer). Then ``trioagg ingest`` of
+(``close()`` returns after the last durable answer), next to the Go design's
+own run of the same events, one request each, in the same run (committed:
+its drain after SIGTERM included), when it can be built here. Then ``trioagg ingest`` of
 an NDJSON file of 1 M lines: events/s end to end and the client's peak RSS.
 Every path's store must hold exactly the events sent.
 
@@ -27,11 +29,19 @@ from typing import Any
 
 from . import verify
 from .runner import Bench, BenchError
-from .scenarios import DAY, KEYS, Row, ScenarioResult, Sizes, make_row, writes_phase
+from .scenarios import (
+    DAY,
+    KEYS,
+    Row,
+    ScenarioResult,
+    Sizes,
+    committed_row,
+    go_design,
+    make_row,
+    writes_phase,
+)
 from .server import Server, command, python_path
 
-#: The Go design's own run of the same 30 K events, one request each, on this machine.
-GO_DESIGN_30K_S = 1.3
 TASKS = 64
 _NO_LATENCY: dict[str, float | None] = {"p50": None, "p95": None, "p99": None}
 
@@ -55,6 +65,27 @@ def client_scenario(bench: Bench, sizes: Sizes) -> ScenarioResult:
         unit="events/s",
     )
     result.rows.append(per_request)
+    go = go_design(bench, "client go one-per-request", [writes_phase(bench, events, pool=events)])
+    go_s = None
+    if go is not None:
+        result.measurements.append(go)
+        go_row = committed_row(
+            make_row(
+                "client",
+                "per-request",
+                f"{what}, 1 per request",
+                go,
+                "writes",
+                "w",
+                "write",
+                unit="events/s",
+            ),
+            go,
+        )
+        result.rows.append(go_row)
+        # The time until the Go design had committed all it acknowledged.
+        go_s = go_row.events / go_row.rate if go_row.rate else None
+        result.facts["go_design_s"] = round(go_s, 4) if go_s else None
     for mode, label in (("thread", "Client, 1 thread"), ("tasks", f"AsyncClient, {TASKS} tasks")):
         run = _on_server(bench, f"client {mode}", events, _drive, mode=mode, events=events)
         rate = events / run["total_s"]
@@ -65,7 +96,7 @@ def client_scenario(bench: Bench, sizes: Sizes) -> ScenarioResult:
             **run,
             "events_per_s": round(rate),
             "x_per_request": round(rate / per_request.rate, 1) if per_request.rate else None,
-            "x_go_design": round(GO_DESIGN_30K_S / run["total_s"], 2),
+            "x_go_design": round(go_s / run["total_s"], 2) if go_s else None,
         }
     lines = sizes.ingest_lines
     run = _on_server(bench, "client ingest", lines, _ingest, lines=lines)
