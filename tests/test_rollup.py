@@ -22,7 +22,8 @@ from trioagg.errors import InvalidQuery
 from trioagg.params import GRANULARITIES
 from trioagg.query import Query, answer, parse_query
 from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
-from trioagg.store.base import SeriesCache, WritePolicy, commit_batch
+from trioagg.store.base import commit_batch
+from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
 
 # 2025-10-24T00:00:00Z: the range crosses the end of DST in Europe (Oct 26)

@@ -19,7 +19,6 @@ from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailab
 from trioagg.loopwatch import watch_loop_stalls
 from trioagg.metrics import Metrics
 from trioagg.store import CommitResult
-from trioagg.store.base import SeriesCache
 from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers
 
 
@@ -188,14 +187,6 @@ async def test_bytes_in_flight_are_held_until_the_events_are_done(
     await writers.submit([event()] * 3, durable=False)
     assert not await writers.drain(5)
     assert writers.inflight.used == 0
-
-
-def test_the_series_cache_forgets_the_oldest_series_past_its_limit() -> None:
-    cache = SeriesCache(limit=3)
-    cache.remember([("k", f"t{n}", 0, 3600) for n in range(5)])
-    assert list(cache) == [("k", "t2"), ("k", "t3"), ("k", "t4")]
-    cache.remember([("k", "t2", 0, 7200)])  # known series are updated, not added
-    assert len(cache) == 3 and cache[("k", "t2")] == (0, 7200)
 
 
 async def test_every_waiter_gets_an_error_of_its_own(

@@ -6,7 +6,8 @@ import fnmatch
 import functools
 
 from ..settings import Settings
-from .base import Backend, CommitResult, KeyInfo, Row, Store, WritePolicy
+from .base import Backend, CommitResult, KeyInfo, Row, Store
+from .plan import WritePolicy
 from .sqlite import SQLiteBackend
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")

@@ -4,7 +4,7 @@ One ``rollups`` row per (key, bucket, tags) holds a
 :class:`~trioagg.rollup.Rollup`. The UPSERT merges an incoming rollup into the
 stored one with the same shifted-moment algebra as :meth:`Rollup.merge`, so a
 row is exact however many batches fed it; sketches arrive already merged with
-the stored ones (see :func:`~trioagg.store.base.commit_batch`) and replace
+the stored ones (see :mod:`~trioagg.store.plan`) and replace
 them. ``series`` indexes keys, tags and first/last buckets for ``/v1/keys``;
 ``event_ids`` remembers idempotency ids for the dedup window.
 
@@ -22,7 +22,8 @@ import msgspec
 
 from ..errors import ConfigError
 from ..rollup import Slot
-from .base import KeyInfo, Row, SeriesSpan, UpsertRow, to_rows
+from .base import KeyInfo, Row, to_rows
+from .plan import SeriesSpan, StoredSketches, UpsertRow
 
 SCHEMA_VERSION = "2"
 
@@ -138,10 +139,8 @@ class SQLBackend:
                 inserted.add((row[0], row[1], row[2]))
         return inserted
 
-    def stored_sketches(
-        self, conn: Any, slots: Sequence[Slot]
-    ) -> dict[Slot, tuple[bytes | None, bytes | None]]:
-        found: dict[Slot, tuple[bytes | None, bytes | None]] = {}
+    def stored_sketches(self, conn: Any, slots: Sequence[Slot]) -> dict[Slot, StoredSketches]:
+        found: dict[Slot, StoredSketches] = {}
         for chunk in _chunks(sorted(slots)):
             values = ", ".join(["(?, ?, ?)"] * len(chunk))
             rows = conn.execute(

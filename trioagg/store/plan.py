@@ -1,0 +1,191 @@
+"""Planning a batch commit: the submissions in, the rows and series spans to write out.
+
+Pure and database-free; every backend runs the same plan (see
+:func:`~trioagg.store.base.commit_batch`), one SQLite file or shard files or
+PostgreSQL alike. For a batch (a list of submissions of events),
+:func:`batch_ids` names the idempotency ids the store must claim; given the
+ones it claimed, :func:`plan_batch` drops the duplicates (ids claimed before,
+and repeats inside the batch), pre-aggregates the rest into one rollup per
+slot and splits them into plain rows, upserted as they are, and rows with
+sketches, which must be merged with the sketches stored in their slots
+(:func:`sketch_rows`, :func:`merged_rows`). It also names the series whose
+span in the keys index the batch widens, as far as a :class:`SeriesCache`
+knows the index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..ingest import Point
+from ..rollup import (
+    Rollup,
+    Slot,
+    decode_distinct,
+    decode_quantiles,
+    encode_distinct,
+    encode_quantiles,
+    pre_aggregate,
+)
+
+#: A series in the keys index: (key, tags JSON, first bucket, last bucket).
+SeriesSpan = tuple[str, str, int, int]
+#: A rollup to upsert, as the statement's parameters: key, bucket, tags, count, shift,
+#: s1, s2, min, max, and the encoded sketches (None: keep what is stored).
+UpsertRow = tuple[Any, ...]
+#: Stored sketch blobs of a slot: (quantiles, distinct).
+StoredSketches = tuple[bytes | None, bytes | None]
+
+
+@dataclass
+class WritePolicy:
+    """What the writer needs to know besides the events."""
+
+    bucket: int
+    dedup_window: float
+    keeps_quantiles: Callable[[str], bool]
+
+
+@dataclass
+class Plan:
+    """What one batch writes."""
+
+    #: Per submission, how many of its events were duplicates (and are not counted).
+    duplicates: list[int]
+    #: Rows without sketches: upserted as they are.
+    plain: list[UpsertRow]
+    #: Rollups with sketches, in sorted slot order (so that concurrent writers lock
+    #: rows in one order and never deadlock): inserted whole where their slot is new,
+    #: else merged with the stored sketches first.
+    sketched: dict[Slot, Rollup]
+    #: Series whose span in the keys index this batch widens, widened.
+    spans: list[SeriesSpan]
+
+    @property
+    def rows(self) -> int:
+        """How many rollup rows the batch writes."""
+        return len(self.plain) + len(self.sketched)
+
+
+class SeriesCache(dict[tuple[str, str], tuple[int, int]]):
+    """The spans of the keys index one write connection knows to be stored, so that a
+    batch upserts only the series it widens. At most ``limit`` series: the oldest are
+    forgotten first (a forgotten series costs one more upsert, never a wrong answer)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, spans: Iterable[SeriesSpan]) -> None:
+        for key, tags, first, last in spans:
+            self[(key, tags)] = (first, last)
+        for _ in range(len(self) - self.limit):
+            del self[next(iter(self))]
+
+
+def batch_ids(batch: Sequence[Sequence[Point]]) -> list[str]:
+    """The distinct idempotency ids of ``batch``, for the store to claim."""
+    return list({p[5] for points in batch for p in points if p[5] is not None})
+
+
+def plan_batch(
+    batch: Sequence[Sequence[Point]],
+    claimed: Collection[str] | None,
+    policy: WritePolicy,
+    seen: dict[tuple[str, str], tuple[int, int]],
+) -> Plan:
+    """The rows and series spans ``batch`` writes. ``claimed``: the ids of
+    :func:`batch_ids` the store claimed (None when the batch has none). An event with
+    an id counts only if its id was claimed, and only where the id first appears in
+    the batch: ids recorded before and repeats inside the batch are duplicates.
+    ``seen``: the spans of the keys index known to be stored (read, never changed)."""
+    duplicates = []
+    rollups: dict[Slot, Rollup] = {}
+    unclaimed = None if claimed is None else set(claimed)
+    for points in batch:
+        kept: Sequence[Point] = points
+        if unclaimed is not None:
+            kept = []
+            for point in points:
+                if point[5] is None:
+                    kept.append(point)
+                elif point[5] in unclaimed:
+                    unclaimed.discard(point[5])  # a repeat later in the batch is a duplicate
+                    kept.append(point)
+        duplicates.append(len(points) - len(kept))
+        pre_aggregate(kept, policy.bucket, rollups, policy.keeps_quantiles)
+    # One comprehension with the columns spelled out: the writer's hottest loop after
+    # pre-aggregation (0.51 -> 0.40 us per event with 1,000 keys x 24 h).
+    plain: list[UpsertRow] = [
+        (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, None, None)
+        for (key, bucket, tags), r in rollups.items()
+        if r.quantiles is None and r.distinct is None
+    ]
+    sketched: dict[Slot, Rollup] = {}
+    if len(plain) < len(rollups):
+        sketched = {
+            slot: rollups[slot]
+            for slot in sorted(
+                slot
+                for slot, r in rollups.items()
+                if r.quantiles is not None or r.distinct is not None
+            )
+        }
+    return Plan(duplicates, plain, sketched, _widened_series(rollups, seen))
+
+
+def sketch_rows(sketched: dict[Slot, Rollup]) -> list[UpsertRow]:
+    """Rows of rollups with sketches as they are: what a slot not stored yet gets."""
+    return [_row(slot, r) for slot, r in sketched.items()]
+
+
+def merged_rows(
+    sketched: dict[Slot, Rollup], existing: Sequence[Slot], stored: dict[Slot, StoredSketches]
+) -> list[UpsertRow]:
+    """Rows of the rollups of the ``existing`` slots, their sketches merged with the
+    ``stored`` ones (which the upsert then replaces). Changes the rollups of ``sketched``."""
+    rows = []
+    for slot in existing:
+        quantiles, distinct = stored[slot]
+        stored_rollup = Rollup(0.0, 0)
+        stored_rollup.quantiles = decode_quantiles(quantiles)
+        stored_rollup.distinct = decode_distinct(distinct)
+        rollup = sketched[slot]
+        rollup.merge_sketches(stored_rollup)
+        rows.append(_row(slot, rollup))
+    return rows
+
+
+def _row(slot: Slot, r: Rollup) -> UpsertRow:
+    kll, hll = encode_quantiles(r.quantiles), encode_distinct(r.distinct)
+    return (*slot, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll)
+
+
+def _widened_series(
+    rollups: dict[Slot, Rollup], seen: dict[tuple[str, str], tuple[int, int]]
+) -> list[SeriesSpan]:
+    """Series whose first or last bucket this batch moves, as the cache knows them.
+    The batch's span of each series first, then one look at the cache per series
+    rather than per row (0.27 -> 0.23 us per event once the cache knows every series,
+    0.55 -> 0.23 while it learns them)."""
+    spans: dict[tuple[str, str], tuple[int, int]] = {}
+    get = spans.get
+    for key, bucket, tags in rollups:
+        series = (key, tags)
+        span = get(series)
+        if span is None:
+            spans[series] = (bucket, bucket)
+        elif bucket < span[0]:
+            spans[series] = (bucket, span[1])
+        elif bucket > span[1]:
+            spans[series] = (span[0], bucket)
+    widened = []
+    for (key, tags), (first, last) in spans.items():
+        known = seen.get((key, tags))
+        if known is None:
+            widened.append((key, tags, first, last))
+        elif first < known[0] or last > known[1]:
+            widened.append((key, tags, min(first, known[0]), max(last, known[1])))
+    return widened
