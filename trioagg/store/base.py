@@ -190,10 +190,15 @@ def commit_batch(
     """
     now = time.time()
     ids = batch_ids(batch)
+    # Without ids nothing in the plan depends on the database: it is made before the
+    # write lock is taken, so that another process's commit to the same file runs
+    # meanwhile instead of waiting for this one's pre-aggregation.
+    plan = None if ids else plan_batch(batch, None, policy, series_seen)
     backend.begin(conn)
     try:
-        claimed = backend.claim_ids(conn, ids, now, now - policy.dedup_window) if ids else None
-        plan = plan_batch(batch, claimed, policy, series_seen)
+        if plan is None:
+            claimed = backend.claim_ids(conn, ids, now, now - policy.dedup_window)
+            plan = plan_batch(batch, claimed, policy, series_seen)
         rows = plan.plain
         if plan.sketched:
             inserted = backend.insert_new(conn, sketch_rows(plan.sketched))
