@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import gc
 import logging
@@ -15,8 +16,8 @@ from trioagg.loopwatch import (
     KEPT,
     LongSteps,
     StepTimer,
-    freeze_startup_objects,
     sample_loop_steps,
+    tune_garbage_collector,
 )
 from trioagg.metrics import Metrics
 
@@ -146,8 +147,34 @@ async def test_no_sampling_times_nothing(autojump_clock: trio.testing.MockClock)
 
 
 def test_startup_objects_are_frozen_out_of_the_collector() -> None:
-    freeze_startup_objects()
+    tune_garbage_collector()
     assert gc.get_freeze_count() > 1000
+
+
+def test_full_collections_run_once_per_thousand_young_ones() -> None:
+    """Objects that live a while and die, as requests waiting in a full queue do: of
+    1,000 collections, at most one full one (over every connection's objects), and a
+    middle one after every 5 young ones (CPython's defaults: 10 full, 1 in 11 middle)."""
+    tune_garbage_collector()
+    started: collections.Counter[int] = collections.Counter()
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[info["generation"]] += 1
+
+    ring: list[object] = [None] * 5_000  # each object outlives ~7 young collections
+    gc.callbacks.append(count)
+    try:
+        for allocated in range(2_000_000):
+            ring[allocated % len(ring)] = []
+            cycle: list[object] = []
+            cycle.append(cycle)  # garbage only a collection frees: the heap grows
+            if started[0] + started[1] + started[2] >= 1_000:
+                break
+    finally:
+        gc.callbacks.remove(count)
+    assert started[2] <= 1
+    assert started[1] >= 125  # one in 7 collections here; one in 11 by default
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/v1/status"])

@@ -56,8 +56,8 @@ from .http_edges import body_format, guard_connections, read_body, too_large_mes
 from .ingest import Limits, decode_body
 from .loopwatch import (
     LongSteps,
-    freeze_startup_objects,
     sample_loop_steps,
+    tune_garbage_collector,
     watch_loop_stalls,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -138,7 +138,7 @@ class Service:
                     helpers.start_soon(
                         sample_loop_steps, service.loop_steps, settings.loop_step_sampling
                     )
-                    freeze_startup_objects()
+                    tune_garbage_collector()
                     log.info(
                         "trioagg started: %s, %s buckets, %d writer(s), batch %d events, "
                         "queue %d requests, auth %s (%s)",
