@@ -24,7 +24,6 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from . import verify
@@ -135,8 +134,7 @@ def _on_server(bench: Bench, label: str, expected: int, work: Any, **spec: Any) 
     """Run ``work`` against a fresh trioagg server on a SQLite file; check the store."""
     deployment = bench.options.deployment
     db = bench.workdir / f"{label.replace(' ', '_')}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    verify.remove_store(db)
     argv, env = command("trioagg", deployment, db)
     log = bench.workdir / f"{label.replace(' ', '_')}.log"
     server = Server("trioagg", argv, env, log, trioagg_src=deployment.trioagg_src)

@@ -157,8 +157,7 @@ def _run_one(
 ) -> tuple[Measurement, Row, str]:
     stem = f"wrk-{key.replace(' ', '-')}-{app}"
     db = bench.workdir / f"{stem}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    verify.remove_store(db)
     go_binary = bench.go_binary() if app == godesign.APP else None
     argv, env = command(app, deployment, db, (), go_binary)
     server = Server(
@@ -218,8 +217,7 @@ def _run_one(
     if not verdict["ok"]:
         bench.progress.note(f"VERIFY FAILED wrk {label}: {'; '.join(verdict['problems'])}")
     if not bench.options.keep_stores:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        verify.remove_store(db)
     row = Row(
         scenario="wrk",
         key=key,

@@ -196,8 +196,7 @@ class Bench:
         self._counter += 1
         stem = f"{self._counter:02d}-{label.replace('/', '-').replace(' ', '_')}-{app}"
         db = self.workdir / f"{stem}.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        verify.remove_store(db)
         # trioagg on PostgreSQL: a fresh schema (the baselines keep their SQLite files)
         schema = None
         target: Path | str = db
@@ -344,8 +343,7 @@ class Bench:
         if not verdict["ok"]:
             self.progress.note(f"VERIFY FAILED {label} ({app}): {'; '.join(verdict['problems'])}")
         if not self.options.keep_stores:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db}{suffix}").unlink(missing_ok=True)
+            verify.remove_store(db)
             shutil.rmtree(prom_dir, ignore_errors=True)
         self._check_client(label, app, measurement)
         return measurement

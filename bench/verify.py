@@ -16,12 +16,25 @@ from pathlib import Path
 from typing import Any
 
 
+def store_files(db: Path) -> list[Path]:
+    """The SQLite files of the store whose main file is ``db``: it and its shard files
+    (``<db>-shard1`` ..., made by ``--writers N``), not their WAL files."""
+    shards = [found for found in db.parent.glob(f"{db.name}-shard*") if found.name[-1].isdigit()]
+    return [db, *sorted(shards)]
+
+
+def remove_store(db: Path) -> None:
+    """Delete the store at ``db``: every file of it, with its WAL and shared memory."""
+    for path in store_files(db):
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def store_totals(db: Path) -> tuple[int, int]:
     """(events, rows) of a store: ``sum(count)`` and ``count(*)`` of its rollups, over
-    its shard files too (``<db>-shard1`` ..., made by ``--writers N``)."""
+    its shard files too."""
     events = rows = 0
-    shards = [found for found in db.parent.glob(f"{db.name}-shard*") if found.name[-1].isdigit()]
-    for path in [db, *shards]:
+    for path in store_files(db):
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             found = conn.execute("SELECT coalesce(sum(count), 0), count(*) FROM rollups").fetchone()

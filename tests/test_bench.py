@@ -391,6 +391,26 @@ def test_store_totals_counts_events_and_rows(tmp_path: Path) -> None:
     assert verify.store_totals(db) == (8, 3)
 
 
+def test_remove_store_deletes_every_file_of_a_sharded_store_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    from trioagg.store.sqlite import SQLiteBackend
+
+    db = tmp_path / "s.db"
+    backend = SQLiteBackend(str(db), shards=3)
+    conn = backend.connect(write=True)
+    backend.prepare(conn, 3600)
+    shard = backend.connect(write=True, shard=2)  # leaves its WAL files while open
+    assert {path.name for path in verify.store_files(db)} == {"s.db", "s.db-shard1", "s.db-shard2"}
+    neighbours = [tmp_path / "s.db.bak", tmp_path / "s.dbx", tmp_path / "other.db"]
+    for path in neighbours:
+        path.write_bytes(b"keep")
+    verify.remove_store(db)
+    backend.close(shard)
+    backend.close(conn)
+    assert sorted(tmp_path.iterdir()) == sorted(neighbours)
+
+
 def test_cpu_per_1k_requests() -> None:
     phase = {"requests": 2000, "cpu": {"server_s": 1.0, "client_s": 0.1}}
     assert cpu_per_1k(phase) == (0.5, 0.05)
