@@ -213,11 +213,7 @@ def _run_one(
         store={"events": stored, "rows": rows},
         verdict=verdict,
     )
-    bench.measurements.append(measurement)
-    if not verdict["ok"]:
-        bench.progress.note(f"VERIFY FAILED wrk {label}: {'; '.join(verdict['problems'])}")
-    if not bench.options.keep_stores:
-        verify.remove_store(db)
+    bench.record(measurement, db, f"wrk {label}")
     row = Row(
         scenario="wrk",
         key=key,

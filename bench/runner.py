@@ -339,14 +339,21 @@ class Bench:
             store=None if stored is None else {"events": stored[0], "rows": stored[1]},
             verdict=verdict,
         )
-        self.measurements.append(measurement)
-        if not verdict["ok"]:
-            self.progress.note(f"VERIFY FAILED {label} ({app}): {'; '.join(verdict['problems'])}")
+        self.record(measurement, db, f"{label} ({app})")
         if not self.options.keep_stores:
-            verify.remove_store(db)
             shutil.rmtree(prom_dir, ignore_errors=True)
         self._check_client(label, app, measurement)
         return measurement
+
+    def record(self, measurement: Measurement, db: Path, what: str) -> None:
+        """Keep ``measurement``, say so when its verification failed, and delete its
+        SQLite store ``db`` unless --keep-stores."""
+        self.measurements.append(measurement)
+        if not measurement.verdict["ok"]:
+            problems = "; ".join(measurement.verdict["problems"])
+            self.progress.note(f"VERIFY FAILED {what}: {problems}")
+        if not self.options.keep_stores:
+            verify.remove_store(db)
 
     def _check_client(self, label: str, app: str, measurement: Measurement) -> None:
         for name, phase in measurement.phases.items():

@@ -20,8 +20,10 @@ import trio
 from bench import cli, loadgen, pgstore, report, scenarios, stalls, verify
 from bench.report import table
 from bench.runner import cpu_per_1k
-from bench.scenarios import Row, ScenarioResult, evaluate_targets
+from bench.scenarios import ScenarioResult, evaluate_targets
 from bench.server import Deployment, command, flag_value, flags_to_env, split_args
+
+from .bench_rows import bench_row
 
 # ---------------------------------------------------------------------- arguments
 
@@ -420,36 +422,20 @@ def test_cpu_per_1k_requests() -> None:
 # ---------------------------------------------------------------------- targets and table
 
 
-def _row(scenario: str, key: str, system: str, rate: float, unit: str = "req/s") -> Row:
-    return Row(
-        scenario=scenario,
-        key=key,
-        what=key,
-        system=system,
-        unit=unit,
-        rate=rate,
-        elapsed_s=1.0,
-        requests=100,
-        events=100,
-        latency_ms={"p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0, "mean": 1.5},
-        server_cpu_1k=0.5,
-        client_cpu_1k=0.05,
-        client_share=0.1,
-    )
-
-
 def test_targets_pass_miss_and_skip() -> None:
     seed = ScenarioResult(
         "seed",
         rows=[
-            _row("seed", "writes", "trioagg", 950),
-            _row("seed", "writes", "ceiling", 1000),
-            _row("seed", "writes", "naive", 200),
-            _row("seed", "reads", "trioagg", 700),
-            _row("seed", "reads", "ceiling", 1000),
+            bench_row("seed", "writes", "trioagg", 950),
+            bench_row("seed", "writes", "ceiling", 1000),
+            bench_row("seed", "writes", "naive", 200),
+            bench_row("seed", "reads", "trioagg", 700),
+            bench_row("seed", "reads", "ceiling", 1000),
         ],
     )
-    batch = ScenarioResult("batch", rows=[_row("batch", "json", "trioagg", 250_000, "events/s")])
+    batch = ScenarioResult(
+        "batch", rows=[bench_row("batch", "json", "trioagg", 250_000, "events/s")]
+    )
     targets = {t.name: t for t in evaluate_targets({"seed": seed, "batch": batch})}
     assert targets["single durable (seed writes) >= 0.9 x ceiling"].status == "PASS"
     assert targets["single durable (seed writes) >= 5 x naive"].status == "MISS"
@@ -464,7 +450,10 @@ def test_targets_pass_miss_and_skip() -> None:
 def test_table_shows_ratios_targets_and_verification() -> None:
     seed = ScenarioResult(
         "seed",
-        rows=[_row("seed", "writes", "trioagg", 900), _row("seed", "writes", "ceiling", 1000)],
+        rows=[
+            bench_row("seed", "writes", "trioagg", 900),
+            bench_row("seed", "writes", "ceiling", 1000),
+        ],
     )
     text = table(
         "header",
@@ -608,7 +597,7 @@ def test_longest_stall_is_the_largest_gauge_over_the_scrapes() -> None:
 
 
 def test_table_shows_the_loop_stall_and_cpu_step_columns() -> None:
-    row = _row("seed", "writes", "trioagg", 900)
+    row = bench_row("seed", "writes", "trioagg", 900)
     ours = replace(
         row, loop_stall_ms=12.5, loop_stalls_over_10ms=2, loop_step_cpu_ms=5.0, loop_steps_timed=9
     )
@@ -623,7 +612,11 @@ def test_table_shows_the_loop_stall_and_cpu_step_columns() -> None:
     )
     text = table(
         "header",
-        {"seed": ScenarioResult("seed", rows=[ours, quiet, _row("seed", "reads", "ceiling", 9)])},
+        {
+            "seed": ScenarioResult(
+                "seed", rows=[ours, quiet, bench_row("seed", "reads", "ceiling", 9)]
+            )
+        },
         [],
         {"ok": True, "checked": 1, "failures": []},
         [],
@@ -744,10 +737,10 @@ def _matrix() -> ScenarioResult:
     for workers in (1, 2):
         for writers in (1, 2, 4):
             rate = 1000.0 * workers * (1 + writers / 10)
-            row = _row("seed", scenarios.cell_key("writes", workers, writers), "trioagg", rate)
+            row = bench_row("seed", scenarios.cell_key("writes", workers, writers), "trioagg", rate)
             row.db_cpu_1k = 0.25
             rows.append(row)
-        rows.append(_row("seed", scenarios.cell_key("writes", workers), "ceiling", 4000.0))
+        rows.append(bench_row("seed", scenarios.cell_key("writes", workers), "ceiling", 4000.0))
     return ScenarioResult("seed", rows=rows, facts={"store": "postgres", "cells": []})
 
 
@@ -761,7 +754,8 @@ def test_scaling_table_is_relative_to_the_first_cell() -> None:
     assert "0.75" in one_writer  # server 0.5 + PostgreSQL 0.25 ms CPU per request
     assert "ceiling" in lines[-1] and "4,000" in lines[-1]
     assert (
-        report.pg_scaling({"seed": ScenarioResult("seed", rows=[_row("seed", "w", "x", 1)])}) == []
+        report.pg_scaling({"seed": ScenarioResult("seed", rows=[bench_row("seed", "w", "x", 1)])})
+        == []
     )
     # the main table compares every cell with the ceiling of its worker count
     full = table("h", {"seed": _matrix()}, [], {"ok": True, "checked": 8, "failures": []}, [])

@@ -22,8 +22,10 @@ import pytest
 from bench import cli, crosscheck, godesign, scenarios, verify
 from bench.report import table
 from bench.runner import Bench, Measurement, Options, Progress
-from bench.scenarios import Row, ScenarioResult, evaluate_targets
+from bench.scenarios import ScenarioResult, evaluate_targets
 from bench.server import Deployment, Server, command, http_get
+
+from .bench_rows import bench_row
 
 # ---------------------------------------------------------------------- the Go design
 
@@ -109,28 +111,8 @@ def _measurement(app: str, stop_s: float) -> Measurement:
     return Measurement("m", app, {}, {"stop_s": stop_s}, None, {"ok": True})
 
 
-def _row(
-    scenario: str, key: str, system: str, rate: float, unit: str = "req/s", events: int = 100
-) -> Row:
-    return Row(
-        scenario=scenario,
-        key=key,
-        what=key,
-        system=system,
-        unit=unit,
-        rate=rate,
-        elapsed_s=2.0,
-        requests=100,
-        events=events,
-        latency_ms={"p50": 1.0, "p95": 2.0, "p99": 3.0},
-        server_cpu_1k=None,
-        client_cpu_1k=None,
-        client_share=None,
-    )
-
-
 def test_committed_row_turns_answered_events_into_committed_ones() -> None:
-    answered = _row("batch", "json", "go", 300_000, "events/s", events=600_000)
+    answered = bench_row("batch", "json", "go", 300_000, "events/s", events=600_000, elapsed_s=2.0)
     row = scenarios.committed_row(answered, _measurement("go", 4.0))
     assert row.rate == 100_000  # 600 K events over 2 s of load + 4 s of drain
     assert row.note == "committed, incl. 4.00 s drain; answered 300,000/s before commit"
@@ -141,11 +123,11 @@ def test_go_ratios_pair_rows_by_key() -> None:
     result = ScenarioResult(
         "batch",
         rows=[
-            _row("batch", "json", "trioagg", 200_000),
-            _row("batch", "json", "go", 100_000),
-            _row("batch", "json keys=10", "trioagg", 150_000),
-            _row("batch", "ndjson", "trioagg", 90_000),
-            _row("batch", "json keys=10", "go", 50_000),
+            bench_row("batch", "json", "trioagg", 200_000),
+            bench_row("batch", "json", "go", 100_000),
+            bench_row("batch", "json keys=10", "trioagg", 150_000),
+            bench_row("batch", "ndjson", "trioagg", 90_000),
+            bench_row("batch", "json keys=10", "go", 50_000),
         ],
     )
     assert scenarios.go_ratios(result) == {"json": 2.0, "json keys=10": 3.0}
@@ -155,9 +137,9 @@ def test_read_ratios_are_against_the_ceilings_reads_alone() -> None:
     result = ScenarioResult(
         "mixed",
         rows=[
-            _row("mixed", "reads alone", "trioagg", 900),
-            _row("mixed", "reads alone", "ceiling", 1000),
-            _row("mixed", "reads batch", "trioagg", 400),
+            bench_row("mixed", "reads alone", "trioagg", 900),
+            bench_row("mixed", "reads alone", "ceiling", 1000),
+            bench_row("mixed", "reads batch", "trioagg", 400),
         ],
     )
     assert scenarios.read_ratios(result) == {
@@ -170,21 +152,24 @@ def test_read_ratios_are_against_the_ceilings_reads_alone() -> None:
 def test_targets_of_issue_13() -> None:
     seed = ScenarioResult(
         "seed",
-        rows=[_row("seed", "reads", "trioagg", 1000), _row("seed", "reads", "ceiling", 990)],
+        rows=[
+            bench_row("seed", "reads", "trioagg", 1000),
+            bench_row("seed", "reads", "ceiling", 990),
+        ],
     )
     batch = ScenarioResult(
         "batch",
         rows=[
-            _row("batch", "json", "trioagg", 190_000, "events/s"),
-            _row("batch", "json", "go", 100_000, "events/s"),
+            bench_row("batch", "json", "trioagg", 190_000, "events/s"),
+            bench_row("batch", "json", "go", 100_000, "events/s"),
         ],
     )
     mixed = ScenarioResult(
         "mixed",
         rows=[
-            _row("mixed", "reads batch", "trioagg", 79),
-            _row("mixed", "reads batch", "ceiling", 1_000),  # not what the target compares
-            _row("mixed", "reads alone", "ceiling", 100),
+            bench_row("mixed", "reads batch", "trioagg", 79),
+            bench_row("mixed", "reads batch", "ceiling", 1_000),  # not what the target compares
+            bench_row("mixed", "reads alone", "ceiling", 100),
         ],
     )
     targets = {t.name: t for t in evaluate_targets({"seed": seed, "batch": batch, "mixed": mixed})}
@@ -204,8 +189,8 @@ def test_table_has_a_go_ratio_column_and_the_drift_caveat() -> None:
     batch = ScenarioResult(
         "batch",
         rows=[
-            _row("batch", "json", "trioagg", 150_000, "events/s"),
-            _row("batch", "json", "go", 100_000, "events/s"),
+            bench_row("batch", "json", "trioagg", 150_000, "events/s"),
+            bench_row("batch", "json", "go", 100_000, "events/s"),
         ],
     )
     text = table("header", {"batch": batch}, [], {"ok": True, "checked": 2}, [])
