@@ -3,10 +3,16 @@ so commits genuinely wait, the channel fills, and busy retries run out."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+
+from trioagg.store.base import commit_batch
+from trioagg.store.plan import SeriesCache, WritePolicy
+from trioagg.store.sqlite import SQLiteBackend
 
 from .conftest import StartServer, post, stored_counts
 
@@ -161,3 +167,27 @@ async def test_a_request_sending_its_body_holds_no_admission_token(
     assert statuses == [200]
     assert (await post(server.client, {"key": "fast"})).status_code == 200
     assert stored_counts(server.db) == {"slow": 2, "fast": 2}
+
+
+@pytest.mark.parametrize(("event_id", "planned_first"), [(None, True), ("id-1", False)])
+def test_a_batch_without_ids_is_planned_before_the_write_lock_is_taken(
+    tmp_path: Path, event_id: str | None, planned_first: bool
+) -> None:
+    """Its plan needs nothing from the database, so other writers of the same file can
+    commit during its pre-aggregation; a batch with ids needs its claimed ids first."""
+    backend = SQLiteBackend(str(tmp_path / "s.db"))
+    conn = backend.connect(write=True)
+    backend.prepare(conn, 3600)
+    happened: list[str] = []
+    conn.set_trace_callback(lambda statement: happened.append(statement.split()[0].upper()))
+
+    def keeps_quantiles(key: str) -> bool:  # asked by the pre-aggregation, per new slot
+        happened.append("plan")
+        return False
+
+    point = ("k", 1_764_000_000.0, 1.0, "{}", None, event_id)
+    policy = WritePolicy(3600, 86400.0, keeps_quantiles)
+    result = commit_batch(conn, backend, [[point]], policy, SeriesCache())
+    backend.close(conn)
+    assert result.rows == 1
+    assert (happened.index("plan") < happened.index("BEGIN")) is planned_first
