@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from trioagg import auth
 from trioagg.cli import main
 from trioagg.errors import ConfigError, Forbidden, Overloaded, Unauthorized
+from trioagg.ingest import stamp_tenant
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 
@@ -74,14 +75,18 @@ def test_the_tenant_is_stamped_on_every_event_and_another_one_is_refused() -> No
         ("k", 1.0, 1.0, '{"region":"eu"}', None, "id-1"),
         ("k", 1.0, 1.0, '{"tenant":"acme","z":"1"}', None, None),
     ]
-    assert [p[3] for p in auth.stamp_tenant(points, "acme")] == [
+    stamped = stamp_tenant(points, "acme")
+    assert [p[3] for p in stamped] == [
         '{"tenant":"acme"}',
         '{"region":"eu","tenant":"acme"}',
         '{"tenant":"acme","z":"1"}',
     ]
     with pytest.raises(Forbidden) as refused:
-        auth.stamp_tenant([*points, ("k", 1.0, 1.0, '{"tenant":"globex"}', None, None)], "acme")
+        stamp_tenant([*points, ("k", 1.0, 1.0, '{"tenant":"globex"}', None, None)], "acme")
     assert refused.value.reason == "tenant" and refused.value.status == 403
+    # Ids are the tenant's own: the tenant as a JSON string, then the id.
+    assert [p[5] for p in stamped] == [None, '"acme":id-1', None]
+    assert stamp_tenant([("k", 1.0, 1.0, "{}", None, "x")], 'a":"b')[0][5] == '"a\\":\\"b":x'
     assert auth.tenant_tags({"region": "eu"}, "acme") == {"region": "eu", "tenant": "acme"}
     assert auth.tenant_tags({"tenant": "acme"}, "acme") == {"tenant": "acme"}
     with pytest.raises(Forbidden):
@@ -462,6 +467,32 @@ async def test_auth_off_lets_everything_in_and_ignores_keys(start_server: StartS
 
 
 # -- tenants ------------------------------------------------------------------------
+
+
+async def test_one_tenants_ids_never_drop_another_tenants_events(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on")
+    tenants = {"acme": "acme", "beta": "beta", "tricky": 'acme":"x'}
+    made = {
+        name: await trio.to_thread.run_sync(
+            lambda name=name: make_key(server.db, name, "ingest", tenant=tenants[name])
+        )
+        for name in tenants
+    }
+
+    async def send(who: str, event_id: str) -> Any:
+        event = {"key": "orders", "ts": TS, "id": event_id}
+        response = await server.client.post("/v1/events", json=event, headers=bearer(made[who]))
+        assert response.status_code == 200, response.text
+        return response.json()["duplicates"]
+
+    assert await send("acme", "order-1") == 0
+    assert await send("beta", "order-1") == 0  # was a duplicate of acme's
+    assert await send("tricky", "order-1") == 0
+    assert await send("acme", '"x":order-1') == 0
+    assert await send("beta", "order-1") == 1  # a tenant's own repeat still counts once
+    assert stored_counts(server.db) == {"orders": 4}
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", SHARDED, "postgres"], indirect=True)

@@ -34,7 +34,6 @@ from .auth import (
     Authenticator,
     current_tenant,
     settle_mode,
-    stamp_tenant,
     tenant_tags,
 )
 from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
@@ -408,11 +407,12 @@ def _add_routes(app: TrioaggApp) -> None:
             await service.writers.admit()
             try:
                 points = await decode_body(
-                    body, ndjson=body_form.ndjson, limits=service.limits, now=time.time()
+                    body,
+                    ndjson=body_form.ndjson,
+                    limits=service.limits,
+                    now=time.time(),
+                    tenant=current_tenant(),
                 )
-                tenant = current_tenant()
-                if tenant is not None:
-                    points = stamp_tenant(points, tenant)
                 submission = (
                     await service.writers.submit(points, durable=durable) if points else None
                 )

@@ -31,7 +31,8 @@ serve`` turns ``auto`` into ``on`` when it listens on a non-loopback address (se
 :func:`settle_mode`).
 
 **Tenants.** A key with a tenant stamps ``tenant=<value>`` on every event it sends
-(:func:`stamp_tenant`) and reads only series with that tag (:func:`tenant_tags` and
+(:func:`trioagg.ingest.stamp_tenant`, which also makes its event ids its own) and reads
+only series with that tag (:func:`tenant_tags` and
 the store's ``tenant`` filters).
 """
 
@@ -49,12 +50,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgspec
 import trio
 from quart import g
 
 from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
-from .ingest import NO_TAGS, Point
+from .ingest import TENANT_TAG
 from .settings import Settings, flag_name
 from .store import Backend, Store
 
@@ -68,7 +68,6 @@ UNKNOWN_CACHE_SIZE: Final = 1_000
 #: The longest a request waits for a turn to look its key up in the store.
 LOOKUP_WAIT_SECONDS: Final = 2.0
 TOUCH_SECONDS: Final = 60.0
-TENANT_TAG: Final = "tenant"
 #: A secret is PREFIX + 43 characters; anything much longer is not one of ours.
 _MAX_SECRET: Final = 128
 #: The most the last uses are written for at shutdown.
@@ -422,25 +421,3 @@ def tenant_tags(tags: Mapping[str, str], tenant: str) -> dict[str, str]:
     if named is not None and named != tenant:
         raise Forbidden(f"this API key reads only {TENANT_TAG}={tenant}", "tenant")
     return {**tags, TENANT_TAG: tenant}
-
-
-def stamp_tenant(points: Sequence[Point], tenant: str) -> list[Point]:
-    """``points`` with ``tenant=<tenant>`` in their tags; Forbidden (nothing stored) when
-    an event carries another tenant. The tag is added to the event's own (up to 16)."""
-    stamped: dict[str, str] = {NO_TAGS: msgspec.json.encode({TENANT_TAG: tenant}).decode()}
-    out: list[Point] = []
-    for key, ts, value, tags, distinct_id, event_id in points:
-        canonical = stamped.get(tags)
-        if canonical is None:
-            decoded = msgspec.json.decode(tags)
-            named = decoded.get(TENANT_TAG)
-            if named is not None and named != tenant:
-                raise Forbidden(
-                    f"this API key sends events of {TENANT_TAG}={tenant} only; an event "
-                    f"names {TENANT_TAG}={named}: nothing of this request was stored",
-                    "tenant",
-                )
-            decoded[TENANT_TAG] = tenant
-            canonical = stamped[tags] = msgspec.json.encode(decoded, order="sorted").decode()
-        out.append((key, ts, value, canonical, distinct_id, event_id))
-    return out

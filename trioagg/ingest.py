@@ -25,7 +25,7 @@ from typing import Annotated, Any, Final
 import msgspec
 import trio
 
-from .errors import InvalidEvents, MalformedBody, PayloadTooLarge
+from .errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
 from .times import LATEST, rfc3339
 
 #: One validated event: (key, ts in Unix seconds, value, canonical tags JSON,
@@ -33,6 +33,8 @@ from .times import LATEST, rfc3339
 Point = tuple[str, float, float, str, str | None, str | None]
 
 NO_TAGS: Final = "{}"
+#: The tag a tenant's API key stamps on what it sends and filters what it reads by.
+TENANT_TAG: Final = "tenant"
 
 #: The largest magnitude of an event's value. Squares of values (the spread's
 #: moments) summed over any realistic count of events stay finite: 1e100 ** 2
@@ -108,21 +110,26 @@ _DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunV
 )
 
 
-async def decode_body(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> list[Point]:
+async def decode_body(
+    body: bytes, *, ndjson: bool, limits: Limits, now: float, tenant: str | None = None
+) -> list[Point]:
     """:func:`decode_events`, in a worker thread when the body is large."""
     if len(body) <= INLINE_DECODE_BYTES:
-        return decode_events(body, ndjson=ndjson, limits=limits, now=now)
+        return decode_events(body, ndjson=ndjson, limits=limits, now=now, tenant=tenant)
     try:
         limiter = _DECODE_LIMITER.get()
     except LookupError:
         limiter = trio.CapacityLimiter(DECODE_THREADS)
         _DECODE_LIMITER.set(limiter)
-    decode = partial(decode_events, body, ndjson=ndjson, limits=limits, now=now)
+    decode = partial(decode_events, body, ndjson=ndjson, limits=limits, now=now, tenant=tenant)
     return await trio.to_thread.run_sync(decode, limiter=limiter)
 
 
-def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> list[Point]:
-    """Decode and validate a whole request body; ``now`` is the server's receive time."""
+def decode_events(
+    body: bytes, *, ndjson: bool, limits: Limits, now: float, tenant: str | None = None
+) -> list[Point]:
+    """Decode and validate a whole request body; ``now`` is the server's receive time.
+    With ``tenant`` (the sender's API key has one), see :func:`stamp_tenant`."""
     if not body.strip():
         raise MalformedBody("the request body is empty: send an event, an array or NDJSON")
     try:
@@ -162,7 +169,35 @@ def decode_events(body: bytes, *, ndjson: bool, limits: Limits, now: float) -> l
         points.append((event.key, seconds, event.value, canonical, event.distinct_id, event.id))
     if problems:
         raise _invalid(problems, len(events))
-    return points
+    return points if tenant is None else stamp_tenant(points, tenant)
+
+
+def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
+    """``points`` of a tenant's API key: ``tenant=<tenant>`` added to their tags (to the
+    event's own, up to 16), and their ids made the tenant's own, so that no tenant can
+    claim, and so drop as duplicates, another's ids. Forbidden (nothing stored) when an
+    event names another tenant."""
+    stamped: dict[str, str] = {NO_TAGS: msgspec.json.encode({TENANT_TAG: tenant}).decode()}
+    # The tenant as a JSON string ends at its first unescaped quote: no two tenants'
+    # prefixes can make the same id.
+    id_prefix = msgspec.json.encode(tenant).decode() + ":"
+    out: list[Point] = []
+    for key, ts, value, tags, distinct_id, event_id in points:
+        canonical = stamped.get(tags)
+        if canonical is None:
+            decoded = msgspec.json.decode(tags)
+            named = decoded.get(TENANT_TAG)
+            if named is not None and named != tenant:
+                raise Forbidden(
+                    f"this API key sends events of {TENANT_TAG}={tenant} only; an event "
+                    f"names {TENANT_TAG}={named}: nothing of this request was stored",
+                    "tenant",
+                )
+            decoded[TENANT_TAG] = tenant
+            canonical = stamped[tags] = msgspec.json.encode(decoded, order="sorted").decode()
+        scoped_id = None if event_id is None else id_prefix + event_id
+        out.append((key, ts, value, canonical, distinct_id, scoped_id))
+    return out
 
 
 def _check_count(count: int, limits: Limits) -> None:
