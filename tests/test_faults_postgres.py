@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import trio
 
+from trioagg.store.base import IDLE_CHECK_SECONDS
 from trioagg.store.postgres import PostgresBackend
 
 from .conftest import Ledger, PostgresCluster, StartServer, assert_store_holds, post, sql
@@ -92,6 +93,32 @@ async def test_postgres_stopped_and_restarted_under_load_counts_every_event_once
     assert set(ledger.statuses) == {200, 503}
     assert server.stop() == 0, server.output
     assert_store_holds(own_postgres.dsn, ledger.expected())
+
+
+async def test_the_first_requests_after_a_quiet_restart_reconnect(
+    server_process: Any, own_postgres: PostgresCluster
+) -> None:
+    # A database restart while the service is idle leaves every connection dead; a
+    # connection idle for IDLE_CHECK_SECONDS is pinged before use, so no client sees it.
+    readers = 3
+    server = server_process("--readers", str(readers), db=own_postgres.dsn).start()
+    assert server.url, server.output
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+
+        async def list_keys() -> list[int]:
+            # /v1/keys is never cached: each takes the next idle read connection in turn.
+            return [(await client.get("/v1/keys")).status_code for _ in range(2 * readers)]
+
+        assert (await post(client, [{"key": "before", "value": 1}])).status_code == 200
+        assert await list_keys() == [200] * 2 * readers
+        await trio.to_thread.run_sync(own_postgres.stop)
+        await trio.to_thread.run_sync(own_postgres.start)
+        await trio.sleep(IDLE_CHECK_SECONDS)  # the connections have now been idle that long
+        answers = [(await post(client, [{"key": "after", "value": 2}])).status_code]
+        answers += await list_keys()
+    assert answers == [200] * (1 + 2 * readers), answers
+    assert server.stop() == 0, server.output
+    assert_store_holds(own_postgres.dsn, {"before": 1, "after": 1})
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)

@@ -47,6 +47,8 @@ T = TypeVar("T")
 
 _FIRST_BACKOFF = 0.01
 _MAX_BACKOFF = 1.0
+#: A connection unused this long is pinged before its next use (one round trip).
+IDLE_CHECK_SECONDS = 1.0
 _PURGE_CHUNK = 1000
 
 
@@ -240,7 +242,10 @@ class Link:
 
     Used from one worker thread at a time. When an operation fails because the
     connection is gone (the database restarted), the link forgets it, so the
-    next operation connects afresh: the service recovers by itself.
+    next operation connects afresh: the service recovers by itself. A connection
+    left idle for :data:`IDLE_CHECK_SECONDS` is pinged before it is used again, so
+    that the first request after a database restart during a quiet spell finds a
+    new connection instead of failing on the dead one.
     """
 
     def __init__(self, backend: Backend, *, write: bool, shard: int = 0) -> None:
@@ -248,10 +253,20 @@ class Link:
         self.write = write
         self.shard = shard
         self.conn: Any = None
+        self.used_at = 0.0
 
     def run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        now = time.monotonic()
+        if self.conn is not None and now - self.used_at >= IDLE_CHECK_SECONDS:
+            try:
+                self.backend.ping(self.conn)
+            except Exception as error:
+                if not self.backend.is_disconnect(error):
+                    raise
+                self.close()  # the ping sent nothing that matters: connect afresh
         if self.conn is None:
             self.conn = self.backend.connect(write=self.write, shard=self.shard)
+        self.used_at = now
         try:
             return operation(self.conn, *args, **kwargs)
         except Exception as error:
