@@ -350,7 +350,8 @@ def stored_counts(db: str | Path) -> dict[str, int]:
 
 
 class ServerProcess:
-    """``python -m trioagg serve`` in a child process, on a free port."""
+    """``python -m trioagg serve`` in a child process, on a free port. Its stderr goes
+    to a file, never to a pipe: a pipe nobody reads fills up and stops the server."""
 
     def __init__(self, db: str | Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.db = db
@@ -358,44 +359,58 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
-        self.log: list[str] = []
+        self._log: Path | None = None
+        self._kept = ""  # the log once the process has exited and its file is gone
 
-    def start(self, command: list[str] | None = None) -> ServerProcess:
+    def start(self, command: list[str] | None = None, timeout: float = 60) -> ServerProcess:
         """Start and wait until it listens (or exits)."""
         command = command or [sys.executable, "-m", "trioagg", "serve", *self.args]
-        self.proc = subprocess.Popen(
-            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env
-        )
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            match = re.search(r"Running on (https?://[\d.]+:\d+)", line)
-            if match:
-                self.url = match[1]
-                break
-        else:
-            self.proc.wait()
+        descriptor, name = tempfile.mkstemp(prefix="trioagg-server-", suffix=".log")
+        self._log = Path(name)
+        with os.fdopen(descriptor, "w") as sink:
+            self.proc = subprocess.Popen(
+                command, stderr=sink, stdout=subprocess.DEVNULL, text=True, env=self.env
+            )
+        self.wait_for("Running on", timeout=timeout)
+        match = re.search(r"Running on (https?://[\d.]+:\d+)", self.output)
+        self.url = match[1] if match else ""
         return self
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        """Until the log holds ``text`` ``count`` times, the process exits or ``timeout``."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.output.count(text) < count and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} in the server's log: {self.output}")
+            time.sleep(0.02)
 
     def send_signal(self, signum: signal.Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)
 
     def wait(self, timeout: float = 30) -> int:
-        """Wait for the exit; the rest of stderr goes to ``log``."""
-        assert self.proc is not None and self.proc.stderr is not None
-        self.proc.wait(timeout)  # the log is small: the pipe never fills
-        self.log.append(self.proc.stderr.read())
-        self.proc.stderr.close()
+        """Wait for the exit, keep the log and delete its file."""
+        assert self.proc is not None
+        self.proc.wait(timeout)
+        self.discard_log()
         return self.proc.returncode
 
     def stop(self) -> int:
         self.send_signal(signal.SIGTERM)
         return self.wait()
 
+    def discard_log(self) -> None:
+        if self._log is not None:
+            self._kept = self.output
+            self._log.unlink(missing_ok=True)
+            self._log = None
+
     @property
     def output(self) -> str:
-        return "".join(self.log)
+        if self._log is None:
+            return self._kept
+        return self._log.read_text(errors="replace")
 
 
 @pytest.fixture
@@ -415,8 +430,7 @@ def server_process(tmp_path: Path) -> Any:
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait()
-        if process.proc is not None and process.proc.stderr is not None:
-            process.proc.stderr.close()
+        process.discard_log()
 
 
 @pytest.fixture

@@ -23,8 +23,7 @@ pytestmark = pytest.mark.slow
 async def test_postgres_stopped_and_restarted_under_load_counts_every_event_once(
     server_process: Any, own_postgres: PostgresCluster
 ) -> None:
-    # log level error: a warning per refused read would fill the pipe nobody reads.
-    server = server_process("--log-level", "error", db=own_postgres.dsn).start()
+    server = server_process(db=own_postgres.dsn).start()
     assert server.url, server.output
     ledger = Ledger()
     done = trio.Event()

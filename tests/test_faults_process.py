@@ -288,9 +288,7 @@ def test_sigterm_to_hypercorn_workers_commits_every_202(
 ) -> None:
     db = tmp_path / "workers.db"
     server = server_process(env={"TRIOAGG_DB": str(db)}).start(HYPERCORN_TWO_WORKERS)
-    assert server.proc.stderr is not None
-    while server.output.count("Running on") < 2:  # both workers have opened the store
-        server.log.append(server.proc.stderr.readline())
+    server.wait_for("Running on", count=2)  # both workers have opened the store
     hold_write_lock.acquire(db)
     accepted = 0
     with httpx.Client(base_url=server.url) as client:  # one connection: one worker
