@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import trio
 from quart import request
+from quart.routing import QuartRule
 
 from trioagg.app import create_app
 from trioagg.auth import create_key
@@ -30,12 +33,15 @@ async def _measure(calls: int) -> float:
         db = str(Path(folder) / "auth.db")
         secret = create_key(make_backend(Settings(db=db)), "bench", ("ingest",))
         app = create_app(Settings.from_text({"db": db, "auth": "on", "log_level": "warning"}))
-        (check,) = [f for f in app.before_request_funcs[None] if f.__name__ == "authenticate"]
+        (hook,) = [f for f in app.before_request_funcs[None] if f.__name__ == "authenticate"]
+        check = cast(Callable[[], Awaitable[None]], hook)
         headers = {"Authorization": f"Bearer {secret}"}
         context = app.test_request_context("/v1/events", method="POST", headers=headers)
         async with app.test_app(), context:
             request.url_rule = next(
-                rule for rule in app.url_map.iter_rules() if rule.rule == "/v1/events"
+                cast(QuartRule, rule)
+                for rule in app.url_map.iter_rules()
+                if rule.rule == "/v1/events"
             )
             await check()  # the key is in the cache from here on
             best = float("inf")

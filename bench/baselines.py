@@ -188,7 +188,7 @@ def naive_app(db: str | None = None, sync: str | None = None) -> QuartTrio:
         return _json({"accepted": len(points), "duplicates": 0})
 
     def fetch(key: str, start: int, end: int) -> list[tuple[Any, ...]]:
-        return (
+        rows: list[tuple[Any, ...]] = (
             state["reader"]
             .execute(
                 "SELECT bucket, sum(count), sum(count * shift + s1), min(min), max(max) "
@@ -197,6 +197,7 @@ def naive_app(db: str | None = None, sync: str | None = None) -> QuartTrio:
             )
             .fetchall()
         )
+        return rows
 
     @app.get("/v1/aggregates")
     async def aggregates() -> Response:

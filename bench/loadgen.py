@@ -335,7 +335,11 @@ async def _connect(host: str, port: int) -> trio.socket.SocketType:
 
 
 async def _connection(
-    stream: Stream, host: str, port: int, sock: trio.socket.SocketType, go: trio.Event
+    stream: Stream,
+    host: str,
+    port: int,
+    sock: trio.socket.SocketType | None,
+    go: trio.Event,
 ) -> None:
     pool = stream.pool
     requests, classes, events = pool.requests, pool.classes, pool.events
@@ -404,7 +408,7 @@ async def _connection(
         else:
             cls.other_latencies.append(elapsed)
         stream.done += 1
-        if close:
+        if close and sock is not None:
             sock.close()
             sock = None
             buffer = b""

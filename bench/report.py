@@ -570,12 +570,12 @@ def chart(path: Path, results: Mapping[str, ScenarioResult], title: str) -> None
     for offset, system in enumerate(SYSTEMS):
         xs, rates, p99s = [], [], []
         for index, (_, systems) in enumerate(groups):
-            row = systems.get(system)
-            if row is None:
+            bar = systems.get(system)
+            if bar is None:
                 continue
             xs.append(index + (offset - (len(SYSTEMS) - 1) / 2) * width)
-            rates.append(max(row.rate, 0.1))
-            p99s.append(max(row.latency_ms.get("p99") or 0.01, 0.01))
+            rates.append(max(bar.rate, 0.1))
+            p99s.append(max(bar.latency_ms.get("p99") or 0.01, 0.01))
         if xs:
             top.bar(xs, rates, width, label=system, color=colours[system])
             bottom.bar(xs, p99s, width, label=system, color=colours[system])

@@ -467,7 +467,7 @@ def db_cpu_per_1k(phase: Mapping[str, Any]) -> float | None:
     db = phase["cpu"].get("db_s")
     if db is None or not phase["requests"]:
         return None
-    return round(float(db) / phase["requests"] * 1000, 4)
+    return round(float(db) / int(phase["requests"]) * 1000, 4)
 
 
 def cpu_per_1k(phase: Mapping[str, Any]) -> tuple[float | None, float | None]:
