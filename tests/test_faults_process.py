@@ -17,6 +17,8 @@ import httpx
 import pytest
 import trio
 
+from trioagg.app import DRAIN_PROGRESS_SECONDS
+
 from .conftest import Ledger, assert_store_holds
 
 pytestmark = pytest.mark.slow
@@ -140,8 +142,10 @@ def test_sigterm_with_the_store_locked_commits_every_202_once_the_lock_goes(
     accepted, refused = flood_wait_false(server.url, 1.5)
     assert accepted > 0 and refused > 0, "the outage must turn wait=false away (503)"
     server.send_signal(signal.SIGTERM)
-    time.sleep(1.0)
+    server.wait_for("draining: ", timeout=DRAIN_PROGRESS_SECONDS + 5)
     assert server.proc.poll() is None, "it must keep draining while the lock is held"
+    progress = re.search(r"draining: (\d+) events of \d+ requests still to commit", server.output)
+    assert progress and int(progress[1]) == accepted, server.output
     hold_write_lock.release()
     assert server.wait(15) == 0, server.output
     committed = logged_number(server.output, r"(\d+) events committed while draining")

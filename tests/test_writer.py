@@ -36,6 +36,7 @@ async def test_saturated_channel_answers_503_with_retry_after(
         assert (await post(server.client, [{"key": "q"}] * 2, wait="false")).status_code == 202
     assert writer.queued() == 2
     accepted = 6
+    assert writer.waiting() == (3, accepted)  # one being committed, two queued
 
     with trio.fail_after(5):
         response = await post(server.client, {"key": "q"}, wait="false")
@@ -49,6 +50,7 @@ async def test_saturated_channel_answers_503_with_retry_after(
     hold_write_lock.release()
     assert (await post(server.client, {"key": "witness"})).status_code == 200
     assert stored_counts(server.db)["q"] == accepted
+    assert writer.waiting() == (0, 0)
 
 
 async def test_busy_database_is_retried_until_it_frees(
@@ -78,6 +80,7 @@ async def test_failed_commit_answers_error_stores_nothing_and_writer_goes_on(
     response = await post(server.client, [{"key": "lost"}] * 3)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "commit_failed"
+    assert server.app.service.writers.waiting() == (0, 0)  # answered: no longer waiting
     hold_write_lock.release()
 
     response = await post(server.client, {"key": "after"})

@@ -103,6 +103,7 @@ async def test_a_refused_202_request_is_counted_as_lost_and_the_rest_stored(
         with trio.fail_after(10):
             while not all(isinstance(s, Submission) and s.done for s in submissions):
                 await trio.sleep(0.01)
+        assert writers.waiting() == (0, 0)  # the failed request, the others: all answered
     assert stored_counts(db_url) == {"poison": 1, "fine": 9}
     lost = metrics.registry.get_sample_value(
         "trioagg_events_lost_total", {"reason": "refused by the store"}

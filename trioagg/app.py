@@ -161,10 +161,15 @@ class Service:
                 await store.aclose()
 
     async def _drain(self) -> None:
-        """Commit what is queued, until ``drain_timeout``; then answer the rest unstored."""
+        """Commit what is queued, until ``drain_timeout``, logging progress every
+        :data:`DRAIN_PROGRESS_SECONDS`; then answer the rest unstored."""
         writers, timeout = self.writers, self.settings.drain_timeout
         before, queued = writers.committed_events, writers.queued()
-        if not await writers.drain(timeout):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_drain, before, trio.current_time() + timeout)
+            drained = await writers.drain(timeout)
+            nursery.cancel_scope.cancel()
+        if not drained:
             log.error(
                 "the drain deadline (%gs, drain_timeout) passed: the rest went unstored", timeout
             )
@@ -175,6 +180,25 @@ class Service:
             writers.committed_events - before,
             writers.committed_events,
         )
+
+    async def _report_drain(self, before: int, deadline: float) -> None:
+        """Until cancelled, log what a long drain has left and done, so that an operator
+        waiting for the process to exit sees it progress (or stuck on the store)."""
+        while True:
+            await trio.sleep(DRAIN_PROGRESS_SECONDS)
+            requests, events = self.writers.waiting()
+            log.info(
+                "draining: %d events of %d requests still to commit, %d events committed "
+                "since shutdown began, %.0fs left of drain_timeout",
+                events,
+                requests,
+                self.writers.committed_events - before,
+                max(0.0, deadline - trio.current_time()),
+            )
+
+
+#: How often a drain at shutdown logs its progress.
+DRAIN_PROGRESS_SECONDS = 2.0
 
 
 class WriterCrashed(LifespanFailureError):

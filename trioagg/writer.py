@@ -119,6 +119,9 @@ class Writer:
         self.running = False
         self.stopped = trio.Event()
         self.committed_events = 0
+        #: Requests and events queued or being committed, not yet answered.
+        self.waiting_requests = 0
+        self.waiting_events = 0
         self._outage: str | None = None
         self._outage_at = -math.inf
 
@@ -160,6 +163,8 @@ class Writer:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self._slots.release()
             raise _not_writing() from None
+        self.waiting_requests += 1
+        self.waiting_events += len(points)
         return submission
 
     def close(self) -> None:
@@ -292,6 +297,9 @@ class Writer:
             log.error("%d events answered 202 were lost: %s", events, why)
 
     def _done(self, submission: Submission) -> None:
+        if not submission.done:
+            self.waiting_requests -= 1
+            self.waiting_events -= len(submission.points)
         submission.done = True
         self.inflight.give_back(submission.weight)
         submission.weight = 0
@@ -450,6 +458,13 @@ class Writers:
     @property
     def committed_events(self) -> int:
         return sum(writer.committed_events for writer in self.writers)
+
+    def waiting(self) -> tuple[int, int]:
+        """Requests and events queued or being committed, not answered yet."""
+        return (
+            sum(writer.waiting_requests for writer in self.writers),
+            sum(writer.waiting_events for writer in self.writers),
+        )
 
     def queued(self) -> int:
         return sum(writer.statistics().current_buffer_used for writer in self.writers)
