@@ -55,6 +55,32 @@ def test_secrets_are_prefixed_high_entropy_and_stored_as_their_digest() -> None:
     assert first not in auth.digest_of(first) and len(auth.digest_of(first)) == 64
 
 
+#: Strings that are not secrets: each breaks the form of one in one way.
+NOT_SECRETS = [
+    "nope",
+    "tgk_",
+    "tgk_short",
+    "tgk_" + "x" * 200,
+    "TGK_" + "A" * 43,
+    "tgk_" + "A" * 42,  # one character short
+    "tgk_" + "A" * 44,  # one too many
+    "tgk_" + "A" * 42 + "=",  # padding
+    "tgk_" + "A" * 42 + "+",  # standard base64, not URL-safe
+    "tgk_" + "A" * 42 + "/",
+    "tgk_" + "A" * 42 + "\u0663",  # a digit, but not an ASCII one
+    "tgk_" + "A" * 42 + "\u00e9",
+]
+
+
+def test_only_strings_of_the_form_of_a_secret_can_be_keys() -> None:
+    made = [auth.new_secret() for _ in range(200)]
+    assert {len(secret) for secret in made} == {len(auth.PREFIX) + auth.SECRET_CHARS} == {47}
+    assert all(auth.has_secret_form(secret) for secret in made)
+    assert auth.has_secret_form("tgk_" + "-_09azAZ" * 5 + "abc")
+    for bogus in [*NOT_SECRETS, made[0] + "\n", " " + made[0]]:
+        assert not auth.has_secret_form(bogus), bogus
+
+
 def test_scopes_and_states() -> None:
     assert auth.parse_scopes(["read,ingest"]) == ("ingest", "read")
     assert auth.parse_scopes(["admin", "read"]) == ("read", "admin")
@@ -213,6 +239,19 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
         await store.aclose()
 
 
+async def key_queries(store: Any) -> list[str]:
+    """Every API key look-up a SQLite store's read connections run from now on, as
+    traced by SQLite itself."""
+    for _ in store._read_links:
+        await store.ping()  # opens the next connection: idle ones are taken in turn
+    queries: list[str] = []
+    for link in store._read_links:
+        link.conn.set_trace_callback(
+            lambda statement: queries.append(statement) if "WHERE digest" in statement else None
+        )
+    return queries
+
+
 async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -225,12 +264,13 @@ async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
             await checker.lookup(secret)
         assert len(checker._known) == 2
         assert auth.digest_of(secrets[0]) not in checker._known
-        # Not ours (no prefix, too long): refused without asking the store or caching.
-        for bogus in ("nope", "tgk_" + "x" * 200):
+        # Not of the form of a secret: refused without asking the store or caching.
+        queries = await key_queries(store)
+        for bogus in NOT_SECRETS:
             with pytest.raises(Unauthorized) as refused:
                 await checker.check(f"Bearer {bogus}", "read")
             assert refused.value.reason == "unknown"
-        assert len(checker._known) == 2 and len(checker._unknown) == 0
+        assert len(checker._known) == 2 and len(checker._unknown) == 0 and not queries
         with pytest.raises(Unauthorized) as malformed:
             await checker.check(f"Basic {secrets[0]}", "read")
         assert malformed.value.reason == "malformed"

@@ -16,7 +16,9 @@ at most :data:`CACHE_SIZE` entries (the least recently used go first), so a revo
 stops working on every process within 5 s, and a request with a known key costs a
 dictionary lookup. Secrets the store does not know are kept apart, in at most
 :data:`UNKNOWN_CACHE_SIZE` entries of their own, so a flood of made-up secrets can never
-evict a real key. Expiry is checked against the clock at every request, so it is exact.
+evict a real key; a string without the form of a secret (:func:`has_secret_form`) is
+refused before any of this, so it costs neither a look-up nor a cache entry.
+Expiry is checked against the clock at every request, so it is exact.
 Key lookups run on the store's read pool (a worker thread), never on the event loop or
 the writer's connection, at most two at once and always leaving one read connection
 free (see :func:`lookup_slots`); a request waits at most :data:`LOOKUP_WAIT_SECONDS`
@@ -44,6 +46,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -68,8 +71,12 @@ UNKNOWN_CACHE_SIZE: Final = 1_000
 #: The longest a request waits for a turn to look its key up in the store.
 LOOKUP_WAIT_SECONDS: Final = 2.0
 TOUCH_SECONDS: Final = 60.0
-#: A secret is PREFIX + 43 characters; anything much longer is not one of ours.
-_MAX_SECRET: Final = 128
+#: Random bytes of a secret: 256 bits.
+_SECRET_BYTES: Final = 32
+#: Characters of a secret after PREFIX: its bytes in URL-safe base64 without padding
+#: (``secrets.token_urlsafe``), 4 per 3 bytes rounded up: 43.
+SECRET_CHARS: Final = (_SECRET_BYTES * 4 + 2) // 3
+_SECRET_FORM: Final = re.compile(re.escape(PREFIX) + f"[A-Za-z0-9_-]{{{SECRET_CHARS}}}")
 #: The most the last uses are written for at shutdown.
 _LAST_FLUSH_SECONDS: Final = 1.0
 #: How long the key commands retry a store locked by a running server's writer.
@@ -87,7 +94,13 @@ ENDPOINT_SCOPES: Final = {
 
 
 def new_secret() -> str:
-    return PREFIX + secrets.token_urlsafe(32)
+    return PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
+
+
+def has_secret_form(text: str) -> bool:
+    """Whether ``text`` has the form of every secret :func:`new_secret` makes: PREFIX
+    and :data:`SECRET_CHARS` URL-safe base64 characters. Nothing else can be a key."""
+    return _SECRET_FORM.fullmatch(text) is not None
 
 
 def digest_of(secret: str) -> str:
@@ -351,9 +364,10 @@ class Authenticator:
         return key
 
     async def lookup(self, secret: str) -> ApiKey | None:
-        """The stored key of ``secret`` (None: unknown), from the cache when fresh."""
-        if not secret.startswith(PREFIX) or len(secret) > _MAX_SECRET:
-            return None  # not one of ours: no need to ask the store
+        """The stored key of ``secret`` (None: unknown), from the cache when fresh; a
+        secret without the form of one is unknown at once (no look-up, no cache entry)."""
+        if not has_secret_form(secret):
+            return None
         digest = digest_of(secret)
         fresh, key = self._known.get(digest)
         if fresh:
