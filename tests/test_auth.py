@@ -239,19 +239,6 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
         await store.aclose()
 
 
-async def key_queries(store: Any) -> list[str]:
-    """Every API key look-up a SQLite store's read connections run from now on, as
-    traced by SQLite itself."""
-    for _ in store._read_links:
-        await store.ping()  # opens the next connection: idle ones are taken in turn
-    queries: list[str] = []
-    for link in store._read_links:
-        link.conn.set_trace_callback(
-            lambda statement: queries.append(statement) if "WHERE digest" in statement else None
-        )
-    return queries
-
-
 async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -299,6 +286,112 @@ async def test_made_up_secrets_never_evict_known_keys(
             checker._lookups.acquire_on_behalf_of_nowait(holder)
         for secret in secrets:
             assert (await checker.lookup(secret)) is not None
+    finally:
+        await store.aclose()
+
+
+async def key_queries(store: Any) -> list[str]:
+    """Every API key look-up a SQLite store's read connections run from now on, as
+    traced by SQLite itself."""
+    for _ in store._read_links:
+        await store.ping()  # opens the next connection: idle ones are taken in turn
+    queries: list[str] = []
+    for link in store._read_links:
+        link.conn.set_trace_callback(
+            lambda statement: queries.append(statement) if "WHERE digest" in statement else None
+        )
+    return queries
+
+
+async def test_concurrent_requests_with_one_key_share_one_store_query(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "busy", "read")
+    store = await open_store(Settings(db=str(db)))
+    try:
+        checker = auth.Authenticator("on", store)
+        queries = await key_queries(store)
+        assert (await checker.check(f"Bearer {secret}", "read")).name == "busy"
+        assert len(queries) == 1
+        mock_clock.jump(auth.CACHE_SECONDS)  # the entry aged: the next request asks
+        names: list[str] = []
+
+        async def request() -> None:
+            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(request)
+        assert names == ["busy"] * 50
+        assert len(queries) == 2, "one store query for the 50 requests"
+        assert not checker._flights
+
+        # Made-up secrets too: one query each, however many requests send it.
+        unknown = [auth.new_secret() for _ in range(3)]
+        async with trio.open_nursery() as nursery:
+            for made_up in unknown * 10:
+                nursery.start_soon(checker.lookup, made_up)
+        assert len(queries) == 5 and len(checker._unknown) == 3
+    finally:
+        await store.aclose()
+
+
+async def test_requests_waiting_on_a_look_up_share_its_refusal_or_ask_again(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "k", "read")
+    store = await open_store(Settings(db=str(db), readers=2))
+    try:
+        checker = auth.Authenticator("on", store)
+        queries = await key_queries(store)
+        holder = object()
+        checker._lookups.acquire_on_behalf_of_nowait(holder)  # the one slot is taken
+        refusals: list[float] = []
+
+        async def refused() -> None:
+            with pytest.raises(Overloaded):
+                await checker.check(f"Bearer {secret}", "read")
+            refusals.append(trio.current_time())
+
+        # Requests waiting on a look-up that waited its 2 s for a slot share its 503:
+        # they never wait longer than it.
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(refused)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(auth.LOOKUP_WAIT_SECONDS)
+        assert refusals == [started + auth.LOOKUP_WAIT_SECONDS] * 5
+        assert checker._lookups.borrowed_tokens == 1 and not queries
+
+        # The request that asks is cancelled (its client left): the others ask again,
+        # once, for all of them.
+        names: list[str] = []
+
+        async def request() -> None:
+            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+
+        leaving = trio.CancelScope()
+
+        async def leaving_request() -> None:
+            with leaving:
+                await request()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leaving_request)
+            await trio.testing.wait_all_tasks_blocked()  # it asks: it waits for the slot
+            for _ in range(5):
+                nursery.start_soon(request)
+            await trio.testing.wait_all_tasks_blocked()  # they wait for its answer
+            assert len(checker._flights) == 1
+            leaving.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(checker._flights) == 1, "one of those waiting asks now"
+            checker._lookups.release_on_behalf_of(holder)
+        assert names == ["k"] * 5 and len(queries) == 1
+        assert not checker._flights and checker._lookups.borrowed_tokens == 0
     finally:
         await store.aclose()
 

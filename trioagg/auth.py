@@ -22,7 +22,9 @@ Expiry is checked against the clock at every request, so it is exact.
 Key lookups run on the store's read pool (a worker thread), never on the event loop or
 the writer's connection, at most two at once and always leaving one read connection
 free (see :func:`lookup_slots`); a request waits at most :data:`LOOKUP_WAIT_SECONDS`
-for its turn, then is answered 503 ``overloaded``. When keys were last used is written
+for its turn, then is answered 503 ``overloaded``. Requests with the same secret share
+one look-up (:meth:`Authenticator.lookup`), so a busy key whose entry just aged costs
+one store query, not one per request. When keys were last used is written
 at most every :data:`TOUCH_SECONDS` (60 s), in one small transaction.
 
 **Modes** (``--auth``): ``on`` requires a key; ``off`` requires none (keys sent are
@@ -280,6 +282,18 @@ class _TimedLRU:
         self._entries.pop(digest, None)
 
 
+@dataclass(slots=True)
+class _Flight:
+    """One store query of a digest under way, and then its outcome, for every request
+    that waited on it: answered (the key, or None: unknown), an error, or neither (the
+    request that asked was cancelled)."""
+
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    answered: bool = False
+    key: ApiKey | None = None
+    error: Exception | None = None
+
+
 class Authenticator:
     """Checks the ``Authorization`` header of requests against the store's keys, with a
     short-lived, bounded cache (see the module docstring). Times of the cache are
@@ -305,6 +319,8 @@ class Authenticator:
         # Keys the cache does not know take at most this many of the store's read
         # connections at once, so a flood of made-up keys cannot take them all.
         self._lookups = trio.CapacityLimiter(lookup_slots(store.readers))
+        #: The store queries under way, by digest: one per digest (see :meth:`lookup`).
+        self._flights: dict[str, _Flight] = {}
 
     async def watch_keys(
         self, interval: float = CACHE_SECONDS, *, task_status: trio.TaskStatus[None]
@@ -364,34 +380,65 @@ class Authenticator:
         return key
 
     async def lookup(self, secret: str) -> ApiKey | None:
-        """The stored key of ``secret`` (None: unknown), from the cache when fresh; a
-        secret without the form of one is unknown at once (no look-up, no cache entry)."""
+        """The stored key of ``secret`` (None: unknown), from the cache when fresh.
+
+        A secret without the form of one (:func:`has_secret_form`) is unknown at once:
+        no look-up, no cache entry. Concurrent requests with the same secret that the
+        cache cannot answer share one store query (:meth:`_ask_store`): the first asks,
+        the others wait for its answer, or its error (a 503 after the same wait for a
+        look-up slot, or the store's outage). Should the request asking be cancelled
+        (its client left), those waiting ask again: one of them asks the store. A
+        shared answer comes from a query that ended after the request arrived, and is
+        the cache entry from then on: the revocation bound (CACHE_SECONDS) is unchanged."""
         if not has_secret_form(secret):
             return None
         digest = digest_of(secret)
-        fresh, key = self._known.get(digest)
-        if fresh:
-            return key  # type: ignore[no-any-return]
-        if self._unknown.get(digest)[0]:
-            return None
-        with trio.move_on_after(LOOKUP_WAIT_SECONDS) as waiting:
-            await self._lookups.acquire()
-        if waiting.cancelled_caught:
-            raise Overloaded(
-                "too many API keys are being looked up at once; retry shortly", retry_after=1
-            )
+        while True:
+            fresh, key = self._known.get(digest)
+            if fresh:
+                return key  # type: ignore[no-any-return]
+            if self._unknown.get(digest)[0]:
+                return None
+            flight = self._flights.get(digest)
+            if flight is None:
+                return await self._ask_store(digest)
+            await flight.done.wait()
+            if flight.error is not None:
+                # The one error raised again in every waiting request: each answers it.
+                raise flight.error
+            if flight.answered:
+                return flight.key
+
+    async def _ask_store(self, digest: str) -> ApiKey | None:
+        """Look ``digest`` up in the store, for every request waiting on it, and cache
+        the answer."""
+        flight = self._flights[digest] = _Flight()
         try:
-            row = await self.store.find_api_key(digest)
+            with trio.move_on_after(LOOKUP_WAIT_SECONDS) as waiting:
+                await self._lookups.acquire()
+            if waiting.cancelled_caught:
+                raise Overloaded(
+                    "too many API keys are being looked up at once; retry shortly", retry_after=1
+                )
+            try:
+                row = await self.store.find_api_key(digest)
+            finally:
+                self._lookups.release()
+            if row is None:
+                self._known.drop(digest)
+                self._unknown.put(digest, None)
+            else:
+                flight.key = ApiKey.from_row(row)
+                self._unknown.drop(digest)
+                self._known.put(digest, flight.key)
+            flight.answered = True
+            return flight.key
+        except Exception as error:  # not Cancelled: a cancelled request leaves no answer
+            flight.error = error
+            raise
         finally:
-            self._lookups.release()
-        if row is None:
-            self._known.drop(digest)
-            self._unknown.put(digest, None)
-            return None
-        key = ApiKey.from_row(row)
-        self._unknown.drop(digest)
-        self._known.put(digest, key)
-        return key
+            del self._flights[digest]
+            flight.done.set()
 
     async def record_uses(self, interval: float = TOUCH_SECONDS) -> None:
         """Write when keys were last used, every ``interval`` seconds until cancelled,
