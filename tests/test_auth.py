@@ -17,10 +17,11 @@ from click.testing import CliRunner
 
 from trioagg import auth
 from trioagg.cli import main
-from trioagg.errors import ConfigError, Forbidden, Overloaded, Unauthorized
+from trioagg.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
 from trioagg.ingest import stamp_tenant
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
+from trioagg.store.base import BusyRetry
 
 from .conftest import SHARDED, Server, ServerProcess, StartServer, sql, stored_counts
 
@@ -918,6 +919,41 @@ def test_the_key_commands_refuse_what_they_cannot_do(
     assert _cli("keys", "revoke", "a", "--db", db).exit_code == 1  # revoked already
     listed = _cli("keys", "list", "--db", db).stdout
     assert "acme" in listed and "revoked" in listed and "tgk_" not in listed
+
+
+def test_the_key_commands_retry_a_locked_store_as_the_server_does(
+    tmp_path: Path, hold_write_lock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = str(tmp_path / "trioagg.db")
+    trio.run(new_store, db)
+    backend = make_backend(Settings(db=db))
+    hold_write_lock.acquire(db)  # as a running server's writer does, mid-commit
+    conn = backend.connect(write=True)
+    try:
+        with pytest.raises(Exception) as caught:
+            backend.begin(conn)
+    finally:
+        backend.close(conn)
+    busy = caught.value
+    assert backend.is_busy(busy)
+    # The one policy (BusyRetry): waits doubling from 10 ms to 1 s, then StoreBusy.
+    retry, now, waits = BusyRetry(backend, 3.0, 100.0), 100.0, []
+    with pytest.raises(StoreBusy, match="the database stayed locked for 3s"):
+        while (wait := retry.wait(busy, now)) is not None:
+            waits.append(wait)
+            now += wait
+    assert waits == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0]
+    assert BusyRetry(backend, 3.0, 0.0).wait(ValueError("not busy"), 0.0) is None
+
+    monkeypatch.setattr(auth, "_BUSY_SECONDS", 0.2)  # not 10 s: only the last answer matters
+    locked = _cli("keys", "create", "--name", "a", "--scope", "read", "--db", db)
+    assert locked.exit_code == 1
+    assert locked.output.splitlines() == [
+        f"Error: the store {db} cannot be used: the database stayed locked for 0.2s"
+    ]
+    hold_write_lock.release()
+    made = _cli("keys", "create", "--name", "a", "--scope", "read", "--db", db)
+    assert made.exit_code == 0 and made.stdout.startswith("tgk_")
 
 
 async def test_a_request_without_a_key_is_refused_before_its_body_is_sent(

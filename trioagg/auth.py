@@ -62,6 +62,7 @@ from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorize
 from .ingest import TENANT_TAG
 from .settings import Settings, flag_name
 from .store import Backend, Store
+from .store.base import BusyRetry
 
 log = logging.getLogger("trioagg.auth")
 
@@ -155,8 +156,9 @@ def parse_scopes(texts: Sequence[str]) -> tuple[str, ...]:
 
 def _on_store(backend: Backend, operation: Any, *args: Any) -> Any:
     """``operation(conn, *args)`` on a write connection of its own, after making sure the
-    keys table exists; retried while a running server's writer holds the lock."""
-    deadline = time.monotonic() + _BUSY_SECONDS
+    keys table exists; retried as the server's writers retry (:class:`BusyRetry`) while
+    a running server's writer holds the lock, for :data:`_BUSY_SECONDS`."""
+    retry = BusyRetry(backend, _BUSY_SECONDS, time.monotonic())
     conn = backend.connect(write=True)
     try:
         while True:
@@ -164,9 +166,10 @@ def _on_store(backend: Backend, operation: Any, *args: Any) -> Any:
                 backend.create_keys_table(conn)
                 return operation(conn, *args)
             except Exception as error:
-                if not backend.is_busy(error) or time.monotonic() > deadline:
+                wait = retry.wait(error, time.monotonic())
+                if wait is None:
                     raise
-                time.sleep(0.05)
+                time.sleep(wait)  # blocking: the key commands run outside any event loop
     finally:
         backend.close(conn)
 
