@@ -4,6 +4,7 @@ of key, with the store checked unchanged after every refused request."""
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 from pathlib import Path
@@ -954,6 +955,32 @@ def test_the_key_commands_retry_a_locked_store_as_the_server_does(
     hold_write_lock.release()
     made = _cli("keys", "create", "--name", "a", "--scope", "read", "--db", db)
     assert made.exit_code == 0 and made.stdout.startswith("tgk_")
+
+
+async def test_a_tenants_event_with_the_most_tags_of_its_own_is_refused_whole(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on")
+    secret = await trio.to_thread.run_sync(
+        lambda: make_key(server.db, "acme", "ingest", tenant="acme")
+    )
+    fifteen = {f"t{n}": "v" for n in range(15)}
+    events = [
+        {"key": "k", "ts": TS, "tags": fifteen},
+        {"key": "k", "ts": TS, "tags": {**fifteen, "t15": "v"}},
+    ]
+    before = snapshot(server.db)
+    refused = await server.client.post("/v1/events", json=events, headers=bearer(secret))
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_events"
+    assert [(d["index"], d["field"]) for d in error["details"]] == [(1, "tags")]
+    assert "at most 15 tags besides tenant" in error["details"][0]["message"]
+    assert snapshot(server.db) == before
+    sent = await server.client.post("/v1/events", json=events[:1], headers=bearer(secret))
+    assert sent.status_code == 200, sent.text
+    ((tags,),) = sql(server.db, "SELECT tags FROM series")
+    assert len(json.loads(tags)) == 16
 
 
 async def test_a_request_without_a_key_is_refused_before_its_body_is_sent(

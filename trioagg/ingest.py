@@ -50,8 +50,10 @@ Key = Annotated[
     msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$(?!\n)"),
 ]
 TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$(?!\n)")]
+#: The most tags of an event, and so of a series (a tenant's stamped tag included).
+MAX_TAGS: Final = 16
 TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=16)]
+Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=MAX_TAGS)]
 Timestamp = Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
 Value = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 DistinctId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
@@ -75,7 +77,7 @@ RULES: Final = {
     "key": "required string, 1-255 bytes UTF-8, no control characters",
     "ts": "RFC 3339 string with an offset (Z or +02:00) or Unix seconds",
     "value": "JSON number from -1e100 to 1e100 (MAX_ABS_VALUE)",
-    "tags": "object of at most 16 string pairs; names [A-Za-z_][A-Za-z0-9_.-]{0,63}, "
+    "tags": f"object of at most {MAX_TAGS} string pairs; names [A-Za-z_][A-Za-z0-9_.-]{{0,63}}, "
     "values 1-255 bytes",
     "distinct_id": "string of 1-255 bytes",
     "id": "string of 1-128 bytes",
@@ -173,16 +175,18 @@ def decode_events(
 
 
 def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
-    """``points`` of a tenant's API key: ``tenant=<tenant>`` added to their tags (to the
-    event's own, up to 16), and their ids made the tenant's own, so that no tenant can
-    claim, and so drop as duplicates, another's ids. Forbidden (nothing stored) when an
-    event names another tenant."""
+    """``points`` of a tenant's API key: ``tenant=<tenant>`` added to their tags, and
+    their ids made the tenant's own, so that no tenant can claim, and so drop as
+    duplicates, another's ids. Forbidden (nothing stored) when an event names another
+    tenant; InvalidEvents when events carry MAX_TAGS tags besides the tenant's, as the
+    stamped tag would make one more than any series may have."""
     stamped: dict[str, str] = {NO_TAGS: msgspec.json.encode({TENANT_TAG: tenant}).decode()}
     # The tenant as a JSON string ends at its first unescaped quote: no two tenants'
     # prefixes can make the same id.
     id_prefix = msgspec.json.encode(tenant).decode() + ":"
     out: list[Point] = []
-    for key, ts, value, tags, distinct_id, event_id in points:
+    problems: list[dict[str, Any]] = []
+    for index, (key, ts, value, tags, distinct_id, event_id) in enumerate(points):
         canonical = stamped.get(tags)
         if canonical is None:
             decoded = msgspec.json.decode(tags)
@@ -193,10 +197,23 @@ def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
                     f"names {TENANT_TAG}={named}: nothing of this request was stored",
                     "tenant",
                 )
+            if named is None and len(decoded) >= MAX_TAGS:
+                problems.append(
+                    {
+                        "index": index,
+                        "field": "tags",
+                        "message": f"at most {MAX_TAGS - 1} tags besides {TENANT_TAG} with "
+                        f"this API key, which stamps {TENANT_TAG}={tenant} on every event: "
+                        f"a series has at most {MAX_TAGS} tags (it has {len(decoded)})",
+                    }
+                )
+                continue
             decoded[TENANT_TAG] = tenant
             canonical = stamped[tags] = msgspec.json.encode(decoded, order="sorted").decode()
         scoped_id = None if event_id is None else id_prefix + event_id
         out.append((key, ts, value, canonical, distinct_id, scoped_id))
+    if problems:
+        raise _invalid(problems, len(points))
     return out
 
 
