@@ -957,6 +957,30 @@ def test_the_key_commands_retry_a_locked_store_as_the_server_does(
     assert made.exit_code == 0 and made.stdout.startswith("tgk_")
 
 
+def test_a_tenant_must_be_a_tag_value(tmp_path: Path) -> None:
+    db = str(tmp_path / "trioagg.db")
+    trio.run(new_store, db)
+    for tenant, why in (
+        ("", "(Expected `str` of length >= 1)"),
+        ("\u00e9" * 128, "(it has 256 bytes, over 255)"),
+    ):
+        refused = _cli(
+            "keys", "create", "--name", "t", "--scope", "ingest", "--tenant", tenant, "--db", db
+        )
+        assert refused.exit_code == 2
+        assert refused.output.splitlines() == [
+            "Error: --tenant must be a tag value, 1-255 bytes of UTF-8, as the key stamps "
+            f"tenant=VALUE on every event it sends {why}"
+        ]
+    assert auth.list_keys(make_backend(Settings(db=db))) == []
+    longest = "\u00e9" * 127 + "x"  # 255 bytes
+    made = _cli(
+        "keys", "create", "--name", "t", "--scope", "ingest", "--tenant", longest, "--db", db
+    )
+    assert made.exit_code == 0, made.output
+    assert [key.tenant for key in auth.list_keys(make_backend(Settings(db=db)))] == [longest]
+
+
 async def test_a_tenants_event_with_the_most_tags_of_its_own_is_refused_whole(
     start_server: StartServer,
 ) -> None:

@@ -17,6 +17,7 @@ from trioagg.ingest import (
     Limits,
     decode_body,
     decode_events,
+    tag_value_problem,
 )
 
 LIMITS = Limits(max_batch=10_000, max_future=3600, max_age=None)
@@ -148,3 +149,26 @@ async def test_a_tenants_events_carry_at_most_one_tag_less_of_their_own(large: b
     other = json.dumps([events[2], {"key": "k", "tags": {"tenant": "globex"}}]).encode()
     with pytest.raises(Forbidden):
         decode_events(other, ndjson=False, limits=LIMITS, now=NOW, tenant="acme")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("acme", None),
+        ("x" * 255, None),
+        ("\U0001f600" * 63 + "abc", None),  # 255 bytes
+        ("", "length >= 1"),
+        ("x" * 256, "length <= 255"),
+        ("\u00e9" * 128, "it has 256 bytes, over 255"),
+    ],
+)
+def test_tag_values_are_checked_by_one_function(value: str, problem: str | None) -> None:
+    """What --tenant is checked with is what an event's tag values are checked with."""
+    found = tag_value_problem(value)
+    assert found is None if problem is None else found is not None and problem in found
+    body = json.dumps({"key": "k", "tags": {"tenant": value}}).encode()
+    if problem is None:
+        decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+    else:
+        with pytest.raises(InvalidEvents):
+            decode_events(body, ndjson=False, limits=LIMITS, now=NOW)

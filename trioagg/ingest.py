@@ -52,7 +52,9 @@ Key = Annotated[
 TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$(?!\n)")]
 #: The most tags of an event, and so of a series (a tenant's stamped tag included).
 MAX_TAGS: Final = 16
-TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+#: The most UTF-8 bytes of a tag's value (msgspec's max_length counts characters).
+TAG_VALUE_BYTES: Final = 255
+TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=TAG_VALUE_BYTES)]
 Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=MAX_TAGS)]
 Timestamp = Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
 Value = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
@@ -78,7 +80,7 @@ RULES: Final = {
     "ts": "RFC 3339 string with an offset (Z or +02:00) or Unix seconds",
     "value": "JSON number from -1e100 to 1e100 (MAX_ABS_VALUE)",
     "tags": f"object of at most {MAX_TAGS} string pairs; names [A-Za-z_][A-Za-z0-9_.-]{{0,63}}, "
-    "values 1-255 bytes",
+    f"values 1-{TAG_VALUE_BYTES} bytes",
     "distinct_id": "string of 1-255 bytes",
     "id": "string of 1-128 bytes",
 }
@@ -217,6 +219,23 @@ def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
     return out
 
 
+def tag_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a tag's value, by the rules an event's tags are checked
+    with (:data:`TagValue` and :data:`TAG_VALUE_BYTES`); None when it can."""
+    try:
+        msgspec.convert(value, TagValue)
+    except msgspec.ValidationError as error:
+        return _plain(error)
+    if _over_bytes(value, TAG_VALUE_BYTES):
+        return f"it has {len(value.encode())} bytes, over {TAG_VALUE_BYTES}"
+    return None
+
+
+def _over_bytes(text: str, limit: int) -> bool:
+    # 4 bytes per character at most: only long strings can exceed the limit.
+    return len(text) * 4 > limit and len(text.encode()) > limit
+
+
 def _check_count(count: int, limits: Limits) -> None:
     if count > limits.max_batch:
         raise PayloadTooLarge(
@@ -240,13 +259,13 @@ def _limit_problems(
     """
     for field, limit in _BYTE_LIMITS.items():
         text = getattr(event, field)
-        # 4 bytes per character at most: only long strings can exceed the limit.
-        if text is not None and len(text) * 4 > limit and len(text.encode()) > limit:
+        if text is not None and _over_bytes(text, limit):
             yield field, f"{RULES[field]} (it has {len(text.encode())} bytes)"
     if event.tags:
         for name, value in event.tags.items():
-            if len(value) * 4 > 255 and len(value.encode()) > 255:
-                yield "tags", f"{RULES['tags']} (the value of {name!r} has more than 255 bytes)"
+            if _over_bytes(value, TAG_VALUE_BYTES):
+                too_long = f"the value of {name!r} has more than {TAG_VALUE_BYTES} bytes"
+                yield "tags", f"{RULES['tags']} ({too_long})"
     if seconds is not None and not low <= seconds <= high:
         yield "ts", _describe_out_of_window(seconds, low, high)
 
