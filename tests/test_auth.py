@@ -4,6 +4,7 @@ of key, with the store checked unchanged after every refused request."""
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 from pathlib import Path
@@ -17,10 +18,11 @@ from click.testing import CliRunner
 
 from trioagg import auth
 from trioagg.cli import main
-from trioagg.errors import ConfigError, Forbidden, Overloaded, Unauthorized
+from trioagg.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
 from trioagg.ingest import stamp_tenant
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
+from trioagg.store.base import BusyRetry
 
 from .conftest import SHARDED, Server, ServerProcess, StartServer, sql, stored_counts
 
@@ -53,6 +55,32 @@ def test_secrets_are_prefixed_high_entropy_and_stored_as_their_digest() -> None:
     assert first.startswith("tgk_") and len(first) == 4 + 43 and first != second
     assert auth.digest_of(first) == auth.digest_of(first) != auth.digest_of(second)
     assert first not in auth.digest_of(first) and len(auth.digest_of(first)) == 64
+
+
+#: Strings that are not secrets: each breaks the form of one in one way.
+NOT_SECRETS = [
+    "nope",
+    "tgk_",
+    "tgk_short",
+    "tgk_" + "x" * 200,
+    "TGK_" + "A" * 43,
+    "tgk_" + "A" * 42,  # one character short
+    "tgk_" + "A" * 44,  # one too many
+    "tgk_" + "A" * 42 + "=",  # padding
+    "tgk_" + "A" * 42 + "+",  # standard base64, not URL-safe
+    "tgk_" + "A" * 42 + "/",
+    "tgk_" + "A" * 42 + "\u0663",  # a digit, but not an ASCII one
+    "tgk_" + "A" * 42 + "\u00e9",
+]
+
+
+def test_only_strings_of_the_form_of_a_secret_can_be_keys() -> None:
+    made = [auth.new_secret() for _ in range(200)]
+    assert {len(secret) for secret in made} == {len(auth.PREFIX) + auth.SECRET_CHARS} == {47}
+    assert all(auth.has_secret_form(secret) for secret in made)
+    assert auth.has_secret_form("tgk_" + "-_09azAZ" * 5 + "abc")
+    for bogus in [*NOT_SECRETS, made[0] + "\n", " " + made[0]]:
+        assert not auth.has_secret_form(bogus), bogus
 
 
 def test_scopes_and_states() -> None:
@@ -225,12 +253,13 @@ async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
             await checker.lookup(secret)
         assert len(checker._known) == 2
         assert auth.digest_of(secrets[0]) not in checker._known
-        # Not ours (no prefix, too long): refused without asking the store or caching.
-        for bogus in ("nope", "tgk_" + "x" * 200):
+        # Not of the form of a secret: refused without asking the store or caching.
+        queries = await key_queries(store)
+        for bogus in NOT_SECRETS:
             with pytest.raises(Unauthorized) as refused:
                 await checker.check(f"Bearer {bogus}", "read")
             assert refused.value.reason == "unknown"
-        assert len(checker._known) == 2 and len(checker._unknown) == 0
+        assert len(checker._known) == 2 and len(checker._unknown) == 0 and not queries
         with pytest.raises(Unauthorized) as malformed:
             await checker.check(f"Basic {secrets[0]}", "read")
         assert malformed.value.reason == "malformed"
@@ -259,6 +288,112 @@ async def test_made_up_secrets_never_evict_known_keys(
             checker._lookups.acquire_on_behalf_of_nowait(holder)
         for secret in secrets:
             assert (await checker.lookup(secret)) is not None
+    finally:
+        await store.aclose()
+
+
+async def key_queries(store: Any) -> list[str]:
+    """Every API key look-up a SQLite store's read connections run from now on, as
+    traced by SQLite itself."""
+    for _ in store._read_links:
+        await store.ping()  # opens the next connection: idle ones are taken in turn
+    queries: list[str] = []
+    for link in store._read_links:
+        link.conn.set_trace_callback(
+            lambda statement: queries.append(statement) if "WHERE digest" in statement else None
+        )
+    return queries
+
+
+async def test_concurrent_requests_with_one_key_share_one_store_query(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "busy", "read")
+    store = await open_store(Settings(db=str(db)))
+    try:
+        checker = auth.Authenticator("on", store)
+        queries = await key_queries(store)
+        assert (await checker.check(f"Bearer {secret}", "read")).name == "busy"
+        assert len(queries) == 1
+        mock_clock.jump(auth.CACHE_SECONDS)  # the entry aged: the next request asks
+        names: list[str] = []
+
+        async def request() -> None:
+            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(request)
+        assert names == ["busy"] * 50
+        assert len(queries) == 2, "one store query for the 50 requests"
+        assert not checker._flights
+
+        # Made-up secrets too: one query each, however many requests send it.
+        unknown = [auth.new_secret() for _ in range(3)]
+        async with trio.open_nursery() as nursery:
+            for made_up in unknown * 10:
+                nursery.start_soon(checker.lookup, made_up)
+        assert len(queries) == 5 and len(checker._unknown) == 3
+    finally:
+        await store.aclose()
+
+
+async def test_requests_waiting_on_a_look_up_share_its_refusal_or_ask_again(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    db = tmp_path / "trioagg.db"
+    secret = make_key(db, "k", "read")
+    store = await open_store(Settings(db=str(db), readers=2))
+    try:
+        checker = auth.Authenticator("on", store)
+        queries = await key_queries(store)
+        holder = object()
+        checker._lookups.acquire_on_behalf_of_nowait(holder)  # the one slot is taken
+        refusals: list[float] = []
+
+        async def refused() -> None:
+            with pytest.raises(Overloaded):
+                await checker.check(f"Bearer {secret}", "read")
+            refusals.append(trio.current_time())
+
+        # Requests waiting on a look-up that waited its 2 s for a slot share its 503:
+        # they never wait longer than it.
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(refused)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(auth.LOOKUP_WAIT_SECONDS)
+        assert refusals == [started + auth.LOOKUP_WAIT_SECONDS] * 5
+        assert checker._lookups.borrowed_tokens == 1 and not queries
+
+        # The request that asks is cancelled (its client left): the others ask again,
+        # once, for all of them.
+        names: list[str] = []
+
+        async def request() -> None:
+            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+
+        leaving = trio.CancelScope()
+
+        async def leaving_request() -> None:
+            with leaving:
+                await request()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leaving_request)
+            await trio.testing.wait_all_tasks_blocked()  # it asks: it waits for the slot
+            for _ in range(5):
+                nursery.start_soon(request)
+            await trio.testing.wait_all_tasks_blocked()  # they wait for its answer
+            assert len(checker._flights) == 1
+            leaving.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(checker._flights) == 1, "one of those waiting asks now"
+            checker._lookups.release_on_behalf_of(holder)
+        assert names == ["k"] * 5 and len(queries) == 1
+        assert not checker._flights and checker._lookups.borrowed_tokens == 0
     finally:
         await store.aclose()
 
@@ -785,6 +920,91 @@ def test_the_key_commands_refuse_what_they_cannot_do(
     assert _cli("keys", "revoke", "a", "--db", db).exit_code == 1  # revoked already
     listed = _cli("keys", "list", "--db", db).stdout
     assert "acme" in listed and "revoked" in listed and "tgk_" not in listed
+
+
+def test_the_key_commands_retry_a_locked_store_as_the_server_does(
+    tmp_path: Path, hold_write_lock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = str(tmp_path / "trioagg.db")
+    trio.run(new_store, db)
+    backend = make_backend(Settings(db=db))
+    hold_write_lock.acquire(db)  # as a running server's writer does, mid-commit
+    conn = backend.connect(write=True)
+    try:
+        with pytest.raises(Exception) as caught:
+            backend.begin(conn)
+    finally:
+        backend.close(conn)
+    busy = caught.value
+    assert backend.is_busy(busy)
+    # The one policy (BusyRetry): waits doubling from 10 ms to 1 s, then StoreBusy.
+    retry, now, waits = BusyRetry(backend, 3.0, 100.0), 100.0, []
+    with pytest.raises(StoreBusy, match="the database stayed locked for 3s"):
+        while (wait := retry.wait(busy, now)) is not None:
+            waits.append(wait)
+            now += wait
+    assert waits == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0]
+    assert BusyRetry(backend, 3.0, 0.0).wait(ValueError("not busy"), 0.0) is None
+
+    monkeypatch.setattr(auth, "_BUSY_SECONDS", 0.2)  # not 10 s: only the last answer matters
+    locked = _cli("keys", "create", "--name", "a", "--scope", "read", "--db", db)
+    assert locked.exit_code == 1
+    assert locked.output.splitlines() == [
+        f"Error: the store {db} cannot be used: the database stayed locked for 0.2s"
+    ]
+    hold_write_lock.release()
+    made = _cli("keys", "create", "--name", "a", "--scope", "read", "--db", db)
+    assert made.exit_code == 0 and made.stdout.startswith("tgk_")
+
+
+def test_a_tenant_must_be_a_tag_value(tmp_path: Path) -> None:
+    db = str(tmp_path / "trioagg.db")
+    trio.run(new_store, db)
+    for tenant, why in (
+        ("", "(Expected `str` of length >= 1)"),
+        ("\u00e9" * 128, "(it has 256 bytes, over 255)"),
+    ):
+        refused = _cli(
+            "keys", "create", "--name", "t", "--scope", "ingest", "--tenant", tenant, "--db", db
+        )
+        assert refused.exit_code == 2
+        assert refused.output.splitlines() == [
+            "Error: --tenant must be a tag value, 1-255 bytes of UTF-8, as the key stamps "
+            f"tenant=VALUE on every event it sends {why}"
+        ]
+    assert auth.list_keys(make_backend(Settings(db=db))) == []
+    longest = "\u00e9" * 127 + "x"  # 255 bytes
+    made = _cli(
+        "keys", "create", "--name", "t", "--scope", "ingest", "--tenant", longest, "--db", db
+    )
+    assert made.exit_code == 0, made.output
+    assert [key.tenant for key in auth.list_keys(make_backend(Settings(db=db)))] == [longest]
+
+
+async def test_a_tenants_event_with_the_most_tags_of_its_own_is_refused_whole(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(auth="on")
+    secret = await trio.to_thread.run_sync(
+        lambda: make_key(server.db, "acme", "ingest", tenant="acme")
+    )
+    fifteen = {f"t{n}": "v" for n in range(15)}
+    events = [
+        {"key": "k", "ts": TS, "tags": fifteen},
+        {"key": "k", "ts": TS, "tags": {**fifteen, "t15": "v"}},
+    ]
+    before = snapshot(server.db)
+    refused = await server.client.post("/v1/events", json=events, headers=bearer(secret))
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_events"
+    assert [(d["index"], d["field"]) for d in error["details"]] == [(1, "tags")]
+    assert "at most 15 tags besides tenant" in error["details"][0]["message"]
+    assert snapshot(server.db) == before
+    sent = await server.client.post("/v1/events", json=events[:1], headers=bearer(secret))
+    assert sent.status_code == 200, sent.text
+    ((tags,),) = sql(server.db, "SELECT tags FROM series")
+    assert len(json.loads(tags)) == 16
 
 
 async def test_a_request_without_a_key_is_refused_before_its_body_is_sent(

@@ -1,5 +1,6 @@
 """Decoding: bodies that are not JSON are a MalformedBody (400), never a crash; values
-beyond MAX_ABS_VALUE are invalid; large bodies are decoded off the event loop."""
+beyond MAX_ABS_VALUE are invalid; large bodies are decoded off the event loop; a
+tenant's stamped tag never makes a series of more than MAX_TAGS tags."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ import json
 import pytest
 import trio
 
-from trioagg.errors import InvalidEvents, MalformedBody
-from trioagg.ingest import INLINE_DECODE_BYTES, MAX_ABS_VALUE, Limits, decode_body, decode_events
+from trioagg.errors import Forbidden, InvalidEvents, MalformedBody
+from trioagg.ingest import (
+    INLINE_DECODE_BYTES,
+    MAX_ABS_VALUE,
+    MAX_TAGS,
+    Limits,
+    decode_body,
+    decode_events,
+    tag_value_problem,
+)
 
 LIMITS = Limits(max_batch=10_000, max_future=3600, max_age=None)
 NOW = 1_764_000_000.0
@@ -104,3 +113,62 @@ def test_ids_are_limited_in_utf8_bytes_whatever_their_length_in_characters(
         decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
     assert caught.value.details[0]["field"] == "id"
     assert "1-128 bytes" in caught.value.details[0]["message"]
+
+
+def _tags(count: int, **more: str) -> dict[str, str]:
+    return {**{f"t{n}": "v" for n in range(count)}, **more}
+
+
+@pytest.mark.parametrize("large", [False, True])
+async def test_a_tenants_events_carry_at_most_one_tag_less_of_their_own(large: bool) -> None:
+    """The stamped tenant tag counts: no series ever has more than MAX_TAGS tags."""
+    events = [
+        {"key": "k", "tags": _tags(MAX_TAGS - 1)},  # stamped: MAX_TAGS tags
+        {"key": "k", "tags": _tags(MAX_TAGS - 1, tenant="acme")},  # names its own tenant
+        {"key": "k", "tags": _tags(MAX_TAGS)},
+        {"key": "k"},
+        {"key": "k", "tags": _tags(MAX_TAGS)},
+    ]
+    padding = [{"key": "k" * 200}] * (INLINE_DECODE_BYTES // 200 if large else 0)
+    body = json.dumps([*events, *padding]).encode()
+    assert (len(body) > INLINE_DECODE_BYTES) is large  # and so decoded in a worker thread
+    without_tenant = await decode_body(body, ndjson=False, limits=LIMITS, now=NOW)
+    assert max(len(json.loads(point[3])) for point in without_tenant) == MAX_TAGS
+    with pytest.raises(InvalidEvents) as caught:
+        await decode_body(body, ndjson=False, limits=LIMITS, now=NOW, tenant="acme")
+    assert [(p["index"], p["field"]) for p in caught.value.details] == [(2, "tags"), (4, "tags")]
+    message = caught.value.details[0]["message"]
+    assert "at most 15 tags besides tenant" in message and "tenant=acme" in message
+    assert "at most 16 tags (it has 16)" in message
+    assert caught.value.event_count == len(events) + len(padding)
+
+    fitting = json.dumps(events[:2]).encode()
+    stamped = decode_events(fitting, ndjson=False, limits=LIMITS, now=NOW, tenant="acme")
+    assert [len(json.loads(point[3])) for point in stamped] == [MAX_TAGS, MAX_TAGS]
+    # Another tenant's name is still refused as such (403), whatever else is wrong.
+    other = json.dumps([events[2], {"key": "k", "tags": {"tenant": "globex"}}]).encode()
+    with pytest.raises(Forbidden):
+        decode_events(other, ndjson=False, limits=LIMITS, now=NOW, tenant="acme")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("acme", None),
+        ("x" * 255, None),
+        ("\U0001f600" * 63 + "abc", None),  # 255 bytes
+        ("", "length >= 1"),
+        ("x" * 256, "length <= 255"),
+        ("\u00e9" * 128, "it has 256 bytes, over 255"),
+    ],
+)
+def test_tag_values_are_checked_by_one_function(value: str, problem: str | None) -> None:
+    """What --tenant is checked with is what an event's tag values are checked with."""
+    found = tag_value_problem(value)
+    assert found is None if problem is None else found is not None and problem in found
+    body = json.dumps({"key": "k", "tags": {"tenant": value}}).encode()
+    if problem is None:
+        decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+    else:
+        with pytest.raises(InvalidEvents):
+            decode_events(body, ndjson=False, limits=LIMITS, now=NOW)

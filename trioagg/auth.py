@@ -16,11 +16,15 @@ at most :data:`CACHE_SIZE` entries (the least recently used go first), so a revo
 stops working on every process within 5 s, and a request with a known key costs a
 dictionary lookup. Secrets the store does not know are kept apart, in at most
 :data:`UNKNOWN_CACHE_SIZE` entries of their own, so a flood of made-up secrets can never
-evict a real key. Expiry is checked against the clock at every request, so it is exact.
+evict a real key; a string without the form of a secret (:func:`has_secret_form`) is
+refused before any of this, so it costs neither a look-up nor a cache entry.
+Expiry is checked against the clock at every request, so it is exact.
 Key lookups run on the store's read pool (a worker thread), never on the event loop or
 the writer's connection, at most two at once and always leaving one read connection
 free (see :func:`lookup_slots`); a request waits at most :data:`LOOKUP_WAIT_SECONDS`
-for its turn, then is answered 503 ``overloaded``. When keys were last used is written
+for its turn, then is answered 503 ``overloaded``. Requests with the same secret share
+one look-up (:meth:`Authenticator.lookup`), so a busy key whose entry just aged costs
+one store query, not one per request. When keys were last used is written
 at most every :data:`TOUCH_SECONDS` (60 s), in one small transaction.
 
 **Modes** (``--auth``): ``on`` requires a key; ``off`` requires none (keys sent are
@@ -44,6 +48,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -57,6 +62,7 @@ from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorize
 from .ingest import TENANT_TAG
 from .settings import Settings, flag_name
 from .store import Backend, Store
+from .store.base import BusyRetry
 
 log = logging.getLogger("trioagg.auth")
 
@@ -68,8 +74,12 @@ UNKNOWN_CACHE_SIZE: Final = 1_000
 #: The longest a request waits for a turn to look its key up in the store.
 LOOKUP_WAIT_SECONDS: Final = 2.0
 TOUCH_SECONDS: Final = 60.0
-#: A secret is PREFIX + 43 characters; anything much longer is not one of ours.
-_MAX_SECRET: Final = 128
+#: Random bytes of a secret: 256 bits.
+_SECRET_BYTES: Final = 32
+#: Characters of a secret after PREFIX: its bytes in URL-safe base64 without padding
+#: (``secrets.token_urlsafe``), 4 per 3 bytes rounded up: 43.
+SECRET_CHARS: Final = (_SECRET_BYTES * 4 + 2) // 3
+_SECRET_FORM: Final = re.compile(re.escape(PREFIX) + f"[A-Za-z0-9_-]{{{SECRET_CHARS}}}")
 #: The most the last uses are written for at shutdown.
 _LAST_FLUSH_SECONDS: Final = 1.0
 #: How long the key commands retry a store locked by a running server's writer.
@@ -87,7 +97,13 @@ ENDPOINT_SCOPES: Final = {
 
 
 def new_secret() -> str:
-    return PREFIX + secrets.token_urlsafe(32)
+    return PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
+
+
+def has_secret_form(text: str) -> bool:
+    """Whether ``text`` has the form of every secret :func:`new_secret` makes: PREFIX
+    and :data:`SECRET_CHARS` URL-safe base64 characters. Nothing else can be a key."""
+    return _SECRET_FORM.fullmatch(text) is not None
 
 
 def digest_of(secret: str) -> str:
@@ -140,8 +156,9 @@ def parse_scopes(texts: Sequence[str]) -> tuple[str, ...]:
 
 def _on_store(backend: Backend, operation: Any, *args: Any) -> Any:
     """``operation(conn, *args)`` on a write connection of its own, after making sure the
-    keys table exists; retried while a running server's writer holds the lock."""
-    deadline = time.monotonic() + _BUSY_SECONDS
+    keys table exists; retried as the server's writers retry (:class:`BusyRetry`) while
+    a running server's writer holds the lock, for :data:`_BUSY_SECONDS`."""
+    retry = BusyRetry(backend, _BUSY_SECONDS, time.monotonic())
     conn = backend.connect(write=True)
     try:
         while True:
@@ -149,9 +166,10 @@ def _on_store(backend: Backend, operation: Any, *args: Any) -> Any:
                 backend.create_keys_table(conn)
                 return operation(conn, *args)
             except Exception as error:
-                if not backend.is_busy(error) or time.monotonic() > deadline:
+                wait = retry.wait(error, time.monotonic())
+                if wait is None:
                     raise
-                time.sleep(0.05)
+                time.sleep(wait)  # blocking: the key commands run outside any event loop
     finally:
         backend.close(conn)
 
@@ -267,6 +285,18 @@ class _TimedLRU:
         self._entries.pop(digest, None)
 
 
+@dataclass(slots=True)
+class _Flight:
+    """One store query of a digest under way, and then its outcome, for every request
+    that waited on it: answered (the key, or None: unknown), an error, or neither (the
+    request that asked was cancelled)."""
+
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    answered: bool = False
+    key: ApiKey | None = None
+    error: Exception | None = None
+
+
 class Authenticator:
     """Checks the ``Authorization`` header of requests against the store's keys, with a
     short-lived, bounded cache (see the module docstring). Times of the cache are
@@ -292,6 +322,8 @@ class Authenticator:
         # Keys the cache does not know take at most this many of the store's read
         # connections at once, so a flood of made-up keys cannot take them all.
         self._lookups = trio.CapacityLimiter(lookup_slots(store.readers))
+        #: The store queries under way, by digest: one per digest (see :meth:`lookup`).
+        self._flights: dict[str, _Flight] = {}
 
     async def watch_keys(
         self, interval: float = CACHE_SECONDS, *, task_status: trio.TaskStatus[None]
@@ -351,33 +383,65 @@ class Authenticator:
         return key
 
     async def lookup(self, secret: str) -> ApiKey | None:
-        """The stored key of ``secret`` (None: unknown), from the cache when fresh."""
-        if not secret.startswith(PREFIX) or len(secret) > _MAX_SECRET:
-            return None  # not one of ours: no need to ask the store
+        """The stored key of ``secret`` (None: unknown), from the cache when fresh.
+
+        A secret without the form of one (:func:`has_secret_form`) is unknown at once:
+        no look-up, no cache entry. Concurrent requests with the same secret that the
+        cache cannot answer share one store query (:meth:`_ask_store`): the first asks,
+        the others wait for its answer, or its error (a 503 after the same wait for a
+        look-up slot, or the store's outage). Should the request asking be cancelled
+        (its client left), those waiting ask again: one of them asks the store. A
+        shared answer comes from a query that ended after the request arrived, and is
+        the cache entry from then on: the revocation bound (CACHE_SECONDS) is unchanged."""
+        if not has_secret_form(secret):
+            return None
         digest = digest_of(secret)
-        fresh, key = self._known.get(digest)
-        if fresh:
-            return key  # type: ignore[no-any-return]
-        if self._unknown.get(digest)[0]:
-            return None
-        with trio.move_on_after(LOOKUP_WAIT_SECONDS) as waiting:
-            await self._lookups.acquire()
-        if waiting.cancelled_caught:
-            raise Overloaded(
-                "too many API keys are being looked up at once; retry shortly", retry_after=1
-            )
+        while True:
+            fresh, key = self._known.get(digest)
+            if fresh:
+                return key  # type: ignore[no-any-return]
+            if self._unknown.get(digest)[0]:
+                return None
+            flight = self._flights.get(digest)
+            if flight is None:
+                return await self._ask_store(digest)
+            await flight.done.wait()
+            if flight.error is not None:
+                # The one error raised again in every waiting request: each answers it.
+                raise flight.error
+            if flight.answered:
+                return flight.key
+
+    async def _ask_store(self, digest: str) -> ApiKey | None:
+        """Look ``digest`` up in the store, for every request waiting on it, and cache
+        the answer."""
+        flight = self._flights[digest] = _Flight()
         try:
-            row = await self.store.find_api_key(digest)
+            with trio.move_on_after(LOOKUP_WAIT_SECONDS) as waiting:
+                await self._lookups.acquire()
+            if waiting.cancelled_caught:
+                raise Overloaded(
+                    "too many API keys are being looked up at once; retry shortly", retry_after=1
+                )
+            try:
+                row = await self.store.find_api_key(digest)
+            finally:
+                self._lookups.release()
+            if row is None:
+                self._known.drop(digest)
+                self._unknown.put(digest, None)
+            else:
+                flight.key = ApiKey.from_row(row)
+                self._unknown.drop(digest)
+                self._known.put(digest, flight.key)
+            flight.answered = True
+            return flight.key
+        except Exception as error:  # not Cancelled: a cancelled request leaves no answer
+            flight.error = error
+            raise
         finally:
-            self._lookups.release()
-        if row is None:
-            self._known.drop(digest)
-            self._unknown.put(digest, None)
-            return None
-        key = ApiKey.from_row(row)
-        self._unknown.drop(digest)
-        self._known.put(digest, key)
-        return key
+            del self._flights[digest]
+            flight.done.set()
 
     async def record_uses(self, interval: float = TOUCH_SECONDS) -> None:
         """Write when keys were last used, every ``interval`` seconds until cancelled,

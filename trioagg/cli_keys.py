@@ -17,6 +17,7 @@ import click
 
 from . import auth
 from .errors import ConfigError
+from .ingest import TAG_VALUE_BYTES, TENANT_TAG, tag_value_problem
 from .settings import Settings, parse_duration
 from .store import Backend
 from .store import make_backend as _make_backend
@@ -30,7 +31,9 @@ _db = click.option(
 )
 
 
-class _NoStore(click.ClickException):
+class _Refused(click.ClickException):
+    """A command that cannot be done as asked: exit 2 with one line (no usage text)."""
+
     exit_code = 2
 
 
@@ -46,7 +49,7 @@ def _existing(backend: Backend, db: str) -> Backend:
     except ConfigError:
         raise
     except Exception as error:
-        raise _NoStore(
+        raise _Refused(
             f"no trioagg store at {db} ({error}): check --db, or start the server once "
             f"(trioagg serve --db {db}) to create the store"
         ) from None
@@ -87,7 +90,11 @@ def keys() -> None:
     help="ingest (POST /v1/events), read (queries, the dashboard's data) or admin "
     "(everything, /metrics too); repeat or comma-separate for several.",
 )
-@click.option("--tenant", help="Stamp tenant=VALUE on every event sent, read only those.")
+@click.option(
+    "--tenant",
+    help=f"Stamp {TENANT_TAG}=VALUE on every event sent, read only those; a tag value "
+    f"(1-{TAG_VALUE_BYTES} bytes).",
+)
 @click.option("--expires", help="Lifetime, e.g. 90d, 12h [default: never].")
 @_db
 def create(
@@ -99,8 +106,12 @@ def create(
         lifetime = None if expires is None else parse_duration(expires)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
-    if tenant is not None and not tenant:
-        raise click.BadParameter("--tenant must not be empty")
+    problem = None if tenant is None else tag_value_problem(tenant)
+    if problem is not None:
+        raise _Refused(
+            f"--tenant must be a tag value, 1-{TAG_VALUE_BYTES} bytes of UTF-8, as the key "
+            f"stamps {TENANT_TAG}=VALUE on every event it sends ({problem})"
+        )
     secret = _on_store(
         db, lambda backend: auth.create_key(backend, name, chosen, tenant=tenant, lifetime=lifetime)
     )

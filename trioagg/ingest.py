@@ -50,8 +50,12 @@ Key = Annotated[
     msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$(?!\n)"),
 ]
 TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$(?!\n)")]
-TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=16)]
+#: The most tags of an event, and so of a series (a tenant's stamped tag included).
+MAX_TAGS: Final = 16
+#: The most UTF-8 bytes of a tag's value (msgspec's max_length counts characters).
+TAG_VALUE_BYTES: Final = 255
+TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=TAG_VALUE_BYTES)]
+Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=MAX_TAGS)]
 Timestamp = Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
 Value = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 DistinctId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
@@ -75,8 +79,8 @@ RULES: Final = {
     "key": "required string, 1-255 bytes UTF-8, no control characters",
     "ts": "RFC 3339 string with an offset (Z or +02:00) or Unix seconds",
     "value": "JSON number from -1e100 to 1e100 (MAX_ABS_VALUE)",
-    "tags": "object of at most 16 string pairs; names [A-Za-z_][A-Za-z0-9_.-]{0,63}, "
-    "values 1-255 bytes",
+    "tags": f"object of at most {MAX_TAGS} string pairs; names [A-Za-z_][A-Za-z0-9_.-]{{0,63}}, "
+    f"values 1-{TAG_VALUE_BYTES} bytes",
     "distinct_id": "string of 1-255 bytes",
     "id": "string of 1-128 bytes",
 }
@@ -173,16 +177,18 @@ def decode_events(
 
 
 def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
-    """``points`` of a tenant's API key: ``tenant=<tenant>`` added to their tags (to the
-    event's own, up to 16), and their ids made the tenant's own, so that no tenant can
-    claim, and so drop as duplicates, another's ids. Forbidden (nothing stored) when an
-    event names another tenant."""
+    """``points`` of a tenant's API key: ``tenant=<tenant>`` added to their tags, and
+    their ids made the tenant's own, so that no tenant can claim, and so drop as
+    duplicates, another's ids. Forbidden (nothing stored) when an event names another
+    tenant; InvalidEvents when events carry MAX_TAGS tags besides the tenant's, as the
+    stamped tag would make one more than any series may have."""
     stamped: dict[str, str] = {NO_TAGS: msgspec.json.encode({TENANT_TAG: tenant}).decode()}
     # The tenant as a JSON string ends at its first unescaped quote: no two tenants'
     # prefixes can make the same id.
     id_prefix = msgspec.json.encode(tenant).decode() + ":"
     out: list[Point] = []
-    for key, ts, value, tags, distinct_id, event_id in points:
+    problems: list[dict[str, Any]] = []
+    for index, (key, ts, value, tags, distinct_id, event_id) in enumerate(points):
         canonical = stamped.get(tags)
         if canonical is None:
             decoded = msgspec.json.decode(tags)
@@ -193,11 +199,41 @@ def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
                     f"names {TENANT_TAG}={named}: nothing of this request was stored",
                     "tenant",
                 )
+            if named is None and len(decoded) >= MAX_TAGS:
+                problems.append(
+                    {
+                        "index": index,
+                        "field": "tags",
+                        "message": f"at most {MAX_TAGS - 1} tags besides {TENANT_TAG} with "
+                        f"this API key, which stamps {TENANT_TAG}={tenant} on every event: "
+                        f"a series has at most {MAX_TAGS} tags (it has {len(decoded)})",
+                    }
+                )
+                continue
             decoded[TENANT_TAG] = tenant
             canonical = stamped[tags] = msgspec.json.encode(decoded, order="sorted").decode()
         scoped_id = None if event_id is None else id_prefix + event_id
         out.append((key, ts, value, canonical, distinct_id, scoped_id))
+    if problems:
+        raise _invalid(problems, len(points))
     return out
+
+
+def tag_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a tag's value, by the rules an event's tags are checked
+    with (:data:`TagValue` and :data:`TAG_VALUE_BYTES`); None when it can."""
+    try:
+        msgspec.convert(value, TagValue)
+    except msgspec.ValidationError as error:
+        return _plain(error)
+    if _over_bytes(value, TAG_VALUE_BYTES):
+        return f"it has {len(value.encode())} bytes, over {TAG_VALUE_BYTES}"
+    return None
+
+
+def _over_bytes(text: str, limit: int) -> bool:
+    # 4 bytes per character at most: only long strings can exceed the limit.
+    return len(text) * 4 > limit and len(text.encode()) > limit
 
 
 def _check_count(count: int, limits: Limits) -> None:
@@ -223,13 +259,13 @@ def _limit_problems(
     """
     for field, limit in _BYTE_LIMITS.items():
         text = getattr(event, field)
-        # 4 bytes per character at most: only long strings can exceed the limit.
-        if text is not None and len(text) * 4 > limit and len(text.encode()) > limit:
+        if text is not None and _over_bytes(text, limit):
             yield field, f"{RULES[field]} (it has {len(text.encode())} bytes)"
     if event.tags:
         for name, value in event.tags.items():
-            if len(value) * 4 > 255 and len(value.encode()) > 255:
-                yield "tags", f"{RULES['tags']} (the value of {name!r} has more than 255 bytes)"
+            if _over_bytes(value, TAG_VALUE_BYTES):
+                too_long = f"the value of {name!r} has more than {TAG_VALUE_BYTES} bytes"
+                yield "tags", f"{RULES['tags']} ({too_long})"
     if seconds is not None and not low <= seconds <= high:
         yield "ts", _describe_out_of_window(seconds, low, high)
 

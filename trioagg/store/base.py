@@ -165,6 +165,34 @@ class Backend(Protocol):
     def close(self, conn: Any) -> None: ...
 
 
+class BusyRetry:
+    """When to try an operation again while another writer holds the database's lock:
+    after waits doubling from 10 ms to 1 s, for at most ``timeout`` seconds in all.
+    The one policy of :class:`Store` (which waits with ``trio.sleep``, off its worker
+    threads, so that waiting stays cancellable) and of the blocking key commands
+    (:func:`trioagg.auth.create_key` and the others, which wait with ``time.sleep``):
+    only the waiting differs. Times are any one clock's seconds."""
+
+    def __init__(self, backend: Backend, timeout: float, now: float) -> None:
+        self.backend = backend
+        self.timeout = timeout
+        self._deadline = now + timeout
+        self._backoff = _FIRST_BACKOFF
+
+    def wait(self, error: Exception, now: float) -> float | None:
+        """Seconds to wait before the next try after ``error`` at ``now``; None when
+        ``error`` is not the database being busy (not for retrying). Raises
+        :class:`StoreBusy` once waiting would pass the timeout."""
+        if not self.backend.is_busy(error):
+            return None
+        backoff = self._backoff
+        if now + backoff > self._deadline:
+            raise StoreBusy(f"the database stayed locked for {self.timeout:g}s") from error
+        log.debug("database busy, retrying in %.3fs", backoff)
+        self._backoff = min(backoff * 2, _MAX_BACKOFF)
+        return backoff
+
+
 @dataclass
 class CommitResult:
     """What a committed batch did: duplicates per submission, rows upserted."""
@@ -461,8 +489,7 @@ class Store:
 
     async def _retry_busy(self, shard: int, operation: Callable[..., T], *args: Any) -> T:
         link = self._write_links[shard]
-        backoff = _FIRST_BACKOFF
-        deadline = trio.current_time() + self.busy_timeout
+        retry = BusyRetry(self.backend, self.busy_timeout, trio.current_time())
         while True:
             try:
                 return await trio.to_thread.run_sync(
@@ -471,15 +498,10 @@ class Store:
             except TrioaggError:
                 raise
             except Exception as error:
-                if not self.backend.is_busy(error):
+                wait = retry.wait(error, trio.current_time())
+                if wait is None:
                     raise self._failure(error) from error
-                if trio.current_time() + backoff > deadline:
-                    raise StoreBusy(
-                        f"the database stayed locked for {self.busy_timeout:g}s"
-                    ) from error
-                log.debug("database busy, retrying in %.3fs", backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+                await trio.sleep(wait)
 
     def _failure(self, error: Exception) -> StoreError:
         """``error`` as a :class:`StoreOutage` when the store cannot work now, else as a
