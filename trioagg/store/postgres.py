@@ -12,7 +12,7 @@ so keys sort and page by their bytes, as in SQLite.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -58,6 +58,11 @@ _SCHEMA = [
 _SCHEMA_LOCK = 0x7472696F616767  # "trioagg"
 _CONNECT_TIMEOUT_SECONDS = 5
 _LOCK_WAIT_MS = 200
+#: SQLSTATEs of a connection that is gone: class 08 (connection exception), and the
+#: server shutting down, crashed or still starting (57P01-57P03). psycopg's own errors
+#: of a closed connection carry none. Other OperationalErrors are not disconnects:
+#: ProgramLimitExceeded (54000, a row too large for an index) belongs to its data.
+_DISCONNECTED: Final = ("08", "57P01", "57P02", "57P03")
 
 
 class PostgresBackend(SQLBackend):
@@ -109,11 +114,15 @@ class PostgresBackend(SQLBackend):
         return isinstance(error, busy | pg_errors.LockNotAvailable)
 
     def is_disconnect(self, error: Exception) -> bool:
-        return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+        if not isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
+            return False
+        return error.sqlstate is None or error.sqlstate.startswith(_DISCONNECTED)
 
     def outage_reason(self, error: Exception) -> str | None:
         if isinstance(error, pg_errors.InsufficientResources):  # disk full, out of memory
             return "the database server is out of disk space or memory"
+        if isinstance(error, pg_errors.SystemError):  # class 58: I/O errors, files gone
+            return "the database server failed (an I/O or system error)"
         if isinstance(error, pg_errors.ReadOnlySqlTransaction):
             return "the database is read-only (a standby?)"
         if isinstance(error, pg_errors.InsufficientPrivilege):
