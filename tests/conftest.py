@@ -11,6 +11,7 @@ tests of signals, crashes, restarts and several processes sharing a store.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -464,6 +465,24 @@ def hold_write_lock() -> Any:
     lock = Lock()
     yield lock
     lock.release()
+
+
+def ascii_characters(size: int) -> str:
+    return "x" * size
+
+
+def tags_of_json_bytes(size: int, make: Callable[[int], str] = ascii_characters) -> dict[str, str]:
+    """Tags whose compact JSON has exactly ``size`` bytes, of values of up to 255 bytes
+    made by ``make(bytes)``."""
+    tags: dict[str, str] = {}
+    for number in range(16):
+        name = f"t{number:02}"
+        tags[name] = "y"
+        left = size - len(json.dumps(tags, separators=(",", ":"), ensure_ascii=False).encode())
+        tags[name] = make(min(left + 1, 255))
+        if left + 1 <= 255:
+            return tags
+    raise AssertionError(f"{size} bytes of tags do not fit in 16 tags")
 
 
 def assert_store_holds(db: str | Path, expected: dict[str, int]) -> None:

@@ -3,6 +3,7 @@ under load, and the id purge racing a transaction that claims an expired id agai
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -11,10 +12,19 @@ import psycopg
 import pytest
 import trio
 
+from trioagg.ingest import TAGS_BYTES
 from trioagg.store.base import IDLE_CHECK_SECONDS
 from trioagg.store.postgres import PostgresBackend
 
-from .conftest import Ledger, PostgresCluster, StartServer, assert_store_holds, post, sql
+from .conftest import (
+    Ledger,
+    PostgresCluster,
+    StartServer,
+    assert_store_holds,
+    post,
+    sql,
+    tags_of_json_bytes,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -176,3 +186,46 @@ def waits_on_a_lock(db: str) -> bool:
         "AND query LIKE 'DELETE FROM event_ids%'",
     )
     return bool(rows[0][0])
+
+
+def random_characters(size: int) -> str:
+    """``size`` bytes that do not compress: PostgreSQL compresses large index entries."""
+    return secrets.token_urlsafe(size)[:size]
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_the_largest_valid_event_is_stored_on_postgresql(start_server: StartServer) -> None:
+    # The largest key and tags validation accepts fit PostgreSQL's index entries (2,704
+    # bytes): the limit is checked at the edge, never found at commit.
+    server = await start_server()
+    key = random_characters(255)
+    event = {"key": key, "tags": tags_of_json_bytes(TAGS_BYTES, random_characters)}
+    assert (await post(server.client, event)).json() == {"accepted": 1, "duplicates": 0}
+    assert_store_holds(server.db, {key: 1})
+
+
+def test_postgresql_errors_tell_a_lost_connection_from_a_row_too_large(
+    postgres_dsn: str,
+) -> None:
+    # A row too large for an index is an OperationalError in psycopg, as a lost
+    # connection is: taken for an outage, it turned /readyz failing and refused every
+    # client's wait=false requests for 10 s. It belongs to its data (only its request
+    # fails); a connection that is gone is an outage.
+    backend = PostgresBackend(postgres_dsn)
+    conn = psycopg.connect(postgres_dsn, autocommit=True)
+    doomed = psycopg.connect(postgres_dsn, autocommit=True)
+    try:
+        conn.execute("CREATE TEMP TABLE wide (x TEXT PRIMARY KEY)")
+        with pytest.raises(psycopg.Error) as too_large:
+            conn.execute("INSERT INTO wide VALUES (%s)", (random_characters(4000),))
+        assert not backend.is_disconnect(too_large.value)
+        assert backend.outage_reason(too_large.value) is None
+        conn.execute("SELECT pg_terminate_backend(%s)", (doomed.info.backend_pid,))
+        for _ in range(2):  # the server's "terminating connection", then "closed"
+            with pytest.raises(psycopg.Error) as gone:
+                doomed.execute("SELECT 1")
+            assert backend.is_disconnect(gone.value)
+            assert backend.outage_reason(gone.value) == "the database server cannot be reached"
+    finally:
+        conn.close()
+        doomed.close()

@@ -1,10 +1,12 @@
 """Decoding: bodies that are not JSON are a MalformedBody (400), never a crash; values
 beyond MAX_ABS_VALUE are invalid; large bodies are decoded off the event loop; a
-tenant's stamped tag never makes a series of more than MAX_TAGS tags."""
+tenant's stamped tag never makes a series of more than MAX_TAGS tags, nor of tags over
+TAGS_BYTES."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -14,11 +16,14 @@ from trioagg.ingest import (
     INLINE_DECODE_BYTES,
     MAX_ABS_VALUE,
     MAX_TAGS,
+    TAGS_BYTES,
     Limits,
     decode_body,
     decode_events,
     tag_value_problem,
 )
+
+from .conftest import ascii_characters, tags_of_json_bytes
 
 LIMITS = Limits(max_batch=10_000, max_future=3600, max_age=None)
 NOW = 1_764_000_000.0
@@ -172,3 +177,42 @@ def test_tag_values_are_checked_by_one_function(value: str, problem: str | None)
     else:
         with pytest.raises(InvalidEvents):
             decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+
+
+def two_byte_characters(size: int) -> str:
+    return "\u00e9" * (size // 2) + "y" * (size % 2)
+
+
+@pytest.mark.parametrize("make", [ascii_characters, two_byte_characters])
+@pytest.mark.parametrize(("size", "ok"), [(TAGS_BYTES, True), (TAGS_BYTES + 1, False)])
+def test_tags_are_limited_in_bytes_together(
+    make: Callable[[int], str], size: int, ok: bool
+) -> None:
+    tags = tags_of_json_bytes(size, make)
+    assert len(json.dumps(tags, separators=(",", ":"), ensure_ascii=False).encode()) == size
+    body = json.dumps({"key": "k", "tags": tags}).encode()
+    if ok:
+        [point] = decode_events(body, ndjson=False, limits=LIMITS, now=NOW)
+        assert len(point[3].encode()) == size
+        return
+    # Alone (the fast path), and beside an event with a wrong type (the slow path).
+    for events in ([{"key": "k", "tags": tags}], [{"key": "k", "tags": tags}, {"key": 5}]):
+        with pytest.raises(InvalidEvents) as caught:
+            decode_events(json.dumps(events).encode(), ndjson=False, limits=LIMITS, now=NOW)
+        problem = caught.value.details[0]
+        assert (problem["index"], problem["field"]) == (0, "tags")
+        assert f"they have {size} bytes as JSON, over {TAGS_BYTES}" in problem["message"]
+
+
+def test_a_tenants_stamped_tag_counts_in_the_tags_bytes() -> None:
+    tenant = "acme"
+    stamp = len(f',"tenant":"{tenant}"')
+    fits = tags_of_json_bytes(TAGS_BYTES - stamp)
+    over = tags_of_json_bytes(TAGS_BYTES - stamp + 1)
+    body = json.dumps([{"key": "k", "tags": fits}, {"key": "k", "tags": over}]).encode()
+    assert len(decode_events(body, ndjson=False, limits=LIMITS, now=NOW)) == 2
+    with pytest.raises(InvalidEvents) as caught:
+        decode_events(body, ndjson=False, limits=LIMITS, now=NOW, tenant=tenant)
+    assert [(p["index"], p["field"]) for p in caught.value.details] == [(1, "tags")]
+    assert "with tenant=acme stamped" in caught.value.details[0]["message"]
+    assert f"{TAGS_BYTES + 1} bytes as JSON" in caught.value.details[0]["message"]

@@ -54,6 +54,12 @@ TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$(
 MAX_TAGS: Final = 16
 #: The most UTF-8 bytes of a tag's value (msgspec's max_length counts characters).
 TAG_VALUE_BYTES: Final = 255
+#: The most UTF-8 bytes of an event's tags together, as stored (compact JSON, names
+#: sorted, a tenant's stamped tag included). Every store can index a series by its key
+#: and tags then: PostgreSQL refuses an index entry over 2,704 bytes (its key, bucket
+#: and tags; the key is at most 255 bytes), and 16 tags of 255-byte values would make
+#: one of over 4 KB, failing at commit what validation had accepted.
+TAGS_BYTES: Final = 2048
 TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=TAG_VALUE_BYTES)]
 Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=MAX_TAGS)]
 Timestamp = Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
@@ -80,7 +86,7 @@ RULES: Final = {
     "ts": "RFC 3339 string with an offset (Z or +02:00) or Unix seconds",
     "value": "JSON number from -1e100 to 1e100 (MAX_ABS_VALUE)",
     "tags": f"object of at most {MAX_TAGS} string pairs; names [A-Za-z_][A-Za-z0-9_.-]{{0,63}}, "
-    f"values 1-{TAG_VALUE_BYTES} bytes",
+    f"values 1-{TAG_VALUE_BYTES} bytes, at most {TAGS_BYTES} bytes together as compact JSON",
     "distinct_id": "string of 1-255 bytes",
     "id": "string of 1-128 bytes",
 }
@@ -156,20 +162,20 @@ def decode_events(
         ts = event.ts
         seconds = now if ts is None else ts if type(ts) is float else ts.timestamp()
         tags = event.tags
+        canonical = encode(tags, order="sorted").decode() if tags else NO_TAGS
         # Only strings of over 63 characters can exceed a 255-byte limit (4 bytes per
-        # character at most): the full check runs for those and for times off the window.
-        # Ids are measured here: most (UUIDs, ingest's line ids) are over 32 characters,
-        # and the full check cost them 0.6 us each.
+        # character at most, 512 for TAGS_BYTES): the full check runs for those and for
+        # times off the window. Ids are measured here: most (UUIDs, ingest's line ids) are
+        # over 32 characters, and the full check cost them 0.6 us each.
         if (
             not low <= seconds <= high
             or len(event.key) > 63
-            or (tags and max(map(len, tags.values())) > 63)
+            or (tags and (max(map(len, tags.values())) > 63 or len(canonical) > 512))
             or (event.id is not None and len(event.id) > 32 and len(event.id.encode()) > 128)
             or (event.distinct_id is not None and len(event.distinct_id) > 63)
         ):
             for field, message in _limit_problems(event, seconds, low, high):
                 problems.append({"index": index, "field": field, "message": message})
-        canonical = encode(tags, order="sorted").decode() if tags else NO_TAGS
         points.append((event.key, seconds, event.value, canonical, event.distinct_id, event.id))
     if problems:
         raise _invalid(problems, len(events))
@@ -180,8 +186,9 @@ def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
     """``points`` of a tenant's API key: ``tenant=<tenant>`` added to their tags, and
     their ids made the tenant's own, so that no tenant can claim, and so drop as
     duplicates, another's ids. Forbidden (nothing stored) when an event names another
-    tenant; InvalidEvents when events carry MAX_TAGS tags besides the tenant's, as the
-    stamped tag would make one more than any series may have."""
+    tenant; InvalidEvents when events carry MAX_TAGS tags besides the tenant's, or tags
+    that pass TAGS_BYTES with the tenant's, as the stamped tag would make a series no
+    series may be."""
     stamped: dict[str, str] = {NO_TAGS: msgspec.json.encode({TENANT_TAG: tenant}).decode()}
     # The tenant as a JSON string ends at its first unescaped quote: no two tenants'
     # prefixes can make the same id.
@@ -211,7 +218,19 @@ def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
                 )
                 continue
             decoded[TENANT_TAG] = tenant
-            canonical = stamped[tags] = msgspec.json.encode(decoded, order="sorted").decode()
+            encoded = msgspec.json.encode(decoded, order="sorted")
+            too_large = _tags_bytes_problem(encoded)
+            if too_large is not None:
+                problems.append(
+                    {
+                        "index": index,
+                        "field": "tags",
+                        "message": f"with {TENANT_TAG}={tenant} stamped by this API key, "
+                        f"{too_large}: send fewer or shorter tags",
+                    }
+                )
+                continue
+            canonical = stamped[tags] = encoded.decode()
         scoped_id = None if event_id is None else id_prefix + event_id
         out.append((key, ts, value, canonical, distinct_id, scoped_id))
     if problems:
@@ -229,6 +248,13 @@ def tag_value_problem(value: str) -> str | None:
     if _over_bytes(value, TAG_VALUE_BYTES):
         return f"it has {len(value.encode())} bytes, over {TAG_VALUE_BYTES}"
     return None
+
+
+def _tags_bytes_problem(canonical: bytes) -> str | None:
+    """Why tags stored as ``canonical`` are too large (:data:`TAGS_BYTES`); None if not."""
+    if len(canonical) <= TAGS_BYTES:
+        return None
+    return f"they have {len(canonical)} bytes as JSON, over {TAGS_BYTES}"
 
 
 def _over_bytes(text: str, limit: int) -> bool:
@@ -266,6 +292,9 @@ def _limit_problems(
             if _over_bytes(value, TAG_VALUE_BYTES):
                 too_long = f"the value of {name!r} has more than {TAG_VALUE_BYTES} bytes"
                 yield "tags", f"{RULES['tags']} ({too_long})"
+        too_large = _tags_bytes_problem(msgspec.json.encode(event.tags, order="sorted"))
+        if too_large is not None:
+            yield "tags", f"{RULES['tags']} ({too_large})"
     if seconds is not None and not low <= seconds <= high:
         yield "ts", _describe_out_of_window(seconds, low, high)
 

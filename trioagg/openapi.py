@@ -20,7 +20,7 @@ from . import __version__
 from .answers import ANSWERS
 from .auth import ENDPOINT_SCOPES
 from .budget import DEFAULT_BUDGET
-from .ingest import Event
+from .ingest import MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Event
 from .params import AGGREGATES, EVENTS, KEYS, TOP, Param
 from .times import LATEST
 
@@ -61,6 +61,11 @@ def _event_limits(event: dict[str, Any]) -> None:
     """Say in the event schema what the validation checks beyond types."""
     fields = event["properties"]
     fields["value"]["description"] = "A finite number with |value| <= 1e100; default 1."
+    fields["tags"]["description"] = (
+        f"At most {MAX_TAGS} tags; values of at most {TAG_VALUE_BYTES} bytes of UTF-8, and "
+        f"at most {TAGS_BYTES} bytes together as compact JSON (a tenant's stamped tag "
+        "included); anything else is 422."
+    )
     fields["ts"]["description"] = (
         "RFC 3339 with an offset, or Unix seconds; default: when the server received it. "
         "Accepted from 1970-01-01T00:00:00Z (or --max-age ago, when the server sets it) to "
