@@ -237,6 +237,39 @@ async def test_a_failed_run_fails_only_its_caller() -> None:
     assert answers == [1, "the second run fails", 3]
 
 
+async def test_runs_rest_in_proportion_to_their_length(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Callers that keep coming find a run under way at most 1 / (1 + rest) of the time;
+    a lone caller after a pause is not kept waiting."""
+    mock_clock.autojump_threshold = 0
+    spans: list[tuple[float, float]] = []
+
+    async def run() -> float:
+        started = trio.current_time()
+        await trio.sleep(2)
+        spans.append((started, trio.current_time()))
+        return started
+
+    shared = Coalesced(run, rest=0.5)
+
+    async def keep_calling() -> None:
+        for _ in range(4):
+            called = trio.current_time()
+            assert await shared() >= called
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(keep_calling)
+    assert len(spans) >= 4
+    assert [later[0] - earlier[1] for earlier, later in itertools.pairwise(spans)] == [1.0] * (
+        len(spans) - 1
+    )
+    await trio.sleep(1)  # as long as a rest: the next run starts at once
+    called = trio.current_time()
+    assert await shared() == called
+
+
 async def test_a_burst_of_scrapes_waits_for_one_render_and_counts_exactly(
     server: Server,
 ) -> None:

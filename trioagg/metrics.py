@@ -13,13 +13,16 @@ whichever worker answers; the gauges of the moment then carry a ``pid`` label.
 
 Rendering takes milliseconds of CPU in a worker thread, which holds the GIL the
 event loop needs: concurrent scrapes share renders (:class:`Coalesced`), so any
-number of them costs at most two at a time, and none is answered with figures
-older than its request. ``/v1/status`` sums the same samples, collected without
-the text (a tenth of the CPU of rendering and parsing it), shared the same way.
+number of them costs at most two at a time, each render followed by a rest as
+long (renders take at most half the time, however many scrapers keep coming),
+and none is answered with figures older than its request.
+``/v1/status`` sums the same samples, collected without the text (a tenth of the
+CPU of rendering and parsing it), shared the same way.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -59,14 +62,21 @@ class Coalesced(Generic[T]):
     reflects everything that happened before the call), and any number of concurrent
     callers costs at most one run under way and one waiting.
 
+    ``rest``: after a run of ``d`` seconds, the next one starts no sooner than
+    ``rest * d`` seconds later, so that runs take at most ``1 / (1 + rest)`` of the time
+    however many callers keep coming (each still started after its calls).
+
     A run belongs to the call that starts it, in that call's task. If that call is
     cancelled before its run has a result (a worker thread already running always
     finishes: ``trio.to_thread`` does not abandon it), or the run fails, only that call
     raises; the calls that were sharing the run start or join the next one.
     """
 
-    def __init__(self, run: Callable[[], Awaitable[T]]) -> None:
+    def __init__(self, run: Callable[[], Awaitable[T]], *, rest: float = 0.0) -> None:
         self._run = run
+        self.rest = rest
+        #: When the next run may start, on trio's clock.
+        self._rested = -math.inf
         self._running: _Run[T] | None = None
         #: The run the calls made while one is under way wait for; not started yet.
         self._next: _Run[T] | None = None
@@ -80,6 +90,8 @@ class Coalesced(Generic[T]):
             while not run.done:
                 if run.then is not None:  # its caller was cancelled or it failed
                     run = run.then
+                elif self._running is None and trio.current_time() < self._rested:
+                    await trio.sleep_until(self._rested)
                 elif self._running is None:  # then ``run`` is the next one: start it
                     return await self._lead(run)
                 else:
@@ -95,12 +107,15 @@ class Coalesced(Generic[T]):
 
     async def _lead(self, run: _Run[T]) -> T:
         self._next, self._running = None, run
+        started = trio.current_time()
         try:
             run.value = await self._run()
             run.done = True
             return run.value
         finally:
             self._running = None
+            ended = trio.current_time()
+            self._rested = ended + self.rest * (ended - started)
             if not run.done:  # the calls sharing it, together, move on to the next run
                 run.then = self._join()
             run.ended.set()
@@ -232,10 +247,11 @@ class Metrics:
         #: The thread that renders or sums the metrics (ms of CPU, reading files in
         #: multiprocess mode: never on the event loop), one at a time.
         self.rendering = trio.CapacityLimiter(1)
-        #: :meth:`render`, in a worker thread; concurrent calls share renders.
-        self.rendered = Coalesced(self._in_thread(self.render))
+        #: :meth:`render`, in a worker thread; concurrent calls share renders. Callers
+        #: that keep coming find the thread rendering at most half the time (``rest``).
+        self.rendered = Coalesced(self._in_thread(self.render), rest=1.0)
         #: :meth:`sum_samples`, in a worker thread; concurrent calls share sums.
-        self.totals = Coalesced(self._in_thread(self.sum_samples))
+        self.totals = Coalesced(self._in_thread(self.sum_samples), rest=1.0)
         self._shared: CollectorRegistry | None = None
         if values.ValueClass is not values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR is set
             self._shared = CollectorRegistry()
