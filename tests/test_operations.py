@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
 
+import msgspec
+import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import __version__
+from trioagg.metrics import Coalesced
 
 from .conftest import Server, post
+from .test_writer import wait_until
 
 
 async def test_healthz_and_readyz(server: Server) -> None:
@@ -101,3 +107,200 @@ async def test_every_openapi_parameter_has_a_description_and_an_example(server: 
     for parameter in parameters:
         assert parameter["description"], parameter["name"]
         assert "example" in parameter, parameter["name"]
+
+
+async def test_concurrent_callers_share_runs_started_after_their_call() -> None:
+    """However many callers come, one run is under way and one waits; each caller's result
+    comes from a run that started after its call."""
+    order = itertools.count()  # calls and run starts, in the order they happen
+    gates: list[trio.Event] = []
+
+    async def run() -> int:
+        started = next(order)
+        gates.append(trio.Event())
+        await gates[-1].wait()
+        return started
+
+    shared = Coalesced(run)
+    results: list[tuple[int, int]] = []
+
+    async def call() -> None:
+        called = next(order)
+        results.append((called, await shared()))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(gates), shared.callers) == (1, 20)  # the first caller's run, under way
+        for _ in range(20):  # more callers meanwhile: they share the one run waiting
+            nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(gates), shared.callers) == (1, 40)
+        gates[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(gates), shared.callers) == (2, 39)
+        for _ in range(5):
+            nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(gates), shared.callers) == (2, 44)
+        gates[1].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(gates), shared.callers) == (3, 5)
+        gates[2].set()
+    assert len(results) == 45 and len(gates) == 3 and shared.callers == 0
+    assert all(started > called for called, started in results), results
+    assert len({started for _, started in results}) == 3
+
+
+def _echo(value: int) -> int:
+    return value
+
+
+async def test_a_cancelled_caller_breaks_no_other() -> None:
+    """A run's caller cancelled before its worker thread started (waiting for the
+    limiter): the callers sharing the run start another one; a waiting caller cancelled
+    leaves the others be."""
+    order = itertools.count()
+    limiter = trio.CapacityLimiter(1)
+    starts: list[tuple[int, str]] = []  # (order, caller) of each run
+    names: dict[trio.lowlevel.Task, str] = {}
+
+    async def run() -> int:
+        starts.append((next(order), names[trio.lowlevel.current_task()]))
+        return await trio.to_thread.run_sync(_echo, starts[-1][0], limiter=limiter)
+
+    shared = Coalesced(run)
+    answers: dict[str, int] = {}
+    scopes: dict[str, trio.CancelScope] = {}
+
+    async def call(name: str) -> None:
+        names[trio.lowlevel.current_task()] = name
+        called = next(order)
+        with trio.CancelScope() as scopes[name]:
+            answers[name] = await shared()
+            assert answers[name] > called
+
+    async def arrive(*names: str) -> None:
+        for name in names:
+            nursery.start_soon(call, name)
+            await trio.testing.wait_all_tasks_blocked()
+
+    async def cancel(name: str) -> None:
+        scopes[name].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+
+    async with trio.open_nursery() as nursery, limiter:  # no run's thread can start yet
+        await arrive("a")  # a's run, waiting for the limiter
+        await arrive("b", "c", "d")  # they wait for the next run
+        await cancel("a")
+        assert [caller for _, caller in starts[1:]] in (["b"], ["c"], ["d"])
+        await cancel(starts[1][1])  # the others of b, c, d start a third run and share it
+        assert len(starts) == 3
+        sharing = {"b", "c", "d"} - {starts[1][1]}
+        assert starts[2][1] in sharing
+        await arrive("e", "f")  # they wait for the next run
+        await cancel("e")
+        assert shared.callers == 3 and len(starts) == 3
+    assert answers == {**dict.fromkeys(sharing, starts[2][0]), "f": starts[3][0]}
+    assert len(starts) == 4 and shared.callers == 0
+
+
+async def test_a_failed_run_fails_only_its_caller() -> None:
+    gates: list[trio.Event] = []
+
+    async def run() -> int:
+        gates.append(trio.Event())
+        await gates[-1].wait()
+        if len(gates) == 2:
+            raise RuntimeError("the second run fails")
+        return len(gates)
+
+    shared = Coalesced(run)
+    answers: list[int | str] = []
+
+    async def call() -> None:
+        try:
+            answers.append(await shared())
+        except RuntimeError as error:
+            answers.append(str(error))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # the first starts a run, the others share the next one
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+        gates[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        gates[1].set()  # the second run, started by one caller, fails: the other runs again
+        await trio.testing.wait_all_tasks_blocked()
+        gates[2].set()
+    assert answers == [1, "the second run fails", 3]
+
+
+async def test_runs_rest_in_proportion_to_their_length(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Callers that keep coming find a run under way at most 1 / (1 + rest) of the time;
+    a lone caller after a pause is not kept waiting."""
+    mock_clock.autojump_threshold = 0
+    spans: list[tuple[float, float]] = []
+
+    async def run() -> float:
+        started = trio.current_time()
+        await trio.sleep(2)
+        spans.append((started, trio.current_time()))
+        return started
+
+    shared = Coalesced(run, rest=0.5)
+
+    async def keep_calling() -> None:
+        for _ in range(4):
+            called = trio.current_time()
+            assert await shared() >= called
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(keep_calling)
+    assert len(spans) >= 4
+    assert [later[0] - earlier[1] for earlier, later in itertools.pairwise(spans)] == [1.0] * (
+        len(spans) - 1
+    )
+    await trio.sleep(1)  # as long as a rest: the next run starts at once
+    called = trio.current_time()
+    assert await shared() == called
+
+
+async def test_a_burst_of_scrapes_waits_for_one_render_and_counts_exactly(
+    server: Server,
+) -> None:
+    """Scrapes made while no render can start (its thread's limiter is held) wait for one
+    render thread between them (and one sum for /v1/status), and every answer counts what
+    happened before it."""
+    assert (await post(server.client, [{"key": "m"}] * 3)).status_code == 200
+    metrics = server.app.metrics
+    answers: list[tuple[str, int, str]] = []
+
+    async def ask(path: str) -> None:
+        response = await server.client.get(path)
+        answers.append((path, response.status_code, response.text))
+
+    async with trio.open_nursery() as nursery, metrics.rendering:
+        for _ in range(12):
+            nursery.start_soon(ask, "/metrics")
+            nursery.start_soon(ask, "/v1/status")
+        await wait_until(lambda: (metrics.rendered.callers, metrics.totals.callers) == (12, 12))
+        assert metrics.rendering.statistics().tasks_waiting == 2  # a render and a sum
+    assert len(answers) == 24 and {status for _, status, _ in answers} == {200}
+    for path, _, text in answers:
+        if path == "/v1/status":
+            figures = msgspec.json.decode(text)
+            assert (figures["events_accepted"], figures["events_committed"]) == (3, 3)
+        else:
+            samples = {
+                s.name: s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if not s.labels
+            }
+            assert samples["trioagg_events_accepted_total"] == 3
+            assert samples["trioagg_events_committed_total"] == 3

@@ -32,19 +32,15 @@ def _fill(cache: ReadCache, name: str, keys: tuple[str, ...], body: bytes) -> No
         keep(name, body)
 
 
-def _point(key: str) -> tuple[str, float, float, str, None, None]:
-    return (key, 0.0, 1.0, "{}", None, None)
-
-
 def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
     cache, _ = _cache()
     _fill(cache, "q-a", ("a",), b"A")
     _fill(cache, "q-ab", ("a", "b"), b"AB")
     _fill(cache, "q-c", ("c",), b"C")
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", b"AB", b"C")
-    cache.committed([[_point("b"), _point("x")]])
+    cache.committed({"b", "x"})
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", None, b"C")
-    cache.committed([[_point("x")], [_point("a")]])
+    cache.committed({"x", "a"})
     assert (cache.get("q-a"), cache.get("q-c")) == (None, b"C")
     assert len(cache) == 1 and cache.bytes == entry_cost(("c",), b"C")
 
@@ -52,7 +48,7 @@ def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
 def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
     cache, _ = _cache()
     with cache.reading(("a",)) as keep_a, cache.reading(("b",)) as keep_b:
-        cache.committed([[_point("a")]])  # committed while both reads were under way
+        cache.committed({"a"})  # committed while both reads were under way
         with cache.reading(("a",)) as keep_later:  # began after that commit: not raced
             keep_later("q-a2", b"A2")
         keep_a("q-a", b"A")
@@ -86,7 +82,7 @@ def test_entries_and_bytes_are_bounded_least_recently_used_first() -> None:
     _fill(sized, "big", ("big",), b"y" * per_entry)
     assert sized.get("big") is None
     # invalidation leaves no trace in the index
-    sized.committed([[_point(f"{n:02d}") for n in range(12)]])
+    sized.committed({f"{n:02d}" for n in range(12)})
     assert len(sized) == 0 and sized.bytes == 0 and not sized._by_key
 
 

@@ -194,3 +194,32 @@ def test_a_batch_without_ids_is_planned_before_the_write_lock_is_taken(
     backend.close(conn)
     assert result.rows == 1
     assert (happened.index("plan") < happened.index("BEGIN")) is planned_first
+
+
+def test_a_commit_names_the_distinct_keys_of_its_events_duplicates_included(
+    tmp_path: Path,
+) -> None:
+    """Gathered in the commit's thread for the read cache. A duplicate's key counts: the
+    event it repeats may have been stored by another process, unseen by this one's cache."""
+    backend = SQLiteBackend(str(tmp_path / "s.db"))
+    conn = backend.connect(write=True)
+    backend.prepare(conn, 3600)
+    policy = WritePolicy(3600, 86400.0, lambda key: False)
+    seen = SeriesCache()
+
+    def commit(*submissions: list[tuple[str, str | None]]) -> tuple[list[int], set[str]]:
+        batch = [
+            [(key, 1_764_000_000.0, 1.0, "{}", None, event_id) for key, event_id in points]
+            for points in submissions
+        ]
+        result = commit_batch(conn, backend, batch, policy, seen)
+        return result.duplicates, result.keys
+
+    assert commit([("a", None), ("b", None), ("a", None)], [("c", None)]) == (
+        [0, 0],
+        {"a", "b", "c"},
+    )
+    assert commit([("d", "id-1"), ("e", "id-1")]) == ([1], {"d", "e"})  # e repeats d's id
+    assert commit([("f", "id-1"), ("g", None)]) == ([1], {"f", "g"})  # id-1 was stored before
+    backend.close(conn)
+    assert stored_counts(tmp_path / "s.db") == {"a": 2, "b": 1, "c": 1, "d": 1, "g": 1}

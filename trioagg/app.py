@@ -552,7 +552,7 @@ def _add_routes(app: TrioaggApp) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body = await app.metrics.render_in_thread()
+        body = await app.metrics.rendered()
         return Response(body, 200, content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/openapi.json")

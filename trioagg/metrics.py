@@ -10,13 +10,23 @@ an empty folder shared by the workers (prometheus_client's multiprocess mode,
 which must be chosen before the process starts), counters and histograms are
 the totals of every worker that ever ran there, so they never go backwards
 whichever worker answers; the gauges of the moment then carry a ``pid`` label.
+
+Rendering takes milliseconds of CPU in a worker thread, which holds the GIL the
+event loop needs: concurrent scrapes share renders (:class:`Coalesced`), so any
+number of them costs at most two at a time, each render followed by a rest as
+long (renders take at most half the time, however many scrapers keep coming),
+and none is answered with figures older than its request.
+``/v1/status`` sums the same samples, collected without the text (a tenth of the
+CPU of rendering and parsing it), shared the same way.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 import trio
 from prometheus_client import (
@@ -38,6 +48,89 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BATCH_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000)
 _STALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+T = TypeVar("T")
+
+
+class Coalesced(Generic[T]):
+    """An async computation whose concurrent callers share runs, yet never get a result
+    older than their call.
+
+    A call made while no run is under way starts one. A call made while one is under
+    way waits for the *next* run, which starts once that one ends, and every call made
+    meanwhile shares it. So each result comes from a run started after its call (it
+    reflects everything that happened before the call), and any number of concurrent
+    callers costs at most one run under way and one waiting.
+
+    ``rest``: after a run of ``d`` seconds, the next one starts no sooner than
+    ``rest * d`` seconds later, so that runs take at most ``1 / (1 + rest)`` of the time
+    however many callers keep coming (each still started after its calls).
+
+    A run belongs to the call that starts it, in that call's task. If that call is
+    cancelled before its run has a result (a worker thread already running always
+    finishes: ``trio.to_thread`` does not abandon it), or the run fails, only that call
+    raises; the calls that were sharing the run start or join the next one.
+    """
+
+    def __init__(self, run: Callable[[], Awaitable[T]], *, rest: float = 0.0) -> None:
+        self._run = run
+        self.rest = rest
+        #: When the next run may start, on trio's clock.
+        self._rested = -math.inf
+        self._running: _Run[T] | None = None
+        #: The run the calls made while one is under way wait for; not started yet.
+        self._next: _Run[T] | None = None
+        #: Calls not answered yet (leading a run or waiting for one).
+        self.callers = 0
+
+    async def __call__(self) -> T:
+        self.callers += 1
+        try:
+            run = self._join()
+            while not run.done:
+                if run.then is not None:  # its caller was cancelled or it failed
+                    run = run.then
+                elif self._running is None and trio.current_time() < self._rested:
+                    await trio.sleep_until(self._rested)
+                elif self._running is None:  # then ``run`` is the next one: start it
+                    return await self._lead(run)
+                else:
+                    await self._running.ended.wait()
+            return run.value
+        finally:
+            self.callers -= 1
+
+    def _join(self) -> _Run[T]:
+        if self._next is None:
+            self._next = _Run()
+        return self._next
+
+    async def _lead(self, run: _Run[T]) -> T:
+        self._next, self._running = None, run
+        started = trio.current_time()
+        try:
+            run.value = await self._run()
+            run.done = True
+            return run.value
+        finally:
+            self._running = None
+            ended = trio.current_time()
+            self._rested = ended + self.rest * (ended - started)
+            if not run.done:  # the calls sharing it, together, move on to the next run
+                run.then = self._join()
+            run.ended.set()
+
+
+class _Run(Generic[T]):
+    """One run of a :class:`Coalesced` computation, shared by the calls waiting for it."""
+
+    value: T
+
+    def __init__(self) -> None:
+        self.ended = trio.Event()
+        self.done = False
+        #: For a run that ended without a result: the run its calls wait for instead.
+        self.then: _Run[T] | None = None
 
 
 class Metrics:
@@ -151,9 +244,14 @@ class Metrics:
         self._live.register(self._stalls)
         self._live.register(self._steps)
         self._live.register(ProcessCollector(registry=None))
-        #: The thread that renders the metrics (several ms of CPU, reading files in
-        #: multiprocess mode: never on the event loop), one render at a time.
+        #: The thread that renders or sums the metrics (ms of CPU, reading files in
+        #: multiprocess mode: never on the event loop), one at a time.
         self.rendering = trio.CapacityLimiter(1)
+        #: :meth:`render`, in a worker thread; concurrent calls share renders. Callers
+        #: that keep coming find the thread rendering at most half the time (``rest``).
+        self.rendered = Coalesced(self._in_thread(self.render), rest=1.0)
+        #: :meth:`sum_samples`, in a worker thread; concurrent calls share sums.
+        self.totals = Coalesced(self._in_thread(self.sum_samples), rest=1.0)
         self._shared: CollectorRegistry | None = None
         if values.ValueClass is not values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR is set
             self._shared = CollectorRegistry()
@@ -173,14 +271,31 @@ class Metrics:
         self.loop_step_cpu_seconds.observe(cpu_seconds)
         self._steps.longest = max(self._steps.longest, cpu_seconds)
 
-    async def render_in_thread(self) -> bytes:
-        """:meth:`render`, in a worker thread."""
-        return await trio.to_thread.run_sync(self.render, limiter=self.rendering)
-
     def render(self) -> bytes:
+        """What ``/metrics`` answers."""
+        return b"".join(generate_latest(part) for part in self._exported())
+
+    def sum_samples(self) -> dict[str, float]:
+        """Every sample :meth:`render` writes, summed over its labels (histogram buckets
+        left out), by name: collected, never written out as text and parsed again."""
+        totals: dict[str, float] = {}
+        for part in self._exported():
+            for family in part.collect():
+                for sample in family.samples:
+                    if "le" not in sample.labels:
+                        totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
+
+    def _exported(self) -> tuple[Collector, Collector]:
         if self._shared is None:
-            return generate_latest(self.registry) + generate_latest(self._live)
-        return generate_latest(self._shared) + generate_latest(_PerProcess(self._live))
+            return self.registry, self._live
+        return self._shared, _PerProcess(self._live)
+
+    def _in_thread(self, work: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+        async def run() -> T:
+            return await trio.to_thread.run_sync(work, limiter=self.rendering)
+
+        return run
 
 
 _CHANNEL_GAUGES = [

@@ -4,8 +4,9 @@ A hot read (the same parsed query again) is answered from memory: no worker
 thread, no SELECT, no merging. What keeps it exact:
 
 * **Invalidation by key**: after each commit the writer calls
-  :meth:`ReadCache.committed` with the events it stored, and every cached
-  answer over one of their keys is dropped. An answer from the cache is
+  :meth:`ReadCache.committed` with the distinct keys of the events it
+  committed (gathered in the commit's thread, not on the event loop), and every
+  cached answer over one of them is dropped. An answer from the cache is
   therefore what a fresh read would return as of the last commit this process
   made.
 * **No stale insert**: an answer is cached only if no commit touched one of
@@ -24,12 +25,11 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
 import trio
 
-from .ingest import Point
 from .query import Query
 
 #: What an entry costs besides its answer's bytes and its key names (the entry, the rest
@@ -137,12 +137,10 @@ class ReadCache:
                 if not count[0]:
                     del self._reading[key]
 
-    def committed(self, batches: Iterable[Sequence[Point]]) -> None:
-        """Events were committed: drop every answer over their keys, and count a touch
-        on each of their keys being read."""
-        if not self._by_key and not self._reading:
-            return
-        touched = {point[0] for points in batches for point in points}
+    def committed(self, touched: Set[str]) -> None:
+        """A commit held events of the keys ``touched``: drop every answer over them,
+        and count a touch on each of them being read. (A set intersected with the dicts'
+        keys: it costs the smaller side, not the commit's events.)"""
         for key in touched & self._reading.keys():
             self._reading[key][1] += 1
         for key in touched & self._by_key.keys():

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Set
 
 import trio
 
@@ -52,8 +52,9 @@ from .store import Store
 
 log = logging.getLogger("trioagg.writer")
 
-#: Told the events of a commit (one list per request), e.g. to invalidate cached reads.
-Committed = Callable[[list[list[Point]]], None]
+#: Told the distinct keys of a commit's events (gathered in its thread), e.g. to
+#: invalidate cached reads.
+Committed = Callable[[Set[str]], None]
 
 #: What one decoded event is taken to hold in memory until it is committed.
 EVENT_BYTES = 300
@@ -105,7 +106,7 @@ class Writer:
     ) -> None:
         self.store = store
         self.metrics = metrics
-        #: Told the events of each successful commit, before their requests are answered.
+        #: Told the keys of each successful commit, before its requests are answered.
         self.committed = committed
         self.inflight = inflight or InflightBytes(None)
         self.shard = shard
@@ -267,7 +268,7 @@ class Writer:
             return []
         self._outage = None
         if self.committed is not None:
-            self.committed([submission.points for submission in batch])
+            self.committed(result.keys)
         for submission, duplicates in zip(batch, result.duplicates, strict=True):
             submission.duplicates = duplicates
             self._answer(submission, None)

@@ -195,10 +195,12 @@ class BusyRetry:
 
 @dataclass
 class CommitResult:
-    """What a committed batch did: duplicates per submission, rows upserted."""
+    """What a committed batch did: duplicates per submission, rows upserted, and the
+    distinct keys of its events (see :attr:`~trioagg.store.plan.Plan.keys`)."""
 
     duplicates: list[int]
     rows: int
+    keys: set[str]
 
 
 def commit_batch(
@@ -243,7 +245,7 @@ def commit_batch(
         backend.rollback(conn)
         raise
     series_seen.remember(plan.spans)
-    return CommitResult(plan.duplicates, plan.rows)
+    return CommitResult(plan.duplicates, plan.rows, plan.keys)
 
 
 def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:

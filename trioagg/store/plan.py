@@ -10,7 +10,8 @@ slot and splits them into plain rows, upserted as they are, and rows with
 sketches, which must be merged with the sketches stored in their slots
 (:func:`sketch_rows`, :func:`merged_rows`). It also names the series whose
 span in the keys index the batch widens, as far as a :class:`SeriesCache`
-knows the index.
+knows the index, and the batch's distinct keys (for the read cache, gathered
+here in the writer's thread rather than on the event loop).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class Plan:
     sketched: dict[Slot, Rollup]
     #: Series whose span in the keys index this batch widens, widened.
     spans: list[SeriesSpan]
+    #: The distinct keys of the batch's events, duplicates included: the read cache drops
+    #: its answers over them. (A duplicate writes nothing, but the event it repeats may
+    #: have been stored by another process, whose commits this one's cache does not see:
+    #: dropping its key lets a read after the duplicate's answer see that event.)
+    keys: set[str]
 
     @property
     def rows(self) -> int:
@@ -103,6 +109,7 @@ def plan_batch(
     ``seen``: the spans of the keys index known to be stored (read, never changed)."""
     duplicates = []
     rollups: dict[Slot, Rollup] = {}
+    keys: set[str] = set()
     unclaimed = None if claimed is None else set(claimed)
     for points in batch:
         kept: Sequence[Point] = points
@@ -114,6 +121,8 @@ def plan_batch(
                 elif point[5] in unclaimed:
                     unclaimed.discard(point[5])  # a repeat later in the batch is a duplicate
                     kept.append(point)
+                else:  # a duplicate, in no rollup: its key still counts (see Plan.keys)
+                    keys.add(point[0])
         duplicates.append(len(points) - len(kept))
         pre_aggregate(kept, policy.bucket, rollups, policy.keeps_quantiles)
     # One comprehension with the columns spelled out: the writer's hottest loop after
@@ -133,7 +142,9 @@ def plan_batch(
                 if r.quantiles is not None or r.distinct is not None
             )
         }
-    return Plan(duplicates, plain, sketched, _widened_series(rollups, seen))
+    # The counted events' keys from the rollups: one per slot, not one per event.
+    keys.update(key for key, _, _ in rollups)
+    return Plan(duplicates, plain, sketched, _widened_series(rollups, seen), keys)
 
 
 def sketch_rows(sketched: dict[Slot, Rollup]) -> list[UpsertRow]:
