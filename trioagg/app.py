@@ -19,13 +19,15 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import trio
 from hypercorn.utils import LifespanFailureError
-from quart import Request, Response, g, request
+from prometheus_client.metrics import MetricWrapperBase
+from quart import Response, g, request
 from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
@@ -71,6 +73,8 @@ from .store import Store, open_store
 from .writer import Writers, purge_expired_ids
 
 log = logging.getLogger("trioagg")
+
+_Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
 
 _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 
@@ -214,9 +218,18 @@ class WriterCrashed(LifespanFailureError):
 _CRASH_GRACE_SECONDS = 0.5
 
 
+class TimedRequest(TrioRequest):
+    """A request that knows when the app began answering it."""
+
+    #: ``time.perf_counter()`` when the before_request hook ran; None before.
+    started: float | None = None
+
+
 class TrioaggApp(QuartTrio):
     """A Quart-Trio app whose :class:`Service` runs in a task of a nursery around the
     ASGI lifespan, so it outlives the HTTP server and drains after it."""
+
+    request_class = TimedRequest
 
     def __init__(self, settings: Settings) -> None:
         super().__init__("trioagg")
@@ -309,8 +322,7 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     _add_routes(app)
     add_dashboard(app)
     _add_error_handlers(app)
-    _time_every_answer(app)
-    _authenticate_every_request(app)
+    _time_and_authenticate_every_request(app)
     app.asgi_app = guard_connections(app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
 
@@ -349,22 +361,30 @@ def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> S
         sys.exit(2)
 
 
-def _authenticate_every_request(app: TrioaggApp) -> None:
-    """Check the key of every request to an endpoint of :data:`ENDPOINT_SCOPES`, before the
-    view runs: a refused request never reaches the body-reading, admission or store code
-    (what arrived of its body meanwhile is bounded by max_body, and the connection is
-    closed after the answer, see guard_connections). CORS preflights (OPTIONS) carry no
-    credentials by design and are never refused."""
-    if app.settings.auth == "off":
-        return  # nothing to check: not even a hook to run
+def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
+    """Observe ``trioagg_request_seconds{endpoint, status}`` for every answer, errors too,
+    and check the key of every request to an endpoint of :data:`ENDPOINT_SCOPES` before
+    the view runs: a refused request never reaches the body-reading, admission or store
+    code (what arrived of its body meanwhile is bounded by max_body, and the connection
+    is closed after the answer, see guard_connections). CORS preflights (OPTIONS) carry
+    no credentials by design and are never refused.
+
+    One before_request hook does both (the clock first, so a refusal is timed too):
+    Quart awaits each hook through ``ensure_async``, which costs microseconds per hook
+    on every request."""
     scopes = dict(ENDPOINT_SCOPES)
     if app.settings.metrics_public:
         del scopes["/metrics"]
+    authenticating = app.settings.auth != "off"
+    timer = bound_children(app.metrics.request_seconds)
 
     @app.before_request
-    async def authenticate() -> None:
+    async def start_clock_and_authenticate() -> None:
         # One look-up of the request context, not one per attribute (microseconds each).
-        current: Request = request._get_current_object()  # type: ignore[attr-defined]
+        current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
+        current.started = time.perf_counter()
+        if not authenticating:
+            return
         rule = current.url_rule
         scope = None if rule is None else scopes.get(rule.rule)
         if scope is None or current.method == "OPTIONS":
@@ -374,23 +394,20 @@ def _authenticate_every_request(app: TrioaggApp) -> None:
         )
         g.trioagg_key = key
 
-
-def _time_every_answer(app: TrioaggApp) -> None:
-    """Observe ``trioagg_request_seconds{endpoint, status}`` for every answer, errors too."""
-
-    @app.before_request
-    async def start_clock() -> None:
-        g.trioagg_started = time.perf_counter()
-
     @app.after_request
     async def stop_clock(response: Response) -> Response:
-        started = g.get("trioagg_started")
-        if started is not None:
-            rule = request.url_rule.rule if request.url_rule is not None else "unrouted"
-            app.metrics.request_seconds.labels(rule, str(response.status_code)).observe(
-                time.perf_counter() - started
-            )
+        current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
+        if current.started is not None:
+            rule = current.url_rule.rule if current.url_rule is not None else "unrouted"
+            timer(rule, response.status_code).observe(time.perf_counter() - current.started)
         return response
+
+
+def bound_children(metric: _Labelled) -> Callable[..., _Labelled]:
+    """``metric.labels``, remembering each child it returns. A child is made (and its
+    sample appears) on its first use, as with ``labels``, whose lock and argument
+    checks cost about a microsecond on every call."""
+    return functools.cache(metric.labels)
 
 
 def _configure_logging(level: str) -> None:
@@ -456,6 +473,7 @@ def _add_routes(app: TrioaggApp) -> None:
         return _json({"accepted": len(points)}, 202)
 
     app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
+    counted = bound_children(app.metrics.read_cache)
     answering = trio.CapacityLimiter(2)  # worker threads building big answers
 
     async def build(work: int, make: Callable[[], bytes]) -> bytes:
@@ -480,7 +498,7 @@ def _add_routes(app: TrioaggApp) -> None:
         key = cache_key(query) if cache.enabled else None
         body = cache.get(key) if key is not None else None
         if body is not None:
-            service.metrics.read_cache.labels("hit").inc()
+            counted("hit").inc()
             return _json_body(body)
         with cache.reading(query.keys) as keep:
             rows = await service.store.read(
@@ -498,7 +516,7 @@ def _add_routes(app: TrioaggApp) -> None:
                 )
             body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
             if key is not None:
-                service.metrics.read_cache.labels("miss").inc()
+                counted("miss").inc()
                 keep(key, body)
         return _json_body(body)
 
