@@ -6,6 +6,9 @@ import time
 from typing import Any
 
 import pytest
+from werkzeug.datastructures import MultiDict
+
+from trioagg.query import ParsedQueries, is_timeless
 
 from .conftest import Server, StartServer, post
 
@@ -280,3 +283,22 @@ async def test_keys_of_many_series_are_listed_whole(server: Server) -> None:
             "series": 2500,
         }
     ]
+
+
+def test_only_queries_with_both_ends_mean_the_same_whenever_asked() -> None:
+    assert is_timeless(MultiDict([("key", "k"), ("from", "1"), ("to", "2")]))
+    assert not is_timeless(MultiDict([("key", "k"), ("from", "1")]))  # to: now
+    assert not is_timeless(MultiDict([("key", "k"), ("to", "2")]))  # from: to - 24 h
+    assert not is_timeless(MultiDict([("key", "k")]))
+
+
+def test_parsed_queries_are_kept_by_context_and_bounded() -> None:
+    parsed: ParsedQueries[str] = ParsedQueries(entries=2, longest=8)
+    parsed.put(b"q=1", "acme", "acme's")
+    parsed.put(b"q=1", None, "no tenant's")
+    assert (parsed.get(b"q=1", "acme"), parsed.get(b"q=1", None)) == ("acme's", "no tenant's")
+    assert parsed.get(b"q=1", "globex") is None
+    parsed.put(b"q=2", None, "second")  # full: the oldest put goes
+    assert parsed.get(b"q=1", "acme") is None and len(parsed) == 2
+    parsed.put(b"q=123456789", None, "long")  # longer than longest: never kept
+    assert parsed.get(b"q=123456789", None) is None and len(parsed) == 2

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from tests.conftest import StartServer, post
+from tests.test_auth import bearer, make_key
 from trioagg.readcache import ReadCache, entry_cost
 
 
@@ -172,3 +173,39 @@ async def test_no_cache_with_a_zero_ttl(start_server: StartServer, ttl: str) -> 
         await server.client.get("/v1/aggregates", params={"key": "none", **DAY})
     metrics = server.app.metrics.registry
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) is None
+
+
+async def test_tenants_asking_the_same_query_string_each_read_their_own(
+    start_server: StartServer,
+) -> None:
+    """A query string is parsed once per tenant: the tenant's tag is part of what was
+    parsed, so another tenant's (or an admin's) same string must not reuse it."""
+    server = await start_server(auth="on")
+    secrets = {
+        name: await trio.to_thread.run_sync(
+            lambda name=name: make_key(server.db, name, "ingest", "read", tenant=name)
+        )
+        for name in ("acme", "globex")
+    }
+    secrets["admin"] = await trio.to_thread.run_sync(make_key, server.db, "admin", "admin")
+    for name, value in (("acme", 1), ("globex", 10)):
+        event = {"key": "shared", "ts": "2026-11-24T10:00:00Z", "value": value}
+        response = await server.client.post("/v1/events", json=event, headers=bearer(secrets[name]))
+        assert response.status_code == 200, response.text
+    sums = []
+    for _ in range(2):  # the second round is parsed from memory and answered from the cache
+        for name in ("acme", "globex", "admin"):
+            response = await server.client.get(
+                "/v1/aggregates",
+                params={"key": "shared", "stats": "sum", **DAY},
+                headers=bearer(secrets[name]),
+            )
+            assert response.status_code == 200, response.text
+            (series,) = response.json()["results"]
+            sums.append((name, series["tags"], series["buckets"][0]["sum"]))
+    expected = [
+        ("acme", {"tenant": "acme"}, 1.0),
+        ("globex", {"tenant": "globex"}, 10.0),
+        ("admin", {}, 11.0),
+    ]
+    assert sums == expected * 2

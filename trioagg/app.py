@@ -18,7 +18,7 @@ import multiprocessing
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, TypeVar
 
 import msgspec
@@ -65,7 +65,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
 from .params import parse_wait
-from .query import Query, answer, parse_query, work
+from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
@@ -474,6 +474,8 @@ def _add_routes(app: TrioaggApp) -> None:
 
     app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
     counted = bound_children(app.metrics.read_cache)
+    # Hot reads repeat the same few query strings: each is parsed and checked once.
+    parsed: ParsedQueries[tuple[Query, Hashable | None]] = ParsedQueries()
     answering = trio.CapacityLimiter(2)  # worker threads building big answers
 
     async def build(work: int, make: Callable[[], bytes]) -> bytes:
@@ -485,17 +487,25 @@ def _add_routes(app: TrioaggApp) -> None:
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
         service = app.service
-        budget: Budget = app.config["QUERY_BUDGET"]
-        query = parse_query(
-            request.args, bucket=service.store.bucket, now=time.time(), budget=budget
-        )
-        tenant = current_tenant()
-        if tenant is not None:
-            query = dataclasses.replace(query, tags=tenant_tags(query.tags, tenant))
-        _check_quantiles_kept(query, service)
         cache = service.read_cache
-        # A tenant's reads carry its tag in query.tags, so tenants never share an entry.
-        key = cache_key(query) if cache.enabled else None
+        current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
+        raw = current.query_string
+        budget: Budget = app.config["QUERY_BUDGET"]
+        tenant = current_tenant()
+        bucket = service.store.bucket
+        context = (tenant, budget, bucket)
+        known = parsed.get(raw, context)
+        if known is None:
+            args = current.args
+            query = parse_query(args, bucket=bucket, now=time.time(), budget=budget)
+            if tenant is not None:
+                query = dataclasses.replace(query, tags=tenant_tags(query.tags, tenant))
+            _check_quantiles_kept(query, service)
+            # A tenant's reads carry its tag in query.tags, so tenants never share an entry.
+            known = query, cache_key(query) if cache.enabled else None
+            if is_timeless(args):
+                parsed.put(raw, context, known)
+        query, key = known
         body = cache.get(key) if key is not None else None
         if body is not None:
             counted("hit").inc()

@@ -21,9 +21,9 @@ import datetime
 import itertools
 import math
 import zoneinfo
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
@@ -135,6 +135,42 @@ def parse_query(args: Any, *, bucket: int, now: float, budget: Budget = DEFAULT_
         values["stats"],
         fill,
     )
+
+
+def is_timeless(args: Any) -> bool:
+    """Whether a query's parameters mean the same whenever it is asked: both ends of its
+    range are given (by default ``to`` is now), and nothing else reads the clock."""
+    return "from" in args and "to" in args
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+class ParsedQueries(Generic[_Parsed]):
+    """What parsing a raw query string gave (with whatever else its meaning depends on
+    in ``context``, such as the tenant and the budget), so that a repeated hot read is
+    not parsed again: a dict look-up instead of ~25 us of parsing and checks.
+
+    Keep only queries that passed every check and are :func:`is_timeless`. Bounded by
+    ``entries`` (the oldest put is dropped first) and by the length of what is kept."""
+
+    def __init__(self, entries: int = 2048, longest: int = 512) -> None:
+        self.entries = entries
+        self.longest = longest
+        self._parsed: dict[tuple[bytes, Hashable], _Parsed] = {}
+
+    def __len__(self) -> int:
+        return len(self._parsed)
+
+    def get(self, raw: bytes, context: Hashable) -> _Parsed | None:
+        return self._parsed.get((raw, context))
+
+    def put(self, raw: bytes, context: Hashable, parsed: _Parsed) -> None:
+        if len(raw) > self.longest or self.entries <= 0:
+            return
+        if len(self._parsed) >= self.entries:
+            del self._parsed[next(iter(self._parsed))]
+        self._parsed[(raw, context)] = parsed
 
 
 def _boundaries(
