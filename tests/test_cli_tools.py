@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 import trio
 from click.testing import CliRunner, Result
 
@@ -163,6 +164,26 @@ async def test_query_series_and_top_print_json_csv_and_tables(
     ]
     top_table = await run(server, "top", *DAY)
     assert "q.a" in top_table.stdout and "rank" in top_table.stdout
+
+
+async def test_tables_show_keys_and_tags_as_sent_never_as_markup_or_escapes(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # rich's width: no cell is wrapped
+    # Keys and tag values are what clients sent: "[...]" is rich's markup, and a tag
+    # value may carry ESC sequences (clear the screen, retitle it, forge a link).
+    key = "[red]k[/red] [link=http://evil]x[/link]"
+    value = "a\x1b]8;;http://evil\x1b\\b\x07\x1b[2J"
+    event = {"key": key, "ts": TS, "tags": {"t": value}}
+    assert (await server.client.post("/v1/events", json=event)).status_code == 200
+    shown = "t=a\\x1b]8;;http://evil\\x1b\\b\\x07\\x1b[2J"
+    for args in (["series"], ["query", key, *DAY, "--group-by", "t"], ["top", *DAY]):
+        table = await run(server, *args)
+        assert table.exit_code == 0, table.output
+        assert "\x1b" not in table.stdout and "\x07" not in table.stdout
+        assert "[red]k[/red]" in table.stdout, table.stdout
+        if args[0] == "query":  # the others show tag names, or no tags
+            assert shown in table.stdout, table.stdout
 
 
 async def test_a_refused_query_prints_the_server_details(server: Server) -> None:

@@ -487,13 +487,25 @@ def _emit(rows: list[dict[str, Any]], document: Any, output: str, title: str = "
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title or None, title_justify="left")
+    table = Table(title=Text(printable(title)) if title else None, title_justify="left")
     for column in columns:
         table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
     for row in rows:
-        table.add_row(*(_cell(row.get(column)) for column in columns))
+        # Text, not str: rich would read "[...]" in a key or tag as its markup.
+        table.add_row(*(Text(printable(_cell(row.get(column)))) for column in columns))
     Console().print(table)
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would not print as itself (control
+    characters, escape sequences' ESC, line and paragraph separators) written as its
+    Python escape: keys and tag values are what clients sent, and must not drive the
+    terminal of whoever lists them."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 _TEXT_COLUMNS: Final = frozenset({"key", "tags", "start", "first", "last", "trend"})
