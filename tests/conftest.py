@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg.app import TrioaggApp, create_app
 from trioagg.cli import run_server
@@ -465,6 +466,21 @@ def hold_write_lock() -> Any:
     lock = Lock()
     yield lock
     lock.release()
+
+
+async def wait_until(predicate: Any, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def metric(server: Any, name: str, **labels: str) -> float:
+    text = (await server.client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels}")
 
 
 def ascii_characters(size: int) -> str:

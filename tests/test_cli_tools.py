@@ -14,8 +14,7 @@ from click.testing import CliRunner, Result
 from trioagg.cli import main
 from trioagg.cli_tools import LineReader, Mapping, sparkline
 
-from .conftest import Server, stored_counts
-from .test_writer import wait_until
+from .conftest import Server, stored_counts, wait_until
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
 DAY = ["--from", "2026-11-24T00:00:00Z", "--to", "2026-11-25T00:00:00Z"]

@@ -13,8 +13,7 @@ import trio
 
 from trioagg.client import AsyncClient, Client, Rejected, uuid7
 
-from .conftest import Server, StartServer, stored_counts
-from .test_writer import metric, wait_until
+from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
 

@@ -13,8 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trioagg import __version__
 from trioagg.metrics import Coalesced
 
-from .conftest import Server, post
-from .test_writer import wait_until
+from .conftest import Server, post, wait_until
 
 
 async def test_healthz_and_readyz(server: Server) -> None:

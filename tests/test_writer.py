@@ -8,19 +8,12 @@ from typing import Any
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg.store.base import commit_batch
 from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
 
-from .conftest import StartServer, post, stored_counts
-
-
-async def wait_until(predicate: Any, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
+from .conftest import StartServer, metric, post, stored_counts, wait_until
 
 
 async def test_saturated_channel_answers_503_with_retry_after(
@@ -129,15 +122,6 @@ async def test_batch_size_bounds_a_transaction_but_never_splits_a_request(
     assert await metric(server, "trioagg_batch_events_count") == 3
     assert await metric(server, "trioagg_batch_events_sum") == 20
     assert stored_counts(server.db) == {"b": 20}
-
-
-async def metric(server: Any, name: str, **labels: str) -> float:
-    text = (await server.client.get("/metrics")).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"no sample {name} {labels}")
 
 
 async def test_a_request_sending_its_body_holds_no_admission_token(
