@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+from typing import Any
 
 import pytest
 import trio
@@ -28,9 +29,19 @@ def _cache(
     return ReadCache(entries=entries, max_bytes=max_bytes, ttl=ttl, clock=clock), clock
 
 
-def _fill(cache: ReadCache, name: str, keys: tuple[str, ...], body: bytes) -> None:
-    with cache.reading(keys) as keep:
+HOUR = 3600
+
+
+def _fill(
+    cache: ReadCache, name: Any, keys: tuple[str, ...], body: bytes, hours: range = range(24)
+) -> None:
+    with cache.reading(keys, hours.start * HOUR, hours.stop * HOUR) as keep:
         keep(name, body)
+
+
+def _touched(*keys: str, hours: range = range(24)) -> dict[str, tuple[int, int]]:
+    """What a commit of events of ``keys`` in the first to the last of ``hours`` touched."""
+    return {key: (hours[0] * HOUR, hours[-1] * HOUR) for key in keys}
 
 
 def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
@@ -39,22 +50,46 @@ def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
     _fill(cache, "q-ab", ("a", "b"), b"AB")
     _fill(cache, "q-c", ("c",), b"C")
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", b"AB", b"C")
-    cache.committed({"b", "x"})
+    cache.committed(_touched("b", "x"))
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", None, b"C")
-    cache.committed({"x", "a"})
+    cache.committed(_touched("x", "a"))
     assert (cache.get("q-a"), cache.get("q-c")) == (None, b"C")
     assert len(cache) == 1 and cache.bytes == entry_cost(("c",), b"C")
 
 
 def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
     cache, _ = _cache()
-    with cache.reading(("a",)) as keep_a, cache.reading(("b",)) as keep_b:
-        cache.committed({"a"})  # committed while both reads were under way
-        with cache.reading(("a",)) as keep_later:  # began after that commit: not raced
+    with cache.reading(("a",), 0, HOUR) as keep_a, cache.reading(("b",), 0, HOUR) as keep_b:
+        cache.committed(_touched("a", hours=range(5, 6)))  # while both reads were under way
+        with cache.reading(("a",), 0, HOUR) as keep_later:  # began after that commit
             keep_later("q-a2", b"A2")
         keep_a("q-a", b"A")
         keep_b("q-b", b"B")
     assert (cache.get("q-a"), cache.get("q-b"), cache.get("q-a2")) == (None, b"B", b"A2")
+
+
+@pytest.mark.parametrize(
+    ("committed", "dropped"),
+    [
+        (range(0, 1), False),  # the hour before the answer's range
+        (range(1, 2), True),  # its first hour
+        (range(2, 3), True),  # inside
+        (range(3, 4), True),  # its last hour
+        (range(4, 5), False),  # the hour its range ends at: not in it
+        (range(0, 5), True),  # a span around it
+        (range(9, 30), False),  # later hours
+    ],
+)
+def test_a_commit_drops_the_answers_whose_range_meets_its_buckets(
+    committed: range, dropped: bool
+) -> None:
+    """An answer over hours [1, 4) of "a" against a commit of events of "a" from the first
+    to the last of ``committed``: an answer over yesterday survives today's events."""
+    cache, _ = _cache()
+    _fill(cache, "q-a", ("a", "b"), b"A", hours=range(1, 4))
+    cache.committed(_touched("a", hours=committed))
+    assert (cache.get("q-a") is None) is dropped
+    assert (len(cache), bool(cache._by_key)) == (0, False) if dropped else (1, True)
 
 
 def test_answers_expire_after_the_ttl() -> None:
@@ -83,7 +118,7 @@ def test_entries_and_bytes_are_bounded_least_recently_used_first() -> None:
     _fill(sized, "big", ("big",), b"y" * per_entry)
     assert sized.get("big") is None
     # invalidation leaves no trace in the index
-    sized.committed({f"{n:02d}" for n in range(12)})
+    sized.committed(_touched(*(f"{n:02d}" for n in range(12))))
     assert len(sized) == 0 and sized.bytes == 0 and not sized._by_key
 
 
@@ -129,6 +164,26 @@ async def test_a_read_after_a_200_sees_that_write(start_server: StartServer) -> 
     assert counts == [1, 1, 2, 2, 3, 3]
     metrics = server.app.metrics.registry
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 3
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 3
+
+
+async def test_a_commit_of_todays_events_keeps_the_answer_over_yesterday(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    today = {"from": "2026-11-25T00:00:00Z", "to": "2026-11-26T00:00:00Z", "granularity": "day"}
+
+    async def count(day: dict[str, str]) -> int:
+        answer = await server.client.get("/v1/aggregates", params={"key": "days", **day})
+        return sum(bucket["count"] for bucket in answer.json()["results"][0]["buckets"])
+
+    assert (await post(server.client, {"key": "days", "ts": "2026-11-24T10:00:00Z"})).is_success
+    assert [await count(DAY), await count(DAY), await count(today)] == [1, 1, 0]
+    assert (await post(server.client, {"key": "days", "ts": "2026-11-25T01:00:00Z"})).is_success
+    assert [await count(DAY), await count(today)] == [1, 1]
+    metrics = server.app.metrics.registry
+    # yesterday's answer served from the cache before and after the commit; today's re-read
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 2
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 3
 
 

@@ -180,30 +180,49 @@ def test_a_batch_without_ids_is_planned_before_the_write_lock_is_taken(
     assert (happened.index("plan") < happened.index("BEGIN")) is planned_first
 
 
-def test_a_commit_names_the_distinct_keys_of_its_events_duplicates_included(
+def test_a_commit_names_the_buckets_each_key_touched_duplicates_included(
     tmp_path: Path,
 ) -> None:
-    """Gathered in the commit's thread for the read cache. A duplicate's key counts: the
-    event it repeats may have been stored by another process, unseen by this one's cache."""
+    """Gathered in the commit's thread for the read cache: per key, its first and last
+    bucket. A duplicate counts: the event it repeats may have been stored by another
+    process, unseen by this one's cache."""
     backend = SQLiteBackend(str(tmp_path / "s.db"))
     conn = backend.connect(write=True)
     backend.prepare(conn, 3600)
     policy = WritePolicy(3600, 86400.0, lambda key: False)
     seen = SeriesCache()
+    hour = 1_764_000_000 // 3600 * 3600
 
-    def commit(*submissions: list[tuple[str, str | None]]) -> tuple[list[int], set[str]]:
+    def commit(
+        *submissions: list[tuple[str, int, str | None]],
+    ) -> tuple[list[int], dict[str, tuple[int, int]]]:
         batch = [
-            [(key, 1_764_000_000.0, 1.0, "{}", None, event_id) for key, event_id in points]
+            [  # every other event of another series of its key: spans are per key
+                (
+                    key,
+                    hour + 3600 * hours + 1.0,
+                    1.0,
+                    '{"t":"x"}' if n % 2 else "{}",
+                    None,
+                    event_id,
+                )
+                for n, (key, hours, event_id) in enumerate(points)
+            ]
             for points in submissions
         ]
         result = commit_batch(conn, backend, batch, policy, seen)
-        return result.duplicates, result.keys
+        return result.duplicates, result.touched
 
-    assert commit([("a", None), ("b", None), ("a", None)], [("c", None)]) == (
+    assert commit([("a", 2, None), ("b", 0, None), ("a", -3, None)], [("c", 0, None)]) == (
         [0, 0],
-        {"a", "b", "c"},
+        {"a": (hour - 3 * 3600, hour + 2 * 3600), "b": (hour, hour), "c": (hour, hour)},
     )
-    assert commit([("d", "id-1"), ("e", "id-1")]) == ([1], {"d", "e"})  # e repeats d's id
-    assert commit([("f", "id-1"), ("g", None)]) == ([1], {"f", "g"})  # id-1 was stored before
+    # e repeats d's id: a duplicate, its hour still counts
+    assert commit([("d", 0, "id-1"), ("e", 5, "id-1")]) == (
+        [1],
+        {"d": (hour, hour), "e": (hour + 5 * 3600, hour + 5 * 3600)},
+    )
+    # id-1 was stored before; f's other event is counted
+    assert commit([("f", 1, "id-1"), ("f", 0, None)]) == ([1], {"f": (hour, hour + 3600)})
     backend.close(conn)
-    assert stored_counts(tmp_path / "s.db") == {"a": 2, "b": 1, "c": 1, "d": 1, "g": 1}
+    assert stored_counts(tmp_path / "s.db") == {"a": 2, "b": 1, "c": 1, "d": 1, "f": 1}

@@ -35,7 +35,7 @@ class CuedStore:
         if self.down:
             raise StoreOutage("the disk holding the database is full")
         self.stored.extend(point for points in batch for point in points)
-        return CommitResult([0] * len(batch), len(batch), {p[0] for b in batch for p in b})
+        return CommitResult([0] * len(batch), len(batch), {p[0]: (0, 0) for b in batch for p in b})
 
 
 def event(hour: int = 0) -> Any:

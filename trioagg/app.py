@@ -510,7 +510,7 @@ def _add_routes(app: TrioaggApp) -> None:
         if body is not None:
             counted("hit").inc()
             return _json_body(body)
-        with cache.reading(query.keys) as keep:
+        with cache.reading(query.keys, query.start, query.end) as keep:
             rows = await service.store.read(
                 query.keys,
                 query.start,

@@ -3,12 +3,13 @@
 A hot read (the same parsed query again) is answered from memory: no worker
 thread, no SELECT, no merging. What keeps it exact:
 
-* **Invalidation by key**: after each commit the writer calls
-  :meth:`ReadCache.committed` with the distinct keys of the events it
-  committed (gathered in the commit's thread, not on the event loop), and every
-  cached answer over one of them is dropped. An answer from the cache is
-  therefore what a fresh read would return as of the last commit this process
-  made.
+* **Invalidation by key and range**: after each commit the writer calls
+  :meth:`ReadCache.committed` with the first and last bucket each key of its
+  events fell in (gathered in the commit's thread, not on the event loop), and
+  every cached answer over one of those keys whose range meets that span is
+  dropped: an answer over yesterday survives commits of today's events. An
+  answer from the cache is therefore what a fresh read would return as of the
+  last commit this process made.
 * **No stale insert**: an answer is cached only if no commit touched one of
   its keys while it was being read (:meth:`ReadCache.reading`), so a read that
   raced a commit is answered but not kept.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence, Set
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -68,6 +69,9 @@ class _Entry:
     body: bytes
     stored_at: float
     cost: int
+    #: the range of buckets the answer read: [start, end)
+    start: int
+    end: int
 
 
 class ReadCache:
@@ -114,10 +118,13 @@ class ReadCache:
         return entry.body
 
     @contextlib.contextmanager
-    def reading(self, keys: Sequence[str]) -> Iterator[Callable[[Hashable, bytes], None]]:
-        """For the body of the ``with``, a read of ``keys`` is under way; it yields
-        ``keep(cache_key, body)``, which caches the answer unless a commit touched
-        one of ``keys`` since the ``with`` began."""
+    def reading(
+        self, keys: Sequence[str], start: int, end: int
+    ) -> Iterator[Callable[[Hashable, bytes], None]]:
+        """For the body of the ``with``, a read of ``keys`` over the buckets in
+        ``[start, end)`` is under way; it yields ``keep(cache_key, body)``, which caches
+        the answer unless a commit touched one of ``keys`` (in any bucket) since the
+        ``with`` began."""
         counts = [self._reading.setdefault(key, [0, 0]) for key in keys]
         touches = []
         for count in counts:
@@ -127,7 +134,7 @@ class ReadCache:
 
         def keep(cache_key: Hashable, body: bytes) -> None:
             if all(count[1] == seen for count, seen in zip(counts, touches, strict=True)):
-                self._put(cache_key, tuple(keys), body, started)
+                self._put(cache_key, _Entry(tuple(keys), body, started, 0, start, end))
 
         try:
             yield keep
@@ -137,25 +144,29 @@ class ReadCache:
                 if not count[0]:
                     del self._reading[key]
 
-    def committed(self, touched: Set[str]) -> None:
-        """A commit held events of the keys ``touched``: drop every answer over them,
-        and count a touch on each of them being read. (A set intersected with the dicts'
-        keys: it costs the smaller side, not the commit's events.)"""
-        for key in touched & self._reading.keys():
+    def committed(self, touched: Mapping[str, tuple[int, int]]) -> None:
+        """A commit held events of the keys of ``touched``, each from its first to its
+        last bucket: drop every answer over one of them whose range meets that span, and
+        count a touch on each of them being read. (Key sets intersected: it costs the
+        smaller side, not the commit's events.)"""
+        for key in touched.keys() & self._reading.keys():
             self._reading[key][1] += 1
-        for key in touched & self._by_key.keys():
-            for cached in list(self._by_key.get(key, ())):
-                self._drop(cached)
+        for key in touched.keys() & self._by_key.keys():
+            first, last = touched[key]
+            for cached in list(self._by_key[key]):
+                entry = self._answers[cached]
+                if first < entry.end and last >= entry.start:
+                    self._drop(cached)
 
-    def _put(self, key: Hashable, keys: tuple[str, ...], body: bytes, stored_at: float) -> None:
-        cost = entry_cost(keys, body)
+    def _put(self, key: Hashable, entry: _Entry) -> None:
+        entry.cost = cost = entry_cost(entry.keys, entry.body)
         if not self.enabled or cost > self.max_bytes // 8:
             return
         if key in self._answers:
             self._drop(key)
-        self._answers[key] = _Entry(keys, body, stored_at, cost)
+        self._answers[key] = entry
         self.bytes += cost
-        for name in keys:
+        for name in entry.keys:
             self._by_key.setdefault(name, set()).add(key)
         while len(self._answers) > self.entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._answers)))

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import trio
 
@@ -54,7 +54,7 @@ log = logging.getLogger("trioagg.writer")
 
 #: Told the distinct keys of a commit's events (gathered in its thread), e.g. to
 #: invalidate cached reads.
-Committed = Callable[[Set[str]], None]
+Committed = Callable[[Mapping[str, tuple[int, int]]], None]
 
 #: What one decoded event is taken to hold in memory until it is committed.
 EVENT_BYTES = 300
@@ -268,7 +268,7 @@ class Writer:
             return []
         self._outage = None
         if self.committed is not None:
-            self.committed(result.keys)
+            self.committed(result.touched)
         for submission, duplicates in zip(batch, result.duplicates, strict=True):
             submission.duplicates = duplicates
             self._answer(submission, None)

@@ -196,11 +196,11 @@ class BusyRetry:
 @dataclass
 class CommitResult:
     """What a committed batch did: duplicates per submission, rows upserted, and the
-    distinct keys of its events (see :attr:`~trioagg.store.plan.Plan.keys`)."""
+    buckets each key of its events touched (see :attr:`~trioagg.store.plan.Plan.touched`)."""
 
     duplicates: list[int]
     rows: int
-    keys: set[str]
+    touched: dict[str, tuple[int, int]]
 
 
 def commit_batch(
@@ -245,7 +245,7 @@ def commit_batch(
         backend.rollback(conn)
         raise
     series_seen.remember(plan.spans)
-    return CommitResult(plan.duplicates, plan.rows, plan.keys)
+    return CommitResult(plan.duplicates, plan.rows, plan.touched)
 
 
 def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
