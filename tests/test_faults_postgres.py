@@ -214,6 +214,7 @@ def test_postgresql_errors_tell_a_lost_connection_from_a_row_too_large(
     backend = PostgresBackend(postgres_dsn)
     conn = psycopg.connect(postgres_dsn, autocommit=True)
     doomed = psycopg.connect(postgres_dsn, autocommit=True)
+    idle = psycopg.connect(postgres_dsn, autocommit=True)
     try:
         conn.execute("CREATE TEMP TABLE wide (x TEXT PRIMARY KEY)")
         with pytest.raises(psycopg.Error) as too_large:
@@ -226,6 +227,14 @@ def test_postgresql_errors_tell_a_lost_connection_from_a_row_too_large(
                 doomed.execute("SELECT 1")
             assert backend.is_disconnect(gone.value)
             assert backend.outage_reason(gone.value) == "the database server cannot be reached"
+        # A session the server closed for idling (57P05, idle_session_timeout) is gone too.
+        idle.execute("SET idle_session_timeout = '50ms'")
+        time.sleep(0.3)
+        with pytest.raises(psycopg.Error) as timed_out:
+            idle.execute("SELECT 1")
+        assert timed_out.value.sqlstate == "57P05"
+        assert backend.is_disconnect(timed_out.value)
     finally:
         conn.close()
         doomed.close()
+        idle.close()

@@ -92,6 +92,18 @@ def test_a_commit_drops_the_answers_whose_range_meets_its_buckets(
     assert (len(cache), bool(cache._by_key)) == (0, False) if dropped else (1, True)
 
 
+def test_a_commit_drops_the_expired_answers_of_its_keys_whatever_their_range() -> None:
+    """Answers over past ranges outlive the commits of their keys: expired ones go at the
+    next commit, so the answers a commit walks stay those of one ttl."""
+    cache, clock = _cache(ttl=2.0)
+    _fill(cache, "old", ("a",), b"A", hours=range(0, 1))
+    clock.now = 1.0
+    _fill(cache, "young", ("a",), b"A", hours=range(0, 1))
+    clock.now = 2.5
+    cache.committed(_touched("a", hours=range(10, 11)))
+    assert (len(cache), cache.get("young")) == (1, b"A")
+
+
 def test_answers_expire_after_the_ttl() -> None:
     cache, clock = _cache(ttl=2.0)
     _fill(cache, "q", ("a",), b"A")

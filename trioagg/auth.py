@@ -407,8 +407,9 @@ class Authenticator:
                 return await self._ask_store(digest)
             await flight.done.wait()
             if flight.error is not None:
-                # The one error raised again in every waiting request: each answers it.
-                raise flight.error
+                # The one error raised again in every waiting request: each answers it,
+                # with a traceback of its own rather than every earlier raiser's frames.
+                raise flight.error.with_traceback(None)
             if flight.answered:
                 return flight.key
 

@@ -14,7 +14,8 @@ whichever worker answers; the gauges of the moment then carry a ``pid`` label.
 Rendering takes milliseconds of CPU in a worker thread, which holds the GIL the
 event loop needs: concurrent scrapes share renders (:class:`Coalesced`), so any
 number of them costs at most two at a time, each render followed by a rest as
-long (renders take at most half the time, however many scrapers keep coming),
+long (renders of /metrics take at most half the time, and sums of /v1/status
+the same, however many scrapers keep coming),
 and none is answered with figures older than its request.
 ``/v1/status`` sums the same samples, collected without the text (a tenth of the
 CPU of rendering and parsing it), shared the same way.
@@ -248,7 +249,8 @@ class Metrics:
         #: multiprocess mode: never on the event loop), one at a time.
         self.rendering = trio.CapacityLimiter(1)
         #: :meth:`render`, in a worker thread; concurrent calls share renders. Callers
-        #: that keep coming find the thread rendering at most half the time (``rest``).
+        #: that keep coming find it rendering at most half the time (``rest``; the sums
+        #: of ``totals`` rest on their own).
         self.rendered = Coalesced(self._in_thread(self.render), rest=1.0)
         #: :meth:`sum_samples`, in a worker thread; concurrent calls share sums.
         self.totals = Coalesced(self._in_thread(self.sum_samples), rest=1.0)

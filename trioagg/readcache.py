@@ -134,7 +134,9 @@ class ReadCache:
 
         def keep(cache_key: Hashable, body: bytes) -> None:
             if all(count[1] == seen for count, seen in zip(counts, touches, strict=True)):
-                self._put(cache_key, _Entry(tuple(keys), body, started, 0, start, end))
+                names = tuple(keys)
+                entry = _Entry(names, body, started, entry_cost(names, body), start, end)
+                self._put(cache_key, entry)
 
         try:
             yield keep
@@ -151,15 +153,18 @@ class ReadCache:
         smaller side, not the commit's events.)"""
         for key in touched.keys() & self._reading.keys():
             self._reading[key][1] += 1
+        expired = self.clock() - self.ttl
         for key in touched.keys() & self._by_key.keys():
             first, last = touched[key]
             for cached in list(self._by_key[key]):
                 entry = self._answers[cached]
-                if first < entry.end and last >= entry.start:
+                # Expired answers go too: those over past ranges outlive the commits,
+                # and this walk must stay as short as the ttl keeps them.
+                if (first < entry.end and last >= entry.start) or entry.stored_at <= expired:
                     self._drop(cached)
 
     def _put(self, key: Hashable, entry: _Entry) -> None:
-        entry.cost = cost = entry_cost(entry.keys, entry.body)
+        cost = entry.cost
         if not self.enabled or cost > self.max_bytes // 8:
             return
         if key in self._answers:

@@ -59,6 +59,8 @@ class Backend(Protocol):
     #: Databases the writers' hours are spread over: 1 where every writer shares one
     #: (PostgreSQL), else one per writer, writer ``i`` writing only in shard ``i``.
     shards: int
+    #: Whether a connection can be lost under the service (a server's, not a file's).
+    can_disconnect: bool
 
     def connect(self, *, write: bool, shard: int = 0) -> Any:
         """A connection; a write connection to shard ``shard``'s database."""
@@ -273,7 +275,8 @@ class Link:
     Used from one worker thread at a time. When an operation fails because the
     connection is gone (the database restarted), the link forgets it, so the
     next operation connects afresh: the service recovers by itself. A connection
-    left idle for :data:`IDLE_CHECK_SECONDS` is pinged before it is used again, so
+    to a database server (``backend.can_disconnect``) left idle for
+    :data:`IDLE_CHECK_SECONDS` is pinged before it is used again, so
     that the first request after a database restart during a quiet spell finds a
     new connection instead of failing on the dead one.
     """
@@ -286,23 +289,26 @@ class Link:
         self.used_at = 0.0
 
     def run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        now = time.monotonic()
-        if self.conn is not None and now - self.used_at >= IDLE_CHECK_SECONDS:
+        if (
+            self.conn is not None
+            and self.backend.can_disconnect
+            and time.monotonic() - self.used_at >= IDLE_CHECK_SECONDS
+        ):
             try:
                 self.backend.ping(self.conn)
             except Exception as error:
-                if not self.backend.is_disconnect(error):
-                    raise
-                self.close()  # the ping sent nothing that matters: connect afresh
+                log.debug("an idle connection failed its ping, connecting afresh: %s", error)
+                self.close()  # the ping carries no data: whatever failed, start afresh
         if self.conn is None:
             self.conn = self.backend.connect(write=self.write, shard=self.shard)
-        self.used_at = now
         try:
             return operation(self.conn, *args, **kwargs)
         except Exception as error:
             if self.backend.is_disconnect(error):
                 self.close()
             raise
+        finally:
+            self.used_at = time.monotonic()
 
     def close(self) -> None:
         conn, self.conn = self.conn, None

@@ -58,11 +58,12 @@ _SCHEMA = [
 _SCHEMA_LOCK = 0x7472696F616767  # "trioagg"
 _CONNECT_TIMEOUT_SECONDS = 5
 _LOCK_WAIT_MS = 200
-#: SQLSTATEs of a connection that is gone: class 08 (connection exception), and the
-#: server shutting down, crashed or still starting (57P01-57P03). psycopg's own errors
-#: of a closed connection carry none. Other OperationalErrors are not disconnects:
-#: ProgramLimitExceeded (54000, a row too large for an index) belongs to its data.
-_DISCONNECTED: Final = ("08", "57P01", "57P02", "57P03")
+#: SQLSTATEs of a connection that is gone: class 08 (connection exception), and 57P
+#: (the server shutting down, crashed or still starting, the database dropped, or the
+#: session closed by idle_session_timeout). psycopg's own errors of a closed connection
+#: carry none. Other OperationalErrors are not disconnects: ProgramLimitExceeded (54000,
+#: a row too large for an index) belongs to its data.
+_DISCONNECTED: Final = ("08", "57P")
 
 
 class PostgresBackend(SQLBackend):
@@ -73,6 +74,7 @@ class PostgresBackend(SQLBackend):
     greatest = "GREATEST"
     row_lock = " ORDER BY key, bucket, tags FOR UPDATE"
     ordered_writes = True
+    can_disconnect = True
     position = "strpos"
 
     def __init__(self, dsn: str) -> None:

@@ -71,6 +71,9 @@ class SQLBackend:
     row_lock = ""
     #: Whether upserts go in sorted order, so that concurrent writers never deadlock.
     ordered_writes = False
+    #: Whether a connection can be lost under the service (a database server's can; a
+    #: file's cannot): then an idle one is pinged before use (see base.Link).
+    can_disconnect = False
     #: The dialect's position of a substring (0: absent), haystack first.
     position = "instr"
     #: Databases the writers' hours are spread over (1: every writer shares one).
