@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from trioagg.query import ParsedQueries, is_timeless
+from trioagg.query import ParsedQueries, is_timeless, parse_query
+from trioagg.times import rfc3339
 
 from .conftest import Server, StartServer, post
 
@@ -302,3 +303,38 @@ def test_parsed_queries_are_kept_by_context_and_bounded() -> None:
     assert parsed.get(b"q=1", "acme") is None and len(parsed) == 2
     parsed.put(b"q=123456789", None, "long")  # longer than longest: never kept
     assert parsed.get(b"q=123456789", None) is None and len(parsed) == 2
+    parsed.put(b"q=3", None, "large", size=101)  # holds more than largest: never kept
+    assert parsed.get(b"q=3", None) is None
+    parsed.put(b"q=4", None, "small", size=100)
+    assert parsed.get(b"q=4", None) == "small"
+
+
+def test_only_queries_holding_few_edges_are_kept_parsed() -> None:
+    """A calendar query holds its edges as a list (a day's over 13 years: 4,688 of
+    them, ~190 KB): such entries made 2,048 kept queries weigh ~400 MB."""
+    days = parse_query(
+        MultiDict(
+            [
+                ("key", "k"),
+                ("granularity", "day"),
+                ("from", "1990-01-01T00:00:00Z"),
+                ("to", "2002-11-01T00:00:00Z"),
+            ]
+        ),
+        bucket=3600,
+        now=time.time(),
+    )
+    hours = parse_query(
+        MultiDict([("key", "k"), ("from", "0"), ("to", str(3600 * 24 * 365))]),
+        bucket=3600,
+        now=time.time(),
+    )
+    assert days.edges_held == 4688 and hours.edges_held == 0
+    assert days.edges_held > ParsedQueries().largest
+
+
+def test_answers_write_buckets_before_1970_as_rfc3339() -> None:
+    """The week holding 1970-01-01 starts on 1969-12-29: still a date-time."""
+    assert rfc3339(-259200) == "1969-12-29T00:00:00Z"
+    assert rfc3339(0) == "1970-01-01T00:00:00Z"
+    assert rfc3339(1_764_000_000) == "2025-11-24T16:00:00Z"

@@ -504,7 +504,7 @@ def _add_routes(app: TrioaggApp) -> None:
             # A tenant's reads carry its tag in query.tags, so tenants never share an entry.
             known = query, cache_key(query) if cache.enabled else None
             if is_timeless(args):
-                parsed.put(raw, context, known)
+                parsed.put(raw, context, known, query.edges_held)
         query, key = known
         body = cache.get(key) if key is not None else None
         if body is not None:

@@ -19,6 +19,10 @@ import msgspec
 
 #: 10000-01-01T00:00:00Z, the first instant RFC 3339 cannot write.
 LATEST: float = 253402300800.0
+#: 0001-01-01T00:00:00Z, the first instant RFC 3339 can write (answers' first bucket
+#: may start before 1970: a week or a month holding 1970-01-01).
+EARLIEST: Final = -62135596800.0
+_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 #: Unix seconds from here on are refused as probable epoch milliseconds (year 5138 in seconds).
 MILLISECONDS_FROM: Final = 1e11
 #: Longest time stamp accepted in a query, in characters.
@@ -32,9 +36,9 @@ RANGE_TEXT: Final = "1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
 @functools.lru_cache(maxsize=65536)  # answers repeat the same bucket starts
 def rfc3339(seconds: float) -> str:
     """``2026-11-24T10:00:00Z``; times RFC 3339 cannot write are given as Unix time."""
-    if not 0 <= seconds < LATEST:
+    if not EARLIEST <= seconds < LATEST:
         return f"Unix time {seconds:g}"
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    moment = _EPOCH + datetime.timedelta(seconds=seconds)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
