@@ -34,7 +34,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg.app import TrioaggApp, create_app
-from trioagg.cli import run_server
+from trioagg.serving import run_server
 from trioagg.settings import Settings
 
 
