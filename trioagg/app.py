@@ -435,15 +435,16 @@ def _add_routes(app: TrioaggApp) -> None:
         settings = service.settings
         body_form = body_format(request.headers)
         durable = _wait_param(request.args.get("wait"))
-        # What the body may hold once read (and inflated), until its events are queued.
-        reading = request.content_length if body_form.encoding == "identity" else None
-        with service.writers.inflight.holding(reading or settings.max_body):
+        # The body holds in-flight bytes as they arrive (and inflate), until its events
+        # are queued: a slow upload holds only what it sent, not what it may send.
+        with service.writers.inflight.holding() as hold:
             # Read before taking an admission token: a slow upload holds none.
             body = await read_body(
                 request,
                 body_form.encoding,
                 max_body=settings.max_body,
                 timeout=settings.body_timeout,
+                keep=hold.grow,
             )
             await service.writers.admit()
             try:
