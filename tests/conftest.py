@@ -103,6 +103,31 @@ class PostgresCluster:
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-w", "-m", mode, "stop")
 
+    def processes(self) -> list[int]:
+        """The postmaster's process id, then those of its children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # it has just exited
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:  # field 4: the parent
+                children.append(int(entry.name))
+        return [postmaster, *children]
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the cluster: a server hung, not down. Its kernel still
+        accepts connections and acknowledges what is sent, so nothing fails by itself."""
+        for pid in self.processes():  # the postmaster first: it starts no child then
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in reversed(self.processes()):
+            os.kill(pid, signal.SIGCONT)
+
 
 def _postgres_bin() -> Path:
     found = shutil.which("pg_ctl")

@@ -41,6 +41,13 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * _DURATION_UNITS[match[2] or "s"]
 
 
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return seconds
+
+
 def parse_optional_duration(text: str) -> float | None:
     """Like :func:`parse_duration`, with ``none`` meaning no limit."""
     return None if text.strip().lower() in ("", "none", "off") else parse_duration(text)
@@ -207,6 +214,12 @@ class Settings:
     )
     busy_timeout: float = _setting(
         "10s", parse_duration, "How long a commit retries a locked database before failing (503)."
+    )
+    store_timeout: float = _setting(
+        "5s",
+        _positive_duration,
+        "PostgreSQL: how long a read or a ping may wait for the database server (a commit "
+        "twice that) before it fails as an outage (503) and its connection is dropped.",
     )
     drain_timeout: float = _setting(
         "20s",
