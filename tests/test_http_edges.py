@@ -155,7 +155,7 @@ async def start_upload(url: str, declared: int) -> trio.SocketStream:
     """A POST that sends its head and one byte of a ``declared``-byte body, then stalls."""
     stream = await open_raw(url)
     await stream.send_all(
-        b"POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n[" % declared
     )
     return stream
