@@ -34,6 +34,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg.app import TrioaggApp, create_app
+from trioagg.auth import is_loopback
 from trioagg.serving import run_server
 from trioagg.settings import Settings
 
@@ -491,6 +492,19 @@ def hold_write_lock() -> Any:
     lock = Lock()
     yield lock
     lock.release()
+
+
+def public_address() -> str:
+    """An address of this machine that is not loopback (skip where there is none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        except OSError as error:
+            pytest.skip(f"no non-loopback address to reach the server on: {error}")
+        address: str = probe.getsockname()[0]
+    if is_loopback(address):
+        pytest.skip("no non-loopback address to reach the server on")
+    return address
 
 
 async def wait_until(predicate: Any, timeout: float = 10) -> None:

@@ -160,7 +160,7 @@ async def start_upload(url: str, declared: int, first: bytes = b"[") -> trio.Soc
     """A POST that sends its head and ``first`` of a ``declared``-byte body, then stalls."""
     stream = await open_raw(url)
     await stream.send_all(
-        b"POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (declared, first)
     )
     return stream
@@ -170,7 +170,7 @@ async def start_chunked(url: str, *, encoding: str = "identity") -> trio.SocketS
     """A POST with a chunked body (no Content-Length) that has sent nothing of it yet."""
     stream = await open_raw(url)
     await stream.send_all(
-        b"POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Encoding: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % encoding.encode()
     )
     return stream

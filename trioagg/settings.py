@@ -9,6 +9,7 @@ so a setting cannot exist in one place and be missing in the other.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -90,6 +91,31 @@ def parse_origins(text: str) -> tuple[str, ...]:
                 "(e.g. https://grafana.example.com), or *"
             )
     return origins
+
+
+_HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """A comma list of host names (``trioagg.internal``), ``*.name`` for the names under
+    one, IP addresses (IPv6 in brackets or not), ``*`` for any host, or ``none``; without
+    ports. Lower-cased, without a trailing dot, addresses in their short form."""
+    hosts = []
+    for given in parse_patterns(text):
+        host = given.lower().removesuffix(".")
+        try:
+            if host.startswith("[") and host.endswith("]"):
+                host = str(ipaddress.IPv6Address(host[1:-1]))  # brackets hold IPv6 only
+            else:
+                host = str(ipaddress.ip_address(host))
+        except ValueError:
+            if host != "*" and _HOST_PATTERN.fullmatch(host) is None:
+                raise ValueError(
+                    f"{given!r} is not a host: a name (trioagg.internal), *.name for the "
+                    "names under it, an IP address, or * for any (no scheme, no port)"
+                ) from None
+        hosts.append(host)
+    return tuple(hosts)
 
 
 def _whole_number(text: str, expected: str) -> int:
@@ -251,6 +277,13 @@ class Settings:
         "the dashboard page; off requires none; auto (trioagg serve) is off on a loopback address "
         "until the store holds a key, and on elsewhere (refusing to start without a key). Under "
         "the hypercorn CLI, auto means on once the store holds a key: set on explicitly.",
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        "none",
+        parse_hosts,
+        "While no API key is required: hosts, besides localhost, loopback addresses and the "
+        "address reached, that requests for data may name in Host (others get 421, against "
+        "DNS rebinding): comma list of names, *.name, IP addresses, * for any, none.",
     )
     metrics_public: bool = _setting(
         "false", _boolean, "true: serve /metrics without a key (by default it needs an admin key)."
