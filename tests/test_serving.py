@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import socket
+import threading
+import time
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -15,7 +19,7 @@ import trio.testing
 from trioagg.metrics import Metrics
 from trioagg.serving import REPORT_INTERVAL, Connections, OneSender
 
-from .conftest import Server, metric, post
+from .conftest import Server, metric, post, stored_counts
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -184,3 +188,58 @@ async def test_what_escapes_a_connection_is_logged_counted_and_closes_it_alone(
     for peer in peers:  # each failed connection was closed
         assert await peer.receive_some() == b""
         await peer.aclose()
+
+
+def test_sigterm_under_keep_alive_load_answers_what_is_under_way_and_exits_at_once(
+    server_process: Any,
+) -> None:
+    """Issue 19: with busy keep-alive clients, SIGTERM waited the whole drain timeout
+    (hypercorn left a connection's reader waiting for ever once the connection closed)
+    and cut 5-8 requests without an answer. Now answers under way carry Connection:
+    close, idle connections close at once and the process exits once drained. A
+    request sent on an idle connection as it closes can still meet the close (as with
+    any HTTP/1.1 server; nothing of it was stored, so a retry is safe): at most one
+    per connection."""
+    server = server_process("--drain-timeout", "60s").start()
+    clients, stop = 8, threading.Event()
+    outcomes: list[str] = []
+    stored_by_answers = 0
+
+    def send() -> None:
+        nonlocal stored_by_answers
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    response = client.post("/v1/events", json=[{"key": "load"}] * 10)
+                except httpx.ConnectError:
+                    outcomes.append("refused")
+                    return
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                    outcomes.append("cut")
+                    return
+                outcomes.append(str(response.status_code))
+                if response.status_code == 200:
+                    stored_by_answers += 10
+
+    threads = [threading.Thread(target=send) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    _wait_for(lambda: outcomes.count("200") >= 50)
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 0, server.output
+    stopped_after = time.monotonic() - started
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert stopped_after < 30, "it waited for connections instead of closing them"
+    assert set(outcomes) <= {"200", "cut", "refused"}
+    assert outcomes.count("cut") <= clients
+    assert stored_counts(server.db) == {"load": stored_by_answers}
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

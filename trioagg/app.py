@@ -242,6 +242,8 @@ class TrioaggApp(QuartTrio):
         self._service_stopped = trio.Event()
         #: Why the service died, once it has: the process is unhealthy and about to exit.
         self.crashed: str | None = None
+        #: True once the server began to shut down: every answer closes its connection.
+        self.stopping = False
 
     def log_exception(self, exception_info: Any) -> None:
         if isinstance(exception_info[1], ConfigError):  # a plain sentence says it all
@@ -324,7 +326,9 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     add_dashboard(app)
     _add_error_handlers(app)
     _time_and_authenticate_every_request(app)
-    app.asgi_app = guard_connections(app.asgi_app)  # type: ignore[method-assign,assignment]
+    app.asgi_app = guard_connections(  # type: ignore[method-assign,assignment]
+        app.asgi_app, closing=lambda: app.stopping
+    )
     return app
 
 

@@ -142,7 +142,7 @@ def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def guard_connections(app: ASGIApp) -> ASGIApp:
+def guard_connections(app: ASGIApp, closing: Callable[[], bool] = lambda: False) -> ASGIApp:
     """Wrap an ASGI app so that HTTP connections end on time.
 
     Quart-Trio cancels the request's tasks as soon as the server reports the
@@ -153,7 +153,10 @@ def guard_connections(app: ASGIApp) -> ASGIApp:
 
     A response that starts before the request body has all arrived (an early
     415, 413 or 405) carries ``Connection: close``: the unread rest of the body
-    would otherwise be taken for the next request on the connection.
+    would otherwise be taken for the next request on the connection. So does
+    every response once ``closing()`` is true (the server is shutting down and
+    closes each connection after its answer): a client then sends its next
+    request on a new connection instead of on one about to close.
     """
 
     async def guarded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -170,7 +173,7 @@ def guard_connections(app: ASGIApp) -> ASGIApp:
             return message
 
         async def shielded_send(message: Any) -> None:
-            if message["type"] == "http.response.start" and body_pending:
+            if message["type"] == "http.response.start" and (body_pending or closing()):
                 headers = [*message.get("headers", ()), (b"connection", b"close")]
                 message = {**message, "headers": headers}
             with trio.CancelScope(shield=True):

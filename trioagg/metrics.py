@@ -232,6 +232,11 @@ class Metrics:
         )
         for where in ("connection", "commit_follow_up"):  # 0 until one happens, not absent
             self.contained_failures.labels(where)
+        self.worker_restarts = Counter(
+            "trioagg_worker_restarts",
+            "Worker processes that trioagg serve --workers N started to replace one that died.",
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "trioagg_request_seconds",
             "Time to answer a request, by route and status code.",

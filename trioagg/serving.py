@@ -27,8 +27,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -37,10 +38,17 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
-from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from hypercorn.utils import (
+    LifespanFailureError,
+    ShutdownError,
+    raise_shutdown,
+    repr_socket_addr,
+    wrap_app,
+)
 
-from .app import TrioaggApp
+from .app import TrioaggApp, WriterCrashed, create_app
 from .metrics import Metrics
+from .settings import Settings
 
 log = logging.getLogger("trioagg.serving")
 
@@ -56,8 +64,12 @@ class OneSender(trio.abc.HalfCloseableStream):
     attribute is the wrapped stream's (hypercorn reads ``socket``, ``do_handshake`` and
     ``selected_alpn_protocol`` where they exist)."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, closed: Callable[[], object] = lambda: None
+    ) -> None:
         self.stream = stream
+        #: Called once the stream is closed (by hypercorn, when the connection ends).
+        self.closed = closed
         self._sending = trio.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -84,7 +96,10 @@ class OneSender(trio.abc.HalfCloseableStream):
         return await self.stream.receive_some(max_bytes)
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        try:
+            await self.stream.aclose()
+        finally:
+            self.closed()
 
 
 class Connections:
@@ -112,13 +127,19 @@ class Connections:
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         try:
-            await TCPServer(
-                self.app,
-                self.config,
-                self.context,
-                ConnectionState(self.state.copy()),
-                OneSender(stream),  # type: ignore[arg-type]
-            )
+            # Once hypercorn has closed the stream, what is left of the connection's
+            # tasks can neither read nor answer anything: end them. (hypercorn 0.18
+            # leaves a reader waiting for ever when the next request on a keep-alive
+            # connection arrived before the connection was closed at shutdown.)
+            with trio.CancelScope() as connection:
+                server = TCPServer(
+                    self.app,
+                    self.config,
+                    self.context,
+                    ConnectionState(self.state.copy()),
+                    OneSender(stream, closed=connection.cancel),  # type: ignore[arg-type]
+                )
+                await server.run()
         except* Exception as failure:
             self.contained(failure)
         finally:
@@ -219,22 +240,19 @@ async def run_server(
     *,
     sockets: Sockets | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
-    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+    supervisor: int | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` as its settings say until ``shutdown_trigger`` returns (default:
-    one of ``stop_signals`` arrives), then shut down gracefully. ``task_status``
-    receives the bound URLs."""
+    SIGTERM or SIGINT arrives, or the process ``supervisor`` is no longer this one's
+    parent), then shut down gracefully. ``task_status`` receives the bound URLs."""
     if shutdown_trigger is None:
-        with trio.open_signal_receiver(*stop_signals) as signals:
-
-            async def until_signal() -> None:
-                async for signum in signals:
-                    log.info("received %s: stopping", signal.Signals(signum).name)
-                    return
-
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             await run_server(
-                app, sockets=sockets, shutdown_trigger=until_signal, task_status=task_status
+                app,
+                sockets=sockets,
+                shutdown_trigger=functools.partial(_until_stopped, signals, supervisor),
+                task_status=task_status,
             )
         return
     config = Config()
@@ -248,11 +266,76 @@ async def run_server(
     # (drain_timeout) before the lifespan would be cancelled.
     config.graceful_timeout = app.settings.drain_timeout
     config.shutdown_timeout = app.settings.drain_timeout + _SHUTDOWN_MARGIN_SECONDS
+
+    async def until_shutdown() -> None:
+        await shutdown_trigger()
+        app.stopping = True
+
     await serve(
         app,
         config,
         app.metrics,
         sockets=sockets,
-        shutdown_trigger=shutdown_trigger,
+        shutdown_trigger=until_shutdown,
         task_status=task_status,
     )
+
+
+async def _until_stopped(signals: AsyncIterator[int], supervisor: int | None) -> None:
+    """Return at the first of ``signals``, or once ``supervisor`` is gone (this process
+    then has another parent)."""
+    async with trio.open_nursery() as nursery:
+
+        async def signalled() -> None:
+            async for signum in signals:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+
+        async def orphaned(parent: int) -> None:
+            while os.getppid() == parent:
+                await trio.sleep(ORPHAN_CHECK_SECONDS)
+            log.warning("the supervisor (pid %d) is gone: stopping", parent)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(signalled)
+        if supervisor is not None:
+            nursery.start_soon(orphaned, supervisor)
+
+
+#: How often a worker of ``trioagg serve --workers N`` checks that its supervisor runs.
+ORPHAN_CHECK_SECONDS = 1.0
+
+
+def run_process(
+    settings: Settings,
+    *,
+    sockets: Sockets | None = None,
+    on_serving: Callable[[], object] | None = None,
+    supervisor: int | None = None,
+    replaces: int | None = None,
+) -> int:
+    """Serve ``settings`` in this process until stopped (see :func:`run_server`); calls
+    ``on_serving`` once it listens. ``replaces``: how the worker this process replaces
+    ended (counted in ``trioagg_worker_restarts``). Returns the exit code: 0 after a
+    graceful stop, 1 when the service crashed, 2 when it could not start (both logged)."""
+    app = create_app(settings)
+    if replaces is not None:
+        app.metrics.worker_restarts.inc()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(run_server, app, sockets=sockets, supervisor=supervisor)
+            )
+            if on_serving is not None:
+                on_serving()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        if group.subgroup(WriterCrashed) is not None:
+            return 1  # logged; the supervisor should start another process
+        if group.subgroup(LifespanFailureError) is None:
+            raise
+        return 2  # the app has logged why it could not start
+    return 0
