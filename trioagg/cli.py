@@ -1,9 +1,12 @@
-"""``trioagg serve``: run the app on hypercorn's trio worker, in this process.
+"""The ``trioagg`` command line: ``serve``, and the client and key commands.
 
-Each flag comes from a field of :class:`~trioagg.settings.Settings` and can
-also be set with its ``TRIOAGG_*`` variable. SIGTERM and SIGINT start a
-graceful shutdown: hypercorn stops accepting and finishes in-flight
-requests, then the writer drains its channel and commits; the exit code is 0.
+``trioagg serve`` runs the service in this process (:mod:`trioagg.serving`), or
+with ``--workers N`` in N worker processes under a supervisor
+(:mod:`trioagg.supervisor`). Each flag comes from a field of
+:class:`~trioagg.settings.Settings` and can also be set with its ``TRIOAGG_*``
+variable. SIGTERM and SIGINT start a graceful shutdown: no new connections,
+idle ones closed, requests under way answered, then the writers drain their
+channels and commit; the exit code is 0.
 """
 
 from __future__ import annotations
@@ -13,16 +16,15 @@ import sys
 from typing import Any
 
 import click
-import trio
-from hypercorn.utils import LifespanFailureError
 
 from . import __version__
-from .app import WriterCrashed, create_app, exit_unless_store_opens
+from .app import exit_unless_store_opens
 from .cli_keys import COMMANDS as _KEY_COMMANDS
 from .cli_tools import COMMANDS as _CLIENT_COMMANDS
 from .errors import ConfigError
-from .serving import run_server
+from .serving import run_process
 from .settings import Settings, env_name, flag_name
+from .supervisor import supervise
 
 
 @click.group()
@@ -58,11 +60,6 @@ def serve(**values: str | None) -> None:
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     settings = exit_unless_store_opens(settings, listening=True)
-    try:
-        trio.run(run_server, create_app(settings))
-    except BaseExceptionGroup as group:
-        if group.subgroup(WriterCrashed) is not None:
-            sys.exit(1)  # logged; a supervisor should restart the service
-        if group.subgroup(LifespanFailureError) is None:
-            raise
-        sys.exit(2)  # the app has logged why it could not start
+    if settings.workers > 1:
+        sys.exit(supervise(settings, settings.workers))
+    sys.exit(run_process(settings))

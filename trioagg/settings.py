@@ -267,6 +267,13 @@ class Settings:
         "bucket_hour % writers is its number; on SQLite each writes a shard file of its own, "
         "and a store opens only with the count it was created with.",
     )
+    workers: int = _setting(
+        "1",
+        _positive_int,
+        "trioagg serve: worker processes sharing the listening socket, each the whole "
+        "service; more than 1 runs them under a supervisor that replaces a worker that dies "
+        "and passes SIGTERM/SIGINT on (see Running it).",
+    )
     readers: int = _setting(
         "4", _positive_int, "Read connections (and worker threads) for queries."
     )

@@ -1,0 +1,112 @@
+"""``trioagg serve --workers N``: real worker processes under a real supervisor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from trioagg.supervisor import FIRST_BACKOFF, MAX_BACKOFF, STABLE_SECONDS, START_ATTEMPTS, Restarts
+
+from .conftest import stored_counts
+
+
+def test_a_worker_that_served_long_is_replaced_at_once() -> None:
+    restarts = Restarts()
+    assert restarts.died(lived=STABLE_SECONDS, served=True) == 0
+    assert not restarts.gave_up
+
+
+def test_deaths_soon_after_start_back_off_doubling_up_to_the_most() -> None:
+    restarts = Restarts()
+    delays = [restarts.died(lived=1, served=True) for _ in range(10)]
+    assert delays[:4] == [FIRST_BACKOFF, FIRST_BACKOFF * 2, FIRST_BACKOFF * 4, FIRST_BACKOFF * 8]
+    assert delays[-1] == MAX_BACKOFF and max(delays) == MAX_BACKOFF
+    assert not restarts.gave_up  # it served each time: a crash loop, not a failed start
+    assert restarts.died(lived=STABLE_SECONDS + 1, served=True) == 0  # stable again
+
+
+def test_failed_starts_in_a_row_give_up_and_a_served_one_resets_them() -> None:
+    restarts = Restarts()
+    for _ in range(START_ATTEMPTS - 1):
+        restarts.died(lived=0.1, served=False)
+    assert not restarts.gave_up
+    restarts.died(lived=30, served=True)
+    for _ in range(START_ATTEMPTS - 1):
+        restarts.died(lived=0.1, served=False)
+    assert not restarts.gave_up
+    restarts.died(lived=0.1, served=False)
+    assert restarts.gave_up
+
+
+def _serving_pids(output: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\) is serving", output)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state  # a zombie: ended, not reaped yet
+
+
+def _wait(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_is_replaced_and_sigterm_drains_them_all(
+    server_process: Any, tmp_path: Path
+) -> None:
+    server = server_process("--workers", "2", env={"TMPDIR": str(tmp_path)})
+    server.start()
+    server.wait_for("is serving", count=2)
+    (metrics_folder,) = tmp_path.glob("trioagg-metrics-*")
+    first, second = _serving_pids(server.output)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.post("/v1/events", json={"key": "before"}).status_code == 200
+        os.kill(first, signal.SIGKILL)
+        server.wait_for("is serving", count=3)
+        assert f"(pid {first}) was killed by SIGKILL" in server.output
+        replacement = _serving_pids(server.output)[-1]
+        assert replacement not in (first, second)
+        for _ in range(20):  # new connections reach either worker
+            with httpx.Client(base_url=server.url, timeout=30) as fresh:
+                assert fresh.post("/v1/events", json={"key": "after"}).status_code == 200
+        scrape = client.get("/metrics").text
+    assert "trioagg_worker_restarts_total 1.0" in scrape
+    assert "trioagg_events_committed_total 21.0" in scrape  # every worker's, the dead one's too
+    assert server.stop() == 0, server.output
+    assert _gone(replacement) and _gone(second)
+    assert server.output.count("trioagg stopped:") == 2  # the killed worker never said it
+    assert stored_counts(server.db) == {"before": 1, "after": 20}
+    assert not metrics_folder.exists()
+
+
+@pytest.mark.slow
+def test_workers_stop_when_their_supervisor_is_killed(server_process: Any) -> None:
+    server = server_process("--workers", "2").start()
+    server.wait_for("is serving", count=2)
+    workers = _serving_pids(server.output)
+    server.proc.kill()
+    _wait(lambda: all(_gone(pid) for pid in workers))
+    assert server.output.count("is gone: stopping") == 2
+    assert server.output.count("trioagg stopped:") == 2
+
+
+def test_an_unopenable_store_is_one_line_and_exit_2(server_process: Any, tmp_path: Path) -> None:
+    server = server_process("--workers", "2", db=tmp_path / "missing" / "trioagg.db")
+    server.start()  # returns when it exits: it never listens
+    assert server.wait() == 2
+    (line,) = server.output.strip().splitlines()
+    assert "trioagg cannot start" in line and "missing" in line
