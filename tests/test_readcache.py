@@ -57,6 +57,41 @@ def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
     assert len(cache) == 1 and cache.bytes == entry_cost(("c",), b"C")
 
 
+def test_a_commit_of_every_key_of_a_multi_key_answer_drops_it() -> None:
+    """Dropping the answer through its first key emptied the index of its second one,
+    which the commit then looked up: KeyError, and the writer died (issue 19)."""
+    cache, _ = _cache()
+    _fill(cache, "q-ab", ("a", "b"), b"AB")
+    _fill(cache, "q-abc", ("a", "b", "c"), b"ABC")
+    _fill(cache, "q-c", ("c",), b"C")
+    cache.committed(_touched("a", "b"))
+    assert (cache.get("q-ab"), cache.get("q-abc"), cache.get("q-c")) == (None, None, b"C")
+    assert cache._by_key == {"c": {"q-c"}}
+    assert cache.bytes == entry_cost(("c",), b"C")
+
+
+def test_an_invalidation_that_fails_leaves_the_cache_empty() -> None:
+    """What cannot be invalidated for sure is dropped: a failure inside a commit's
+    invalidation raises (the writer reports it) and serves nothing stale after it."""
+
+    class Broken(Exception):
+        pass
+
+    cache, clock = _cache()
+    _fill(cache, "q-a", ("a",), b"A")
+    _fill(cache, "q-b", ("b",), b"B")
+
+    def failing_clock() -> float:
+        raise Broken
+
+    cache.clock = failing_clock
+    with pytest.raises(Broken):
+        cache.committed(_touched("a"))
+    cache.clock = clock
+    assert (len(cache), cache.bytes, cache._by_key) == (0, 0, {})
+    assert cache.get("q-b") is None
+
+
 def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
     cache, _ = _cache()
     with cache.reading(("a",), 0, HOUR) as keep_a, cache.reading(("b",), 0, HOUR) as keep_b:
@@ -177,6 +212,21 @@ async def test_a_read_after_a_200_sees_that_write(start_server: StartServer) -> 
     metrics = server.app.metrics.registry
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 3
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 3
+
+
+async def test_a_write_after_a_multi_key_read_of_its_keys_is_stored(
+    start_server: StartServer,
+) -> None:
+    """The sequence that killed the writer and the process (issue 19)."""
+    server = await start_server()
+    events = [{"key": key, "ts": "2026-11-24T10:00:00Z"} for key in ("a", "b")]
+    assert (await post(server.client, events)).status_code == 200
+    params = [("key", "a"), ("key", "b"), *DAY.items()]
+    assert (await server.client.get("/v1/aggregates", params=params)).status_code == 200
+    assert (await post(server.client, events)).status_code == 200
+    answer = (await server.client.get("/v1/aggregates", params=params)).json()
+    assert [series["buckets"][0]["count"] for series in answer["results"]] == [2, 2]
+    assert (await server.client.get("/healthz")).status_code == 200
 
 
 async def test_a_commit_of_todays_events_keeps_the_answer_over_yesterday(

@@ -109,3 +109,48 @@ async def test_a_refused_202_request_is_counted_as_lost_and_the_rest_stored(
         "trioagg_events_lost_total", {"reason": "refused by the store"}
     )
     assert lost == 2
+
+
+async def test_a_failing_follow_up_of_a_commit_leaves_the_writer_running(
+    tmp_path: Any, caplog: Any
+) -> None:
+    """The commit stands and is acknowledged; the failure is logged once with its
+    traceback and counted; the writer goes on committing (issue 19: a read cache bug
+    raised here and took the process down)."""
+    db = str(tmp_path / "trioagg.db")
+    store = await open_store(Settings.from_text({"db": db}))
+    told: list[set[str]] = []
+
+    def committed(touched: Any) -> None:
+        told.append(set(touched))
+        raise RuntimeError("a bug after the commit")
+
+    try:
+        metrics = Metrics()
+        writers = Writers(
+            store,
+            metrics,
+            count=1,
+            batch_size=100,
+            queue_size=10,
+            enqueue_timeout=10,
+            committed=committed,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writers.run)
+            for key in ("first", "second"):
+                submission = await writers.submit([point(key)], durable=True)
+                assert isinstance(submission, Submission)
+                await submission.wait_committed()
+            assert writers.running
+            writers.close()
+    finally:
+        await store.aclose()
+    assert told == [{"first"}, {"second"}]
+    assert stored_counts(db) == {"first": 1, "second": 1}
+    registry = metrics.registry
+    assert registry.get_sample_value("trioagg_events_committed_total") == 2
+    where = {"where": "commit_follow_up"}
+    assert registry.get_sample_value("trioagg_contained_failures_total", where) == 2
+    failures = [r for r in caplog.records if "after a commit failed" in r.getMessage()]
+    assert len(failures) == 2 and all(r.exc_info is not None for r in failures)

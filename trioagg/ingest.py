@@ -160,7 +160,7 @@ def decode_events(
     encode = msgspec.json.encode
     for index, event in enumerate(events):
         ts = event.ts
-        seconds = now if ts is None else ts if type(ts) is float else ts.timestamp()
+        seconds = now if ts is None else ts if isinstance(ts, float) else ts.timestamp()
         tags = event.tags
         canonical = encode(tags, order="sorted").decode() if tags else NO_TAGS
         # Only strings of over 63 characters can exceed a 255-byte limit (4 bytes per

@@ -23,6 +23,7 @@ CPU of rendering and parsing it), shared the same way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -221,6 +222,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.contained_failures = Counter(
+            "trioagg_contained_failures",
+            "Unexpected failures kept to where they happened, each logged with its "
+            "traceback, by where: connection (one connection ended, the server went on), "
+            "commit_follow_up (work after a commit, which stands).",
+            ["where"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "trioagg_request_seconds",
             "Time to answer a request, by route and status code.",
@@ -258,6 +267,12 @@ class Metrics:
         if values.ValueClass is not values.MutexValue:  # PROMETHEUS_MULTIPROC_DIR is set
             self._shared = CollectorRegistry()
             MultiProcessCollector(self._shared)  # type: ignore[no-untyped-call]
+
+    def count_contained(self, where: str) -> None:
+        """Count a failure that was contained (``trioagg_contained_failures``). Where a
+        failure is being contained, counting it must not fail in its turn."""
+        with contextlib.suppress(Exception):
+            self.contained_failures.labels(where).inc()
 
     def watch_channels(self, statistics: Callable[[], list[trio.MemoryChannelStatistics]]) -> None:
         """Export the writers' channel statistics, summed over writers, as gauges."""

@@ -153,15 +153,32 @@ class ReadCache:
         smaller side, not the commit's events.)"""
         for key in touched.keys() & self._reading.keys():
             self._reading[key][1] += 1
+        try:
+            self._invalidate(touched)
+        except BaseException:
+            # Whatever went wrong, an answer that should have gone may still be here: only
+            # an empty cache is sure to serve nothing stale.
+            self.clear()
+            raise
+
+    def _invalidate(self, touched: Mapping[str, tuple[int, int]]) -> None:
         expired = self.clock() - self.ttl
         for key in touched.keys() & self._by_key.keys():
             first, last = touched[key]
-            for cached in list(self._by_key[key]):
+            # Dropping an answer over several keys may drop a later key's last answer
+            # (and its entry in _by_key) before the loop reaches it.
+            for cached in list(self._by_key.get(key, ())):
                 entry = self._answers[cached]
                 # Expired answers go too: those over past ranges outlive the commits,
                 # and this walk must stay as short as the ttl keeps them.
                 if (first < entry.end and last >= entry.start) or entry.stored_at <= expired:
                     self._drop(cached)
+
+    def clear(self) -> None:
+        """Drop every answer (reads under way still count their touches)."""
+        self._answers.clear()
+        self._by_key.clear()
+        self.bytes = 0
 
     def _put(self, key: Hashable, entry: _Entry) -> None:
         cost = entry.cost

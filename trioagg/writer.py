@@ -267,20 +267,35 @@ class Writer:
                 self._lose([culprit], "refused by the store")
             return []
         self._outage = None
+        # The batch is stored whatever happens next: a failure of the work that follows
+        # (a bug, a callback) is reported and skipped, never taken for a failed commit.
         if self.committed is not None:
-            self.committed(result.touched)
+            with self._following_up("telling the read cache"):
+                self.committed(result.touched)
         for submission, duplicates in zip(batch, result.duplicates, strict=True):
             submission.duplicates = duplicates
             self._answer(submission, None)
         duplicates = sum(result.duplicates)
         self.committed_events += events - duplicates
-        self.metrics.events_committed.inc(events - duplicates)
-        self.metrics.events_duplicate.inc(duplicates)
-        self.metrics.rows_upserted.inc(result.rows)
-        self.metrics.batch_events.observe(events)
-        self.metrics.batch_requests.observe(len(batch))
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        with self._following_up("counting the commit"):
+            self.metrics.events_committed.inc(events - duplicates)
+            self.metrics.events_duplicate.inc(duplicates)
+            self.metrics.rows_upserted.inc(result.rows)
+            self.metrics.batch_events.observe(events)
+            self.metrics.batch_requests.observe(len(batch))
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
         return []
+
+    @contextlib.contextmanager
+    def _following_up(self, step: str) -> Iterator[None]:
+        """Run a step of a commit's follow-up work: if it raises, log it with its
+        traceback, count it in ``trioagg_contained_failures{where="commit_follow_up"}``
+        and go on."""
+        try:
+            yield
+        except Exception:
+            log.exception("%s after a commit failed; the commit stands", step)
+            self.metrics.count_contained("commit_follow_up")
 
     def _answer(self, submission: Submission, error: CommitFailed | Unstorable | None) -> None:
         self._done(submission)
