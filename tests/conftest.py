@@ -34,7 +34,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg.app import TrioaggApp, create_app
-from trioagg.cli import run_server
+from trioagg.auth import is_loopback
+from trioagg.serving import run_server
 from trioagg.settings import Settings
 
 
@@ -102,6 +103,31 @@ class PostgresCluster:
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-w", "-m", mode, "stop")
+
+    def processes(self) -> list[int]:
+        """The postmaster's process id, then those of its children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # it has just exited
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:  # field 4: the parent
+                children.append(int(entry.name))
+        return [postmaster, *children]
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the cluster: a server hung, not down. Its kernel still
+        accepts connections and acknowledges what is sent, so nothing fails by itself."""
+        for pid in self.processes():  # the postmaster first: it starts no child then
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in reversed(self.processes()):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _postgres_bin() -> Path:
@@ -466,6 +492,19 @@ def hold_write_lock() -> Any:
     lock = Lock()
     yield lock
     lock.release()
+
+
+def public_address() -> str:
+    """An address of this machine that is not loopback (skip where there is none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        except OSError as error:
+            pytest.skip(f"no non-loopback address to reach the server on: {error}")
+        address: str = probe.getsockname()[0]
+    if is_loopback(address):
+        pytest.skip("no non-loopback address to reach the server on")
+    return address
 
 
 async def wait_until(predicate: Any, timeout: float = 10) -> None:

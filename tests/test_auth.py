@@ -24,7 +24,15 @@ from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 from trioagg.store.base import BusyRetry
 
-from .conftest import SHARDED, Server, ServerProcess, StartServer, sql, stored_counts
+from .conftest import (
+    SHARDED,
+    Server,
+    ServerProcess,
+    StartServer,
+    public_address,
+    sql,
+    stored_counts,
+)
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
 DAY = {"from": "2026-11-24T00:00:00Z", "to": "2026-11-25T00:00:00Z"}
@@ -152,21 +160,6 @@ def test_the_start_up_log_says_what_auth_does() -> None:
     assert "loopback connections only" in _auth_state("auto", required=False)
 
 
-def _public_address() -> str:
-    """An address of this machine that is not loopback (skip where there is none)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
-        except OSError as error:
-            pytest.skip(f"no non-loopback address to reach the server on: {error}")
-        address: str = probe.getsockname()[0]
-    if auth.is_loopback(address):
-        pytest.skip("no non-loopback address to reach the server on")
-    return address
-
-
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_auto_without_keys_refuses_requests_that_reached_a_public_address(
     start_server: StartServer,
@@ -174,7 +167,7 @@ async def test_auto_without_keys_refuses_requests_that_reached_a_public_address(
     server = await start_server(host="0.0.0.0")  # as under hypercorn --bind 0.0.0.0:PORT
     port = httpx.URL(server.url).port
     assert (await server.client.get(f"http://127.0.0.1:{port}/v1/keys")).status_code == 200
-    async with httpx.AsyncClient(base_url=f"http://{_public_address()}:{port}") as public:
+    async with httpx.AsyncClient(base_url=f"http://{public_address()}:{port}") as public:
         for method, path in (("GET", "/v1/keys"), ("POST", "/v1/events")):
             refused = await public.request(method, path, json={"key": "k", "ts": TS})
             assert refused.status_code == 401, refused.text

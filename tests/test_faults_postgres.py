@@ -1,9 +1,12 @@
 """Fault injection on the PostgreSQL store: the database server stopped and restarted
-under load, and the id purge racing a transaction that claims an expired id again."""
+under load, hung (SIGSTOP) past the store's deadlines, and the id purge racing a
+transaction that claims an expired id again."""
 
 from __future__ import annotations
 
+import functools
 import secrets
+import signal
 import time
 from typing import Any
 
@@ -13,8 +16,9 @@ import pytest
 import trio
 
 from trioagg.ingest import TAGS_BYTES
+from trioagg.settings import Settings
 from trioagg.store.base import IDLE_CHECK_SECONDS
-from trioagg.store.postgres import PostgresBackend
+from trioagg.store.postgres import WRITE_DEADLINES, PostgresBackend
 
 from .conftest import (
     Ledger,
@@ -130,6 +134,159 @@ async def test_the_first_requests_after_a_quiet_restart_reconnect(
     assert_store_holds(own_postgres.dsn, {"before": 1, "after": 1})
 
 
+async def test_a_hung_postgresql_is_an_outage_within_the_deadline_then_recovers(
+    server_process: Any, own_postgres: PostgresCluster
+) -> None:
+    # A server stopped, not down (SIGSTOP: a frozen VM or process), keeps every connection
+    # open, and its kernel acknowledges what is sent: no TCP timeout fires, and a thread
+    # blocked reading waited for as long as the hang lasted. Each operation now has a
+    # deadline: the answers are 503s naming it, the service recovers after, and a
+    # shutdown during a hang ends.
+    timeout = 2.0  # libpq connects in whole seconds, at least 2: a read may connect
+    margin = 2.0  # a loaded machine's scheduling; the hang itself is unbounded
+    drain = 1.0
+    server = server_process(
+        "--store-timeout", f"{timeout:g}s", "--drain-timeout", f"{drain:g}s", db=own_postgres.dsn
+    ).start()
+    assert server.url, server.output
+    ledger = Ledger()
+    before, during, after = ledger.new("before"), ledger.new("during"), ledger.new("after")
+    fire_and_forget = [{"key": "fired", "id": f"fired-{n}"} for n in range(2)]
+    answers: dict[str, tuple[httpx.Response, float]] = {}
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=10 * timeout) as client:
+
+        async def timed(name: str, send: Any, *args: Any) -> None:
+            started = trio.current_time()
+            response = await send(*args)
+            answers[name] = (response, trio.current_time() - started)
+
+        assert (await ledger.send(client, before)).status_code == 200
+        assert (await client.get("/v1/keys")).status_code == 200
+        await trio.to_thread.run_sync(own_postgres.pause)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(timed, "post", ledger.send, client, during)
+                await trio.sleep(0.2)  # its commit is under way: the writer is not failing yet
+                fire = functools.partial(post, client, fire_and_forget, wait="false")
+                nursery.start_soon(timed, "post wait=false", fire)
+                nursery.start_soon(timed, "keys", client.get, "/v1/keys")
+                nursery.start_soon(timed, "readyz", client.get, "/readyz")
+        finally:
+            await trio.to_thread.run_sync(own_postgres.resume)
+
+        deadlines = {"post": WRITE_DEADLINES * timeout, "keys": timeout, "readyz": timeout}
+        for name, deadline in deadlines.items():
+            response, took = answers[name]
+            assert response.status_code == 503, (name, response.text)
+            assert f"within {deadline:g}s" in response.text, (name, response.text)
+            assert took < deadline + margin, (name, took)
+        assert answers["post"][0].json()["error"]["code"] == "commit_failed"
+        assert answers["keys"][0].json()["error"]["code"] == "store_unavailable"
+        assert answers["keys"][0].headers["Retry-After"] == "1"
+        assert answers["readyz"][0].json()["checks"]["store"].startswith("unreachable: ")
+        assert answers["post wait=false"][0].status_code == 202  # kept, and retried
+
+        with trio.fail_after(30):  # the writer's retries commit the 202 events
+            while (ready := await client.get("/readyz")).status_code != 200:
+                await trio.sleep(0.1)
+            while (await ledger.send(client, during)).status_code != 200:
+                await trio.sleep(0.1)
+        assert ready.json()["checks"] == {"store": "ok", "writer": "running", "queue": "ok"}
+        assert (await ledger.send(client, after)).status_code == 200
+        assert (await client.get("/v1/keys")).status_code == 200
+
+        # The drain's deadline cancels the writer, which waits for its commit under way:
+        # that commit still ends at its own deadline, and the 202 event is counted lost.
+        await trio.to_thread.run_sync(own_postgres.pause)
+        try:
+            late = await post(client, [{"key": "late", "id": "late-0"}], wait="false")
+            assert late.status_code == 202, late.text
+            started = trio.current_time()
+            server.send_signal(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(server.wait, 20)
+            took = trio.current_time() - started
+        finally:
+            await trio.to_thread.run_sync(own_postgres.resume)
+    assert code == 0, server.output
+    assert took < WRITE_DEADLINES * timeout + margin, took
+    assert "1 events answered 202 were lost" in server.output
+    assert_store_holds(own_postgres.dsn, {**ledger.expected(), "fired": 2})
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_reads_held_up_in_postgresql_fail_at_their_deadline_and_readyz_in_time(
+    start_server: StartServer,
+) -> None:
+    # Reads waiting on a lock (a migration's, say) on a server that answers otherwise: each
+    # gets 503 at its deadline, and /readyz, queued behind them for the one read
+    # connection, answers by its own deadline instead of after all of them.
+    server = await start_server(readers="1", store_timeout="1s")
+    assert (await post(server.client, {"key": "k"})).status_code == 200
+    locker = await trio.to_thread.run_sync(lambda: psycopg.connect(server.db, autocommit=True))
+    answers: dict[str, tuple[httpx.Response, float]] = {}
+
+    async def timed(name: str, path: str) -> None:
+        started = trio.current_time()
+        response = await server.client.get(path)
+        answers[name] = (response, trio.current_time() - started)
+
+    try:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE series IN ACCESS EXCLUSIVE MODE")
+        async with trio.open_nursery() as nursery:
+            for number in range(3):
+                nursery.start_soon(timed, f"keys {number}", "/v1/keys")
+            await trio.sleep(0.3)  # so that it queues after them
+            nursery.start_soon(timed, "readyz", "/readyz")
+    finally:
+        locker.close()
+    keys = sorted((answers[f"keys {n}"] for n in range(3)), key=lambda answer: answer[1])
+    for place, (response, took) in enumerate(keys):  # each waited for those before
+        assert response.status_code == 503, response.text
+        assert "did not answer within 1s" in response.json()["error"]["message"]
+        assert took < (place + 1) * 1.0 + 2.0, took
+    ready, took = answers["readyz"]
+    assert ready.status_code == 503, ready.text
+    assert (
+        ready.json()["checks"]["store"] == "unreachable: every read connection stayed busy for 1s"
+    )
+    assert took < 1.0 + 2.0, took
+    assert (await server.client.get("/readyz")).status_code == 200
+    assert (await server.client.get("/v1/keys")).json()["keys"][0]["key"] == "k"
+
+
+def test_postgresql_connections_carry_their_deadlines(postgres_dsn: str) -> None:
+    # The server's side of the deadlines, a second after the client's: it cancels a
+    # statement still running (an outage; the connection stays usable) and closes a
+    # session whose transaction stays open (the connection is gone).
+    backend = PostgresBackend(postgres_dsn, timeout=0.1)
+    assert Settings().store_timeout == 5  # far above a healthy answer's time
+    read = backend.connect(write=False)
+    write = backend.connect(write=True)
+    try:
+        show = "SELECT current_setting(%s)"
+        assert read.execute(show, ("statement_timeout",)).fetchone() == ("1100ms",)
+        assert write.execute(show, ("statement_timeout",)).fetchone() == ("1200ms",)
+        idle_in_transaction = ("idle_in_transaction_session_timeout",)
+        assert write.execute(show, idle_in_transaction).fetchone() == ("1200ms",)
+        assert write.execute(show, ("lock_timeout",)).fetchone() == ("200ms",)
+        with pytest.raises(psycopg.Error) as late:
+            read.execute("SELECT pg_sleep(5)")
+        assert not backend.is_disconnect(late.value)
+        assert backend.outage_reason(late.value) is not None
+        assert read.execute("SELECT 1").fetchone() == (1,)
+        write.execute("BEGIN")
+        time.sleep(1.5)
+        with pytest.raises(psycopg.Error) as idle:
+            write.execute("SELECT 1")
+        assert idle.value.sqlstate == "25P03"
+        assert backend.is_disconnect(idle.value)
+    finally:
+        read.close()
+        write.close()
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 async def test_purge_keeps_an_id_claimed_again_while_it_ran(start_server: StartServer) -> None:
     server = await start_server()
@@ -139,7 +296,7 @@ async def test_purge_keeps_an_id_claimed_again_while_it_ran(start_server: StartS
     sql_now = f"UPDATE event_ids SET seen = seen - {2 * window} WHERE id = 'evt-raced'"
     await trio.to_thread.run_sync(execute, server.db, sql_now)  # the id has expired
 
-    backend = PostgresBackend(server.db)
+    backend = PostgresBackend(server.db, timeout=Settings().store_timeout)
     claimer = await trio.to_thread.run_sync(lambda: psycopg.connect(server.db, autocommit=True))
     purger = await trio.to_thread.run_sync(lambda: psycopg.connect(server.db, autocommit=True))
     purged: list[int] = []
@@ -211,7 +368,7 @@ def test_postgresql_errors_tell_a_lost_connection_from_a_row_too_large(
     # connection is: taken for an outage, it turned /readyz failing and refused every
     # client's wait=false requests for 10 s. It belongs to its data (only its request
     # fails); a connection that is gone is an outage.
-    backend = PostgresBackend(postgres_dsn)
+    backend = PostgresBackend(postgres_dsn, timeout=Settings().store_timeout)
     conn = psycopg.connect(postgres_dsn, autocommit=True)
     doomed = psycopg.connect(postgres_dsn, autocommit=True)
     idle = psycopg.connect(postgres_dsn, autocommit=True)

@@ -3,12 +3,14 @@ connections end (keep-alive timeout, ``Connection: close``, early answers)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import socket
 import sys
 import time
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +18,10 @@ import httpx
 import pytest
 import trio
 
-from .conftest import Server, StartServer, stored_counts
+from trioagg.errors import Overloaded
+from trioagg.writer import InflightBytes
+
+from .conftest import Server, StartServer, stored_counts, wait_until
 from .test_ingest_http import assert_envelope
 
 EVENT = b'{"key": "edge"}'
@@ -151,25 +156,65 @@ async def test_405_says_which_methods_are_allowed(server: Server) -> None:
 # -- how a body is read --------------------------------------------------------------
 
 
-async def start_upload(url: str, declared: int) -> trio.SocketStream:
-    """A POST that sends its head and one byte of a ``declared``-byte body, then stalls."""
+async def start_upload(url: str, declared: int, first: bytes = b"[") -> trio.SocketStream:
+    """A POST that sends its head and ``first`` of a ``declared``-byte body, then stalls."""
     stream = await open_raw(url)
     await stream.send_all(
-        b"POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n[" % declared
+        b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (declared, first)
     )
     return stream
+
+
+async def start_chunked(url: str, *, encoding: str = "identity") -> trio.SocketStream:
+    """A POST with a chunked body (no Content-Length) that has sent nothing of it yet."""
+    stream = await open_raw(url)
+    await stream.send_all(
+        b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % encoding.encode()
+    )
+    return stream
+
+
+async def send_chunk(stream: trio.SocketStream, data: bytes) -> None:
+    await stream.send_all(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def gzip_part(gzipper: Any, data: bytes, last: bool = False) -> bytes:
+    """``data`` as the next part of ``gzipper``'s stream, flushed so that the server can
+    inflate it at once; with ``last``, the end of the stream."""
+    return gzipper.compress(data) + gzipper.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def held(server: Server) -> int:
+    """The bytes of requests the server holds in flight."""
+    return server.app.service.writers.inflight.used
+
+
+def test_a_hold_grows_only_by_what_fits_and_is_given_back_whole() -> None:
+    budget = InflightBytes(100)
+    with pytest.raises(trio.TooSlowError), budget.holding() as hold:
+        hold.grow(60)
+        with pytest.raises(Overloaded, match="max_inflight"):
+            hold.grow(41)
+        assert (hold.size, budget.used) == (60, 60)  # the refused bytes are not held
+        hold.grow(40)
+        assert budget.used == 100
+        raise trio.TooSlowError  # however the hold ends
+    assert budget.used == 0
 
 
 async def test_a_stalled_body_is_408_after_body_timeout(start_server: StartServer) -> None:
     server = await start_server(body_timeout="1s")
     stream = await start_upload(server.url, 100)
+    await wait_until(lambda: held(server) == 1)
     with trio.fail_after(10):  # Quart's own body timeout would be 60 s
         answer = await read_until_closed(stream)
     assert answer.startswith(b"HTTP/1.1 408 ")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"connection: close" in head.lower()
     assert_envelope(json.loads(body), "request_timeout")
+    assert held(server) == 0
 
 
 async def test_slow_uploads_hold_no_admission_token(start_server: StartServer) -> None:
@@ -192,8 +237,8 @@ async def test_slow_uploads_hold_no_admission_token(start_server: StartServer) -
 
 async def test_bodies_in_flight_are_bounded_by_max_inflight(start_server: StartServer) -> None:
     server = await start_server(max_inflight="100KiB", max_body="40KiB", body_timeout="60s")
-    uploads = [await start_upload(server.url, 40_000) for _ in range(2)]
-    await trio.sleep(0.3)  # the server holds 80,000 bytes for the two bodies under way
+    uploads = [await start_upload(server.url, 40_000, b"[".ljust(39_000)) for _ in range(2)]
+    await wait_until(lambda: held(server) == 78_000)  # what the two bodies sent so far
     big = b'{"key": "big"}'.ljust(30_000)
     response = await post_raw(server, big, **{"Content-Type": "application/json"})
     assert response.status_code == 503
@@ -204,10 +249,66 @@ async def test_bodies_in_flight_are_bounded_by_max_inflight(start_server: StartS
     assert small.status_code == 200
     for stream in uploads:
         await stream.aclose()
-    await trio.sleep(0.3)  # the abandoned bodies give their bytes back
+    await wait_until(lambda: held(server) == 0)  # the abandoned bodies give their bytes back
     response = await post_raw(server, big, **{"Content-Type": "application/json"})
     assert response.status_code == 200
-    assert server.app.service.writers.inflight.used == 0
+    assert held(server) == 0
+
+
+async def test_slow_uploads_hold_only_what_they_sent(start_server: StartServer) -> None:
+    """Chunked and compressed bodies, whose size is not known before they arrive, once
+    reserved max_body each: four that had sent one byte held 256 KiB of 300 KiB, and
+    every chunked POST and every POST over 44 KiB got 503 while they lasted."""
+    server = await start_server(max_inflight="300KiB", max_body="64KiB", body_timeout="60s")
+    async with contextlib.AsyncExitStack() as uploads:
+        for encoding in ("identity", "identity", "identity", "gzip"):
+            before = held(server)
+            stream = await uploads.enter_async_context(
+                await start_chunked(server.url, encoding=encoding)
+            )
+            await send_chunk(
+                stream,
+                b"[" if encoding == "identity" else gzip_part(zlib.compressobj(wbits=31), b"["),
+            )
+            await wait_until(lambda: held(server) > before)  # noqa: B023 (awaited at once)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'[{"key": "chunked"},'
+            yield b'{"key": "chunked"}]'
+
+        chunked = await server.client.post(
+            "/v1/events", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert chunked.status_code == 200, chunked.text
+        big = b'{"key": "big"}'.ljust(60_000)
+        large = await post_raw(server, big, **{"Content-Type": "application/json"})
+        assert large.status_code == 200, large.text
+        assert held(server) == 4  # a byte for each upload under way (the gzip one inflated)
+    await wait_until(lambda: held(server) == 0)  # the clients closed mid-body
+    assert stored_counts(server.db) == {"chunked": 2, "big": 1}
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_a_body_holds_its_bytes_as_they_arrive(
+    start_server: StartServer, encoding: str
+) -> None:
+    server = await start_server(body_timeout="60s")
+    gzipper = zlib.compressobj(wbits=31)
+    pieces = [b'[{"key": "piece"}', b', {"key": "piece"}' * 100, b"]"]
+    async with await start_chunked(server.url, encoding=encoding) as stream:
+        for count, piece in enumerate(pieces):
+            last = count == len(pieces) - 1
+            await send_chunk(
+                stream, piece if encoding == "identity" else gzip_part(gzipper, piece, last)
+            )
+            kept = sum(map(len, pieces[: count + 1]))  # inflated: what the body holds
+            await wait_until(lambda: held(server) >= kept)  # noqa: B023 (awaited at once)
+            assert held(server) == kept
+        await stream.send_all(b"0\r\n\r\n")
+        answer = await stream.receive_some()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert held(server) == 0
+    assert stored_counts(server.db) == {"piece": 101}
 
 
 # -- how connections end -------------------------------------------------------------

@@ -53,6 +53,7 @@ from .errors import (
     Unauthorized,
     error_body,
 )
+from .hosts import AllowedHosts
 from .http_edges import body_format, guard_connections, read_body, too_large_message
 from .ingest import Limits, decode_body
 from .loopwatch import (
@@ -363,19 +364,21 @@ def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> S
 
 def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
     """Observe ``trioagg_request_seconds{endpoint, status}`` for every answer, errors too,
-    and check the key of every request to an endpoint of :data:`ENDPOINT_SCOPES` before
-    the view runs: a refused request never reaches the body-reading, admission or store
-    code (what arrived of its body meanwhile is bounded by max_body, and the connection
-    is closed after the answer, see guard_connections). CORS preflights (OPTIONS) carry
-    no credentials by design and are never refused.
+    and check every request to an endpoint of :data:`ENDPOINT_SCOPES` (the data) before
+    the view runs: while no key is required, that its Host names this server
+    (:mod:`trioagg.hosts`); then its key. A refused request never reaches the
+    body-reading, admission or store code (what arrived of its body meanwhile is bounded
+    by max_body, and the connection is closed after the answer, see guard_connections).
+    CORS preflights (OPTIONS) carry no credentials by design and are never refused.
 
-    One before_request hook does both (the clock first, so a refusal is timed too):
+    One before_request hook does it all (the clock first, so a refusal is timed too):
     Quart awaits each hook through ``ensure_async``, which costs microseconds per hook
     on every request."""
     scopes = dict(ENDPOINT_SCOPES)
     if app.settings.metrics_public:
         del scopes["/metrics"]
     authenticating = app.settings.auth != "off"
+    hosts = AllowedHosts.of(app.settings)
     timer = bound_children(app.metrics.request_seconds)
 
     @app.before_request
@@ -383,16 +386,18 @@ def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
         # One look-up of the request context, not one per attribute (microseconds each).
         current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
         current.started = time.perf_counter()
-        if not authenticating:
-            return
         rule = current.url_rule
-        scope = None if rule is None else scopes.get(rule.rule)
-        if scope is None or current.method == "OPTIONS":
+        if rule is None or rule.rule not in ENDPOINT_SCOPES or current.method == "OPTIONS":
             return
-        key = await app.service.auth.check(
-            current.headers.get("Authorization"), scope, current.scope.get("server")
-        )
-        g.trioagg_key = key
+        auth = app.service.auth
+        if not auth.required:
+            hosts.check(current.headers.get("Host"), current.scope.get("server"))
+        scope = scopes.get(rule.rule)
+        if authenticating and scope is not None:
+            key = await auth.check(
+                current.headers.get("Authorization"), scope, current.scope.get("server")
+            )
+            g.trioagg_key = key
 
     @app.after_request
     async def stop_clock(response: Response) -> Response:
@@ -435,15 +440,16 @@ def _add_routes(app: TrioaggApp) -> None:
         settings = service.settings
         body_form = body_format(request.headers)
         durable = _wait_param(request.args.get("wait"))
-        # What the body may hold once read (and inflated), until its events are queued.
-        reading = request.content_length if body_form.encoding == "identity" else None
-        with service.writers.inflight.holding(reading or settings.max_body):
+        # The body holds in-flight bytes as they arrive (and inflate), until its events
+        # are queued: a slow upload holds only what it sent, not what it may send.
+        with service.writers.inflight.holding() as hold:
             # Read before taking an admission token: a slow upload holds none.
             body = await read_body(
                 request,
                 body_form.encoding,
                 max_body=settings.max_body,
                 timeout=settings.body_timeout,
+                keep=hold.grow,
             )
             await service.writers.admit()
             try:

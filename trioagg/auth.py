@@ -46,7 +46,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import ipaddress
 import logging
 import re
 import secrets
@@ -59,6 +58,7 @@ import trio
 from quart import g
 
 from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
+from .hosts import address_of
 from .ingest import TENANT_TAG
 from .settings import Settings, flag_name
 from .store import Backend, Store
@@ -213,13 +213,8 @@ def revoke_key(backend: Backend, name: str) -> None:
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (a dual-stack socket)
-    return address.is_loopback
+    address = address_of(host.strip("[]"))  # a host name (None) may resolve anywhere
+    return address is not None and address.is_loopback
 
 
 def reached_locally(server: Sequence[Any] | None) -> bool:

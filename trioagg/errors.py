@@ -12,6 +12,7 @@ The tree::
         ├── Unauthorized         401 unauthorized (WWW-Authenticate: Bearer)
         ├── Forbidden            403 forbidden (the key lacks the scope, or the tenant differs)
         ├── RequestTimedOut      408 request_timeout
+        ├── MisdirectedRequest   421 misdirected_request (a keyless server not named in Host)
         ├── PayloadTooLarge      413 payload_too_large
         ├── UnsupportedMediaType 415 unsupported_media_type
         ├── InvalidEvents        422 invalid_events (details: every problem, by event index)
@@ -118,6 +119,16 @@ class RequestTimedOut(RequestError):
 
     status = 408
     code = "request_timeout"
+
+
+class MisdirectedRequest(RequestError):
+    """A server that answers without a key was asked for data under a Host that does not
+    name it (:mod:`trioagg.hosts`). 421 rather than 400: the request is well formed, and
+    RFC 9110 (15.5.20) gives 421 to a server that will not answer for the target URI's
+    authority; it also counts apart from malformed requests in the metrics."""
+
+    status = 421
+    code = "misdirected_request"
 
 
 class PayloadTooLarge(RequestError):

@@ -6,7 +6,8 @@ place it is read, and how connections end.
   post events with a "simple" (no-CORS) request; ``Content-Encoding`` identity,
   gzip or deflate.
 * :func:`read_body` reads a body within ``max_body`` (on the wire and inflated)
-  and ``body_timeout``, inflating gzip and deflate as it arrives.
+  and ``body_timeout``, inflating gzip and deflate as it arrives, and tells its
+  caller each piece it keeps before keeping it (to hold in-flight bytes).
 * :func:`guard_connections` wraps the ASGI app so that connections end when HTTP
   says they do (see its docstring for the Quart-Trio behaviour it works around).
 """
@@ -80,10 +81,21 @@ def too_large_message(max_body: int) -> str:
     return f"the request body is larger than {max_body} bytes (max_body)"
 
 
-async def read_body(request: Request, encoding: str, *, max_body: int, timeout: float) -> bytes:
+async def read_body(
+    request: Request,
+    encoding: str,
+    *,
+    max_body: int,
+    timeout: float,
+    keep: Callable[[int], None],
+) -> bytes:
     """The whole body, inflated: :class:`PayloadTooLarge` when more than ``max_body``
     bytes arrive or inflate, :class:`RequestTimedOut` when it takes longer than
-    ``timeout``, :class:`MalformedBody` when compressed data is corrupt."""
+    ``timeout``, :class:`MalformedBody` when compressed data is corrupt.
+
+    ``keep(size)`` is called before each piece of ``size`` bytes is added to the body
+    (as it arrives, or as it is inflated), and may raise to refuse it: memory is
+    accounted for as the client sends, never reserved ahead for what it might send."""
     if request.content_length is not None and request.content_length > max_body:
         raise PayloadTooLarge(too_large_message(max_body))
     wbits = _WBITS[encoding]
@@ -96,15 +108,18 @@ async def read_body(request: Request, encoding: str, *, max_body: int, timeout: 
             if received > max_body:
                 raise PayloadTooLarge(too_large_message(max_body))
             if inflater is None:
+                keep(len(chunk))
                 body += chunk
                 continue
             try:
                 # At most one byte more than the room left: a zip bomb costs no more.
-                body += inflater.decompress(chunk, max_body - len(body) + 1)
+                inflated = inflater.decompress(chunk, max_body - len(body) + 1)
             except zlib.error as error:
                 raise _corrupt(encoding, error) from None
-            if len(body) > max_body:
+            if len(body) + len(inflated) > max_body:
                 raise PayloadTooLarge(too_large_message(max_body) + " once decompressed")
+            keep(len(inflated))
+            body += inflated
     if deadline.cancelled_caught:
         raise RequestTimedOut(
             f"the request body took longer than {timeout:g} s to arrive (body_timeout)"

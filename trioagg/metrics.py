@@ -230,6 +230,8 @@ class Metrics:
             ["where"],
             registry=r,
         )
+        for where in ("connection", "commit_follow_up"):  # 0 until one happens, not absent
+            self.contained_failures.labels(where)
         self.request_seconds = Histogram(
             "trioagg_request_seconds",
             "Time to answer a request, by route and status code.",

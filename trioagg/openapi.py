@@ -93,7 +93,7 @@ _SECURITY_SCHEME = {
 def _secure(paths: dict[str, Any]) -> None:
     """Add the bearer requirement and its 401 and 403 answers to every endpoint that needs
     a key (:data:`trioagg.auth.ENDPOINT_SCOPES`); ``{}`` says a key may be absent (auth
-    off, or auto without keys)."""
+    off, or auto without keys), and then the Host check's 421 applies."""
     for path, scope in ENDPOINT_SCOPES.items():
         for operation in paths[path].values():
             operation["security"] = [{"bearer": []}, {}]
@@ -108,6 +108,12 @@ def _secure(paths: dict[str, Any]) -> None:
             operation["responses"]["403"] = _error(
                 f"The key lacks the {scope} scope, or its tenant differs from the tenant the "
                 "request names (forbidden). Nothing was stored."
+            )
+            operation["responses"]["421"] = _error(
+                "The server answers without an API key and the request's Host does not name "
+                "it: not localhost, a loopback address, the address the connection reached or "
+                "a host of --allowed-hosts (misdirected_request; against DNS rebinding). "
+                "Nothing was stored."
             )
 
 

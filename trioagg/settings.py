@@ -9,6 +9,7 @@ so a setting cannot exist in one place and be missing in the other.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -39,6 +40,13 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ValueError(f"{text!r} is not a duration (try 90s, 15m, 1h, 2d)")
     return float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return seconds
 
 
 def parse_optional_duration(text: str) -> float | None:
@@ -83,6 +91,31 @@ def parse_origins(text: str) -> tuple[str, ...]:
                 "(e.g. https://grafana.example.com), or *"
             )
     return origins
+
+
+_HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """A comma list of host names (``trioagg.internal``), ``*.name`` for the names under
+    one, IP addresses (IPv6 in brackets or not), ``*`` for any host, or ``none``; without
+    ports. Lower-cased, without a trailing dot, addresses in their short form."""
+    hosts = []
+    for given in parse_patterns(text):
+        host = given.lower().removesuffix(".")
+        try:
+            if host.startswith("[") and host.endswith("]"):
+                host = str(ipaddress.IPv6Address(host[1:-1]))  # brackets hold IPv6 only
+            else:
+                host = str(ipaddress.ip_address(host))
+        except ValueError:
+            if host != "*" and _HOST_PATTERN.fullmatch(host) is None:
+                raise ValueError(
+                    f"{given!r} is not a host: a name (trioagg.internal), *.name for the "
+                    "names under it, an IP address, or * for any (no scheme, no port)"
+                ) from None
+        hosts.append(host)
+    return tuple(hosts)
 
 
 def _whole_number(text: str, expected: str) -> int:
@@ -208,6 +241,12 @@ class Settings:
     busy_timeout: float = _setting(
         "10s", parse_duration, "How long a commit retries a locked database before failing (503)."
     )
+    store_timeout: float = _setting(
+        "5s",
+        _positive_duration,
+        "PostgreSQL: how long a read or a ping may wait for the database server (a commit "
+        "twice that) before it fails as an outage (503) and its connection is dropped.",
+    )
     drain_timeout: float = _setting(
         "20s",
         parse_duration,
@@ -238,6 +277,13 @@ class Settings:
         "the dashboard page; off requires none; auto (trioagg serve) is off on a loopback address "
         "until the store holds a key, and on elsewhere (refusing to start without a key). Under "
         "the hypercorn CLI, auto means on once the store holds a key: set on explicitly.",
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        "none",
+        parse_hosts,
+        "While no API key is required: hosts, besides localhost, loopback addresses and the "
+        "address reached, that requests for data may name in Host (others get 421, against "
+        "DNS rebinding): comma list of names, *.name, IP addresses, * for any, none.",
     )
     metrics_public: bool = _setting(
         "false", _boolean, "true: serve /metrics without a key (by default it needs an admin key)."

@@ -341,9 +341,10 @@ class Writer:
 
 
 class InflightBytes:
-    """Memory that requests hold, in bytes: bodies being read and decoded events until
-    they are committed (or answered unstored). At most ``limit`` (None: no limit); a
-    request that would pass it is refused at once with 503 and Retry-After."""
+    """Memory that requests hold, in bytes: the bodies being read, as far as they have
+    arrived (and inflated), and decoded events until they are committed (or answered
+    unstored). At most ``limit`` (None: no limit); a request whose next bytes would
+    pass it is refused at once with 503 and Retry-After."""
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
@@ -363,13 +364,30 @@ class InflightBytes:
         self.used -= size
 
     @contextlib.contextmanager
-    def holding(self, size: int) -> Iterator[None]:
-        """Hold ``size`` bytes for the body of the ``with`` (see :meth:`take`)."""
-        self.take(size)
+    def holding(self) -> Iterator[Hold]:
+        """A hold that starts empty and grows with :meth:`Hold.grow`; all of it is given
+        back when the ``with`` ends, however it ends."""
+        hold = Hold(self)
         try:
-            yield
+            yield hold
         finally:
-            self.give_back(size)
+            self.give_back(hold.size)
+
+
+class Hold:
+    """The bytes one request holds of an :class:`InflightBytes`, taken as they arrive
+    rather than reserved for what it might send: a slow upload holds only what it sent."""
+
+    __slots__ = ("_budget", "size")
+
+    def __init__(self, budget: InflightBytes) -> None:
+        self._budget = budget
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        """Hold ``size`` more bytes, or raise :class:`Overloaded` (the hold unchanged)."""
+        self._budget.take(size)
+        self.size += size
 
 
 def _split(total: int, sizes: list[int]) -> list[int]:

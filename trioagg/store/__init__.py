@@ -44,7 +44,7 @@ def make_backend(settings: Settings) -> Backend:
     if is_postgres(settings.db):
         from .postgres import PostgresBackend  # loads libpq only when it is used
 
-        return PostgresBackend(settings.db)
+        return PostgresBackend(settings.db, timeout=settings.store_timeout)
     return SQLiteBackend(settings.db, settings.sync, shards=settings.writers)
 
 

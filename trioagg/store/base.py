@@ -7,18 +7,21 @@ written once for every backend: begin, claim the batch's ids, plan the rows
 ones, upsert rollups and the series index, commit. :class:`Store` runs it
 with ``trio.to_thread`` on a write connection, behind a capacity limiter of
 its own (so reads can never take a writer's thread), retrying while the
-database is busy, and runs reads on a fixed pool of read connections.
-Nothing here knows SQL or HTTP.
+database is busy, and runs reads on a fixed pool of read connections. Where
+the backend gives operations a deadline, one still running then is interrupted
+(see :class:`Link`). Nothing here knows SQL or HTTP.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import outcome
 import trio
 
 from ..errors import ConfigError, StoreBusy, StoreError, StoreOutage, TrioaggError
@@ -166,6 +169,14 @@ class Backend(Protocol):
 
     def close(self, conn: Any) -> None: ...
 
+    def deadline(self, *, write: bool) -> float | None:
+        """Seconds an operation on a (write) connection may take, connecting included,
+        before it is interrupted; None when operations cannot hang (a file's)."""
+
+    def interrupt(self, conn: Any) -> None:
+        """From another thread, while ``conn`` is open: make the call blocked on it fail
+        now. The connection is closed afterwards, never used again."""
+
 
 class BusyRetry:
     """When to try an operation again while another writer holds the database's lock:
@@ -279,44 +290,89 @@ class Link:
     :data:`IDLE_CHECK_SECONDS` is pinged before it is used again, so
     that the first request after a database restart during a quiet spell finds a
     new connection instead of failing on the dead one.
+
+    Where the backend gives operations a :attr:`deadline`, a trio task calls
+    :meth:`interrupt` when it passes (see :meth:`Store._in_thread`): a thread
+    blocked in a socket read cannot be cancelled, so its connection's socket is
+    shut, the operation fails as a :class:`StoreOutage` naming the deadline, and
+    the connection is closed (one whose server stopped answering cannot be trusted).
     """
 
     def __init__(self, backend: Backend, *, write: bool, shard: int = 0) -> None:
         self.backend = backend
         self.write = write
         self.shard = shard
+        self.deadline = backend.deadline(write=write)
         self.conn: Any = None
         self.used_at = 0.0
+        # Between the operation's thread and the trio task enforcing its deadline: the
+        # connection is never closed while interrupt() shuts its socket.
+        self._guard = threading.Lock()
+        self._armed = False
+        self._interrupted = False
+
+    def arm(self) -> None:
+        """Before an operation is started in its thread: :meth:`interrupt` may end it."""
+        with self._guard:
+            self._armed = True
+
+    def interrupt(self) -> None:
+        """From the trio thread, once the armed operation's deadline has passed."""
+        with self._guard:
+            if not self._armed:
+                return  # it has just ended
+            self._interrupted = True
+            if self.conn is not None:
+                self.backend.interrupt(self.conn)
 
     def run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if (
-            self.conn is not None
-            and self.backend.can_disconnect
-            and time.monotonic() - self.used_at >= IDLE_CHECK_SECONDS
-        ):
-            try:
-                self.backend.ping(self.conn)
-            except Exception as error:
-                log.debug("an idle connection failed its ping, connecting afresh: %s", error)
-                self.close()  # the ping carries no data: whatever failed, start afresh
-        if self.conn is None:
-            self.conn = self.backend.connect(write=self.write, shard=self.shard)
         try:
+            if (
+                self.conn is not None
+                and self.backend.can_disconnect
+                and time.monotonic() - self.used_at >= IDLE_CHECK_SECONDS
+            ):
+                try:
+                    self.backend.ping(self.conn)
+                except Exception as error:
+                    log.debug("an idle connection failed its ping, connecting afresh: %s", error)
+                    self.close()  # the ping carries no data: whatever failed, start afresh
+            if self.conn is None and not self._interrupted:
+                conn = self.backend.connect(write=self.write, shard=self.shard)
+                with self._guard:
+                    self.conn = conn
+            if self._interrupted:  # while connecting, which has no socket to shut yet
+                raise TimeoutError("the deadline passed before the operation began")
             return operation(self.conn, *args, **kwargs)
         except Exception as error:
+            if self._interrupted:
+                raise StoreOutage(
+                    f"the database server did not answer within {self.deadline:g}s"
+                ) from error
             if self.backend.is_disconnect(error):
                 self.close()
             raise
         finally:
+            with self._guard:
+                interrupted, self._interrupted, self._armed = self._interrupted, False, False
+            if interrupted:  # even if the operation ended well: its socket is shut
+                self.close()
             self.used_at = time.monotonic()
 
     def close(self) -> None:
-        conn, self.conn = self.conn, None
+        with self._guard:
+            conn, self.conn = self.conn, None
         if conn is not None:
             try:
                 self.backend.close(conn)
             except Exception as error:  # a broken connection may fail to close
                 log.debug("closing a connection failed: %s", error)
+
+
+async def _interrupt_at(link: Link, deadline: float, scope: trio.CancelScope) -> None:
+    with scope:
+        await trio.sleep_until(deadline)
+        link.interrupt()
 
 
 class Store:
@@ -344,6 +400,9 @@ class Store:
         self.readers = readers
         self._write_links = [Link(backend, write=True, shard=shard) for shard in range(writers)]
         self._write_limiters = [trio.CapacityLimiter(1) for _ in range(writers)]
+        # A thread per connection: an operation's thread starts as soon as it has its
+        # connection, and its deadline counts from then.
+        self._threads = trio.CapacityLimiter(writers + readers)
         self._read_links = [Link(backend, write=False) for _ in range(readers)]
         self._idle_send, self._idle_receive = trio.open_memory_channel[Link](readers)
         for link in self._read_links:
@@ -393,7 +452,7 @@ class Store:
         :class:`StoreOutage` when the store cannot commit anything now (unreachable,
         full, read-only, its file gone), and :class:`StoreError` for a failure tied
         to the batch's data; in every case nothing was stored. Cancellation while the
-        transaction runs waits for it to finish.
+        transaction runs waits for it to finish (by its deadline, where it has one).
         """
         return await self._retry_busy(
             shard, commit_batch, self.backend, batch, self.policy, self._series_seen[shard]
@@ -476,8 +535,19 @@ class Store:
         await self._retry_busy(0, self._transaction, self.backend.touch_api_keys, used)
 
     async def ping(self) -> None:
-        """Raise if the database cannot be reached from a read connection."""
-        await self._run_read(self.backend.ping)
+        """Raise if the database cannot be reached from a read connection. Where reads
+        have a deadline, it bounds the whole ping, waiting for an idle connection (whose
+        operations are bounded by theirs) included, so /readyz answers in time."""
+        seconds = self._read_links[0].deadline
+        if seconds is None:
+            await self._run_read(self.backend.ping)
+            return
+        deadline = trio.current_time() + seconds
+        with trio.move_on_at(deadline) as waiting:
+            link = await self._idle_receive.receive()
+        if waiting.cancelled_caught:
+            raise StoreOutage(f"every read connection stayed busy for {seconds:g}s")
+        await self._read(link, deadline, self.backend.ping)
 
     async def aclose(self) -> None:
         """Close every connection, once no thread uses it: this takes every write
@@ -500,9 +570,8 @@ class Store:
         retry = BusyRetry(self.backend, self.busy_timeout, trio.current_time())
         while True:
             try:
-                return await trio.to_thread.run_sync(
-                    lambda: link.run(operation, *args), limiter=self._write_limiters[shard]
-                )
+                async with self._write_limiters[shard]:
+                    return await self._in_thread(link, lambda: link.run(operation, *args))
             except TrioaggError:
                 raise
             except Exception as error:
@@ -519,19 +588,54 @@ class Store:
             return StoreOutage(reason)
         return StoreError(f"the transaction failed: {error}")
 
+    async def _in_thread(
+        self, link: Link, call: Callable[[], T], deadline: float | None = None
+    ) -> T:
+        """``call()``, an operation on ``link``, in a worker thread. Where the link has a
+        deadline, a task interrupts it then (at ``deadline``, else the link's deadline
+        from now): the thread returns soon after, and the call is never abandoned.
+        Cancelling the caller does not cancel the deadline: a shutdown waits for the
+        thread, which returns by then."""
+        if link.deadline is None:
+            return await trio.to_thread.run_sync(call, limiter=self._threads)
+        if deadline is None:
+            deadline = trio.current_time() + link.deadline
+        watch = trio.CancelScope(shield=True)
+        link.arm()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_interrupt_at, link, deadline, watch)
+            try:
+                # Captured, so that its error leaves the nursery as itself, not in a group.
+                done = await trio.to_thread.run_sync(outcome.capture, call, limiter=self._threads)
+            finally:
+                watch.cancel()
+        return done.unwrap()
+
     async def _run_read(
         self, operation: Callable[..., T], *args: Any, main_only: bool = False, **kwargs: Any
     ) -> T:
         """``operation(conn, *args, **kwargs)`` on an idle read connection. ``main_only``:
         it reads only the main file (API keys), so a lost shard file does not fail it."""
+        link = await self._idle_receive.receive()
+        return await self._read(link, None, operation, *args, main_only=main_only, **kwargs)
+
+    async def _read(
+        self,
+        link: Link,
+        deadline: float | None,
+        operation: Callable[..., T],
+        *args: Any,
+        main_only: bool = False,
+        **kwargs: Any,
+    ) -> T:
+        """:meth:`_run_read` on ``link``, taken from the idle ones; gives it back."""
 
         def read() -> T:
             self.backend.check_readable(main_only=main_only)
             return link.run(operation, *args, **kwargs)
 
-        link = await self._idle_receive.receive()
         try:
-            return await trio.to_thread.run_sync(read)
+            return await self._in_thread(link, read, deadline)
         except Exception as error:
             reason = self.backend.outage_reason(error)
             if reason is None and self.backend.is_busy(error):

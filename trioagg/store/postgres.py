@@ -8,14 +8,27 @@ them in sorted order (ids, then rollup rows, then series), so concurrent
 transactions wait for each other but never deadlock, and the UPSERT merges
 inside the database, so no update is lost. Key columns use the "C" collation,
 so keys sort and page by their bytes, as in SQLite.
+
+Every operation has a deadline (``--store-timeout`` for a read or a ping, twice
+that for a write transaction): :class:`~trioagg.store.base.Store` shuts the
+socket of an operation still blocked then (:meth:`PostgresBackend.interrupt`),
+since a server that is stopped, not down, keeps every connection open and its
+kernel acknowledges what is sent, so that no TCP or server timeout ever fires.
+Connecting is bounded by ``connect_timeout``, and the server cancels a statement
+or a transaction that outlives the deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import socket
 from typing import Any, Final
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.rows import TupleRow
 
 from .sql import KEYS_TABLE, SQLBackend, check_meta
 
@@ -56,14 +69,41 @@ _SCHEMA = [
 
 # Taken while creating the schema, so that processes starting together do not race.
 _SCHEMA_LOCK = 0x7472696F616767  # "trioagg"
-_CONNECT_TIMEOUT_SECONDS = 5
 _LOCK_WAIT_MS = 200
-#: SQLSTATEs of a connection that is gone: class 08 (connection exception), and 57P
-#: (the server shutting down, crashed or still starting, the database dropped, or the
-#: session closed by idle_session_timeout). psycopg's own errors of a closed connection
+#: A write transaction may take this many times a read's deadline: it runs several
+#: statements over up to batch_size events and waits for its WAL flush, and a deadline
+#: too short for a slow but working database would fail every retry of the same batch.
+WRITE_DEADLINES: Final = 2
+#: libpq counts connect_timeout in whole seconds, and at least 2.
+_LEAST_CONNECT_SECONDS = 2
+#: The server's own timeouts come this long after a connection's deadline (see connect).
+_SERVER_GRACE_MS = 1000
+#: SQLSTATEs of a connection that is gone: class 08 (connection exception), 57P (the
+#: server shutting down, crashed or still starting, the database dropped, or the session
+#: closed by idle_session_timeout) and 25P03 (closed by
+#: idle_in_transaction_session_timeout). psycopg's own errors of a closed connection
 #: carry none. Other OperationalErrors are not disconnects: ProgramLimitExceeded (54000,
 #: a row too large for an index) belongs to its data.
-_DISCONNECTED: Final = ("08", "57P")
+_DISCONNECTED: Final = ("08", "57P", "25P03")
+
+
+class _Connection(psycopg.Connection[TupleRow]):
+    """A psycopg connection that another thread can break off (see :meth:`interrupt`)."""
+
+    #: A duplicate of the connection's socket: shutting it down reaches the socket even
+    #: once libpq has closed its own descriptor (whose number may then be reused).
+    lifeline: socket.socket | None = None
+
+    def interrupt(self) -> None:
+        """Make a call blocked on this connection, in any thread, fail at once."""
+        if self.lifeline is not None:
+            with contextlib.suppress(OSError):  # already reset by the peer
+                self.lifeline.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        if self.lifeline is not None:
+            self.lifeline.close()
 
 
 class PostgresBackend(SQLBackend):
@@ -77,21 +117,59 @@ class PostgresBackend(SQLBackend):
     can_disconnect = True
     position = "strpos"
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, timeout: float) -> None:
+        """``timeout``: the deadline of a read or a ping, in seconds (``--store-timeout``)."""
         super().__init__()
         self.dsn = dsn
+        self.timeout = timeout
         info = psycopg.conninfo.conninfo_to_dict(dsn)
         where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
         self.description = f"postgresql {where}"  # never the password
+        self._options = str(info.get("options") or "")
+        self.connect_timeout = max(_LEAST_CONNECT_SECONDS, math.ceil(timeout))
 
-    def connect(self, *, write: bool, shard: int = 0) -> psycopg.Connection[Any]:
+    def deadline(self, *, write: bool) -> float:
+        return self.timeout * (WRITE_DEADLINES if write else 1)
+
+    def connect(self, *, write: bool, shard: int = 0) -> _Connection:
         # Every writer shares the one database: ``shard`` names a writer, not a place.
-        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS)
+        deadline_ms = round(self.deadline(write=write) * 1000)
+        # The server's own limits, set at start-up with the DSN's own options (a SET after
+        # would be a round trip that could hang before Store knows the connection). They
+        # fall a little after the deadline, so that Store's interrupt decides the answer
+        # and the server reaps what a client gave up on: a statement still running, or a
+        # transaction left open by a client that hangs; it notices a shut socket only
+        # when it next reads or writes it.
+        reap_ms = deadline_ms + _SERVER_GRACE_MS
+        server = {"statement_timeout": reap_ms, "idle_in_transaction_session_timeout": reap_ms}
         if write:
             # A lock held elsewhere fails fast (LockNotAvailable, "busy"), so that waiting
             # happens in Store's cancellable backoff loop and busy_timeout bounds it.
-            conn.execute(f"SET lock_timeout = '{_LOCK_WAIT_MS}ms'")
+            server["lock_timeout"] = _LOCK_WAIT_MS
+        options = " ".join([self._options, *(f"-c {k}={v}ms" for k, v in server.items())])
+        conn = _Connection.connect(
+            self.dsn,
+            autocommit=True,
+            options=options.strip(),
+            connect_timeout=self.connect_timeout,
+            # The kernel gives up on a peer that stops acknowledging (a host or a network
+            # gone, not a stopped server, whose kernel acknowledges), and probes idle
+            # connections, so that the next use of one to a dead host fails at once.
+            tcp_user_timeout=deadline_ms,
+            keepalives=1,
+            keepalives_idle=math.ceil(self.deadline(write=write)),
+            keepalives_interval=1,
+            keepalives_count=3,
+        )
+        try:
+            conn.lifeline = socket.socket(fileno=os.dup(conn.fileno()))
+        except OSError:  # out of file descriptors
+            conn.close()
+            raise
         return conn
+
+    def interrupt(self, conn: _Connection) -> None:
+        conn.interrupt()
 
     def prepare(self, conn: psycopg.Connection[Any], bucket: int) -> None:
         with conn.transaction():
@@ -116,11 +194,17 @@ class PostgresBackend(SQLBackend):
         return isinstance(error, busy | pg_errors.LockNotAvailable)
 
     def is_disconnect(self, error: Exception) -> bool:
-        if not isinstance(error, psycopg.OperationalError | psycopg.InterfaceError):
+        if not isinstance(error, psycopg.Error):
             return False
-        return error.sqlstate is None or error.sqlstate.startswith(_DISCONNECTED)
+        if error.sqlstate is None:
+            return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+        return error.sqlstate.startswith(_DISCONNECTED)
 
     def outage_reason(self, error: Exception) -> str | None:
+        if isinstance(error, pg_errors.ConnectionTimeout):
+            return f"the database server did not accept a connection within {self.connect_timeout}s"
+        if isinstance(error, pg_errors.QueryCanceled):  # statement_timeout, or an operator
+            return "the database server cancelled a statement (past its deadline, or by hand)"
         if isinstance(error, pg_errors.InsufficientResources):  # disk full, out of memory
             return "the database server is out of disk space or memory"
         if isinstance(error, pg_errors.SystemError):  # class 58: I/O errors, files gone

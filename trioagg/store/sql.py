@@ -303,6 +303,12 @@ class SQLBackend:
     def close(self, conn: Any) -> None:
         conn.close()
 
+    def deadline(self, *, write: bool) -> float | None:
+        return None  # a file's operations end by themselves (busy_timeout bounds locks)
+
+    def interrupt(self, conn: Any) -> None:
+        raise NotImplementedError("only operations with a deadline are interrupted")
+
     def read_meta(
         self, conn: Any, bucket: int, extra: dict[str, str] | None = None
     ) -> dict[str, str]:
