@@ -94,7 +94,11 @@ async def test_no_client_stops_the_server_or_makes_it_lose_an_event(
         assert (await client.get("/healthz")).status_code == 200, replay
     assert soak.surprises == [], f"answers no client should get ({replay})"
     assert server.stop() == 0, f"{replay}: {server.output[-5000:]}"
-    assert logged_problems(server.output) == [], replay
+    problems = logged_problems(server.output)
+    assert problems == [], (
+        f"the server logged errors under the soak ({replay}): {causes(server.output)}\n"
+        + "\n".join(problems[:20])
+    )
     assert_store_holds(server.db, {key: count for key, count in ledger.sent.items()})
 
 
@@ -163,15 +167,19 @@ async def totals_once_drained(soak: Soak) -> dict[tuple[str, str | None], tuple[
 
 
 def exited(server: ServerProcess, replay: str) -> str:
-    """Why the server exited, from its log: the exceptions it logged, then its end."""
+    """Why the server exited: the exceptions it logged, then the end of its log."""
     assert server.proc is not None
-    output = server.output
-    exceptions = re.findall(r"(?m)^[\s|+-]*((?:\w+\.)*\w+(?:Error|Exception)\b.*)$", output)
-    causes = dict.fromkeys(line for line in exceptions if "ExceptionGroup" not in line)
     return (
         f"the server exited ({server.proc.returncode}) under the soak ({replay}): "
-        f"{'; '.join(causes) or 'no exception logged'}\n{output[-3000:]}"
+        f"{causes(server.output)}\n{server.output[-3000:]}"
     )
+
+
+def causes(output: str) -> str:
+    """The exceptions a log's tracebacks end with, each once."""
+    exceptions = re.findall(r"(?m)^[\s|+-]*((?:\w+\.)*\w+(?:Error|Exception)\b.*)$", output)
+    found = dict.fromkeys(line for line in exceptions if "ExceptionGroup" not in line)
+    return "; ".join(found) or "no exception logged"
 
 
 def logged_problems(output: str) -> list[str]:
