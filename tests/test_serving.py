@@ -243,3 +243,88 @@ def _wait_for(predicate: Any, timeout: float = 30) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+async def test_a_client_that_takes_no_data_for_the_send_timeout_is_cut_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    left, right = trio.socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    closed: list[bool] = []
+    stream = OneSender(trio.SocketStream(left), send_timeout=30, closed=lambda: closed.append(True))
+    started = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError, match="no data for 30s"):
+        await stream.send_all(b"x" * 1_000_000)  # the peer never reads
+    assert trio.current_time() - started == pytest.approx(30)
+    assert closed == [True]
+    right.close()
+
+
+async def test_a_slow_reader_that_keeps_taking_data_is_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The deadline is on progress, not on the whole answer: a reader taking 64 KiB
+    every 20 s of a 30 s send_timeout gets all of it."""
+    left, right = trio.socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    right.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stream = OneSender(trio.SocketStream(left), send_timeout=30)
+    peer = trio.SocketStream(right)
+    answer = bytes(range(256)) * 2048  # 512 KiB
+    received = bytearray()
+
+    async def read_slowly() -> None:
+        while len(received) < len(answer):
+            await trio.sleep(20)
+            while True:
+                with trio.move_on_after(0.001):
+                    received.extend(await peer.receive_some(65536))
+                    continue
+                break
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_slowly)
+        await stream.send_all(answer)
+    assert bytes(received) == answer
+    await stream.aclose()
+    await peer.aclose()
+
+
+@SQLITE
+async def test_a_large_answer_nobody_reads_does_not_hold_its_connection(
+    start_server: Any,
+) -> None:
+    """Before, hypercorn's shielded send waited for ever: each such client held its
+    answer's memory (up to 32 MB) and its connection."""
+    server = await start_server(send_timeout="1s")
+    keys = [f"big{n:03d}" for n in range(100)]
+    events = [{"key": key, "ts": "2026-01-01T00:00:00Z"} for key in keys]
+    assert (await post(server.client, events)).status_code == 200
+    query = "&".join(f"key={key}" for key in keys)
+    query += "&from=2026-01-01T00:00:00Z&to=2026-02-11T00:00:00Z&granularity=hour&fill=zero"
+    query += "&stats=count,sum,min,max,avg,stddev"
+    full = await server.client.get(f"/v1/aggregates?{query}")
+    # more than the kernel's buffers on both sides can hold (4 MB and 8 KiB at most)
+    assert full.status_code == 200 and len(full.content) > 8_000_000
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(
+        f"GET /v1/aggregates?{query} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    )
+    await trio.sleep(3)  # the server gives up after 1 s without progress
+    received = 0
+    with trio.fail_after(10):
+        while True:
+            try:
+                chunk = await stream.receive_some(1 << 20)
+            except trio.BrokenResourceError:  # reset: the server closed with unread data
+                break
+            if not chunk:
+                break
+            received += len(chunk)
+    assert received < len(full.content) - 4_000_000, received
+    await stream.aclose()
+    assert (await server.client.get("/healthz")).status_code == 200

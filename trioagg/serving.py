@@ -52,6 +52,9 @@ from .settings import Settings
 
 log = logging.getLogger("trioagg.serving")
 
+#: The unit of progress of :class:`OneSender`'s send deadline.
+SEND_CHUNK = 64 * 1024
+
 #: At most one traceback of a contained connection failure is logged per this many
 #: seconds; a client that can trigger one cannot flood the log with them.
 REPORT_INTERVAL = 10.0
@@ -62,12 +65,23 @@ class OneSender(trio.abc.HalfCloseableStream):
     raising ``BusyResourceError``) and whose ``send_eof`` raises ``BusyResourceError``
     at once while a ``send_all`` is under way, as trio's own does. Every other
     attribute is the wrapped stream's (hypercorn reads ``socket``, ``do_handshake`` and
-    ``selected_alpn_protocol`` where they exist)."""
+    ``selected_alpn_protocol`` where they exist).
+
+    A client that takes none of :data:`SEND_CHUNK` bytes of an answer for
+    ``send_timeout`` seconds has its connection closed (``BrokenResourceError`` to the
+    sender): hypercorn's sends are shielded and have no deadline of their own, so a
+    client that asks for a large answer and never reads it would hold the answer's
+    memory and the connection for ever."""
 
     def __init__(
-        self, stream: trio.abc.Stream, closed: Callable[[], object] = lambda: None
+        self,
+        stream: trio.abc.Stream,
+        *,
+        send_timeout: float = math.inf,
+        closed: Callable[[], object] = lambda: None,
     ) -> None:
         self.stream = stream
+        self.send_timeout = send_timeout
         #: Called once the stream is closed (by hypercorn, when the connection ends).
         self.closed = closed
         self._sending = trio.Lock()
@@ -77,7 +91,17 @@ class OneSender(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self._sending:
-            await self.stream.send_all(data)
+            view = memoryview(data)
+            for start in range(0, max(len(view), 1), SEND_CHUNK):
+                with trio.move_on_after(self.send_timeout) as waiting:
+                    await self.stream.send_all(view[start : start + SEND_CHUNK])
+                if not waiting.cancelled_caught:
+                    continue
+                # A send cut short leaves the stream in no known state: close it.
+                await trio.aclose_forcefully(self)
+                raise trio.BrokenResourceError(
+                    f"the client took no data for {self.send_timeout:g}s (send_timeout)"
+                )
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -114,9 +138,11 @@ class Connections:
         state: LifespanState,
         metrics: Metrics,
         *,
+        send_timeout: float = math.inf,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.app = app
+        self.send_timeout = send_timeout
         self.config = config
         self.context = context
         self.state = state
@@ -137,7 +163,9 @@ class Connections:
                     self.config,
                     self.context,
                     ConnectionState(self.state.copy()),
-                    OneSender(stream, closed=connection.cancel),  # type: ignore[arg-type]
+                    OneSender(  # type: ignore[arg-type]
+                        stream, send_timeout=self.send_timeout, closed=connection.cancel
+                    ),
                 )
                 await server.run()
         except* Exception as failure:
@@ -168,6 +196,7 @@ async def serve(
     *,
     sockets: Sockets | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    send_timeout: float = math.inf,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` until ``shutdown_trigger`` returns (``hypercorn.trio.serve``
@@ -199,7 +228,9 @@ async def serve(
                 binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
             for bind in binds:
                 await config.log.info(f"Running on {bind} (CTRL + C to quit)")
-            handler = Connections(framework, config, context, lifespan_state, metrics)
+            handler = Connections(
+                framework, config, context, lifespan_state, metrics, send_timeout=send_timeout
+            )
             task_status.started(binds)
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -277,6 +308,7 @@ async def run_server(
         app.metrics,
         sockets=sockets,
         shutdown_trigger=until_shutdown,
+        send_timeout=app.settings.send_timeout,
         task_status=task_status,
     )
 

@@ -212,6 +212,12 @@ class Settings:
     body_timeout: float = _setting(
         "10s", parse_duration, "How long a client may take to send a request body (408 after)."
     )
+    send_timeout: float = _setting(
+        "30s",
+        _positive_duration,
+        "How long a client may take no data of an answer (64 KiB at a time) before its "
+        "connection is closed (trioagg serve only).",
+    )
     keep_alive_timeout: float = _setting(
         "5s",
         parse_duration,
