@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,22 @@ def test_an_unopenable_store_is_one_line_and_exit_2(server_process: Any, tmp_pat
     assert server.wait() == 2
     (line,) = server.output.strip().splitlines()
     assert "trioagg cannot start" in line and "missing" in line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_line_and_exit_2(
+    server_process: Any, tmp_path: Path, workers: str
+) -> None:
+    """Before, `serve` started the service, then ~50 lines of nested ExceptionGroup
+    ending in OSError: [Errno 98], exit 1 (issue 21, item 4)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        server = server_process("--workers", workers)
+        server.args[server.args.index("--port") + 1] = port
+        server.start()
+        assert server.wait() == 2
+    (line,) = server.output.strip().splitlines()
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line
+    assert not (tmp_path / "trioagg.db").exists()  # nothing made before it knew

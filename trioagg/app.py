@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import msgspec
 import trio
@@ -309,8 +309,7 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
         try:
             settings = Settings.from_env()
         except ConfigError as error:
-            log.error("trioagg cannot start: %s", error)
-            sys.exit(2)
+            exit_for_config(error)
         exit_unless_store_opens(settings)
         if multiprocessing.parent_process() is not None:
             # A hypercorn worker: its main process stops it through a shared event, and
@@ -362,8 +361,14 @@ def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> S
         keys_exist = trio.run(open_and_close)
         return settle_mode(settings, keys_exist=keys_exist) if listening else settings
     except ConfigError as error:
-        log.error("trioagg cannot start: %s", error)
-        sys.exit(2)
+        exit_for_config(error)
+
+
+def exit_for_config(error: ConfigError) -> NoReturn:
+    """End a process that cannot start: one line saying why, exit code 2."""
+    _configure_logging("info")
+    log.error("trioagg cannot start: %s", error)
+    sys.exit(2)
 
 
 def _time_and_authenticate_every_request(app: TrioaggApp) -> None:

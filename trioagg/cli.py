@@ -18,11 +18,11 @@ from typing import Any
 import click
 
 from . import __version__
-from .app import exit_unless_store_opens
+from .app import exit_for_config, exit_unless_store_opens
 from .cli_keys import COMMANDS as _KEY_COMMANDS
 from .cli_tools import COMMANDS as _CLIENT_COMMANDS
 from .errors import ConfigError
-from .serving import run_process
+from .serving import open_sockets, run_process
 from .settings import Settings, env_name, flag_name
 from .supervisor import supervise
 
@@ -54,12 +54,17 @@ def _setting_options(command: Any) -> Any:
 @main.command()
 @_setting_options
 def serve(**values: str | None) -> None:
-    """Start the service (hypercorn, trio worker) on the embedded SQLite store."""
+    """Start the service: on a SQLite file (created if missing) or a PostgreSQL URL."""
     try:
         settings = Settings.from_text({k: v for k, v in values.items() if v is not None})
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
+    try:
+        # Listening first: a taken port is one line, before the store is made or opened.
+        sockets = open_sockets(settings)
+    except ConfigError as error:
+        exit_for_config(error)
     settings = exit_unless_store_opens(settings, listening=True)
     if settings.workers > 1:
-        sys.exit(supervise(settings, settings.workers))
-    sys.exit(run_process(settings))
+        sys.exit(supervise(settings, sockets))
+    sys.exit(run_process(settings, sockets=sockets))

@@ -47,6 +47,7 @@ from hypercorn.utils import (
 )
 
 from .app import TrioaggApp, WriterCrashed, create_app
+from .errors import ConfigError
 from .metrics import Metrics
 from .settings import Settings
 
@@ -286,17 +287,7 @@ async def run_server(
                 task_status=task_status,
             )
         return
-    config = Config()
-    config.bind = [f"{app.settings.host}:{app.settings.port}"]
-    config.accesslog = None
-    config.errorlog = "-"
-    config.keep_alive_timeout = app.settings.keep_alive_timeout
-    config.certfile = app.settings.certfile
-    config.keyfile = app.settings.keyfile
-    # Requests in flight may wait for their commit, and the drain must end by itself
-    # (drain_timeout) before the lifespan would be cancelled.
-    config.graceful_timeout = app.settings.drain_timeout
-    config.shutdown_timeout = app.settings.drain_timeout + _SHUTDOWN_MARGIN_SECONDS
+    config = hypercorn_config(app.settings)
 
     async def until_shutdown() -> None:
         await shutdown_trigger()
@@ -311,6 +302,39 @@ async def run_server(
         send_timeout=app.settings.send_timeout,
         task_status=task_status,
     )
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    """The hypercorn settings that trioagg's own serving follows."""
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.keep_alive_timeout = settings.keep_alive_timeout
+    config.certfile = settings.certfile
+    config.keyfile = settings.keyfile
+    # Requests in flight may wait for their commit, and the drain must end by itself
+    # (drain_timeout) before the lifespan would be cancelled.
+    config.graceful_timeout = settings.drain_timeout
+    config.shutdown_timeout = settings.drain_timeout + _SHUTDOWN_MARGIN_SECONDS
+    return config
+
+
+def open_sockets(settings: Settings) -> Sockets:
+    """The listening sockets of ``--host`` and ``--port``, made before anything else
+    starts; :class:`~trioagg.errors.ConfigError` when the address cannot be listened on
+    (taken, not this machine's, a privileged port)."""
+    config = hypercorn_config(settings)
+    try:
+        sockets = config.create_sockets()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port}: {reason} (--host, --port)"
+        ) from None
+    for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+        sock.listen(config.backlog)
+    return sockets
 
 
 async def _until_stopped(signals: AsyncIterator[int], supervisor: int | None) -> None:

@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from hypercorn.config import Config, Sockets
+from hypercorn.config import Sockets
 
 from .settings import Settings
 
@@ -91,18 +91,13 @@ class _Slot:
     restarts: Restarts = field(default_factory=Restarts)
 
 
-def supervise(settings: Settings, workers: int) -> int:
-    """Run ``workers`` worker processes until SIGTERM or SIGINT (see the module); the
-    exit code for the supervisor's process. The store is checked before (one line and
-    exit 2 when it cannot be opened, see :func:`~trioagg.app.exit_unless_store_opens`)."""
-    config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
-    config.certfile, config.keyfile = settings.certfile, settings.keyfile
-    sockets = config.create_sockets()
-    for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-        sock.listen(config.backlog)
+def supervise(settings: Settings, sockets: Sockets) -> int:
+    """Run ``settings.workers`` worker processes on ``sockets`` (listening) until
+    SIGTERM or SIGINT (see the module); the exit code for the supervisor's process. The
+    store is checked before (one line and exit 2 when it cannot be opened, see
+    :func:`~trioagg.app.exit_unless_store_opens`)."""
     context = multiprocessing.get_context("spawn")
-    slots = [_Slot(number) for number in range(workers)]
+    slots = [_Slot(number) for number in range(settings.workers)]
     stopping = False
     code = 0
 
