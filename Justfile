@@ -11,7 +11,7 @@ test *ARGS:
 # ruff and mypy
 lint:
     ruff check .
-    ruff format --check trioagg
+    ruff format --check trioagg tests bench tools
     mypy
 
 # The stress harness: just bench, just bench --quick, just bench --scenario seed
