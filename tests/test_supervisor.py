@@ -6,6 +6,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -130,3 +132,37 @@ def test_a_port_in_use_is_one_line_and_exit_2(
     (line,) = server.output.strip().splitlines()
     assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line
     assert not (tmp_path / "trioagg.db").exists()  # nothing made before it knew
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("when", "signum"),
+    [("loading", signal.SIGTERM), ("serving", signal.SIGTERM), ("serving", signal.SIGINT)],
+)
+def test_a_stop_signal_to_the_whole_group_stops_every_worker_cleanly(
+    tmp_path: Path, when: str, signum: signal.Signals
+) -> None:
+    """Ctrl-C in a terminal, `timeout` or `kill -- -PGID` signal every process of the
+    group: the workers too, while they load or as they serve. Before, workers died of
+    the supervisor's SIGTERM (their own stop signal came first) and it exited 1."""
+    log = tmp_path / "server.log"
+    command = [sys.executable, "-m", "trioagg", "serve", "--workers", "2", "--port", "0"]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [*command, "--db", str(tmp_path / "trioagg.db")],
+            stderr=sink,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        text = "worker 1 started" if when == "loading" else "is serving"
+        count = 1 if when == "loading" else 2
+        _wait(lambda: log.read_text().count(text) >= count or proc.poll() is not None, 60)
+        os.killpg(proc.pid, signum)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    assert "Traceback" not in output and "ERROR" not in output, output

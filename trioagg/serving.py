@@ -273,13 +273,14 @@ async def run_server(
     sockets: Sockets | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     supervisor: int | None = None,
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` as its settings say until ``shutdown_trigger`` returns (default:
-    SIGTERM or SIGINT arrives, or the process ``supervisor`` is no longer this one's
-    parent), then shut down gracefully. ``task_status`` receives the bound URLs."""
+    one of ``stop_signals`` arrives, or the process ``supervisor`` is no longer this
+    one's parent), then shut down gracefully. ``task_status`` receives the bound URLs."""
     if shutdown_trigger is None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(*stop_signals) as signals:
             await run_server(
                 app,
                 sockets=sockets,
@@ -369,6 +370,7 @@ def run_process(
     on_serving: Callable[[], object] | None = None,
     supervisor: int | None = None,
     replaces: int | None = None,
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> int:
     """Serve ``settings`` in this process until stopped (see :func:`run_server`); calls
     ``on_serving`` once it listens. ``replaces``: how the worker this process replaces
@@ -381,7 +383,13 @@ def run_process(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                functools.partial(run_server, app, sockets=sockets, supervisor=supervisor)
+                functools.partial(
+                    run_server,
+                    app,
+                    sockets=sockets,
+                    supervisor=supervisor,
+                    stop_signals=stop_signals,
+                )
             )
             if on_serving is not None:
                 on_serving()

@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -53,6 +54,9 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 #: Failed starts in a row (exits before serving) after which the supervisor gives up.
 START_ATTEMPTS = 5
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 @dataclass
@@ -107,9 +111,8 @@ def supervise(settings: Settings, sockets: Sockets) -> int:
             log.info("received %s: stopping the workers", signal.Signals(signum).name)
         stopping = True
         for slot in slots:
-            if slot.process is not None and slot.process.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.process.pid, signal.SIGTERM)
+            if slot.process is not None:
+                _terminate(slot.process)
 
     with _shared_metrics_folder(), _handling(stop):
         try:
@@ -150,7 +153,16 @@ def _start(
             "replaces": slot.replaces,
         },
     )
-    process.start()
+    # The worker starts with SIGTERM and SIGINT blocked, so that neither kills it
+    # while it loads; it then ignores both until it serves (see _work). Starting the
+    # first process also starts multiprocessing's resource tracker, which unblocks both
+    # in this process on its way: start it first.
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     sending.close()  # the worker holds the only sending end: EOF when it dies
     slot.process, slot.ready = process, receiving
     slot.started_at, slot.served = time.monotonic(), False
@@ -184,6 +196,8 @@ def _collect(slot: _Slot, stopping: bool) -> int | None:
             slot.ready.recv_bytes()
             slot.served = True
             log.info("worker %d (pid %d) is serving", slot.number, process.pid)
+            if stopping:  # the SIGTERM it was sent while it loaded was ignored
+                _terminate(process)
         except EOFError:
             pass  # it died before it served: its exit is seen below
         slot.ready.close()
@@ -197,9 +211,12 @@ def _collect(slot: _Slot, stopping: bool) -> int | None:
     slot.process = None
     exitcode = process.exitcode
     if stopping:
-        if exitcode != 0:
+        # One that never served and ended by a stop signal's default action got it
+        # before it could listen for it: it had taken no connection.
+        stopped_loading = not slot.served and exitcode in (-signal.SIGTERM, -signal.SIGINT)
+        if exitcode != 0 and not stopped_loading:
             log.error(
-                "worker %d (pid %d) stopped with %s", slot.number, process.pid, _how(exitcode)
+                "worker %d (pid %d) %s while stopping", slot.number, process.pid, _how(exitcode)
             )
             return 1
         return None
@@ -226,6 +243,12 @@ def _collect(slot: _Slot, stopping: bool) -> int | None:
         delay,
     )
     return None
+
+
+def _terminate(process: BaseProcess) -> None:
+    if process.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
 
 
 def _how(exitcode: int | None) -> str:
@@ -267,8 +290,15 @@ def _work(
     supervisor: int,
     replaces: int | None,
 ) -> None:
-    """A worker process: serve on the supervisor's sockets until SIGTERM, SIGINT or the
-    supervisor's end, telling it on ``ready`` once it serves."""
+    """A worker process: serve on the supervisor's sockets until SIGTERM or the
+    supervisor's end, telling it on ``ready`` once it serves. SIGINT is the
+    supervisor's alone (a terminal's Ctrl-C reaches every process of the group; the
+    supervisor passes it on as SIGTERM). SIGTERM is ignored until the service listens
+    for it and after it stopped: one that came while the worker loaded is sent again
+    once it serves."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from .serving import run_process  # in the worker: loads the app there
 
     code = run_process(
@@ -277,5 +307,6 @@ def _work(
         on_serving=lambda: ready.send_bytes(b"ready"),
         supervisor=supervisor,
         replaces=replaces,
+        stop_signals=(signal.SIGTERM,),
     )
     raise SystemExit(code)
