@@ -161,7 +161,12 @@ def _run_one(
     go_binary = bench.go_binary() if app == godesign.APP else None
     argv, env = command(app, deployment, db, (), go_binary)
     server = Server(
-        app, argv, env, bench.workdir / f"{stem}.log", trioagg_src=deployment.trioagg_src
+        app,
+        argv,
+        env,
+        bench.workdir / f"{stem}.log",
+        workers=deployment.workers_of(app),
+        trioagg_src=deployment.trioagg_src,
     )
     bench.progress.set(f"wrk: {label} starting")
     try:

@@ -256,6 +256,7 @@ class Bench:
             argv,
             env,
             self.workdir / f"{stem}.log",
+            workers=deployment.workers_of(app),
             trioagg_src=deployment.trioagg_src,
         )
         self.progress.set(f"{label}: {app} starting")
@@ -326,7 +327,7 @@ class Bench:
                 "argv": [_redacted(arg) for arg in argv],
                 "env": {name: _redacted(value) for name, value in env.items()},
                 "deploy": "one Go process" if app == godesign.APP else deployment.describe(),
-                "workers": 1 if app == godesign.APP else deployment.workers,
+                "workers": deployment.workers_of(app),
                 "store": "postgres" if schema else ("none" if app == "ceiling" else "sqlite"),
                 "schema": schema,
                 "pids": len(server.pids),

@@ -70,6 +70,10 @@ class Deployment:
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
 
+    def workers_of(self, app: str) -> int:
+        """Worker processes serving ``app``: the Go design is one whatever the deployment."""
+        return 1 if app == godesign.APP else self.workers
+
     def describe(self) -> str:
         text = self.deploy
         if self.deploy == "hypercorn":
@@ -167,12 +171,15 @@ def command(
 
 @dataclass
 class Server:
-    """One running server process (and its hypercorn workers)."""
+    """One running server process (and its worker processes)."""
 
     app: str
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    #: worker processes, each of which logs "Running on": the server has started
+    #: when all have (so the load meets every worker, and ``pids`` holds them all)
+    workers: int = 1
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
     pids: list[int] = field(default_factory=list)
@@ -206,9 +213,9 @@ class Server:
             if time.perf_counter() > deadline:
                 self.kill()
                 raise ServerError(f"{self.app} did not start in {timeout:g}s: {self.tail()}")
-            match = _RUNNING.search(self.log_path.read_bytes())
-            if match:
-                self.port = int(match[1])
+            ports = _RUNNING.findall(self.log_path.read_bytes())
+            if len(ports) >= self.workers:
+                self.port = int(ports[0])
             else:
                 time.sleep(0.05)
         while not self._ready():

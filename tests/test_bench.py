@@ -176,6 +176,11 @@ def test_baselines_follow_the_deployment_and_the_sync_setting() -> None:
         command("postgres", normal, None)
 
 
+def test_the_go_design_is_one_worker_whatever_the_deployment() -> None:
+    deployment = Deployment(deploy="hypercorn", workers=3)
+    assert [deployment.workers_of(app) for app in ("trioagg", "ceiling", "go")] == [3, 3, 1]
+
+
 # ---------------------------------------------------------------------- load generator
 
 
