@@ -58,7 +58,7 @@ class Options:
     #: measurement) or ``postgres`` (a fresh schema per measurement on ``pg_dsn``).
     store: str = "sqlite"
     pg_dsn: str = pgstore.DEFAULT_DSN
-    #: the PostgreSQL matrix: writers per server x hypercorn workers.
+    #: the PostgreSQL matrix: writers per server x worker processes.
     pg_writers: tuple[int, ...] = (1, 2, 4)
     pg_workers: tuple[int, ...] = (1, 2)
 
