@@ -12,8 +12,9 @@
   the writer design buys.
 
 Run one: ``python -m bench.baselines ceiling|naive --db PATH --port 0 [--sync full]``
-(hypercorn.trio.serve in this process, SIGTERM drains), or with hypercorn's CLI:
-``BENCH_DB=PATH hypercorn --worker-class trio 'bench.baselines:naive_app()'``.
+(hypercorn.trio.serve in this process, SIGTERM drains), or with hypercorn's CLI, as
+the harness does for several workers (they have no supervisor like ``trioagg serve``):
+``BENCH_DB=PATH hypercorn --worker-class trio --workers 2 'bench.baselines:naive_app()'``.
 """
 
 from __future__ import annotations
@@ -232,12 +233,14 @@ def naive_app(db: str | None = None, sync: str | None = None) -> QuartTrio:
     return app
 
 
-async def _serve(app: QuartTrio, host: str, port: int) -> None:
+async def _serve(app: QuartTrio, host: str, port: int, keep_alive: float | None) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
     config = Config()
     config.bind = [f"{host}:{port}"]
+    if keep_alive is not None:
+        config.keep_alive_timeout = keep_alive
     config.accesslog = None
     config.errorlog = "-"
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -256,9 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync", default="full", choices=["full", "normal"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--keep-alive", type=float, default=None, help="idle keep-alive seconds (hypercorn's: 5)"
+    )
     args = parser.parse_args(argv)
     app = ceiling_app() if args.app == "ceiling" else naive_app(args.db, args.sync)
-    trio.run(_serve, app, args.host, args.port)
+    trio.run(_serve, app, args.host, args.port, args.keep_alive)
 
 
 if __name__ == "__main__":

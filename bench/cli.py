@@ -2,12 +2,12 @@
 
 Examples::
 
-    just bench                          # every scenario, a few minutes (hypercorn -w 2)
+    just bench                          # every scenario, a few minutes (trioagg serve -w 2)
     just bench --quick                  # reduced sizes, under two minutes
     just bench --scenario seed          # one scenario (repeat or comma-separate for more)
     just bench --server-arg '--sync normal' --server-arg --batch-size=2000
-    just bench --deploy serve           # trioagg serve (one process) instead of hypercorn -w 2
-    just bench --workers 1 --keep-alive 30
+    just bench --deploy hypercorn       # every app on the hypercorn CLI, --workers 2
+    just bench --workers 1 --keep-alive 30   # one process each
     just bench --store postgres         # seed + batch on PostgreSQL, 1/2/4 writers x 1/2 workers
 
 Exit status: 0 when every measurement verified (stored events == acknowledged
@@ -50,7 +50,6 @@ from .server import (
     Deployment,
     ServerError,
     flag_value,
-    flags_to_env,
     split_args,
 )
 
@@ -81,22 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--deploy",
         choices=("serve", "hypercorn"),
         default=DEFAULT_DEPLOY,
-        help="hypercorn (default): the hypercorn CLI with the trio worker class and "
-        f"--workers {DEFAULT_WORKERS}, the documented deployment (docs/hypercorn-trio.md); "
-        "serve: `trioagg serve` (hypercorn.trio.serve in-process, one process)",
+        help="serve (default): trioagg's recommended deployment, `trioagg serve --workers N`; "
+        "the Quart baselines, which have no supervisor, on the hypercorn CLI (trio worker "
+        "class, --workers N), or in one process with --workers 1. hypercorn: every app on the "
+        "hypercorn CLI with --worker-class trio --workers N",
     )
     parser.add_argument(
         "--workers",
         type=int,
-        default=None,
-        help=f"hypercorn workers (--deploy hypercorn; default {DEFAULT_WORKERS})",
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help=f"worker processes of every server but the Go design (default {DEFAULT_WORKERS})",
     )
     parser.add_argument(
         "--keep-alive",
         type=float,
         default=None,
         metavar="SECONDS",
-        help="hypercorn keep-alive timeout (--deploy hypercorn)",
+        help="idle keep-alive timeout of every server but the Go design (trioagg serve's "
+        "--keep-alive-timeout, hypercorn's --keep-alive)",
     )
     parser.add_argument(
         "--server-arg",
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="sqlite",
         help="where trioagg servers store: a fresh SQLite file per measurement (default), or "
         "a fresh schema per measurement on PostgreSQL; postgres runs seed and batch as a "
-        "workers x writers matrix on the hypercorn CLI",
+        "workers x writers matrix",
     )
     parser.add_argument(
         "--pg-dsn",
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pg-workers",
         default=None,
         metavar="N,N",
-        help="hypercorn worker counts of the PostgreSQL matrix (default 1,2)",
+        help="worker counts of the PostgreSQL matrix (default 1,2)",
     )
     parser.add_argument(
         "--trioagg-src",
@@ -244,14 +246,6 @@ def parse_scenarios(values: Sequence[str], default: Sequence[str] = SCENARIOS) -
     return tuple(name for name in SCENARIOS if name in chosen)
 
 
-def default_workers(deploy: str, workers: int | None) -> int:
-    """``--workers`` as given, else the documented deployment's count (one process for
-    ``trioagg serve``)."""
-    if workers is not None:
-        return workers
-    return DEFAULT_WORKERS if deploy == "hypercorn" else 1
-
-
 def parse_counts(text: str, flag: str) -> tuple[int, ...]:
     """``"1,2,4"`` -> ``(1, 2, 4)``: distinct positive counts, in the order given."""
     counts: list[int] = []
@@ -299,14 +293,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
             raise ValueError(f"--trioagg-src {args.trioagg_src} holds no trioagg package")
         deployment = Deployment(
             deploy=args.deploy,
-            workers=default_workers(args.deploy, args.workers),
+            workers=args.workers,
             keep_alive=args.keep_alive,
             server_args=split_args(args.server_arg),
             hypercorn_args=split_args(args.hypercorn_arg),
             trioagg_src=None if args.trioagg_src is None else str(args.trioagg_src.resolve()),
         )
-        # fail now, not after minutes of running, on flags that do not parse
-        flags_to_env(deployment.server_args)
         if not 0 < args.scale <= 10:
             raise ValueError("--scale must be in (0, 10]")
         if args.connections < 1:
@@ -332,9 +324,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Nam
 
 
 def matrix_deployment_text(options: Options) -> str:
-    """How the PostgreSQL matrix deploys: the hypercorn CLI, every worker count."""
-    text = dataclasses.replace(options.deployment, deploy="hypercorn", workers=1).describe()
-    return text.replace("--workers 1", "--workers " + ",".join(map(str, options.pg_workers)), 1)
+    """How the PostgreSQL matrix deploys: the run's deployment, every worker count."""
+    most = max(options.pg_workers)
+    text = dataclasses.replace(options.deployment, workers=most).describe()
+    return text.replace(f"--workers {most}", "--workers " + ",".join(map(str, options.pg_workers)))
 
 
 def summarize_verification(bench: Bench) -> dict[str, Any]:

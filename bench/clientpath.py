@@ -137,7 +137,9 @@ def _on_server(bench: Bench, label: str, expected: int, work: Any, **spec: Any) 
     verify.remove_store(db)
     argv, env = command("trioagg", deployment, db)
     log = bench.workdir / f"{label.replace(' ', '_')}.log"
-    server = Server("trioagg", argv, env, log, trioagg_src=deployment.trioagg_src)
+    server = Server(
+        "trioagg", argv, env, log, workers=deployment.workers, trioagg_src=deployment.trioagg_src
+    )
     bench.progress.set(f"{label}: starting")
     try:
         server.start()

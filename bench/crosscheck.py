@@ -2,9 +2,9 @@
 
 `wrk <https://github.com/wg/wrk>`_ (the Debian package ``wrk``) posts 1,000-event
 JSON arrays over 1,000 keys x 24 h (``bench/wrk_batch.lua``) on 16 connections
-against trioagg in its default deployment (hypercorn CLI, trio workers, ``-w 2``),
-against ``trioagg serve`` and against the seed's Go design, each on a fresh
-SQLite file. Each server then gets SIGTERM; what counts is what it **committed**:
+against trioagg in its recommended deployment (``trioagg serve --workers 2``), on
+the hypercorn CLI (trio workers, ``-w 2``), and against the seed's Go design, each
+on a fresh SQLite file. Each server then gets SIGTERM; what counts is what it **committed**:
 ``sum(count)`` of its store after the drain, over wrk's time plus the drain. The
 exact wrk command lines are printed, so a user can run them by hand.
 
@@ -28,7 +28,7 @@ from . import godesign, verify
 from .loadgen import process_cpu, system_busy_cpu
 from .runner import OTHER_UTIL_LIMIT, Bench, Measurement
 from .scenarios import BATCH_CONNECTIONS, BATCH_EVENTS, KEYS, Row, ScenarioResult, Sizes
-from .server import Deployment, Server, ServerError, command
+from .server import DEFAULT_WORKERS, Deployment, Server, ServerError, command
 
 SCRIPT = Path(__file__).resolve().parent / "wrk_batch.lua"
 #: one wrk thread: the requests are rendered before the clock starts, so one is plenty,
@@ -118,11 +118,11 @@ def committed_check(acked: int, stored: int, in_flight_max: int) -> list[str]:
 def _systems(bench: Bench) -> list[tuple[str, str, str, Deployment]]:
     """(row key, app, label, deployment) of each server wrk is run against."""
     run = bench.options.deployment
-    hypercorn = replace(run, deploy="hypercorn", workers=2)
-    serve = Deployment(deploy="serve", server_args=run.server_args, trioagg_src=run.trioagg_src)
+    serve = replace(run, deploy="serve", workers=DEFAULT_WORKERS, hypercorn_args=())
+    hypercorn = replace(run, deploy="hypercorn", workers=DEFAULT_WORKERS)
     systems = [
-        ("wrk", "trioagg", "trioagg hypercorn -w 2", hypercorn),
-        ("wrk serve", "trioagg", "trioagg serve", serve),
+        ("wrk", "trioagg", f"trioagg serve --workers {DEFAULT_WORKERS}", serve),
+        ("wrk hypercorn", "trioagg", f"trioagg hypercorn -w {DEFAULT_WORKERS}", hypercorn),
     ]
     if bench.options.baselines and bench.go_binary() is not None:
         systems.append(("wrk", godesign.APP, "the seed's Go design", serve))
@@ -131,7 +131,8 @@ def _systems(bench: Bench) -> list[tuple[str, str, str, Deployment]]:
 
 def wrk_scenario(bench: Bench, sizes: Sizes) -> ScenarioResult:
     """wrk (16 connections, 1,000-event JSON arrays, 1,000 keys x 24 h) against trioagg
-    -w 2, trioagg serve and the Go design: committed events/s including the drain."""
+    serve -w 2, trioagg on hypercorn -w 2 and the Go design: committed events/s including
+    the drain."""
     result = ScenarioResult("wrk")
     if shutil.which("wrk") is None:
         bench.warn(SKIP_LINE)
@@ -161,7 +162,12 @@ def _run_one(
     go_binary = bench.go_binary() if app == godesign.APP else None
     argv, env = command(app, deployment, db, (), go_binary)
     server = Server(
-        app, argv, env, bench.workdir / f"{stem}.log", trioagg_src=deployment.trioagg_src
+        app,
+        argv,
+        env,
+        bench.workdir / f"{stem}.log",
+        workers=deployment.workers_of(app),
+        trioagg_src=deployment.trioagg_src,
     )
     bench.progress.set(f"wrk: {label} starting")
     try:

@@ -334,7 +334,7 @@ def pg_scaling(results: Mapping[str, ScenarioResult]) -> list[str]:
         unit_cell = f"{min(workers)} worker x {min(writers)} writer"
         if not lines:
             lines.append(
-                "POSTGRES SCALING (hypercorn --worker-class trio): rate, x the "
+                "POSTGRES SCALING: rate, x the "
                 f"{unit_cell} cell, p99 ms, server+PostgreSQL CPU ms per request"
             )
         head = f"  {title:<52}" + "".join(

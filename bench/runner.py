@@ -58,7 +58,7 @@ class Options:
     #: measurement) or ``postgres`` (a fresh schema per measurement on ``pg_dsn``).
     store: str = "sqlite"
     pg_dsn: str = pgstore.DEFAULT_DSN
-    #: the PostgreSQL matrix: writers per server x hypercorn workers.
+    #: the PostgreSQL matrix: writers per server x worker processes.
     pg_writers: tuple[int, ...] = (1, 2, 4)
     pg_workers: tuple[int, ...] = (1, 2)
 
@@ -256,6 +256,7 @@ class Bench:
             argv,
             env,
             self.workdir / f"{stem}.log",
+            workers=deployment.workers_of(app),
             trioagg_src=deployment.trioagg_src,
         )
         self.progress.set(f"{label}: {app} starting")
@@ -326,7 +327,7 @@ class Bench:
                 "argv": [_redacted(arg) for arg in argv],
                 "env": {name: _redacted(value) for name, value in env.items()},
                 "deploy": "one Go process" if app == godesign.APP else deployment.describe(),
-                "workers": 1 if app == godesign.APP else deployment.workers,
+                "workers": deployment.workers_of(app),
                 "store": "postgres" if schema else ("none" if app == "ceiling" else "sqlite"),
                 "schema": schema,
                 "pids": len(server.pids),

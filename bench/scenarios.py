@@ -825,9 +825,8 @@ def parse_cell_key(key: str) -> tuple[str, int, int | None]:
 
 
 def matrix_deployment(bench: Bench, workers: int) -> Deployment:
-    """The hypercorn CLI with ``workers`` trio workers (the only way to run several), with
-    the run's keep-alive, hypercorn arguments and trioagg source."""
-    return replace(bench.options.deployment, deploy="hypercorn", workers=workers)
+    """The run's deployment with ``workers`` worker processes."""
+    return replace(bench.options.deployment, workers=workers)
 
 
 def _cell_facts(m: Measurement, row: Row, workers: int, writers: int | None) -> dict[str, Any]:
@@ -972,7 +971,7 @@ def client(bench: Bench, sizes: Sizes) -> ScenarioResult:
 
 
 def wrk(bench: Bench, sizes: Sizes) -> ScenarioResult:
-    """wrk cross-check: 1,000-event arrays, 16 conns; trioagg -w 2, serve, Go; committed/s.
+    """wrk cross-check: 1,000-event arrays, 16 conns; trioagg serve, hypercorn, Go; committed/s.
 
     Committed events/s include the drain after SIGTERM (``bench.crosscheck``)."""
     from .crosscheck import wrk_scenario

@@ -1,11 +1,12 @@
 """Starting, watching and stopping one server process for one measurement.
 
-A server is trioagg or a baseline app (``bench.baselines``), deployed either
-with hypercorn's CLI (``--worker-class trio``, ``--workers N``; by default
-``--workers 2``, the documented deployment) or the way ``trioagg serve`` runs
-it (hypercorn.trio.serve in the process). It always
-binds 127.0.0.1 on a free port, logs to a file in the work directory, and is
-stopped with SIGTERM, which must end it with exit code 0.
+A server is trioagg or a baseline app (``bench.baselines``), deployed as
+:class:`Deployment` says: by default trioagg's recommended deployment,
+``trioagg serve --workers 2`` (a supervisor and one worker process per core of
+a 2-core machine), or every app under hypercorn's CLI (``--worker-class trio``,
+``--workers N``). It always binds 127.0.0.1 on a free port, logs to a file in
+the work directory, and is stopped with SIGTERM, which must end it with exit
+code 0.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from .loadgen import parse_head
 
 APPS = ("trioagg", "ceiling", "naive", godesign.APP)
 DEPLOYS = ("serve", "hypercorn")
-#: What ``just bench`` measures unless told otherwise: the documented default
-#: deployment (docs/hypercorn-trio.md), one trio worker per core of a 2-core machine.
-DEFAULT_DEPLOY = "hypercorn"
+#: What ``just bench`` measures unless told otherwise: trioagg's recommended
+#: deployment (README, "Running it"), one worker process per core of a 2-core machine.
+DEFAULT_DEPLOY = "serve"
 DEFAULT_WORKERS = 2
 _RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
 _ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +45,19 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Deployment:
-    """How every server of a run is deployed, and the flags passed through to it."""
+    """How every server of a run is deployed, and the flags passed through to it.
 
-    deploy: str = "serve"
-    workers: int = 1
+    ``serve``: trioagg as ``trioagg serve --workers N``. The Quart baselines have no
+    supervisor of their own: with one worker they run in one process on
+    hypercorn.trio.serve, as ``trioagg serve`` does; with several, the way a plain
+    quart-trio app is run on several cores, the hypercorn CLI with ``--workers N``.
+    ``hypercorn``: every app on the hypercorn CLI with ``--workers N``.
+    """
+
+    deploy: str = DEFAULT_DEPLOY
+    workers: int = DEFAULT_WORKERS
+    #: seconds an idle keep-alive connection stays open (trioagg serve's
+    #: ``--keep-alive-timeout``, hypercorn's ``--keep-alive``); None: each one's default
     keep_alive: float | None = None
     #: ``trioagg serve`` flags (``--sync normal``); TRIOAGG_* variables with hypercorn.
     server_args: tuple[str, ...] = ()
@@ -59,27 +69,34 @@ class Deployment:
     def __post_init__(self) -> None:
         if self.deploy not in DEPLOYS:
             raise ValueError(f"--deploy must be one of {', '.join(DEPLOYS)}")
-        if self.deploy == "serve" and self.workers != 1:
-            raise ValueError("--workers needs --deploy hypercorn (trioagg serve is one process)")
-        if self.deploy == "serve" and self.keep_alive is not None:
-            raise ValueError(
-                "--keep-alive needs --deploy hypercorn (trioagg serve has no keep-alive setting)"
-            )
-        if self.deploy == "serve" and self.hypercorn_args:
-            raise ValueError("--hypercorn-arg needs --deploy hypercorn")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if self.keep_alive is not None and self.keep_alive < 0:
+            raise ValueError("--keep-alive must not be negative")
+        if self.deploy == "serve" and self.hypercorn_args:
+            raise ValueError("--hypercorn-arg needs --deploy hypercorn")
+        # parses every flag (a typo fails now, not minutes into a run); one worker count
+        if flag_value(self.server_args, "--workers") is not None:
+            raise ValueError("give the worker count with --workers, not --server-arg --workers")
+
+    def on_hypercorn_cli(self, app: str) -> bool:
+        """Whether ``app`` (trioagg or a Quart baseline) runs on the hypercorn CLI."""
+        return self.deploy == "hypercorn" or (app != "trioagg" and self.workers > 1)
+
+    def workers_of(self, app: str) -> int:
+        """Worker processes serving ``app``: the Go design is one whatever the deployment."""
+        return 1 if app == godesign.APP else self.workers
 
     def describe(self) -> str:
-        text = self.deploy
-        if self.deploy == "hypercorn":
-            text += f" --workers {self.workers}"
-            if self.keep_alive is not None:
-                text += f" --keep-alive {self.keep_alive:g}"
-            if self.hypercorn_args:
-                text += " " + shlex.join(self.hypercorn_args)
+        text = f"{self.deploy} --workers {self.workers}"
+        if self.keep_alive is not None:
+            text += f" --keep-alive {self.keep_alive:g}"
+        if self.hypercorn_args:
+            text += " " + shlex.join(self.hypercorn_args)
         if self.server_args:
             text += " [" + shlex.join(self.server_args) + "]"
+        if self.deploy == "serve" and self.on_hypercorn_cli("ceiling"):
+            text += " (Quart baselines: hypercorn CLI)"
         if self.trioagg_src:
             text += f" (trioagg from {self.trioagg_src})"
         return text
@@ -140,19 +157,27 @@ def command(
         if go_binary is None:
             raise ValueError("the Go design needs its built binary")
         return godesign.command(go_binary, str(db), sync), env
-    if deployment.deploy == "serve":
+    keep_alive = None if deployment.keep_alive is None else f"{deployment.keep_alive:g}"
+    if not deployment.on_hypercorn_cli(app):
         if app == "trioagg":
             argv = [python, "-m", "trioagg", "serve", "--db", str(db)]
-            argv += ["--host", "127.0.0.1", "--port", "0", *flags]
+            argv += ["--host", "127.0.0.1", "--port", "0"]
+            if deployment.workers > 1:  # one process runs any trioagg (--trioagg-ref)
+                argv += ["--workers", str(deployment.workers)]
+            if keep_alive is not None:
+                argv += ["--keep-alive-timeout", keep_alive]
+            argv += flags
         else:
             argv = [python, "-m", "bench.baselines", app, "--port", "0"]
+            if keep_alive is not None:
+                argv += ["--keep-alive", keep_alive]
             if app == "naive":
                 argv += ["--db", str(db), "--sync", sync]
         return argv, env
     argv = [python, "-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0"]
     argv += ["--workers", str(deployment.workers)]
-    if deployment.keep_alive is not None:
-        argv += ["--keep-alive", f"{deployment.keep_alive:g}"]
+    if keep_alive is not None:
+        argv += ["--keep-alive", keep_alive]
     argv += list(deployment.hypercorn_args)
     if app == "trioagg":
         env.update(flags_to_env(flags))
@@ -167,12 +192,15 @@ def command(
 
 @dataclass
 class Server:
-    """One running server process (and its hypercorn workers)."""
+    """One running server process (and its worker processes)."""
 
     app: str
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    #: worker processes, each of which logs "Running on": the server has started
+    #: when all have (so the load meets every worker, and ``pids`` holds them all)
+    workers: int = 1
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
     pids: list[int] = field(default_factory=list)
@@ -206,9 +234,9 @@ class Server:
             if time.perf_counter() > deadline:
                 self.kill()
                 raise ServerError(f"{self.app} did not start in {timeout:g}s: {self.tail()}")
-            match = _RUNNING.search(self.log_path.read_bytes())
-            if match:
-                self.port = int(match[1])
+            ports = _RUNNING.findall(self.log_path.read_bytes())
+            if len(ports) >= self.workers:
+                self.port = int(ports[0])
             else:
                 time.sleep(0.05)
         while not self._ready():

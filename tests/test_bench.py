@@ -28,11 +28,12 @@ from .bench_rows import bench_row
 # ---------------------------------------------------------------------- arguments
 
 
-def test_defaults_run_every_scenario_on_the_documented_deployment() -> None:
+def test_defaults_run_every_scenario_on_the_recommended_deployment() -> None:
     options, args = cli.parse_args([])
     assert options.scenarios == scenarios.SCENARIOS
-    # docs/hypercorn-trio.md: hypercorn's CLI, trio worker class, 2 workers
-    assert (options.deployment.deploy, options.deployment.workers) == ("hypercorn", 2)
+    # README "Running it": trioagg serve --workers 2 on a 2-core machine
+    assert (options.deployment.deploy, options.deployment.workers) == ("serve", 2)
+    assert options.deployment == Deployment()
     assert options.deployment.server_args == ()
     assert not options.quick
     assert options.baselines
@@ -70,13 +71,10 @@ def test_server_args_pass_through_in_any_spelling(argv: list[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--deploy", "serve", "--workers", "2"], "--workers needs --deploy hypercorn"),
-        (["--deploy", "serve", "--keep-alive", "30"], "--keep-alive needs --deploy hypercorn"),
-        (
-            ["--deploy", "serve", "--hypercorn-arg", "--backlog 10"],
-            "--hypercorn-arg needs --deploy hypercorn",
-        ),
+        (["--hypercorn-arg", "--backlog 10"], "--hypercorn-arg needs --deploy hypercorn"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--server-arg", "--workers=3"], "give the worker count with --workers"),
+        (["--keep-alive", "-1"], "--keep-alive must not be negative"),
         (["--server-arg", "sync"], "expected a --flag"),
         (["--server-arg", "--sync"], "--sync needs a value"),
         (["--scale", "0"], "--scale must be"),
@@ -91,11 +89,15 @@ def test_bad_combinations_fail_before_running(
     assert message in capsys.readouterr().err
 
 
-def test_serve_deployment_is_one_process() -> None:
-    options, _ = cli.parse_args(["--deploy", "serve"])
-    assert (options.deployment.deploy, options.deployment.workers) == ("serve", 1)
-    options, _ = cli.parse_args(["--workers", "1"])
-    assert (options.deployment.deploy, options.deployment.workers) == ("hypercorn", 1)
+def test_both_deployments_take_workers_and_keep_alive() -> None:
+    options, _ = cli.parse_args(["--workers", "1", "--keep-alive", "30"])
+    deployment = options.deployment
+    assert (deployment.deploy, deployment.workers, deployment.keep_alive) == ("serve", 1, 30.0)
+    assert deployment.describe() == "serve --workers 1 --keep-alive 30"
+    options, _ = cli.parse_args(["--deploy", "hypercorn"])
+    assert (options.deployment.deploy, options.deployment.workers) == ("hypercorn", 2)
+    # the run's header says where the Quart baselines run when it is not the same way
+    assert Deployment().describe() == "serve --workers 2 (Quart baselines: hypercorn CLI)"
 
 
 def test_hypercorn_deployment_takes_workers_and_keep_alive() -> None:
@@ -144,8 +146,23 @@ def test_serve_command_puts_user_flags_after_the_scenarios() -> None:
     argv, env = command("trioagg", deployment, Path("/tmp/x.db"), ["--queue-size", "4"])
     assert argv[1:5] == ["-m", "trioagg", "serve", "--db"]
     assert argv[argv.index("--port") + 1] == "0"
+    assert argv[argv.index("--workers") + 1] == "2"
     assert argv[-4:] == ["--queue-size", "4", "--queue-size", "64"]
     assert env == {}
+
+
+def test_serve_command_takes_the_workers_and_the_keep_alive_as_trioagg_flags() -> None:
+    deployment = Deployment(workers=3, keep_alive=30, server_args=("--sync", "normal"))
+    argv, env = command("trioagg", deployment, Path("/tmp/x.db"))
+    assert argv[1:4] == ["-m", "trioagg", "serve"]
+    assert argv[argv.index("--workers") + 1] == "3"
+    assert argv[argv.index("--keep-alive-timeout") + 1] == "30"
+    assert "--keep-alive" not in argv
+    assert argv[-2:] == ["--sync", "normal"]  # the user's flags last: they win
+    assert env == {}
+    # one process is trioagg serve's default, and runs commits older than --workers too
+    argv, _ = command("trioagg", Deployment(workers=1), Path("/tmp/x.db"))
+    assert "--workers" not in argv
 
 
 def test_hypercorn_command_uses_the_trio_worker_and_env_settings() -> None:
@@ -164,16 +181,38 @@ def test_hypercorn_command_uses_the_trio_worker_and_env_settings() -> None:
     }
 
 
-def test_baselines_follow_the_deployment_and_the_sync_setting() -> None:
-    normal = Deployment(server_args=("--sync=normal",))
-    argv, _ = command("naive", normal, Path("/tmp/n.db"))
+@pytest.mark.parametrize("deploy", ["serve", "hypercorn"])
+def test_baselines_with_several_workers_run_on_the_hypercorn_cli(deploy: str) -> None:
+    """They have no supervisor like trioagg serve: several workers is hypercorn's CLI."""
+    deployment = Deployment(deploy=deploy, workers=2, keep_alive=30)
+    for app in ("ceiling", "naive"):
+        argv, env = command(app, deployment, Path("/tmp/n.db"))
+        assert argv[1:3] == ["-m", "hypercorn"]
+        assert argv[argv.index("--worker-class") + 1] == "trio"
+        assert argv[argv.index("--workers") + 1] == "2"
+        assert argv[argv.index("--keep-alive") + 1] == "30"
+        assert argv[-1] == f"bench.baselines:{app}_app()"
+        assert env == {"BENCH_DB": "/tmp/n.db", "BENCH_SYNC": "full"}
+
+
+def test_baselines_in_one_process_follow_serve_and_the_sync_setting() -> None:
+    normal = Deployment(workers=1, keep_alive=30, server_args=("--sync=normal",))
+    argv, env = command("naive", normal, Path("/tmp/n.db"))
     assert argv[1:4] == ["-m", "bench.baselines", "naive"]
     assert argv[argv.index("--sync") + 1] == "normal"
-    argv, env = command("ceiling", Deployment(deploy="hypercorn"), Path("/tmp/c.db"))
+    assert argv[argv.index("--keep-alive") + 1] == "30"
+    assert env == {}
+    argv, env = command("ceiling", Deployment(deploy="hypercorn", workers=1), Path("/tmp/c.db"))
     assert argv[-1] == "bench.baselines:ceiling_app()"
+    assert argv[argv.index("--workers") + 1] == "1"
     assert env["BENCH_SYNC"] == "full"
     with pytest.raises(ValueError):
         command("postgres", normal, None)
+
+
+def test_the_go_design_is_one_worker_whatever_the_deployment() -> None:
+    deployment = Deployment(workers=3)
+    assert [deployment.workers_of(app) for app in ("trioagg", "ceiling", "go")] == [3, 3, 1]
 
 
 # ---------------------------------------------------------------------- load generator
@@ -711,9 +750,10 @@ def test_hypercorn_command_on_postgres_takes_the_dsn_and_writers() -> None:
     assert argv[argv.index("--db") + 1] == dsn
 
 
-def test_matrix_deploys_with_the_hypercorn_cli() -> None:
+@pytest.mark.parametrize("deploy", ["serve", "hypercorn"])
+def test_matrix_varies_the_workers_of_the_run_deployment(deploy: str) -> None:
     options, _ = cli.parse_args(
-        ["--store", "postgres", "--deploy", "hypercorn", "--keep-alive", "30"]
+        ["--store", "postgres", "--deploy", deploy, "--workers", "3", "--keep-alive", "30"]
     )
 
     class FakeBench:
@@ -721,9 +761,9 @@ def test_matrix_deploys_with_the_hypercorn_cli() -> None:
 
     bench = FakeBench()
     bench.options = options  # type: ignore[attr-defined]
-    deployment = scenarios.matrix_deployment(bench, 2)  # type: ignore[arg-type]
-    assert (deployment.deploy, deployment.workers, deployment.keep_alive) == ("hypercorn", 2, 30)
-    assert "--workers 1,2 --keep-alive 30" in cli.matrix_deployment_text(options)
+    deployment = scenarios.matrix_deployment(bench, 1)  # type: ignore[arg-type]
+    assert (deployment.deploy, deployment.workers, deployment.keep_alive) == (deploy, 1, 30)
+    assert f"{deploy} --workers 1,2 --keep-alive 30" in cli.matrix_deployment_text(options)
 
 
 def test_cell_keys_round_trip() -> None:

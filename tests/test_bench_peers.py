@@ -14,6 +14,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,25 @@ def test_committed_check_allows_only_what_was_in_flight() -> None:
         "store has 746000 events, 729000 acknowledged and at most 16000 in flight: "
         "more stored than was sent"
     ]
+
+
+def test_wrk_runs_trioagg_as_recommended_and_on_the_hypercorn_cli() -> None:
+    run = ["--deploy", "hypercorn", "--workers", "1", "--keep-alive", "30", "--no-baselines"]
+    options, _ = cli.parse_args([*run, "--server-arg", "--sync normal", "--hypercorn-arg", "-b x"])
+
+    class FakeBench:
+        pass
+
+    bench = FakeBench()
+    bench.options = options  # type: ignore[attr-defined]
+    systems = crosscheck._systems(bench)  # type: ignore[arg-type]
+    # two workers whatever the run's deployment, with its flags and keep-alive
+    serve = Deployment(workers=2, keep_alive=30, server_args=("--sync", "normal"))
+    hypercorn = replace(serve, deploy="hypercorn", hypercorn_args=("-b", "x"))
+    assert {key: deployment for key, _, _, deployment in systems} == {
+        "wrk": serve,
+        "wrk hypercorn": hypercorn,
+    }
 
 
 def test_wrk_scenario_skips_with_one_line_without_wrk(monkeypatch: pytest.MonkeyPatch) -> None:
