@@ -166,3 +166,18 @@ def test_a_stop_signal_to_the_whole_group_stops_every_worker_cleanly(
             proc.wait()
     output = log.read_text()
     assert "Traceback" not in output and "ERROR" not in output, output
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_certificate_that_cannot_be_loaded_is_one_line_and_exit_2(
+    server_process: Any, tmp_path: Path, workers: str
+) -> None:
+    """Before: a traceback from the worker's TLS set-up (and, with workers, a restart
+    loop of workers that could never serve)."""
+    missing = tmp_path / "missing.pem"
+    server = server_process(
+        "--workers", workers, "--certfile", str(missing), "--keyfile", str(missing)
+    ).start()
+    assert server.wait() == 2
+    (line,) = server.output.strip().splitlines()
+    assert f"cannot use the certificate {missing}" in line

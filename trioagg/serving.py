@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -324,8 +325,15 @@ def hypercorn_config(settings: Settings) -> Config:
 def open_sockets(settings: Settings) -> Sockets:
     """The listening sockets of ``--host`` and ``--port``, made before anything else
     starts; :class:`~trioagg.errors.ConfigError` when the address cannot be listened on
-    (taken, not this machine's, a privileged port)."""
+    (taken, not this machine's, a privileged port) or the certificate cannot be used."""
     config = hypercorn_config(settings)
+    try:
+        config.create_ssl_context()  # loads --certfile and --keyfile, when given
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"cannot use the certificate {settings.certfile} with the key "
+            f"{settings.keyfile}: {error.strerror or error} (--certfile, --keyfile)"
+        ) from None
     try:
         sockets = config.create_sockets()
     except OSError as error:
