@@ -263,6 +263,16 @@ def test_group_by_and_a_tag_filter_change_the_series(page: Any, site: ServerProc
     assert plotted(page)["labels"] == by_region["labels"]
 
 
+def test_the_axes_say_what_they_show(page: Any, site: ServerProcess) -> None:
+    """The y-axes' labels (drawn on the canvas: read from the chart), counts on the left."""
+    page.goto(f"/?{RANGE}&key=api.latency&stats=count,distinct,avg,p99")
+    settle(page)
+    labels = "() => window.dashboard.chart.axes.slice(1).map(axis => [axis.side, axis.label])"
+    assert page.evaluate(labels) == [[3, "count, distinct"], [1, "value: avg, p99"]]
+    choose(page, lambda: page.uncheck("[data-stat=count]"))
+    assert page.evaluate(labels) == [[3, "distinct"], [1, "value: avg, p99"]]
+
+
 def test_the_address_reloads_the_same_view(page: Any, site: ServerProcess) -> None:
     page.goto(f"/?{RANGE}&key=shop.orders")
     settle(page)
