@@ -273,6 +273,31 @@ def test_the_axes_say_what_they_show(page: Any, site: ServerProcess) -> None:
     assert page.evaluate(labels) == [[3, "distinct"], [1, "value: avg, p99"]]
 
 
+def test_a_range_without_events_offers_the_keys_last(page: Any, site: ServerProcess) -> None:
+    """The default range (the last 24 h) over events three days old: the page says so
+    and jumps to the 24 h that end with the key's last bucket."""
+    page.goto("/?key=shop.orders&tz=UTC")
+    settle(page)
+    page.locator("#elsewhere").wait_for()  # the key's first and last come on their own
+    assert page.is_visible("#chart-empty-text")
+    last = time.strftime("%Y-%m-%d %H:%M", time.gmtime(DAY + 23 * 3600))
+    assert last in page.locator("#elsewhere-text").text_content()
+    assert page.locator("#jump").text_content() == (
+        f"Show {FROM[:10]} {FROM[11:16]} → {TO[:10]} {TO[11:16]}"
+    )
+    choose(page, lambda: page.click("#jump"))
+    address = dict(parse_qsl(urlsplit(page.url).query))
+    assert (address["range"], address["from"], address["to"]) == ("custom", FROM, TO)
+    assert (dict(curl_params(page))["from"], dict(curl_params(page))["to"]) == (FROM, TO)
+    assert page.is_hidden("#chart-empty")
+    assert sum(plotted(page)["data"][1]) == len([e for e in _events() if e["key"] == "shop.orders"])
+
+    # no events for a tag filter in a range that holds the last bucket: nothing to offer
+    page.goto(f"/?{RANGE}&key=shop.orders&tag.region=nowhere")
+    settle(page)
+    assert page.is_visible("#chart-empty-text") and page.is_hidden("#elsewhere")
+
+
 def test_the_address_reloads_the_same_view(page: Any, site: ServerProcess) -> None:
     page.goto(f"/?{RANGE}&key=shop.orders")
     settle(page)

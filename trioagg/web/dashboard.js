@@ -21,6 +21,7 @@ const errors = new Map(); // what was asked -> its ApiError
 const inflight = new Map(); // what is being asked -> its AbortController
 let chart = null;
 let chartSignature = "";
+let drawn = null; // what the chart shows: { key, from, to (seconds), empty }
 let zoomed = false;
 let liveTimer = null;
 
@@ -298,6 +299,7 @@ async function loadKeyInfo() {
     setError("key", error);
   }
   renderKeyMeta();
+  renderEmpty();
 }
 
 // ---- the chart --------------------------------------------------------------------------
@@ -307,8 +309,7 @@ async function loadChart() {
     dropChart();
     $("curl").textContent = "";
     $("summary").textContent = "";
-    $("chart-empty").textContent = "Pick a key on the left, or from the top of the range, to chart it.";
-    $("chart-empty").hidden = false;
+    showEmpty("Pick a key on the left, or from the top of the range, to chart it.");
     return;
   }
   const bucket = server?.bucket_seconds ?? 3600;
@@ -330,8 +331,7 @@ async function loadChart() {
     if (error.status >= 400 && error.status < 500) {
       dropChart();
       $("summary").textContent = "";
-      $("chart-empty").textContent = "No chart: the API refused the query (see above).";
-      $("chart-empty").hidden = false;
+      showEmpty("No chart: the API refused the query (see above).");
     }
   }
   document.body.removeAttribute("aria-busy");
@@ -342,6 +342,33 @@ function dropChart() {
   chart?.destroy();
   chart = null;
   chartSignature = "";
+  drawn = null;
+}
+
+function showEmpty(text) {
+  $("chart-empty-text").textContent = text;
+  $("chart-empty").hidden = false;
+  $("elsewhere").hidden = true;
+}
+
+/** Over an empty chart: that the range holds no events, and, when the key's last bucket
+ * lies outside the range (a preset range ending now, over events sent with older times),
+ * a button to the same span ending with that bucket. A last bucket inside the range holds
+ * events the chosen tags leave out: no such offer then. */
+function renderEmpty() {
+  if (!drawn) return; // no chart: showEmpty said why
+  $("chart-empty").hidden = !drawn.empty;
+  $("elsewhere").hidden = true;
+  if (!drawn.empty) return;
+  $("chart-empty-text").textContent = "No events for this choice in this range.";
+  const last = keyInfo?.key === drawn.key ? parseStart(keyInfo.last) : null;
+  if (last === null || (last >= drawn.from && last < drawn.to)) return;
+  $("elsewhere").hidden = false;
+  const range = S.resolveRange(state, Date.now() / 1000);
+  const target = S.rangeEndingAt(range, last, server?.bucket_seconds ?? 3600);
+  $("elsewhere-text").textContent = `Its last events are in the bucket of ${formatTime(last)}.`;
+  $("jump").textContent = `Show ${formatTime(parseStart(target.from))} → ${formatTime(parseStart(target.to))}`;
+  $("jump").onclick = () => update(target);
 }
 
 function drawChart(answer, width) {
@@ -361,8 +388,9 @@ function drawChart(answer, width) {
   const events = answer.results.reduce((total, result) => total + result.buckets.reduce((n, b) => n + (b.count ?? 0), 0), 0);
   // a bucket holds events when it has a count, or (count not asked for) any stat not null
   const filled = (bucket) => ("count" in bucket ? bucket.count > 0 : Object.values(bucket).some((v) => typeof v === "number"));
-  $("chart-empty").textContent = "No events for this choice in this range.";
-  $("chart-empty").hidden = answer.results.some((result) => result.buckets.some(filled));
+  const empty = !answer.results.some((result) => result.buckets.some(filled));
+  drawn = { key: state.key, from: parseStart(answer.from), to: parseStart(answer.to), empty };
+  renderEmpty();
   const series = answer.results.length === 1 ? "1 series" : `${answer.results.length} series`;
   $("summary").textContent =
     `${answer.granularity} buckets in ${answer.tz}, ${formatTime(parseStart(answer.from))} → ${formatTime(parseStart(answer.to))} · ${series}` +

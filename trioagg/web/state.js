@@ -98,6 +98,14 @@ export function resolveRange(state, now) {
   return { from: iso(end - PRESETS[state.range]), to: iso(end), span: PRESETS[state.range] };
 }
 
+/** A range of the same span as `range` that ends with the bucket starting at `last`
+ * (seconds): where a key's latest events are when the range chosen holds none. */
+export function rangeEndingAt(range, last, bucketSeconds) {
+  const end = last + bucketSeconds;
+  const span = range.span ?? PRESETS["24h"];
+  return { range: "custom", from: iso(end - span), to: iso(end) };
+}
+
 /** The nominal width of a granularity's buckets, in seconds. */
 export function bucketWidth(granularity, bucketSeconds) {
   return granularity === "bucket" ? bucketSeconds : WIDTHS[granularity];
