@@ -75,6 +75,7 @@ async function ask(channel, path, params) {
 function update(changes) {
   const before = state;
   state = { ...state, ...changes };
+  if (state.groupBy) state.stats = S.oneStat(state.stats);
   history.replaceState(null, "", `?${S.writeState(state)}`);
   const changed = (...names) => names.some((name) => JSON.stringify(before[name]) !== JSON.stringify(state[name]));
   syncControls();
@@ -97,12 +98,17 @@ function selectKey(key) {
   update({ key, stats, groupBy: "", tags: [] });
 }
 
-function statsFromControls() {
+/** The stats the controls choose; grouped, the one choice just made (`changed`). */
+function statsFromControls(changed) {
+  const typed = $("percentiles").value.split(",").map((name) => name.trim()).filter(Boolean);
+  if (state.groupBy) {
+    const chosen = changed.dataset.stat?.split(",") ?? typed.slice(0, 1);
+    return chosen.length ? chosen : state.stats;
+  }
   const stats = [];
   for (const box of document.querySelectorAll("[data-stat]")) {
     if (box.checked) stats.push(...box.dataset.stat.split(","));
   }
-  const typed = $("percentiles").value.split(",").map((name) => name.trim()).filter(Boolean);
   const all = [...new Set([...stats, ...typed])];
   return all.length ? all : ["count"];
 }
@@ -123,7 +129,10 @@ function syncControls() {
   $("tz").value = state.tz;
   $("fill").value = state.fill;
   const covered = new Set();
+  // grouped, the stats are a choice of one: radio buttons say so
+  $("one-stat").hidden = !state.groupBy;
   for (const box of document.querySelectorAll("[data-stat]")) {
+    box.type = state.groupBy ? "radio" : "checkbox";
     const names = box.dataset.stat.split(",");
     box.checked = names.every((name) => state.stats.includes(name));
     if (box.checked) names.forEach((name) => covered.add(name));
@@ -494,20 +503,20 @@ function wire() {
   }
   const applyRange = () => update({ range: "custom", from: $("from").value.trim(), to: $("to").value.trim() });
   const applyZone = () => update({ tz: $("tz").value.trim() || S.browserZone() });
-  const applyStats = () => update({ stats: statsFromControls() });
+  const applyStats = (control) => update({ stats: statsFromControls(control) });
   $("controls").addEventListener("submit", (event) => {
     event.preventDefault();
     const id = document.activeElement?.id; // Enter in a field submits the form: which field
     if (id === "filter-value") addFilter();
     else if (id === "tz") applyZone();
-    else if (id === "percentiles") applyStats();
+    else if (id === "percentiles") applyStats($("percentiles"));
     else if (state.range === "custom" || id === "apply-range") applyRange();
   });
   $("granularity").addEventListener("change", () => update({ granularity: $("granularity").value }));
   $("fill").addEventListener("change", () => update({ fill: $("fill").value }));
   $("tz").addEventListener("change", applyZone);
-  for (const box of document.querySelectorAll("[data-stat]")) box.addEventListener("change", applyStats);
-  $("percentiles").addEventListener("change", applyStats);
+  for (const box of document.querySelectorAll("[data-stat]")) box.addEventListener("change", () => applyStats(box));
+  $("percentiles").addEventListener("change", () => applyStats($("percentiles")));
   $("group-by").addEventListener("change", () => update({ groupBy: $("group-by").value }));
   $("filter-tag").addEventListener("change", renderFilterValues);
   $("add-filter").addEventListener("click", addFilter);
