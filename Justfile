@@ -18,6 +18,6 @@ lint:
 bench *ARGS:
     python -m bench {{ARGS}}
 
-# The README's dashboard screenshot (docs/dashboard.png), in Debian's headless chromium
+# A dashboard screenshot in headless chromium to build/dashboard.png (git ignores it); --out docs/dashboard.png for the README's
 screenshot *ARGS:
     python tools/screenshot.py {{ARGS}}

@@ -1,11 +1,15 @@
 """What the dashboard needs from the server, over HTTP: the page and its files with their
 caching headers, ``GET /v1/status``, and CORS for the origins ``--cors-origin`` names.
-The page itself is tested in a browser (test_dashboard_browser.py)."""
+The page itself is tested in a browser (test_dashboard_browser.py). And where the
+screenshot tool writes."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import subprocess
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -160,3 +164,18 @@ def test_origins_are_checked() -> None:
             parse_origins(bad)
     with pytest.raises(ConfigError, match="--cors-origin / TRIOAGG_CORS_ORIGIN"):
         Settings.from_text({"cors_origin": "example.com"})
+
+
+def test_the_screenshot_goes_where_git_does_not_look_unless_told() -> None:
+    """`just screenshot` is for looking at the page: by default it must not overwrite the
+    README's tracked picture; ``--out docs/dashboard.png`` is how that is updated."""
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("screenshot", root / "tools" / "screenshot.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tool.parse_args([]).out
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out)], cwd=root, check=False)
+    assert ignored.returncode == 0, f"{out} is not ignored by git"
+    told = tool.parse_args(["--out", "docs/dashboard.png"]).out
+    assert told == Path("docs/dashboard.png")

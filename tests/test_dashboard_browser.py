@@ -33,14 +33,14 @@ ZONE = "Europe/Berlin"
 
 
 def _events() -> list[dict[str, Any]]:
-    """Orders by region and plan every hour of DAY but 05:00 and 06:00 (a gap), visits
+    """Orders by region (3) and plan (2) every hour of DAY but 05:00 and 06:00 (a gap), visits
     without tags, latencies with quantiles, 60 keys to page through, a hostile key."""
     events: list[dict[str, Any]] = []
     for hour in range(24):
         if hour in (5, 6):
             continue
         for n in range(1 + hour % 4):
-            region = "eu" if (hour + n) % 3 else "us"
+            region = ("eu", "us", "apac")[(hour + n) % 3]
             plan = "pro" if n % 2 else "free"
             events.append(
                 {
@@ -173,7 +173,7 @@ def test_keys_are_listed_paged_and_searched(page: Any, site: ServerProcess) -> N
     page.wait_for_function("() => document.querySelectorAll('#keys button').length === 2")
     orders = page.locator("#keys button", has_text="shop.orders")
     assert orders.locator(".tag").all_text_contents() == ["plan", "region"]
-    assert "4 series" in orders.text_content()
+    assert "6 series" in orders.text_content()
     assert "prefix=shop." in page.url
 
     top = page.locator("#top button")
@@ -232,22 +232,31 @@ def test_missing_buckets_break_the_line(page: Any, site: ServerProcess) -> None:
     assert len(xs) == 23
 
 
-def test_group_by_and_a_tag_filter_change_the_series(page: Any, site: ServerProcess) -> None:
-    page.goto(f"/?{RANGE}&key=shop.orders&tz=UTC&stats=count,sum")
+def by_region(answer: dict[str, Any], stats: list[str]) -> dict[str, Any]:
+    return drawn_from(answer, stats, lambda r, s: f"region={r['tags']['region']} · {s}")
+
+
+def test_group_by_draws_one_line_per_group(page: Any, site: ServerProcess) -> None:
+    """The default stats (count, avg, min/max) grouped by a tag of 3 values: 3 lines, of
+    the first stat; the stats become a choice of one."""
+    page.goto(f"/?{RANGE}&key=shop.orders&tz=UTC")
     settle(page)
-    assert plotted(page)["labels"] == ["count", "sum"]
+    assert plotted(page)["labels"] == ["count", "avg", "min", "max"]
     choose(page, lambda: page.select_option("#group-by", "region"))
+    assert dict(curl_params(page))["stats"] == "count"
     answer = api(site, "/v1/aggregates", curl_params(page)).json()
-    by_region = drawn_from(
-        answer, ["count", "sum"], lambda r, s: f"region={r['tags']['region']} · {s}"
-    )
-    assert by_region["labels"] == [
-        "region=eu · count",
-        "region=eu · sum",
-        "region=us · count",
-        "region=us · sum",
-    ]
-    assert plotted(page) == by_region
+    assert plotted(page) == by_region(answer, ["count"])
+    assert plotted(page)["labels"] == [f"region={r} · count" for r in ("apac", "eu", "us")]
+    assert page.locator("[data-stat=count]").get_attribute("type") == "radio"
+    assert page.is_visible("#one-stat")
+
+    choose(page, lambda: page.check("[data-stat=sum]"))
+    assert not page.is_checked("[data-stat=count]")
+    answer = api(site, "/v1/aggregates", curl_params(page)).json()
+    assert plotted(page) == by_region(answer, ["sum"])
+    choose(page, lambda: page.check("[data-stat='min,max']"))  # a band per group
+    assert dict(curl_params(page))["stats"] == "min,max"
+    assert len(plotted(page)["labels"]) == 6
 
     page.select_option("#filter-tag", "region")
     page.fill("#filter-value", "us")
@@ -256,11 +265,49 @@ def test_group_by_and_a_tag_filter_change_the_series(page: Any, site: ServerProc
     assert "tag.region=us" in page.url
     answer = api(site, "/v1/aggregates", curl_params(page)).json()
     assert [result["tags"] for result in answer["results"]] == [{"region": "us"}]
-    assert plotted(page) == drawn_from(answer, ["count", "sum"], lambda r, s: s)
+    assert plotted(page) == drawn_from(answer, ["min", "max"], lambda r, s: s)
     assert page.locator("#filters .chip").text_content().startswith("region = us")
 
     choose(page, lambda: page.click("#filters .remove"))
-    assert plotted(page)["labels"] == by_region["labels"]
+    choose(page, lambda: page.select_option("#group-by", ""))  # the stats are boxes again
+    assert page.locator("[data-stat=count]").get_attribute("type") == "checkbox"
+    choose(page, lambda: page.check("[data-stat=count]"))
+    assert plotted(page)["labels"] == ["count", "min", "max"]
+
+
+def test_the_axes_say_what_they_show(page: Any, site: ServerProcess) -> None:
+    """The y-axes' labels (drawn on the canvas: read from the chart), counts on the left."""
+    page.goto(f"/?{RANGE}&key=api.latency&stats=count,distinct,avg,p99")
+    settle(page)
+    labels = "() => window.dashboard.chart.axes.slice(1).map(axis => [axis.side, axis.label])"
+    assert page.evaluate(labels) == [[3, "count, distinct"], [1, "value: avg, p99"]]
+    choose(page, lambda: page.uncheck("[data-stat=count]"))
+    assert page.evaluate(labels) == [[3, "distinct"], [1, "value: avg, p99"]]
+
+
+def test_a_range_without_events_offers_the_keys_last(page: Any, site: ServerProcess) -> None:
+    """The default range (the last 24 h) over events three days old: the page says so
+    and jumps to the 24 h that end with the key's last bucket."""
+    page.goto("/?key=shop.orders&tz=UTC")
+    settle(page)
+    page.locator("#elsewhere").wait_for()  # the key's first and last come on their own
+    assert page.is_visible("#chart-empty-text")
+    last = time.strftime("%Y-%m-%d %H:%M", time.gmtime(DAY + 23 * 3600))
+    assert last in page.locator("#elsewhere-text").text_content()
+    assert page.locator("#jump").text_content() == (
+        f"Show {FROM[:10]} {FROM[11:16]} → {TO[:10]} {TO[11:16]}"
+    )
+    choose(page, lambda: page.click("#jump"))
+    address = dict(parse_qsl(urlsplit(page.url).query))
+    assert (address["range"], address["from"], address["to"]) == ("custom", FROM, TO)
+    assert (dict(curl_params(page))["from"], dict(curl_params(page))["to"]) == (FROM, TO)
+    assert page.is_hidden("#chart-empty")
+    assert sum(plotted(page)["data"][1]) == len([e for e in _events() if e["key"] == "shop.orders"])
+
+    # no events for a tag filter in a range that holds the last bucket: nothing to offer
+    page.goto(f"/?{RANGE}&key=shop.orders&tag.region=nowhere")
+    settle(page)
+    assert page.is_visible("#chart-empty-text") and page.is_hidden("#elsewhere")
 
 
 def test_the_address_reloads_the_same_view(page: Any, site: ServerProcess) -> None:
@@ -271,11 +318,12 @@ def test_the_address_reloads_the_same_view(page: Any, site: ServerProcess) -> No
     choose(page, lambda: page.check("[data-stat=sum]"))
     choose(page, lambda: page.uncheck("[data-stat='min,max']"))
     choose(page, lambda: page.select_option("#group-by", "plan"))
+    choose(page, lambda: page.check("[data-stat=sum]"))
     choose(page, lambda: page.fill("#tz", "America/New_York") or page.press("#tz", "Enter"))
     view = page.evaluate("() => window.dashboard.request")
     drawn = plotted(page)
-    assert dict(view)["tz"] == "America/New_York" and dict(view)["stats"] == "count,sum,avg"
-    assert len(drawn["labels"]) == 6
+    assert dict(view)["tz"] == "America/New_York" and dict(view)["stats"] == "sum"
+    assert drawn["labels"] == ["plan=free · sum", "plan=pro · sum"]
 
     again = page.context.new_page()
     again.goto(page.url)
@@ -402,7 +450,17 @@ def test_the_pages_own_logic(page: Any, site: ServerProcess) -> None:
         "async ([m, a]) => (await import(m)).writeState((await import(m)).readState(a))",
         [module, address],
     )
-    assert again == address
+    assert again == address.replace("count%2Cp99", "count")  # grouped: one stat
+
+    grouped = page.evaluate(
+        """async (module) => {
+            const state = await import(module);
+            return ["", "stats=p99,count", "stats=max,avg,min", "stats=min,count"].map(
+                (stats) => state.readState(`group_by=x&${stats}`).stats);
+        }""",
+        module,
+    )
+    assert grouped == [["count"], ["p99"], ["min", "max"], ["min"]]
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,16 @@
-"""Take the README's screenshot of the dashboard: ``python tools/screenshot.py [OUT.png]``.
+"""Take a screenshot of the dashboard: ``python tools/screenshot.py [--out PNG]``.
 
 Starts ``trioagg serve`` on a fresh SQLite store in a temporary folder, sends it a week
 of made-up shop and API events ending now, opens the dashboard in Debian's headless
-Chromium (``CHROMIUM``, default /usr/bin/chromium) through Playwright, and saves a PNG
-(default ``docs/dashboard.png``). The events are drawn from a fixed seed.
+Chromium (``CHROMIUM``, default /usr/bin/chromium) through Playwright, and saves a PNG:
+by default ``build/dashboard.png``, which git ignores, so a look at the page never
+changes the README's picture; ``--out docs/dashboard.png`` updates that. The events are
+drawn from a fixed seed.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
@@ -22,7 +25,9 @@ import httpx
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
-VIEW = "key=checkout.completed&range=7d&granularity=hour&stats=count,avg&group_by=region&fill=null"
+#: Ignored by git (``build/`` in .gitignore): the tracked picture is docs/dashboard.png.
+DEFAULT_OUT = ROOT / "build" / "dashboard.png"
+VIEW = "key=checkout.completed&range=7d&granularity=hour&stats=count&group_by=region&fill=null"
 REGIONS = {"eu": 1.0, "us": 0.8, "apac": 0.35}
 
 
@@ -65,8 +70,20 @@ def events(now: float) -> list[dict[str, object]]:
     return [event for event in made if float(event["ts"]) <= now]  # type: ignore[arg-type]
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Take a screenshot of the dashboard.")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="the PNG to write (default build/dashboard.png; the README's is docs/dashboard.png)",
+    )
+    return parser.parse_args(argv)
+
+
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "dashboard.png"
+    out: Path = parse_args().out
+    out.parent.mkdir(parents=True, exist_ok=True)
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "trioagg", "serve", "--port", "0"]

@@ -1,5 +1,6 @@
 // An /v1/aggregates answer as a uPlot chart: one line per result (key, or group_by value)
-// and stat; min and max as a band; counts on the left axis, values on the right.
+// and stat; min and max as a band; counts on the left axis, values on the right, each
+// labelled with the stats it shows.
 
 import uPlot from "./uplot/uPlot.esm.js";
 
@@ -106,8 +107,9 @@ function timeLabel(date, step) {
 export function chartConfig(answer, { stats, groupBy, fill, width, size }) {
   const { xs, columns } = plotData(answer, stats, fill, width);
   const grouped = answer.results.length > 1;
-  const hasCounts = stats.some((stat) => COUNTS.has(stat));
-  const hasValues = stats.some((stat) => !COUNTS.has(stat));
+  // each axis is labelled with the stats drawn against it
+  const counts = stats.filter((stat) => COUNTS.has(stat)).join(", ");
+  const values = stats.filter((stat) => !COUNTS.has(stat)).join(", ");
   const series = [{ label: "time", value: "{YYYY}-{MM}-{DD} {HH}:{mm}" }];
   const bands = [];
   const band = stats.includes("min") && stats.includes("max");
@@ -132,11 +134,13 @@ export function chartConfig(answer, { stats, groupBy, fill, width, size }) {
       bands.push({ series: [series.length - 1, min + 1], fill: withAlpha(stroke, 0.12) });
     }
   });
-  const axis = (scale, side) => ({
+  const axis = (scale, side, label) => ({
     scale,
     side,
-    size: 64,
-    grid: { show: side === 3 || !hasCounts || scale === "n", stroke: "#e5e7eb", width: 1 },
+    label,
+    labelSize: 20,
+    size: 56,
+    grid: { show: side === 3 || !counts || scale === "n", stroke: "#e5e7eb", width: 1 },
     ticks: { stroke: "#d1d5db" },
     values: (u, splits) => splits.map((v) => (v === null ? "" : compact.format(v))),
   });
@@ -147,8 +151,8 @@ export function chartConfig(answer, { stats, groupBy, fill, width, size }) {
     values: (u, splits, axis, space, step) => splits.map((seconds) => timeLabel(tzDate(seconds), step)),
   };
   const axes = [time];
-  if (hasCounts) axes.push(axis("n", 3));
-  if (hasValues) axes.push(axis("v", hasCounts ? 1 : 3));
+  if (counts) axes.push(axis("n", 3, counts));
+  if (values) axes.push(axis("v", counts ? 1 : 3, `value: ${values}`));
   return {
     options: {
       ...size,

@@ -21,6 +21,7 @@ const errors = new Map(); // what was asked -> its ApiError
 const inflight = new Map(); // what is being asked -> its AbortController
 let chart = null;
 let chartSignature = "";
+let drawn = null; // what the chart shows: { key, from, to (seconds), empty }
 let zoomed = false;
 let liveTimer = null;
 
@@ -74,6 +75,7 @@ async function ask(channel, path, params) {
 function update(changes) {
   const before = state;
   state = { ...state, ...changes };
+  if (state.groupBy) state.stats = S.oneStat(state.stats);
   history.replaceState(null, "", `?${S.writeState(state)}`);
   const changed = (...names) => names.some((name) => JSON.stringify(before[name]) !== JSON.stringify(state[name]));
   syncControls();
@@ -96,12 +98,17 @@ function selectKey(key) {
   update({ key, stats, groupBy: "", tags: [] });
 }
 
-function statsFromControls() {
+/** The stats the controls choose; grouped, the one choice just made (`changed`). */
+function statsFromControls(changed) {
+  const typed = $("percentiles").value.split(",").map((name) => name.trim()).filter(Boolean);
+  if (state.groupBy) {
+    const chosen = changed.dataset.stat?.split(",") ?? typed.slice(0, 1);
+    return chosen.length ? chosen : state.stats;
+  }
   const stats = [];
   for (const box of document.querySelectorAll("[data-stat]")) {
     if (box.checked) stats.push(...box.dataset.stat.split(","));
   }
-  const typed = $("percentiles").value.split(",").map((name) => name.trim()).filter(Boolean);
   const all = [...new Set([...stats, ...typed])];
   return all.length ? all : ["count"];
 }
@@ -122,7 +129,10 @@ function syncControls() {
   $("tz").value = state.tz;
   $("fill").value = state.fill;
   const covered = new Set();
+  // grouped, the stats are a choice of one: radio buttons say so
+  $("one-stat").hidden = !state.groupBy;
   for (const box of document.querySelectorAll("[data-stat]")) {
+    box.type = state.groupBy ? "radio" : "checkbox";
     const names = box.dataset.stat.split(",");
     box.checked = names.every((name) => state.stats.includes(name));
     if (box.checked) names.forEach((name) => covered.add(name));
@@ -298,6 +308,7 @@ async function loadKeyInfo() {
     setError("key", error);
   }
   renderKeyMeta();
+  renderEmpty();
 }
 
 // ---- the chart --------------------------------------------------------------------------
@@ -307,8 +318,7 @@ async function loadChart() {
     dropChart();
     $("curl").textContent = "";
     $("summary").textContent = "";
-    $("chart-empty").textContent = "Pick a key on the left, or from the top of the range, to chart it.";
-    $("chart-empty").hidden = false;
+    showEmpty("Pick a key on the left, or from the top of the range, to chart it.");
     return;
   }
   const bucket = server?.bucket_seconds ?? 3600;
@@ -330,8 +340,7 @@ async function loadChart() {
     if (error.status >= 400 && error.status < 500) {
       dropChart();
       $("summary").textContent = "";
-      $("chart-empty").textContent = "No chart: the API refused the query (see above).";
-      $("chart-empty").hidden = false;
+      showEmpty("No chart: the API refused the query (see above).");
     }
   }
   document.body.removeAttribute("aria-busy");
@@ -342,6 +351,33 @@ function dropChart() {
   chart?.destroy();
   chart = null;
   chartSignature = "";
+  drawn = null;
+}
+
+function showEmpty(text) {
+  $("chart-empty-text").textContent = text;
+  $("chart-empty").hidden = false;
+  $("elsewhere").hidden = true;
+}
+
+/** Over an empty chart: that the range holds no events, and, when the key's last bucket
+ * lies outside the range (a preset range ending now, over events sent with older times),
+ * a button to the same span ending with that bucket. A last bucket inside the range holds
+ * events the chosen tags leave out: no such offer then. */
+function renderEmpty() {
+  if (!drawn) return; // no chart: showEmpty said why
+  $("chart-empty").hidden = !drawn.empty;
+  $("elsewhere").hidden = true;
+  if (!drawn.empty) return;
+  $("chart-empty-text").textContent = "No events for this choice in this range.";
+  const last = keyInfo?.key === drawn.key ? parseStart(keyInfo.last) : null;
+  if (last === null || (last >= drawn.from && last < drawn.to)) return;
+  $("elsewhere").hidden = false;
+  const range = S.resolveRange(state, Date.now() / 1000);
+  const target = S.rangeEndingAt(range, last, server?.bucket_seconds ?? 3600);
+  $("elsewhere-text").textContent = `Its last events are in the bucket of ${formatTime(last)}.`;
+  $("jump").textContent = `Show ${formatTime(parseStart(target.from))} → ${formatTime(parseStart(target.to))}`;
+  $("jump").onclick = () => update(target);
 }
 
 function drawChart(answer, width) {
@@ -361,8 +397,9 @@ function drawChart(answer, width) {
   const events = answer.results.reduce((total, result) => total + result.buckets.reduce((n, b) => n + (b.count ?? 0), 0), 0);
   // a bucket holds events when it has a count, or (count not asked for) any stat not null
   const filled = (bucket) => ("count" in bucket ? bucket.count > 0 : Object.values(bucket).some((v) => typeof v === "number"));
-  $("chart-empty").textContent = "No events for this choice in this range.";
-  $("chart-empty").hidden = answer.results.some((result) => result.buckets.some(filled));
+  const empty = !answer.results.some((result) => result.buckets.some(filled));
+  drawn = { key: state.key, from: parseStart(answer.from), to: parseStart(answer.to), empty };
+  renderEmpty();
   const series = answer.results.length === 1 ? "1 series" : `${answer.results.length} series`;
   $("summary").textContent =
     `${answer.granularity} buckets in ${answer.tz}, ${formatTime(parseStart(answer.from))} → ${formatTime(parseStart(answer.to))} · ${series}` +
@@ -466,20 +503,20 @@ function wire() {
   }
   const applyRange = () => update({ range: "custom", from: $("from").value.trim(), to: $("to").value.trim() });
   const applyZone = () => update({ tz: $("tz").value.trim() || S.browserZone() });
-  const applyStats = () => update({ stats: statsFromControls() });
+  const applyStats = (control) => update({ stats: statsFromControls(control) });
   $("controls").addEventListener("submit", (event) => {
     event.preventDefault();
     const id = document.activeElement?.id; // Enter in a field submits the form: which field
     if (id === "filter-value") addFilter();
     else if (id === "tz") applyZone();
-    else if (id === "percentiles") applyStats();
+    else if (id === "percentiles") applyStats($("percentiles"));
     else if (state.range === "custom" || id === "apply-range") applyRange();
   });
   $("granularity").addEventListener("change", () => update({ granularity: $("granularity").value }));
   $("fill").addEventListener("change", () => update({ fill: $("fill").value }));
   $("tz").addEventListener("change", applyZone);
-  for (const box of document.querySelectorAll("[data-stat]")) box.addEventListener("change", applyStats);
-  $("percentiles").addEventListener("change", applyStats);
+  for (const box of document.querySelectorAll("[data-stat]")) box.addEventListener("change", () => applyStats(box));
+  $("percentiles").addEventListener("change", () => applyStats($("percentiles")));
   $("group-by").addEventListener("change", () => update({ groupBy: $("group-by").value }));
   $("filter-tag").addEventListener("change", renderFilterValues);
   $("add-filter").addEventListener("click", addFilter);

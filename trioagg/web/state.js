@@ -10,6 +10,7 @@ const DEFAULT_STATS = ["count", "avg", "min", "max"];
 /** Stats the page offers as check boxes, in the order it asks for them; min and max go
  * together, drawn as a band. Anything else (percentiles) is typed. */
 export const CHECKED_STATS = ["count", "sum", "avg", "min", "max", "stddev", "distinct"];
+const BAND = ["min", "max"];
 /** Auto granularity: the finest that draws at most this many buckets. */
 const MOST_POINTS = 1000;
 const WIDTHS = { hour: 3600, day: 86400, week: 7 * 86400, month: 31 * 86400 };
@@ -34,6 +35,8 @@ export function readState(search) {
   const custom = params.has("from") || params.has("to");
   const range = params.get("range") ?? (custom ? "custom" : "24h");
   const stats = (params.get("stats") ?? "").split(",").filter(Boolean);
+  const groupBy = params.get("group_by") ?? "";
+  const chosen = stats.length ? [...new Set(stats)] : DEFAULT_STATS;
   const live = Number.parseInt(params.get("live") ?? "0", 10);
   return {
     key: params.get("key") ?? "",
@@ -44,12 +47,20 @@ export function readState(search) {
     granularity: oneOf(params.get("granularity"), GRANULARITIES, "auto"),
     tz: params.get("tz") || browserZone(),
     fill: oneOf(params.get("fill"), FILLS, "null"),
-    stats: stats.length ? [...new Set(stats)] : DEFAULT_STATS,
-    groupBy: params.get("group_by") ?? "",
+    stats: groupBy ? oneStat(chosen) : chosen,
+    groupBy,
     tags,
     top: oneOf(params.get("top"), TOP_STATS, "count"),
     live: live >= 1 && live <= MAX_LIVE ? live : 0,
   };
+}
+
+/** The stats a chart grouped by a tag draws: the first of them only (or the min/max band
+ * when it comes first), one line per group, as 4 stats of 3 groups in 12 lines of one
+ * chart could not be read. */
+export function oneStat(stats) {
+  if (BAND.includes(stats[0]) && BAND.every((name) => stats.includes(name))) return BAND;
+  return stats.slice(0, 1);
 }
 
 /** The page address's query for a state (the inverse of readState). */
@@ -96,6 +107,14 @@ export function resolveRange(state, now) {
   }
   const end = Math.floor(now);
   return { from: iso(end - PRESETS[state.range]), to: iso(end), span: PRESETS[state.range] };
+}
+
+/** A range of the same span as `range` that ends with the bucket starting at `last`
+ * (seconds): where a key's latest events are when the range chosen holds none. */
+export function rangeEndingAt(range, last, bucketSeconds) {
+  const end = last + bucketSeconds;
+  const span = range.span ?? PRESETS["24h"];
+  return { range: "custom", from: iso(end - span), to: iso(end) };
 }
 
 /** The nominal width of a granularity's buckets, in seconds. */
