@@ -131,4 +131,13 @@ async def test_the_readme_examples_answer_what_it_shows(start_server: StartServe
         where = f"README line {example.line}: {example.method} {example.target}"
         assert response.status_code < 300, f"{where}: {response.text}"
         if example.answer is not None:
-            assert response.json() == example.answer, f"{where}: {response.text}"
+            assert _exactly(response.json()) == _exactly(example.answer), (
+                f"{where}: {response.text}"
+            )
+
+
+def _exactly(answer: Any) -> str:
+    """``answer`` as JSON text, names sorted. It tells ``2`` from ``2.0`` and ``1`` from
+    ``true``, which ``==`` on decoded JSON takes for equal but a reader of the README, or
+    a typed client, sees differ."""
+    return json.dumps(answer, sort_keys=True)
