@@ -2,7 +2,8 @@
 real server on a fresh store, and every answer it shows (the ``# {...}`` lines right after
 a command) must be the answer given.
 
-The server runs as the README says its examples do: ``--quantiles 'api.*'``.
+The server runs as the README says its examples do: started as the Quick start starts it,
+with the flags of its ``trioagg serve`` command.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _complete(text: str) -> bool:
     return True
 
 
-def readme_examples() -> list[Example]:
+def _shell_blocks() -> list[list[tuple[int, str]]]:
+    """(line number, line) of each ``sh`` code block of the README, in order."""
     lines = README.read_text().splitlines()
     blocks: list[list[tuple[int, str]]] = []
     current: list[tuple[int, str]] | None = None
@@ -78,8 +80,29 @@ def readme_examples() -> list[Example]:
                 current = None
         elif current is not None:
             current.append((number, line))
+    return blocks
+
+
+def quick_start_flags() -> dict[str, str]:
+    """The flags of the Quick start's ``trioagg serve``, as settings' text by field name;
+    its address and store aside (the test's server has a free port and a fresh store)."""
+    heading = README.read_text().splitlines().index("## Quick start") + 1
+    command = next(
+        line
+        for block in _shell_blocks()
+        for number, line in block
+        if number > heading and "trioagg serve" in line
+    )
+    words = shlex.split(command.split("trioagg serve", 1)[1])
+    flags = dict(zip(words[::2], words[1::2], strict=True))
+    assert all(flag.startswith("--") for flag in flags), f"Quick start: {command}"
+    settings = {flag[2:].replace("-", "_"): value for flag, value in flags.items()}
+    return {name: text for name, text in settings.items() if name not in ("db", "host", "port")}
+
+
+def readme_examples() -> list[Example]:
     examples = []
-    for block in blocks:
+    for block in _shell_blocks():
         for number, text, answer in _commands(block):
             examples.append(_example(number, text, answer))
     return examples
@@ -123,7 +146,7 @@ def test_the_readme_has_examples_with_answers() -> None:
 
 
 async def test_the_readme_examples_answer_what_it_shows(start_server: StartServer) -> None:
-    server = await start_server(quantiles="api.*")
+    server = await start_server(**quick_start_flags())
     for example in EXAMPLES:
         response = await server.client.request(
             example.method, example.target, headers=example.headers, content=example.body
