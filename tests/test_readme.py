@@ -9,14 +9,21 @@ with the flags of its ``trioagg serve`` command.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .conftest import StartServer
+import pytest
+
+from trioagg.settings import Settings
+from trioagg.store import open_store
+
+from .conftest import StartServer, sql
 
 README = Path(__file__).parent.parent / "README.md"
+README_TEXT = README.read_text()
 HOST = "localhost:8000"
 
 
@@ -68,7 +75,7 @@ def _complete(text: str) -> bool:
 
 def _shell_blocks() -> list[list[tuple[int, str]]]:
     """(line number, line) of each ``sh`` code block of the README, in order."""
-    lines = README.read_text().splitlines()
+    lines = README_TEXT.splitlines()
     blocks: list[list[tuple[int, str]]] = []
     current: list[tuple[int, str]] | None = None
     for number, line in enumerate(lines, 1):
@@ -86,7 +93,7 @@ def _shell_blocks() -> list[list[tuple[int, str]]]:
 def quick_start_flags() -> dict[str, str]:
     """The flags of the Quick start's ``trioagg serve``, as settings' text by field name;
     its address and store aside (the test's server has a free port and a fresh store)."""
-    heading = README.read_text().splitlines().index("## Quick start") + 1
+    heading = README_TEXT.splitlines().index("## Quick start") + 1
     command = next(
         line
         for block in _shell_blocks()
@@ -164,3 +171,16 @@ def _exactly(answer: Any) -> str:
     ``true``, which ``==`` on decoded JSON takes for equal but a reader of the README, or
     a typed client, sees differ."""
     return json.dumps(answer, sort_keys=True)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_the_postgresql_tables_are_those_the_readme_lists(db_url: str) -> None:
+    listed = re.search(r"The store is created on first start \(tables ([^)]*)\)", README_TEXT)
+    assert listed is not None, "the README's PostgreSQL section lists no tables"
+    await (await open_store(Settings(db=db_url))).aclose()
+    tables = sql(
+        db_url,
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = current_schema() ORDER BY table_name",
+    )
+    assert sorted(re.findall(r"`(\w+)`", listed[1])) == [name for (name,) in tables]
