@@ -18,6 +18,9 @@ import pytest
 import trio
 
 from trioagg.app import DRAIN_PROGRESS_SECONDS
+from trioagg.errors import ConfigError
+from trioagg.settings import Settings
+from trioagg.store import make_backend, open_store
 
 from .conftest import Ledger, assert_store_holds
 
@@ -228,7 +231,7 @@ def test_a_store_that_cannot_open_stops_start_up_with_one_line_and_exit_2(
     assert server.wait() == 2
     errors = [line for line in server.output.splitlines() if " ERROR " in line]
     assert len(errors) == 1, server.output
-    assert "cannot open the SQLite store /nonexistent/folder/x.db" in errors[0]
+    assert "cannot open the store sqlite /nonexistent/folder/x.db" in errors[0]
     assert "Traceback" not in server.output
 
 
@@ -244,6 +247,25 @@ def test_an_unreachable_postgresql_stops_start_up_with_exit_2_and_no_password(
     assert len(errors) == 1, server.output
     assert f"cannot open the store postgresql 127.0.0.1:{port}/x" in errors[0]
     assert "s3cret" not in server.output and "Traceback" not in server.output
+
+
+@pytest.mark.parametrize("cause", ["no folder", "a folder", "no database server"])
+async def test_a_store_that_cannot_open_is_one_sentence_whatever_the_cause(
+    tmp_path: Path, cause: str
+) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    db = {
+        "no folder": str(tmp_path / "nonexistent" / "x.db"),
+        "a folder": str(tmp_path),
+        "no database server": f"postgresql://127.0.0.1:{port}/x",
+    }[cause]
+    settings = Settings(db=db)
+    with pytest.raises(ConfigError) as refused:
+        await open_store(settings)
+    opening = f"cannot open the store {make_backend(settings).description}: "
+    assert str(refused.value).startswith(opening), refused.value
 
 
 def test_a_store_that_cannot_open_never_says_running_on(server_process: Any) -> None:
@@ -263,7 +285,7 @@ def test_a_store_that_cannot_open_stops_hypercorn_workers(server_process: Any) -
     server = start_hypercorn_on_a_missing_folder(server_process, HYPERCORN_TWO_WORKERS)
     errors = [line for line in server.output.splitlines() if " ERROR trioagg" in line]
     assert errors, server.output
-    assert all("cannot open the SQLite store /nonexistent/folder/x.db" in e for e in errors)
+    assert all("cannot open the store sqlite /nonexistent/folder/x.db" in e for e in errors)
 
 
 @pytest.mark.xfail(

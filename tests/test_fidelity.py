@@ -89,7 +89,38 @@ async def test_percentiles_of_keys_without_quantiles_are_refused(server: Server)
     await post(server.client, {"key": "plain", "value": 3})
     response = await server.client.get("/v1/aggregates", params={"key": "plain", "stats": "p99"})
     assert response.status_code == 422
-    assert "--quantiles" in response.json()["error"]["details"][0]["message"]
+    message = response.json()["error"]["details"][0]["message"]
+    # how to keep them, and what that means for the events already received
+    assert "--quantiles" in message
+    assert "null for buckets of events received before" in message
+
+
+async def test_quantiles_turned_on_later_cover_only_the_events_received_since(
+    start_server: StartServer,
+) -> None:
+    before = await start_server()
+    await post(
+        before.client,
+        [{"key": "late.q", "ts": DAY + 1, "value": 10}, {"key": "late.q", "ts": DAY + HOUR + 1}],
+    )
+    await before.shutdown()
+    after = await start_server(quantiles="late.*")
+    await post(
+        after.client,
+        [
+            {"key": "late.q", "ts": DAY + HOUR + 2, "value": 5},
+            {"key": "late.q", "ts": DAY + 2 * HOUR + 1, "value": 7},
+        ],
+    )
+    doc = await aggregates(
+        after, key="late.q", stats="count,p50", **{"from": DAY, "to": DAY + 3 * HOUR}
+    )
+    # the sketch of a bucket holds the values that arrived once it was kept, and only them
+    assert [(b["count"], b["p50"]) for b in doc["results"][0]["buckets"]] == [
+        (1, None),
+        (2, 5.0),
+        (1, 7.0),
+    ]
 
 
 async def test_distinct_counts_merge_by_union_not_by_sum(server: Server) -> None:

@@ -250,6 +250,22 @@ async def test_max_age_rejects_old_events(start_server: StartServer) -> None:
     assert "too far in the future" in response.json()["error"]["details"][0]["message"]
 
 
+@pytest.mark.parametrize("other", [{"key": "ok"}, {"key": "bad", "value": "3"}])
+async def test_a_ts_in_epoch_milliseconds_is_named_so(
+    server: Server, other: dict[str, Any]
+) -> None:
+    # beside a valid event (the typed fast path finds it) or an ill-typed one (the untyped path)
+    millis = int(NOW) * 1000
+    response = await post(server.client, [{"key": "ms", "ts": millis}, other])
+    assert response.status_code == 422
+    (problem,) = [d for d in response.json()["error"]["details"] if d["index"] == 0]
+    assert problem["field"] == "ts"
+    assert problem["message"].startswith(f"{millis} looks like epoch milliseconds")
+    # an RFC 3339 time that far ahead is no such mistake
+    response = await post(server.client, {"key": "ms", "ts": "6000-01-01T00:00:00Z"})
+    assert "too far in the future" in response.json()["error"]["details"][0]["message"]
+
+
 async def test_late_events_update_their_bucket(server: Server) -> None:
     hour = int(time.time() // 3600) * 3600 - 5 * 3600
     await post(server.client, {"key": "late", "ts": hour + 10, "value": 1})

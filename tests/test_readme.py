@@ -2,20 +2,28 @@
 real server on a fresh store, and every answer it shows (the ``# {...}`` lines right after
 a command) must be the answer given.
 
-The server runs as the README says its examples do: ``--quantiles 'api.*'``.
+The server runs as the README says its examples do: started as the Quick start starts it,
+with the flags of its ``trioagg serve`` command.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .conftest import StartServer
+import pytest
+
+from trioagg.settings import Settings
+from trioagg.store import open_store
+
+from .conftest import StartServer, sql
 
 README = Path(__file__).parent.parent / "README.md"
+README_TEXT = README.read_text()
 HOST = "localhost:8000"
 
 
@@ -65,8 +73,9 @@ def _complete(text: str) -> bool:
     return True
 
 
-def readme_examples() -> list[Example]:
-    lines = README.read_text().splitlines()
+def _shell_blocks() -> list[list[tuple[int, str]]]:
+    """(line number, line) of each ``sh`` code block of the README, in order."""
+    lines = README_TEXT.splitlines()
     blocks: list[list[tuple[int, str]]] = []
     current: list[tuple[int, str]] | None = None
     for number, line in enumerate(lines, 1):
@@ -78,8 +87,29 @@ def readme_examples() -> list[Example]:
                 current = None
         elif current is not None:
             current.append((number, line))
+    return blocks
+
+
+def quick_start_flags() -> dict[str, str]:
+    """The flags of the Quick start's ``trioagg serve``, as settings' text by field name;
+    its address and store aside (the test's server has a free port and a fresh store)."""
+    heading = README_TEXT.splitlines().index("## Quick start") + 1
+    command = next(
+        line
+        for block in _shell_blocks()
+        for number, line in block
+        if number > heading and "trioagg serve" in line
+    )
+    words = shlex.split(command.split("trioagg serve", 1)[1])
+    flags = dict(zip(words[::2], words[1::2], strict=True))
+    assert all(flag.startswith("--") for flag in flags), f"Quick start: {command}"
+    settings = {flag[2:].replace("-", "_"): value for flag, value in flags.items()}
+    return {name: text for name, text in settings.items() if name not in ("db", "host", "port")}
+
+
+def readme_examples() -> list[Example]:
     examples = []
-    for block in blocks:
+    for block in _shell_blocks():
         for number, text, answer in _commands(block):
             examples.append(_example(number, text, answer))
     return examples
@@ -123,7 +153,7 @@ def test_the_readme_has_examples_with_answers() -> None:
 
 
 async def test_the_readme_examples_answer_what_it_shows(start_server: StartServer) -> None:
-    server = await start_server(quantiles="api.*")
+    server = await start_server(**quick_start_flags())
     for example in EXAMPLES:
         response = await server.client.request(
             example.method, example.target, headers=example.headers, content=example.body
@@ -131,4 +161,26 @@ async def test_the_readme_examples_answer_what_it_shows(start_server: StartServe
         where = f"README line {example.line}: {example.method} {example.target}"
         assert response.status_code < 300, f"{where}: {response.text}"
         if example.answer is not None:
-            assert response.json() == example.answer, f"{where}: {response.text}"
+            assert _exactly(response.json()) == _exactly(example.answer), (
+                f"{where}: {response.text}"
+            )
+
+
+def _exactly(answer: Any) -> str:
+    """``answer`` as JSON text, names sorted. It tells ``2`` from ``2.0`` and ``1`` from
+    ``true``, which ``==`` on decoded JSON takes for equal but a reader of the README, or
+    a typed client, sees differ."""
+    return json.dumps(answer, sort_keys=True)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_the_postgresql_tables_are_those_the_readme_lists(db_url: str) -> None:
+    listed = re.search(r"The store is created on first start \(tables ([^)]*)\)", README_TEXT)
+    assert listed is not None, "the README's PostgreSQL section lists no tables"
+    await (await open_store(Settings(db=db_url))).aclose()
+    tables = sql(
+        db_url,
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = current_schema() ORDER BY table_name",
+    )
+    assert sorted(re.findall(r"`(\w+)`", listed[1])) == [name for (name,) in tables]

@@ -615,7 +615,9 @@ def _check_quantiles_kept(query: Query, service: Service) -> None:
                     "parameter": "stats",
                     "message": f"quantiles are not kept for {', '.join(missing)}: "
                     "start the server with --quantiles naming these keys (glob patterns, * for "
-                    "all); they apply to events received from then on",
+                    "all). Percentiles then cover the events received from then on, and are "
+                    "null for buckets of events received before: a sketch is built from each "
+                    "value as it arrives, and values are not kept",
                 }
             ],
         )

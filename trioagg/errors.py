@@ -42,6 +42,14 @@ class ConfigError(TrioaggError):
     """A setting is invalid, or an existing store was created with other settings."""
 
 
+class StoreCannotOpen(ConfigError):
+    """A store that cannot be opened, in one sentence whatever found it: ``store`` is its
+    backend's description, ``why`` the cause (the driver's words, or trioagg's own)."""
+
+    def __init__(self, store: str, why: object) -> None:
+        super().__init__(f"cannot open the store {store}: {why}")
+
+
 class StoreError(TrioaggError):
     """A transaction failed; the store holds nothing of it."""
 

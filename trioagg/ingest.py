@@ -26,7 +26,7 @@ import msgspec
 import trio
 
 from .errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
-from .times import LATEST, rfc3339
+from .times import LATEST, milliseconds_mistake, rfc3339
 
 #: One validated event: (key, ts in Unix seconds, value, canonical tags JSON,
 #: distinct_id or None, id or None).
@@ -296,12 +296,18 @@ def _limit_problems(
         if too_large is not None:
             yield "tags", f"{RULES['tags']} ({too_large})"
     if seconds is not None and not low <= seconds <= high:
-        yield "ts", _describe_out_of_window(seconds, low, high)
+        yield "ts", _describe_out_of_window(seconds, low, high, number=isinstance(event.ts, float))
 
 
-def _describe_out_of_window(seconds: float, low: float, high: float) -> str:
+def _describe_out_of_window(seconds: float, low: float, high: float, *, number: bool) -> str:
     stamp = rfc3339(seconds)
     if seconds > high:
+        # JavaScript's Date.now() and many loggers count milliseconds: say so, as a query does
+        mistaken = (
+            milliseconds_mistake(seconds, repr(seconds).removesuffix(".0")) if number else None
+        )
+        if mistaken is not None:
+            return mistaken
         return f"{stamp} is too far in the future (latest accepted: {rfc3339(high)}, max_future)"
     if low > 0:
         return f"{stamp} is too old (earliest accepted: {rfc3339(low)}, max_age)"

@@ -42,6 +42,17 @@ def rfc3339(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def milliseconds_mistake(seconds: float, shown: str) -> str | None:
+    """What to tell a client whose number of Unix seconds is probably epoch milliseconds
+    (``shown`` as it sent it); None when it cannot be."""
+    if not MILLISECONDS_FROM <= seconds < LATEST * 1000:
+        return None
+    return (
+        f"{shown} looks like epoch milliseconds ({rfc3339(seconds / 1000)}); "
+        "send Unix seconds or RFC 3339"
+    )
+
+
 def parse_time(text: str) -> float:
     """Unix seconds from RFC 3339 with an offset or from a decimal number of seconds,
     inside ``[0, LATEST)``; :class:`ValueError` says what is wrong and how to fix it."""
@@ -49,10 +60,10 @@ def parse_time(text: str) -> float:
         raise ValueError(f"at most {MAX_TIME_LENGTH} characters")
     if _SECONDS.match(text):
         seconds = float(text)
-        if MILLISECONDS_FROM <= seconds < LATEST * 1000:
+        mistaken = milliseconds_mistake(seconds, text)
+        if mistaken is not None:
             raise ValueError(
-                f"{text} looks like epoch milliseconds ({rfc3339(seconds / 1000)}); send Unix "
-                "seconds or RFC 3339 (in Grafana: ${__from:date:seconds} and ${__to:date:seconds})"
+                mistaken + " (in Grafana: ${__from:date:seconds} and ${__to:date:seconds})"
             )
     else:
         try:

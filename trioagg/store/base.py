@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import outcome
 import trio
 
-from ..errors import ConfigError, StoreBusy, StoreError, StoreOutage, TrioaggError
+from ..errors import StoreBusy, StoreCannotOpen, StoreError, StoreOutage, TrioaggError
 from ..ingest import Point
 from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles
 from .plan import (
@@ -427,7 +427,7 @@ class Store:
             await store._retry_busy(0, backend.prepare, policy.bucket)
         except StoreError as error:
             cause = error.__cause__ or error
-            raise ConfigError(f"cannot open the store {backend.description}: {cause}") from error
+            raise StoreCannotOpen(backend.description, cause) from error
         if backend.shards > 1:
             # A read connection attaches every shard file when it opens: opened after a
             # shard file was lost, it could not open, and the API keys of the main file
@@ -439,9 +439,7 @@ class Store:
             try:
                 await trio.to_thread.run_sync(open_reads)
             except Exception as error:
-                raise ConfigError(
-                    f"cannot open the store {backend.description}: {error}"
-                ) from error
+                raise StoreCannotOpen(backend.description, error) from error
         return store
 
     async def write(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> CommitResult:

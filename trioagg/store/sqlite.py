@@ -29,7 +29,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreCannotOpen
 from .sql import KEYS_TABLE, SQLBackend, check_meta
 
 _META = """CREATE TABLE IF NOT EXISTS meta (
@@ -140,7 +140,7 @@ class SQLiteBackend(SQLBackend):
         path = shard_path(self.path, shard)
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
-            raise ConfigError(f"cannot open the SQLite store {self.path}: {folder} does not exist")
+            raise StoreCannotOpen(self.description, f"{folder} does not exist")
         # Only the main file's write connection creates its file (shard files are created
         # with the store, in prepare). A read connection never creates one: opened after a
         # file was deleted, it fails (SQLITE_CANTOPEN, an outage) instead of reading, or
