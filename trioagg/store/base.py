@@ -68,6 +68,10 @@ class Backend(Protocol):
     def connect(self, *, write: bool, shard: int = 0) -> Any:
         """A connection; a write connection to shard ``shard``'s database."""
 
+    def exists(self) -> bool:
+        """Whether a store is here (its ``meta`` table), creating nothing: no file, no
+        table, no folder. Raises when that cannot be told (a server out of reach)."""
+
     def prepare(self, conn: Any, bucket: int) -> None:
         """On shard 0's write connection: create the schema (of every shard) if needed
         and record ``bucket`` in a new store. Raises ConfigError when an existing store
@@ -176,6 +180,10 @@ class Backend(Protocol):
     def interrupt(self, conn: Any) -> None:
         """From another thread, while ``conn`` is open: make the call blocked on it fail
         now. The connection is closed afterwards, never used again."""
+
+
+def _unopenable(backend: Backend, cause: BaseException) -> ConfigError:
+    return ConfigError(f"cannot open the store {backend.description}: {cause}")
 
 
 class BusyRetry:
@@ -426,8 +434,7 @@ class Store:
             # Processes starting together on a fresh store take turns on its lock.
             await store._retry_busy(0, backend.prepare, policy.bucket)
         except StoreError as error:
-            cause = error.__cause__ or error
-            raise ConfigError(f"cannot open the store {backend.description}: {cause}") from error
+            raise _unopenable(backend, error.__cause__ or error) from error
         if backend.shards > 1:
             # A read connection attaches every shard file when it opens: opened after a
             # shard file was lost, it could not open, and the API keys of the main file
@@ -439,10 +446,17 @@ class Store:
             try:
                 await trio.to_thread.run_sync(open_reads)
             except Exception as error:
-                raise ConfigError(
-                    f"cannot open the store {backend.description}: {error}"
-                ) from error
+                raise _unopenable(backend, error) from error
         return store
+
+    @staticmethod
+    async def exists(backend: Backend) -> bool:
+        """Whether ``backend`` holds a store, creating nothing (:meth:`Backend.exists`);
+        ConfigError, worded as :meth:`open` words it, when that cannot be told."""
+        try:
+            return await trio.to_thread.run_sync(backend.exists)
+        except Exception as error:
+            raise _unopenable(backend, error) from error
 
     async def write(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> CommitResult:
         """Commit a batch of submissions in one transaction (see :func:`commit_batch`)
