@@ -1,18 +1,73 @@
-"""A new machine's first commands: whether a store exists is told without creating
-anything."""
+"""A new machine's first commands: ``keys create --create-store`` makes the store a server
+then opens, and a key command without a store says so in one line naming the command that
+makes it, creating nothing."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import pytest
+import trio
+from click.testing import CliRunner
 
+from trioagg.cli import main
 from trioagg.settings import Settings
 from trioagg.store import open_store, store_exists
 
-from .conftest import fresh_schema, sql
+from .conftest import SHARDED, fresh_schema, sql
+
+
+def _cli(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("command", [["create", "--name", "a", "--scope", "read"], ["list"]])
+def test_a_key_command_without_a_store_is_one_line_exit_2_naming_create_store(
+    tmp_path: Path, command: list[str]
+) -> None:
+    for db in (tmp_path / "other.db", tmp_path / "no" / "folder" / "other.db"):
+        refused = _cli("keys", *command, "--db", str(db))
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.splitlines() == [
+            f"Error: no trioagg store at {db}: check --db, or create it with its first key "
+            f"(trioagg keys create --name NAME --scope admin --db {db} --create-store, with "
+            "the --bucket and --writers the server runs with where not the defaults)"
+        ]
+    assert list(tmp_path.iterdir()) == [], "a key command created something"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", SHARDED, "postgres"], indirect=True)
+async def test_create_store_makes_the_store_a_server_with_the_same_flags_opens(
+    db_url: Any, tmp_path: Path
+) -> None:
+    db = str(db_url)
+    if not db.startswith("postgresql://"):
+        db = str(tmp_path / "deep" / "folder" / "events.db")  # its folder is made too
+    writers = getattr(db_url, "flags", {}).get("writers", "1")
+    flags = ("--db", db, "--bucket", "5m", "--writers", writers)
+
+    def cli(*args: str) -> Any:
+        return _cli("keys", "create", "--scope", "admin", *args)
+
+    made = await trio.to_thread.run_sync(cli, "--name", "a", "--create-store", *flags)
+    assert made.exit_code == 0, made.output
+    assert made.stdout.startswith("tgk_")
+    shards = ", 2 shard files" if writers == "2" else ""
+    assert f"store {db} created (5m buckets{shards})" in made.stderr
+    assert sql(db, "SELECT value FROM meta WHERE name = 'bucket_seconds'") == [("300",)]
+    settings = Settings.from_text({"db": db, "bucket": "5m", "writers": writers})
+    await (await open_store(settings)).aclose()  # what the server with the same flags does
+
+    # An existing store is used as it is: nothing is made again, its settings stay.
+    again = await trio.to_thread.run_sync(cli, "--name", "b", "--create-store", "--db", db)
+    assert again.exit_code == 0, again.output
+    assert f"store {db} created" not in again.stderr
+    assert sql(db, "SELECT value FROM meta WHERE name = 'bucket_seconds'") == [("300",)]
+    assert sql(db, "SELECT name FROM api_keys ORDER BY name") == [("a",), ("b",)]
 
 
 async def test_whether_a_store_exists_is_told_without_creating_anything(
