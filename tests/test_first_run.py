@@ -1,14 +1,17 @@
 """A new machine's first commands: ``keys create --create-store`` makes the store a server
-then opens, and a key command without a store says so in one line naming the command that
-makes it, creating nothing."""
+then opens, and what refuses (a key command without a store, a server that needs a key)
+says so in one line naming the next command, and creates nothing."""
 
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import trio
@@ -23,6 +26,38 @@ from .conftest import SHARDED, fresh_schema, sql
 
 def _cli(*args: str) -> Any:
     return CliRunner().invoke(main, list(args))
+
+
+def _bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["missing", "present"])
+def test_a_start_refused_for_want_of_a_key_creates_nothing_and_names_what_does(
+    server_process: Any, tmp_path: Path, folder: str
+) -> None:
+    db = tmp_path / "new" / "events.db"
+    if folder == "present":
+        db.parent.mkdir()
+    flags = ("--host", "0.0.0.0", "--bucket", "5m", "--writers", "2")
+    refused = server_process(*flags, "--log-level", "warning", db=db).start()
+    assert refused.wait() == 2
+    (line,) = refused.output.strip().splitlines()
+    assert "trioagg cannot start" in line and "--auth off" in line
+    assert db.parent.exists() == (folder == "present")
+    assert not db.parent.exists() or list(db.parent.iterdir()) == [], "it left a store"
+
+    named = re.search(r"\((trioagg keys create [^)]*)\)", line)
+    assert named is not None, line
+    made = _cli(*shlex.split(named[1].replace("NAME", "admin"))[1:])
+    assert made.exit_code == 0, made.output
+    started = server_process(*flags, "--log-level", "warning", db=db).start()
+    assert started.url, started.output
+    local = re.sub(r"//[\d.]+:", "//127.0.0.1:", started.url)
+    answer = httpx.get(f"{local}/v1/keys", headers=_bearer(made.stdout.strip()))
+    assert answer.status_code == 200
+    assert started.stop() == 0
 
 
 @pytest.mark.parametrize("command", [["create", "--name", "a", "--scope", "read"], ["list"]])
