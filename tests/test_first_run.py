@@ -1,6 +1,7 @@
-"""A new machine's first commands: ``keys create --create-store`` makes the store a server
-then opens, and what refuses (a key command without a store, a server that needs a key)
-says so in one line naming the next command, and creates nothing."""
+"""A new machine's first commands: the README's "Running it" block works as written from
+a machine without the store or its folder, ``keys create --create-store`` makes the store
+a server then opens, and what refuses (a key command without a store, a server that
+needs a key) says so in one line naming the next command, and creates nothing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import contextlib
 import re
 import shlex
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from trioagg.store import open_store, store_exists
 
 from .conftest import SHARDED, fresh_schema, sql
 
+README = Path(__file__).parent.parent / "README.md"
+
 
 def _cli(*args: str) -> Any:
     return CliRunner().invoke(main, list(args))
@@ -30,6 +35,60 @@ def _cli(*args: str) -> Any:
 
 def _bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+def running_it_commands() -> list[tuple[int, list[str]]]:
+    """(line, words) of each command of the README's "Running it" block, in order."""
+    lines = README.read_text().splitlines()
+    start = lines.index("## Running it")
+    opening = lines.index("```sh", start)
+    commands = []
+    for number in range(opening + 1, lines.index("```", opening + 1)):
+        text = lines[number].strip()
+        if text and not text.startswith("#"):
+            assert not text.endswith("\\"), f"README line {number + 1}: one line per command"
+            commands.append((number + 1, shlex.split(text)))
+    return commands
+
+
+def _on_this_machine(words: list[str], root: Path) -> list[str]:
+    """A README command as this test runs it: the trioagg under test, absolute paths
+    under ``root`` (the bare machine's /), and a free port instead of 8000."""
+    words = [str(root / word.lstrip("/")) if word.startswith("/") else word for word in words]
+    if words[1] == "serve":
+        if "--port" in words:
+            words[words.index("--port") + 1] = "0"
+        else:
+            words += ["--port", "0"]
+    return [sys.executable, "-m", "trioagg", *words[1:]]
+
+
+@pytest.mark.slow
+def test_the_running_it_block_works_as_written_on_a_bare_machine(
+    server_process: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "machine"  # not even /var/lib/trioagg exists
+    commands = running_it_commands()
+    assert [words[:2] for _, words in commands] == [
+        ["trioagg", "keys"],
+        ["trioagg", "serve"],
+        ["trioagg", "serve"],
+    ]
+    secret = ""
+    for line, words in commands:
+        command = _on_this_machine(words, root)
+        if words[1] == "keys":
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, f"README line {line}: {done.stderr}"
+            secret = done.stdout.strip()
+            continue
+        server = server_process(db=root / "var/lib/trioagg/events.db").start(command)
+        assert server.url, f"README line {line}: {server.output}"
+        local = re.sub(r"//[\d.]+:", "//127.0.0.1:", server.url)
+        with httpx.Client(base_url=local, timeout=30) as client:
+            assert client.get("/v1/keys").status_code == 401, f"README line {line}"
+            assert client.get("/v1/keys", headers=_bearer(secret)).status_code == 200
+        assert server.stop() == 0, f"README line {line}: {server.output}"
 
 
 @pytest.mark.slow
