@@ -139,6 +139,11 @@ def test_auto_is_on_off_loopback_and_refuses_to_start_there_without_a_key() -> N
     assert auth.settle_mode(public, keys_exist=True).auth == "on"
     with pytest.raises(ConfigError, match=r"trioagg keys create .* --auth off"):
         auth.settle_mode(public, keys_exist=False)
+    # With no store yet, the command named creates one that these settings open.
+    sharded = Settings(host="0.0.0.0", bucket=300, writers=2)
+    named = r"no store at trioagg\.db yet: .* --create-store --bucket 5m --writers 2\) or"
+    with pytest.raises(ConfigError, match=named):
+        auth.settle_mode(sharded, keys_exist=False, store_exists=False)
     explicit = Settings(host="0.0.0.0", auth="off")
     assert auth.settle_mode(explicit, keys_exist=False).auth == "off"
 
@@ -773,6 +778,7 @@ async def test_two_processes_agree_on_revocation(server_process: Any, tmp_path: 
 def test_a_public_address_without_a_key_refuses_to_start(
     server_process: Any, tmp_path: Path
 ) -> None:
+    trio.run(new_store, str(tmp_path / "trioagg.db"))
     refused = server_process("--host", "0.0.0.0").start()
     assert refused.wait() == 2
     lines = [line for line in refused.output.splitlines() if "cannot start" in line]
@@ -890,11 +896,11 @@ def test_the_key_commands_refuse_what_they_cannot_do(
     for command in (["create", "--name", "a", "--scope", "read"], ["list"], ["revoke", "a"]):
         typo = _cli("keys", *command, "--db", db)
         assert typo.exit_code == 2, typo.output
-        assert f"no trioagg store at {db}" in typo.output and "--db" in typo.output
+        assert f"no trioagg store at {db}" in typo.output and "--create-store" in typo.output
         assert not (tmp_path / "other.db").exists(), "a key command created a store"
     Path(db).write_bytes(b"")  # a file, but no store in it
     empty = _cli("keys", "list", "--db", db)
-    assert empty.exit_code == 2 and "no such table: meta" in empty.output
+    assert empty.exit_code == 2 and f"no trioagg store at {db}" in empty.output
     Path(db).unlink()
     for path in (db, "trioagg.db"):
         trio.run(new_store, path)

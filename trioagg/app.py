@@ -35,6 +35,7 @@ from .auth import (
     ENDPOINT_SCOPES,
     Authenticator,
     current_tenant,
+    key_required_to_start,
     settle_mode,
     tenant_tags,
 )
@@ -70,7 +71,7 @@ from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
-from .store import Store, open_store
+from .store import Store, open_store, store_exists
 from .writer import Writers, purge_expired_ids
 
 log = logging.getLogger("trioagg")
@@ -347,19 +348,25 @@ def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> S
 
     With ``listening`` (``trioagg serve``, which knows the address it binds), return the
     settings with ``--auth auto`` settled for that address (:func:`~trioagg.auth.settle_mode`),
-    exiting the same way when a non-loopback address has no key to require."""
+    exiting the same way when a non-loopback address has no key to require: then a store
+    that did not exist is not created (a server that cannot start leaves nothing behind)."""
 
-    async def open_and_close() -> bool:
+    async def open_and_close() -> tuple[bool, bool]:
+        """(whether the store exists, whether it holds a key)."""
+        if listening and key_required_to_start(settings) and not await store_exists(settings):
+            return False, False  # refused below, before anything is created
         store = await open_store(settings)
         try:
-            return await store.any_api_key()
+            return True, await store.any_api_key()
         finally:
             await store.aclose()
 
     _configure_logging(settings.log_level)
     try:
-        keys_exist = trio.run(open_and_close)
-        return settle_mode(settings, keys_exist=keys_exist) if listening else settings
+        found, keys_exist = trio.run(open_and_close)
+        if not listening:
+            return settings
+        return settle_mode(settings, keys_exist=keys_exist, store_exists=found)
     except ConfigError as error:
         exit_for_config(error)
 

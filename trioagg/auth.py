@@ -60,7 +60,7 @@ from quart import g
 from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
 from .hosts import address_of
 from .ingest import TENANT_TAG
-from .settings import Settings, flag_name
+from .settings import BUCKET_NAMES, Settings, flag_name
 from .store import Backend, Store
 from .store.base import BusyRetry
 
@@ -224,18 +224,40 @@ def reached_locally(server: Sequence[Any] | None) -> bool:
     return server is None or is_loopback(str(server[0]))
 
 
-def settle_mode(settings: Settings, *, keys_exist: bool) -> Settings:
+def key_required_to_start(settings: Settings) -> bool:
+    """Whether ``trioagg serve`` starts only on a store that holds a key: ``auto`` on a
+    non-loopback address (see :func:`settle_mode`)."""
+    return settings.auth == "auto" and not is_loopback(settings.host)
+
+
+def settle_mode(settings: Settings, *, keys_exist: bool, store_exists: bool = True) -> Settings:
     """The settings ``trioagg serve`` runs with: ``auto`` on a non-loopback address is
-    ``on``, and refuses to start (ConfigError) while the store holds no key."""
-    if settings.auth != "auto" or is_loopback(settings.host):
+    ``on``, and refuses to start (ConfigError) while the store holds no key, or while
+    there is no store (then the command it names creates one as these settings need)."""
+    if not key_required_to_start(settings):
         return settings
     if not keys_exist:
+        missing, command = "the store holds no API key", "create one"
+        if not store_exists:
+            missing, command = f"there is no store at {settings.db} yet", "create both"
         raise ConfigError(
-            f"{flag_name('host')} {settings.host} is not a loopback address and the store "
-            "holds no API key: create one (trioagg keys create --name NAME --scope admin "
-            f"--db {settings.db}) or pass {flag_name('auth')} off to serve without keys"
+            f"{flag_name('host')} {settings.host} is not a loopback address and {missing}: "
+            f"{command} (trioagg keys create --name NAME --scope admin --db {settings.db}"
+            f"{'' if store_exists else _creation_flags(settings)}) or pass "
+            f"{flag_name('auth')} off to serve without keys"
         )
     return dataclasses.replace(settings, auth="on")
+
+
+def _creation_flags(settings: Settings) -> str:
+    """The flags with which ``trioagg keys create`` makes the store ``settings`` open: the
+    settings a store records when it is created, where they are not the defaults."""
+    flags = " --create-store"
+    if settings.bucket != Settings().bucket:
+        flags += f" {flag_name('bucket')} {BUCKET_NAMES[settings.bucket]}"
+    if settings.writers != Settings().writers:
+        flags += f" {flag_name('writers')} {settings.writers}"
+    return flags
 
 
 # -- checking requests ---------------------------------------------------------

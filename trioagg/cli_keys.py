@@ -1,25 +1,34 @@
 """``trioagg keys create|list|revoke``: API keys, managed on the store itself.
 
 The commands open the store named by ``--db`` (``TRIOAGG_DB``) directly, SQLite file
-or PostgreSQL URL, only if it exists (a server creates it), and may run while servers
-use it: a new key works at once, and a
+or PostgreSQL URL, and may run while servers use it: a new key works at once, and a
 revoked one stops working within a few seconds on every server (their key cache's
 lifetime, :data:`trioagg.auth.CACHE_SECONDS`). See :mod:`trioagg.auth`.
+
+Only ``keys create --create-store`` creates a store (and a SQLite file's folder), and
+only where ``--db`` names none: a mistyped ``--db`` must not get a new, empty store, and
+an existing store keeps its settings. It creates it as a server starting on it would,
+with the settings a store records when it is made (``--bucket``, and ``--writers``:
+SQLite's shard files), so that the first command on a bare machine can be this one and
+the server started next, with the same settings, opens the store.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import click
+import trio
 
 from . import auth
 from .errors import ConfigError
 from .ingest import TAG_VALUE_BYTES, TENANT_TAG, tag_value_problem
-from .settings import Settings, parse_duration
-from .store import Backend
+from .settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
+from .store import Backend, is_postgres, open_store
 from .store import make_backend as _make_backend
 
 _db = click.option(
@@ -37,36 +46,67 @@ class _Refused(click.ClickException):
     exit_code = 2
 
 
-def _existing(backend: Backend, db: str) -> Backend:
-    """``backend`` once it is known to hold a store; else exit 2 with one line. The key
-    commands never create a store: a mistyped --db would get a new, empty one."""
+def _store(db: str, new: Settings | None = None) -> Backend:
+    """The backend of the store ``db`` names, once it is known to hold one; else exit 2
+    with one line naming the command that makes it. ``new``: the settings to create it
+    with (a SQLite file's folder too) where there is none; an existing store is used as
+    it is (a server checks its own settings against the store's when it starts)."""
     try:
-        conn = backend.connect(write=False)  # read-only: opening creates nothing
-        try:
-            backend.ping(conn)  # the store's meta table
-        finally:
-            backend.close(conn)
-    except ConfigError:
-        raise
-    except Exception as error:
+        backend = _make_backend(new or Settings(db=db))
+    except ConfigError as error:  # settings no store can have (too many shard files)
+        raise _Refused(str(error)) from None
+    if backend.exists():
+        return backend
+    if new is None:
         raise _Refused(
-            f"no trioagg store at {db} ({error}): check --db, or start the server once "
-            f"(trioagg serve --db {db}) to create the store"
-        ) from None
+            f"no trioagg store at {db}: check --db, or create it with its first key "
+            f"(trioagg keys create --name NAME --scope admin --db {db} --create-store, with "
+            "the --bucket and --writers the server runs with where not the defaults)"
+        )
+    if not is_postgres(db):
+        folder = os.path.dirname(os.path.abspath(db))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise _Refused(f"cannot create the folder {folder} of {db}: {error.strerror}") from None
+
+    async def open_and_close() -> None:  # as a server starting on it would
+        await (await open_store(new)).aclose()
+
+    try:
+        trio.run(open_and_close)
+    except ConfigError as error:
+        raise _Refused(str(error)) from None
+    shards = f", {backend.shards} shard files" if backend.shards > 1 else ""
+    click.echo(f"store {db} created ({BUCKET_NAMES[new.bucket]} buckets{shards})", err=True)
     return backend
 
 
-def _on_store(db: str, action: Callable[[Backend], Any]) -> Any:
-    """``action`` on the backend of ``db``, an existing store; a store that cannot do it
-    is one clean line."""
+def _on_store(db: str, action: Callable[[Backend], Any], new: Settings | None = None) -> Any:
+    """``action`` on the backend of ``db``, an existing store, or one made with the
+    settings ``new`` (see :func:`_store`); a store that cannot do it is one clean line."""
     try:
-        return action(_existing(_make_backend(Settings(db=db)), db))
+        return action(_store(db, new))
     except click.ClickException:
         raise
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     except Exception as error:  # the driver's own words: a path or host the user gave
         raise click.ClickException(f"the store {db} cannot be used: {error}") from None
+
+
+def _creation_option(name: str, help: str) -> Callable[[Any], Any]:
+    """An option of ``keys create``: a setting that a store records when it is made, as
+    the server's flag of the same name and variable (and its default) give it."""
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    default = field.metadata["text"]
+    return click.option(
+        flag_name(name),
+        name,
+        envvar=env_name(name),
+        default=default,
+        help=f"{help} [default: {default}; env: {env_name(name)}]",
+    )
 
 
 def _when(seconds: float | None) -> str:
@@ -97,8 +137,25 @@ def keys() -> None:
 )
 @click.option("--expires", help="Lifetime, e.g. 90d, 12h [default: never].")
 @_db
+@click.option(
+    "--create-store",
+    is_flag=True,
+    help="Create the store if --db names none (a SQLite file's folder too), with "
+    "--bucket and --writers; an existing store is used as it is.",
+)
+@_creation_option("bucket", "Bucket width of the store --create-store makes: 1m, 5m, 15m or 1h.")
+@_creation_option(
+    "writers", "Writers of the store --create-store makes (on SQLite, its shard files)."
+)
 def create(
-    name: str, scopes: Sequence[str], tenant: str | None, expires: str | None, db: str
+    name: str,
+    scopes: Sequence[str],
+    tenant: str | None,
+    expires: str | None,
+    db: str,
+    create_store: bool,
+    bucket: str,
+    writers: str,
 ) -> None:
     """Create a key and print its secret, once: only its SHA-256 digest is stored."""
     try:
@@ -106,6 +163,12 @@ def create(
         lifetime = None if expires is None else parse_duration(expires)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+    new = None
+    if create_store:
+        try:
+            new = Settings.from_text({"db": db, "bucket": bucket, "writers": writers})
+        except ConfigError as error:
+            raise _Refused(str(error)) from None
     problem = None if tenant is None else tag_value_problem(tenant)
     if problem is not None:
         raise _Refused(
@@ -113,7 +176,9 @@ def create(
             f"stamps {TENANT_TAG}=VALUE on every event it sends ({problem})"
         )
     secret = _on_store(
-        db, lambda backend: auth.create_key(backend, name, chosen, tenant=tenant, lifetime=lifetime)
+        db,
+        lambda backend: auth.create_key(backend, name, chosen, tenant=tenant, lifetime=lifetime),
+        new,
     )
     click.echo(secret)
     click.echo(

@@ -20,6 +20,8 @@ from .errors import ConfigError
 ENV_PREFIX = "TRIOAGG_"
 
 BUCKET_WIDTHS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
+#: A bucket width's name, by its seconds.
+BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {

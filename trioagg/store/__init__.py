@@ -21,6 +21,7 @@ __all__ = [
     "Store",
     "WritePolicy",
     "open_store",
+    "store_exists",
 ]
 
 
@@ -57,3 +58,8 @@ async def open_store(settings: Settings) -> Store:
         readers=settings.readers,
         busy_timeout=settings.busy_timeout,
     )
+
+
+async def store_exists(settings: Settings) -> bool:
+    """Whether ``settings.db`` holds a store, creating nothing (see :meth:`Store.exists`)."""
+    return await Store.exists(make_backend(settings))

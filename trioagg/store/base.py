@@ -68,6 +68,10 @@ class Backend(Protocol):
     def connect(self, *, write: bool, shard: int = 0) -> Any:
         """A connection; a write connection to shard ``shard``'s database."""
 
+    def exists(self) -> bool:
+        """Whether a store is here (its ``meta`` table), creating nothing: no file, no
+        table, no folder. Raises when that cannot be told (a server out of reach)."""
+
     def prepare(self, conn: Any, bucket: int) -> None:
         """On shard 0's write connection: create the schema (of every shard) if needed
         and record ``bucket`` in a new store. Raises ConfigError when an existing store
@@ -441,6 +445,15 @@ class Store:
             except Exception as error:
                 raise StoreCannotOpen(backend.description, error) from error
         return store
+
+    @staticmethod
+    async def exists(backend: Backend) -> bool:
+        """Whether ``backend`` holds a store, creating nothing (:meth:`Backend.exists`);
+        ConfigError, worded as :meth:`open` words it, when that cannot be told."""
+        try:
+            return await trio.to_thread.run_sync(backend.exists)
+        except Exception as error:
+            raise StoreCannotOpen(backend.description, error) from error
 
     async def write(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> CommitResult:
         """Commit a batch of submissions in one transaction (see :func:`commit_batch`)

@@ -171,6 +171,14 @@ class PostgresBackend(SQLBackend):
     def interrupt(self, conn: _Connection) -> None:
         conn.interrupt()
 
+    def exists(self) -> bool:
+        conn = self.connect(write=False)
+        try:
+            found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+        finally:
+            conn.close()
+        return bool(found and found[0])
+
     def prepare(self, conn: psycopg.Connection[Any], bucket: int) -> None:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))

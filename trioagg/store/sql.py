@@ -22,6 +22,7 @@ import msgspec
 
 from ..errors import ConfigError
 from ..rollup import Slot
+from ..settings import BUCKET_NAMES
 from .base import KeyInfo, Row, to_rows
 from .plan import SeriesSpan, StoredSketches, UpsertRow
 
@@ -33,7 +34,6 @@ COLUMNS = "key, bucket, tags, count, shift, s1, s2, min, max, quantiles_kll, dis
 _PREFIX_END = "\U0010ffff"
 # Stay far below any dialect's limit of bound parameters per statement.
 _CHUNK = 500
-_BUCKET_NAMES = {60: "1m", 300: "5m", 900: "15m", 3600: "1h"}
 
 
 #: API keys (trioagg.auth): only a SHA-256 digest of each secret. Created IF NOT EXISTS by
@@ -336,7 +336,7 @@ def check_meta(stored: dict[str, str], bucket: int, where: str) -> None:
     stored_bucket = int(stored["bucket_seconds"])
     if stored_bucket != bucket:
         raise ConfigError(
-            f"the store at {where} was created with {_BUCKET_NAMES.get(stored_bucket)} buckets, "
-            f"but --bucket is {_BUCKET_NAMES.get(bucket)}; start with --bucket "
-            f"{_BUCKET_NAMES.get(stored_bucket)} or use a new --db"
+            f"the store at {where} was created with {BUCKET_NAMES.get(stored_bucket)} buckets, "
+            f"but --bucket is {BUCKET_NAMES.get(bucket)}; start with --bucket "
+            f"{BUCKET_NAMES.get(stored_bucket)} or use a new --db"
         )

@@ -172,6 +172,20 @@ class SQLiteBackend(SQLBackend):
         conn.execute("PRAGMA query_only=ON")
         return conn
 
+    def exists(self) -> bool:
+        if not os.path.isfile(self.path):
+            return False
+        # The main file alone, read-only: a file that holds no meta table (empty, or some
+        # other database) is no store, and stays as it is.
+        conn = sqlite3.connect(_uri(self.path, "ro"), uri=True, timeout=_LOCK_WAIT_SECONDS)
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+        finally:
+            conn.close()
+        return found is not None
+
     def prepare(self, conn: sqlite3.Connection, bucket: int) -> None:
         """Create or check the main file; a new store's shard files are created in the
         same transaction, under the main file's lock, so that processes starting
