@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from trioagg.client import AsyncClient, Client, Rejected, uuid7
+from trioagg.client import AsyncClient, Client, Counters, Rejected, Undelivered, uuid7
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
@@ -105,6 +108,96 @@ async def test_forced_503s_are_retried_to_exact_totals(
         await client.flush()
     assert (client.counters.acknowledged, client.counters.failed) == (200, 0)
     assert sum(stored_counts(server.db).values()) == 200
+
+
+def _ids(lines: list[bytes]) -> list[str]:
+    return sorted(json.loads(line)["id"] for line in lines)
+
+
+async def test_close_gives_up_at_close_timeout_and_hands_back_what_was_not_sent(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    """A server answering 503 held close() for (batches / concurrency) x retry_timeout:
+    12.8 s for 20,000 events at retry_timeout=2, tens of minutes at the defaults."""
+    server = await start_server(busy_timeout="100ms")
+    hold_write_lock.acquire(server.db)
+    refused: list[Rejected] = []
+    sent = [f"held-{i}" for i in range(20_000)]
+
+    def run() -> tuple[float, Undelivered, Counters]:
+        client = Client(server.url, close_timeout=1, on_error=refused.append)
+        for id in sent:
+            client.send("held", ts=TS, id=id)
+        give_up = time.monotonic() + 30
+        while client.counters.retried < 2:  # 503s are being retried
+            assert time.monotonic() < give_up, "no 503 came"
+            time.sleep(0.01)
+        began = time.monotonic()
+        with pytest.raises(Undelivered) as raised:
+            client.close()
+        return time.monotonic() - began, raised.value, client.counters
+
+    elapsed, undelivered, counters = await trio.to_thread.run_sync(run)
+    assert elapsed < 1 + 2  # close_timeout, and a margin for a loaded machine
+    assert _ids(undelivered.events) == sorted(sent)
+    assert "20,000 events not delivered within close_timeout (1 s)" in str(undelivered)
+    assert undelivered.last_error is not None and undelivered.last_error.status == 503
+    assert (counters.acknowledged, counters.failed, counters.buffered) == (0, 20_000, 0)
+    assert {r.error.code for r in refused} == {"close_timeout"}
+    assert _ids([line for r in refused for line in r.events]) == sorted(sent)
+    hold_write_lock.release()
+    async with AsyncClient(server.url) as again:  # what a caller saved, sent again
+        for line in undelivered.events:
+            await again.send_encoded(line)
+    assert stored_counts(server.db) == {"held": 20_000}
+
+
+async def test_close_timeout_bounds_every_retry_under_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Under a mock clock: what is under way when close() begins (a connection attempt,
+    a pause of up to 30 s between two) ends at its deadline."""
+    client = AsyncClient(
+        _dead_url(), batch_events=10, gzip=False, retry_timeout=3600, close_timeout=5
+    )
+    with pytest.raises(Undelivered) as raised:
+        async with client:
+            for i in range(100):
+                await client.send("late", id=f"late-{i}")
+            await trio.sleep(60)  # the backoff has grown to pauses of many seconds
+            began = trio.current_time()
+    assert trio.current_time() - began <= 5
+    assert _ids(raised.value.events) == sorted(f"late-{i}" for i in range(100))
+    assert (client.counters.failed, client.counters.buffered) == (100, 0)
+
+
+async def test_a_send_waiting_for_room_when_close_gives_up_is_refused_not_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = AsyncClient(
+        _dead_url(), buffer=10, batch_events=5, concurrency=1, retry_timeout=3600, close_timeout=1
+    )
+    accepted = 0
+    refusals: list[RuntimeError] = []
+
+    async def fill() -> None:
+        nonlocal accepted
+        try:
+            for _ in range(100):
+                await client.send("full")
+                accepted += 1
+        except RuntimeError as error:
+            refusals.append(error)
+
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(Undelivered) as raised:
+            async with client:
+                nursery.start_soon(fill)
+                # the buffer, one batch waiting for the sender, one being retried
+                await wait_until(lambda: client.counters.buffered == 20)
+    assert len(refusals) == 1  # the send waiting for room at the end was told
+    assert accepted >= 20 and len(raised.value.events) == accepted  # each one reported
+    assert (client.counters.failed, client.counters.buffered) == (accepted, 0)
 
 
 async def test_a_request_too_large_for_the_server_is_split(start_server: StartServer) -> None:
