@@ -171,6 +171,21 @@ async def test_close_timeout_bounds_every_retry_under_way(
     assert (client.counters.failed, client.counters.buffered) == (100, 0)
 
 
+async def test_retries_go_on_past_a_thousand_attempts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """0.1 * 2**attempt overflowed a float at attempt 1,024 and crashed the client."""
+    client = AsyncClient(
+        _dead_url(), batch_events=1, gzip=False, retry_timeout=10**9, close_timeout=0
+    )
+    with pytest.raises(Undelivered):
+        async with client:
+            await client.send("patient")
+            while client.counters.retried < 1_100:
+                await trio.sleep(60)
+    assert (client.counters.failed, client.counters.buffered) == (1, 0)
+
+
 async def test_a_send_waiting_for_room_when_close_gives_up_is_refused_not_lost(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

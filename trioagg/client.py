@@ -482,7 +482,8 @@ class AsyncClient:
                 delay = _retry_after(response)
             self._last_error = problem
             attempt += 1
-            pause = max(delay, random.uniform(0, min(30.0, 0.1 * 2**attempt)))
+            backoff = min(30.0, 0.1 * 2 ** min(attempt, 10))  # 2**1024 overflows a float
+            pause = max(delay, random.uniform(0, backoff))
             resume = anyio.current_time() + pause
             if resume > started + self.retry_timeout:
                 self._fail(lines, problem)
