@@ -186,6 +186,25 @@ async def test_retries_go_on_past_a_thousand_attempts(
     assert (client.counters.failed, client.counters.buffered) == (1, 0)
 
 
+async def test_undelivered_does_not_hide_the_error_leaving_the_block(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pytest.raises(KeyError) as raised:
+        async with AsyncClient(_dead_url(), close_timeout=0) as client:
+            await client.send("lost")
+            raise KeyError("the program's own")
+    assert raised.value.__notes__ == ["1 events not delivered within close_timeout (0 s)"]
+
+    def sync() -> None:
+        with Client(_dead_url(), close_timeout=0) as client:
+            client.send("lost")
+            raise KeyError("the program's own")
+
+    with pytest.raises(KeyError) as raised:
+        await trio.to_thread.run_sync(sync)
+    assert raised.value.__notes__ == ["1 events not delivered within close_timeout (0 s)"]
+
+
 async def test_a_send_waiting_for_room_when_close_gives_up_is_refused_not_lost(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -116,6 +116,18 @@ class Undelivered(Exception):
         self.last_error = last_error
 
 
+@contextlib.contextmanager
+def _noted_on(error: BaseException | None) -> Iterator[None]:
+    """Let :class:`Undelivered` out of a ``with`` block's closing, but not over the
+    block's own ``error``: then only as a note on it (the events went to ``on_error``)."""
+    try:
+        yield
+    except Undelivered as undelivered:
+        if error is None:
+            raise
+        error.add_note(str(undelivered))
+
+
 @dataclass(frozen=True)
 class Rejected:
     """Events that will not be sent again, and were not stored: refused by the server
@@ -327,8 +339,9 @@ class AsyncClient:
         receive.close()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def __aexit__(self, *exc: Any) -> None:
+        with _noted_on(exc[1]):
+            await self.aclose()
 
     async def aclose(self) -> None:
         """Flush every buffered event, wait for the answers, and stop; in all for at most
@@ -673,8 +686,9 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, *exc: Any) -> None:
+        with _noted_on(exc[1]):
+            self.close()
 
     def send(
         self,
