@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +315,174 @@ async def test_the_sync_client_flushes_at_interpreter_exit(server: Server) -> No
     )
     await trio.run_process([sys.executable, "-c", script], capture_stderr=True)
     assert stored_counts(server.db) == {"exit": 7}
+
+
+class Program:
+    """A Python program using the client, in a child process: its output line by line."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.read = b""
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        with trio.fail_after(60):
+            while b"\n" not in self.read:
+                chunk = await self.process.stdout.receive_some()
+                assert chunk, f"the program ended: {self.read!r}"
+                self.read += chunk
+        line, self.read = self.read.split(b"\n", 1)
+        return line.decode()
+
+    async def exit(self, signum: signal.Signals | None = None) -> tuple[int, str]:
+        """Send ``signum``; the exit status (negative: killed by that signal) and stderr,
+        once the program has ended (what is left of its output is then in ``read``)."""
+        if signum is not None:
+            self.process.send_signal(signum)
+        assert self.process.stdout is not None and self.process.stderr is not None
+        errors = b""
+        with trio.fail_after(60):
+            while chunk := await self.process.stderr.receive_some():
+                errors += chunk
+            while chunk := await self.process.stdout.receive_some():
+                self.read += chunk
+            return await self.process.wait(), errors.decode()
+
+
+StartProgram = Callable[..., Awaitable[Program]]
+
+
+@pytest.fixture
+async def start_program() -> AsyncIterator[StartProgram]:
+    """Start ``python -c SOURCE ARGS...``; what is left running is killed afterwards."""
+    started: list[trio.Process] = []
+
+    async def start(source: str, *args: str) -> Program:
+        command = [sys.executable, "-c", source, *args]
+        pipe = subprocess.PIPE
+        started.append(await trio.lowlevel.open_process(command, stdout=pipe, stderr=pipe))
+        return Program(started[-1])
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+
+
+async def _count(server: Server, key: str) -> tuple[int, float]:
+    """Count and sum of ``key``'s events, over GET /v1/aggregates."""
+    query = {"key": key, "from": TS, "to": TS + 3600, "granularity": "all"}
+    answer = (await server.client.get("/v1/aggregates", params=query)).json()
+    buckets = [bucket for series in answer["results"] for bucket in series["buckets"]]
+    return sum(b["count"] for b in buckets), sum(b["sum"] for b in buckets)
+
+
+async def test_sigterm_flushes_the_sync_client_and_ends_the_process_as_sigterm(
+    server: Server, start_program: StartProgram
+) -> None:
+    """SIGTERM's default action ended the process with 20,000 of 50,000 events unsent."""
+    program = await start_program(
+        "import sys, time\n"
+        "from trioagg.client import Client\n"
+        "client = Client(sys.argv[1], max_delay=3600)\n"
+        f"for i in range(50_000): client.send('term', i, ts={TS})\n"
+        "print('sent', flush=True)\n"
+        "time.sleep(3600)\n",
+        server.url,
+    )
+    assert await program.line() == "sent"
+    assert await program.exit(signal.SIGTERM) == (-signal.SIGTERM, "")
+    assert await _count(server, "term") == (50_000, sum(range(50_000)))
+
+
+async def test_sigterm_while_send_waits_for_room_flushes_once_send_is_over(
+    start_server: StartServer, hold_write_lock: Any, start_program: StartProgram
+) -> None:
+    """The main thread is inside send() (it waits for room, the server answering 503):
+    the handler only starts the closing, and the process ends when send() returns."""
+    server = await start_server(busy_timeout="100ms")
+    hold_write_lock.acquire(server.db)
+    program = await start_program(
+        "import sys\n"
+        "from trioagg.client import Client\n"
+        "client = Client(sys.argv[1], buffer=1000, batch_events=100, concurrency=1)\n"
+        "i = 0\n"
+        "while True:\n"
+        f"    client.send('room', i, ts={TS})\n"
+        "    i += 1\n"
+        "    if i % 100 == 0: print(i, flush=True)\n",
+        server.url,
+    )
+    while await program.line() != "1200":  # the buffer, a batch waiting, one being sent
+        pass
+    # Nothing is committed while the lock is held: the 1,201st send() waits for room.
+    program.process.send_signal(signal.SIGTERM)
+    hold_write_lock.release()
+    assert await program.exit() == (-signal.SIGTERM, "")
+    count, total = await _count(server, "room")
+    assert count in (1200, 1201)  # 1201: the send that waited for room got it
+    assert total == sum(range(count))  # every event once, and no other
+
+
+async def test_sigterm_handled_while_send_holds_the_buffer_lock_waits_for_send(
+    start_program: StartProgram,
+) -> None:
+    """A handler that closed the client there would wait forever for the client's
+    thread, which needs that lock (so it did, in a version without the wait)."""
+    program = await start_program(
+        "import os, signal, sys\n"
+        "from trioagg import client_exit\n"
+        "from trioagg.client import Client\n"
+        "client = Client(sys.argv[1], close_timeout=0)\n"
+        "client.send('held')\n"
+        "inside = client_exit.enter_send()  # what send() does around its put\n"
+        "with client._async._buffer.lock:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('the handler ran, the lock held', flush=True)\n"
+        "client_exit.leave_send()\n"
+        "print('not reached', flush=True)\n",
+        _dead_url(),
+    )
+    assert await program.line() == "the handler ran, the lock held"
+    report = "trioagg.client at SIGTERM: 1 events not delivered within close_timeout (0 s)\n"
+    assert await program.exit() == (-signal.SIGTERM, report)
+    assert program.read == b""  # the process ended as send() was over
+
+
+async def test_sigterm_handlers_of_the_program_are_kept(start_program: StartProgram) -> None:
+    program = await start_program(
+        "import signal, sys\n"
+        "from trioagg.client import Client\n"
+        "def own(signum, frame): pass\n"
+        "kept = []\n"
+        "for setting in (own, signal.SIG_IGN):\n"
+        "    signal.signal(signal.SIGTERM, setting)\n"
+        "    with Client(sys.argv[1]):\n"
+        "        kept.append(signal.getsignal(signal.SIGTERM) is setting)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "with Client(sys.argv[1], flush_on_sigterm=False):\n"
+        "    kept.append(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n"
+        "with Client(sys.argv[1]):\n"
+        "    kept.append(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)\n"
+        "print(kept, flush=True)\n",
+        _dead_url(),
+    )
+    assert await program.line() == str([True] * 4)
+    assert await program.exit() == (0, "")
+
+
+async def test_what_the_exit_could_not_deliver_is_reported_on_stderr(
+    start_program: StartProgram,
+) -> None:
+    program = await start_program(
+        "import sys\n"
+        "from trioagg.client import Client\n"
+        "Client(sys.argv[1], close_timeout=0).send('lost')\n",
+        _dead_url(),
+    )
+    report = "trioagg.client at exit: 1 events not delivered within close_timeout (0 s)\n"
+    assert await program.exit() == (0, report)
 
 
 async def test_queries_answer_typed_results_and_errors_carry_the_envelope(server: Server) -> None:

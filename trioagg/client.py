@@ -12,12 +12,12 @@ is ``max_delay`` seconds old, on ``flush()``, and on ``close()``. Each event
 gets a time-ordered id (UUIDv7) unless it has one, so a request retried after a
 lost answer is counted once by the server (within its dedup window).
 ``close()`` flushes for at most ``close_timeout`` seconds in all, then raises
-:class:`Undelivered` with the events it could not deliver.
+:class:`Undelivered` with the events it could not deliver. What leaving the
+process does to a :class:`Client`'s buffer is :mod:`trioagg.client_exit`'s.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import datetime
@@ -39,6 +39,7 @@ import httpx
 import msgspec
 import trio
 
+from . import client_exit
 from .answers import Accepted, Aggregates, KeyInfo, Keys, Top
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
@@ -648,11 +649,14 @@ class Client:
 
     Every method may be called from any thread. ``send()`` returns at once (or, with
     ``policy="block"`` and a full buffer, when there is room); ``close()``, leaving
-    the ``with`` block, and the interpreter's exit flush what is buffered. Takes the
-    arguments of :class:`AsyncClient`.
+    the ``with`` block, the interpreter's exit and, with ``flush_on_sigterm`` where
+    the program lets it, SIGTERM flush what is buffered (see
+    :mod:`trioagg.client_exit`). Takes the arguments of :class:`AsyncClient`.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, **options: Any) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, *, flush_on_sigterm: bool = True, **options: Any
+    ) -> None:
         self._async = AsyncClient(url, **options)
         self.counters = self._async.counters
         self._token: trio.lowlevel.TrioToken | None = None
@@ -665,7 +669,7 @@ class Client:
         self._started.wait()
         if self._failure is not None:
             raise self._failure
-        atexit.register(self.close)
+        client_exit.watch(self, sigterm=flush_on_sigterm)
 
     def _run(self) -> None:
         async def main() -> None:
@@ -706,7 +710,13 @@ class Client:
         """Buffer one event already encoded as a JSON object and a newline (with its id)."""
         if self._stop.is_set():
             raise RuntimeError("the client is closed")
-        if self._async.put_nowait(line, wait=True) and self._token is not None:
+        main = client_exit.enter_send()
+        try:
+            wake = self._async.put_nowait(line, wait=True)
+        finally:
+            if main:
+                client_exit.leave_send()
+        if wake and self._token is not None:
             self._token.run_sync_soon(self._async.wake)
 
     def flush(self) -> None:
@@ -719,13 +729,25 @@ class Client:
         the events it gave up (see :meth:`AsyncClient.aclose`)."""
         if self._stop.is_set():
             return
+        self.close_soon()
+        failure = self.wait_closed()
+        client_exit.forget(self)
+        if failure is not None:
+            raise failure
+
+    def close_soon(self) -> None:
+        """Start closing and return at once (for :mod:`trioagg.client_exit`)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
-        atexit.unregister(self.close)
         if self._token is not None and self._thread.is_alive():
-            self._token.run_sync_soon(self._stop_loop)
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._stop_loop)
+
+    def wait_closed(self) -> BaseException | None:
+        """Wait for the background thread to end; the error it met, if any."""
         self._thread.join()
-        if self._failure is not None:
-            raise self._failure
+        return self._failure
 
     def aggregates(self, key: str | Sequence[str], **query: Any) -> Aggregates:
         """See :meth:`AsyncClient.aggregates`."""
