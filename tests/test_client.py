@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from trioagg.client import AsyncClient, Client, Rejected, uuid7
+from trioagg.client import AsyncClient, Client, Counters, Rejected, Undelivered, uuid7
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
@@ -107,6 +113,130 @@ async def test_forced_503s_are_retried_to_exact_totals(
     assert sum(stored_counts(server.db).values()) == 200
 
 
+def _ids(lines: list[bytes]) -> list[str]:
+    return sorted(json.loads(line)["id"] for line in lines)
+
+
+async def test_close_gives_up_at_close_timeout_and_hands_back_what_was_not_sent(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    """A server answering 503 held close() for (batches / concurrency) x retry_timeout:
+    12.8 s for 20,000 events at retry_timeout=2, tens of minutes at the defaults."""
+    server = await start_server(busy_timeout="100ms")
+    hold_write_lock.acquire(server.db)
+    refused: list[Rejected] = []
+    sent = [f"held-{i}" for i in range(20_000)]
+
+    def run() -> tuple[float, Undelivered, Counters]:
+        client = Client(server.url, close_timeout=1, on_error=refused.append)
+        for id in sent:
+            client.send("held", ts=TS, id=id)
+        give_up = time.monotonic() + 30
+        while client.counters.retried < 2:  # 503s are being retried
+            assert time.monotonic() < give_up, "no 503 came"
+            time.sleep(0.01)
+        began = time.monotonic()
+        with pytest.raises(Undelivered) as raised:
+            client.close()
+        return time.monotonic() - began, raised.value, client.counters
+
+    elapsed, undelivered, counters = await trio.to_thread.run_sync(run)
+    assert elapsed < 1 + 2  # close_timeout, and a margin for a loaded machine
+    assert _ids(undelivered.events) == sorted(sent)
+    assert "20,000 events not delivered within close_timeout (1 s)" in str(undelivered)
+    assert undelivered.last_error is not None and undelivered.last_error.status == 503
+    assert (counters.acknowledged, counters.failed, counters.buffered) == (0, 20_000, 0)
+    assert {r.error.code for r in refused} == {"close_timeout"}
+    assert _ids([line for r in refused for line in r.events]) == sorted(sent)
+    hold_write_lock.release()
+    async with AsyncClient(server.url) as again:  # what a caller saved, sent again
+        for line in undelivered.events:
+            await again.send_encoded(line)
+    assert stored_counts(server.db) == {"held": 20_000}
+
+
+async def test_close_timeout_bounds_every_retry_under_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Under a mock clock: what is under way when close() begins (a connection attempt,
+    a pause of up to 30 s between two) ends at its deadline."""
+    client = AsyncClient(
+        _dead_url(), batch_events=10, gzip=False, retry_timeout=3600, close_timeout=5
+    )
+    with pytest.raises(Undelivered) as raised:
+        async with client:
+            for i in range(100):
+                await client.send("late", id=f"late-{i}")
+            await trio.sleep(60)  # the backoff has grown to pauses of many seconds
+            began = trio.current_time()
+    assert trio.current_time() - began <= 5
+    assert _ids(raised.value.events) == sorted(f"late-{i}" for i in range(100))
+    assert (client.counters.failed, client.counters.buffered) == (100, 0)
+
+
+async def test_retries_go_on_past_a_thousand_attempts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """0.1 * 2**attempt overflowed a float at attempt 1,024 and crashed the client."""
+    client = AsyncClient(
+        _dead_url(), batch_events=1, gzip=False, retry_timeout=10**9, close_timeout=0
+    )
+    with pytest.raises(Undelivered):
+        async with client:
+            await client.send("patient")
+            while client.counters.retried < 1_100:
+                await trio.sleep(60)
+    assert (client.counters.failed, client.counters.buffered) == (1, 0)
+
+
+async def test_undelivered_does_not_hide_the_error_leaving_the_block(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pytest.raises(KeyError) as raised:
+        async with AsyncClient(_dead_url(), close_timeout=0) as client:
+            await client.send("lost")
+            raise KeyError("the program's own")
+    assert raised.value.__notes__ == ["1 events not delivered within close_timeout (0 s)"]
+
+    def sync() -> None:
+        with Client(_dead_url(), close_timeout=0) as client:
+            client.send("lost")
+            raise KeyError("the program's own")
+
+    with pytest.raises(KeyError) as raised:
+        await trio.to_thread.run_sync(sync)
+    assert raised.value.__notes__ == ["1 events not delivered within close_timeout (0 s)"]
+
+
+async def test_a_send_waiting_for_room_when_close_gives_up_is_refused_not_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = AsyncClient(
+        _dead_url(), buffer=10, batch_events=5, concurrency=1, retry_timeout=3600, close_timeout=1
+    )
+    accepted = 0
+    refusals: list[RuntimeError] = []
+
+    async def fill() -> None:
+        nonlocal accepted
+        try:
+            for _ in range(100):
+                await client.send("full")
+                accepted += 1
+        except RuntimeError as error:
+            refusals.append(error)
+
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(Undelivered) as raised:
+            async with client:
+                nursery.start_soon(fill)
+                # the buffer, one batch waiting for the sender, one being retried
+                await wait_until(lambda: client.counters.buffered == 20)
+    assert len(refusals) == 1  # the send waiting for room at the end was told
+    assert accepted >= 20 and len(raised.value.events) == accepted  # each one reported
+    assert (client.counters.failed, client.counters.buffered) == (accepted, 0)
+
+
 async def test_a_request_too_large_for_the_server_is_split(start_server: StartServer) -> None:
     server = await start_server(max_batch="7")
     async with AsyncClient(server.url, batch_events=100) as client:
@@ -185,6 +315,174 @@ async def test_the_sync_client_flushes_at_interpreter_exit(server: Server) -> No
     )
     await trio.run_process([sys.executable, "-c", script], capture_stderr=True)
     assert stored_counts(server.db) == {"exit": 7}
+
+
+class Program:
+    """A Python program using the client, in a child process: its output line by line."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.read = b""
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        with trio.fail_after(60):
+            while b"\n" not in self.read:
+                chunk = await self.process.stdout.receive_some()
+                assert chunk, f"the program ended: {self.read!r}"
+                self.read += chunk
+        line, self.read = self.read.split(b"\n", 1)
+        return line.decode()
+
+    async def exit(self, signum: signal.Signals | None = None) -> tuple[int, str]:
+        """Send ``signum``; the exit status (negative: killed by that signal) and stderr,
+        once the program has ended (what is left of its output is then in ``read``)."""
+        if signum is not None:
+            self.process.send_signal(signum)
+        assert self.process.stdout is not None and self.process.stderr is not None
+        errors = b""
+        with trio.fail_after(60):
+            while chunk := await self.process.stderr.receive_some():
+                errors += chunk
+            while chunk := await self.process.stdout.receive_some():
+                self.read += chunk
+            return await self.process.wait(), errors.decode()
+
+
+StartProgram = Callable[..., Awaitable[Program]]
+
+
+@pytest.fixture
+async def start_program() -> AsyncIterator[StartProgram]:
+    """Start ``python -c SOURCE ARGS...``; what is left running is killed afterwards."""
+    started: list[trio.Process] = []
+
+    async def start(source: str, *args: str) -> Program:
+        command = [sys.executable, "-c", source, *args]
+        pipe = subprocess.PIPE
+        started.append(await trio.lowlevel.open_process(command, stdout=pipe, stderr=pipe))
+        return Program(started[-1])
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+
+
+async def _count(server: Server, key: str) -> tuple[int, float]:
+    """Count and sum of ``key``'s events, over GET /v1/aggregates."""
+    query = {"key": key, "from": TS, "to": TS + 3600, "granularity": "all"}
+    answer = (await server.client.get("/v1/aggregates", params=query)).json()
+    buckets = [bucket for series in answer["results"] for bucket in series["buckets"]]
+    return sum(b["count"] for b in buckets), sum(b["sum"] for b in buckets)
+
+
+async def test_sigterm_flushes_the_sync_client_and_ends_the_process_as_sigterm(
+    server: Server, start_program: StartProgram
+) -> None:
+    """SIGTERM's default action ended the process with 20,000 of 50,000 events unsent."""
+    program = await start_program(
+        "import sys, time\n"
+        "from trioagg.client import Client\n"
+        "client = Client(sys.argv[1], max_delay=3600)\n"
+        f"for i in range(50_000): client.send('term', i, ts={TS})\n"
+        "print('sent', flush=True)\n"
+        "time.sleep(3600)\n",
+        server.url,
+    )
+    assert await program.line() == "sent"
+    assert await program.exit(signal.SIGTERM) == (-signal.SIGTERM, "")
+    assert await _count(server, "term") == (50_000, sum(range(50_000)))
+
+
+async def test_sigterm_while_send_waits_for_room_flushes_once_send_is_over(
+    start_server: StartServer, hold_write_lock: Any, start_program: StartProgram
+) -> None:
+    """The main thread is inside send() (it waits for room, the server answering 503):
+    the handler only starts the closing, and the process ends when send() returns."""
+    server = await start_server(busy_timeout="100ms")
+    hold_write_lock.acquire(server.db)
+    program = await start_program(
+        "import sys\n"
+        "from trioagg.client import Client\n"
+        "client = Client(sys.argv[1], buffer=1000, batch_events=100, concurrency=1)\n"
+        "i = 0\n"
+        "while True:\n"
+        f"    client.send('room', i, ts={TS})\n"
+        "    i += 1\n"
+        "    if i % 100 == 0: print(i, flush=True)\n",
+        server.url,
+    )
+    while await program.line() != "1200":  # the buffer, a batch waiting, one being sent
+        pass
+    # Nothing is committed while the lock is held: the 1,201st send() waits for room.
+    program.process.send_signal(signal.SIGTERM)
+    hold_write_lock.release()
+    assert await program.exit() == (-signal.SIGTERM, "")
+    count, total = await _count(server, "room")
+    assert count in (1200, 1201)  # 1201: the send that waited for room got it
+    assert total == sum(range(count))  # every event once, and no other
+
+
+async def test_sigterm_handled_while_send_holds_the_buffer_lock_waits_for_send(
+    start_program: StartProgram,
+) -> None:
+    """A handler that closed the client there would wait forever for the client's
+    thread, which needs that lock (so it did, in a version without the wait)."""
+    program = await start_program(
+        "import os, signal, sys\n"
+        "from trioagg import client_exit\n"
+        "from trioagg.client import Client\n"
+        "client = Client(sys.argv[1], close_timeout=0)\n"
+        "client.send('held')\n"
+        "inside = client_exit.enter_send()  # what send() does around its put\n"
+        "with client._async._buffer.lock:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('the handler ran, the lock held', flush=True)\n"
+        "client_exit.leave_send()\n"
+        "print('not reached', flush=True)\n",
+        _dead_url(),
+    )
+    assert await program.line() == "the handler ran, the lock held"
+    report = "trioagg.client at SIGTERM: 1 events not delivered within close_timeout (0 s)\n"
+    assert await program.exit() == (-signal.SIGTERM, report)
+    assert program.read == b""  # the process ended as send() was over
+
+
+async def test_sigterm_handlers_of_the_program_are_kept(start_program: StartProgram) -> None:
+    program = await start_program(
+        "import signal, sys\n"
+        "from trioagg.client import Client\n"
+        "def own(signum, frame): pass\n"
+        "kept = []\n"
+        "for setting in (own, signal.SIG_IGN):\n"
+        "    signal.signal(signal.SIGTERM, setting)\n"
+        "    with Client(sys.argv[1]):\n"
+        "        kept.append(signal.getsignal(signal.SIGTERM) is setting)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "with Client(sys.argv[1], flush_on_sigterm=False):\n"
+        "    kept.append(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n"
+        "with Client(sys.argv[1]):\n"
+        "    kept.append(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)\n"
+        "print(kept, flush=True)\n",
+        _dead_url(),
+    )
+    assert await program.line() == str([True] * 4)
+    assert await program.exit() == (0, "")
+
+
+async def test_what_the_exit_could_not_deliver_is_reported_on_stderr(
+    start_program: StartProgram,
+) -> None:
+    program = await start_program(
+        "import sys\n"
+        "from trioagg.client import Client\n"
+        "Client(sys.argv[1], close_timeout=0).send('lost')\n",
+        _dead_url(),
+    )
+    report = "trioagg.client at exit: 1 events not delivered within close_timeout (0 s)\n"
+    assert await program.exit() == (0, report)
 
 
 async def test_queries_answer_typed_results_and_errors_carry_the_envelope(server: Server) -> None:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -395,6 +396,7 @@ def ingest(
             concurrency=concurrency,
             wait=wait,
             on_error=refused,
+            close_timeout=math.inf,  # each batch has its retry_timeout, and the user watches
         ) as client:
             clients.append(client)
             await send_lines(client)

@@ -11,12 +11,15 @@ holds ``batch_events`` events or ``batch_bytes`` bytes, when its oldest event
 is ``max_delay`` seconds old, on ``flush()``, and on ``close()``. Each event
 gets a time-ordered id (UUIDv7) unless it has one, so a request retried after a
 lost answer is counted once by the server (within its dedup window).
+``close()`` flushes for at most ``close_timeout`` seconds in all, then raises
+:class:`Undelivered` with the events it could not deliver. What leaving the
+process does to a :class:`Client`'s buffer is :mod:`trioagg.client_exit`'s.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
+import contextlib
 import datetime
 import functools
 import gzip
@@ -26,7 +29,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -36,6 +39,7 @@ import httpx
 import msgspec
 import trio
 
+from . import client_exit
 from .answers import Accepted, Aggregates, KeyInfo, Keys, Top
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
@@ -88,12 +92,52 @@ class ServerError(Exception):
             return cls(response.status_code, "http_error", response.text[:200], [])
 
 
+class Undelivered(Exception):
+    """Raised by ``close()`` when ``close_timeout`` ran out before every event was
+    acknowledged: the events still buffered, waiting for a retry or in a request
+    under way were given up (and passed to ``on_error`` as well).
+
+    ``events``: those events as sent (JSON lines, each with its id). Save them and
+    send them again later (``send_encoded``, or ``trioagg ingest`` on a file of
+    them): their ids make a resend count once, within the server's dedup window,
+    which matters because a request cut off under way may have been stored.
+    ``last_error``: the last error answer or connection error met while sending, if
+    any (why the events were still waiting).
+    """
+
+    def __init__(
+        self, events: list[bytes], close_timeout: float, last_error: ServerError | None
+    ) -> None:
+        why = f"; last error: {last_error}" if last_error is not None else ""
+        super().__init__(
+            f"{len(events):,} events not delivered within close_timeout ({close_timeout:g} s){why}"
+        )
+        self.events = events
+        self.close_timeout = close_timeout
+        self.last_error = last_error
+
+
+@contextlib.contextmanager
+def _noted_on(error: BaseException | None) -> Iterator[None]:
+    """Let :class:`Undelivered` out of a ``with`` block's closing, but not over the
+    block's own ``error``: then only as a note on it (the events went to ``on_error``)."""
+    try:
+        yield
+    except Undelivered as undelivered:
+        if error is None:
+            raise
+        error.add_note(str(undelivered))
+
+
 @dataclass(frozen=True)
 class Rejected:
-    """Events the server refused (a 4xx): not retried, and not stored.
+    """Events that will not be sent again, and were not stored: refused by the server
+    (a 4xx), given up after ``retry_timeout`` (``error`` is the last error met), or
+    cut off by ``close_timeout`` (``error.code`` is ``close_timeout``; a request cut
+    off under way may have been stored, see :class:`Undelivered`).
 
-    ``events`` are the refused events as sent (JSON lines); ``problems`` are the
-    server's details for them (for ``invalid_events``, by index into ``events``).
+    ``events`` are the events as sent (JSON lines); ``problems`` are the server's
+    details for them (for ``invalid_events``, by index into ``events``).
     """
 
     error: ServerError
@@ -109,7 +153,8 @@ class Counters:
     answered for (durable: committed; ``wait=False``: queued); ``duplicates``: of those,
     events whose id the server had already stored; ``retried``: requests sent again;
     ``dropped``: events pushed out of a full buffer (policy ``drop_oldest``);
-    ``failed``: events refused (4xx) or given up after ``retry_timeout``;
+    ``failed``: events refused (4xx), given up after ``retry_timeout`` or cut off by
+    ``close_timeout`` (all passed to ``on_error``);
     ``buffered``: events not yet acknowledged, refused or dropped.
     """
 
@@ -137,6 +182,8 @@ class _Buffer:
         self.first_at = 0.0
         #: the flusher was told about the events buffered (once between two takes)
         self.woken = False
+        #: the client is closing and its flusher has left: a put would be lost
+        self.sealed = False
         self.capacity = capacity
         self.policy = policy
         self.counters = counters
@@ -146,9 +193,9 @@ class _Buffer:
     def put(self, line: bytes, limits: tuple[int, int], wait: bool) -> bool | None:
         """Add ``line``; True when the flusher should wake (first event or a full batch,
         once until it takes a batch), None when the buffer is full and the policy says
-        to wait (``wait`` False)."""
+        to wait (``wait`` False). Raises RuntimeError once the buffer is sealed."""
         with self.lock:
-            while len(self.lines) >= self.capacity:
+            while not self.sealed and len(self.lines) >= self.capacity:
                 if self.policy == "drop_oldest":
                     self.bytes -= len(self.lines.popleft())
                     self.counters.dropped += 1
@@ -157,6 +204,8 @@ class _Buffer:
                     self.room.wait()
                 else:
                     return None
+            if self.sealed:
+                raise RuntimeError("the client is closed")
             if not self.lines:
                 self.first_at = time.monotonic()
             self.lines.append(line)
@@ -186,10 +235,23 @@ class _Buffer:
             self.room.notify_all()
             return _Batch(lines, size)
 
-    def ready(self, max_events: int, max_bytes: int, max_delay: float) -> float:
-        """Seconds until a batch is due (0: now; inf: the buffer is empty)."""
+    def seal(self) -> list[bytes]:
+        """Refuse every later put, and hand over what is buffered."""
+        with self.lock:
+            self.sealed = True
+            lines = list(self.lines)
+            self.lines.clear()
+            self.bytes = 0
+            self.room.notify_all()
+            return lines
+
+    def ready(self, max_events: int, max_bytes: int, max_delay: float, closing: bool) -> float:
+        """Seconds until a batch is due (0: now; inf: the buffer is empty, and then
+        sealed if ``closing``, so that no event comes in once the flusher is gone)."""
         with self.lock:
             if not self.lines:
+                if closing:
+                    self.sealed = True
                 return math.inf
             if len(self.lines) >= max_events or self.bytes >= max_bytes:
                 return 0.0
@@ -211,6 +273,7 @@ class AsyncClient:
     A 422 ``invalid_events`` refuses only the invalid events: the others of the
     request are sent again. A 413 splits the request in two. ``gzip=None`` sends
     gzip bodies while the server takes them and stops at the first that it refuses.
+    ``close_timeout``: the most seconds closing may take in all (see :meth:`aclose`).
     """
 
     def __init__(
@@ -227,6 +290,7 @@ class AsyncClient:
         gzip: bool | None = None,
         concurrency: int = 2,
         retry_timeout: float = 60.0,
+        close_timeout: float = 20.0,
         timeout: float = 30.0,
         on_error: Callable[[Rejected], None] | None = None,
     ) -> None:
@@ -236,6 +300,8 @@ class AsyncClient:
             raise ValueError(f"batch_bytes must be 1 to {SERVER_MAX_BYTES // 2}")
         if policy not in ("block", "drop_oldest"):
             raise ValueError("policy must be block or drop_oldest")
+        if not close_timeout >= 0:
+            raise ValueError("close_timeout must be 0 or more seconds")
         self.url = url.rstrip("/")
         self.counters = Counters()
         self.batch_events = batch_events
@@ -245,6 +311,7 @@ class AsyncClient:
         self.gzip = gzip
         self.concurrency = concurrency
         self.retry_timeout = retry_timeout
+        self.close_timeout = close_timeout
         self.on_error = on_error
         self._buffer = _Buffer(max(buffer, 1), policy, self.counters)
         self._limits = (batch_events, batch_bytes)
@@ -253,6 +320,12 @@ class AsyncClient:
         self._in_flight = 0
         self._flushing = False
         self._closing = False
+        #: when closing gives up (the loop's clock); aclose() sets it
+        self._deadline = math.inf
+        #: the scopes of the requests and retry pauses under way, which the deadline ends
+        self._cutoffs: set[anyio.CancelScope] = set()
+        self._undelivered: list[bytes] = []
+        self._last_error: ServerError | None = None
         self._group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -267,19 +340,28 @@ class AsyncClient:
         receive.close()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def __aexit__(self, *exc: Any) -> None:
+        with _noted_on(exc[1]):
+            await self.aclose()
 
     async def aclose(self) -> None:
-        """Flush every buffered event, wait for the answers, and stop."""
+        """Flush every buffered event, wait for the answers, and stop; in all for at most
+        ``close_timeout`` seconds. Then what is still buffered, waiting for a retry or
+        in a request under way is given up: it goes to ``on_error`` and counts as
+        ``failed``, and :class:`Undelivered` is raised with it."""
         if self._group is None or self._closing:
             return
         self._closing = True
+        self._deadline = anyio.current_time() + self.close_timeout
+        for scope in self._cutoffs:
+            scope.deadline = self._deadline
         self.wake()
         try:
             await self._group.__aexit__(None, None, None)
         finally:
             await self._http.aclose()
+        if self._undelivered:
+            raise Undelivered(self._undelivered, self.close_timeout, self._last_error)
 
     # -- sending --------------------------------------------------------------
 
@@ -348,7 +430,11 @@ class AsyncClient:
         async with batches:
             while True:
                 self._wake = anyio.Event()  # before looking: a later wake() is not lost
-                wait = self._buffer.ready(*self._limits, self.max_delay)
+                if anyio.current_time() >= self._deadline:
+                    self._cut_off(self._buffer.seal())
+                    self._room.set()  # senders waiting for room find the buffer sealed
+                    return
+                wait = self._buffer.ready(*self._limits, self.max_delay, self._closing)
                 if wait and (self._flushing or self._closing) and wait != math.inf:
                     wait = 0.0
                 if wait == math.inf and self._closing:
@@ -377,16 +463,22 @@ class AsyncClient:
 
     async def _deliver(self, lines: list[bytes]) -> None:
         """Send ``lines`` until acknowledged, refused or out of time; count the outcome."""
-        started = time.monotonic()
+        started = anyio.current_time()
         body = b"".join(lines)
         attempt = 0
         while True:
             zipped = self.gzip is not False
-            try:
-                response = await self._post(body, zipped)
-            except httpx.TransportError as error:
-                delay: float | None = 0.0
-                problem = ServerError(0, "connection_error", repr(error), [])
+            response: httpx.Response | ServerError
+            with self._until_deadline() as posting:
+                try:
+                    response = await self._post(body, zipped)
+                except httpx.TransportError as error:
+                    response = ServerError(0, "connection_error", repr(error), [])
+            if posting.cancelled_caught:
+                self._cut_off(lines)
+                return
+            if isinstance(response, ServerError):
+                delay, problem = 0.0, response
             else:
                 if response.status_code in (200, 202):
                     answer = msgspec.json.decode(response.content, type=Accepted)
@@ -398,17 +490,37 @@ class AsyncClient:
                 if zipped and self.gzip is not True and response.status_code in (400, 415):
                     self.gzip = False  # this server does not take gzip bodies
                     continue
-                delay = _retry_after(response) if response.status_code in _RETRY_STATUS else None
-                if delay is None:
+                if response.status_code not in _RETRY_STATUS:
                     await self._refused(lines, problem)
                     return
+                delay = _retry_after(response)
+            self._last_error = problem
             attempt += 1
-            pause = max(delay or 0.0, random.uniform(0, min(30.0, 0.1 * 2**attempt)))
-            if time.monotonic() + pause > started + self.retry_timeout:
+            backoff = min(30.0, 0.1 * 2 ** min(attempt, 10))  # 2**1024 overflows a float
+            pause = max(delay, random.uniform(0, backoff))
+            resume = anyio.current_time() + pause
+            if resume > started + self.retry_timeout:
                 self._fail(lines, problem)
                 return
+            if resume >= self._deadline:  # closing: give up now rather than at the deadline
+                self._cut_off(lines)
+                return
+            with self._until_deadline() as pausing:
+                await anyio.sleep(pause)
+            if pausing.cancelled_caught:
+                self._cut_off(lines)
+                return
             self.counters.retried += 1
-            await anyio.sleep(pause)
+
+    @contextlib.contextmanager
+    def _until_deadline(self) -> Iterator[anyio.CancelScope]:
+        """A scope that closing's deadline cancels, also when set after it began."""
+        with anyio.CancelScope(deadline=self._deadline) as scope:
+            self._cutoffs.add(scope)
+            try:
+                yield scope
+            finally:
+                self._cutoffs.discard(scope)
 
     async def _post(self, body: bytes, zipped: bool) -> httpx.Response:
         headers = {"Content-Type": "application/x-ndjson"}
@@ -435,6 +547,14 @@ class AsyncClient:
                 await self._deliver(good)
             return
         self._fail(lines, error)
+
+    def _cut_off(self, lines: list[bytes]) -> None:
+        """Give ``lines`` up: closing's deadline came before their answer."""
+        if not lines:
+            return
+        self._undelivered += lines
+        reason = f"close() gave up after close_timeout ({self.close_timeout:g} s)"
+        self._fail(lines, ServerError(0, "close_timeout", reason, []))
 
     def _fail(
         self,
@@ -529,11 +649,14 @@ class Client:
 
     Every method may be called from any thread. ``send()`` returns at once (or, with
     ``policy="block"`` and a full buffer, when there is room); ``close()``, leaving
-    the ``with`` block, and the interpreter's exit flush what is buffered. Takes the
-    arguments of :class:`AsyncClient`.
+    the ``with`` block, the interpreter's exit and, with ``flush_on_sigterm`` where
+    the program lets it, SIGTERM flush what is buffered (see
+    :mod:`trioagg.client_exit`). Takes the arguments of :class:`AsyncClient`.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, **options: Any) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, *, flush_on_sigterm: bool = True, **options: Any
+    ) -> None:
         self._async = AsyncClient(url, **options)
         self.counters = self._async.counters
         self._token: trio.lowlevel.TrioToken | None = None
@@ -546,7 +669,7 @@ class Client:
         self._started.wait()
         if self._failure is not None:
             raise self._failure
-        atexit.register(self.close)
+        client_exit.watch(self, sigterm=flush_on_sigterm)
 
     def _run(self) -> None:
         async def main() -> None:
@@ -567,8 +690,9 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, *exc: Any) -> None:
+        with _noted_on(exc[1]):
+            self.close()
 
     def send(
         self,
@@ -586,7 +710,13 @@ class Client:
         """Buffer one event already encoded as a JSON object and a newline (with its id)."""
         if self._stop.is_set():
             raise RuntimeError("the client is closed")
-        if self._async.put_nowait(line, wait=True) and self._token is not None:
+        main = client_exit.enter_send()
+        try:
+            wake = self._async.put_nowait(line, wait=True)
+        finally:
+            if main:
+                client_exit.leave_send()
+        if wake and self._token is not None:
             self._token.run_sync_soon(self._async.wake)
 
     def flush(self) -> None:
@@ -594,16 +724,30 @@ class Client:
         self._call(self._async.flush)
 
     def close(self) -> None:
-        """Flush, wait for the answers, and stop the background thread (idempotent)."""
+        """Flush, wait for the answers, and stop the background thread, in all for at
+        most ``close_timeout`` seconds (idempotent). Raises :class:`Undelivered` with
+        the events it gave up (see :meth:`AsyncClient.aclose`)."""
+        if self._stop.is_set():
+            return
+        self.close_soon()
+        failure = self.wait_closed()
+        client_exit.forget(self)
+        if failure is not None:
+            raise failure
+
+    def close_soon(self) -> None:
+        """Start closing and return at once (for :mod:`trioagg.client_exit`)."""
         if self._stop.is_set():
             return
         self._stop.set()
-        atexit.unregister(self.close)
         if self._token is not None and self._thread.is_alive():
-            self._token.run_sync_soon(self._stop_loop)
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._stop_loop)
+
+    def wait_closed(self) -> BaseException | None:
+        """Wait for the background thread to end; the error it met, if any."""
         self._thread.join()
-        if self._failure is not None:
-            raise self._failure
+        return self._failure
 
     def aggregates(self, key: str | Sequence[str], **query: Any) -> Aggregates:
         """See :meth:`AsyncClient.aggregates`."""
