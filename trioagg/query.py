@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import datetime
-import itertools
 import math
 import zoneinfo
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
@@ -198,19 +197,16 @@ def _boundaries(
         return FixedEdges(start, math.ceil(end_at / step) * step, step)
     if granularity == "all":
         return [math.floor(start_at / bucket) * bucket, math.ceil(end_at / bucket) * bucket]
-    trouble = budget.calendar_problem(granularity, start_at, end_at)
-    if trouble:
-        problem("granularity", trouble)
-        return ()
-    edges = _calendar_edges(granularity, zone, start_at, end_at)
-    try:  # the bound guards zones whose history has shorter days than DST makes
-        listed = list(itertools.islice(edges, budget.calendar_edges + 1))
+    try:
+        first, last = _calendar_span(granularity, zone, start_at, end_at)
     except (OverflowError, ValueError):  # a local date before year 1 or after 9999
         problem("to", f"{granularity} boundaries in {zone.key} fall outside years 1-9999")
         return ()
-    if len(listed) > budget.calendar_edges:
-        problem("granularity", budget.calendar_problem(granularity, 0, LATEST) or "")
+    trouble = budget.calendar_problem(granularity, _calendar_count(granularity, first, last))
+    if trouble:
+        problem("granularity", trouble)
         return ()
+    listed = list(_calendar_edges(granularity, zone, first, last))
     misaligned = [edge for edge in listed if edge % bucket]
     if misaligned:
         width = _widest_dividing(listed)
@@ -227,24 +223,58 @@ def _boundaries(
     return listed
 
 
-def _calendar_edges(
+def _calendar_span(
     granularity: str, zone: zoneinfo.ZoneInfo, start_at: float, end_at: float
+) -> tuple[datetime.date, datetime.date]:
+    """The local dates of the first and the last edge of the day, week or month buckets
+    covering ``[start_at, end_at)``: the bucket holding ``start_at``, and the first edge
+    at or after ``end_at``."""
+    first = _calendar_floor(granularity, datetime.datetime.fromtimestamp(start_at, zone).date())
+    last = _calendar_floor(granularity, datetime.datetime.fromtimestamp(end_at, zone).date())
+    # A second step where a clock fell back across midnight (Moncton's 00:01 to 23:01 of
+    # the day before): an end_at in the repeated hour comes after the next midnight.
+    while _midnight(last, zone) < end_at:
+        last = _calendar_next(granularity, last)
+    return first, last
+
+
+def _calendar_count(granularity: str, first: datetime.date, last: datetime.date) -> int:
+    """The buckets from edge ``first`` to edge ``last``: arithmetic on dates, no walk."""
+    if granularity == "month":
+        return (last.year - first.year) * 12 + last.month - first.month
+    return (last - first).days // (7 if granularity == "week" else 1)
+
+
+def _calendar_edges(
+    granularity: str, zone: zoneinfo.ZoneInfo, first: datetime.date, last: datetime.date
 ) -> Iterator[int]:
     """Local midnights of days, Mondays or first days of months, as Unix seconds."""
-    local = datetime.datetime.fromtimestamp(start_at, zone).date()
-    if granularity == "week":
-        local -= datetime.timedelta(days=local.weekday())
-    elif granularity == "month":
-        local = local.replace(day=1)
+    local = first
     while True:
-        edge = int(datetime.datetime.combine(local, datetime.time(), zone).timestamp())
-        yield edge
-        if edge >= end_at:
+        yield _midnight(local, zone)
+        if local >= last:
             return
-        if granularity == "month":
-            local = (local + datetime.timedelta(days=32)).replace(day=1)
-        else:
-            local += datetime.timedelta(days=7 if granularity == "week" else 1)
+        local = _calendar_next(granularity, local)
+
+
+def _calendar_floor(granularity: str, local: datetime.date) -> datetime.date:
+    """The first day of the day, week (from Monday) or month holding ``local``."""
+    if granularity == "week":
+        return local - datetime.timedelta(days=local.weekday())
+    if granularity == "month":
+        return local.replace(day=1)
+    return local
+
+
+def _calendar_next(granularity: str, local: datetime.date) -> datetime.date:
+    """The first day of the next bucket after the one starting on ``local``."""
+    if granularity == "month":
+        return (local + datetime.timedelta(days=32)).replace(day=1)
+    return local + datetime.timedelta(days=7 if granularity == "week" else 1)
+
+
+def _midnight(local: datetime.date, zone: zoneinfo.ZoneInfo) -> int:
+    return int(datetime.datetime.combine(local, datetime.time(), zone).timestamp())
 
 
 def _widest_dividing(edges: Iterable[int]) -> str | None:
