@@ -31,6 +31,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
+from .answers import Pieces
 from .auth import (
     ENDPOINT_SCOPES,
     Authenticator,
@@ -75,6 +76,7 @@ from .writer import Writers, purge_expired_ids
 log = logging.getLogger("trioagg")
 
 _Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
+_Built = TypeVar("_Built")
 
 _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 
@@ -428,6 +430,23 @@ def _json_body(body: bytes) -> Response:
     return Response(body, 200, content_type="application/json")
 
 
+def _json_pieces(pieces: Pieces) -> Response:
+    """A 200 answer whose JSON is already encoded in pieces, sent one after the other
+    and each let go once sent, so that a big answer is not held whole while it is sent,
+    nor copied into one string."""
+    if len(pieces.chunks) == 1:
+        return _json_body(pieces.chunks[0])
+    response = Response(_sent(pieces.chunks), 200, content_type="application/json")
+    response.content_length = pieces.size
+    return response
+
+
+async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    chunks.reverse()
+    while chunks:
+        yield chunks.pop()
+
+
 def _add_routes(app: TrioaggApp) -> None:
     @app.post("/v1/events")
     async def post_events() -> Response:
@@ -478,7 +497,7 @@ def _add_routes(app: TrioaggApp) -> None:
     parsed: ParsedQueries[tuple[Query, Hashable | None]] = ParsedQueries()
     answering = trio.CapacityLimiter(2)  # worker threads building big answers
 
-    async def build(work: int, make: Callable[[], bytes]) -> bytes:
+    async def build(work: int, make: Callable[[], _Built]) -> _Built:
         """``make()``, on the event loop when small, else in a worker thread."""
         if work <= INLINE_WORK:
             return make()
@@ -524,11 +543,14 @@ def _add_routes(app: TrioaggApp) -> None:
                     "the query is invalid",
                     [{"parameter": "from", "message": budget.rows_problem()}],
                 )
-            body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+            pieces = await build(work(query, rows), functools.partial(answer, query, rows, budget))
             if key is not None:
                 counted("miss").inc()
-                keep(key, body)
-        return _json_body(body)
+                if cache.keeps(query.keys, pieces.size):
+                    body = pieces.joined()
+                    keep(key, body)
+                    return _json_body(body)
+        return _json_pieces(pieces)
 
     @app.get("/v1/keys")
     async def get_keys() -> Response:

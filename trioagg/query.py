@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import functools
 import math
 import zoneinfo
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
-from .answers import Aggregates, Series
+from .answers import Aggregates, Pieces, PieceWriter, Series
 from .budget import DEFAULT_BUDGET, Budget
 from .errors import InvalidQuery
 from .params import AGGREGATES, Problems, parse_args
@@ -37,6 +38,9 @@ from .times import LATEST, rfc3339
 
 FIXED: Final = {"bucket": None, "hour": 3600}
 DEFAULT_RANGE: Final = 86400
+#: Buckets made into objects and encoded at once: at most ~1 MB of objects (16 stats),
+#: whatever the size of the answer.
+BLOCK_BUCKETS: Final = 1_000
 
 #: A result series within a key: () when merged, (tag value,) with group_by.
 Group = tuple[str | None, ...]
@@ -288,8 +292,29 @@ def _width_name(seconds: int) -> str:
     return next(name for name, width in BUCKET_WIDTHS.items() if width == seconds)
 
 
-def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -> bytes:
-    """Merge stored rows into the encoded response of ``query``, within ``budget``."""
+def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -> Pieces:
+    """Merge stored rows into the encoded response of ``query``, within ``budget``. Of the
+    answer, the bucket objects of one block at a time exist (see :class:`PieceWriter`)."""
+    series = _merged(query, rows, budget)
+    writer = PieceWriter(budget.answer_bytes, functools.partial(_too_big, budget))
+    writer.begin(
+        Aggregates(rfc3339(query.start), rfc3339(query.end), query.granularity, query.tz, [])
+    )
+    for key, groups in series.items():
+        for group in sorted(groups, key=_group_order):
+            tags = dict(query.tags)
+            if query.group_by and group[0] is not None:
+                tags[query.group_by] = group[0]
+            writer.series(Series(key, tags, []))
+            for block in _bucket_blocks(query, groups[group]):
+                writer.buckets(block)
+    return writer.end()
+
+
+def _merged(
+    query: Query, rows: Iterable[Row], budget: Budget
+) -> dict[str, dict[Group, dict[int, Rollup]]]:
+    """The rollups of each answer bucket, by key and group, within ``budget``."""
     series: dict[str, dict[Group, dict[int, Rollup]]] = {key: {} for key in query.keys}
     tag_cache: dict[str, dict[str, str]] = {}
     buckets_left = budget.answer_buckets
@@ -319,21 +344,11 @@ def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -
         trouble = budget.fill_problem(query.fill, count, query.buckets_per_series)
         if trouble:
             raise InvalidQuery("the query is invalid", [_problem("fill", trouble)])
+    return series
 
-    results = []
-    for key, groups in series.items():
-        for group in sorted(groups, key=_group_order):
-            tags = dict(query.tags)
-            if query.group_by and group[0] is not None:
-                tags[query.group_by] = group[0]
-            results.append(Series(key, tags, _buckets(query, groups[group])))
-    document = Aggregates(
-        rfc3339(query.start), rfc3339(query.end), query.granularity, query.tz, results
-    )
-    encoded = msgspec.json.encode(document)
-    if len(encoded) > budget.answer_bytes:
-        raise InvalidQuery("the query is invalid", [_problem("stats", budget.bytes_problem())])
-    return encoded
+
+def _too_big(budget: Budget) -> InvalidQuery:
+    return InvalidQuery("the query is invalid", [_problem("stats", budget.bytes_problem())])
 
 
 def _problem(parameter: str, message: str) -> dict[str, str]:
@@ -347,16 +362,18 @@ def work(query: Query, rows: Sequence[Row]) -> int:
     return len(rows) + query.buckets_per_series * max(len(query.keys), len(rows))
 
 
-def _buckets(query: Query, rollups: dict[int, Rollup]) -> list[dict[str, Any]]:
-    if query.fill == "none":
-        return [_bucket(start, rollups[start], query.stats) for start in sorted(rollups)]
+def _bucket_blocks(query: Query, rollups: dict[int, Rollup]) -> Iterator[list[dict[str, Any]]]:
+    """The buckets of one series, :data:`BLOCK_BUCKETS` at a time."""
+    starts: Sequence[int] = sorted(rollups) if query.fill == "none" else query.boundaries
+    count = len(rollups) if query.fill == "none" else query.buckets_per_series
     empty = _empty_bucket(query.stats, query.fill)
-    return [
-        _bucket(start, rollups[start], query.stats)
-        if start in rollups
-        else {"start": rfc3339(start), **empty}
-        for start in query.boundaries[:-1]
-    ]
+    for at in range(0, count, BLOCK_BUCKETS):
+        yield [
+            _bucket(start, rollups[start], query.stats)
+            if start in rollups
+            else {"start": rfc3339(start), **empty}
+            for start in starts[at : min(at + BLOCK_BUCKETS, count)]
+        ]
 
 
 def _empty_bucket(stats: Sequence[str], fill: str) -> dict[str, Any]:
