@@ -1,20 +1,25 @@
-"""Big answers: encoded in pieces that make the same bytes as one encoding, and sent
-whole."""
+"""Big answers: encoded in pieces that make the same bytes as one encoding, sent whole,
+and the queries holding rows bounded."""
 
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
+import httpx
 import msgspec
+import trio
 
 from trioagg.answers import PIECE_BYTES, Aggregates, PieceWriter, Series
 from trioagg.times import rfc3339
 
-from .conftest import Server, metric
+from .conftest import Server, StartServer, metric, post, wait_until
 
 #: 2026-01-01T00:00:00Z: a range in the past whose both ends are given (cacheable).
 START = 1_767_225_600
+#: Midnight UTC three days ago: events there are neither too old nor in the future.
+DAY = (int(time.time()) // 86400 - 3) * 86400
 
 
 class TooBig(Exception):
@@ -92,3 +97,32 @@ async def test_a_big_answer_is_sent_whole_and_a_middling_one_is_still_cached(
     assert await metric(server, "trioagg_read_cache_total", result="hit") == 1
     assert (await server.client.get("/v1/aggregates", params=_zeros(100, 1000))).is_success
     assert await metric(server, "trioagg_read_cache_total", result="hit") == 1  # never kept
+
+
+async def test_at_most_readers_plus_two_queries_hold_rows(start_server: StartServer) -> None:
+    """Queries waiting for a thread to build their answer held the rows they had read
+    (up to 250,000 each, hundreds of MB with sketches): as many queries as came. Now the
+    rest wait before reading."""
+    server = await start_server(bucket="1m", readers="1")
+    events = [{"key": "k", "ts": DAY + 60 * minute} for minute in range(2500)]
+    assert (await post(server.client, events)).status_code == 200
+    service = server.app.service
+    threads = [object(), object()]  # every thread that builds big answers, taken
+    for holder in threads:
+        await service.answering.acquire_on_behalf_of(holder)
+    span = {"key": "k", "granularity": "bucket", "from": DAY, "to": DAY + 2500 * 60}
+    answers: list[httpx.Response] = []
+
+    async def ask() -> None:
+        answers.append(await server.client.get("/v1/aggregates", params=span))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ask)
+        building, holding = service.answering.statistics, service.querying.statistics
+        await wait_until(lambda: building().tasks_waiting == 3 and holding().tasks_waiting == 2)
+        assert holding().borrowed_tokens == 3  # --readers 1, and 2
+        for holder in threads:
+            service.answering.release_on_behalf_of(holder)
+    assert [answer.status_code for answer in answers] == [200] * 5
+    assert len({answer.content for answer in answers}) == 1

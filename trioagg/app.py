@@ -104,6 +104,12 @@ class Service:
         self.auth = Authenticator(settings.auth, store)
         #: The event loop's longest task steps (:mod:`trioagg.loopwatch`).
         self.loop_steps = LongSteps(metrics)
+        #: Worker threads building big answers.
+        self.answering = trio.CapacityLimiter(2)
+        #: Queries holding rows read from the store, from their read to their answer:
+        #: as many as can read at once and be built at once. The others wait before
+        #: reading, so that the rows in memory are bounded (see the README's Limits).
+        self.querying = trio.CapacityLimiter(settings.readers + 2)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -495,13 +501,32 @@ def _add_routes(app: TrioaggApp) -> None:
     counted = bound_children(app.metrics.read_cache)
     # Hot reads repeat the same few query strings: each is parsed and checked once.
     parsed: ParsedQueries[tuple[Query, Hashable | None]] = ParsedQueries()
-    answering = trio.CapacityLimiter(2)  # worker threads building big answers
 
     async def build(work: int, make: Callable[[], _Built]) -> _Built:
         """``make()``, on the event loop when small, else in a worker thread."""
         if work <= INLINE_WORK:
             return make()
-        return await trio.to_thread.run_sync(make, limiter=answering)
+        return await trio.to_thread.run_sync(make, limiter=app.service.answering)
+
+    async def read_and_answer(query: Query, budget: Budget, tenant: str | None) -> Pieces:
+        """Read the rows of ``query`` and answer it, one of at most ``querying`` queries
+        holding rows."""
+        service = app.service
+        async with service.querying:
+            rows = await service.store.read(
+                query.keys,
+                query.start,
+                query.end,
+                sketches=query.needs_sketches,
+                limit=budget.rows + 1,
+                tenant=tenant,
+            )
+            if len(rows) > budget.rows:
+                raise InvalidQuery(
+                    "the query is invalid",
+                    [{"parameter": "from", "message": budget.rows_problem()}],
+                )
+            return await build(work(query, rows), functools.partial(answer, query, rows, budget))
 
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
@@ -530,20 +555,7 @@ def _add_routes(app: TrioaggApp) -> None:
             counted("hit").inc()
             return _json_body(body)
         with cache.reading(query.keys, query.start, query.end) as keep:
-            rows = await service.store.read(
-                query.keys,
-                query.start,
-                query.end,
-                sketches=query.needs_sketches,
-                limit=budget.rows + 1,
-                tenant=tenant,
-            )
-            if len(rows) > budget.rows:
-                raise InvalidQuery(
-                    "the query is invalid",
-                    [{"parameter": "from", "message": budget.rows_problem()}],
-                )
-            pieces = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+            pieces = await read_and_answer(query, budget, tenant)
             if key is not None:
                 counted("miss").inc()
                 if cache.keeps(query.keys, pieces.size):
