@@ -62,6 +62,7 @@ from .loopwatch import (
     tune_garbage_collector,
     watch_loop_stalls,
 )
+from .memory import give_back
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -439,7 +440,7 @@ def _json_body(body: bytes) -> Response:
 def _json_pieces(pieces: Pieces) -> Response:
     """A 200 answer whose JSON is already encoded in pieces, sent one after the other
     and each let go once sent, so that a big answer is not held whole while it is sent,
-    nor copied into one string."""
+    nor copied into one string; once all are sent, the memory they took is given back."""
     if len(pieces.chunks) == 1:
         return _json_body(pieces.chunks[0])
     response = Response(_sent(pieces.chunks), 200, content_type="application/json")
@@ -451,6 +452,7 @@ async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
     chunks.reverse()
     while chunks:
         yield chunks.pop()
+    await trio.to_thread.run_sync(give_back, False)
 
 
 def _add_routes(app: TrioaggApp) -> None:
@@ -510,23 +512,26 @@ def _add_routes(app: TrioaggApp) -> None:
 
     async def read_and_answer(query: Query, budget: Budget, tenant: str | None) -> Pieces:
         """Read the rows of ``query`` and answer it, one of at most ``querying`` queries
-        holding rows."""
+        holding rows; after a big one, give back to the system the memory it freed."""
         service = app.service
-        async with service.querying:
-            rows = await service.store.read(
-                query.keys,
-                query.start,
-                query.end,
-                sketches=query.needs_sketches,
-                limit=budget.rows + 1,
-                tenant=tenant,
-            )
-            if len(rows) > budget.rows:
-                raise InvalidQuery(
-                    "the query is invalid",
-                    [{"parameter": "from", "message": budget.rows_problem()}],
+        size = 0
+        try:
+            async with service.querying:
+                rows = await service.store.read(
+                    query.keys,
+                    query.start,
+                    query.end,
+                    sketches=query.needs_sketches,
+                    limit=budget.rows + 1,
+                    tenant=tenant,
                 )
-            return await build(work(query, rows), functools.partial(answer, query, rows, budget))
+                size = work(query, rows)
+                return await build(size, functools.partial(answer, query, rows, budget))
+        finally:
+            if size > INLINE_WORK:  # answer() has emptied rows, answered or refused
+                # A full collection walks every query's rows: the last query out runs it.
+                last = service.querying.statistics().borrowed_tokens == 0
+                await trio.to_thread.run_sync(give_back, last)
 
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:

@@ -292,10 +292,17 @@ def _width_name(seconds: int) -> str:
     return next(name for name, width in BUCKET_WIDTHS.items() if width == seconds)
 
 
-def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -> Pieces:
-    """Merge stored rows into the encoded response of ``query``, within ``budget``. Of the
-    answer, the bucket objects of one block at a time exist (see :class:`PieceWriter`)."""
-    series = _merged(query, rows, budget)
+def answer(query: Query, rows: list[Row], budget: Budget = DEFAULT_BUDGET) -> Pieces:
+    """Merge stored rows into the encoded response of ``query``, within ``budget``.
+
+    ``rows`` are consumed: merged into one another, and the list emptied once merged (or
+    refused), so that they, the bulk of a big query's memory, are gone before the answer
+    is encoded, whatever the caller holds. Of the answer, the bucket objects of one block
+    at a time exist (see :class:`PieceWriter`)."""
+    try:
+        series = _merged(query, rows, budget)
+    finally:
+        rows.clear()
     writer = PieceWriter(budget.answer_bytes, functools.partial(_too_big, budget))
     writer.begin(
         Aggregates(rfc3339(query.start), rfc3339(query.end), query.granularity, query.tz, [])
@@ -312,9 +319,11 @@ def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -
 
 
 def _merged(
-    query: Query, rows: Iterable[Row], budget: Budget
+    query: Query, rows: Sequence[Row], budget: Budget
 ) -> dict[str, dict[Group, dict[int, Rollup]]]:
     """The rollups of each answer bucket, by key and group, within ``budget``."""
+    if len(rows) > budget.rows:
+        raise InvalidQuery("the query is invalid", [_problem("from", budget.rows_problem())])
     series: dict[str, dict[Group, dict[int, Rollup]]] = {key: {} for key in query.keys}
     tag_cache: dict[str, dict[str, str]] = {}
     buckets_left = budget.answer_buckets
