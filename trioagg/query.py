@@ -71,7 +71,7 @@ class Query:
     @property
     def edges_held(self) -> int:
         """How many bucket edges the query holds in memory (none for fixed steps)."""
-        return 0 if isinstance(self.boundaries, FixedEdges) else len(self.boundaries)
+        return 0 if isinstance(self.boundaries, range) else len(self.boundaries)
 
     @property
     def buckets_per_series(self) -> int:
@@ -84,28 +84,9 @@ class Query:
     def bucket_of(self, moment: int) -> int:
         """The start of the answer bucket holding ``moment``."""
         edges = self.boundaries
-        if isinstance(edges, FixedEdges):
+        if isinstance(edges, range):
             return edges.start + (moment - edges.start) // edges.step * edges.step
         return edges[bisect.bisect_right(edges, moment) - 1]
-
-
-class FixedEdges(Sequence[int]):
-    """Edges ``start, start + step, ..., end`` without materializing them."""
-
-    def __init__(self, start: int, end: int, step: int) -> None:
-        self.start, self.end, self.step = start, end, step
-
-    def __len__(self) -> int:
-        return (self.end - self.start) // self.step + 1
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.start + index * self.step
 
 
 def parse_range(values: Mapping[str, Any], problem: Problems, *, now: float) -> tuple[float, float]:
@@ -198,7 +179,7 @@ def _boundaries(
     if granularity in FIXED:
         step = FIXED[granularity] or bucket
         start = math.floor(start_at / step) * step
-        return FixedEdges(start, math.ceil(end_at / step) * step, step)
+        return range(start, math.ceil(end_at / step) * step + step, step)  # held as 3 ints
     if granularity == "all":
         return [math.floor(start_at / bucket) * bucket, math.ceil(end_at / bucket) * bucket]
     try:
