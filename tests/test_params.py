@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import zoneinfo
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from trioagg.budget import Budget
 from trioagg.errors import InvalidQuery
 from trioagg.params import AGGREGATES, KEYS, TOP, parse_args
-from trioagg.query import parse_query
+from trioagg.query import Query, parse_query
 from trioagg.times import LATEST, parse_time
 
 
@@ -92,38 +97,99 @@ def test_time_zones_are_names_not_paths() -> None:
     assert problems(AGGREGATES, key="k", tz="America/Argentina/Buenos_Aires") == {}
 
 
+def local(zone: str, *parts: int) -> str:
+    """Unix seconds of a local time in ``zone``, as query text."""
+    return str(datetime.datetime(*parts, tzinfo=zoneinfo.ZoneInfo(zone)).timestamp())
+
+
+def calendar_query(granularity: str, zone: str, start: str, end: str) -> Query:
+    args = [("key", "k"), ("granularity", granularity), ("tz", zone)]
+    return parse_query(
+        MultiDict([*args, ("from", start), ("to", end)]), bucket=60, now=0, budget=Budget()
+    )
+
+
 @pytest.mark.parametrize(
-    ("granularity", "days", "refused"),
-    [("day", 4000, False), ("day", 5000, True), ("week", 30_000, False), ("month", 140_000, True)],
+    ("granularity", "zone", "start", "end", "buckets"),
+    [
+        # 4,790 days were refused as "about 5000 day buckets, more than the 5000"
+        ("day", "UTC", (2000, 1, 1), (2013, 2, 11), 4790),
+        ("day", "Europe/Berlin", (2000, 1, 1), (2013, 2, 11), 4790),
+        ("day", "America/New_York", (2000, 1, 1), (2013, 9, 9), 5000),
+        ("day", "Europe/Berlin", (2000, 1, 1, 12), (2013, 9, 9, 12), 5001),
+        ("week", "UTC", (2000, 1, 3), (2095, 10, 31), 5000),  # Mondays
+        ("week", "Europe/Berlin", (2000, 1, 3), (2095, 11, 7), 5001),
+        ("week", "Europe/Berlin", (2000, 1, 5), (2095, 10, 31), 5000),  # from a Wednesday
+        ("week", "Europe/Berlin", (2000, 1, 3), (2095, 10, 31, 0, 1), 5001),
+        ("month", "UTC", (2000, 1, 1), (2416, 9, 1), 5000),
+        ("month", "Australia/Lord_Howe", (2000, 1, 1), (2416, 10, 1), 5001),
+        ("month", "UTC", (2000, 1, 1), (2416, 9, 1, 0, 0, 1), 5001),  # a second into the next
+    ],
 )
-def test_calendar_edges_are_bounded_before_any_is_computed(
-    granularity: str, days: int, refused: bool
+def test_calendar_buckets_are_counted_exactly(
+    granularity: str,
+    zone: str,
+    start: tuple[int, ...],
+    end: tuple[int, ...],
+    buckets: int,
 ) -> None:
-    budget = Budget(calendar_edges=5000)
-    trouble = budget.calendar_problem(granularity, 0, days * 86400)
-    assert (trouble is not None) == refused
-    if refused:
-        assert trouble is not None and "coarser granularity" in trouble
+    """At most 5,000 day, week or month buckets, counted exactly: the bound was an
+    estimate, 4.4% high, whose refusals said "about 5000 ..., more than the 5000"."""
+    limit = 5000  # the default budget's
+    if buckets <= limit:
+        query = calendar_query(granularity, zone, local(zone, *start), local(zone, *end))
+        assert query.buckets_per_series == buckets
+        return
+    with pytest.raises(InvalidQuery) as refused:
+        calendar_query(granularity, zone, local(zone, *start), local(zone, *end))
+    assert refused.value.details == [
+        {
+            "parameter": "granularity",
+            "message": f"the range holds {buckets} {granularity} buckets, more than the "
+            f"{limit} day, week or month buckets a query may have: shorten the range or "
+            "choose a coarser granularity",
+        }
+    ]
 
 
-def test_the_calendar_bound_is_never_below_the_true_edge_count() -> None:
-    budget = Budget(calendar_edges=10**9)
-    for granularity, days in [("day", 400), ("week", 3000), ("month", 3000)]:
-        args = MultiDict(
-            [
-                ("key", "k"),
-                ("granularity", granularity),
-                ("tz", "Europe/Berlin"),
-                ("from", "0"),
-                ("to", str(days * 86400)),
-            ]
-        )
-        edges = len(parse_query(args, bucket=3600, now=0, budget=budget).boundaries)
-        assert (
-            edges
-            <= int(days * 86400 // {"day": 82800, "week": 601200, "month": 2415600}[granularity])
-            + 3
-        )
+ZONES = ["UTC", "Europe/Berlin", "America/Moncton", "Australia/Lord_Howe", "Pacific/Apia"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    granularity=st.sampled_from(["day", "week", "month"]),
+    zone=st.sampled_from(ZONES),
+    start=st.integers(0, 2_000_000_000),
+    length=st.integers(1, 3 * 365 * 86400),
+)
+def test_calendar_edges_are_the_fewest_covering_the_range(
+    granularity: str, zone: str, start: int, length: int
+) -> None:
+    """The first bucket holds ``from``, the last one holds the moment before ``to``,
+    and every edge is a local midnight: no bucket too many or too few."""
+    query = calendar_query(granularity, zone, str(start), str(start + length))
+    edges = query.boundaries
+    assert edges[0] <= start < edges[1] and edges[-2] < start + length <= edges[-1]
+    assert query.buckets_per_series == len(edges) - 1
+    for edge in edges:
+        moment = datetime.datetime.fromtimestamp(edge, zoneinfo.ZoneInfo(zone))
+        assert moment.time() == datetime.time() or _in_a_gap_at_midnight(moment)
+
+
+def _in_a_gap_at_midnight(moment: datetime.datetime) -> bool:
+    """Where a clock skipped midnight, the day's edge is its first moment."""
+    before = datetime.datetime.fromtimestamp(moment.timestamp() - 1, moment.tzinfo)
+    return before.date() < moment.date()
+
+
+def test_a_range_ending_in_an_hour_repeated_across_midnight_gets_its_last_day() -> None:
+    """Moncton fell back from 1993-10-31 00:01 to 1993-10-30 23:01: the second 23:30 of
+    the 30th comes after the 31st's midnight, so the last day bucket is the 31st."""
+    zone = "America/Moncton"
+    end = datetime.datetime(1993, 10, 30, 23, 30, fold=1, tzinfo=zoneinfo.ZoneInfo(zone))
+    query = calendar_query("day", zone, local(zone, 1993, 10, 29), str(end.timestamp()))
+    assert query.end == float(local(zone, 1993, 11, 1))
+    assert query.buckets_per_series == 3
 
 
 def test_fill_budget_counts_every_series() -> None:

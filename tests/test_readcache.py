@@ -54,7 +54,7 @@ def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", None, b"C")
     cache.committed(_touched("x", "a"))
     assert (cache.get("q-a"), cache.get("q-c")) == (None, b"C")
-    assert len(cache) == 1 and cache.bytes == entry_cost(("c",), b"C")
+    assert len(cache) == 1 and cache.bytes == entry_cost(("c",), 1)
 
 
 def test_a_commit_of_every_key_of_a_multi_key_answer_drops_it() -> None:
@@ -155,7 +155,7 @@ def test_entries_and_bytes_are_bounded_least_recently_used_first() -> None:
         cache.get("a")  # a stays recently used
     assert [cache.get(name) for name in "abcd"] == [b"a", None, b"c", b"d"]
     body = b"x" * 1000
-    per_entry = entry_cost(("00",), body)
+    per_entry = entry_cost(("00",), len(body))
     sized, _ = _cache(entries=100, max_bytes=8 * per_entry)
     for number in range(12):
         _fill(sized, number, (f"{number:02d}",), body)

@@ -132,7 +132,7 @@ def test_batched_upserts_equal_naive_aggregation(
         conn = backend.connect(write=False)
         rows = backend.fetch(conn, query.keys, query.start, query.end)
         backend.close(conn)
-    document = msgspec.json.decode(answer(query, rows))
+    document = msgspec.json.decode(answer(query, rows).joined())
 
     expected = naive(points, query, width, group)
     seen = set()

@@ -4,10 +4,17 @@ The routes encode these types, and :mod:`trioagg.openapi` generates the
 response schemas from them, so a documented answer is the answer sent.
 A bucket's stats are named by the query (``count``, ``p99``...), so a bucket
 is a mapping whose schema is given here by hand.
+
+:class:`PieceWriter` encodes an :class:`Aggregates` answer a block of buckets
+at a time into :class:`Pieces`, the same bytes ``msgspec.json.encode`` would
+give, so that a big answer never exists as objects and as bytes at once, and
+is sent piece by piece.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -59,6 +66,78 @@ class Aggregates(msgspec.Struct, gc=False):
     granularity: str
     tz: str
     results: list[Series]
+
+
+#: The size of a piece of an encoded answer: what is sent at once, and the most an
+#: answer holds besides its pieces (a piece being joined) while it is encoded.
+PIECE_BYTES: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Pieces:
+    """An encoded answer of ``size`` bytes, as ``chunks`` of about :data:`PIECE_BYTES`."""
+
+    chunks: list[bytes]
+    size: int
+
+    def joined(self) -> bytes:
+        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+
+
+class PieceWriter:
+    """Encodes an :class:`Aggregates` answer as :class:`Pieces`: ``begin(header)`` (its
+    ``results`` empty), then for each series ``series(one)`` (its ``buckets`` empty) and
+    ``buckets(block)`` as many times as it takes, then ``end()``. Past ``limit`` bytes it
+    raises ``too_big()`` at once, having encoded at most a block more."""
+
+    def __init__(self, limit: int, too_big: Callable[[], Exception]) -> None:
+        self._limit = limit
+        self._too_big = too_big
+        self._chunks: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
+        self._held = 0
+        self._size = 0
+        self._in_series = False
+        self._bucket_written = False
+
+    def begin(self, header: Aggregates) -> None:
+        self._write(_opened(header))
+
+    def series(self, one: Series) -> None:
+        if self._in_series:
+            self._write(b"]},")
+        self._write(_opened(one))
+        self._in_series, self._bucket_written = True, False
+
+    def buckets(self, block: list[dict[str, Any]]) -> None:
+        if not block:
+            return
+        if self._bucket_written:
+            self._write(b",")
+        self._write(memoryview(msgspec.json.encode(block))[1:-1])  # without [ and ]
+        self._bucket_written = True
+
+    def end(self) -> Pieces:
+        self._write(b"]}]}" if self._in_series else b"]}")
+        if self._parts:
+            self._chunks.append(b"".join(self._parts))
+        return Pieces(self._chunks, self._size)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            raise self._too_big()
+        self._parts.append(data)
+        self._held += len(data)
+        if self._held >= PIECE_BYTES:
+            self._chunks.append(b"".join(self._parts))
+            self._parts.clear()
+            self._held = 0
+
+
+def _opened(document: Aggregates | Series) -> bytes:
+    """``document`` encoded without the ``]}`` that closes its last member, an empty list."""
+    return msgspec.json.encode(document)[:-2]
 
 
 class KeyInfo(msgspec.Struct, gc=False):

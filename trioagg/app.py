@@ -31,6 +31,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
+from .answers import Pieces
 from .auth import (
     ENDPOINT_SCOPES,
     Authenticator,
@@ -63,6 +64,7 @@ from .loopwatch import (
     tune_garbage_collector,
     watch_loop_stalls,
 )
+from .memory import give_back
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -77,6 +79,7 @@ from .writer import Writers, purge_expired_ids
 log = logging.getLogger("trioagg")
 
 _Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
+_Built = TypeVar("_Built")
 
 _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 
@@ -104,6 +107,12 @@ class Service:
         self.auth = Authenticator(settings.auth, store)
         #: The event loop's longest task steps (:mod:`trioagg.loopwatch`).
         self.loop_steps = LongSteps(metrics)
+        #: Worker threads building big answers.
+        self.answering = trio.CapacityLimiter(2)
+        #: Queries holding rows read from the store, from their read to their answer:
+        #: as many as can read at once and be built at once. The others wait before
+        #: reading, so that the rows in memory are bounded (see the README's Limits).
+        self.querying = trio.CapacityLimiter(settings.readers + 2)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -449,6 +458,24 @@ def _json_body(body: bytes) -> Response:
     return Response(body, 200, content_type="application/json")
 
 
+def _json_pieces(pieces: Pieces) -> Response:
+    """A 200 answer whose JSON is already encoded in pieces, sent one after the other
+    and each let go once sent, so that a big answer is not held whole while it is sent,
+    nor copied into one string; once all are sent, the memory they took is given back."""
+    if len(pieces.chunks) == 1:
+        return _json_body(pieces.chunks[0])
+    response = Response(_sent(pieces.chunks), 200, content_type="application/json")
+    response.content_length = pieces.size
+    return response
+
+
+async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    chunks.reverse()
+    while chunks:
+        yield chunks.pop()
+    await trio.to_thread.run_sync(give_back, False)
+
+
 def _add_routes(app: TrioaggApp) -> None:
     @app.post("/v1/events")
     async def post_events() -> Response:
@@ -498,13 +525,35 @@ def _add_routes(app: TrioaggApp) -> None:
     counted = bound_children(app.metrics.read_cache)
     # Hot reads repeat the same few query strings: each is parsed and checked once.
     parsed: ParsedQueries[tuple[Query, Hashable | None]] = ParsedQueries()
-    answering = trio.CapacityLimiter(2)  # worker threads building big answers
 
-    async def build(work: int, make: Callable[[], bytes]) -> bytes:
+    async def build(work: int, make: Callable[[], _Built]) -> _Built:
         """``make()``, on the event loop when small, else in a worker thread."""
         if work <= INLINE_WORK:
             return make()
-        return await trio.to_thread.run_sync(make, limiter=answering)
+        return await trio.to_thread.run_sync(make, limiter=app.service.answering)
+
+    async def read_and_answer(query: Query, budget: Budget, tenant: str | None) -> Pieces:
+        """Read the rows of ``query`` and answer it, one of at most ``querying`` queries
+        holding rows; after a big one, give back to the system the memory it freed."""
+        service = app.service
+        size = 0
+        try:
+            async with service.querying:
+                rows = await service.store.read(
+                    query.keys,
+                    query.start,
+                    query.end,
+                    sketches=query.needs_sketches,
+                    limit=budget.rows + 1,
+                    tenant=tenant,
+                )
+                size = work(query, rows)
+                return await build(size, functools.partial(answer, query, rows, budget))
+        finally:
+            if size > INLINE_WORK:  # answer() has emptied rows, answered or refused
+                # A full collection walks every query's rows: the last query out runs it.
+                last = service.querying.statistics().borrowed_tokens == 0
+                await trio.to_thread.run_sync(give_back, last)
 
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
@@ -533,24 +582,14 @@ def _add_routes(app: TrioaggApp) -> None:
             counted("hit").inc()
             return _json_body(body)
         with cache.reading(query.keys, query.start, query.end) as keep:
-            rows = await service.store.read(
-                query.keys,
-                query.start,
-                query.end,
-                sketches=query.needs_sketches,
-                limit=budget.rows + 1,
-                tenant=tenant,
-            )
-            if len(rows) > budget.rows:
-                raise InvalidQuery(
-                    "the query is invalid",
-                    [{"parameter": "from", "message": budget.rows_problem()}],
-                )
-            body = await build(work(query, rows), functools.partial(answer, query, rows, budget))
+            pieces = await read_and_answer(query, budget, tenant)
             if key is not None:
                 counted("miss").inc()
-                keep(key, body)
-        return _json_body(body)
+                if cache.keeps(query.keys, pieces.size):
+                    body = pieces.joined()
+                    keep(key, body)
+                    return _json_body(body)
+        return _json_pieces(pieces)
 
     @app.get("/v1/keys")
     async def get_keys() -> Response:

@@ -2,8 +2,8 @@
 
 A query is refused (``422 invalid_query``) rather than answered when its
 answer would hold more buckets than :attr:`Budget.answer_buckets` (across all
-series, empty buckets that ``fill`` adds included), when a calendar
-granularity would need more edges than :attr:`Budget.calendar_edges`, when
+series, empty buckets that ``fill`` adds included), when its range holds more
+day, week or month buckets than :attr:`Budget.calendar_buckets`, when
 the store holds more than :attr:`Budget.rows` rows for it, or when its JSON
 would exceed :attr:`Budget.answer_bytes`. Whatever can be known before reading
 the store is checked before reading it; the functions here are pure, so the
@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-#: The shortest a local day, week or month can be (a day loses an hour to DST).
-SHORTEST: Final = {"day": 23 * 3600, "week": 7 * 86400 - 3600, "month": 28 * 86400 - 3600}
 #: Answers of at most this many rows or buckets are built on the event loop; bigger ones
 #: in a worker thread, so that no request holds the loop for more than about a millisecond.
 INLINE_WORK: Final = 2_000
@@ -28,22 +26,22 @@ class Budget:
 
     #: Buckets of the answer, across all its series, empty ones that fill adds included.
     answer_buckets: int = 100_000
-    #: Edges of day, week or month buckets, computed on the event loop (about 1 us each).
-    calendar_edges: int = 5_000
+    #: Day, week or month buckets of the range; their edges are computed on the event
+    #: loop (about 1 us each), once counted.
+    calendar_buckets: int = 5_000
     #: Rows read from the store.
     rows: int = 250_000  # about 300 bytes of memory each while an answer is built
     #: Bytes of the answer's JSON.
     answer_bytes: int = 32 * 1024 * 1024
 
-    def calendar_problem(self, granularity: str, start_at: float, end_at: float) -> str | None:
-        """Why a day, week or month query has too many edges, known before computing them."""
-        at_most = int((end_at - start_at) // SHORTEST[granularity]) + 3
-        if at_most <= self.calendar_edges:
+    def calendar_problem(self, granularity: str, buckets: int) -> str | None:
+        """Why a range of ``buckets`` day, week or month buckets is too long."""
+        if buckets <= self.calendar_buckets:
             return None
         return (
-            f"about {at_most - 1} {granularity} buckets, more than the {self.calendar_edges} "
-            f"calendar buckets a query may have: shorten the range or choose a coarser "
-            "granularity"
+            f"the range holds {buckets} {granularity} buckets, more than the "
+            f"{self.calendar_buckets} day, week or month buckets a query may have: shorten "
+            "the range or choose a coarser granularity"
         )
 
     def fill_problem(self, fill: str, series: int, buckets: int) -> str | None:

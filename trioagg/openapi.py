@@ -126,7 +126,7 @@ def openapi_document() -> dict[str, Any]:
     too_big = (
         f"Invalid parameters, every problem as {{parameter, message}}; also a query over the "
         f"budget: more than {budget.answer_buckets} answer buckets (fill included), "
-        f"{budget.calendar_edges} day/week/month buckets, {budget.rows} stored rows or "
+        f"{budget.calendar_buckets} day/week/month buckets, {budget.rows} stored rows or "
         f"{budget.answer_bytes} bytes of answer; the message says how to narrow it."
     )
     busy = _error(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
-import itertools
+import functools
 import math
 import zoneinfo
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +27,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
-from .answers import Aggregates, Series
+from .answers import Aggregates, Pieces, PieceWriter, Series
 from .budget import DEFAULT_BUDGET, Budget
 from .errors import InvalidQuery
 from .params import AGGREGATES, Problems, parse_args
@@ -38,6 +38,9 @@ from .times import LATEST, rfc3339
 
 FIXED: Final = {"bucket": None, "hour": 3600}
 DEFAULT_RANGE: Final = 86400
+#: Buckets made into objects and encoded at once: at most ~1 MB of objects (16 stats),
+#: whatever the size of the answer.
+BLOCK_BUCKETS: Final = 1_000
 
 #: A result series within a key: () when merged, (tag value,) with group_by.
 Group = tuple[str | None, ...]
@@ -68,7 +71,7 @@ class Query:
     @property
     def edges_held(self) -> int:
         """How many bucket edges the query holds in memory (none for fixed steps)."""
-        return 0 if isinstance(self.boundaries, FixedEdges) else len(self.boundaries)
+        return 0 if isinstance(self.boundaries, range) else len(self.boundaries)
 
     @property
     def buckets_per_series(self) -> int:
@@ -81,28 +84,9 @@ class Query:
     def bucket_of(self, moment: int) -> int:
         """The start of the answer bucket holding ``moment``."""
         edges = self.boundaries
-        if isinstance(edges, FixedEdges):
+        if isinstance(edges, range):
             return edges.start + (moment - edges.start) // edges.step * edges.step
         return edges[bisect.bisect_right(edges, moment) - 1]
-
-
-class FixedEdges(Sequence[int]):
-    """Edges ``start, start + step, ..., end`` without materializing them."""
-
-    def __init__(self, start: int, end: int, step: int) -> None:
-        self.start, self.end, self.step = start, end, step
-
-    def __len__(self) -> int:
-        return (self.end - self.start) // self.step + 1
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.start + index * self.step
 
 
 def parse_range(values: Mapping[str, Any], problem: Problems, *, now: float) -> tuple[float, float]:
@@ -195,22 +179,19 @@ def _boundaries(
     if granularity in FIXED:
         step = FIXED[granularity] or bucket
         start = math.floor(start_at / step) * step
-        return FixedEdges(start, math.ceil(end_at / step) * step, step)
+        return range(start, math.ceil(end_at / step) * step + step, step)  # held as 3 ints
     if granularity == "all":
         return [math.floor(start_at / bucket) * bucket, math.ceil(end_at / bucket) * bucket]
-    trouble = budget.calendar_problem(granularity, start_at, end_at)
-    if trouble:
-        problem("granularity", trouble)
-        return ()
-    edges = _calendar_edges(granularity, zone, start_at, end_at)
-    try:  # the bound guards zones whose history has shorter days than DST makes
-        listed = list(itertools.islice(edges, budget.calendar_edges + 1))
+    try:
+        first, last = _calendar_span(granularity, zone, start_at, end_at)
     except (OverflowError, ValueError):  # a local date before year 1 or after 9999
         problem("to", f"{granularity} boundaries in {zone.key} fall outside years 1-9999")
         return ()
-    if len(listed) > budget.calendar_edges:
-        problem("granularity", budget.calendar_problem(granularity, 0, LATEST) or "")
+    trouble = budget.calendar_problem(granularity, _calendar_count(granularity, first, last))
+    if trouble:
+        problem("granularity", trouble)
         return ()
+    listed = list(_calendar_edges(granularity, zone, first, last))
     misaligned = [edge for edge in listed if edge % bucket]
     if misaligned:
         width = _widest_dividing(listed)
@@ -227,24 +208,58 @@ def _boundaries(
     return listed
 
 
-def _calendar_edges(
+def _calendar_span(
     granularity: str, zone: zoneinfo.ZoneInfo, start_at: float, end_at: float
+) -> tuple[datetime.date, datetime.date]:
+    """The local dates of the first and the last edge of the day, week or month buckets
+    covering ``[start_at, end_at)``: the bucket holding ``start_at``, and the first edge
+    at or after ``end_at``."""
+    first = _calendar_floor(granularity, datetime.datetime.fromtimestamp(start_at, zone).date())
+    last = _calendar_floor(granularity, datetime.datetime.fromtimestamp(end_at, zone).date())
+    # A second step where a clock fell back across midnight (Moncton's 00:01 to 23:01 of
+    # the day before): an end_at in the repeated hour comes after the next midnight.
+    while _midnight(last, zone) < end_at:
+        last = _calendar_next(granularity, last)
+    return first, last
+
+
+def _calendar_count(granularity: str, first: datetime.date, last: datetime.date) -> int:
+    """The buckets from edge ``first`` to edge ``last``: arithmetic on dates, no walk."""
+    if granularity == "month":
+        return (last.year - first.year) * 12 + last.month - first.month
+    return (last - first).days // (7 if granularity == "week" else 1)
+
+
+def _calendar_edges(
+    granularity: str, zone: zoneinfo.ZoneInfo, first: datetime.date, last: datetime.date
 ) -> Iterator[int]:
     """Local midnights of days, Mondays or first days of months, as Unix seconds."""
-    local = datetime.datetime.fromtimestamp(start_at, zone).date()
-    if granularity == "week":
-        local -= datetime.timedelta(days=local.weekday())
-    elif granularity == "month":
-        local = local.replace(day=1)
+    local = first
     while True:
-        edge = int(datetime.datetime.combine(local, datetime.time(), zone).timestamp())
-        yield edge
-        if edge >= end_at:
+        yield _midnight(local, zone)
+        if local >= last:
             return
-        if granularity == "month":
-            local = (local + datetime.timedelta(days=32)).replace(day=1)
-        else:
-            local += datetime.timedelta(days=7 if granularity == "week" else 1)
+        local = _calendar_next(granularity, local)
+
+
+def _calendar_floor(granularity: str, local: datetime.date) -> datetime.date:
+    """The first day of the day, week (from Monday) or month holding ``local``."""
+    if granularity == "week":
+        return local - datetime.timedelta(days=local.weekday())
+    if granularity == "month":
+        return local.replace(day=1)
+    return local
+
+
+def _calendar_next(granularity: str, local: datetime.date) -> datetime.date:
+    """The first day of the next bucket after the one starting on ``local``."""
+    if granularity == "month":
+        return (local + datetime.timedelta(days=32)).replace(day=1)
+    return local + datetime.timedelta(days=7 if granularity == "week" else 1)
+
+
+def _midnight(local: datetime.date, zone: zoneinfo.ZoneInfo) -> int:
+    return int(datetime.datetime.combine(local, datetime.time(), zone).timestamp())
 
 
 def _widest_dividing(edges: Iterable[int]) -> str | None:
@@ -258,8 +273,38 @@ def _width_name(seconds: int) -> str:
     return next(name for name, width in BUCKET_WIDTHS.items() if width == seconds)
 
 
-def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -> bytes:
-    """Merge stored rows into the encoded response of ``query``, within ``budget``."""
+def answer(query: Query, rows: list[Row], budget: Budget = DEFAULT_BUDGET) -> Pieces:
+    """Merge stored rows into the encoded response of ``query``, within ``budget``.
+
+    ``rows`` are consumed: merged into one another, and the list emptied once merged (or
+    refused), so that they, the bulk of a big query's memory, are gone before the answer
+    is encoded, whatever the caller holds. Of the answer, the bucket objects of one block
+    at a time exist (see :class:`PieceWriter`)."""
+    try:
+        series = _merged(query, rows, budget)
+    finally:
+        rows.clear()
+    writer = PieceWriter(budget.answer_bytes, functools.partial(_too_big, budget))
+    writer.begin(
+        Aggregates(rfc3339(query.start), rfc3339(query.end), query.granularity, query.tz, [])
+    )
+    for key, groups in series.items():
+        for group in sorted(groups, key=_group_order):
+            tags = dict(query.tags)
+            if query.group_by and group[0] is not None:
+                tags[query.group_by] = group[0]
+            writer.series(Series(key, tags, []))
+            for block in _bucket_blocks(query, groups[group]):
+                writer.buckets(block)
+    return writer.end()
+
+
+def _merged(
+    query: Query, rows: Sequence[Row], budget: Budget
+) -> dict[str, dict[Group, dict[int, Rollup]]]:
+    """The rollups of each answer bucket, by key and group, within ``budget``."""
+    if len(rows) > budget.rows:
+        raise InvalidQuery("the query is invalid", [_problem("from", budget.rows_problem())])
     series: dict[str, dict[Group, dict[int, Rollup]]] = {key: {} for key in query.keys}
     tag_cache: dict[str, dict[str, str]] = {}
     buckets_left = budget.answer_buckets
@@ -289,21 +334,11 @@ def answer(query: Query, rows: Iterable[Row], budget: Budget = DEFAULT_BUDGET) -
         trouble = budget.fill_problem(query.fill, count, query.buckets_per_series)
         if trouble:
             raise InvalidQuery("the query is invalid", [_problem("fill", trouble)])
+    return series
 
-    results = []
-    for key, groups in series.items():
-        for group in sorted(groups, key=_group_order):
-            tags = dict(query.tags)
-            if query.group_by and group[0] is not None:
-                tags[query.group_by] = group[0]
-            results.append(Series(key, tags, _buckets(query, groups[group])))
-    document = Aggregates(
-        rfc3339(query.start), rfc3339(query.end), query.granularity, query.tz, results
-    )
-    encoded = msgspec.json.encode(document)
-    if len(encoded) > budget.answer_bytes:
-        raise InvalidQuery("the query is invalid", [_problem("stats", budget.bytes_problem())])
-    return encoded
+
+def _too_big(budget: Budget) -> InvalidQuery:
+    return InvalidQuery("the query is invalid", [_problem("stats", budget.bytes_problem())])
 
 
 def _problem(parameter: str, message: str) -> dict[str, str]:
@@ -317,16 +352,18 @@ def work(query: Query, rows: Sequence[Row]) -> int:
     return len(rows) + query.buckets_per_series * max(len(query.keys), len(rows))
 
 
-def _buckets(query: Query, rollups: dict[int, Rollup]) -> list[dict[str, Any]]:
-    if query.fill == "none":
-        return [_bucket(start, rollups[start], query.stats) for start in sorted(rollups)]
+def _bucket_blocks(query: Query, rollups: dict[int, Rollup]) -> Iterator[list[dict[str, Any]]]:
+    """The buckets of one series, :data:`BLOCK_BUCKETS` at a time."""
+    starts: Sequence[int] = sorted(rollups) if query.fill == "none" else query.boundaries
+    count = len(rollups) if query.fill == "none" else query.buckets_per_series
     empty = _empty_bucket(query.stats, query.fill)
-    return [
-        _bucket(start, rollups[start], query.stats)
-        if start in rollups
-        else {"start": rfc3339(start), **empty}
-        for start in query.boundaries[:-1]
-    ]
+    for at in range(0, count, BLOCK_BUCKETS):
+        yield [
+            _bucket(start, rollups[start], query.stats)
+            if start in rollups
+            else {"start": rfc3339(start), **empty}
+            for start in starts[at : min(at + BLOCK_BUCKETS, count)]
+        ]
 
 
 def _empty_bucket(stats: Sequence[str], fill: str) -> dict[str, Any]:

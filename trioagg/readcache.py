@@ -41,10 +41,11 @@ ENTRY_OVERHEAD = 200
 NAME_OVERHEAD = 300
 
 
-def entry_cost(keys: Sequence[str], body: bytes) -> int:
-    """The bytes an entry is counted for. A query names up to 100 keys of up to 255
-    bytes, so its names can outweigh a small answer many times over."""
-    return len(body) + ENTRY_OVERHEAD + sum(len(name) + NAME_OVERHEAD for name in keys)
+def entry_cost(keys: Sequence[str], size: int) -> int:
+    """The bytes an entry of an answer of ``size`` bytes is counted for. A query names up
+    to 100 keys of up to 255 bytes, so its names can outweigh a small answer many times
+    over."""
+    return size + ENTRY_OVERHEAD + sum(len(name) + NAME_OVERHEAD for name in keys)
 
 
 def cache_key(query: Query) -> Hashable:
@@ -105,6 +106,14 @@ class ReadCache:
     def __len__(self) -> int:
         return len(self._answers)
 
+    def keeps(self, keys: Sequence[str], size: int) -> bool:
+        """Whether an answer of ``size`` bytes over ``keys`` is small enough to keep: a
+        bigger one is sent in pieces, never joined into one string (see ``app``)."""
+        return self._fits(entry_cost(keys, size))
+
+    def _fits(self, cost: int) -> bool:
+        return self.enabled and cost <= self.max_bytes // 8
+
     def get(self, key: Hashable) -> bytes | None:
         """The cached answer, if there is one younger than ``ttl``."""
         entry = self._answers.get(key)
@@ -135,7 +144,7 @@ class ReadCache:
         def keep(cache_key: Hashable, body: bytes) -> None:
             if all(count[1] == seen for count, seen in zip(counts, touches, strict=True)):
                 names = tuple(keys)
-                entry = _Entry(names, body, started, entry_cost(names, body), start, end)
+                entry = _Entry(names, body, started, entry_cost(names, len(body)), start, end)
                 self._put(cache_key, entry)
 
         try:
@@ -181,13 +190,12 @@ class ReadCache:
         self.bytes = 0
 
     def _put(self, key: Hashable, entry: _Entry) -> None:
-        cost = entry.cost
-        if not self.enabled or cost > self.max_bytes // 8:
+        if not self._fits(entry.cost):
             return
         if key in self._answers:
             self._drop(key)
         self._answers[key] = entry
-        self.bytes += cost
+        self.bytes += entry.cost
         for name in entry.keys:
             self._by_key.setdefault(name, set()).add(key)
         while len(self._answers) > self.entries or self.bytes > self.max_bytes:
