@@ -203,3 +203,35 @@ async def test_ingest_reads_stdin_in_chunks_that_keep_quoted_csv_fields_whole(
     )
     assert result.exit_code == 0, result.stderr
     assert stored_counts(server.db) == {"multi": rows}
+
+
+async def test_a_query_without_data_says_so_in_every_format(server: Server) -> None:
+    event = {"key": "q.a", "ts": TS, "value": 2}
+    assert (await server.client.post("/v1/events", json=event)).status_code == 200
+    before = ["--from", "2020-01-01T00:00:00Z", "--to", "2020-01-02T00:00:00Z"]
+    for args in (["nosuch.key", *DAY], ["q.a", *before]):
+        table = await run(server, "query", *args)
+        assert table.exit_code == 0, table.output
+        assert "no data" in table.stdout
+        as_csv = await run(server, "query", *args, "--format", "csv")
+        assert as_csv.exit_code == 0 and as_csv.stdout == "key,tags,start,count,sum,min,max,avg\n"
+    as_json = await run(server, "query", "nosuch.key", *DAY, "--format", "json")
+    expected = await server.client.get("/v1/aggregates", params={"key": "nosuch.key"} | DAY_PARAMS)
+    assert json.loads(as_json.stdout) == expected.json()
+
+    both = await run(server, "query", "nosuch.key", "q.a", *DAY, "--stats", "count,sum")
+    assert both.exit_code == 0, both.output
+    assert "nosuch.key  no data" in both.stdout and "2026-11-24T10:00:00Z" in both.stdout
+    as_csv = await run(server, "query", "nosuch.key", "q.a", *DAY, "--stats=sum", "--format=csv")
+    assert as_csv.stdout == "key,tags,start,sum\nq.a,{},2026-11-24T10:00:00Z,2.0\n"
+
+
+async def test_series_and_top_without_data_say_so(server: Server) -> None:
+    for command, empty, header in (
+        (["series"], "no keys\n", "key,tags,first,last,series\n"),
+        (["top", *DAY], "no data\n", "rank,key,count\n"),
+    ):
+        table = await run(server, *command)
+        assert table.exit_code == 0 and table.stdout.endswith(empty), table.output
+        as_csv = await run(server, *command, "--format", "csv")
+        assert as_csv.exit_code == 0 and as_csv.stdout == header, as_csv.output

@@ -29,6 +29,7 @@ import msgspec
 
 from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
 from .ingest import Event
+from .params import DEFAULT_STATS
 
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
 _CHUNK_BYTES: Final = 1 << 20
@@ -474,12 +475,19 @@ def sparkline(values: Sequence[float | None]) -> str:
     )
 
 
-def _emit(rows: list[dict[str, Any]], document: Any, output: str, title: str = "") -> None:
-    """Print ``rows`` as a table or CSV, or ``document`` as JSON."""
+def _emit(
+    rows: list[dict[str, Any]],
+    document: Any,
+    output: str,
+    columns: Sequence[str],
+    empty: str,
+    title: str = "",
+) -> None:
+    """Print ``rows`` as a table or CSV, or ``document`` as JSON. Without rows, CSV is
+    its header alone and a table is ``empty``: no answer is a blank line."""
     if output == "json":
         click.echo(msgspec.json.encode(document).decode())
         return
-    columns = list(dict.fromkeys(name for row in rows for name in row))
     if output == "csv":
         writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
         writer.writeheader()
@@ -491,6 +499,9 @@ def _emit(rows: list[dict[str, Any]], document: Any, output: str, title: str = "
     from rich.table import Table
     from rich.text import Text
 
+    if not rows:
+        click.echo(f"{printable(title)}\n{empty}" if title else empty)
+        return
     table = Table(title=Text(printable(title)) if title else None, title_justify="left")
     for column in columns:
         table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
@@ -565,6 +576,7 @@ def query(
 ) -> None:
     """Roll-ups of KEYS (GET /v1/aggregates): one row per series and bucket."""
     filters = _tag_filters(tags)
+    columns = ["key", "tags", "start", *(stats.split(",") if stats else DEFAULT_STATS)]
     answer = _run_query(
         url,
         api_key,
@@ -588,10 +600,10 @@ def query(
     title = f"{answer.start} .. {answer.end}, {answer.granularity}, {answer.tz}"
     if output == "table":
         for series in answer.results:
-            first = next((k for k in series.buckets[0] if k != "start"), None)
-            trend = sparkline([b.get(first) for b in series.buckets]) if first else ""
-            title += f"\n{series.key} {_cell(series.tags)} {first}: {trend}"
-    _emit(rows, answer, output, title)
+            first = columns[3]
+            trend = f"{first}: {sparkline([b.get(first) for b in series.buckets])}"
+            title += f"\n{series.key} {_cell(series.tags)} {trend if series.buckets else 'no data'}"
+    _emit(rows, answer, output, columns, "no data", title)
 
 
 @click.command()
@@ -603,7 +615,8 @@ def query(
 def series(prefix: str | None, output: str, url: str, api_key: str | None) -> None:
     """Every series key the server holds (GET /v1/keys, all pages)."""
     found = _run_query(url, api_key, lambda c: c.keys(prefix))
-    _emit([msgspec.structs.asdict(k) for k in found], found, output)
+    rows = [msgspec.structs.asdict(k) for k in found]
+    _emit(rows, found, output, ["key", "tags", "first", "last", "series"], "no keys")
 
 
 @click.command()
@@ -633,7 +646,8 @@ def top(
         lambda c: c.top(start=start, end=end, stat=stat, prefix=prefix, limit=limit),
     )
     rows = [{"rank": rank, **item} for rank, item in enumerate(answer.results, start=1)]
-    _emit(rows, answer, output, f"{answer.start} .. {answer.end}, by {answer.stat}")
+    title = f"{answer.start} .. {answer.end}, by {answer.stat}"
+    _emit(rows, answer, output, ["rank", "key", answer.stat], "no data", title)
 
 
 #: The commands this module adds to ``trioagg``.
