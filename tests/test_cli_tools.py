@@ -12,7 +12,7 @@ import trio
 from click.testing import CliRunner, Result
 
 from trioagg.cli import main
-from trioagg.cli_tools import LineReader, Mapping, sparkline
+from trioagg.cli_tools import LineReader, Mapping, column_groups, sparkline
 
 from .conftest import Server, stored_counts, wait_until
 
@@ -235,3 +235,49 @@ async def test_series_and_top_without_data_say_so(server: Server) -> None:
         assert table.exit_code == 0 and table.stdout.endswith(empty), table.output
         as_csv = await run(server, *command, "--format", "csv")
         assert as_csv.exit_code == 0 and as_csv.stdout == header, as_csv.output
+
+
+async def test_query_tables_keep_times_and_numbers_whole_at_80_columns(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    events = [
+        {"key": key, "ts": TS + hour * 3600, "value": value + hour + extra}
+        for key, value in (("sales.eu", 275027.5), ("sales.us", 12.25))
+        for hour in range(3)
+        for extra in (0, 1 / 3)
+    ]
+    assert (await server.client.post("/v1/events", json=events)).status_code == 200
+    stats = "count,sum,min,max,avg,stddev"
+    table = await run(server, "query", "sales.eu", "sales.us", *DAY, "--stats", stats)
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0] == "2026-11-24T00:00:00Z .. 2026-11-25T00:00:00Z, hour, UTC"
+    assert "sales.eu  count: ▁▁▁" in lines and "sales.us  count: ▁▁▁" in lines
+    assert all(len(line.rstrip()) <= 80 for line in lines), table.stdout
+    assert "…" not in table.stdout
+    # sums, a minimum, an average (rounded after the point only)
+    for number in ("550055.333", "550057.333", "275027.5", "275028.667", "24.8333"):
+        assert f" {number}" in table.stdout, number
+    # sales.eu's columns do not fit in 80: its further ones go to a second table
+    headers = [line.split() for line in lines if line.startswith("start ")]
+    assert headers == [
+        ["start", "count", "sum", "min", "max", "avg"],
+        ["start", "stddev"],
+        ["start", "count", "sum", "min", "max", "avg", "stddev"],
+    ], table.stdout
+    for hour in range(10, 13):  # every start whole, in each table
+        assert table.stdout.count(f"2026-11-24T{hour}:00:00Z ") == 3
+
+
+def test_columns_that_do_not_fit_go_to_a_further_table_with_the_labels() -> None:
+    widths = {"start": 20, "count": 5, "sum": 10, "avg": 10, "key": 60}
+    # 20 + 2 + 5 + 2 + 10 = 39 fits in 40; avg does not
+    assert column_groups(["start", "count", "sum", "avg"], widths, 1, 40) == [
+        ["start", "count", "sum"],
+        ["start", "avg"],
+    ]
+    # a column wider than the room still gets a table of its own, never none
+    assert column_groups(["start", "count"], widths, 1, 10) == [["start", "count"]]
+    # keys wrap: they count for 20 columns, not 60
+    assert column_groups(["key", "count", "sum"], widths, 1, 41) == [["key", "count", "sum"]]

@@ -482,9 +482,11 @@ def _emit(
     columns: Sequence[str],
     empty: str,
     title: str = "",
+    labels: int = 1,
 ) -> None:
-    """Print ``rows`` as a table or CSV, or ``document`` as JSON. Without rows, CSV is
-    its header alone and a table is ``empty``: no answer is a blank line."""
+    """Print ``rows`` as a table (see :func:`_print_table`) or CSV, or ``document`` as
+    JSON. Without rows, CSV is its header alone and a table is ``empty``: no answer is
+    a blank line."""
     if output == "json":
         click.echo(msgspec.json.encode(document).decode())
         return
@@ -495,20 +497,75 @@ def _emit(
             {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()} for row in rows
         )
         return
+    if title:
+        click.echo(printable(title))
+    if rows:
+        _print_table(columns, rows, labels)
+    else:
+        click.echo(empty)
+
+
+def _print_table(columns: Sequence[str], rows: list[dict[str, Any]], labels: int) -> None:
+    """``rows`` as tables as wide as the terminal at most. Keys and tags wrap; times and
+    numbers are shown whole, and the columns that do not fit go to a further table,
+    which repeats the first ``labels`` columns (what names a row)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    if not rows:
-        click.echo(f"{printable(title)}\n{empty}" if title else empty)
-        return
-    table = Table(title=Text(printable(title)) if title else None, title_justify="left")
-    for column in columns:
-        table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
-    for row in rows:
-        # Text, not str: rich would read "[...]" in a key or tag as its markup.
-        table.add_row(*(Text(printable(_cell(row.get(column)))) for column in columns))
-    Console().print(table)
+    console = Console()
+    # Text, not str: rich would read "[...]" in a key or tag as its markup.
+    cells = {c: [Text(printable(_cell(row.get(c)))) for row in rows] for c in columns}
+    widths = {c: max(len(c), *(cell.cell_len for cell in cells[c])) for c in columns}
+    for number, group in enumerate(column_groups(columns, widths, labels, console.width)):
+        table = Table(
+            # Columns two spaces apart and no rules around them: more of them fit.
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for c in group:
+            whole = c not in _WRAPPING
+            justify: Any = "left" if c in _TEXT_COLUMNS else "right"
+            table.add_column(
+                c, justify=justify, no_wrap=whole, overflow="fold", min_width=widths[c] * whole
+            )
+        for index in range(len(rows)):
+            table.add_row(*(cells[c][index] for c in group))
+        if number:
+            console.print()  # between a table and the one with its further columns
+        console.print(table)
+
+
+#: Columns whose cells may wrap, taking no less than _WRAPPED_WIDTH; the others'
+#: cells (times, numbers) are never cut.
+_WRAPPING: Final = frozenset({"key", "tags"})
+_WRAPPED_WIDTH: Final = 20
+
+
+def column_groups(
+    columns: Sequence[str], widths: dict[str, int], labels: int, room: int
+) -> list[list[str]]:
+    """``columns`` cut into tables no wider than ``room`` where they can be: each table
+    begins with the first ``labels`` columns and takes as many of the others, in order,
+    as fit (at least one)."""
+
+    def width(column: str) -> int:  # with the two spaces after it
+        wide = widths[column]
+        return (min(wide, _WRAPPED_WIDTH) if column in _WRAPPING else wide) + 2
+
+    head = list(columns[:labels])
+    start = sum(map(width, head)) - 2  # none after the last column
+    groups, used = [head.copy()], start
+    for column in columns[labels:]:
+        if used + width(column) > room and len(groups[-1]) > labels:
+            groups.append(head.copy())
+            used = start
+        groups[-1].append(column)
+        used += width(column)
+    return groups
 
 
 def printable(text: str) -> str:
@@ -521,7 +578,7 @@ def printable(text: str) -> str:
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
-_TEXT_COLUMNS: Final = frozenset({"key", "tags", "start", "first", "last", "trend"})
+_TEXT_COLUMNS: Final = frozenset({"key", "tags", "start", "first", "last"})
 
 
 def _cell(value: Any) -> str:
@@ -532,7 +589,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value))
     if isinstance(value, float):
-        return f"{value:.6g}"
+        # Every digit before the point, and some after it: 275027.5 is not 275028.
+        return f"{value:.{max(6, len(f'{abs(value):.0f}') + 3)}g}"
     return str(value)
 
 
@@ -592,18 +650,27 @@ def query(
             tags=filters,
         ),
     )
-    rows = [
-        {"key": series.key, "tags": series.tags, **bucket}
-        for series in answer.results
-        for bucket in series.buckets
-    ]
-    title = f"{answer.start} .. {answer.end}, {answer.granularity}, {answer.tz}"
-    if output == "table":
-        for series in answer.results:
-            first = columns[3]
-            trend = f"{first}: {sparkline([b.get(first) for b in series.buckets])}"
-            title += f"\n{series.key} {_cell(series.tags)} {trend if series.buckets else 'no data'}"
-    _emit(rows, answer, output, columns, "no data", title)
+    if output != "table":
+        rows = [
+            {"key": series.key, "tags": series.tags, **bucket}
+            for series in answer.results
+            for bucket in series.buckets
+        ]
+        _emit(rows, answer, output, columns, "no data")
+        return
+    click.echo(f"{answer.start} .. {answer.end}, {answer.granularity}, {answer.tz}")
+    stat = columns[3]  # the first asked for: the one of the sparklines
+    for series in answer.results:
+        # One table per series: its key and tags are said once, above its buckets.
+        name = " ".join(filter(None, (series.key, _cell(series.tags))))
+        click.echo()
+        if not series.buckets:
+            click.echo(printable(f"{name}  no data"))
+            continue
+        click.echo(printable(f"{name}  {stat}: {sparkline([b.get(stat) for b in series.buckets])}"))
+        _print_table(columns[2:], series.buckets, labels=1)
+    if not answer.results:
+        click.echo("no data")
 
 
 @click.command()
@@ -647,7 +714,7 @@ def top(
     )
     rows = [{"rank": rank, **item} for rank, item in enumerate(answer.results, start=1)]
     title = f"{answer.start} .. {answer.end}, by {answer.stat}"
-    _emit(rows, answer, output, ["rank", "key", answer.stat], "no data", title)
+    _emit(rows, answer, output, ["rank", "key", answer.stat], "no data", title, labels=2)
 
 
 #: The commands this module adds to ``trioagg``.
