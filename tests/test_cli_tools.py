@@ -281,3 +281,13 @@ def test_columns_that_do_not_fit_go_to_a_further_table_with_the_labels() -> None
     assert column_groups(["start", "count"], widths, 1, 10) == [["start", "count"]]
     # keys wrap: they count for 20 columns, not 60
     assert column_groups(["key", "count", "sum"], widths, 1, 41) == [["key", "count", "sum"]]
+
+
+async def test_series_writes_csv_and_json_as_query_does(server: Server) -> None:
+    event = {"key": "s.a", "ts": TS, "tags": {"region": "eu", "plan": "pro"}}
+    assert (await server.client.post("/v1/events", json=event)).status_code == 200
+    as_csv = await run(server, "series", "--format", "csv")
+    (row,) = csv.DictReader(io.StringIO(as_csv.stdout))
+    assert json.loads(row["tags"]) == ["plan", "region"]  # JSON, as query's tags are
+    as_json = await run(server, "series", "--format", "json")
+    assert json.loads(as_json.stdout) == (await server.client.get("/v1/keys")).json()

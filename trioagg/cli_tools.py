@@ -27,6 +27,7 @@ from typing import IO, Any, Final
 import click
 import msgspec
 
+from .answers import Keys
 from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
 from .ingest import Event
 from .params import DEFAULT_STATS
@@ -494,7 +495,8 @@ def _emit(
         writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(
-            {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()} for row in rows
+            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
+            for row in rows
         )
         return
     if title:
@@ -683,7 +685,8 @@ def series(prefix: str | None, output: str, url: str, api_key: str | None) -> No
     """Every series key the server holds (GET /v1/keys, all pages)."""
     found = _run_query(url, api_key, lambda c: c.keys(prefix))
     rows = [msgspec.structs.asdict(k) for k in found]
-    _emit(rows, found, output, ["key", "tags", "first", "last", "series"], "no keys")
+    answer = Keys(found, next=None)  # the server's answer, as if all on one page
+    _emit(rows, answer, output, ["key", "tags", "first", "last", "series"], "no keys")
 
 
 @click.command()
