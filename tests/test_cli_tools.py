@@ -67,13 +67,15 @@ async def test_ingest_twice_counts_once_and_reports_bad_lines(
     assert "line 11: Object contains unknown field `vaule`" in first.stderr
     assert "line 21: JSON is malformed" in first.stderr
     assert "2,998 events read" in first.stderr and "2 bad lines" in first.stderr
+    assert "2,998 new, 0 already stored" in first.stderr
     assert sum(stored_counts(server.db).values()) == 2998
 
     again = await run(server, "ingest", str(path), "--no-wait")
+    assert "2,998 queued (--no-wait)" in again.stderr  # 202: duplicates are not told
     assert again.exit_code == 1
     await wait_until(lambda: server.app.service.writers.queued() == 0)  # --no-wait
     rerun = await run(server, "ingest", str(path))
-    assert "2,998 stored (2,998 already there)" in rerun.stderr
+    assert "0 new, 2,998 already stored" in rerun.stderr
     assert sum(stored_counts(server.db).values()) == 2998
 
 
@@ -291,3 +293,11 @@ async def test_series_writes_csv_and_json_as_query_does(server: Server) -> None:
     assert json.loads(row["tags"]) == ["plan", "region"]  # JSON, as query's tags are
     as_json = await run(server, "series", "--format", "json")
     assert json.loads(as_json.stdout) == (await server.client.get("/v1/keys")).json()
+
+
+async def test_ingest_counts_one_event_as_one(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "one.ndjson"
+    path.write_text('{"key": "one"}\nnot json\n')
+    result = await run(server, "ingest", str(path), "--max-errors", "1")
+    assert "1 event read in" in result.stderr, result.stderr
+    assert "1 new, 0 already stored, 0 refused, 1 bad line\n" in result.stderr

@@ -386,7 +386,9 @@ def ingest(
             where = reader.line_of(event) or event.decode(errors="replace").strip()
             click.echo(f"{where}: refused: {rejected.error.code}: {json.dumps(problem)}", err=True)
         if not rejected.problems:
-            click.echo(f"refused {len(rejected.events)} events: {rejected.error}", err=True)
+            click.echo(
+                f"refused {_many(len(rejected.events), 'event')}: {rejected.error}", err=True
+            )
 
     import trio
 
@@ -430,15 +432,26 @@ def ingest(
     trio.run(send_all)
     counters = clients[0].counters
     elapsed = time.monotonic() - started
+    new = counters.acknowledged - counters.duplicates
     click.echo(
-        f"{tally.events:,} events read in {elapsed:.1f} s ({tally.events / elapsed:,.0f}/s): "
-        f"{counters.acknowledged:,} stored ({counters.duplicates:,} already there), "
-        f"{counters.failed:,} refused, {tally.bad:,} bad lines"
-        + (f"; stopped after more than {max_errors} errors" if stopped else ""),
+        f"{_many(tally.events, 'event')} read in {elapsed:.1f} s "
+        f"({tally.events / elapsed:,.0f}/s): "
+        + (
+            f"{new:,} new, {counters.duplicates:,} already stored"
+            if wait  # a 202 answer does not tell duplicates
+            else f"{counters.acknowledged:,} queued (--no-wait)"
+        )
+        + f", {counters.failed:,} refused, {_many(tally.bad, 'bad line')}"
+        + (f"; stopped after more than {_many(max_errors, 'error')}" if stopped else ""),
         err=True,
     )
     if stopped or counters.failed or tally.bad:
         sys.exit(1)
+
+
+def _many(count: int, thing: str) -> str:
+    """``1 event``, ``2,000 events``."""
+    return f"{count:,} {thing}{'' if count == 1 else 's'}"
 
 
 def _size(file: IO[bytes]) -> int | None:
