@@ -301,3 +301,11 @@ async def test_ingest_counts_one_event_as_one(server: Server, tmp_path: Path) ->
     result = await run(server, "ingest", str(path), "--max-errors", "1")
     assert "1 event read in" in result.stderr, result.stderr
     assert "1 new, 0 already stored, 0 refused, 1 bad line\n" in result.stderr
+
+
+async def test_ingest_of_a_file_without_events_reads_none(server: Server, tmp_path: Path) -> None:
+    for name, text in (("blank.ndjson", "\n\n"), ("header.csv", "key,ts,value\n")):
+        (tmp_path / name).write_text(text)
+        result = await run(server, "ingest", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+        assert "0 events read" in result.stderr

@@ -423,7 +423,7 @@ def ingest(
                         if tally.bad + tally.rejected > max_errors:
                             stopped = True
                             return
-                        rate = tally.events / max(time.monotonic() - started, 1e-9)
+                    rate = tally.events / max(time.monotonic() - started, 1e-9)
                     bar.update(task, completed=read, events=tally.events, rate=rate)
 
     events_of = EventSource(kind, reader)
