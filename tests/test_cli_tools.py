@@ -5,16 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from click.testing import CliRunner, Result
 
 from trioagg.cli import main
-from trioagg.cli_tools import LineReader, Mapping, column_groups, sparkline
+from trioagg.cli_tools import _CHUNK_BYTES, LineReader, Mapping, column_groups, reach, sparkline
 
-from .conftest import Server, stored_counts, wait_until
+from .conftest import Server, StartServer, stored_counts, wait_until
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
 DAY = ["--from", "2026-11-24T00:00:00Z", "--to", "2026-11-25T00:00:00Z"]
@@ -309,3 +315,95 @@ async def test_ingest_of_a_file_without_events_reads_none(server: Server, tmp_pa
         result = await run(server, "ingest", str(tmp_path / name))
         assert result.exit_code == 0, result.output
         assert "0 events read" in result.stderr
+
+
+async def test_reach_says_at_once_that_it_retries_and_how_long_is_left(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with socket.socket() as closed:  # bound, not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        said: list[str] = []
+        started = trio.current_time()
+        assert not await reach(url, 30, said.append)
+    assert said[0].startswith(f"cannot reach the server at {url}: "), said
+    retries = [re.fullmatch(r"  retrying in (\d+\.\d) s \((\d+\.\d) s left\)", s) for s in said[1:]]
+    assert len(retries) >= 5 and all(retries), said
+    left = [float(match[2]) for match in retries if match]
+    assert left == sorted(left, reverse=True) and left[0] <= 30, said
+    # it gives up once the 30 s are over, not before, and not a probe's timeout later
+    assert 30 <= trio.current_time() - started <= 35
+
+
+async def test_ingest_without_a_server_says_so_and_what_was_not_sent(tmp_path: Path) -> None:
+    path = tmp_path / "two.ndjson"
+    path.write_text('{"key": "a"}\n{"key": "b"}\n')
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        result = await trio.to_thread.run_sync(
+            lambda: CliRunner().invoke(
+                main, ["ingest", str(path), "--url", url, "--retry-timeout", "0s"]
+            )
+        )
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"cannot reach the server at {url}: Connection refused\n")
+    assert f"could not reach the server at {url} for 0 s: 2 events not sent" in result.stderr
+    assert "connection_error" not in result.stderr
+
+
+def ingest_process(path: str, url: str, *args: str, log: Path, **popen: object) -> Any:
+    """``trioagg ingest`` in a child process, as from a terminal; stderr to ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trioagg", "ingest", path, "--url", url, *args],
+            stderr=sink,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+            **popen,  # type: ignore[call-overload]
+        )
+
+
+async def test_ingest_waits_for_a_server_that_comes_up(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "two.ndjson"
+    path.write_text('{"key": "a"}\n{"key": "b"}\n')
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "stderr"
+    process = ingest_process(str(path), f"http://127.0.0.1:{port}", log=log)
+    try:
+        await wait_until(lambda: "retrying in" in log.read_text(), timeout=60)
+        server = await start_server(port=str(port))
+        assert await trio.to_thread.run_sync(lambda: process.wait(60)) == 0, log.read_text()
+    finally:
+        process.kill()
+    assert "reached the server at" in log.read_text()
+    assert stored_counts(server.db) == {"a": 1, "b": 1}
+
+
+async def test_ingest_that_loses_its_server_says_what_was_not_sent(
+    server: Server, tmp_path: Path
+) -> None:
+    log = tmp_path / "stderr"
+    process = ingest_process(
+        "-", server.url, "--retry-timeout", "1s", log=log, stdin=subprocess.PIPE
+    )
+    line = b'{"key": "first"}\n'
+    # ingest reads a pipe by readlines(_CHUNK_BYTES): up to the line that passes it
+    first = _CHUNK_BYTES // len(line) + 1
+    try:
+        await trio.to_thread.run_sync(process.stdin.write, line * first)
+        await trio.to_thread.run_sync(process.stdin.flush)
+        await wait_until(lambda: stored_counts(server.db) == {"first": first}, timeout=60)
+        await server.shutdown()
+        process.stdin.write(b'{"key": "later"}\n{"key": "later"}\n')
+        process.stdin.close()
+        assert await trio.to_thread.run_sync(lambda: process.wait(60)) == 1
+    finally:
+        process.kill()
+    said = log.read_text()
+    assert f"could not reach the server at {server.url} for 1 s: 2 events not sent" in said
+    assert f"{first + 2:,} events read" in said and ", 0 refused," in said, said
+    assert "connection_error" not in said

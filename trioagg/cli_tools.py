@@ -31,10 +31,13 @@ from .answers import Keys
 from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
 from .ingest import Event
 from .params import DEFAULT_STATS
+from .settings import parse_duration
 
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
 _CHUNK_BYTES: Final = 1 << 20
 _FORMATS: Final = click.Choice(["table", "json", "csv"])
+#: The longest a probe of the server waits, and the longest pause between two.
+_PROBE_SECONDS: Final = 5.0
 
 _url = click.option(
     "--url",
@@ -65,9 +68,65 @@ def _fail_on_server_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             lines = [str(error)] + [f"  {json.dumps(d)}" for d in error.details]
             raise click.ClickException("\n".join(lines)) from None
         except httpx.TransportError as error:
-            raise click.ClickException(f"cannot reach the server: {error!r}") from None
+            raise click.ClickException(
+                f"cannot reach the server at {kwargs['url']}: {_why(error)}"
+            ) from None
 
     return run
+
+
+def _why(error: BaseException) -> str:
+    """What the system said of a failed connection (``Connection refused``, ``Name or
+    service not known``), found among the errors that caused ``error``; else its text."""
+    causes = [error]
+    while causes:
+        cause = causes.pop()
+        if isinstance(cause, OSError) and cause.strerror:
+            # an errno's own words: anyio's strerror repeats the address around them
+            return os.strerror(cause.errno) if cause.errno and cause.errno > 0 else cause.strerror
+        causes += getattr(cause, "exceptions", ())
+        causes += filter(None, (cause.__cause__, cause.__context__))
+    return str(error) or type(error).__name__
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, text: str) -> float:
+    """A duration option's text (30s, 500ms, 2m) in seconds."""
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+async def reach(url: str, patience: float, say: Callable[[str], None]) -> bool:
+    """Whether the server at ``url`` answers (anything: an error answer is an answer),
+    asking for up to ``patience`` seconds. When it does not, says so at once, then
+    before each retry how long until it and how long is left."""
+    import httpx
+    import trio
+
+    deadline = trio.current_time() + patience
+    pause = 0.5
+    failed = False
+    async with httpx.AsyncClient(base_url=url) as http:
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                await http.get("/healthz", timeout=min(max(left, 1.0), _PROBE_SECONDS))
+            except httpx.TransportError as error:
+                if not failed:
+                    say(f"cannot reach the server at {url}: {_why(error)}")
+                    failed = True
+            else:
+                if failed:
+                    say(f"reached the server at {url}")
+                return True
+            left = deadline - trio.current_time()
+            if left <= 0:
+                return False
+            wait = min(pause, left)
+            say(f"  retrying in {wait:.1f} s ({left:.1f} s left)")
+            await trio.sleep(wait)
+            pause = min(pause * 2, _PROBE_SECONDS)
 
 
 # -- ingest ------------------------------------------------------------------
@@ -265,6 +324,8 @@ class Tally:
     bad: int = 0
     rejected: int = 0
     events: int = 0
+    #: events given up because the server could not be reached for retry_timeout
+    unreachable: int = 0
 
 
 def _progress(size: int | None, enabled: bool) -> Any:
@@ -339,6 +400,15 @@ def _progress(size: int | None, enabled: bool) -> Any:
     help="Requests in flight at once.",
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
+@click.option(
+    "--retry-timeout",
+    callback=_seconds,
+    metavar="DURATION",
+    default="30s",
+    show_default=True,
+    help="How long to retry a request (the server unreachable, or answering 502, 503 or "
+    "504), and to wait for the server at the start, before giving up on its events.",
+)
 @click.option("--progress/--no-progress", default=True, help="A progress bar (on a terminal).")
 @_url
 @_api_key
@@ -356,6 +426,7 @@ def ingest(
     batch_events: int,
     concurrency: int,
     wait: bool,
+    retry_timeout: float,
     progress: bool,
     url: str,
     api_key: str | None,
@@ -376,9 +447,12 @@ def ingest(
     reader = LineReader(source, mapping)
     size = _size(file)
     tally = Tally()
-    stopped = False
+    stopped = ""  # why reading stopped before the end of the input
 
     def refused(rejected: Rejected) -> None:
+        if rejected.error.code == "connection_error":  # not the server's answer: none came
+            tally.unreachable += len(rejected.events)
+            return
         tally.rejected += len(rejected.events)
         for problem in rejected.problems[:max_errors]:
             index = problem.get("index")
@@ -393,19 +467,23 @@ def ingest(
     import trio
 
     async def send_all() -> None:
+        if not await reach(url, retry_timeout, functools.partial(click.echo, err=True)):
+            await send_lines(None)  # to count what is not sent
+            return
         async with AsyncClient(
             url,
             api_key=api_key,
             batch_events=batch_events,
             concurrency=concurrency,
             wait=wait,
+            retry_timeout=retry_timeout,
             on_error=refused,
             close_timeout=math.inf,  # each batch has its retry_timeout, and the user watches
         ) as client:
             clients.append(client)
             await send_lines(client)
 
-    async def send_lines(client: AsyncClient) -> None:
+    async def send_lines(client: AsyncClient | None) -> None:
         nonlocal stopped
         with _progress(size, progress) as bar:
             task = bar.add_task("ingest", total=size, events=0, rate=0.0)
@@ -418,10 +496,14 @@ def ingest(
                             tally.bad += 1
                             click.echo(f"line {number}: {item}", err=True)
                         else:
-                            await client.send_encoded(item)
+                            if client is not None:
+                                await client.send_encoded(item)
                             tally.events += 1
                         if tally.bad + tally.rejected > max_errors:
-                            stopped = True
+                            stopped = f"stopped after more than {_many(max_errors, 'error')}"
+                        elif tally.unreachable:
+                            stopped = "stopped reading: the server cannot be reached"
+                        if stopped:
                             return
                     rate = tally.events / max(time.monotonic() - started, 1e-9)
                     bar.update(task, completed=read, events=tally.events, rate=rate)
@@ -430,6 +512,9 @@ def ingest(
     clients: list[AsyncClient] = []
     started = time.monotonic()
     trio.run(send_all)
+    unreachable = f"could not reach the server at {url} for {retry_timeout:g} s"
+    if not clients:
+        raise click.ClickException(f"{unreachable}: {_many(tally.events, 'event')} not sent")
     counters = clients[0].counters
     elapsed = time.monotonic() - started
     new = counters.acknowledged - counters.duplicates
@@ -441,10 +526,13 @@ def ingest(
             if wait  # a 202 answer does not tell duplicates
             else f"{counters.acknowledged:,} queued (--no-wait)"
         )
-        + f", {counters.failed:,} refused, {_many(tally.bad, 'bad line')}"
-        + (f"; stopped after more than {_many(max_errors, 'error')}" if stopped else ""),
+        + f", {tally.rejected:,} refused, {_many(tally.bad, 'bad line')}"
+        + (f"; {stopped}" if stopped else ""),
         err=True,
     )
+    if tally.unreachable:
+        lost = _many(tally.unreachable, "event")
+        raise click.ClickException(f"{unreachable}: {lost} not sent")
     if stopped or counters.failed or tally.bad:
         sys.exit(1)
 
