@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import trio
 from click.testing import CliRunner, Result
@@ -407,3 +408,15 @@ async def test_ingest_that_loses_its_server_says_what_was_not_sent(
     assert f"could not reach the server at {server.url} for 1 s: 2 events not sent" in said
     assert f"{first + 2:,} events read" in said and ", 0 refused," in said, said
     assert "connection_error" not in said
+
+
+@pytest.mark.parametrize("name", ["serve", "ingest", "query", "series", "top"])
+def test_every_option_says_what_it_does_its_default_and_what_its_value_is(name: str) -> None:
+    command = main.commands[name]
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    for option in options:
+        assert option.help, option.name
+        if not option.multiple:
+            assert option.show_default or "[default:" in option.help, option.name
+        if not option.is_flag and not isinstance(option.type, click.Choice):
+            assert option.metavar not in (None, "TEXT", "INTEGER"), option.name

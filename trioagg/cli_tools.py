@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 import click
 import msgspec
@@ -30,12 +30,12 @@ import msgspec
 from .answers import Keys
 from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
 from .ingest import Event
-from .params import DEFAULT_STATS
+from .params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
 from .settings import parse_duration
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
 _CHUNK_BYTES: Final = 1 << 20
-_FORMATS: Final = click.Choice(["table", "json", "csv"])
 #: The longest a probe of the server waits, and the longest pause between two.
 _PROBE_SECONDS: Final = 5.0
 
@@ -44,14 +44,24 @@ _url = click.option(
     envvar="TRIOAGG_URL",
     default=DEFAULT_URL,
     show_default=True,
+    metavar="URL",
     help="The server. [env: TRIOAGG_URL]",
 )
 _api_key = click.option(
     "--api-key",
     envvar="TRIOAGG_API_KEY",
     default=None,
-    help="An API key (trioagg keys create), sent as 'Authorization: Bearer KEY'. "
-    "[env: TRIOAGG_API_KEY]",
+    metavar="KEY",
+    help="An API key (trioagg keys create), sent as 'Authorization: Bearer KEY' "
+    "[default: none; env: TRIOAGG_API_KEY].",
+)
+_format = click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="A table to read; for scripts, json (the server's answer) or csv.",
 )
 
 
@@ -352,6 +362,20 @@ def _progress(size: int | None, enabled: bool) -> Any:
     return Progress(*columns, console=console, disable=not (enabled and console.is_terminal))
 
 
+def _field(flag: str, what: str, *name: str) -> Callable[[_F], _F]:
+    """An option naming the field (NDJSON) or column (CSV) that holds ``what``; by
+    default, the name of the event's own field."""
+    default = flag.removeprefix("--").replace("-", "_")
+    return click.option(
+        flag,
+        *name,
+        default=default,
+        show_default=True,
+        metavar="FIELD",
+        help=f"Field/column of {what}.",
+    )
+
+
 @click.command()
 @click.argument("file", type=click.File("rb"))
 @click.option(
@@ -362,11 +386,11 @@ def _progress(size: int | None, enabled: bool) -> Any:
     show_default=True,
     help="auto: csv for a .csv file name, else ndjson.",
 )
-@click.option("--key", "key", default="key", show_default=True, help="Field/column of the key.")
-@click.option("--ts", default="ts", show_default=True, help="Field/column of the time stamp.")
-@click.option("--value", default="value", show_default=True, help="Field/column of the value.")
-@click.option("--id", "id_", default="id", show_default=True, help="Field/column of the id.")
-@click.option("--distinct-id", default="distinct_id", show_default=True)
+@_field("--key", "the key")
+@_field("--ts", "the time stamp")
+@_field("--value", "the value")
+@_field("--id", "the id", "id_")
+@_field("--distinct-id", "the distinct id (who did it, for distinct counts)")
 @click.option(
     "--tag",
     "tags",
@@ -377,12 +401,15 @@ def _progress(size: int | None, enabled: bool) -> Any:
 @click.option(
     "--source",
     default=None,
+    metavar="NAME",
     help="The identity ids are derived from [default: the file's absolute path; '-': stdin].",
 )
 @click.option(
     "--max-errors",
+    type=click.IntRange(min=0),
     default=100,
     show_default=True,
+    metavar="N",
     help="Stop after more bad or refused lines than this.",
 )
 @click.option(
@@ -390,6 +417,7 @@ def _progress(size: int | None, enabled: bool) -> Any:
     type=click.IntRange(1, SERVER_MAX_EVENTS),
     default=SERVER_MAX_EVENTS,
     show_default=True,
+    metavar="N",
     help="Events per request.",
 )
 @click.option(
@@ -397,6 +425,7 @@ def _progress(size: int | None, enabled: bool) -> Any:
     type=click.IntRange(1, 64),
     default=2,
     show_default=True,
+    metavar="N",
     help="Requests in flight at once.",
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
@@ -409,7 +438,12 @@ def _progress(size: int | None, enabled: bool) -> Any:
     help="How long to retry a request (the server unreachable, or answering 502, 503 or "
     "504), and to wait for the server at the start, before giving up on its events.",
 )
-@click.option("--progress/--no-progress", default=True, help="A progress bar (on a terminal).")
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="A progress bar (on a terminal).",
+)
 @_url
 @_api_key
 def ingest(
@@ -697,6 +731,18 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+_from = click.option(
+    "--from",
+    "start",
+    metavar="TIME",
+    help="Start: RFC 3339 or Unix seconds [default: --to minus 24 h].",
+)
+_to = click.option("--to", "end", metavar="TIME", help="End, exclusive [default: now].")
+_prefix = click.option(
+    "--prefix", metavar="PREFIX", help="Only keys starting with this [default: every key]."
+)
+
+
 def _tag_filters(tags: Sequence[str]) -> dict[str, str]:
     filters = {}
     for text in tags:
@@ -709,15 +755,32 @@ def _tag_filters(tags: Sequence[str]) -> dict[str, str]:
 
 @click.command()
 @click.argument("keys", nargs=-1, required=True)
-@click.option("--from", "start", help="Start (RFC 3339 or Unix seconds) [default: to - 24 h].")
-@click.option("--to", "end", help="End, exclusive [default: now].")
-@click.option("--granularity", help="bucket, hour, day, week, month or all [default: hour].")
-@click.option("--tz", help="IANA zone of day/week/month boundaries [default: UTC].")
+@_from
+@_to
+@click.option(
+    "--granularity",
+    type=click.Choice(GRANULARITIES),
+    help="How long each row's bucket is (bucket: the store's width) [default: hour].",
+)
+@click.option("--tz", metavar="ZONE", help="IANA zone of day/week/month boundaries [default: UTC].")
 @click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE", help="Tag filter (repeat).")
-@click.option("--group-by", help="One series per value of this tag.")
-@click.option("--stats", help="Comma list, e.g. count,sum,p99 [default: count,sum,min,max,avg].")
-@click.option("--fill", help="none, zero or null [default: none].")
-@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@click.option(
+    "--group-by",
+    metavar="TAG",
+    help="One series per value of this tag [default: none: one series per key].",
+)
+@click.option(
+    "--stats",
+    metavar="STATS",
+    help="Comma list of count, sum, min, max, avg, stddev, distinct and pNN (p99) "
+    f"[default: {','.join(DEFAULT_STATS)}].",
+)
+@click.option(
+    "--fill",
+    type=click.Choice(FILLS),
+    help="Buckets without events: left out (none), or as 0 or null [default: none].",
+)
+@_format
 @_url
 @_api_key
 @_fail_on_server_errors
@@ -777,8 +840,8 @@ def query(
 
 
 @click.command()
-@click.option("--prefix", help="Only keys starting with this.")
-@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@_prefix
+@_format
 @_url
 @_api_key
 @_fail_on_server_errors
@@ -791,12 +854,12 @@ def series(prefix: str | None, output: str, url: str, api_key: str | None) -> No
 
 
 @click.command()
-@click.option("--from", "start", help="Start [default: to - 24 h].")
-@click.option("--to", "end", help="End, exclusive [default: now].")
-@click.option("--stat", type=click.Choice(["count", "sum"]), help="Rank by [default: count].")
-@click.option("--prefix", help="Only keys starting with this.")
-@click.option("--limit", type=int, help="How many keys [default: 100].")
-@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@_from
+@_to
+@click.option("--stat", type=click.Choice(TOP_STATS), help="Rank by [default: count].")
+@_prefix
+@click.option("--limit", type=int, metavar="N", help=f"How many keys [default: {DEFAULT_LIMIT}].")
+@_format
 @_url
 @_api_key
 @_fail_on_server_errors
