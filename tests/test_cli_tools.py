@@ -5,16 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import click
 import pytest
 import trio
 from click.testing import CliRunner, Result
 
 from trioagg.cli import main
-from trioagg.cli_tools import LineReader, Mapping, sparkline
+from trioagg.cli_tools import _CHUNK_BYTES, LineReader, Mapping, column_groups, reach, sparkline
 
-from .conftest import Server, stored_counts, wait_until
+from .conftest import Server, StartServer, stored_counts, wait_until
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
 DAY = ["--from", "2026-11-24T00:00:00Z", "--to", "2026-11-25T00:00:00Z"]
@@ -67,13 +74,15 @@ async def test_ingest_twice_counts_once_and_reports_bad_lines(
     assert "line 11: Object contains unknown field `vaule`" in first.stderr
     assert "line 21: JSON is malformed" in first.stderr
     assert "2,998 events read" in first.stderr and "2 bad lines" in first.stderr
+    assert "2,998 new, 0 already stored" in first.stderr
     assert sum(stored_counts(server.db).values()) == 2998
 
     again = await run(server, "ingest", str(path), "--no-wait")
+    assert "2,998 queued (--no-wait)" in again.stderr  # 202: duplicates are not told
     assert again.exit_code == 1
     await wait_until(lambda: server.app.service.writers.queued() == 0)  # --no-wait
     rerun = await run(server, "ingest", str(path))
-    assert "2,998 stored (2,998 already there)" in rerun.stderr
+    assert "0 new, 2,998 already stored" in rerun.stderr
     assert sum(stored_counts(server.db).values()) == 2998
 
 
@@ -203,3 +212,211 @@ async def test_ingest_reads_stdin_in_chunks_that_keep_quoted_csv_fields_whole(
     )
     assert result.exit_code == 0, result.stderr
     assert stored_counts(server.db) == {"multi": rows}
+
+
+async def test_a_query_without_data_says_so_in_every_format(server: Server) -> None:
+    event = {"key": "q.a", "ts": TS, "value": 2}
+    assert (await server.client.post("/v1/events", json=event)).status_code == 200
+    before = ["--from", "2020-01-01T00:00:00Z", "--to", "2020-01-02T00:00:00Z"]
+    for args in (["nosuch.key", *DAY], ["q.a", *before]):
+        table = await run(server, "query", *args)
+        assert table.exit_code == 0, table.output
+        assert "no data" in table.stdout
+        as_csv = await run(server, "query", *args, "--format", "csv")
+        assert as_csv.exit_code == 0 and as_csv.stdout == "key,tags,start,count,sum,min,max,avg\n"
+    as_json = await run(server, "query", "nosuch.key", *DAY, "--format", "json")
+    expected = await server.client.get("/v1/aggregates", params={"key": "nosuch.key"} | DAY_PARAMS)
+    assert json.loads(as_json.stdout) == expected.json()
+
+    both = await run(server, "query", "nosuch.key", "q.a", *DAY, "--stats", "count,sum")
+    assert both.exit_code == 0, both.output
+    assert "nosuch.key  no data" in both.stdout and "2026-11-24T10:00:00Z" in both.stdout
+    as_csv = await run(server, "query", "nosuch.key", "q.a", *DAY, "--stats=sum", "--format=csv")
+    assert as_csv.stdout == "key,tags,start,sum\nq.a,{},2026-11-24T10:00:00Z,2.0\n"
+
+
+async def test_series_and_top_without_data_say_so(server: Server) -> None:
+    for command, empty, header in (
+        (["series"], "no keys\n", "key,tags,first,last,series\n"),
+        (["top", *DAY], "no data\n", "rank,key,count\n"),
+    ):
+        table = await run(server, *command)
+        assert table.exit_code == 0 and table.stdout.endswith(empty), table.output
+        as_csv = await run(server, *command, "--format", "csv")
+        assert as_csv.exit_code == 0 and as_csv.stdout == header, as_csv.output
+
+
+async def test_query_tables_keep_times_and_numbers_whole_at_80_columns(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    events = [
+        {"key": key, "ts": TS + hour * 3600, "value": value + hour + extra}
+        for key, value in (("sales.eu", 275027.5), ("sales.us", 12.25))
+        for hour in range(3)
+        for extra in (0, 1 / 3)
+    ]
+    assert (await server.client.post("/v1/events", json=events)).status_code == 200
+    stats = "count,sum,min,max,avg,stddev"
+    table = await run(server, "query", "sales.eu", "sales.us", *DAY, "--stats", stats)
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0] == "2026-11-24T00:00:00Z .. 2026-11-25T00:00:00Z, hour, UTC"
+    assert "sales.eu  count: ▁▁▁" in lines and "sales.us  count: ▁▁▁" in lines
+    assert all(len(line.rstrip()) <= 80 for line in lines), table.stdout
+    assert "…" not in table.stdout
+    # sums, a minimum, an average (rounded after the point only)
+    for number in ("550055.333", "550057.333", "275027.5", "275028.667", "24.8333"):
+        assert f" {number}" in table.stdout, number
+    # sales.eu's columns do not fit in 80: its further ones go to a second table
+    headers = [line.split() for line in lines if line.startswith("start ")]
+    assert headers == [
+        ["start", "count", "sum", "min", "max", "avg"],
+        ["start", "stddev"],
+        ["start", "count", "sum", "min", "max", "avg", "stddev"],
+    ], table.stdout
+    for hour in range(10, 13):  # every start whole, in each table
+        assert table.stdout.count(f"2026-11-24T{hour}:00:00Z ") == 3
+
+
+def test_columns_that_do_not_fit_go_to_a_further_table_with_the_labels() -> None:
+    widths = {"start": 20, "count": 5, "sum": 10, "avg": 10, "key": 60}
+    # 20 + 2 + 5 + 2 + 10 = 39 fits in 40; avg does not
+    assert column_groups(["start", "count", "sum", "avg"], widths, 1, 40) == [
+        ["start", "count", "sum"],
+        ["start", "avg"],
+    ]
+    # a column wider than the room still gets a table of its own, never none
+    assert column_groups(["start", "count"], widths, 1, 10) == [["start", "count"]]
+    # keys wrap: they count for 20 columns, not 60
+    assert column_groups(["key", "count", "sum"], widths, 1, 41) == [["key", "count", "sum"]]
+
+
+async def test_series_writes_csv_and_json_as_query_does(server: Server) -> None:
+    event = {"key": "s.a", "ts": TS, "tags": {"region": "eu", "plan": "pro"}}
+    assert (await server.client.post("/v1/events", json=event)).status_code == 200
+    as_csv = await run(server, "series", "--format", "csv")
+    (row,) = csv.DictReader(io.StringIO(as_csv.stdout))
+    assert json.loads(row["tags"]) == ["plan", "region"]  # JSON, as query's tags are
+    as_json = await run(server, "series", "--format", "json")
+    assert json.loads(as_json.stdout) == (await server.client.get("/v1/keys")).json()
+
+
+async def test_ingest_counts_one_event_as_one(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "one.ndjson"
+    path.write_text('{"key": "one"}\nnot json\n')
+    result = await run(server, "ingest", str(path), "--max-errors", "1")
+    assert "1 event read in" in result.stderr, result.stderr
+    assert "1 new, 0 already stored, 0 refused, 1 bad line\n" in result.stderr
+
+
+async def test_ingest_of_a_file_without_events_reads_none(server: Server, tmp_path: Path) -> None:
+    for name, text in (("blank.ndjson", "\n\n"), ("header.csv", "key,ts,value\n")):
+        (tmp_path / name).write_text(text)
+        result = await run(server, "ingest", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+        assert "0 events read" in result.stderr
+
+
+async def test_reach_says_at_once_that_it_retries_and_how_long_is_left(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with socket.socket() as closed:  # bound, not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        said: list[str] = []
+        started = trio.current_time()
+        assert not await reach(url, 30, said.append)
+    assert said[0].startswith(f"cannot reach the server at {url}: "), said
+    retries = [re.fullmatch(r"  retrying in (\d+\.\d) s \((\d+\.\d) s left\)", s) for s in said[1:]]
+    assert len(retries) >= 5 and all(retries), said
+    left = [float(match[2]) for match in retries if match]
+    assert left == sorted(left, reverse=True) and left[0] <= 30, said
+    # it gives up once the 30 s are over, not before, and not a probe's timeout later
+    assert 30 <= trio.current_time() - started <= 35
+
+
+async def test_ingest_without_a_server_says_so_and_what_was_not_sent(tmp_path: Path) -> None:
+    path = tmp_path / "two.ndjson"
+    path.write_text('{"key": "a"}\n{"key": "b"}\n')
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        result = await trio.to_thread.run_sync(
+            lambda: CliRunner().invoke(
+                main, ["ingest", str(path), "--url", url, "--retry-timeout", "0s"]
+            )
+        )
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"cannot reach the server at {url}: Connection refused\n")
+    assert f"could not reach the server at {url} for 0 s: 2 events not sent" in result.stderr
+    assert "connection_error" not in result.stderr
+
+
+def ingest_process(path: str, url: str, *args: str, log: Path, **popen: object) -> Any:
+    """``trioagg ingest`` in a child process, as from a terminal; stderr to ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trioagg", "ingest", path, "--url", url, *args],
+            stderr=sink,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+            **popen,  # type: ignore[call-overload]
+        )
+
+
+async def test_ingest_waits_for_a_server_that_comes_up(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "two.ndjson"
+    path.write_text('{"key": "a"}\n{"key": "b"}\n')
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "stderr"
+    process = ingest_process(str(path), f"http://127.0.0.1:{port}", log=log)
+    try:
+        await wait_until(lambda: "retrying in" in log.read_text(), timeout=60)
+        server = await start_server(port=str(port))
+        assert await trio.to_thread.run_sync(lambda: process.wait(60)) == 0, log.read_text()
+    finally:
+        process.kill()
+    assert "reached the server at" in log.read_text()
+    assert stored_counts(server.db) == {"a": 1, "b": 1}
+
+
+async def test_ingest_that_loses_its_server_says_what_was_not_sent(
+    server: Server, tmp_path: Path
+) -> None:
+    log = tmp_path / "stderr"
+    process = ingest_process(
+        "-", server.url, "--retry-timeout", "1s", log=log, stdin=subprocess.PIPE
+    )
+    line = b'{"key": "first"}\n'
+    # ingest reads a pipe by readlines(_CHUNK_BYTES): up to the line that passes it
+    first = _CHUNK_BYTES // len(line) + 1
+    try:
+        await trio.to_thread.run_sync(process.stdin.write, line * first)
+        await trio.to_thread.run_sync(process.stdin.flush)
+        await wait_until(lambda: stored_counts(server.db) == {"first": first}, timeout=60)
+        await server.shutdown()
+        process.stdin.write(b'{"key": "later"}\n{"key": "later"}\n')
+        process.stdin.close()
+        assert await trio.to_thread.run_sync(lambda: process.wait(60)) == 1
+    finally:
+        process.kill()
+    said = log.read_text()
+    assert f"could not reach the server at {server.url} for 1 s: 2 events not sent" in said
+    assert f"{first + 2:,} events read" in said and ", 0 refused," in said, said
+    assert "connection_error" not in said
+
+
+@pytest.mark.parametrize("name", ["serve", "ingest", "query", "series", "top"])
+def test_every_option_says_what_it_does_its_default_and_what_its_value_is(name: str) -> None:
+    command = main.commands[name]
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    for option in options:
+        assert option.help, option.name
+        if not option.multiple:
+            assert option.show_default or "[default:" in option.help, option.name
+        if not option.is_flag and not isinstance(option.type, click.Choice):
+            assert option.metavar not in (None, "TEXT", "INTEGER"), option.name

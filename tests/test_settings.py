@@ -31,6 +31,24 @@ def test_every_setting_is_a_serve_flag(name: str) -> None:
     assert env_name(name) in result.output
 
 
+def test_serve_help_says_what_each_value_is() -> None:
+    text = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200).output
+    for shown in (
+        "--db PATH|URL",
+        "--port PORT",
+        "--batch-size N",
+        "--enqueue-timeout DURATION",
+        "--max-age DURATION|none",
+        "--max-body SIZE",
+        "--sync [full|normal]",
+        "--bucket [1m|5m|15m|1h]",
+        "--metrics-public [true|false]",
+        "--loop-step-sampling FRACTION",
+    ):
+        assert shown in text
+    assert " TEXT " not in text
+
+
 def test_defaults() -> None:
     settings = Settings()
     assert (settings.db, settings.bucket, settings.sync) == ("trioagg.db", 3600, "full")

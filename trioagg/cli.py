@@ -44,7 +44,7 @@ def _setting_options(command: Any) -> Any:
             field.name,
             envvar=env_name(field.name),
             default=None,
-            metavar="TEXT",
+            metavar=field.metadata["metavar"],
             help=f"{field.metadata['help']} [default: {field.metadata['text']}; "
             f"env: {env_name(field.name)}]",
         )(command)

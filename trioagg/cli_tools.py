@@ -22,31 +22,46 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 import click
 import msgspec
 
+from .answers import Keys
 from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
 from .ingest import Event
+from .params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
+from .settings import parse_duration
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
 _CHUNK_BYTES: Final = 1 << 20
-_FORMATS: Final = click.Choice(["table", "json", "csv"])
+#: The longest a probe of the server waits, and the longest pause between two.
+_PROBE_SECONDS: Final = 5.0
 
 _url = click.option(
     "--url",
     envvar="TRIOAGG_URL",
     default=DEFAULT_URL,
     show_default=True,
+    metavar="URL",
     help="The server. [env: TRIOAGG_URL]",
 )
 _api_key = click.option(
     "--api-key",
     envvar="TRIOAGG_API_KEY",
     default=None,
-    help="An API key (trioagg keys create), sent as 'Authorization: Bearer KEY'. "
-    "[env: TRIOAGG_API_KEY]",
+    metavar="KEY",
+    help="An API key (trioagg keys create), sent as 'Authorization: Bearer KEY' "
+    "[default: none; env: TRIOAGG_API_KEY].",
+)
+_format = click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="A table to read; for scripts, json (the server's answer) or csv.",
 )
 
 
@@ -63,9 +78,65 @@ def _fail_on_server_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             lines = [str(error)] + [f"  {json.dumps(d)}" for d in error.details]
             raise click.ClickException("\n".join(lines)) from None
         except httpx.TransportError as error:
-            raise click.ClickException(f"cannot reach the server: {error!r}") from None
+            raise click.ClickException(
+                f"cannot reach the server at {kwargs['url']}: {_why(error)}"
+            ) from None
 
     return run
+
+
+def _why(error: BaseException) -> str:
+    """What the system said of a failed connection (``Connection refused``, ``Name or
+    service not known``), found among the errors that caused ``error``; else its text."""
+    causes = [error]
+    while causes:
+        cause = causes.pop()
+        if isinstance(cause, OSError) and cause.strerror:
+            # an errno's own words: anyio's strerror repeats the address around them
+            return os.strerror(cause.errno) if cause.errno and cause.errno > 0 else cause.strerror
+        causes += getattr(cause, "exceptions", ())
+        causes += filter(None, (cause.__cause__, cause.__context__))
+    return str(error) or type(error).__name__
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, text: str) -> float:
+    """A duration option's text (30s, 500ms, 2m) in seconds."""
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+async def reach(url: str, patience: float, say: Callable[[str], None]) -> bool:
+    """Whether the server at ``url`` answers (anything: an error answer is an answer),
+    asking for up to ``patience`` seconds. When it does not, says so at once, then
+    before each retry how long until it and how long is left."""
+    import httpx
+    import trio
+
+    deadline = trio.current_time() + patience
+    pause = 0.5
+    failed = False
+    async with httpx.AsyncClient(base_url=url) as http:
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                await http.get("/healthz", timeout=min(max(left, 1.0), _PROBE_SECONDS))
+            except httpx.TransportError as error:
+                if not failed:
+                    say(f"cannot reach the server at {url}: {_why(error)}")
+                    failed = True
+            else:
+                if failed:
+                    say(f"reached the server at {url}")
+                return True
+            left = deadline - trio.current_time()
+            if left <= 0:
+                return False
+            wait = min(pause, left)
+            say(f"  retrying in {wait:.1f} s ({left:.1f} s left)")
+            await trio.sleep(wait)
+            pause = min(pause * 2, _PROBE_SECONDS)
 
 
 # -- ingest ------------------------------------------------------------------
@@ -263,6 +334,8 @@ class Tally:
     bad: int = 0
     rejected: int = 0
     events: int = 0
+    #: events given up because the server could not be reached for retry_timeout
+    unreachable: int = 0
 
 
 def _progress(size: int | None, enabled: bool) -> Any:
@@ -289,6 +362,20 @@ def _progress(size: int | None, enabled: bool) -> Any:
     return Progress(*columns, console=console, disable=not (enabled and console.is_terminal))
 
 
+def _field(flag: str, what: str, *name: str) -> Callable[[_F], _F]:
+    """An option naming the field (NDJSON) or column (CSV) that holds ``what``; by
+    default, the name of the event's own field."""
+    default = flag.removeprefix("--").replace("-", "_")
+    return click.option(
+        flag,
+        *name,
+        default=default,
+        show_default=True,
+        metavar="FIELD",
+        help=f"Field/column of {what}.",
+    )
+
+
 @click.command()
 @click.argument("file", type=click.File("rb"))
 @click.option(
@@ -299,11 +386,11 @@ def _progress(size: int | None, enabled: bool) -> Any:
     show_default=True,
     help="auto: csv for a .csv file name, else ndjson.",
 )
-@click.option("--key", "key", default="key", show_default=True, help="Field/column of the key.")
-@click.option("--ts", default="ts", show_default=True, help="Field/column of the time stamp.")
-@click.option("--value", default="value", show_default=True, help="Field/column of the value.")
-@click.option("--id", "id_", default="id", show_default=True, help="Field/column of the id.")
-@click.option("--distinct-id", default="distinct_id", show_default=True)
+@_field("--key", "the key")
+@_field("--ts", "the time stamp")
+@_field("--value", "the value")
+@_field("--id", "the id", "id_")
+@_field("--distinct-id", "the distinct id (who did it, for distinct counts)")
 @click.option(
     "--tag",
     "tags",
@@ -314,12 +401,15 @@ def _progress(size: int | None, enabled: bool) -> Any:
 @click.option(
     "--source",
     default=None,
+    metavar="NAME",
     help="The identity ids are derived from [default: the file's absolute path; '-': stdin].",
 )
 @click.option(
     "--max-errors",
+    type=click.IntRange(min=0),
     default=100,
     show_default=True,
+    metavar="N",
     help="Stop after more bad or refused lines than this.",
 )
 @click.option(
@@ -327,6 +417,7 @@ def _progress(size: int | None, enabled: bool) -> Any:
     type=click.IntRange(1, SERVER_MAX_EVENTS),
     default=SERVER_MAX_EVENTS,
     show_default=True,
+    metavar="N",
     help="Events per request.",
 )
 @click.option(
@@ -334,10 +425,25 @@ def _progress(size: int | None, enabled: bool) -> Any:
     type=click.IntRange(1, 64),
     default=2,
     show_default=True,
+    metavar="N",
     help="Requests in flight at once.",
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
-@click.option("--progress/--no-progress", default=True, help="A progress bar (on a terminal).")
+@click.option(
+    "--retry-timeout",
+    callback=_seconds,
+    metavar="DURATION",
+    default="30s",
+    show_default=True,
+    help="How long to retry a request (the server unreachable, or answering 502, 503 or "
+    "504), and to wait for the server at the start, before giving up on its events.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="A progress bar (on a terminal).",
+)
 @_url
 @_api_key
 def ingest(
@@ -354,6 +460,7 @@ def ingest(
     batch_events: int,
     concurrency: int,
     wait: bool,
+    retry_timeout: float,
     progress: bool,
     url: str,
     api_key: str | None,
@@ -374,9 +481,12 @@ def ingest(
     reader = LineReader(source, mapping)
     size = _size(file)
     tally = Tally()
-    stopped = False
+    stopped = ""  # why reading stopped before the end of the input
 
     def refused(rejected: Rejected) -> None:
+        if rejected.error.code == "connection_error":  # not the server's answer: none came
+            tally.unreachable += len(rejected.events)
+            return
         tally.rejected += len(rejected.events)
         for problem in rejected.problems[:max_errors]:
             index = problem.get("index")
@@ -384,24 +494,30 @@ def ingest(
             where = reader.line_of(event) or event.decode(errors="replace").strip()
             click.echo(f"{where}: refused: {rejected.error.code}: {json.dumps(problem)}", err=True)
         if not rejected.problems:
-            click.echo(f"refused {len(rejected.events)} events: {rejected.error}", err=True)
+            click.echo(
+                f"refused {_many(len(rejected.events), 'event')}: {rejected.error}", err=True
+            )
 
     import trio
 
     async def send_all() -> None:
+        if not await reach(url, retry_timeout, functools.partial(click.echo, err=True)):
+            await send_lines(None)  # to count what is not sent
+            return
         async with AsyncClient(
             url,
             api_key=api_key,
             batch_events=batch_events,
             concurrency=concurrency,
             wait=wait,
+            retry_timeout=retry_timeout,
             on_error=refused,
             close_timeout=math.inf,  # each batch has its retry_timeout, and the user watches
         ) as client:
             clients.append(client)
             await send_lines(client)
 
-    async def send_lines(client: AsyncClient) -> None:
+    async def send_lines(client: AsyncClient | None) -> None:
         nonlocal stopped
         with _progress(size, progress) as bar:
             task = bar.add_task("ingest", total=size, events=0, rate=0.0)
@@ -414,29 +530,50 @@ def ingest(
                             tally.bad += 1
                             click.echo(f"line {number}: {item}", err=True)
                         else:
-                            await client.send_encoded(item)
+                            if client is not None:
+                                await client.send_encoded(item)
                             tally.events += 1
                         if tally.bad + tally.rejected > max_errors:
-                            stopped = True
+                            stopped = f"stopped after more than {_many(max_errors, 'error')}"
+                        elif tally.unreachable:
+                            stopped = "stopped reading: the server cannot be reached"
+                        if stopped:
                             return
-                        rate = tally.events / max(time.monotonic() - started, 1e-9)
+                    rate = tally.events / max(time.monotonic() - started, 1e-9)
                     bar.update(task, completed=read, events=tally.events, rate=rate)
 
     events_of = EventSource(kind, reader)
     clients: list[AsyncClient] = []
     started = time.monotonic()
     trio.run(send_all)
+    unreachable = f"could not reach the server at {url} for {retry_timeout:g} s"
+    if not clients:
+        raise click.ClickException(f"{unreachable}: {_many(tally.events, 'event')} not sent")
     counters = clients[0].counters
     elapsed = time.monotonic() - started
+    new = counters.acknowledged - counters.duplicates
     click.echo(
-        f"{tally.events:,} events read in {elapsed:.1f} s ({tally.events / elapsed:,.0f}/s): "
-        f"{counters.acknowledged:,} stored ({counters.duplicates:,} already there), "
-        f"{counters.failed:,} refused, {tally.bad:,} bad lines"
-        + (f"; stopped after more than {max_errors} errors" if stopped else ""),
+        f"{_many(tally.events, 'event')} read in {elapsed:.1f} s "
+        f"({tally.events / elapsed:,.0f}/s): "
+        + (
+            f"{new:,} new, {counters.duplicates:,} already stored"
+            if wait  # a 202 answer does not tell duplicates
+            else f"{counters.acknowledged:,} queued (--no-wait)"
+        )
+        + f", {tally.rejected:,} refused, {_many(tally.bad, 'bad line')}"
+        + (f"; {stopped}" if stopped else ""),
         err=True,
     )
+    if tally.unreachable:
+        lost = _many(tally.unreachable, "event")
+        raise click.ClickException(f"{unreachable}: {lost} not sent")
     if stopped or counters.failed or tally.bad:
         sys.exit(1)
+
+
+def _many(count: int, thing: str) -> str:
+    """``1 event``, ``2,000 events``."""
+    return f"{count:,} {thing}{'' if count == 1 else 's'}"
 
 
 def _size(file: IO[bytes]) -> int | None:
@@ -474,30 +611,98 @@ def sparkline(values: Sequence[float | None]) -> str:
     )
 
 
-def _emit(rows: list[dict[str, Any]], document: Any, output: str, title: str = "") -> None:
-    """Print ``rows`` as a table or CSV, or ``document`` as JSON."""
+def _emit(
+    rows: list[dict[str, Any]],
+    document: Any,
+    output: str,
+    columns: Sequence[str],
+    empty: str,
+    title: str = "",
+    labels: int = 1,
+) -> None:
+    """Print ``rows`` as a table (see :func:`_print_table`) or CSV, or ``document`` as
+    JSON. Without rows, CSV is its header alone and a table is ``empty``: no answer is
+    a blank line."""
     if output == "json":
         click.echo(msgspec.json.encode(document).decode())
         return
-    columns = list(dict.fromkeys(name for row in rows for name in row))
     if output == "csv":
         writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(
-            {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()} for row in rows
+            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
+            for row in rows
         )
         return
+    if title:
+        click.echo(printable(title))
+    if rows:
+        _print_table(columns, rows, labels)
+    else:
+        click.echo(empty)
+
+
+def _print_table(columns: Sequence[str], rows: list[dict[str, Any]], labels: int) -> None:
+    """``rows`` as tables as wide as the terminal at most. Keys and tags wrap; times and
+    numbers are shown whole, and the columns that do not fit go to a further table,
+    which repeats the first ``labels`` columns (what names a row)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(printable(title)) if title else None, title_justify="left")
-    for column in columns:
-        table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
-    for row in rows:
-        # Text, not str: rich would read "[...]" in a key or tag as its markup.
-        table.add_row(*(Text(printable(_cell(row.get(column)))) for column in columns))
-    Console().print(table)
+    console = Console()
+    # Text, not str: rich would read "[...]" in a key or tag as its markup.
+    cells = {c: [Text(printable(_cell(row.get(c)))) for row in rows] for c in columns}
+    widths = {c: max(len(c), *(cell.cell_len for cell in cells[c])) for c in columns}
+    for number, group in enumerate(column_groups(columns, widths, labels, console.width)):
+        table = Table(
+            # Columns two spaces apart and no rules around them: more of them fit.
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for c in group:
+            whole = c not in _WRAPPING
+            justify: Any = "left" if c in _TEXT_COLUMNS else "right"
+            table.add_column(
+                c, justify=justify, no_wrap=whole, overflow="fold", min_width=widths[c] * whole
+            )
+        for index in range(len(rows)):
+            table.add_row(*(cells[c][index] for c in group))
+        if number:
+            console.print()  # between a table and the one with its further columns
+        console.print(table)
+
+
+#: Columns whose cells may wrap, taking no less than _WRAPPED_WIDTH; the others'
+#: cells (times, numbers) are never cut.
+_WRAPPING: Final = frozenset({"key", "tags"})
+_WRAPPED_WIDTH: Final = 20
+
+
+def column_groups(
+    columns: Sequence[str], widths: dict[str, int], labels: int, room: int
+) -> list[list[str]]:
+    """``columns`` cut into tables no wider than ``room`` where they can be: each table
+    begins with the first ``labels`` columns and takes as many of the others, in order,
+    as fit (at least one)."""
+
+    def width(column: str) -> int:  # with the two spaces after it
+        wide = widths[column]
+        return (min(wide, _WRAPPED_WIDTH) if column in _WRAPPING else wide) + 2
+
+    head = list(columns[:labels])
+    start = sum(map(width, head)) - 2  # none after the last column
+    groups, used = [head.copy()], start
+    for column in columns[labels:]:
+        if used + width(column) > room and len(groups[-1]) > labels:
+            groups.append(head.copy())
+            used = start
+        groups[-1].append(column)
+        used += width(column)
+    return groups
 
 
 def printable(text: str) -> str:
@@ -510,7 +715,7 @@ def printable(text: str) -> str:
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
-_TEXT_COLUMNS: Final = frozenset({"key", "tags", "start", "first", "last", "trend"})
+_TEXT_COLUMNS: Final = frozenset({"key", "tags", "start", "first", "last"})
 
 
 def _cell(value: Any) -> str:
@@ -521,8 +726,21 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value))
     if isinstance(value, float):
-        return f"{value:.6g}"
+        # Every digit before the point, and some after it: 275027.5 is not 275028.
+        return f"{value:.{max(6, len(f'{abs(value):.0f}') + 3)}g}"
     return str(value)
+
+
+_from = click.option(
+    "--from",
+    "start",
+    metavar="TIME",
+    help="Start: RFC 3339 or Unix seconds [default: --to minus 24 h].",
+)
+_to = click.option("--to", "end", metavar="TIME", help="End, exclusive [default: now].")
+_prefix = click.option(
+    "--prefix", metavar="PREFIX", help="Only keys starting with this [default: every key]."
+)
 
 
 def _tag_filters(tags: Sequence[str]) -> dict[str, str]:
@@ -537,15 +755,32 @@ def _tag_filters(tags: Sequence[str]) -> dict[str, str]:
 
 @click.command()
 @click.argument("keys", nargs=-1, required=True)
-@click.option("--from", "start", help="Start (RFC 3339 or Unix seconds) [default: to - 24 h].")
-@click.option("--to", "end", help="End, exclusive [default: now].")
-@click.option("--granularity", help="bucket, hour, day, week, month or all [default: hour].")
-@click.option("--tz", help="IANA zone of day/week/month boundaries [default: UTC].")
+@_from
+@_to
+@click.option(
+    "--granularity",
+    type=click.Choice(GRANULARITIES),
+    help="How long each row's bucket is (bucket: the store's width) [default: hour].",
+)
+@click.option("--tz", metavar="ZONE", help="IANA zone of day/week/month boundaries [default: UTC].")
 @click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE", help="Tag filter (repeat).")
-@click.option("--group-by", help="One series per value of this tag.")
-@click.option("--stats", help="Comma list, e.g. count,sum,p99 [default: count,sum,min,max,avg].")
-@click.option("--fill", help="none, zero or null [default: none].")
-@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@click.option(
+    "--group-by",
+    metavar="TAG",
+    help="One series per value of this tag [default: none: one series per key].",
+)
+@click.option(
+    "--stats",
+    metavar="STATS",
+    help="Comma list of count, sum, min, max, avg, stddev, distinct and pNN (p99) "
+    f"[default: {','.join(DEFAULT_STATS)}].",
+)
+@click.option(
+    "--fill",
+    type=click.Choice(FILLS),
+    help="Buckets without events: left out (none), or as 0 or null [default: none].",
+)
+@_format
 @_url
 @_api_key
 @_fail_on_server_errors
@@ -565,6 +800,7 @@ def query(
 ) -> None:
     """Roll-ups of KEYS (GET /v1/aggregates): one row per series and bucket."""
     filters = _tag_filters(tags)
+    columns = ["key", "tags", "start", *(stats.split(",") if stats else DEFAULT_STATS)]
     answer = _run_query(
         url,
         api_key,
@@ -580,39 +816,50 @@ def query(
             tags=filters,
         ),
     )
-    rows = [
-        {"key": series.key, "tags": series.tags, **bucket}
-        for series in answer.results
-        for bucket in series.buckets
-    ]
-    title = f"{answer.start} .. {answer.end}, {answer.granularity}, {answer.tz}"
-    if output == "table":
-        for series in answer.results:
-            first = next((k for k in series.buckets[0] if k != "start"), None)
-            trend = sparkline([b.get(first) for b in series.buckets]) if first else ""
-            title += f"\n{series.key} {_cell(series.tags)} {first}: {trend}"
-    _emit(rows, answer, output, title)
+    if output != "table":
+        rows = [
+            {"key": series.key, "tags": series.tags, **bucket}
+            for series in answer.results
+            for bucket in series.buckets
+        ]
+        _emit(rows, answer, output, columns, "no data")
+        return
+    click.echo(f"{answer.start} .. {answer.end}, {answer.granularity}, {answer.tz}")
+    stat = columns[3]  # the first asked for: the one of the sparklines
+    for series in answer.results:
+        # One table per series: its key and tags are said once, above its buckets.
+        name = " ".join(filter(None, (series.key, _cell(series.tags))))
+        click.echo()
+        if not series.buckets:
+            click.echo(printable(f"{name}  no data"))
+            continue
+        click.echo(printable(f"{name}  {stat}: {sparkline([b.get(stat) for b in series.buckets])}"))
+        _print_table(columns[2:], series.buckets, labels=1)
+    if not answer.results:
+        click.echo("no data")
 
 
 @click.command()
-@click.option("--prefix", help="Only keys starting with this.")
-@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@_prefix
+@_format
 @_url
 @_api_key
 @_fail_on_server_errors
 def series(prefix: str | None, output: str, url: str, api_key: str | None) -> None:
     """Every series key the server holds (GET /v1/keys, all pages)."""
     found = _run_query(url, api_key, lambda c: c.keys(prefix))
-    _emit([msgspec.structs.asdict(k) for k in found], found, output)
+    rows = [msgspec.structs.asdict(k) for k in found]
+    answer = Keys(found, next=None)  # the server's answer, as if all on one page
+    _emit(rows, answer, output, ["key", "tags", "first", "last", "series"], "no keys")
 
 
 @click.command()
-@click.option("--from", "start", help="Start [default: to - 24 h].")
-@click.option("--to", "end", help="End, exclusive [default: now].")
-@click.option("--stat", type=click.Choice(["count", "sum"]), help="Rank by [default: count].")
-@click.option("--prefix", help="Only keys starting with this.")
-@click.option("--limit", type=int, help="How many keys [default: 100].")
-@click.option("--format", "output", type=_FORMATS, default="table", show_default=True)
+@_from
+@_to
+@click.option("--stat", type=click.Choice(TOP_STATS), help="Rank by [default: count].")
+@_prefix
+@click.option("--limit", type=int, metavar="N", help=f"How many keys [default: {DEFAULT_LIMIT}].")
+@_format
 @_url
 @_api_key
 @_fail_on_server_errors
@@ -633,7 +880,8 @@ def top(
         lambda c: c.top(start=start, end=end, stat=stat, prefix=prefix, limit=limit),
     )
     rows = [{"rank": rank, **item} for rank, item in enumerate(answer.results, start=1)]
-    _emit(rows, answer, output, f"{answer.start} .. {answer.end}, by {answer.stat}")
+    title = f"{answer.start} .. {answer.end}, by {answer.stat}"
+    _emit(rows, answer, output, ["rank", "key", answer.stat], "no data", title, labels=2)
 
 
 #: The commands this module adds to ``trioagg``.

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
@@ -36,6 +36,23 @@ _SIZE_UNITS = {
 }
 
 
+#: What the value of a setting is, as its flag shows it (--max-body SIZE), by its parser.
+_METAVARS: dict[Callable[[str], Any], str] = {}
+
+_Parse = TypeVar("_Parse", bound=Callable[[str], Any])
+
+
+def _shown_as(metavar: str) -> Callable[[_Parse], _Parse]:
+    """Record that a parser's values are shown as ``metavar`` in ``--help``."""
+
+    def record(parse: _Parse) -> _Parse:
+        _METAVARS[parse] = metavar
+        return parse
+
+    return record
+
+
+@_shown_as("DURATION")
 def parse_duration(text: str) -> float:
     """Parse ``"1h"``, ``"90s"``, ``"500ms"``, ``"2d"`` or plain seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
@@ -44,6 +61,7 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * _DURATION_UNITS[match[2] or "s"]
 
 
+@_shown_as("DURATION")
 def _positive_duration(text: str) -> float:
     seconds = parse_duration(text)
     if seconds <= 0:
@@ -51,11 +69,13 @@ def _positive_duration(text: str) -> float:
     return seconds
 
 
+@_shown_as("DURATION|none")
 def parse_optional_duration(text: str) -> float | None:
     """Like :func:`parse_duration`, with ``none`` meaning no limit."""
     return None if text.strip().lower() in ("", "none", "off") else parse_duration(text)
 
 
+@_shown_as("SIZE")
 def parse_size(text: str) -> int:
     """Parse ``"10MiB"``, ``"512KiB"``, ``"1MB"`` or plain bytes."""
     match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
@@ -64,6 +84,7 @@ def parse_size(text: str) -> int:
     return int(match[1]) * _SIZE_UNITS[match[2].lower()]
 
 
+@_shown_as(f"[{'|'.join(BUCKET_WIDTHS)}]")
 def parse_bucket(text: str) -> int:
     """Parse a bucket width name into seconds."""
     if text not in BUCKET_WIDTHS:
@@ -72,6 +93,7 @@ def parse_bucket(text: str) -> int:
     return BUCKET_WIDTHS[text]
 
 
+@_shown_as("PATTERNS")
 def parse_patterns(text: str) -> tuple[str, ...]:
     """A comma list of glob patterns; ``none`` or empty for no pattern."""
     if text.strip().lower() in ("", "none"):
@@ -82,6 +104,7 @@ def parse_patterns(text: str) -> tuple[str, ...]:
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s,]+")
 
 
+@_shown_as("ORIGINS")
 def parse_origins(text: str) -> tuple[str, ...]:
     """A comma list of origins (``https://grafana.example.com``), ``*`` for any, or ``none``;
     lower-cased, as browsers send them."""
@@ -98,6 +121,7 @@ def parse_origins(text: str) -> tuple[str, ...]:
 _HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 
+@_shown_as("HOSTS")
 def parse_hosts(text: str) -> tuple[str, ...]:
     """A comma list of host names (``trioagg.internal``), ``*.name`` for the names under
     one, IP addresses (IPv6 in brackets or not), ``*`` for any host, or ``none``; without
@@ -126,10 +150,12 @@ def _whole_number(text: str, expected: str) -> int:
     return int(text)
 
 
+@_shown_as("N")
 def _whole_number_text(text: str) -> int:
     return _whole_number(text, "a whole number (0 or more)")
 
 
+@_shown_as("N")
 def _positive_int(text: str) -> int:
     number = _whole_number(text, "a whole number of at least 1")
     if number < 1:
@@ -137,6 +163,7 @@ def _positive_int(text: str) -> int:
     return number
 
 
+@_shown_as("PORT")
 def _port(text: str) -> int:
     number = _whole_number(text, "a TCP port (a whole number 0-65535; 0 picks a free one)")
     if not 0 <= number <= 65535:
@@ -144,6 +171,7 @@ def _port(text: str) -> int:
     return number
 
 
+@_shown_as("FRACTION")
 def _fraction(text: str) -> float:
     try:
         number = float(text)
@@ -155,6 +183,7 @@ def _fraction(text: str) -> float:
 
 
 def _choice(*options: str) -> Callable[[str], str]:
+    @_shown_as(f"[{'|'.join(options)}]")
     def parse(text: str) -> str:
         if text.lower() not in options:
             raise ValueError(f"{text!r} is not one of {', '.join(options)}")
@@ -163,6 +192,7 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+@_shown_as("[true|false]")
 def _boolean(text: str) -> bool:
     if text.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -171,14 +201,24 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"{text!r} is not true or false")
 
 
+@_shown_as("PATH|none")
 def _optional_path(text: str) -> str | None:
     return None if text.strip().lower() in ("", "none") else text
 
 
-def _setting(default: str, parse: Callable[[str], Any], help: str) -> Any:
-    """A field whose default is given as text, parsed like a flag would be."""
+def _setting(
+    default: str, parse: Callable[[str], Any], help: str, metavar: str | None = None
+) -> Any:
+    """A field whose default is given as text, parsed like a flag would be; its flag
+    shows its value as ``metavar``, by default as its parser's values are shown."""
     return dataclasses.field(
-        default=parse(default), metadata={"text": default, "parse": parse, "help": help}
+        default=parse(default),
+        metadata={
+            "text": default,
+            "parse": parse,
+            "help": help,
+            "metavar": metavar or _METAVARS.get(parse, "TEXT"),
+        },
     )
 
 
@@ -190,8 +230,9 @@ class Settings:
         "trioagg.db",
         str,
         "SQLite file path (created if missing), or a postgresql://user@host/dbname URL.",
+        metavar="PATH|URL",
     )
-    host: str = _setting("127.0.0.1", str, "Address to listen on.")
+    host: str = _setting("127.0.0.1", str, "Address to listen on.", metavar="ADDRESS")
     port: int = _setting("8000", _port, "TCP port to listen on (0 picks a free one).")
     bucket: int = _setting(
         "1h", parse_bucket, "Bucket width of a new store: 1m, 5m, 15m or 1h. Fixed at creation."
