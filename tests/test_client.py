@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,8 @@ from trioagg.client import AsyncClient, Client, Counters, Rejected, Undelivered,
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
-TS = 1795514400  # 2026-11-24T10:00:00Z
+TS = 1795514400
+TS_TEXT = "2026-11-24T10:00:00Z"
 
 
 def test_uuid7_is_time_ordered_and_versioned() -> None:
@@ -504,6 +506,32 @@ async def test_queries_answer_typed_results_and_errors_carry_the_envelope(server
             await client.aggregates("typed", stats=["bogus"])
     assert raised.value.status == 422 and raised.value.code == "invalid_query"
     assert raised.value.details[0]["parameter"] == "stats"
+
+
+async def test_stats_take_a_comma_list_a_list_or_a_tuple_and_nothing_else(
+    server: Server,
+) -> None:
+    """``stats="count,sum"`` was sent as ``c,o,u,n,t,,,s,u,m``: a str is a sequence."""
+    async with AsyncClient(server.url) as client:
+        await client.send("listed", 2, ts=TS)
+        await client.flush()
+        for stats in ("count,sum", "count, sum", ["count", "sum"], ("count", "sum")):
+            answer = await client.aggregates(
+                ["listed"], start=TS, end=TS + 3600, granularity="all", stats=stats
+            )
+            assert answer.results[0].buckets[0] == {"start": TS_TEXT, "count": 1, "sum": 2.0}
+        wrong: list[tuple[dict[str, Any], str]] = [
+            ({"stats": {"count", "sum"}}, "stats takes a str or a list or tuple of str, not a set"),
+            ({"stats": b"count"}, "not a bytes"),
+            ({"stats": ["count", 5, None]}, "not a list holding NoneType, int"),
+            ({"group_by": ["region"]}, "group_by takes one tag name, a str, not list"),
+        ]
+    async with AsyncClient(_dead_url()) as offline:  # refused before any request is made
+        for query, message in wrong:
+            with pytest.raises(TypeError, match=re.escape(message)):
+                await offline.aggregates("listed", **query)
+        with pytest.raises(TypeError, match=re.escape("key takes a str or a list or tuple")):
+            await offline.aggregates({"listed"})
 
 
 async def test_keys_follows_every_page(server: Server) -> None:

@@ -29,7 +29,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -577,7 +577,7 @@ class AsyncClient:
 
     async def aggregates(
         self,
-        key: str | Sequence[str],
+        key: str | list[str] | tuple[str, ...],
         *,
         start: str | float | None = None,
         end: str | float | None = None,
@@ -585,15 +585,20 @@ class AsyncClient:
         tz: str | None = None,
         fill: str | None = None,
         group_by: str | None = None,
-        stats: Sequence[str] | None = None,
+        stats: str | list[str] | tuple[str, ...] | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> Aggregates:
-        """``GET /v1/aggregates``; ``start`` and ``end`` are the ``from`` and ``to``."""
-        keys = [key] if isinstance(key, str) else list(key)
-        params: _Params = [("key", k) for k in keys]
+        """``GET /v1/aggregates``; ``start`` and ``end`` are the ``from`` and ``to``.
+
+        ``key``: one key, or a list or tuple of keys. ``stats``: a comma list
+        (``"count,sum"``), or a list or tuple of names. ``group_by``: one tag name.
+        Other types raise TypeError before any request."""
+        if not isinstance(group_by, str | None):
+            raise TypeError(f"group_by takes one tag name, a str, not {type(group_by).__name__}")
+        params: _Params = [("key", k) for k in _names("key", key, comma=False)]
         params += _params(
             {"from": start, "to": end, "granularity": granularity, "tz": tz, "fill": fill},
-            {"group_by": group_by, "stats": ",".join(stats) if stats else None},
+            {"group_by": group_by, "stats": ",".join(_names("stats", stats, comma=True)) or None},
         )
         params += [(f"tag.{name}", value) for name, value in (tags or {}).items()]
         return await self._get("/v1/aggregates", params, Aggregates)
@@ -628,6 +633,25 @@ class AsyncClient:
         if response.status_code != 200:
             raise ServerError.of(response)
         return msgspec.json.decode(response.content, type=kind)
+
+
+def _names(
+    parameter: str, value: str | list[str] | tuple[str, ...] | None, *, comma: bool
+) -> list[str]:
+    """The names a list-valued parameter was given: a list or tuple of str, or a str,
+    which is a comma list when ``comma`` (``"count, sum"``) and else one name.
+
+    Only these types: a str is a sequence too, and the names' order can matter."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",")] if comma else [value]
+    if isinstance(value, list | tuple) and all(isinstance(name, str) for name in value):
+        return list(value)
+    kind = type(value).__name__
+    if isinstance(value, list | tuple):
+        kind += " holding " + ", ".join(sorted({type(v).__name__ for v in value} - {"str"}))
+    raise TypeError(f"{parameter} takes a str or a list or tuple of str, not a {kind}")
 
 
 def _params(*groups: Mapping[str, object]) -> _Params:
@@ -749,7 +773,7 @@ class Client:
         self._thread.join()
         return self._failure
 
-    def aggregates(self, key: str | Sequence[str], **query: Any) -> Aggregates:
+    def aggregates(self, key: str | list[str] | tuple[str, ...], **query: Any) -> Aggregates:
         """See :meth:`AsyncClient.aggregates`."""
         return self._call(functools.partial(self._async.aggregates, key, **query))
 
