@@ -534,6 +534,35 @@ async def test_stats_take_a_comma_list_a_list_or_a_tuple_and_nothing_else(
             await offline.aggregates({"listed"})
 
 
+async def test_a_server_error_says_the_servers_reasons(server: Server) -> None:
+    """Its text was "422 invalid_query: the query is invalid", the reason only in details."""
+    from trioagg.client import ServerError
+
+    refused: list[Rejected] = []
+    async with AsyncClient(server.url, on_error=refused.append) as client:
+        with pytest.raises(ServerError) as raised:
+            await client.aggregates("typed", stats="count,bogus", group_by="no spaces")
+        for i in range(5):
+            await client.send(f"bad\x01{i}", ts=TS)
+    error = raised.value
+    assert (error.status, error.code) == (422, "invalid_query")
+    assert error.message == "the query is invalid"
+    assert [d["parameter"] for d in error.details] == ["group_by", "stats"]
+    assert str(error) == (
+        "422 invalid_query: the query is invalid: "
+        f"group_by: {error.details[0]['message']}; stats: {error.details[1]['message']}"
+    )
+    assert "unknown or too many stat(s) bogus" in str(error)
+    (rejected,) = refused
+    assert len(rejected.error.details) == 5  # an answer may have thousands: three are said
+    first = rejected.error.details[0]
+    assert str(rejected.error) == (
+        f"422 invalid_events: {rejected.error.message}: event 0, key: {first['message']}; "
+        f"event 1, key: {rejected.error.details[1]['message']}; "
+        f"event 2, key: {rejected.error.details[2]['message']}; 2 more in .details"
+    )
+
+
 async def test_keys_follows_every_page(server: Server) -> None:
     async with AsyncClient(server.url) as client:
         for i in range(25):

@@ -60,7 +60,9 @@ def _fail_on_server_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return function(*args, **kwargs)
         except ServerError as error:
-            lines = [str(error)] + [f"  {json.dumps(d)}" for d in error.details]
+            # every detail on a line of its own, not the few str(error) says
+            headline = f"{error.status} {error.code}: {error.message}"
+            lines = [headline] + [f"  {json.dumps(d)}" for d in error.details]
             raise click.ClickException("\n".join(lines)) from None
         except httpx.TransportError as error:
             raise click.ClickException(f"cannot reach the server: {error!r}") from None

@@ -74,10 +74,13 @@ _encode = msgspec.json.Encoder().encode
 
 
 class ServerError(Exception):
-    """An error answer of the server: its status and its error envelope's fields."""
+    """An error answer of the server: its status and its error envelope's fields.
+
+    Its text is the status, code and message, then the first details (what is wrong
+    and where); every detail is in ``details``."""
 
     def __init__(self, status: int, code: str, message: str, details: list[Any]) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(f"{status} {code}: {message}{_reasons(details)}")
         self.status = status
         self.code = code
         self.message = message
@@ -90,6 +93,28 @@ class ServerError(Exception):
             return cls(response.status_code, error["code"], error["message"], error["details"])
         except (msgspec.DecodeError, KeyError, TypeError):
             return cls(response.status_code, "http_error", response.text[:200], [])
+
+
+#: Details a ServerError's text shows at most: an invalid_events answer may have thousands.
+_SHOWN_DETAILS: Final = 3
+
+
+def _reasons(details: list[Any]) -> str:
+    """``: stats: unknown stat(s) ...``, ``: event 3, tags: ...``: the first details."""
+    said = []
+    for detail in details[:_SHOWN_DETAILS]:
+        if not isinstance(detail, dict) or "message" not in detail:
+            said.append(str(detail))
+        elif "parameter" in detail:
+            said.append(f"{detail['parameter']}: {detail['message']}")
+        elif "index" in detail:
+            field = f", {detail['field']}" if detail.get("field") else ""
+            said.append(f"event {detail['index']}{field}: {detail['message']}")
+        else:
+            said.append(str(detail["message"]))
+    if len(details) > _SHOWN_DETAILS:
+        said.append(f"{len(details) - _SHOWN_DETAILS:,} more in .details")
+    return ": " + "; ".join(text[:300] for text in said) if said else ""
 
 
 class Undelivered(Exception):
