@@ -28,6 +28,7 @@ import click
 import msgspec
 
 from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
+from .client_answers import as_sent
 from .ingest import Event
 
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
@@ -567,7 +568,7 @@ def query(
 ) -> None:
     """Roll-ups of KEYS (GET /v1/aggregates): one row per series and bucket."""
     filters = _tag_filters(tags)
-    answer = _run_query(
+    typed = _run_query(
         url,
         api_key,
         lambda c: c.aggregates(
@@ -582,6 +583,7 @@ def query(
             tags=filters,
         ),
     )
+    answer = as_sent(typed)  # buckets as mappings: a row's columns are the stats asked for
     rows = [
         {"key": series.key, "tags": series.tags, **bucket}
         for series in answer.results
@@ -634,7 +636,10 @@ def top(
         api_key,
         lambda c: c.top(start=start, end=end, stat=stat, prefix=prefix, limit=limit),
     )
-    rows = [{"rank": rank, **item} for rank, item in enumerate(answer.results, start=1)]
+    rows = [
+        {"rank": rank, **msgspec.to_builtins(item)}
+        for rank, item in enumerate(answer.results, start=1)
+    ]
     _emit(rows, answer, output, f"{answer.start} .. {answer.end}, by {answer.stat}")
 
 

@@ -39,8 +39,9 @@ import httpx
 import msgspec
 import trio
 
-from . import client_exit
-from .answers import Accepted, Aggregates, KeyInfo, Keys, Top
+from . import answers, client_exit
+from .answers import Accepted, KeyInfo, Keys
+from .client_answers import Aggregates, Top, typed
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 #: The server's default max_batch and max_body; a request never exceeds them.
@@ -614,6 +615,7 @@ class AsyncClient:
         tags: Mapping[str, str] | None = None,
     ) -> Aggregates:
         """``GET /v1/aggregates``; ``start`` and ``end`` are the ``from`` and ``to``.
+        The answer is typed all the way down (see :mod:`trioagg.client_answers`).
 
         ``key``: one key, or a list or tuple of keys. ``stats``: a comma list
         (``"count,sum"``), or a list or tuple of names. ``group_by``: one tag name.
@@ -626,7 +628,7 @@ class AsyncClient:
             {"group_by": group_by, "stats": ",".join(_names("stats", stats, comma=True)) or None},
         )
         params += [(f"tag.{name}", value) for name, value in (tags or {}).items()]
-        return await self._get("/v1/aggregates", params, Aggregates)
+        return typed(await self._get("/v1/aggregates", params, answers.Aggregates))
 
     async def keys(self, prefix: str | None = None, *, page: int = 1000) -> list[KeyInfo]:
         """Every key (``GET /v1/keys``, pages followed), optionally under ``prefix``."""
