@@ -198,6 +198,7 @@ async def test_a_refused_query_prints_the_server_details(server: Server) -> None
     result = await run(server, "query", "k", "--stats", "bogus")
     assert result.exit_code == 1
     assert "422 invalid_query" in result.stderr and '"parameter": "stats"' in result.stderr
+    assert result.stderr.count("unknown or too many stat(s) bogus") == 1  # said once
 
 
 async def test_ingest_reads_stdin_in_chunks_that_keep_quoted_csv_fields_whole(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -13,15 +14,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 from trioagg.client import AsyncClient, Client, Counters, Rejected, Undelivered, uuid7
+from trioagg.client_answers import Aggregates, Bucket, Ranked, Series, Top, as_sent
+from trioagg.rollup import STATS
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
-TS = 1795514400  # 2026-11-24T10:00:00Z
+TS = 1795514400
+TS_TEXT = "2026-11-24T10:00:00Z"
 
 
 def test_uuid7_is_time_ordered_and_versioned() -> None:
@@ -495,15 +500,117 @@ async def test_queries_answer_typed_results_and_errors_carry_the_envelope(server
         answer = await client.aggregates(
             "typed", start=TS, end=TS + 86400, granularity="all", group_by="r", stats=["count"]
         )
-        assert {s.tags["r"]: s.buckets[0]["count"] for s in answer.results} == {"eu": 2, "us": 3}
+        assert {s.tags["r"]: s.buckets[0].count for s in answer.results} == {"eu": 2, "us": 3}
         eu = await client.aggregates("typed", start=TS, end=TS + 86400, tags={"r": "eu"})
-        assert [b["sum"] for b in eu.results[0].buckets] == [1.0, 3.0]
+        assert [b.sum for b in eu.results[0].buckets] == [1.0, 3.0]
         top = await client.top(start=TS, end=TS + 86400, stat="sum")
-        assert top.results == [{"key": "typed", "sum": 10.0}]
+        assert top.results == [Ranked("typed", sum=10.0)]
         with pytest.raises(ServerError) as raised:
             await client.aggregates("typed", stats=["bogus"])
     assert raised.value.status == 422 and raised.value.code == "invalid_query"
     assert raised.value.details[0]["parameter"] == "stats"
+
+
+async def test_answers_are_typed_all_the_way_down(start_server: StartServer) -> None:
+    """Buckets and top's results were plain dicts inside the structs."""
+    server = await start_server(quantiles="*")
+    async with AsyncClient(server.url) as client:
+        for value, who in ((1, "u1"), (2, "u2"), (3, "u1")):
+            await client.send("deep", value, ts=TS, distinct_id=who)
+        await client.send("deep", 10, ts=TS + 2 * 3600)
+        await client.send("deep.less", ts=TS)
+        await client.flush()
+        query: dict[str, Any] = {
+            "start": TS,
+            "end": TS + 3 * 3600,
+            "fill": "null",
+            "stats": "count,sum,avg,stddev,distinct,p50,p99.9",
+        }
+        answer = await client.aggregates("deep", **query)
+        plain = await client.aggregates("deep", start=TS, end=TS + 3600)
+        top = await client.top(start=TS, end=TS + 3600)
+    assert isinstance(answer, Aggregates) and isinstance(answer.results[0], Series)
+    full, empty, last = answer.results[0].buckets
+    assert all(isinstance(b, Bucket) for b in (full, empty, last))
+    assert (full.count, full.sum, full.avg, full.distinct) == (3, 6.0, 2.0, 2)
+    assert full.min is msgspec.UNSET  # not asked for; None is the server's null
+    assert full.percentiles.keys() == {"p50", "p99.9"}
+    assert (empty.count, empty.sum, empty.distinct, empty.percentiles["p50"]) == (
+        0,
+        None,
+        None,
+        None,
+    )
+    assert last.distinct is None  # no event of the bucket had a distinct_id
+    assert list(full.stats()) == ["count", "sum", "avg", "stddev", "distinct", "p50", "p99.9"]
+    assert repr(plain.results[0].buckets[0]) == (
+        f"Bucket(start='{TS_TEXT}', count=3, sum=6.0, min=1.0, max=3.0, avg=2.0)"
+    )
+    # nothing is lost on the way: as sent, it is the server's answer
+    params = {"key": "deep", "from": TS, "to": TS + 3 * 3600, "fill": "null"}
+    sent = await server.client.get("/v1/aggregates", params={**params, "stats": query["stats"]})
+    assert msgspec.to_builtins(as_sent(answer)) == sent.json()
+    assert isinstance(top, Top)
+    assert top.results == [Ranked("deep", count=3), Ranked("deep.less", count=1)]
+    assert top.results[0].sum is msgspec.UNSET
+    sent = await server.client.get("/v1/top", params={"from": TS, "to": TS + 3600})
+    assert msgspec.to_builtins(top) == sent.json()
+    assert set(STATS) <= set(Bucket.__struct_fields__)  # a stat the server adds has a field
+
+
+async def test_stats_take_a_comma_list_a_list_or_a_tuple_and_nothing_else(
+    server: Server,
+) -> None:
+    """``stats="count,sum"`` was sent as ``c,o,u,n,t,,,s,u,m``: a str is a sequence."""
+    async with AsyncClient(server.url) as client:
+        await client.send("listed", 2, ts=TS)
+        await client.flush()
+        for stats in ("count,sum", "count, sum", ["count", "sum"], ("count", "sum")):
+            answer = await client.aggregates(
+                ["listed"], start=TS, end=TS + 3600, granularity="all", stats=stats
+            )
+            assert answer.results[0].buckets[0] == Bucket(TS_TEXT, count=1, sum=2.0)
+        wrong: list[tuple[dict[str, Any], str]] = [
+            ({"stats": {"count", "sum"}}, "stats takes a str or a list or tuple of str, not a set"),
+            ({"stats": b"count"}, "not a bytes"),
+            ({"stats": ["count", 5, None]}, "not a list holding NoneType, int"),
+            ({"group_by": ["region"]}, "group_by takes one tag name, a str, not list"),
+        ]
+    async with AsyncClient(_dead_url()) as offline:  # refused before any request is made
+        for query, message in wrong:
+            with pytest.raises(TypeError, match=re.escape(message)):
+                await offline.aggregates("listed", **query)
+        with pytest.raises(TypeError, match=re.escape("key takes a str or a list or tuple")):
+            await offline.aggregates({"listed"})
+
+
+async def test_a_server_error_says_the_servers_reasons(server: Server) -> None:
+    """Its text was "422 invalid_query: the query is invalid", the reason only in details."""
+    from trioagg.client import ServerError
+
+    refused: list[Rejected] = []
+    async with AsyncClient(server.url, on_error=refused.append) as client:
+        with pytest.raises(ServerError) as raised:
+            await client.aggregates("typed", stats="count,bogus", group_by="no spaces")
+        for i in range(5):
+            await client.send(f"bad\x01{i}", ts=TS)
+    error = raised.value
+    assert (error.status, error.code) == (422, "invalid_query")
+    assert error.message == "the query is invalid"
+    assert [d["parameter"] for d in error.details] == ["group_by", "stats"]
+    assert str(error) == (
+        "422 invalid_query: the query is invalid: "
+        f"group_by: {error.details[0]['message']}; stats: {error.details[1]['message']}"
+    )
+    assert "unknown or too many stat(s) bogus" in str(error)
+    (rejected,) = refused
+    assert len(rejected.error.details) == 5  # an answer may have thousands: three are said
+    first = rejected.error.details[0]
+    assert str(rejected.error) == (
+        f"422 invalid_events: {rejected.error.message}: event 0, key: {first['message']}; "
+        f"event 1, key: {rejected.error.details[1]['message']}; "
+        f"event 2, key: {rejected.error.details[2]['message']}; 2 more in .details"
+    )
 
 
 async def test_keys_follows_every_page(server: Server) -> None:
@@ -548,7 +655,7 @@ async def test_the_async_client_runs_under_asyncio_too(server: Server) -> None:
             await asyncio.gather(*(client.send("aio", i, ts=TS) for i in range(300)))
             await client.flush()
             answer = await client.aggregates("aio", start=TS, end=TS + 3600, granularity="all")
-        return client.counters, answer.results[0].buckets[0]["count"]
+        return client.counters, answer.results[0].buckets[0].count
 
     counters, count = await trio.to_thread.run_sync(asyncio.run, under_asyncio())
     assert (counters.acknowledged, count) == (300, 300)

@@ -29,6 +29,7 @@ import msgspec
 
 from .answers import Keys
 from .client import DEFAULT_URL, SERVER_MAX_EVENTS, AsyncClient, Rejected, ServerError
+from .client_answers import as_sent
 from .ingest import Event
 from .params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
 from .settings import parse_duration
@@ -75,7 +76,9 @@ def _fail_on_server_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return function(*args, **kwargs)
         except ServerError as error:
-            lines = [str(error)] + [f"  {json.dumps(d)}" for d in error.details]
+            # every detail on a line of its own, not the few str(error) says
+            headline = f"{error.status} {error.code}: {error.message}"
+            lines = [headline] + [f"  {json.dumps(d)}" for d in error.details]
             raise click.ClickException("\n".join(lines)) from None
         except httpx.TransportError as error:
             raise click.ClickException(
@@ -801,7 +804,7 @@ def query(
     """Roll-ups of KEYS (GET /v1/aggregates): one row per series and bucket."""
     filters = _tag_filters(tags)
     columns = ["key", "tags", "start", *(stats.split(",") if stats else DEFAULT_STATS)]
-    answer = _run_query(
+    typed = _run_query(
         url,
         api_key,
         lambda c: c.aggregates(
@@ -816,6 +819,7 @@ def query(
             tags=filters,
         ),
     )
+    answer = as_sent(typed)  # buckets as mappings: a row's columns are the stats asked
     if output != "table":
         rows = [
             {"key": series.key, "tags": series.tags, **bucket}
@@ -879,7 +883,10 @@ def top(
         api_key,
         lambda c: c.top(start=start, end=end, stat=stat, prefix=prefix, limit=limit),
     )
-    rows = [{"rank": rank, **item} for rank, item in enumerate(answer.results, start=1)]
+    rows = [
+        {"rank": rank, **msgspec.to_builtins(item)}
+        for rank, item in enumerate(answer.results, start=1)
+    ]
     title = f"{answer.start} .. {answer.end}, by {answer.stat}"
     _emit(rows, answer, output, ["rank", "key", answer.stat], "no data", title, labels=2)
 

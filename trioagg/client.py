@@ -29,7 +29,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -39,8 +39,9 @@ import httpx
 import msgspec
 import trio
 
-from . import client_exit
-from .answers import Accepted, Aggregates, KeyInfo, Keys, Top
+from . import answers, client_exit
+from .answers import Accepted, KeyInfo, Keys
+from .client_answers import Aggregates, Top, typed
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 #: The server's default max_batch and max_body; a request never exceeds them.
@@ -74,10 +75,13 @@ _encode = msgspec.json.Encoder().encode
 
 
 class ServerError(Exception):
-    """An error answer of the server: its status and its error envelope's fields."""
+    """An error answer of the server: its status and its error envelope's fields.
+
+    Its text is the status, code and message, then the first details (what is wrong
+    and where); every detail is in ``details``."""
 
     def __init__(self, status: int, code: str, message: str, details: list[Any]) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(f"{status} {code}: {message}{_reasons(details)}")
         self.status = status
         self.code = code
         self.message = message
@@ -90,6 +94,28 @@ class ServerError(Exception):
             return cls(response.status_code, error["code"], error["message"], error["details"])
         except (msgspec.DecodeError, KeyError, TypeError):
             return cls(response.status_code, "http_error", response.text[:200], [])
+
+
+#: Details a ServerError's text shows at most: an invalid_events answer may have thousands.
+_SHOWN_DETAILS: Final = 3
+
+
+def _reasons(details: list[Any]) -> str:
+    """``: stats: unknown stat(s) ...``, ``: event 3, tags: ...``: the first details."""
+    said = []
+    for detail in details[:_SHOWN_DETAILS]:
+        if not isinstance(detail, dict) or "message" not in detail:
+            said.append(str(detail))
+        elif "parameter" in detail:
+            said.append(f"{detail['parameter']}: {detail['message']}")
+        elif "index" in detail:
+            field = f", {detail['field']}" if detail.get("field") else ""
+            said.append(f"event {detail['index']}{field}: {detail['message']}")
+        else:
+            said.append(str(detail["message"]))
+    if len(details) > _SHOWN_DETAILS:
+        said.append(f"{len(details) - _SHOWN_DETAILS:,} more in .details")
+    return ": " + "; ".join(text[:300] for text in said) if said else ""
 
 
 class Undelivered(Exception):
@@ -577,7 +603,7 @@ class AsyncClient:
 
     async def aggregates(
         self,
-        key: str | Sequence[str],
+        key: str | list[str] | tuple[str, ...],
         *,
         start: str | float | None = None,
         end: str | float | None = None,
@@ -585,18 +611,24 @@ class AsyncClient:
         tz: str | None = None,
         fill: str | None = None,
         group_by: str | None = None,
-        stats: Sequence[str] | None = None,
+        stats: str | list[str] | tuple[str, ...] | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> Aggregates:
-        """``GET /v1/aggregates``; ``start`` and ``end`` are the ``from`` and ``to``."""
-        keys = [key] if isinstance(key, str) else list(key)
-        params: _Params = [("key", k) for k in keys]
+        """``GET /v1/aggregates``; ``start`` and ``end`` are the ``from`` and ``to``.
+        The answer is typed all the way down (see :mod:`trioagg.client_answers`).
+
+        ``key``: one key, or a list or tuple of keys. ``stats``: a comma list
+        (``"count,sum"``), or a list or tuple of names. ``group_by``: one tag name.
+        Other types raise TypeError before any request."""
+        if not isinstance(group_by, str | None):
+            raise TypeError(f"group_by takes one tag name, a str, not {type(group_by).__name__}")
+        params: _Params = [("key", k) for k in _names("key", key, comma=False)]
         params += _params(
             {"from": start, "to": end, "granularity": granularity, "tz": tz, "fill": fill},
-            {"group_by": group_by, "stats": ",".join(stats) if stats else None},
+            {"group_by": group_by, "stats": ",".join(_names("stats", stats, comma=True)) or None},
         )
         params += [(f"tag.{name}", value) for name, value in (tags or {}).items()]
-        return await self._get("/v1/aggregates", params, Aggregates)
+        return typed(await self._get("/v1/aggregates", params, answers.Aggregates))
 
     async def keys(self, prefix: str | None = None, *, page: int = 1000) -> list[KeyInfo]:
         """Every key (``GET /v1/keys``, pages followed), optionally under ``prefix``."""
@@ -628,6 +660,25 @@ class AsyncClient:
         if response.status_code != 200:
             raise ServerError.of(response)
         return msgspec.json.decode(response.content, type=kind)
+
+
+def _names(
+    parameter: str, value: str | list[str] | tuple[str, ...] | None, *, comma: bool
+) -> list[str]:
+    """The names a list-valued parameter was given: a list or tuple of str, or a str,
+    which is a comma list when ``comma`` (``"count, sum"``) and else one name.
+
+    Only these types: a str is a sequence too, and the names' order can matter."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",")] if comma else [value]
+    if isinstance(value, list | tuple) and all(isinstance(name, str) for name in value):
+        return list(value)
+    kind = type(value).__name__
+    if isinstance(value, list | tuple):
+        kind += " holding " + ", ".join(sorted({type(v).__name__ for v in value} - {"str"}))
+    raise TypeError(f"{parameter} takes a str or a list or tuple of str, not a {kind}")
 
 
 def _params(*groups: Mapping[str, object]) -> _Params:
@@ -749,7 +800,7 @@ class Client:
         self._thread.join()
         return self._failure
 
-    def aggregates(self, key: str | Sequence[str], **query: Any) -> Aggregates:
+    def aggregates(self, key: str | list[str] | tuple[str, ...], **query: Any) -> Aggregates:
         """See :meth:`AsyncClient.aggregates`."""
         return self._call(functools.partial(self._async.aggregates, key, **query))
 
