@@ -21,3 +21,7 @@ bench *ARGS:
 # A dashboard screenshot in headless chromium to build/dashboard.png (git ignores it); --out docs/dashboard.png for the README's
 screenshot *ARGS:
     python tools/screenshot.py {{ARGS}}
+
+# The documentation site (docs/, nav in mkdocs.yml) into site/; a broken link fails it
+docs *ARGS:
+    mkdocs build --strict {{ARGS}}
