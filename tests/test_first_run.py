@@ -1,4 +1,4 @@
-"""A new machine's first commands: the README's "Running it" block works as written from
+"""A new machine's first commands: the deployment block (docs/deploying.md) works as written from
 a machine without the store or its folder, ``keys create --create-store`` makes the store
 a server then opens, and what refuses (a key command without a store, a server that
 needs a key) says so in one line naming the next command, and creates nothing."""
@@ -26,7 +26,7 @@ from trioagg.store import open_store, store_exists
 
 from .conftest import SHARDED, fresh_schema, sql
 
-README = Path(__file__).parent.parent / "README.md"
+DEPLOYING = Path(__file__).parent.parent / "docs" / "deploying.md"
 
 
 def _cli(*args: str) -> Any:
@@ -38,21 +38,21 @@ def _bearer(secret: str) -> dict[str, str]:
 
 
 def running_it_commands() -> list[tuple[int, list[str]]]:
-    """(line, words) of each command of the README's "Running it" block, in order."""
-    lines = README.read_text().splitlines()
-    start = lines.index("## Running it")
+    """(line, words) of each command of docs/deploying.md's first block, in order."""
+    lines = DEPLOYING.read_text().splitlines()
+    start = lines.index("# Deploying")
     opening = lines.index("```sh", start)
     commands = []
     for number in range(opening + 1, lines.index("```", opening + 1)):
         text = lines[number].strip()
         if text and not text.startswith("#"):
-            assert not text.endswith("\\"), f"README line {number + 1}: one line per command"
+            assert not text.endswith("\\"), f"line {number + 1}: one line per command"
             commands.append((number + 1, shlex.split(text)))
     return commands
 
 
 def _on_this_machine(words: list[str], root: Path) -> list[str]:
-    """A README command as this test runs it: the trioagg under test, absolute paths
+    """A documented command as this test runs it: the trioagg under test, absolute paths
     under ``root`` (the bare machine's /), and a free port instead of 8000."""
     words = [str(root / word.lstrip("/")) if word.startswith("/") else word for word in words]
     if words[1] == "serve":
@@ -79,16 +79,16 @@ def test_the_running_it_block_works_as_written_on_a_bare_machine(
         command = _on_this_machine(words, root)
         if words[1] == "keys":
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, f"README line {line}: {done.stderr}"
+            assert done.returncode == 0, f"docs/deploying.md line {line}: {done.stderr}"
             secret = done.stdout.strip()
             continue
         server = server_process(db=root / "var/lib/trioagg/events.db").start(command)
-        assert server.url, f"README line {line}: {server.output}"
+        assert server.url, f"docs/deploying.md line {line}: {server.output}"
         local = re.sub(r"//[\d.]+:", "//127.0.0.1:", server.url)
         with httpx.Client(base_url=local, timeout=30) as client:
-            assert client.get("/v1/keys").status_code == 401, f"README line {line}"
+            assert client.get("/v1/keys").status_code == 401, f"docs/deploying.md line {line}"
             assert client.get("/v1/keys", headers=_bearer(secret)).status_code == 200
-        assert server.stop() == 0, f"README line {line}: {server.output}"
+        assert server.stop() == 0, f"docs/deploying.md line {line}: {server.output}"
 
 
 @pytest.mark.slow
