@@ -18,7 +18,7 @@ lint:
 bench *ARGS:
     python -m bench {{ARGS}}
 
-# A dashboard screenshot in headless chromium to build/dashboard.png (git ignores it); --out docs/dashboard.png for the README's
+# A dashboard screenshot in headless chromium to build/dashboard.png (git ignores it); --out docs/dashboard.png for the docs' Quick start
 screenshot *ARGS:
     python tools/screenshot.py {{ARGS}}
 
