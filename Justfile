@@ -18,6 +18,10 @@ lint:
 bench *ARGS:
     python -m bench {{ARGS}}
 
-# A dashboard screenshot in headless chromium to build/dashboard.png (git ignores it); --out docs/dashboard.png for the README's
+# A dashboard screenshot in headless chromium to build/dashboard.png (git ignores it); --out docs/dashboard.png for the docs' Quick start
 screenshot *ARGS:
     python tools/screenshot.py {{ARGS}}
+
+# The documentation site (docs/, nav in mkdocs.yml) into site/; a broken link fails it
+docs *ARGS:
+    mkdocs build --strict {{ARGS}}

@@ -32,7 +32,7 @@ from .loadgen import parse_head
 APPS = ("trioagg", "ceiling", "naive", godesign.APP)
 DEPLOYS = ("serve", "hypercorn")
 #: What ``just bench`` measures unless told otherwise: trioagg's recommended
-#: deployment (README, "Running it"), one worker process per core of a 2-core machine.
+#: deployment (docs/deploying.md), one worker process per core of a 2-core machine.
 DEFAULT_DEPLOY = "serve"
 DEFAULT_WORKERS = 2
 _RUNNING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")

@@ -31,7 +31,7 @@ from .bench_rows import bench_row
 def test_defaults_run_every_scenario_on_the_recommended_deployment() -> None:
     options, args = cli.parse_args([])
     assert options.scenarios == scenarios.SCENARIOS
-    # README "Running it": trioagg serve --workers 2 on a 2-core machine
+    # docs/deploying.md: trioagg serve --workers 2 on a 2-core machine
     assert (options.deployment.deploy, options.deployment.workers) == ("serve", 2)
     assert options.deployment == Deployment()
     assert options.deployment.server_args == ()

@@ -1,6 +1,6 @@
-"""A new machine's first commands: the README's "Running it" block works as written from
-a machine without the store or its folder, ``keys create --create-store`` makes the store
-a server then opens, and what refuses (a key command without a store, a server that
+"""A new machine's first commands: the deployment blocks (README, docs/deploying.md) work
+as written from a machine without the store or its folder, ``keys create --create-store``
+makes the store a server then opens, and what refuses (a key command without a store, a server that
 needs a key) says so in one line naming the next command, and creates nothing."""
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from trioagg.store import open_store, store_exists
 
 from .conftest import SHARDED, fresh_schema, sql
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+#: The documents whose first block after this heading is the deployment's commands.
+DEPLOYING = {"README.md": "## Deploying", "docs/deploying.md": "# Deploying"}
 
 
 def _cli(*args: str) -> Any:
@@ -37,22 +39,22 @@ def _bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-def running_it_commands() -> list[tuple[int, list[str]]]:
-    """(line, words) of each command of the README's "Running it" block, in order."""
-    lines = README.read_text().splitlines()
-    start = lines.index("## Running it")
+def running_it_commands(document: str) -> list[tuple[int, list[str]]]:
+    """(line, words) of each command of a document's deployment block, in order."""
+    lines = (ROOT / document).read_text().splitlines()
+    start = lines.index(DEPLOYING[document])
     opening = lines.index("```sh", start)
     commands = []
     for number in range(opening + 1, lines.index("```", opening + 1)):
         text = lines[number].strip()
         if text and not text.startswith("#"):
-            assert not text.endswith("\\"), f"README line {number + 1}: one line per command"
+            assert not text.endswith("\\"), f"line {number + 1}: one line per command"
             commands.append((number + 1, shlex.split(text)))
     return commands
 
 
 def _on_this_machine(words: list[str], root: Path) -> list[str]:
-    """A README command as this test runs it: the trioagg under test, absolute paths
+    """A documented command as this test runs it: the trioagg under test, absolute paths
     under ``root`` (the bare machine's /), and a free port instead of 8000."""
     words = [str(root / word.lstrip("/")) if word.startswith("/") else word for word in words]
     if words[1] == "serve":
@@ -64,31 +66,30 @@ def _on_this_machine(words: list[str], root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_running_it_block_works_as_written_on_a_bare_machine(
-    server_process: Any, tmp_path: Path
+@pytest.mark.parametrize("document", DEPLOYING)
+def test_the_deployment_block_works_as_written_on_a_bare_machine(
+    server_process: Any, tmp_path: Path, document: str
 ) -> None:
     root = tmp_path / "machine"  # not even /var/lib/trioagg exists
-    commands = running_it_commands()
-    assert [words[:2] for _, words in commands] == [
-        ["trioagg", "keys"],
-        ["trioagg", "serve"],
-        ["trioagg", "serve"],
-    ]
+    commands = running_it_commands(document)
+    first, *servers = [words[:2] for _, words in commands]
+    assert first == ["trioagg", "keys"]
+    assert servers and all(words == ["trioagg", "serve"] for words in servers)
     secret = ""
     for line, words in commands:
         command = _on_this_machine(words, root)
         if words[1] == "keys":
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, f"README line {line}: {done.stderr}"
+            assert done.returncode == 0, f"{document} line {line}: {done.stderr}"
             secret = done.stdout.strip()
             continue
         server = server_process(db=root / "var/lib/trioagg/events.db").start(command)
-        assert server.url, f"README line {line}: {server.output}"
+        assert server.url, f"{document} line {line}: {server.output}"
         local = re.sub(r"//[\d.]+:", "//127.0.0.1:", server.url)
         with httpx.Client(base_url=local, timeout=30) as client:
-            assert client.get("/v1/keys").status_code == 401, f"README line {line}"
+            assert client.get("/v1/keys").status_code == 401, f"{document} line {line}"
             assert client.get("/v1/keys", headers=_bearer(secret)).status_code == 200
-        assert server.stop() == 0, f"README line {line}: {server.output}"
+        assert server.stop() == 0, f"{document} line {line}: {server.output}"
 
 
 @pytest.mark.slow
