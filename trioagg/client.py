@@ -760,13 +760,9 @@ class Client:
     def send_encoded(self, line: bytes) -> None:
         """Buffer one event already encoded as a JSON object and a newline (with its id)."""
         if self._stop.is_set():
+            client_exit.await_the_end()  # closed by SIGTERM: the process is ending
             raise RuntimeError("the client is closed")
-        main = client_exit.enter_send()
-        try:
-            wake = self._async.put_nowait(line, wait=True)
-        finally:
-            if main:
-                client_exit.leave_send()
+        wake = self._async.put_nowait(line, wait=True)
         if wake and self._token is not None:
             self._token.run_sync_soon(self._async.wake)
 

@@ -11,10 +11,12 @@ replaced; such a program closes its clients in its own handler. What a close cou
 not deliver is reported on stderr. SIGKILL cannot be caught: buffered events are lost.
 
 A Python signal handler runs in the main thread between two bytecodes, maybe while
-that thread holds a client's buffer lock in ``send()``. Closing then would wait
-forever for the client's thread, which needs that lock; so while the main thread is
-in ``send()``, SIGTERM only starts the closing, and the process ends (the same way)
-as soon as ``send()`` returns.
+that thread holds a lock the clients' threads need (a client's buffer lock in
+``send()``, a logging handler's lock while httpx logs a request): closing in the
+handler would wait forever. So the handler only restores SIGTERM's default action
+(a second SIGTERM ends the process at once), starts the closing, and returns; one
+thread of this module's, started then, waits until every client is closed and
+raises SIGTERM again.
 """
 
 from __future__ import annotations
@@ -41,17 +43,14 @@ class Closable(Protocol):
 
 _open: set[Closable] = set()
 _exit_hooked = False
-#: the thread the SIGTERM handler runs in (the main one), once installed
-_handler_thread: int | None = None
-#: how deep the main thread is in send(); SIGTERM waits until it is 0 again
-_sending = 0
-_deferred = False
+#: the thread that closes the clients after a SIGTERM, once one came
+_closer: threading.Thread | None = None
 
 
 def watch(client: Closable, *, sigterm: bool) -> None:
     """Close ``client`` at exit and, with ``sigterm`` and where the program lets us,
     on SIGTERM (see the module docstring)."""
-    global _exit_hooked, _handler_thread
+    global _exit_hooked
     _open.add(client)
     if not _exit_hooked:
         atexit.register(_close_all, "exit")
@@ -62,7 +61,6 @@ def watch(client: Closable, *, sigterm: bool) -> None:
         and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     ):
         signal.signal(signal.SIGTERM, _on_sigterm)
-        _handler_thread = threading.get_ident()
 
 
 def forget(client: Closable) -> None:
@@ -70,34 +68,27 @@ def forget(client: Closable) -> None:
     _open.discard(client)
 
 
-def enter_send() -> bool:
-    """A send() begins; True in the thread the SIGTERM handler runs in (then call
-    :func:`leave_send` when it is over)."""
-    global _sending
-    if threading.get_ident() != _handler_thread:
-        return False
-    _sending += 1
-    return True
-
-
-def leave_send() -> None:
-    """The main thread's send() is over: a SIGTERM that came meanwhile takes effect."""
-    global _sending
-    _sending -= 1
-    if _deferred and not _sending:
-        os.kill(os.getpid(), signal.SIGTERM)  # handled again, now that no lock is held
-
-
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    global _deferred
+    global _closer
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for client in list(_open):
         client.close_soon()
-    if _sending:
-        _deferred = True
-        return
+    if _closer is None:  # the thread blocks; this handler must not (see the module)
+        _closer = threading.Thread(target=_close_then_die, name="trioagg-sigterm")
+        _closer.start()
+
+
+def await_the_end() -> None:
+    """In a thread that may not go on once SIGTERM came (a ``send()`` on a client the
+    SIGTERM closed): wait while the clients close and the process ends, as the
+    default action would have ended it at once. Returns at once if no SIGTERM came."""
+    if _closer is not None:
+        _closer.join()
+
+
+def _close_then_die() -> None:
     _close_all("SIGTERM")
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # the default action again: killed by SIGTERM
 
 
 def _close_all(why: str) -> None:
