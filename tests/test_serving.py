@@ -328,3 +328,52 @@ async def test_a_large_answer_nobody_reads_does_not_hold_its_connection(
     assert received < len(full.content) - 4_000_000, received
     await stream.aclose()
     assert (await server.client.get("/healthz")).status_code == 200
+
+
+@SQLITE
+async def test_an_http2_stream_granted_no_window_ends_after_the_send_timeout(
+    start_server: Any,
+) -> None:
+    """Found by attack: over HTTP/2 (h2c here, prior knowledge) a client that grants no
+    flow-control window leaves no socket send pending, so the socket's deadline never
+    starts: 20 such streams held 180 MB after the client had gone, and a SIGTERM never
+    finished. Now a request whose answer makes no progress for --send-timeout is
+    cancelled (what its answer held is let go); hypercorn closes its stream, without a
+    reset, and the connection, idle then, closes after --keep-alive-timeout."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    server = await start_server(send_timeout="1s", keep_alive_timeout="1s")
+    keys = [f"big{n:03d}" for n in range(100)]
+    events = [{"key": key, "ts": "2026-01-01T00:00:00Z"} for key in keys]
+    assert (await post(server.client, events)).status_code == 200
+    query = "&".join(f"key={key}" for key in keys)
+    query += "&from=2026-01-01T00:00:00Z&to=2026-02-11T00:00:00Z&granularity=hour&fill=zero"
+    port = int(server.url.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    )
+    connection.initiate_connection()
+    streams = []
+    for _ in range(3):
+        stream_id = connection.get_next_available_stream_id()
+        streams.append(stream_id)
+        headers = [(":method", "GET"), (":path", f"/v1/aggregates?{query}")]
+        headers += [(":scheme", "http"), (":authority", "localhost")]
+        connection.send_headers(stream_id, headers, end_stream=True)
+    await stream.send_all(connection.data_to_send())
+    answered: set[int] = set()
+    with trio.fail_after(15):  # before: held for as long as the client liked
+        while data := await stream.receive_some():
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    answered.add(event.stream_id)
+                assert not isinstance(event, h2.events.StreamEnded), "a whole answer?"
+            await stream.send_all(connection.data_to_send())
+    assert answered == set(streams)  # each began its answer, none got more than its head
+    await stream.aclose()
+    assert (await server.client.get("/healthz")).status_code == 200

@@ -181,3 +181,27 @@ def test_a_certificate_that_cannot_be_loaded_is_one_line_and_exit_2(
     assert server.wait() == 2
     (line,) = server.output.strip().splitlines()
     assert f"cannot use the certificate {missing}" in line
+
+
+@pytest.mark.slow
+def test_a_replacement_that_cannot_open_the_store_never_serves_and_is_retried(
+    server_process: Any, tmp_path: Path
+) -> None:
+    """Found by attack: a replacement whose store had gone reported itself serving (and
+    listened) before its start-up failure ended it. And found in review: a replacement's
+    exit 2 stopped the whole service, where a store gone for a while (a PostgreSQL
+    restart) should be waited for. Now it never serves and is retried with a back-off,
+    while the other worker goes on; once the store is back, a replacement serves."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    server = server_process("--workers", "2", db=folder / "trioagg.db").start()
+    server.wait_for("is serving", count=2)
+    first = _serving_pids(server.output)[0]
+    folder.rename(tmp_path / "away")
+    os.kill(first, signal.SIGKILL)
+    server.wait_for("exited with code 2", count=2)  # two replacements failed, and retried
+    assert len(_serving_pids(server.output)) == 2  # neither of them said it serves
+    assert server.proc.poll() is None  # the supervisor and the other worker go on
+    (tmp_path / "away").rename(folder)
+    server.wait_for("is serving", count=3)
+    assert server.stop() == 0, server.output

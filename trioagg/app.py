@@ -262,6 +262,11 @@ class TrioaggApp(QuartTrio):
         super().log_exception(exception_info)
 
     @property
+    def serving(self) -> bool:
+        """Whether the service has started (and so the app may take requests)."""
+        return self._service is not None
+
+    @property
     def service(self) -> Service:
         if self._service is None:
             raise RuntimeError("the service runs only while the app is serving")
@@ -336,7 +341,7 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     _add_error_handlers(app)
     _time_and_authenticate_every_request(app)
     app.asgi_app = guard_connections(  # type: ignore[method-assign,assignment]
-        app.asgi_app, closing=lambda: app.stopping
+        app.asgi_app, closing=lambda: app.stopping, send_timeout=settings.send_timeout
     )
     return app
 

@@ -14,6 +14,7 @@ place it is read, and how connections end.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -142,7 +143,12 @@ def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def guard_connections(app: ASGIApp, closing: Callable[[], bool] = lambda: False) -> ASGIApp:
+def guard_connections(
+    app: ASGIApp,
+    *,
+    closing: Callable[[], bool] = lambda: False,
+    send_timeout: float = math.inf,
+) -> ASGIApp:
     """Wrap an ASGI app so that HTTP connections end on time.
 
     Quart-Trio cancels the request's tasks as soon as the server reports the
@@ -157,6 +163,13 @@ def guard_connections(app: ASGIApp, closing: Callable[[], bool] = lambda: False)
     every response once ``closing()`` is true (the server is shutting down and
     closes each connection after its answer): a client then sends its next
     request on a new connection instead of on one about to close.
+
+    A ``send`` that takes longer than ``send_timeout`` (a client that takes none of
+    an answer: over HTTP/2 it need only grant no flow-control window, and no socket
+    send is ever pending) ends the request: the app is cancelled, which hypercorn
+    answers by closing the stream (HTTP/2) or the connection (HTTP/1.1), and what
+    the answer held is let go. Without it such a request, shielded, would outlive
+    even a graceful shutdown.
     """
 
     async def guarded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -173,12 +186,16 @@ def guard_connections(app: ASGIApp, closing: Callable[[], bool] = lambda: False)
             return message
 
         async def shielded_send(message: Any) -> None:
+            await trio.lowlevel.checkpoint_if_cancelled()  # no more sends once timed out
             if message["type"] == "http.response.start" and (body_pending or closing()):
                 headers = [*message.get("headers", ()), (b"connection", b"close")]
                 message = {**message, "headers": headers}
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(send_timeout) as sending:
                 await send(message)
+            if sending.cancelled_caught:
+                request.cancel()  # at the app's next checkpoint
 
-        await app(scope, watched_receive, shielded_send)
+        with trio.CancelScope() as request:
+            await app(scope, watched_receive, shielded_send)
 
     return guarded

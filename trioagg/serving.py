@@ -199,10 +199,14 @@ async def serve(
     sockets: Sockets | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     send_timeout: float = math.inf,
+    started: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` until ``shutdown_trigger`` returns (``hypercorn.trio.serve``
-    with contained connections, see the module). ``task_status`` gets the bound URLs."""
+    with contained connections, see the module). ``task_status`` gets the bound URLs.
+    ``started()`` says whether the app's start-up succeeded: hypercorn's lifespan lets
+    its waiter go on before a failed start-up's error reaches this task, and nothing
+    may listen (nor be reported serving) for an app that did not start."""
     framework = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(framework, config, lifespan_state)
@@ -211,6 +215,8 @@ async def serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        if not started():
+            await trio.sleep_forever()  # until the start-up's failure cancels this
 
         async with trio.open_nursery() as connections_nursery:
             if sockets is None:
@@ -302,6 +308,7 @@ async def run_server(
         sockets=sockets,
         shutdown_trigger=until_shutdown,
         send_timeout=app.settings.send_timeout,
+        started=lambda: app.serving,
         task_status=task_status,
     )
 

@@ -107,7 +107,7 @@ def supervise(settings: Settings, sockets: Sockets) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
-        if not stopping:
+        if not stopping and signum:
             log.info("received %s: stopping the workers", signal.Signals(signum).name)
         stopping = True
         for slot in slots:
@@ -125,9 +125,9 @@ def supervise(settings: Settings, sockets: Sockets) -> int:
                 for slot in slots:
                     failure = _collect(slot, stopping)
                     if failure is not None:
-                        code = failure
+                        code = code or failure
                 if code and not stopping:
-                    stop(signal.SIGTERM, None)
+                    stop(0, None)
         finally:
             for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
                 sock.close()
@@ -182,7 +182,7 @@ def _wait_for_news(slots: list[_Slot], stopping: bool) -> None:
     if waiting:
         wait(waiting, timeout)
     elif timeout:
-        time.sleep(timeout)
+        time.sleep(min(timeout, 0.5))  # a stop signal resumes a sleep (PEP 475): keep it short
 
 
 def _collect(slot: _Slot, stopping: bool) -> int | None:
@@ -222,8 +222,11 @@ def _collect(slot: _Slot, stopping: bool) -> int | None:
         return None
     lived = time.monotonic() - slot.started_at
     delay = slot.restarts.died(lived=lived, served=slot.served)
+    first = slot.replaces is None
     slot.replaces, slot.start_at = exitcode, time.monotonic() + delay
-    if not slot.served and exitcode == 2:
+    if first and not slot.served and exitcode == 2:
+        # The first of its slot: the settings are refused. (A replacement's exit 2 may be
+        # a store gone for a while: it is retried like any failed start.)
         log.error("worker %d could not start (it logged why): stopping", slot.number)
         return 2
     if slot.restarts.gave_up:
@@ -246,9 +249,9 @@ def _collect(slot: _Slot, stopping: bool) -> int | None:
 
 
 def _terminate(process: BaseProcess) -> None:
-    if process.pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
+    """SIGTERM, unless it was already reaped (its pid may be another process's now)."""
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
 
 
 def _how(exitcode: int | None) -> str:
