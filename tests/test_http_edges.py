@@ -387,3 +387,23 @@ def test_running_out_of_file_descriptors_is_not_for_good(server_process: Any) ->
     assert response.status_code == 200
     for client in idle:
         client.close()
+
+
+@pytest.mark.parametrize("host", [b"a..b", b"localhost..", b"." + b"x" * 70 + b".example"])
+def test_a_host_that_is_no_host_name_is_400_without_a_traceback(
+    server_process: Any, host: bytes
+) -> None:
+    """Found by attack: Werkzeug's IDNA encoding failed while Quart made the request's
+    context: a 500 and ~60 logged lines per request, with or without a key."""
+    server = server_process().start()
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    assert server.stop() == 0
+    assert "Traceback" not in server.output and "ERROR" not in server.output

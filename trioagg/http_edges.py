@@ -26,7 +26,13 @@ from quart import Request
 from werkzeug.datastructures import Headers
 from werkzeug.http import parse_options_header
 
-from .errors import MalformedBody, PayloadTooLarge, RequestTimedOut, UnsupportedMediaType
+from .errors import (
+    MalformedBody,
+    PayloadTooLarge,
+    RequestTimedOut,
+    UnsupportedMediaType,
+    error_body,
+)
 
 JSON_TYPES: Final = frozenset({"application/json"})
 NDJSON_TYPES: Final = frozenset(
@@ -143,6 +149,30 @@ def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+def _unusable_host(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the Host header is one Werkzeug cannot route on: it encodes the name with
+    IDNA while making the request's context, before any error handler could answer
+    (``a..b``: an empty label), and the app would fail with a 500 and a traceback."""
+    for name, value in headers:
+        if name.lower() == b"host":
+            try:
+                value.decode("latin-1").lower().encode("idna")
+            except UnicodeError:
+                return True
+    return False
+
+
+async def _refuse_bad_host(send: ASGISendCallable) -> None:
+    body = error_body("bad_request", "the Host header is not a valid host name")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def guard_connections(
     app: ASGIApp,
     *,
@@ -164,6 +194,10 @@ def guard_connections(
     closes each connection after its answer): a client then sends its next
     request on a new connection instead of on one about to close.
 
+    A request whose Host header cannot be a host name is answered 400 here, in the
+    error envelope, without the app (which would fail on it with a 500 and a logged
+    traceback per request).
+
     A ``send`` that takes longer than ``send_timeout`` (a client that takes none of
     an answer: over HTTP/2 it need only grant no flow-control window, and no socket
     send is ever pending) ends the request: the app is cancelled, which hypercorn
@@ -175,6 +209,10 @@ def guard_connections(
     async def guarded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
+            return
+        if _unusable_host(scope["headers"]):
+            with trio.CancelScope(shield=True):
+                await _refuse_bad_host(send)
             return
         body_pending = _declares_body(scope["headers"])
 
