@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import threading
 from collections.abc import Callable
 from typing import Final
 
@@ -48,10 +49,21 @@ _TRIM: Final = _find_trim()
 AVAILABLE: Final = _TRIM is not None
 
 
+#: One give-back at a time: a query that ends while one runs skips its own (the one
+#: under way returns what both freed), so concurrent big queries cost one, not many.
+_GIVING_BACK: Final = threading.Lock()
+
+
 def give_back(collect: bool) -> None:
     """Return the C allocator's free pages to the system, with ``collect`` after a full
-    collection (see the module). Call it from a worker thread."""
-    if collect:
-        gc.collect()
-    if _TRIM is not None:
-        _TRIM(0)
+    collection (see the module); nothing if another call is under way. Call it from a
+    worker thread."""
+    if not _GIVING_BACK.acquire(blocking=False):
+        return
+    try:
+        if collect:
+            gc.collect()
+        if _TRIM is not None:
+            _TRIM(0)
+    finally:
+        _GIVING_BACK.release()
