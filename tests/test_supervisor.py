@@ -97,14 +97,22 @@ def test_a_dead_worker_is_replaced_and_sigterm_drains_them_all(
 
 
 @pytest.mark.slow
-def test_workers_stop_when_their_supervisor_is_killed(server_process: Any) -> None:
-    server = server_process("--workers", "2").start()
+def test_workers_stop_when_their_supervisor_is_killed(server_process: Any, tmp_path: Path) -> None:
+    """And the metrics folder a killed supervisor leaves is removed by the next one."""
+    env = {"TMPDIR": str(tmp_path)}
+    server = server_process("--workers", "2", env=env).start()
     server.wait_for("is serving", count=2)
     workers = _serving_pids(server.output)
+    (left,) = tmp_path.glob("trioagg-metrics-*")
     server.proc.kill()
+    server.proc.wait()  # reaped, as its own supervisor (systemd) would
     _wait(lambda: all(_gone(pid) for pid in workers))
     assert server.output.count("is gone: stopping") == 2
     assert server.output.count("trioagg stopped:") == 2
+    assert left.exists()
+    next_one = server_process("--workers", "2", env=env).start()
+    assert not left.exists()
+    assert next_one.stop() == 0
 
 
 def test_an_unopenable_store_is_one_line_and_exit_2(server_process: Any, tmp_path: Path) -> None:

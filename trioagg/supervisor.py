@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from hypercorn.config import Sockets
@@ -263,17 +264,39 @@ def _how(exitcode: int | None) -> str:
 @contextlib.contextmanager
 def _shared_metrics_folder() -> Iterator[None]:
     """``PROMETHEUS_MULTIPROC_DIR`` for the workers: the operator's, or one made here
-    for this run and removed after it."""
+    for this run and removed after it. The folders of supervisors that were killed
+    (SIGKILL leaves theirs) are removed first: each names its supervisor's pid."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         yield
         return
-    folder = tempfile.mkdtemp(prefix="trioagg-metrics-")
+    _remove_orphaned_metrics_folders()
+    folder = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     try:
         yield
     finally:
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_METRICS_PREFIX = "trioagg-metrics-"
+
+
+def _remove_orphaned_metrics_folders() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_METRICS_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
