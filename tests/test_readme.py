@@ -88,21 +88,26 @@ def _complete(text: str) -> bool:
     return True
 
 
-def _shell_blocks(text: str, language: str = "sh") -> list[list[tuple[int, str]]]:
-    """(line number, line) of each code block of a document in ``language``, in order."""
-    lines = text.splitlines()
-    blocks: list[list[tuple[int, str]]] = []
+def code_blocks(text: str) -> list[tuple[str, list[tuple[int, str]]]]:
+    """(language, its (line number, line)s) of each fenced code block of a document, in
+    order; the language is ``""`` for a bare fence."""
+    blocks: list[tuple[str, list[tuple[int, str]]]] = []
     current: list[tuple[int, str]] | None = None
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.startswith("```"):
-            if current is None and line.strip() == "```" + language:
+            if current is None:
                 current = []
-            elif current is not None:
-                blocks.append(current)
+                blocks.append((line.strip().removeprefix("```"), current))
+            else:
                 current = None
         elif current is not None:
             current.append((number, line))
     return blocks
+
+
+def _shell_blocks(text: str, language: str = "sh") -> list[list[tuple[int, str]]]:
+    """(line number, line) of each code block of a document in ``language``, in order."""
+    return [block for found, block in code_blocks(text) if found == language]
 
 
 def quick_start_flags(document: str) -> dict[str, str]:
