@@ -4,7 +4,7 @@ bounded time. Then it must still be up, stop cleanly, have logged no traceback a
 error, and hold exactly the events it acknowledged: no client may stop it, and none
 may make it lose or double an event.
 
-``TRIOAGG_SOAK_SECONDS`` (default 50) is how long the clients run, shared by the two
+``TRIOAGG_SOAK_SECONDS`` (default 40) is how long the clients run, shared by the two
 runs (one writer, two writers); ``TRIOAGG_SOAK_SEED`` picks the mix: by default the
 same one on every run, so that CI is reproducible; ``random`` draws a fresh one, to
 explore. Every failure names both, to be replayed.
@@ -39,7 +39,7 @@ from .soak_clients import (
 
 pytestmark = pytest.mark.slow
 
-SECONDS = float(os.environ.get("TRIOAGG_SOAK_SECONDS", "50"))
+SECONDS = float(os.environ.get("TRIOAGG_SOAK_SECONDS", "40"))
 DEFAULT_SEED = "19"
 SEED = os.environ.get("TRIOAGG_SOAK_SEED") or DEFAULT_SEED
 if SEED == "random":
