@@ -18,13 +18,10 @@ from typing import Any
 import click
 
 from . import __version__
-from .app import exit_for_config, exit_unless_store_opens
 from .cli_keys import COMMANDS as _KEY_COMMANDS
 from .cli_tools import COMMANDS as _CLIENT_COMMANDS
 from .errors import ConfigError
-from .serving import open_sockets, run_process
 from .settings import Settings, env_name, flag_name
-from .supervisor import supervise
 
 
 @click.group()
@@ -59,6 +56,11 @@ def serve(**values: str | None) -> None:
         settings = Settings.from_text({k: v for k, v in values.items() if v is not None})
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
+    # The server's modules load here, not with the client commands.
+    from .app import exit_for_config, exit_unless_store_opens
+    from .serving import open_sockets, run_process
+    from .supervisor import supervise
+
     try:
         # Listening first: a taken port is one line, before the store is made or opened.
         sockets = open_sockets(settings)
