@@ -10,6 +10,7 @@ tests of signals, crashes, restarts and several processes sharing a store.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -37,6 +38,7 @@ from trioagg.app import TrioaggApp, create_app
 from trioagg.auth import is_loopback
 from trioagg.serving import run_server
 from trioagg.settings import Settings
+from trioagg.store.head import decode_batch
 
 
 @dataclass
@@ -352,29 +354,70 @@ def sql(db: str | Path, query: str) -> list[tuple[Any, ...]]:
     """Rows of ``query``, read straight from a store (SQLite file or PostgreSQL URL).
     On a SQLite store of several shard files, its tables read as the union of every
     shard's (``TEMP`` views of the same names, which come first in name lookup)."""
+    (rows,) = sql_snapshot(db, query)
+    return rows
+
+
+def sql_snapshot(db: str | Path, *queries: str) -> list[list[tuple[Any, ...]]]:
+    """The rows of each of ``queries``, all read from one snapshot of the store (so
+    that a flush moving rows from the journal to the rollups table meanwhile is seen
+    entirely or not at all)."""
     if str(db).startswith("postgresql://"):
         import psycopg
 
         with psycopg.connect(str(db)) as conn:
-            return [tuple(row) for row in conn.execute(query).fetchall()]
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            return [[tuple(row) for row in conn.execute(q).fetchall()] for q in queries]
     files = shard_files(db)
-    with contextlib.closing(sqlite3.connect(files[0])) as conn:
+    with contextlib.closing(sqlite3.connect(files[0], isolation_level=None)) as conn:
         if len(files) > 1:
             for number, path in enumerate(files[1:], start=1):
                 conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(path),))
-            for table in ("rollups", "series", "event_ids"):
+            for table in ("rollups", "series", "event_ids", "journal"):
                 arms = [f"SELECT * FROM shard{n}.{table}" for n in range(1, len(files))]
                 union = " UNION ALL ".join([f"SELECT * FROM main.{table}", *arms])
                 conn.execute(f"CREATE TEMP VIEW {table} AS {union}")
-        return conn.execute(query).fetchall()
+        conn.execute("BEGIN")  # the first read fixes the snapshot of every file
+        try:
+            return [conn.execute(query).fetchall() for query in queries]
+        finally:
+            conn.execute("ROLLBACK")
 
 
 def stored_counts(db: str | Path) -> dict[str, int]:
-    """Events stored per key, read straight from the store."""
-    return {
-        key: int(count)
-        for key, count in sql(db, "SELECT key, sum(count) FROM rollups GROUP BY key")
-    }
+    """Events stored per key, read straight from the store: in the rollups table, and in
+    journal rows not flushed yet (durable all the same)."""
+    counts: collections.Counter[str] = collections.Counter()
+    table, journal = sql_snapshot(
+        db, "SELECT key, sum(count) FROM rollups GROUP BY key", "SELECT batch FROM journal"
+    )
+    for key, count in table:
+        counts[key] += int(count)
+    for (blob,) in journal:
+        counts.update(event[0] for event in decode_batch(bytes(blob)))
+    return dict(counts)
+
+
+def stored_series(db: str | Path) -> list[tuple[str, str, int, int]]:
+    """The keys index as the store holds it: the series table, widened by the events of
+    journal rows not flushed yet (which the next flush adds to it)."""
+    meta, series, journal = sql_snapshot(
+        db,
+        "SELECT value FROM meta WHERE name = 'bucket_seconds'",
+        "SELECT key, tags, first_bucket, last_bucket FROM series",
+        "SELECT batch FROM journal",
+    )
+    width = int(meta[0][0])
+    spans: dict[tuple[str, str], tuple[int, int]] = {}
+    for key, tags, first, last in series:
+        known = spans.get((key, tags), (first, last))
+        spans[(key, tags)] = (min(known[0], first), max(known[1], last))
+    for (blob,) in journal:
+        for key, ts, _, tags, *_ in decode_batch(bytes(blob)):
+            bucket = int(ts // width) * width
+            known = spans.get((key, tags), (bucket, bucket))
+            spans[(key, tags)] = (min(known[0], bucket), max(known[1], bucket))
+    return sorted((key, tags, first, last) for (key, tags), (first, last) in spans.items())
 
 
 class ServerProcess:
@@ -476,7 +519,9 @@ def hold_write_lock() -> Any:
 
                 self.conn = psycopg.connect(str(db), autocommit=True)
                 self.conn.execute("BEGIN")
-                self.conn.execute("LOCK TABLE rollups, series, event_ids IN EXCLUSIVE MODE")
+                self.conn.execute(
+                    "LOCK TABLE rollups, series, event_ids, journal IN EXCLUSIVE MODE"
+                )
             else:  # BEGIN IMMEDIATE takes the write lock of every attached file too
                 self.conn = sqlite3.connect(db, isolation_level=None)
                 for number, path in enumerate(shard_files(db)[1:], start=1):

@@ -32,6 +32,7 @@ from .conftest import (
     public_address,
     sql,
     stored_counts,
+    stored_series,
 )
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
@@ -50,7 +51,7 @@ def snapshot(db: str) -> tuple[Any, ...]:
     """Everything a request could have changed in the store."""
     return (
         stored_counts(db),
-        sql(db, "SELECT key, tags, first_bucket, last_bucket FROM series ORDER BY key, tags"),
+        stored_series(db),
         sql(db, "SELECT id FROM event_ids ORDER BY id"),
     )
 
@@ -1002,7 +1003,7 @@ async def test_a_tenants_event_with_the_most_tags_of_its_own_is_refused_whole(
     assert snapshot(server.db) == before
     sent = await server.client.post("/v1/events", json=events[:1], headers=bearer(secret))
     assert sent.status_code == 200, sent.text
-    ((tags,),) = sql(server.db, "SELECT tags FROM series")
+    ((_, tags, _, _),) = stored_series(server.db)
     assert len(json.loads(tags)) == 16
 
 

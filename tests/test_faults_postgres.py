@@ -223,6 +223,7 @@ async def test_reads_held_up_in_postgresql_fail_at_their_deadline_and_readyz_in_
     # connection, answers by its own deadline instead of after all of them.
     server = await start_server(readers="1", store_timeout="1s")
     assert (await post(server.client, {"key": "k"})).status_code == 200
+    await server.app.service.writers.flushed()  # /v1/keys then has no flush to wait for
     locker = await trio.to_thread.run_sync(lambda: psycopg.connect(server.db, autocommit=True))
     answers: dict[str, tuple[httpx.Response, float]] = {}
 

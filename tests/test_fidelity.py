@@ -173,6 +173,7 @@ async def test_sketches_cost_nothing_where_unused(start_server: StartServer) -> 
             {"key": "users", "ts": DAY, "distinct_id": "u1"},
         ],
     )
+    await server.app.service.writers.flushed()
     rows = sql(server.db, "SELECT key, quantiles_kll, distinct_hll FROM rollups")
     blobs = {key: (kll is not None, hll is not None) for key, kll, hll in rows}
     assert blobs == {"plain": (False, False), "timed.x": (True, False), "users": (False, True)}

@@ -27,6 +27,7 @@ async def test_metrics_count_what_happened(server: Server) -> None:
     await post(server.client, [{"key": "m"}] * 3)
     await post(server.client, [{"key": "m"}, {"key": "m", "value": "x"}])
     await server.client.get("/v1/aggregates", params={"key": "m"})
+    await server.app.service.writers.flushed()
     text = (await server.client.get("/metrics")).text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

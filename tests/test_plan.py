@@ -1,4 +1,4 @@
-"""The batch planner on its own, without a database: which events count, the rollups
+"""The write planner on its own, without a database: which events count, the rollups
 and rows a batch writes, the sketches merged with stored ones, and the series spans
 it widens. The same plans run against real stores in test_rollup.py, test_writer*.py
 and test_fidelity.py."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -21,17 +22,39 @@ from trioagg.rollup import (
     new_distinct,
     new_quantiles,
 )
+from trioagg.store.base import fold_events
 from trioagg.store.plan import (
+    Plan,
     SeriesCache,
     WritePolicy,
     batch_ids,
     merged_rows,
-    plan_batch,
+    new_events,
+    plan_rows,
     sketch_rows,
 )
 
 HOUR = 3600
 POLICY = WritePolicy(HOUR, 86400.0, lambda key: False)
+
+
+@dataclass
+class Planned(Plan):
+    """What a batch flushed on its own writes, and its duplicates per submission."""
+
+    duplicates: list[int] = field(default_factory=list)
+
+
+def plan_batch(
+    batch: list[list[Point]],
+    claimed: set[str] | None,
+    policy: WritePolicy,
+    seen: dict[tuple[str, str], tuple[int, int]],
+) -> Planned:
+    """The events of ``batch`` that count, folded and planned as a flush of them alone."""
+    kept, duplicates = new_events(batch, claimed)
+    plan = plan_rows(fold_events(kept, policy), seen)
+    return Planned(plan.plain, plan.sketched, plan.spans, plan.touched, duplicates=duplicates)
 
 
 def event(
@@ -173,6 +196,8 @@ def test_sketches_merge_with_the_stored_ones() -> None:
     stored = {slot: (encode_quantiles(stored_quantiles), encode_distinct(stored_distinct))}
 
     ((key, bucket, tags, count, *_, kll, hll),) = merged_rows(plan.sketched, [slot], stored)
+    # The head's rollup is left as it was: a flush that fails is tried again with it.
+    assert plan.sketched[slot].quantiles.n == 3
 
     # The row's moments are the batch's alone (the upsert adds the stored ones); its
     # sketches are the union, replacing the stored ones.

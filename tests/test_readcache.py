@@ -36,7 +36,7 @@ def _fill(
     cache: ReadCache, name: Any, keys: tuple[str, ...], body: bytes, hours: range = range(24)
 ) -> None:
     with cache.reading(keys, hours.start * HOUR, hours.stop * HOUR) as keep:
-        keep(name, body)
+        keep(name, body, len(body))
 
 
 def _touched(*keys: str, hours: range = range(24)) -> dict[str, tuple[int, int]]:
@@ -97,9 +97,9 @@ def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
     with cache.reading(("a",), 0, HOUR) as keep_a, cache.reading(("b",), 0, HOUR) as keep_b:
         cache.committed(_touched("a", hours=range(5, 6)))  # while both reads were under way
         with cache.reading(("a",), 0, HOUR) as keep_later:  # began after that commit
-            keep_later("q-a2", b"A2")
-        keep_a("q-a", b"A")
-        keep_b("q-b", b"B")
+            keep_later("q-a2", b"A2", 2)
+        keep_a("q-a", b"A", 1)
+        keep_b("q-b", b"B", 1)
     assert (cache.get("q-a"), cache.get("q-b"), cache.get("q-a2")) == (None, b"B", b"A2")
 
 
@@ -198,20 +198,28 @@ def test_a_disabled_cache_keeps_nothing() -> None:
 DAY = {"from": "2026-11-24T00:00:00Z", "to": "2026-11-25T00:00:00Z", "granularity": "day"}
 
 
-async def test_a_read_after_a_200_sees_that_write(start_server: StartServer) -> None:
-    server = await start_server()
+@pytest.mark.parametrize("flush_window", ["0", "10m"])
+async def test_a_read_after_a_200_sees_that_write(
+    start_server: StartServer, flush_window: str
+) -> None:
+    """Flushed at once, or still in the head (whose rollups the cached rows are merged
+    with anew): the same counts, and only the first read is read from the store."""
+    server = await start_server(flush_window=flush_window)
     counts = []
     for value in (1, 2, 3):
         event = {"key": "rc", "ts": "2026-11-24T10:00:00Z", "value": value, "tags": {"t": "x"}}
         assert (await post(server.client, event)).status_code == 200
+        if flush_window == "0":  # flushed right after the batch: wait for it
+            await server.app.service.writers.flushed()
         for _ in range(2):  # the second read is answered from the cache
             answer = (await server.client.get("/v1/aggregates", params={"key": "rc", **DAY})).json()
             (series,) = answer["results"]
             counts.append(series["buckets"][0]["count"])
     assert counts == [1, 1, 2, 2, 3, 3]
     metrics = server.app.metrics.registry
-    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 3
-    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 3
+    hits, misses = (3, 3) if flush_window == "0" else (5, 1)
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == hits
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == misses
 
 
 async def test_a_write_after_a_multi_key_read_of_its_keys_is_stored(
@@ -229,10 +237,10 @@ async def test_a_write_after_a_multi_key_read_of_its_keys_is_stored(
     assert (await server.client.get("/healthz")).status_code == 200
 
 
-async def test_a_commit_of_todays_events_keeps_the_answer_over_yesterday(
+async def test_a_flush_of_todays_events_keeps_the_answer_over_yesterday(
     start_server: StartServer,
 ) -> None:
-    server = await start_server()
+    server = await start_server(flush_window="10m")
     today = {"from": "2026-11-25T00:00:00Z", "to": "2026-11-26T00:00:00Z", "granularity": "day"}
 
     async def count(day: dict[str, str]) -> int:
@@ -240,30 +248,37 @@ async def test_a_commit_of_todays_events_keeps_the_answer_over_yesterday(
         return sum(bucket["count"] for bucket in answer.json()["results"][0]["buckets"])
 
     assert (await post(server.client, {"key": "days", "ts": "2026-11-24T10:00:00Z"})).is_success
+    await server.app.service.writers.flushed()
     assert [await count(DAY), await count(DAY), await count(today)] == [1, 1, 0]
     assert (await post(server.client, {"key": "days", "ts": "2026-11-25T01:00:00Z"})).is_success
+    await server.app.service.writers.flushed()
     assert [await count(DAY), await count(today)] == [1, 1]
     metrics = server.app.metrics.registry
-    # yesterday's answer served from the cache before and after the commit; today's re-read
+    # yesterday's answer served from the cache before and after the flush; today's re-read
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 2
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 3
 
 
+@pytest.mark.parametrize("flush_window", ["30ms", "10m"])
 async def test_reads_under_concurrent_writes_never_miss_an_acknowledged_write(
-    start_server: StartServer,
+    start_server: StartServer, flush_window: str
 ) -> None:
-    """Writers and readers of one key at once: every read that starts after a 200 counts
-    at least the events acknowledged by then, cached or not."""
-    server = await start_server()
-    acknowledged = 0
+    """Writers and readers of one key at once, with flushes among them or none: every
+    read that starts after a 200 counts at least the events acknowledged by then, and
+    never more than were sent (a flush read twice, from the table and the head, would),
+    cached or not."""
+    server = await start_server(flush_window=flush_window)
+    acknowledged = sent = 0
     problems: list[str] = []
 
     async def write() -> None:
-        nonlocal acknowledged
+        nonlocal acknowledged, sent
         for _ in range(40):
             event = {"key": "hot", "ts": "2026-11-24T10:00:00Z"}
+            sent += 2
             assert (await post(server.client, [event, event])).status_code == 200
             acknowledged += 2
+            await trio.sleep(0.01 * (acknowledged % 3))
 
     async def read() -> None:
         for _ in range(60):
@@ -271,8 +286,8 @@ async def test_reads_under_concurrent_writes_never_miss_an_acknowledged_write(
             response = await server.client.get("/v1/aggregates", params={"key": "hot", **DAY})
             buckets = response.json()["results"][0]["buckets"]
             count = buckets[0]["count"] if buckets else 0
-            if count < floor:
-                problems.append(f"read {count} after {floor} were acknowledged")
+            if not floor <= count <= sent:
+                problems.append(f"read {count} after {floor} were acknowledged, {sent} sent")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write)

@@ -22,7 +22,8 @@ from trioagg.errors import InvalidQuery
 from trioagg.params import GRANULARITIES
 from trioagg.query import Query, answer, parse_query
 from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
-from trioagg.store.base import commit_batch
+from trioagg.store.base import flush_head, journal_batch
+from trioagg.store.head import Head
 from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
 
@@ -54,15 +55,22 @@ events = st.lists(
 def store_in_batches(
     path: Path, points: list, cuts: list[int], width: int, quantiles: bool = False
 ) -> SQLiteBackend:
-    """Commit ``points`` cut into batches as the writer does, one transaction each."""
+    """Commit ``points`` cut into batches as the writer does: each journalled in a
+    transaction of its own and folded into the head, the head flushed after every other
+    batch (so rollups merge in the head and in the table's upsert alike)."""
     backend = SQLiteBackend(str(path))
     conn = backend.connect(write=True)
     backend.prepare(conn, width)
     policy = WritePolicy(width, 86400, lambda key: quantiles)
     bounds = sorted({0, len(points), *(c % (len(points) + 1) for c in cuts)})
     series_seen = SeriesCache()
-    for lo, hi in itertools.pairwise(bounds):
-        commit_batch(conn, backend, [points[lo:hi]], policy, series_seen)
+    head = Head()
+    for number, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        journal_batch(conn, backend, [points[lo:hi]], policy, "test/0", head)
+        if number % 2:
+            flush_head(conn, backend, head, "test/0", policy, series_seen)
+    flush_head(conn, backend, head, "test/0", policy, series_seen)
+    assert conn.execute("SELECT count(*) FROM journal").fetchone() == (0,)
     backend.close(conn)
     return backend
 

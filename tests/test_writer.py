@@ -9,11 +9,14 @@ from typing import Any
 import pytest
 import trio
 
-from trioagg.store.base import commit_batch
+from trioagg.store.base import flush_head, journal_batch
+from trioagg.store.head import Head
 from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
 
 from .conftest import StartServer, metric, post, stored_counts, wait_until
+
+POLICY = WritePolicy(3600, 86400.0, lambda key: False)
 
 
 async def test_saturated_channel_answers_503_with_retry_after(
@@ -156,46 +159,45 @@ async def test_a_request_sending_its_body_holds_no_admission_token(
     assert stored_counts(server.db) == {"slow": 2, "fast": 2}
 
 
-@pytest.mark.parametrize(("event_id", "planned_first"), [(None, True), ("id-1", False)])
-def test_a_batch_without_ids_is_planned_before_the_write_lock_is_taken(
-    tmp_path: Path, event_id: str | None, planned_first: bool
+@pytest.mark.parametrize(("event_id", "statements"), [(None, 3), ("id-1", 4)])
+def test_a_batch_is_one_journal_row_in_one_transaction(
+    tmp_path: Path, event_id: str | None, statements: int
 ) -> None:
-    """Its plan needs nothing from the database, so other writers of the same file can
-    commit during its pre-aggregation; a batch with ids needs its claimed ids first."""
+    """BEGIN, the ids' claim when there are ids, one journal row, COMMIT: what a durable
+    answer waits for, whatever the batch's rows; its rollups wait in the head."""
     backend = SQLiteBackend(str(tmp_path / "s.db"))
     conn = backend.connect(write=True)
     backend.prepare(conn, 3600)
     happened: list[str] = []
-    conn.set_trace_callback(lambda statement: happened.append(statement.split()[0].upper()))
-
-    def keeps_quantiles(key: str) -> bool:  # asked by the pre-aggregation, per new slot
-        happened.append("plan")
-        return False
-
+    conn.set_trace_callback(lambda statement: happened.append(" ".join(statement.split()[:3])))
     point = ("k", 1_764_000_000.0, 1.0, "{}", None, event_id)
-    policy = WritePolicy(3600, 86400.0, keeps_quantiles)
-    result = commit_batch(conn, backend, [[point]], policy, SeriesCache())
+    head = Head()
+    appended = journal_batch(conn, backend, [[point, point]], POLICY, "t/0", head)
+    conn.set_trace_callback(None)
+    assert len(happened) == statements
+    assert happened[0].startswith("BEGIN") and happened[-1] == "COMMIT"
+    assert happened[-2] == "INSERT INTO journal"
+    assert conn.execute("SELECT count(*), sum(events) FROM journal").fetchone() == (
+        1,
+        2 if event_id is None else 1,
+    )
+    assert appended.duplicates == [0 if event_id is None else 1]
+    assert [rollup.count for rollup in head.rollups.values()] == [appended.events]
+    assert conn.execute("SELECT count(*) FROM rollups").fetchone() == (0,)
     backend.close(conn)
-    assert result.rows == 1
-    assert (happened.index("plan") < happened.index("BEGIN")) is planned_first
 
 
-def test_a_commit_names_the_buckets_each_key_touched_duplicates_included(
-    tmp_path: Path,
-) -> None:
-    """Gathered in the commit's thread for the read cache: per key, its first and last
-    bucket. A duplicate counts: the event it repeats may have been stored by another
-    process, unseen by this one's cache."""
+def test_a_flush_names_the_buckets_each_key_it_wrote_touched(tmp_path: Path) -> None:
+    """Gathered in the flush's thread for the read cache: per key, its first and last
+    bucket, over every batch the flush writes; duplicates write nothing."""
     backend = SQLiteBackend(str(tmp_path / "s.db"))
     conn = backend.connect(write=True)
     backend.prepare(conn, 3600)
-    policy = WritePolicy(3600, 86400.0, lambda key: False)
     seen = SeriesCache()
+    head = Head()
     hour = 1_764_000_000 // 3600 * 3600
 
-    def commit(
-        *submissions: list[tuple[str, int, str | None]],
-    ) -> tuple[list[int], dict[str, tuple[int, int]]]:
+    def journal(*submissions: list[tuple[str, int, str | None]]) -> list[int]:
         batch = [
             [  # every other event of another series of its key: spans are per key
                 (
@@ -210,19 +212,25 @@ def test_a_commit_names_the_buckets_each_key_touched_duplicates_included(
             ]
             for points in submissions
         ]
-        result = commit_batch(conn, backend, batch, policy, seen)
-        return result.duplicates, result.touched
+        return journal_batch(conn, backend, batch, POLICY, "t/0", head).duplicates
 
-    assert commit([("a", 2, None), ("b", 0, None), ("a", -3, None)], [("c", 0, None)]) == (
-        [0, 0],
-        {"a": (hour - 3 * 3600, hour + 2 * 3600), "b": (hour, hour), "c": (hour, hour)},
-    )
-    # e repeats d's id: a duplicate, its hour still counts
-    assert commit([("d", 0, "id-1"), ("e", 5, "id-1")]) == (
-        [1],
-        {"d": (hour, hour), "e": (hour + 5 * 3600, hour + 5 * 3600)},
-    )
+    def flush() -> dict[str, tuple[int, int]] | None:
+        plan = flush_head(conn, backend, head, "t/0", POLICY, seen)
+        return None if plan is None else plan.touched
+
+    assert journal([("a", 2, None), ("b", 0, None)], [("c", 0, None)]) == [0, 0]
+    assert journal([("a", -3, None)]) == [0]
+    assert flush() == {
+        "a": (hour - 3 * 3600, hour + 2 * 3600),
+        "b": (hour, hour),
+        "c": (hour, hour),
+    }
+    assert flush() is None  # nothing new
+    # e repeats d's id: a duplicate, it writes nothing
+    assert journal([("d", 0, "id-1"), ("e", 5, "id-1")]) == [1]
+    assert flush() == {"d": (hour, hour)}
     # id-1 was stored before; f's other event is counted
-    assert commit([("f", 1, "id-1"), ("f", 0, None)]) == ([1], {"f": (hour, hour + 3600)})
+    assert journal([("f", 1, "id-1"), ("f", 0, None)]) == [1]
+    assert flush() == {"f": (hour, hour)}
     backend.close(conn)
     assert stored_counts(tmp_path / "s.db") == {"a": 2, "b": 1, "c": 1, "d": 1, "f": 1}

@@ -1,10 +1,13 @@
-"""A request the store refuses fails alone: the writer bisects a failed batch down to
-the culprit and stores everything else, on real SQLite and PostgreSQL stores.
+"""A rollup the store refuses is set aside alone: the flush isolates the rows the
+rollups table refuses, keeps them in ``refused_rollups``, and stores everything else,
+on real SQLite and PostgreSQL stores.
 
 The culprit is made the way a real client once could: a value of -1e308 stored in a
 bucket makes every later merge into that bucket overflow (SQLite: NOT NULL on s2,
 PostgreSQL: "value out of range"). Validation now refuses such values, so these tests
-hand points to the writer directly, as a store holding an old poisoned row would.
+hand points to the store directly, as a store holding an old poisoned row would. The
+requests are acknowledged once journalled; the refusal comes at the flush, which sets
+the merge aside (nothing lost) and goes on with the rest.
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from typing import Any
 
 import trio
 
-from trioagg.errors import Unstorable
 from trioagg.metrics import Metrics
 from trioagg.settings import Settings
 from trioagg.store import open_store
 from trioagg.writer import Receipt, Submission, Writers
 
-from .conftest import stored_counts
+from .conftest import sql, stored_counts
 
 
 def point(key: str, value: float = 1.0, ts: float | None = None) -> Any:
@@ -34,7 +36,8 @@ async def poisoned_writers(db_url: str) -> AsyncIterator[tuple[Writers, Metrics]
     """Writers over a store whose bucket of key "poison" is poisoned."""
     store = await open_store(Settings.from_text({"db": db_url, "busy_timeout": "30s"}))
     try:
-        await store.write([[point("poison", -1e308)]])
+        await store.append([[point("poison", -1e308)]])
+        await store.flush()
         metrics = Metrics()
         writers = Writers(
             store, metrics, count=1, batch_size=100_000, queue_size=1000, enqueue_timeout=10
@@ -47,7 +50,13 @@ async def poisoned_writers(db_url: str) -> AsyncIterator[tuple[Writers, Metrics]
         await store.aclose()
 
 
-async def test_a_poison_request_among_200_concurrent_ones_fails_alone(
+def refused(db_url: str) -> list[tuple[str, int]]:
+    return [
+        (key, int(count)) for key, count in sql(db_url, "SELECT key, count FROM refused_rollups")
+    ]
+
+
+async def test_a_poisoned_row_among_200_concurrent_requests_is_set_aside_alone(
     db_url: str, hold_write_lock: Any
 ) -> None:
     async with poisoned_writers(db_url) as (writers, metrics):
@@ -67,12 +76,8 @@ async def poison_among_200(
         points = [point("poison", 5.0)] if number == 137 else [point(f"k{number % 7}")] * 3
         submission = await writers.submit(points, durable=True)
         queued += 1
-        try:
-            await submission.wait_committed()
-        except Unstorable as error:
-            outcomes[number] = error.code
-        else:
-            outcomes[number] = "ok"
+        await submission.wait_committed()
+        outcomes[number] = "ok"
 
     async with trio.open_nursery() as clients:
         for number in range(200):
@@ -81,16 +86,20 @@ async def poison_among_200(
             while queued < 200:
                 await trio.sleep(0.01)
         hold_write_lock.release()
+    await writers.flushed()
 
-    assert outcomes.pop(137) == "unstorable_events"
-    assert set(outcomes.values()) == {"ok"}
+    assert set(outcomes.values()) == {"ok"} and len(outcomes) == 200
     counts = stored_counts(db_url)
     assert counts.pop("poison") == 1  # the poisoned row as it was: nothing merged into it
     assert sum(counts.values()) == 199 * 3
-    assert metrics.registry.get_sample_value("trioagg_events_committed_total") == 199 * 3
+    assert refused(db_url) == [("poison", 1)]  # the merge it refused, kept
+    assert sql(db_url, "SELECT count(*) FROM journal") == [(0,)]
+    registry = metrics.registry
+    assert registry.get_sample_value("trioagg_events_committed_total") == 199 * 3 + 1
+    assert registry.get_sample_value("trioagg_rollups_refused_total") == 1
 
 
-async def test_a_refused_202_request_is_counted_as_lost_and_the_rest_stored(
+async def test_a_refused_merge_of_202_events_is_set_aside_and_the_rest_stored(
     db_url: str, hold_write_lock: Any
 ) -> None:
     async with poisoned_writers(db_url) as (writers, metrics):
@@ -103,25 +112,32 @@ async def test_a_refused_202_request_is_counted_as_lost_and_the_rest_stored(
         with trio.fail_after(10):
             while not all(isinstance(s, Submission) and s.done for s in submissions):
                 await trio.sleep(0.01)
-        assert writers.waiting() == (0, 0)  # the failed request, the others: all answered
-    assert stored_counts(db_url) == {"poison": 1, "fine": 9}
-    lost = metrics.registry.get_sample_value(
-        "trioagg_events_lost_total", {"reason": "refused by the store"}
+        assert writers.waiting() == (0, 0)  # all answered
+        await writers.flushed()
+        # The writer goes on flushing: the poisoned slot again, and the others.
+        await writers.submit([point("poison", 6.0), point("fine")], durable=True)
+        await writers.flushed()
+    assert stored_counts(db_url) == {"poison": 1, "fine": 10}
+    assert refused(db_url) == [("poison", 2), ("poison", 1)]
+    assert (
+        metrics.registry.get_sample_value(
+            "trioagg_events_lost_total", {"reason": "refused by the store"}
+        )
+        is None
     )
-    assert lost == 2
 
 
 async def test_a_failing_follow_up_of_a_commit_leaves_the_writer_running(
     tmp_path: Any, caplog: Any
 ) -> None:
-    """The commit stands and is acknowledged; the failure is logged once with its
-    traceback and counted; the writer goes on committing (issue 19: a read cache bug
-    raised here and took the process down)."""
+    """The flush stands; the failure is logged once with its traceback and counted; the
+    writer goes on committing and flushing (issue 19: a read cache bug raised here and
+    took the process down)."""
     db = str(tmp_path / "trioagg.db")
     store = await open_store(Settings.from_text({"db": db}))
     told: list[set[str]] = []
 
-    def committed(touched: Any) -> None:
+    def committed(touched: Any, shard: int, generation: int) -> None:
         told.append(set(touched))
         raise RuntimeError("a bug after the commit")
 
@@ -142,6 +158,7 @@ async def test_a_failing_follow_up_of_a_commit_leaves_the_writer_running(
                 submission = await writers.submit([point(key)], durable=True)
                 assert isinstance(submission, Submission)
                 await submission.wait_committed()
+                await writers.flushed()  # the read cache is told at each flush
             assert writers.running
             writers.close()
     finally:

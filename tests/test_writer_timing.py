@@ -18,24 +18,32 @@ import trio.testing
 from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
 from trioagg.loopwatch import watch_loop_stalls
 from trioagg.metrics import Metrics
-from trioagg.store import CommitResult
+from trioagg.store import Appended
+from trioagg.store.head import Head
 from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers
 
 
 class CuedStore:
     """Commits after ``delay`` seconds, or fails with an outage while ``down``."""
 
-    def __init__(self, delay: float = 0.01) -> None:
+    def __init__(self, delay: float = 0.01, writers: int = 2) -> None:
         self.delay = delay
         self.down = False
         self.stored: list[Any] = []
+        self.heads = [Head() for _ in range(writers)]
 
-    async def write(self, batch: list[list[Any]], shard: int = 0) -> CommitResult:
+    async def append(self, batch: list[list[Any]], shard: int = 0) -> Appended:
         await trio.sleep(self.delay)
         if self.down:
             raise StoreOutage("the disk holding the database is full")
         self.stored.extend(point for points in batch for point in points)
-        return CommitResult([0] * len(batch), len(batch), {p[0]: (0, 0) for b in batch for p in b})
+        return Appended([0] * len(batch), sum(len(points) for points in batch))
+
+    async def flush(self, shard: int = 0) -> None:
+        return None  # the head stays empty: these tests are about the journal's commits
+
+    async def replay_dead(self, shard: int = 0) -> tuple[int, int]:
+        return 0, 0
 
 
 def event(hour: int = 0) -> Any:

@@ -70,10 +70,11 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .params import parse_wait
 from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
-from .readcache import ReadCache, cache_key
+from .readcache import CachedAnswer, ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .store import Store, open_store, store_exists
+from .store.head import copy_row
 from .writer import Writers, purge_expired_ids
 
 log = logging.getLogger("trioagg")
@@ -138,6 +139,8 @@ class Service:
                 queue_size=settings.queue_size,
                 enqueue_timeout=settings.enqueue_timeout,
                 max_inflight=settings.max_inflight,
+                flush_window=settings.flush_window,
+                head_max=settings.head_max,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(writers.run)
@@ -537,14 +540,17 @@ def _add_routes(app: TrioaggApp) -> None:
             return make()
         return await trio.to_thread.run_sync(make, limiter=app.service.answering)
 
-    async def read_and_answer(query: Query, budget: Budget, tenant: str | None) -> Pieces:
+    async def read_and_answer(
+        query: Query, budget: Budget, tenant: str | None, *, keep: bool = False
+    ) -> tuple[Pieces, CachedAnswer | None]:
         """Read the rows of ``query`` and answer it, one of at most ``querying`` queries
-        holding rows; after a big one, give back to the system the memory it freed."""
+        holding rows; after a big one, give back to the system the memory it freed.
+        ``keep``: also what the read cache needs to answer it again, if it is small."""
         service = app.service
         size = 0
         try:
             async with service.querying:
-                rows = await service.store.read(
+                parts = await service.store.read_parts(
                     query.keys,
                     query.start,
                     query.end,
@@ -552,13 +558,50 @@ def _add_routes(app: TrioaggApp) -> None:
                     limit=budget.rows + 1,
                     tenant=tenant,
                 )
+                cached = None
+                if keep and len(parts.stored) <= INLINE_WORK:  # answer() merges rows
+                    stored = [copy_row(row, query.needs_sketches) for row in parts.stored]
+                    cached = CachedAnswer(stored, parts.generations, parts.versions)
+                # One list, which answer() empties: no other holds the rows read once it
+                # has merged them, so give_back() below can return their memory.
+                rows = parts.stored
+                rows.extend(parts.overlay)
+                parts.overlay.clear()
                 size = work(query, rows)
-                return await build(size, functools.partial(answer, query, rows, budget))
+                pieces = await build(size, functools.partial(answer, query, rows, budget))
+                return pieces, cached
         finally:
             if size > INLINE_WORK:  # answer() has emptied rows, answered or refused
                 # A full collection walks every query's rows: the last query out runs it.
                 last = service.querying.statistics().borrowed_tokens == 0
                 await trio.to_thread.run_sync(give_back, last)
+
+    async def answer_again(
+        key: Hashable, cached: CachedAnswer, query: Query, budget: Budget, tenant: str | None
+    ) -> bytes | None:
+        """The answer of a cached read as the store stands now, None when its kept rows
+        are stale (this process flushed since): the answer kept if the heads hold its
+        keys as they did, else the kept rows merged with what the heads hold now."""
+        store, cache = app.service.store, app.service.read_cache
+        if not cache.current(cached.generations, store.generations()):
+            return None
+        if store.versions(query.keys) == cached.versions:
+            return cached.body
+        found = await store.overlay(
+            query.keys, query.start, query.end, sketches=query.needs_sketches, tenant=tenant
+        )
+        if found is None:
+            return None
+        overlay, generations, versions = found
+        if not cache.current(cached.generations, generations):
+            return None
+        rows = [*(copy_row(row, query.needs_sketches) for row in cached.stored), *overlay]
+        body = (
+            await build(work(query, rows), functools.partial(answer, query, rows, budget))
+        ).joined()
+        fresh = CachedAnswer(cached.stored, generations, versions, body)
+        cache.refresh(key, fresh, fresh.size)
+        return body
 
     @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
@@ -582,23 +625,33 @@ def _add_routes(app: TrioaggApp) -> None:
             if is_timeless(args):
                 parsed.put(raw, context, known, query.edges_held)
         query, key = known
-        body = cache.get(key) if key is not None else None
-        if body is not None:
-            counted("hit").inc()
-            return _json_body(body)
+        cached = cache.get(key) if key is not None else None
+        if cached is not None:
+            body = await answer_again(key, cached, query, budget, tenant)
+            if body is not None:
+                counted("hit").inc()
+                return _json_body(body)
         with cache.reading(query.keys, query.start, query.end) as keep:
-            pieces = await read_and_answer(query, budget, tenant)
+            pieces, made = await read_and_answer(query, budget, tenant, keep=key is not None)
             if key is not None:
                 counted("miss").inc()
-                if cache.keeps(query.keys, pieces.size):
-                    body = pieces.joined()
-                    keep(key, body)
-                    return _json_body(body)
+                if made is not None and cache.keeps(query.keys, pieces.size + made.size):
+                    made.body = pieces.joined()
+                    keep(key, made, made.size)
+                    return _json_body(made.body)
         return _json_pieces(pieces)
+
+    async def flushed() -> None:
+        """Wait, up to ``store_timeout``, until the rollups table holds what this process
+        acknowledged: /v1/keys and /v1/top read the table alone. (A flush that fails or
+        waits for a locked database is not waited for longer: the read goes on.)"""
+        with trio.move_on_after(app.service.settings.store_timeout):
+            await app.service.writers.flushed()
 
     @app.get("/v1/keys")
     async def get_keys() -> Response:
         query = parse_keys_query(request.args)
+        await flushed()
         series = await app.service.store.list_keys(
             query.prefix, query.after, query.limit, current_tenant()
         )
@@ -608,6 +661,7 @@ def _add_routes(app: TrioaggApp) -> None:
     async def get_top() -> Response:
         store = app.service.store
         query = parse_top_query(request.args, bucket=store.bucket, now=time.time())
+        await flushed()
         ranked = await store.top(
             query.start, query.end, query.stat, query.prefix, query.limit, current_tenant()
         )

@@ -175,7 +175,40 @@ class Metrics:
             registry=r,
         )
         self.rows_upserted = Counter(
-            "trioagg_rows_upserted", "Rollup rows upserted (after pre-aggregation).", registry=r
+            "trioagg_rows_upserted",
+            "Rollup rows upserted by flushes and journal replays (after pre-aggregation).",
+            registry=r,
+        )
+        self.flushes = Counter(
+            "trioagg_flushes",
+            "Flushes of a writer's head to the rollups table, by why: window (the flush "
+            "window passed), size (the head reached --head-max), idle (no batch came), "
+            "shutdown, read (a /v1/keys or /v1/top read waited for it).",
+            ["why"],
+            registry=r,
+        )
+        self.flush_failures = Counter(
+            "trioagg_flush_failures",
+            "Flushes that failed and changed nothing (the head is kept and flushed again).",
+            registry=r,
+        )
+        self.flush_seconds = Histogram(
+            "trioagg_flush_seconds",
+            "Time to flush one head, retries on a locked database included.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rollups_refused = Counter(
+            "trioagg_rollups_refused",
+            "Rollups the rollups table refused at a flush (a stored row that cannot take "
+            "a merge), kept in the table refused_rollups instead; each is logged.",
+            registry=r,
+        )
+        self.journal_replayed = Counter(
+            "trioagg_journal_replayed_events",
+            "Events of journal rows left by a dead process (or this one's last run) that "
+            "this process stored.",
+            registry=r,
         )
         self.commit_failures = Counter(
             "trioagg_commit_failures", "Transactions that failed and stored nothing.", registry=r
@@ -194,7 +227,7 @@ class Metrics:
         )
         self.commit_seconds = Histogram(
             "trioagg_commit_seconds",
-            "Time to commit one batch, retries included.",
+            "Time to commit one batch to the journal, retries included.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -1,18 +1,24 @@
 """Recent ``/v1/aggregates`` answers, served on the event loop without a thread hop.
 
 A hot read (the same parsed query again) is answered from memory: no worker
-thread, no SELECT, no merging. What keeps it exact:
+thread, no SELECT. An entry (:class:`CachedAnswer`) keeps what the rollups
+table held for the query and the answer as the writers' heads then stood; a
+hit whose keys the heads still hold the same way is the answer as it is, and
+one whose keys took new batches since is the kept rows merged anew with the
+heads' (:meth:`~trioagg.store.Store.overlay`): a read after an acknowledged
+write sees it, while the cache changes only when a flush writes the table.
+What keeps it exact:
 
-* **Invalidation by key and range**: after each commit the writer calls
-  :meth:`ReadCache.committed` with the first and last bucket each key of its
-  events fell in (gathered in the commit's thread, not on the event loop), and
+* **Invalidation by key and range**: after each flush the writer calls
+  :meth:`ReadCache.committed` with the first and last bucket each key it
+  wrote fell in (gathered in the flush's thread, not on the event loop), and
   every cached answer over one of those keys whose range meets that span is
-  dropped: an answer over yesterday survives commits of today's events. An
-  answer from the cache is therefore what a fresh read would return as of the
-  last commit this process made.
-* **No stale insert**: an answer is cached only if no commit touched one of
+  dropped: an answer over yesterday survives flushes of today's events. An
+  entry read before a flush this process made is never used after it (its
+  heads' generations differ), dropped or not.
+* **No stale insert**: an answer is cached only if no flush touched one of
   its keys while it was being read (:meth:`ReadCache.reading`), so a read that
-  raced a commit is answered but not kept.
+  raced a flush is answered but not kept.
 * **Other processes**: commits by another process sharing the store (another
   hypercorn worker) are not seen here; an answer older than ``ttl`` seconds is
   never served, which bounds how stale such a read can be.
@@ -28,10 +34,13 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from .query import Query
+from .store import Row
+from .store.head import SKETCH_BYTES
 
 #: What an entry costs besides its answer's bytes and its key names (the entry, the rest
 #: of its cache key).
@@ -64,10 +73,32 @@ def cache_key(query: Query) -> Hashable:
     )
 
 
+#: What a kept row is counted for besides the answer (the row and its rollup).
+ROW_OVERHEAD = 250
+
+
+@dataclass(slots=True)
+class CachedAnswer:
+    """An answer, and what it was made of: the table's rows (never merged into, so they
+    can be merged again) and the heads' generations and versions of its keys then."""
+
+    stored: list[Row]
+    generations: tuple[int, ...]
+    versions: tuple[int, ...]
+    body: bytes = b""
+
+    @property
+    def size(self) -> int:
+        sketches = sum(
+            (r.quantiles is not None) + (r.distinct is not None) for _, _, _, r in self.stored
+        )
+        return len(self.body) + ROW_OVERHEAD * len(self.stored) + SKETCH_BYTES * sketches
+
+
 @dataclass(slots=True)
 class _Entry:
     keys: tuple[str, ...]
-    body: bytes
+    value: Any
     stored_at: float
     cost: int
     #: the range of buckets the answer read: [start, end)
@@ -98,6 +129,8 @@ class ReadCache:
         self._by_key: dict[str, set[Hashable]] = {}
         #: keys being read now: [reads under way, commits that touched the key meanwhile]
         self._reading: dict[str, list[int]] = {}
+        #: Per writer, the generation of its head whose flush was told last.
+        self._told: dict[int, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +147,7 @@ class ReadCache:
     def _fits(self, cost: int) -> bool:
         return self.enabled and cost <= self.max_bytes // 8
 
-    def get(self, key: Hashable) -> bytes | None:
+    def get(self, key: Hashable) -> Any | None:
         """The cached answer, if there is one younger than ``ttl``."""
         entry = self._answers.get(key)
         if entry is None or self.clock() - entry.stored_at >= self.ttl:
@@ -124,16 +157,26 @@ class ReadCache:
             return None
         self._answers.move_to_end(key)
         self.hits += 1
-        return entry.body
+        return entry.value
+
+    def refresh(self, key: Hashable, value: Any, size: int) -> None:
+        """Replace an entry's answer (of ``size`` bytes), keeping its age: its rows are
+        as old as they were."""
+        entry = self._answers.get(key)
+        if entry is None:
+            return
+        self._drop(key)
+        cost = entry_cost(entry.keys, size)
+        self._put(key, _Entry(entry.keys, value, entry.stored_at, cost, entry.start, entry.end))
 
     @contextlib.contextmanager
     def reading(
         self, keys: Sequence[str], start: int, end: int
-    ) -> Iterator[Callable[[Hashable, bytes], None]]:
+    ) -> Iterator[Callable[[Hashable, Any, int], None]]:
         """For the body of the ``with``, a read of ``keys`` over the buckets in
-        ``[start, end)`` is under way; it yields ``keep(cache_key, body)``, which caches
-        the answer unless a commit touched one of ``keys`` (in any bucket) since the
-        ``with`` began."""
+        ``[start, end)`` is under way; it yields ``keep(cache_key, answer, size)``, which
+        caches the answer (of ``size`` bytes) unless a flush touched one of ``keys`` (in
+        any bucket) since the ``with`` began."""
         counts = [self._reading.setdefault(key, [0, 0]) for key in keys]
         touches = []
         for count in counts:
@@ -141,10 +184,10 @@ class ReadCache:
             touches.append(count[1])
         started = self.clock()
 
-        def keep(cache_key: Hashable, body: bytes) -> None:
+        def keep(cache_key: Hashable, answer: Any, size: int) -> None:
             if all(count[1] == seen for count, seen in zip(counts, touches, strict=True)):
                 names = tuple(keys)
-                entry = _Entry(names, body, started, entry_cost(names, len(body)), start, end)
+                entry = _Entry(names, answer, started, entry_cost(names, size), start, end)
                 self._put(cache_key, entry)
 
         try:
@@ -155,11 +198,23 @@ class ReadCache:
                 if not count[0]:
                     del self._reading[key]
 
-    def committed(self, touched: Mapping[str, tuple[int, int]]) -> None:
-        """A commit held events of the keys of ``touched``, each from its first to its
-        last bucket: drop every answer over one of them whose range meets that span, and
-        count a touch on each of them being read. (Key sets intersected: it costs the
-        smaller side, not the commit's events.)"""
+    def current(self, read_at: Sequence[int], now: Sequence[int]) -> bool:
+        """Whether rows read at head generations ``read_at`` still hold at ``now``: every
+        writer's head is where it was then, or each flush since was told (and dropped the
+        answers it made stale), so an answer still here survived them."""
+        told = self._told
+        return all(
+            then == current or told.get(shard) == current
+            for shard, (then, current) in enumerate(zip(read_at, now, strict=True))
+        )
+
+    def committed(
+        self, touched: Mapping[str, tuple[int, int]], shard: int = 0, generation: int = 0
+    ) -> None:
+        """Writer ``shard``'s flush (its head now at ``generation``) wrote rows of the keys
+        of ``touched``, each from its first to its last bucket: drop every answer over one
+        of them whose range meets that span, and count a touch on each of them being
+        read. (Key sets intersected: it costs the smaller side, not the flush's rows.)"""
         for key in touched.keys() & self._reading.keys():
             self._reading[key][1] += 1
         try:
@@ -169,6 +224,7 @@ class ReadCache:
             # an empty cache is sure to serve nothing stale.
             self.clear()
             raise
+        self._told[shard] = generation
 
     def _invalidate(self, touched: Mapping[str, tuple[int, int]]) -> None:
         expired = self.clock() - self.ttl

@@ -240,6 +240,19 @@ class Settings:
     batch_size: int = _setting(
         "10000", _positive_int, "Most events the writer commits in one transaction."
     )
+    flush_window: float = _setting(
+        "1s",
+        parse_duration,
+        "Most time a writer keeps rollups of journalled batches in memory before it "
+        "writes them to the rollups table (one row per series and bucket for the whole "
+        "window); also how stale another process's reads may be. 0: after every batch.",
+    )
+    head_max: int = _setting(
+        "64MiB",
+        parse_size,
+        "Most memory the writers' unflushed rollups may take; a writer whose part is full "
+        "flushes at once, and takes no new batch while that fails.",
+    )
     queue_size: int = _setting(
         "1024", _positive_int, "Requests the writer's channel holds before senders wait."
     )

@@ -5,14 +5,22 @@ What the words mean here:
 * **accepted**: a request's events passed validation and its
   :class:`Submission` is in a writer's bounded channel. ``?wait=false``
   requests are answered 202 at this point.
-* **committed**: the transaction holding the request's events has committed.
-  Durable requests are answered 200 only after this, and never otherwise.
+* **committed**: the transaction appending the request's events to the journal
+  has committed. Durable requests are answered 200 only after this, and never
+  otherwise.
 
 The loop takes the first waiting submission, drains every other one already
 waiting (up to ``batch_size`` events, but never splitting a request), and
-hands the batch to the store, which deduplicates ids, merges the events in
-memory per (series, bucket) and commits the result as one transaction in a
-worker thread. Then it wakes every durable request of that batch.
+hands the batch to the store, which deduplicates ids, appends the events to
+the journal as one transaction in a worker thread and folds their rollups into
+the writer's head (:mod:`trioagg.store.head`). Then it wakes every durable
+request of that batch. The head is flushed to the rollups table, one UPSERT
+per series and bucket however many batches fed it, once ``flush_window``
+passed since its first batch, once it holds ``head_max`` bytes, once no batch
+came for a twentieth of the window (:data:`IDLE_PART`), and at shutdown. A flush runs between
+batches, in a worker thread, so the event loop is never held by it. Journal
+rows that dead processes left (or this process's last run) are replayed at
+start and every :data:`REPLAY_EVERY` seconds.
 
 When a commit fails, who hears of it depends on why:
 
@@ -52,9 +60,15 @@ from .store import Store
 
 log = logging.getLogger("trioagg.writer")
 
-#: Told the distinct keys of a commit's events (gathered in its thread), e.g. to
-#: invalidate cached reads.
-Committed = Callable[[Mapping[str, tuple[int, int]]], None]
+#: Told the keys a flush wrote, each with its first and last bucket (gathered in its
+#: thread), the writer's number and its head's generation then, e.g. to invalidate
+#: cached reads.
+Committed = Callable[[Mapping[str, tuple[int, int]], int, int], None]
+
+#: A writer flushes its head once no batch came for this part of the flush window.
+IDLE_PART = 1 / 20
+#: Seconds between looks for journal rows of dead processes.
+REPLAY_EVERY = 5.0
 
 #: What one decoded event is taken to hold in memory until it is committed.
 EVENT_BYTES = 300
@@ -103,11 +117,16 @@ class Writer:
         queue_size: int,
         inflight: InflightBytes | None = None,
         committed: Committed | None = None,
+        flush_window: float = 1.0,
+        head_max: int = 64 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.metrics = metrics
-        #: Told the keys of each successful commit, before its requests are answered.
+        #: Told the keys of each flush, as soon as it committed.
         self.committed = committed
+        self.flush_window = flush_window
+        self.head_max = head_max
+        self.head = store.heads[shard]
         self.inflight = inflight or InflightBytes(None)
         self.shard = shard
         self.batch_size = batch_size
@@ -125,6 +144,19 @@ class Writer:
         self.waiting_events = 0
         self._outage: str | None = None
         self._outage_at = -math.inf
+        self._last_batch_at = -math.inf
+        #: When the head took its first batch since the last flush.
+        self._opened_at: float | None = None
+        self._replayed_at = -math.inf
+        #: When a failed flush may be tried again.
+        self._flush_retry_at = -math.inf
+        self._flush_backoff = _FIRST_RETRY
+        #: Set by every flush that committed (or found nothing to write); for readers
+        #: that need the table to hold what was acknowledged (see :meth:`flushed`).
+        self._flush_asked = False
+        self._flush_done = trio.Event()
+        #: The loop's wait for a batch, while it waits.
+        self._waiting: trio.CancelScope | None = None
 
     @property
     def failing(self) -> str | None:
@@ -178,18 +210,33 @@ class Writer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit batches until :meth:`close` was called and everything queued is stored
-        (or :meth:`stop_draining`). Whatever way it ends, a crash included, every
-        submission it holds is answered before it returns or raises."""
+        (or :meth:`stop_draining`), then flush the head. Whatever way it ends, a crash
+        included, every submission it holds is answered before it returns or raises.
+        Before it starts, journal rows of dead processes are replayed."""
         self.running = True
+        await self._replay_dead()
         task_status.started()
         why = "the service stopped before these events could be committed"
         try:
             with self._drain_scope:
-                async for first in self._receive:
-                    self._slots.release()
-                    self._current = self._drain([first])
-                    await self._write(self._current)
-                    self._current = []
+                while True:
+                    first = None
+                    with trio.move_on_at(self._next_chore()) as self._waiting:
+                        try:
+                            first = await self._receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    self._waiting = None
+                    if first is not None:
+                        self._slots.release()
+                        self._current = self._drain([first])
+                        await self._write(self._current)
+                        self._current = []
+                        self._last_batch_at = trio.current_time()
+                        if self._opened_at is None and self.head.journal:
+                            self._opened_at = self._last_batch_at
+                    await self._chores()
+                await self._flush_for_shutdown()
         except BaseException:
             why = "the writer crashed before these events could be committed"
             raise
@@ -199,6 +246,118 @@ class Writer:
             self._fail_leftovers(why)
             self._receive.close()  # senders get "not writing" from now on
             self.stopped.set()
+
+    def _flush_why(self) -> str | None:
+        """Why the head should be flushed now, if it should."""
+        head, now = self.head, trio.current_time()
+        if not (head.journal or head.stale or head.uncertain) or now < self._flush_retry_at:
+            return None
+        if self._flush_asked:
+            return "read"
+        if head.size >= self.head_max:
+            return "size"
+        opened = self._opened_at if self._opened_at is not None else now
+        if now - opened >= self.flush_window:
+            return "window"
+        if now - self._last_batch_at >= self.flush_window * IDLE_PART:
+            return "idle"
+        return None
+
+    def _next_chore(self) -> float:
+        """When the loop should stop waiting for a batch to flush or replay."""
+        head = self.head
+        chore = self._replayed_at + REPLAY_EVERY
+        if head.journal or head.stale or head.uncertain:
+            opened = self._opened_at if self._opened_at is not None else trio.current_time()
+            idle = self._last_batch_at + self.flush_window * IDLE_PART
+            due = min(opened + self.flush_window, idle)
+            if self._flush_asked:
+                due = -math.inf
+            chore = min(chore, max(due, self._flush_retry_at))
+        return chore
+
+    async def _chores(self) -> None:
+        """Flush the head if it is due; while it is full and cannot be flushed, take no
+        more batches (the channel fills and senders get 503), trying again with backoff."""
+        while True:
+            why = self._flush_why()
+            if why is not None:
+                await self._flush(why)
+            if self.head.size < self.head_max or self._flush_retry_at <= trio.current_time():
+                break
+            await trio.sleep_until(self._flush_retry_at)
+        if trio.current_time() - self._replayed_at >= REPLAY_EVERY:
+            await self._replay_dead()
+
+    async def _flush(self, why: str) -> bool:
+        """Flush the head; on failure keep it and try again later. Whether it is empty."""
+        started = time.perf_counter()
+        try:
+            plan = await self.store.flush(self.shard)
+        except Exception as failure:
+            self.metrics.flush_failures.inc()
+            reason = failure.reason if isinstance(failure, StoreOutage) else str(failure)
+            if self._flush_backoff == _FIRST_RETRY:
+                log.error(
+                    "flushing %d rollups of %d events failed (kept, retrying): %s",
+                    len(self.head),
+                    self.head.events,
+                    reason,
+                )
+            if isinstance(failure, StoreOutage):
+                self._outage, self._outage_at = failure.reason, trio.current_time()
+            self._flush_retry_at = trio.current_time() + self._flush_backoff
+            self._flush_backoff = min(self._flush_backoff * 2, _MAX_RETRY)
+            return False
+        self._flush_retry_at = -math.inf
+        self._flush_backoff = _FIRST_RETRY
+        self._flush_asked = False
+        self._opened_at = None
+        self._flush_done.set()
+        self._flush_done = trio.Event()
+        if plan is not None:
+            if self.committed is not None:
+                with self._following_up("telling the read cache"):
+                    self.committed(plan.touched, self.shard, self.head.generation)
+            with self._following_up("counting the flush"):
+                self.metrics.rows_upserted.inc(plan.rows - len(plan.refused))
+                self.metrics.rollups_refused.inc(len(plan.refused))
+                self.metrics.flushes.labels(why).inc()
+                self.metrics.flush_seconds.observe(time.perf_counter() - started)
+        return True
+
+    async def flushed(self) -> None:
+        """Wait until a flush that began after this call committed (at once when the
+        head is empty): then the table holds every batch acknowledged before the call."""
+        if not (self.head.journal or self.head.stale or self.head.uncertain) or not self.running:
+            return
+        if self._flush_retry_at > trio.current_time():
+            return  # flushing fails now: the table holds what it holds
+        done = self._flush_done
+        self._flush_asked = True
+        if self._waiting is not None:  # waiting for a batch: look at the chores now
+            self._waiting.cancel()
+        await done.wait()
+
+    async def _flush_for_shutdown(self) -> None:
+        """Flush what the head holds, trying again through an outage until the drain is
+        ended; what stays unflushed is in the journal, replayed at the next start."""
+        while self.head.journal or self.head.stale or self.head.uncertain:
+            if await self._flush("shutdown"):
+                break
+            await trio.sleep_until(self._flush_retry_at)
+
+    async def _replay_dead(self) -> None:
+        """Store the journal rows dead processes left in this writer's database."""
+        self._replayed_at = trio.current_time()
+        try:
+            rows, events = await self.store.replay_dead(self.shard)
+        except Exception as failure:
+            log.warning("replaying the journal of dead processes failed (will retry): %s", failure)
+            return
+        if rows:
+            log.info("replayed %d events of %d journal rows left unflushed", events, rows)
+            self.metrics.journal_replayed.inc(events)
 
     def _drain(self, batch: list[Submission]) -> list[Submission]:
         """Add submissions already waiting to ``batch``, up to ``batch_size`` events."""
@@ -232,7 +391,7 @@ class Writer:
         started = time.perf_counter()
         events = sum(len(submission.points) for submission in batch)
         try:
-            result = await self.store.write(
+            result = await self.store.append(
                 [submission.points for submission in batch], shard=self.shard
             )
         except StoreOutage as outage:
@@ -269,9 +428,6 @@ class Writer:
         self._outage = None
         # The batch is stored whatever happens next: a failure of the work that follows
         # (a bug, a callback) is reported and skipped, never taken for a failed commit.
-        if self.committed is not None:
-            with self._following_up("telling the read cache"):
-                self.committed(result.touched)
         for submission, duplicates in zip(batch, result.duplicates, strict=True):
             submission.duplicates = duplicates
             self._answer(submission, None)
@@ -280,7 +436,6 @@ class Writer:
         with self._following_up("counting the commit"):
             self.metrics.events_committed.inc(events - duplicates)
             self.metrics.events_duplicate.inc(duplicates)
-            self.metrics.rows_upserted.inc(result.rows)
             self.metrics.batch_events.observe(events)
             self.metrics.batch_requests.observe(len(batch))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -458,6 +613,8 @@ class Writers:
         enqueue_timeout: float,
         max_inflight: int | None = None,
         committed: Committed | None = None,
+        flush_window: float = 1.0,
+        head_max: int = 64 * 1024 * 1024,
     ) -> None:
         self.enqueue_timeout = enqueue_timeout
         self.metrics = metrics
@@ -471,6 +628,8 @@ class Writers:
                 queue_size=queue_size,
                 inflight=self.inflight,
                 committed=committed,
+                flush_window=flush_window,
+                head_max=head_max // count,
             )
             for shard in range(count)
         ]
@@ -516,6 +675,12 @@ class Writers:
         finally:
             self.accepting = False
             self.stopped.set()
+
+    async def flushed(self) -> None:
+        """Wait until the table holds every batch acknowledged before the call (see
+        :meth:`Writer.flushed`)."""
+        for writer in self.writers:
+            await writer.flushed()
 
     def close(self) -> None:
         """Refuse new requests; the writers stop once their channels are drained."""

@@ -6,15 +6,15 @@ import fnmatch
 import functools
 
 from ..settings import Settings
-from .base import Backend, CommitResult, KeyInfo, Row, Store
+from .base import Appended, Backend, KeyInfo, Row, Store
 from .plan import WritePolicy
 from .sqlite import SQLiteBackend
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 __all__ = [
+    "Appended",
     "Backend",
-    "CommitResult",
     "KeyInfo",
     "Row",
     "SQLiteBackend",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -26,8 +27,10 @@ import trio
 
 from ..errors import StoreBusy, StoreCannotOpen, StoreError, StoreOutage, TrioaggError
 from ..ingest import Point
-from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles
+from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles, pre_aggregate
+from .head import Head, JournalEvent, decode_batch, encode_batch, tags_hold_tenant
 from .plan import (
+    Plan,
     SeriesCache,
     SeriesSpan,
     StoredSketches,
@@ -35,7 +38,8 @@ from .plan import (
     WritePolicy,
     batch_ids,
     merged_rows,
-    plan_batch,
+    new_events,
+    plan_rows,
     sketch_rows,
 )
 
@@ -53,6 +57,10 @@ _MAX_BACKOFF = 1.0
 #: A connection unused this long is pinged before its next use (one round trip).
 IDLE_CHECK_SECONDS = 1.0
 _PURGE_CHUNK = 1000
+#: Journal rows of a dead process replayed per transaction.
+REPLAY_ROWS = 16
+#: Times a read tries again while flushes commit under it before it gives up.
+_READ_TRIES = 100
 
 
 class Backend(Protocol):
@@ -103,6 +111,52 @@ class Backend(Protocol):
 
     def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
         """Widen the keys index to cover ``spans``."""
+
+    def savepoint(self, conn: Any) -> None:
+        """Inside a transaction: a point to roll back to, undoing only what follows."""
+
+    def release_savepoint(self, conn: Any) -> None: ...
+
+    def rollback_to_savepoint(self, conn: Any) -> None: ...
+
+    def set_aside(self, conn: Any, rows: Sequence[UpsertRow], now: float) -> None:
+        """Keep rows the rollups table refused in ``refused_rollups``."""
+
+    # The journal: batches committed but not flushed, one row each, by owner (a writer
+    # of a process: "<process>/<shard>").
+
+    def append_journal(self, conn: Any, owner: str, events: int, blob: bytes) -> int:
+        """Append a batch's row; its sequence number (increasing, never reused)."""
+
+    def read_journal(
+        self, conn: Any, owner: str, limit: int | None, *, lock: bool
+    ) -> list[tuple[int, int, bytes]]:
+        """The first ``limit`` (None: all) rows of ``owner`` in order: (seq, events, blob);
+        with ``lock``, locked until the transaction ends."""
+
+    def delete_journal(self, conn: Any, owner: str, first: int, last: int) -> int:
+        """Delete ``owner``'s rows from ``first`` to ``last``; how many went."""
+
+    def count_journal(self, conn: Any, owner: str, first: int, last: int) -> int:
+        """How many rows of ``owner`` from ``first`` to ``last`` are still there."""
+
+    def journal_owners(self, conn: Any) -> list[str]:
+        """The owners that have rows in the journal of this connection's shard."""
+
+    def hold_leases(self, owners: Sequence[str]) -> None:
+        """Declare this process alive as ``owners`` for as long as it runs (released by
+        :meth:`end_leases` or the process's death)."""
+
+    def end_leases(self) -> None:
+        """This process stopped with its journal flushed: give its leases up."""
+
+    def take_lease(self, conn: Any, owner: str) -> bool:
+        """Whether ``owner`` is dead, and if so hold its lease (so that one process alone
+        replays its journal) until :meth:`drop_lease`."""
+
+    def drop_lease(self, conn: Any, owner: str, replayed: bool) -> None:
+        """Give up the lease of :meth:`take_lease`; ``replayed``: its journal is empty,
+        so the lease can go for good."""
 
     def fetch(
         self,
@@ -210,59 +264,233 @@ class BusyRetry:
         return backoff
 
 
+class JournalTaken(Exception):
+    """A flush found fewer of its journal rows than it folded: another process, taking
+    this one for dead, replayed some. Nothing of the flush is committed."""
+
+
 @dataclass
-class CommitResult:
-    """What a committed batch did: duplicates per submission, rows upserted, and the
-    buckets each key of its events touched (see :attr:`~trioagg.store.plan.Plan.touched`)."""
+class Appended:
+    """What a journalled batch did: duplicates per submission, and the events counted."""
 
     duplicates: list[int]
-    rows: int
-    touched: dict[str, tuple[int, int]]
+    events: int
 
 
-def commit_batch(
+def journal_batch(
     conn: Any,
     backend: Backend,
     batch: Sequence[Sequence[Point]],
     policy: WritePolicy,
-    series_seen: SeriesCache,
-) -> CommitResult:
-    """One transaction holding every event of ``batch`` (a list of submissions), as
-    :mod:`~trioagg.store.plan` plans it.
+    owner: str,
+    head: Head,
+) -> Appended:
+    """Append ``batch`` (a list of submissions) to the journal in one transaction, then
+    fold its rollups into ``head``.
 
-    Ids already recorded within the dedup window, and repeats inside the batch,
-    are duplicates and not counted; new ids are recorded in this same
-    transaction, so a failed commit forgets them too. Rows with sketches are
-    inserted whole where their slot is new, else merged with the stored sketches,
-    read under a row lock. ``series_seen`` caches the keys index; it is updated
-    only once the commit succeeded.
-    """
+    Ids already recorded within the dedup window, and repeats inside the batch, are
+    duplicates and not counted; new ids are recorded in this same transaction, so a
+    failed commit forgets them too. The events that count are one journal row of
+    ``owner``'s; once it is committed they are durable, and their rollups join the
+    head (a failure there is contained: see :attr:`Head.stale`)."""
     now = time.time()
     ids = batch_ids(batch)
-    # Without ids nothing in the plan depends on the database: it is made before the
-    # write lock is taken, so that another process's commit to the same file runs
-    # meanwhile instead of waiting for this one's pre-aggregation.
-    plan = None if ids else plan_batch(batch, None, policy, series_seen)
+    kept, duplicates = new_events(batch, None) if not ids else ([], [])
+    # Without ids nothing depends on the database: the blob is made before the write
+    # lock is taken, so another process's commit to the same file runs meanwhile.
+    blob = encode_batch(kept) if kept else b""
     backend.begin(conn)
     try:
-        if plan is None:
+        if ids:
             claimed = backend.claim_ids(conn, ids, now, now - policy.dedup_window)
-            plan = plan_batch(batch, claimed, policy, series_seen)
-        rows = plan.plain
-        if plan.sketched:
-            inserted = backend.insert_new(conn, sketch_rows(plan.sketched))
-            existing = [slot for slot in plan.sketched if slot not in inserted]
-            stored = backend.stored_sketches(conn, existing)
-            rows = [*rows, *merged_rows(plan.sketched, existing, stored)]
-        backend.upsert(conn, rows)
-        if plan.spans:
-            backend.upsert_series(conn, plan.spans)
+            kept, duplicates = new_events(batch, claimed)
+            blob = encode_batch(kept) if kept else b""
+        seq = backend.append_journal(conn, owner, len(kept), blob) if kept else None
+        backend.commit(conn)
+    except BaseException:
+        backend.rollback(conn)
+        raise
+    if seq is not None:
+        try:
+            head.fold(fold_events(kept, policy), seq, len(kept))
+        except Exception:
+            # The events are durable in the journal: the next flush rebuilds the head
+            # from it instead of flushing a head that misses them.
+            log.exception("folding a journalled batch into the head failed; rebuilding it")
+            head.stale = True
+    return Appended(duplicates, len(kept))
+
+
+def fold_events(events: Iterable[JournalEvent | Point], policy: WritePolicy) -> dict[Slot, Rollup]:
+    """The rollups of ``events``, one per slot."""
+    rollups: dict[Slot, Rollup] = {}
+    pre_aggregate(events, policy.bucket, rollups, policy.keeps_quantiles)
+    return rollups
+
+
+def _write_rows(conn: Any, backend: Backend, plan: Plan) -> None:
+    """Inside a transaction: upsert the rows of ``plan`` and widen the keys index. Rows
+    with sketches are inserted whole where their slot is new, else merged with the
+    stored sketches, read under a row lock."""
+    rows = plan.plain
+    if plan.sketched:
+        inserted = backend.insert_new(conn, sketch_rows(plan.sketched))
+        existing = [slot for slot in plan.sketched if slot not in inserted]
+        stored = backend.stored_sketches(conn, existing)
+        rows = [*rows, *merged_rows(plan.sketched, existing, stored)]
+    backend.upsert(conn, rows)
+    if plan.spans:
+        backend.upsert_series(conn, plan.spans)
+
+
+def _write_rows_apart(conn: Any, backend: Backend, plan: Plan) -> list[UpsertRow]:
+    """:func:`_write_rows`, but a row the database refuses (a stored row that cannot
+    take a merge: an old one whose moments overflow) is set aside in
+    ``refused_rollups`` instead of failing the others. Returns the refused rows."""
+    backend.savepoint(conn)
+    try:
+        _write_rows(conn, backend, plan)
+    except Exception as error:
+        if not _tied_to_data(backend, error):
+            raise
+        backend.rollback_to_savepoint(conn)
+    else:
+        backend.release_savepoint(conn)
+        return []
+    refused: list[UpsertRow] = []
+    singles = [Plan([row], {}, [], {}) for row in plan.plain]
+    singles += [Plan([], {slot: rollup}, [], {}) for slot, rollup in plan.sketched.items()]
+    for single in singles:
+        backend.savepoint(conn)
+        try:
+            _write_rows(conn, backend, single)
+        except Exception as error:
+            if not _tied_to_data(backend, error):
+                raise
+            backend.rollback_to_savepoint(conn)
+            row = single.plain[0] if single.plain else sketch_rows(single.sketched)[0]
+            log.error("the rollups table refused a row of %r, set aside: %s", row[0], error)
+            refused.append(row)
+        else:
+            backend.release_savepoint(conn)
+    if plan.spans:
+        backend.upsert_series(conn, plan.spans)
+    backend.set_aside(conn, refused, time.time())
+    return refused
+
+
+def _tied_to_data(backend: Backend, error: Exception) -> bool:
+    """Whether ``error`` belongs to the rows written, not to the store's state now."""
+    return not (
+        isinstance(error, TrioaggError)
+        or backend.is_busy(error)
+        or backend.is_disconnect(error)
+        or backend.outage_reason(error) is not None
+    )
+
+
+def flush_head(
+    conn: Any,
+    backend: Backend,
+    head: Head,
+    owner: str,
+    policy: WritePolicy,
+    series_seen: SeriesCache,
+) -> Plan | None:
+    """Write ``head``'s rows and delete the journal rows they came from, in one
+    transaction; then empty the head. None when there was nothing to flush.
+
+    A head whose batches were partly replayed by another process (:class:`JournalTaken`),
+    or that missed a batch (:attr:`Head.stale`), is first rebuilt from what is left of
+    ``owner``'s journal. A COMMIT that failed may have committed all the same (a
+    connection lost while it ran): the head is then :attr:`Head.uncertain`, and the next
+    flush first looks whether its journal rows are still there."""
+    if head.uncertain:
+        left = backend.count_journal(conn, owner, head.journal[0], head.journal[-1])
+        head.uncertain = False
+        if left == 0:
+            log.info("the last flush did commit (its journal rows are gone)")
+            with head.lock:
+                head.flushed()
+            return None
+        with head.lock:
+            head.committing = False
+        if left != len(head.journal):
+            head.stale = True
+    if head.stale:
+        _rebuild(conn, backend, head, owner, policy)
+    if not head.journal:
+        return None
+    plan = plan_rows(head.rollups, series_seen)
+    first, last, count = head.journal[0], head.journal[-1], len(head.journal)
+    backend.begin(conn)
+    try:
+        plan.refused = _write_rows_apart(conn, backend, plan)
+        if backend.delete_journal(conn, owner, first, last) != count:
+            raise JournalTaken(owner)
+        with head.lock:
+            head.committing = True
+        try:
+            backend.commit(conn)
+        except BaseException:
+            # Maybe committed: reads stay "committing" (and wait) until it is known.
+            head.uncertain = True
+            raise
+        with head.lock:
+            head.flushed()
+    except BaseException as failure:
+        if not head.uncertain:
+            with head.lock:
+                head.committing = False
+        backend.rollback(conn)
+        if isinstance(failure, JournalTaken):
+            log.warning("another process replayed part of this writer's journal; rebuilding")
+            head.stale = True
+        raise
+    series_seen.remember(plan.spans)
+    return plan
+
+
+def _rebuild(conn: Any, backend: Backend, head: Head, owner: str, policy: WritePolicy) -> None:
+    """Make ``head`` the fold of what ``owner``'s journal holds."""
+    rows = backend.read_journal(conn, owner, None, lock=False)
+    head.rebuild(
+        (seq, fold_events(decode_batch(blob), policy), events) for seq, events, blob in rows
+    )
+    head.stale = False
+
+
+def replay_journal(
+    conn: Any,
+    backend: Backend,
+    owner: str,
+    policy: WritePolicy,
+    series_seen: SeriesCache,
+    limit: int,
+) -> tuple[int, int]:
+    """Store up to ``limit`` journal rows of ``owner`` (a process found dead) in one
+    transaction, deleting them in it: each row is replayed once, whoever tries. Returns
+    the rows and events replayed (0 rows: nothing was left)."""
+    backend.begin(conn)
+    try:
+        rows = backend.read_journal(conn, owner, limit, lock=True)
+        if not rows:
+            backend.commit(conn)
+            return 0, 0
+        events: list[JournalEvent] = []
+        for _, _, blob in rows:
+            events.extend(decode_batch(blob))
+        plan = plan_rows(fold_events(events, policy), series_seen)
+        _write_rows_apart(conn, backend, plan)
+        seqs = [seq for seq, _, _ in rows]
+        if backend.delete_journal(conn, owner, seqs[0], seqs[-1]) != len(seqs):
+            raise JournalTaken(owner)
         backend.commit(conn)
     except BaseException:
         backend.rollback(conn)
         raise
     series_seen.remember(plan.spans)
-    return CommitResult(plan.duplicates, plan.rows, plan.touched)
+    return len(rows), len(events)
 
 
 def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
@@ -282,6 +510,24 @@ def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
         )
         for key, bucket, tags, count, shift, s1, s2, low, high, kll, hll in records
     ]
+
+
+@dataclass
+class ReadParts:
+    """A read: the table's rows and the heads' (copies), and the heads' generations and
+    versions of the keys read when the overlay was taken."""
+
+    stored: list[Row]
+    overlay: list[Row]
+    generations: tuple[int, ...]
+    versions: tuple[int, ...]
+
+
+def _of_tenant(rows: list[Row], tenant: str | None) -> list[Row]:
+    """The rows of series tagged ``tenant=<tenant>`` (all of them for None)."""
+    if tenant is None:
+        return rows
+    return [row for row in rows if tags_hold_tenant(row[2], tenant)]
 
 
 class Link:
@@ -412,6 +658,11 @@ class Store:
         for link in self._read_links:
             self._idle_send.send_nowait(link)
         self._series_seen = [SeriesCache() for _ in range(writers)]
+        #: Each writer's unflushed rollups (see :mod:`~trioagg.store.head`).
+        self.heads = [Head() for _ in range(writers)]
+        #: Who this process is in the journal: one owner per writer.
+        process = uuid.uuid4().hex
+        self.owners = [f"{process}/{shard}" for shard in range(writers)]
 
     @classmethod
     async def open(
@@ -432,6 +683,10 @@ class Store:
         except StoreError as error:
             cause = error.__cause__ or error
             raise StoreCannotOpen(backend.description, cause) from error
+        try:  # before any batch is journalled
+            await trio.to_thread.run_sync(backend.hold_leases, store.owners)
+        except OSError as error:
+            raise StoreCannotOpen(backend.description, error) from error
         if backend.shards > 1:
             # A read connection attaches every shard file when it opens: opened after a
             # shard file was lost, it could not open, and the API keys of the main file
@@ -455,9 +710,9 @@ class Store:
         except Exception as error:
             raise StoreCannotOpen(backend.description, error) from error
 
-    async def write(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> CommitResult:
-        """Commit a batch of submissions in one transaction (see :func:`commit_batch`)
-        on write connection ``shard``, retrying while the database is busy.
+    async def append(self, batch: Sequence[Sequence[Point]], shard: int = 0) -> Appended:
+        """Journal a batch of submissions in one transaction and fold it into writer
+        ``shard``'s head (see :func:`journal_batch`), retrying while the database is busy.
 
         Raises :class:`StoreBusy` after ``busy_timeout`` of retries,
         :class:`StoreOutage` when the store cannot commit anything now (unreachable,
@@ -466,8 +721,71 @@ class Store:
         transaction runs waits for it to finish (by its deadline, where it has one).
         """
         return await self._retry_busy(
-            shard, commit_batch, self.backend, batch, self.policy, self._series_seen[shard]
+            shard,
+            journal_batch,
+            self.backend,
+            batch,
+            self.policy,
+            self.owners[shard],
+            self.heads[shard],
         )
+
+    async def flush(self, shard: int = 0) -> Plan | None:
+        """Write writer ``shard``'s head to the table, deleting its journal rows in the
+        same transaction (see :func:`flush_head`); None when there was nothing to write.
+        Raises as :meth:`append` does; the head is then kept, to be flushed again."""
+        head = self.heads[shard]
+        if not head.journal and not head.stale and not head.uncertain:
+            return None
+        return await self._retry_busy(
+            shard,
+            flush_head,
+            self.backend,
+            head,
+            self.owners[shard],
+            self.policy,
+            self._series_seen[shard],
+        )
+
+    async def replay_dead(self, shard: int = 0) -> tuple[int, int]:
+        """Replay the journal rows other processes left in writer ``shard``'s database
+        and died with (their lease is free), a short transaction per
+        :data:`REPLAY_ROWS` rows. Returns the rows and events replayed."""
+        backend = self.backend
+        ours = set(self.owners)
+        owners = await self._retry_busy(shard, backend.journal_owners)
+        replayed = (0, 0)
+        for owner in owners:
+            # Where writers share one database, writer i replays the writers i of others.
+            if owner in ours or int(owner.rpartition("/")[2]) % len(self.heads) != shard:
+                continue
+            if not await self._retry_busy(shard, backend.take_lease, owner):
+                continue  # alive
+            emptied = False
+            try:
+                while True:
+                    rows, events = await self._retry_busy(
+                        shard,
+                        replay_journal,
+                        backend,
+                        owner,
+                        self.policy,
+                        self._series_seen[shard],
+                        REPLAY_ROWS,
+                    )
+                    if not rows:
+                        emptied = True
+                        break
+                    replayed = (replayed[0] + rows, replayed[1] + events)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._retry_busy(shard, backend.drop_lease, owner, emptied)
+        return replayed
+
+    def end_leases(self) -> None:
+        """Every head is flushed: this process's journal is empty, its leases can go."""
+        if not any(head.journal or head.stale or head.uncertain for head in self.heads):
+            self.backend.end_leases()
 
     async def purge_expired_ids(self) -> int:
         """Forget ids older than the dedup window in every shard, a short transaction
@@ -519,10 +837,117 @@ class Store:
         tenant: str | None = None,
     ) -> list[Row]:
         """Rows of ``keys`` in ``[start, end)`` (at most ``limit``; with ``tenant`` only
-        those of series tagged with it), read on a connection of the read pool."""
-        return await self._run_read(
-            self.backend.fetch, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
+        those of series tagged with it), read on a connection of the read pool: the
+        table's, and the heads' of this process (so a read after an acknowledged write
+        sees it). Rows of one slot may come from both: merging them is the reader's."""
+        parts = await self.read_parts(
+            keys, start, end, sketches=sketches, limit=limit, tenant=tenant
         )
+        return [*parts.stored, *parts.overlay]
+
+    async def read_parts(
+        self,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        *,
+        sketches: bool = False,
+        limit: int | None = None,
+        tenant: str | None = None,
+    ) -> ReadParts:
+        """:meth:`read`, the table's rows and the heads' apart, with the heads' state
+        they were read at (see :meth:`overlay`)."""
+        return await self._run_read(
+            self._fetch_with_heads, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
+        )
+
+    def _fetch_with_heads(
+        self,
+        conn: Any,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        *,
+        sketches: bool,
+        limit: int | None,
+        tenant: str | None,
+    ) -> ReadParts:
+        """In a read thread: the table's rows and the heads' overlay, read again when a
+        flush committed meanwhile (the table may then hold rows the overlay holds too)."""
+        delay = 0.001
+        for _ in range(_READ_TRIES):
+            marks = [head.mark() for head in self.heads]
+            rows = self.backend.fetch(
+                conn, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
+            )
+            for head in self.heads:
+                head.lock.acquire()
+            try:
+                if all(h.unchanged_since(m) for h, m in zip(self.heads, marks, strict=True)):
+                    overlay = [
+                        row
+                        for head in self.heads
+                        for row in head.overlay(keys, start, end, sketches=sketches)
+                    ]
+                    return ReadParts(
+                        rows, _of_tenant(overlay, tenant), self.generations(), self.versions(keys)
+                    )
+            finally:
+                for head in self.heads:
+                    head.lock.release()
+            time.sleep(delay)  # a flush is committing: it ends within milliseconds
+            delay = min(delay * 2, 0.05)
+        raise StoreBusy(f"flushes kept committing during {_READ_TRIES} tries of a read")
+
+    def generations(self) -> tuple[int, ...]:
+        """The flushes each head committed: while they are the same, the table holds
+        nothing more of this process's than when they were read."""
+        return tuple(head.generation for head in self.heads)
+
+    def versions(self, keys: Sequence[str]) -> tuple[int, ...]:
+        """The heads' versions of ``keys``: while they are the same, the heads hold the
+        same rollups of them (safe on the event loop, without the heads' locks)."""
+        return tuple(version for head in self.heads for version in head.key_versions(keys))
+
+    async def overlay(
+        self,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        *,
+        sketches: bool,
+        tenant: str | None,
+    ) -> tuple[list[Row], tuple[int, ...], tuple[int, ...]] | None:
+        """The heads' rollups of ``keys`` in ``[start, end)`` (copies), with the heads'
+        generations and the keys' versions then; None while a flush commits (the table
+        may or may not hold its rows yet). On the event loop where no head is being
+        folded into, else in a worker thread (a fold holds a head for milliseconds)."""
+        Found = tuple[list[Row], tuple[int, ...], tuple[int, ...]] | None
+
+        def collect(blocking: bool) -> tuple[bool, Found]:
+            """(whether every head's lock was taken, what was found then)."""
+            taken: list[Head] = []
+            try:
+                for head in self.heads:
+                    if not head.lock.acquire(blocking=blocking):
+                        return False, None
+                    taken.append(head)
+                if any(head.committing for head in self.heads):
+                    return True, None
+                rows = [
+                    row
+                    for head in self.heads
+                    for row in head.overlay(keys, start, end, sketches=sketches)
+                ]
+                return True, (_of_tenant(rows, tenant), self.generations(), self.versions(keys))
+            finally:
+                for head in taken:
+                    head.lock.release()
+
+        done, found = collect(blocking=False)
+        if not done:
+            done, found = await trio.to_thread.run_sync(collect, True)
+        return found
 
     async def list_keys(
         self, prefix: str, after: str, limit: int, tenant: str | None = None
@@ -572,6 +997,7 @@ class Store:
         def close_all() -> None:
             for link in [*self._write_links, *self._read_links]:
                 link.close()
+            self.end_leases()
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close_all)

@@ -1,24 +1,24 @@
-"""Planning a batch commit: the submissions in, the rows and series spans to write out.
+"""Planning the store's writes: which events of a batch count, and what a flush writes.
 
-Pure and database-free; every backend runs the same plan (see
-:func:`~trioagg.store.base.commit_batch`), one SQLite file or shard files or
-PostgreSQL alike. For a batch (a list of submissions of events),
-:func:`batch_ids` names the idempotency ids the store must claim; given the
-ones it claimed, :func:`plan_batch` drops the duplicates (ids claimed before,
-and repeats inside the batch), pre-aggregates the rest into one rollup per
-slot and splits them into plain rows, upserted as they are, and rows with
-sketches, which must be merged with the sketches stored in their slots
-(:func:`sketch_rows`, :func:`merged_rows`). It also names the series whose
-span in the keys index the batch widens, as far as a :class:`SeriesCache`
-knows the index, and the span of buckets each key of the batch touches (for
-the read cache, gathered here in the writer's thread rather than on the event
-loop).
+Pure and database-free; every backend runs the same plans (see
+:mod:`~trioagg.store.base`), one SQLite file or shard files or PostgreSQL
+alike. For a batch (a list of submissions of events), :func:`batch_ids` names
+the idempotency ids the store must claim; given the ones it claimed,
+:func:`new_events` drops the duplicates (ids claimed before, and repeats
+inside the batch). The events that count are journalled and their rollups
+folded into the writer's head (:mod:`~trioagg.store.head`). For a flush of
+those rollups, :func:`plan_rows` splits them into plain rows, upserted as
+they are, and rows with sketches, which must be merged with the sketches
+stored in their slots (:func:`sketch_rows`, :func:`merged_rows`); it also
+names the series whose span in the keys index the flush widens, as far as a
+:class:`SeriesCache` knows the index, and the span of buckets each key
+flushed touches (for the read cache).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..ingest import Point
@@ -29,7 +29,6 @@ from ..rollup import (
     decode_quantiles,
     encode_distinct,
     encode_quantiles,
-    pre_aggregate,
 )
 
 #: A series in the keys index: (key, tags JSON, first bucket, last bucket).
@@ -52,34 +51,31 @@ class WritePolicy:
 
 @dataclass
 class Plan:
-    """What one batch writes."""
+    """What one flush writes."""
 
-    #: Per submission, how many of its events were duplicates (and are not counted).
-    duplicates: list[int]
     #: Rows without sketches: upserted as they are.
     plain: list[UpsertRow]
     #: Rollups with sketches, in sorted slot order (so that concurrent writers lock
     #: rows in one order and never deadlock): inserted whole where their slot is new,
     #: else merged with the stored sketches first.
     sketched: dict[Slot, Rollup]
-    #: Series whose span in the keys index this batch widens, widened.
+    #: Series whose span in the keys index this flush widens, widened.
     spans: list[SeriesSpan]
-    #: The first and last bucket of each key of the batch's events, duplicates included:
-    #: the read cache drops its answers over that key whose range meets that span. (A
-    #: duplicate writes nothing, but the event it repeats may have been stored by another
-    #: process, whose commits this one's cache does not see: dropping its answers lets a
-    #: read after the duplicate's answer see that event.)
+    #: The first and last bucket of each key flushed: the read cache drops its answers
+    #: over that key whose range meets that span.
     touched: dict[str, tuple[int, int]]
+    #: Rows the rollups table refused, set aside (see base._write_rows_apart).
+    refused: list[UpsertRow] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
-        """How many rollup rows the batch writes."""
+        """How many rollup rows the flush writes."""
         return len(self.plain) + len(self.sketched)
 
 
 class SeriesCache(dict[tuple[str, str], tuple[int, int]]):
     """The spans of the keys index one write connection knows to be stored, so that a
-    batch upserts only the series it widens. At most ``limit`` series: the oldest are
+    flush upserts only the series it widens. At most ``limit`` series: the oldest are
     forgotten first (a forgotten series costs one more upsert, never a wrong answer)."""
 
     def __init__(self, limit: int = 100_000) -> None:
@@ -98,39 +94,35 @@ def batch_ids(batch: Sequence[Sequence[Point]]) -> list[str]:
     return list({p[5] for points in batch for p in points if p[5] is not None})
 
 
-def plan_batch(
-    batch: Sequence[Sequence[Point]],
-    claimed: Collection[str] | None,
-    policy: WritePolicy,
-    seen: dict[tuple[str, str], tuple[int, int]],
-) -> Plan:
-    """The rows and series spans ``batch`` writes. ``claimed``: the ids of
-    :func:`batch_ids` the store claimed (None when the batch has none). An event with
-    an id counts only if its id was claimed, and only where the id first appears in
-    the batch: ids recorded before and repeats inside the batch are duplicates.
-    ``seen``: the spans of the keys index known to be stored (read, never changed)."""
+def new_events(
+    batch: Sequence[Sequence[Point]], claimed: Collection[str] | None
+) -> tuple[list[Point], list[int]]:
+    """The events of ``batch`` (a list of submissions) that count, and per submission
+    how many did not. ``claimed``: the ids of :func:`batch_ids` the store claimed (None
+    when the batch has none). An event with an id counts only if its id was claimed, and
+    only where the id first appears in the batch: ids recorded before and repeats inside
+    the batch are duplicates."""
+    if claimed is None:
+        return [point for points in batch for point in points], [0] * len(batch)
+    kept: list[Point] = []
     duplicates = []
-    rollups: dict[Slot, Rollup] = {}
-    touched: dict[str, tuple[int, int]] = {}
-    width = policy.bucket
-    unclaimed = None if claimed is None else set(claimed)
+    unclaimed = set(claimed)
     for points in batch:
-        kept: Sequence[Point] = points
-        if unclaimed is not None:
-            kept = []
-            for point in points:
-                if point[5] is None:
-                    kept.append(point)
-                elif point[5] in unclaimed:
-                    unclaimed.discard(point[5])  # a repeat later in the batch is a duplicate
-                    kept.append(point)
-                else:  # a duplicate, in no rollup: it still counts (see Plan.touched)
-                    bucket = int(point[1] // width) * width
-                    _widen(touched, point[0], bucket, bucket)
-        duplicates.append(len(points) - len(kept))
-        pre_aggregate(kept, width, rollups, policy.keeps_quantiles)
-    # One comprehension with the columns spelled out: the writer's hottest loop after
-    # pre-aggregation (0.51 -> 0.40 us per event with 1,000 keys x 24 h).
+        before = len(kept)
+        for point in points:
+            if point[5] is None:
+                kept.append(point)
+            elif point[5] in unclaimed:
+                unclaimed.discard(point[5])  # a repeat later in the batch is a duplicate
+                kept.append(point)
+        duplicates.append(len(points) - (len(kept) - before))
+    return kept, duplicates
+
+
+def plan_rows(rollups: dict[Slot, Rollup], seen: dict[tuple[str, str], tuple[int, int]]) -> Plan:
+    """The rows and series spans a flush of ``rollups`` writes. ``seen``: the spans of
+    the keys index known to be stored (read, never changed)."""
+    # One comprehension with the columns spelled out: the flush's hottest loop.
     plain: list[UpsertRow] = [
         (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, None, None)
         for (key, bucket, tags), r in rollups.items()
@@ -147,10 +139,10 @@ def plan_batch(
             )
         }
     series = _series_spans(rollups)
-    # The counted events' spans from their series': one per series, not one per event.
+    touched: dict[str, tuple[int, int]] = {}
     for (key, _), (first, last) in series.items():
         _widen(touched, key, first, last)
-    return Plan(duplicates, plain, sketched, _widened_series(series, seen), touched)
+    return Plan(plain, sketched, _widened_series(series, seen), touched)
 
 
 def _widen(spans: dict[Any, tuple[int, int]], name: Any, first: int, last: int) -> None:
@@ -171,16 +163,30 @@ def merged_rows(
     sketched: dict[Slot, Rollup], existing: Sequence[Slot], stored: dict[Slot, StoredSketches]
 ) -> list[UpsertRow]:
     """Rows of the rollups of the ``existing`` slots, their sketches merged with the
-    ``stored`` ones (which the upsert then replaces). Changes the rollups of ``sketched``."""
+    ``stored`` ones (which the upsert then replaces). The rollups of ``sketched`` stay
+    as they are: a flush that fails is tried again with them."""
     rows = []
     for slot in existing:
         quantiles, distinct = stored[slot]
-        stored_rollup = Rollup(0.0, 0)
-        stored_rollup.quantiles = decode_quantiles(quantiles)
-        stored_rollup.distinct = decode_distinct(distinct)
         rollup = sketched[slot]
-        rollup.merge_sketches(stored_rollup)
-        rows.append(_row(slot, rollup))
+        merged = Rollup(0.0, 0)
+        merged.quantiles = decode_quantiles(quantiles)
+        merged.distinct = decode_distinct(distinct)
+        merged.merge_sketches(rollup)
+        kll, hll = encode_quantiles(merged.quantiles), encode_distinct(merged.distinct)
+        rows.append(
+            (
+                *slot,
+                rollup.count,
+                rollup.shift,
+                rollup.s1,
+                rollup.s2,
+                rollup.min,
+                rollup.max,
+                kll,
+                hll,
+            )
+        )
     return rows
 
 

@@ -21,9 +21,11 @@ or a transaction that outlives the deadline.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any, Final
 
 import psycopg
@@ -65,6 +67,30 @@ _SCHEMA = [
     )""",
     "CREATE INDEX IF NOT EXISTS event_ids_by_seen ON event_ids (seen)",
     KEYS_TABLE,
+    # Batches committed and not flushed yet (see trioagg.store.head).
+    """CREATE TABLE IF NOT EXISTS journal (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        owner TEXT COLLATE "C" NOT NULL,
+        events INTEGER NOT NULL,
+        batch BYTEA NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS journal_by_owner ON journal (owner, seq)",
+    # Rollups the rollups table refused at a flush (a stored row that cannot take a
+    # merge), kept rather than lost: the same columns, and when.
+    """CREATE TABLE IF NOT EXISTS refused_rollups (
+        key TEXT NOT NULL,
+        bucket BIGINT NOT NULL,
+        tags TEXT NOT NULL,
+        count BIGINT NOT NULL,
+        shift DOUBLE PRECISION NOT NULL,
+        s1 DOUBLE PRECISION NOT NULL,
+        s2 DOUBLE PRECISION NOT NULL,
+        min DOUBLE PRECISION NOT NULL,
+        max DOUBLE PRECISION NOT NULL,
+        quantiles_kll BYTEA,
+        distinct_hll BYTEA,
+        refused_at DOUBLE PRECISION NOT NULL
+    )""",
 ]
 
 # Taken while creating the schema, so that processes starting together do not race.
@@ -113,6 +139,7 @@ class PostgresBackend(SQLBackend):
     least = "LEAST"
     greatest = "GREATEST"
     row_lock = " ORDER BY key, bucket, tags FOR UPDATE"
+    row_lock_plain = " FOR UPDATE"
     ordered_writes = True
     can_disconnect = True
     position = "strpos"
@@ -127,6 +154,9 @@ class PostgresBackend(SQLBackend):
         self.description = f"postgresql {where}"  # never the password
         self._options = str(info.get("options") or "")
         self.connect_timeout = max(_LEAST_CONNECT_SECONDS, math.ceil(timeout))
+        #: The journal owner of each writer of this process, whose lease its write
+        #: connection holds.
+        self._owners: list[str] = []
 
     def deadline(self, *, write: bool) -> float:
         return self.timeout * (WRITE_DEADLINES if write else 1)
@@ -163,10 +193,35 @@ class PostgresBackend(SQLBackend):
         )
         try:
             conn.lifeline = socket.socket(fileno=os.dup(conn.fileno()))
-        except OSError:  # out of file descriptors
+            if write and shard < len(self._owners):
+                # The lease of this writer's journal: held by its session, shared so that
+                # only a process that finds no session holding it takes it (take_lease).
+                conn.execute(
+                    "SELECT pg_advisory_lock_shared(%s)", (_lease_key(self._owners[shard]),)
+                )
+        except BaseException:  # out of file descriptors, or the server went
             conn.close()
             raise
         return conn
+
+    # -- Leases: a session-level advisory lock per journal owner, held shared by the
+    # owner's write connection; the server releases it when that session ends, however
+    # it ends. A lease lost to a dropped connection while its process lives lets another
+    # process replay some of its journal: the flush then finds fewer rows than it folded,
+    # and rebuilds its head (trioagg.store.base.flush_head), so nothing counts twice.
+
+    def hold_leases(self, owners: Sequence[str]) -> None:
+        self._owners = list(owners)
+
+    def end_leases(self) -> None:
+        pass  # the sessions holding them close with the store
+
+    def take_lease(self, conn: Any, owner: str) -> bool:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_lease_key(owner),)).fetchone()
+        return bool(row[0])
+
+    def drop_lease(self, conn: Any, owner: str, replayed: bool) -> None:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (_lease_key(owner),))
 
     def interrupt(self, conn: _Connection) -> None:
         conn.interrupt()
@@ -224,3 +279,10 @@ class PostgresBackend(SQLBackend):
         if self.is_disconnect(error):
             return "the database server cannot be reached"
         return None
+
+
+def _lease_key(owner: str) -> int:
+    """The advisory lock key of a journal owner: 64 bits of a hash of its name."""
+    return int.from_bytes(
+        hashlib.blake2b(owner.encode(), digest_size=8).digest(), "big", signed=True
+    )

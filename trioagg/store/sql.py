@@ -18,12 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgspec
-
 from ..errors import ConfigError
 from ..rollup import Slot
 from ..settings import BUCKET_NAMES
 from .base import KeyInfo, Row, to_rows
+from .head import tenant_needles
 from .plan import SeriesSpan, StoredSketches, UpsertRow
 
 SCHEMA_VERSION = "2"
@@ -69,6 +68,8 @@ class SQLBackend:
     greatest = "max"
     #: Appended to the read of stored sketches: a row lock where writers run concurrently.
     row_lock = ""
+    #: Appended to a read of rows to lock them (no ORDER BY of its own).
+    row_lock_plain = ""
     #: Whether upserts go in sorted order, so that concurrent writers never deadlock.
     ordered_writes = False
     #: Whether a connection can be lost under the service (a database server's can; a
@@ -98,6 +99,9 @@ class SQLBackend:
         self._insert_new = self._sql(
             f"INSERT INTO rollups ({COLUMNS}) VALUES ({', '.join('?' * 11)}) "
             "ON CONFLICT (key, bucket, tags) DO NOTHING"
+        )
+        self._append_journal = self._sql(
+            "INSERT INTO journal (owner, events, batch) VALUES (?, ?, ?) RETURNING seq"
         )
         self._upsert_series = self._sql(f"""
             INSERT INTO series AS s (key, tags, first_bucket, last_bucket) VALUES (?, ?, ?, ?)
@@ -166,6 +170,61 @@ class SQLBackend:
             self._upsert_series, sorted(spans) if self.ordered_writes else spans
         )
 
+    def savepoint(self, conn: Any) -> None:
+        conn.execute("SAVEPOINT rows")
+
+    def release_savepoint(self, conn: Any) -> None:
+        conn.execute("RELEASE SAVEPOINT rows")
+
+    def rollback_to_savepoint(self, conn: Any) -> None:
+        conn.execute("ROLLBACK TO SAVEPOINT rows")
+        conn.execute("RELEASE SAVEPOINT rows")
+
+    def set_aside(self, conn: Any, rows: Sequence[UpsertRow], now: float) -> None:
+        if rows:
+            conn.cursor().executemany(
+                self._sql(
+                    f"INSERT INTO refused_rollups ({COLUMNS}, refused_at) "
+                    f"VALUES ({', '.join('?' * 12)})"
+                ),
+                [(*row, now) for row in rows],
+            )
+
+    def append_journal(self, conn: Any, owner: str, events: int, blob: bytes) -> int:
+        seq: int = conn.execute(self._append_journal, (owner, events, blob)).fetchone()[0]
+        return seq
+
+    def read_journal(
+        self, conn: Any, owner: str, limit: int | None, *, lock: bool
+    ) -> list[tuple[int, int, bytes]]:
+        rows = conn.execute(
+            self._sql(
+                "SELECT seq, events, batch FROM journal WHERE owner = ? ORDER BY seq"
+                + ("" if limit is None else " LIMIT ?")
+                + (self.row_lock_plain if lock else "")
+            ),
+            (owner,) if limit is None else (owner, limit),
+        ).fetchall()
+        return [(seq, events, bytes(blob)) for seq, events, blob in rows]
+
+    def delete_journal(self, conn: Any, owner: str, first: int, last: int) -> int:
+        cursor = conn.execute(
+            self._sql("DELETE FROM journal WHERE owner = ? AND seq >= ? AND seq <= ?"),
+            (owner, first, last),
+        )
+        count: int = cursor.rowcount
+        return count
+
+    def count_journal(self, conn: Any, owner: str, first: int, last: int) -> int:
+        count: int = conn.execute(
+            self._sql("SELECT count(*) FROM journal WHERE owner = ? AND seq >= ? AND seq <= ?"),
+            (owner, first, last),
+        ).fetchone()[0]
+        return count
+
+    def journal_owners(self, conn: Any) -> list[str]:
+        return [row[0] for row in conn.execute("SELECT DISTINCT owner FROM journal").fetchall()]
+
     def fetch(
         self,
         conn: Any,
@@ -233,19 +292,12 @@ class SQLBackend:
 
     def _tenant_clause(self, tenant: str | None) -> tuple[str, tuple[str, ...]]:
         """`` AND <tags hold tenant=VALUE>`` and its parameters; nothing for no tenant.
-
-        Tags are canonical JSON (msgspec, keys sorted, strings escaped the same way
-        every time), so the pair is found as text: ``"tenant":<VALUE as JSON>`` right
-        after ``{`` or ``,``. Inside a JSON string every quote is escaped, so a quote
-        after ``{`` or ``,`` starts a member name, and the encoded value then ends
-        exactly where its closing quote is: another tag's value that merely contains
-        the text cannot match, nor can a longer value (``acme2`` for ``acme``).
-        """
+        Tags are canonical JSON (msgspec, keys sorted, strings escaped the same way every
+        time), so the pair is found as text (see :func:`~trioagg.store.head.tenant_needles`)."""
         if tenant is None:
             return "", ()
-        pair = '"tenant":' + msgspec.json.encode(tenant).decode()
         clause = f" AND ({self.position}(tags, ?) > 0 OR {self.position}(tags, ?) > 0)"
-        return clause, ("{" + pair, "," + pair)
+        return clause, tenant_needles(tenant)
 
     # -- API keys: every statement a single one, so none needs a transaction of its own.
 

@@ -23,6 +23,8 @@ that ``UNION ALL`` the shards' tables.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import sqlite3
@@ -70,6 +72,31 @@ _SHARD_SCHEMA = [
         seen REAL NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS event_ids_by_seen ON event_ids (seen)",
+    # Batches committed and not flushed yet (see trioagg.store.head); AUTOINCREMENT so
+    # that a sequence number is never reused, even once the table was emptied.
+    """CREATE TABLE IF NOT EXISTS journal (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner TEXT NOT NULL,
+        events INTEGER NOT NULL,
+        batch BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS journal_by_owner ON journal (owner, seq)",
+    # Rollups the rollups table refused at a flush (a stored row that cannot take a
+    # merge), kept rather than lost: the same columns, and when.
+    """CREATE TABLE IF NOT EXISTS refused_rollups (
+        key TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        tags TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        shift REAL NOT NULL,
+        s1 REAL NOT NULL,
+        s2 REAL NOT NULL,
+        min REAL NOT NULL,
+        max REAL NOT NULL,
+        quantiles_kll BLOB,
+        distinct_hll BLOB,
+        refused_at REAL NOT NULL
+    )""",
 ]
 
 #: What the shard tables read as on a read connection of a store of several shards.
@@ -134,6 +161,10 @@ class SQLiteBackend(SQLBackend):
         files = f", {shards} shard files" if shards > 1 else ""
         #: (device, inode) of each shard file once the store is prepared, for the reads.
         self._identities: list[tuple[int, int] | None] = []
+        #: Lock files of this process's journal owners (held shared while it lives), and
+        #: of dead owners whose journal it replays (held exclusively meanwhile).
+        self._held: dict[str, int] = {}
+        self._taken: dict[str, int] = {}
         self.description = f"sqlite {path} (synchronous={sync}{files})"
 
     def connect(self, *, write: bool, shard: int = 0) -> sqlite3.Connection:
@@ -221,7 +252,8 @@ class SQLiteBackend(SQLBackend):
                 # A shard file left by a creation that crashed before its main file
                 # committed is empty; one with data belongs to a store whose main file
                 # is gone, and must not join a new one.
-                if new and conn.execute("SELECT 1 FROM rollups LIMIT 1").fetchall():
+                held = "SELECT 1 FROM rollups UNION ALL SELECT 1 FROM journal LIMIT 1"
+                if new and conn.execute(held).fetchall():
                     raise ConfigError(
                         f"{path} holds data of another store (its main file {self.path} "
                         "is new): move it away, or restore that store's main file"
@@ -260,6 +292,65 @@ class SQLiteBackend(SQLBackend):
                 f"{path} is shard {number} of {shards} of another store, not shard {shard} "
                 f"of {self.shards} of {self.path}"
             )
+
+    # -- Leases: a lock file per journal owner in <db>-owners/, held with flock(2) by the
+    # process that owns it (shared) for as long as it lives. The kernel releases it when
+    # the process dies, however it dies: a process that can lock it exclusively knows
+    # its owner dead. (flock, not fcntl locks: SQLite's own fcntl locks on other files
+    # are unaffected, and a lock belongs to its open file, not to the whole process.)
+
+    def _lease_path(self, owner: str) -> str:
+        return os.path.join(f"{self.path}-owners", owner.replace("/", "-") + ".lock")
+
+    def hold_leases(self, owners: Sequence[str]) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(f"{self.path}-owners")  # beside the store's file, never its folder
+        for owner in owners:
+            fd = os.open(self._lease_path(owner), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._held[owner] = fd
+
+    def end_leases(self) -> None:
+        for owner, fd in list(self._held.items()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lease_path(owner))
+            os.close(fd)
+            del self._held[owner]
+
+    def take_lease(self, conn: Any, owner: str) -> bool:
+        try:
+            fd = os.open(self._lease_path(owner), os.O_RDWR)
+        except FileNotFoundError:
+            return True  # removed by a process that replayed it: whatever is left is ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._taken[owner] = fd
+        return True
+
+    def drop_lease(self, conn: Any, owner: str, replayed: bool) -> None:
+        fd = self._taken.pop(owner, None)
+        if fd is None:
+            return
+        if replayed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lease_path(owner))
+        os.close(fd)
+
+    def journal_owners(self, conn: Any) -> list[str]:
+        """The owners with rows in this shard's journal, and the dead owners of this
+        shard whose lock file is left (a process killed with nothing unflushed), so that
+        their files are removed too."""
+        owners = set(super().journal_owners(conn))
+        shard = next(s for s in range(self.shards) if shard_path(self.path, s) == conn.path)
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(f"{self.path}-owners"):
+                process, _, rest = name.partition("-")
+                if rest == f"{shard}.lock":
+                    owners.add(f"{process}/{shard}")
+        return sorted(owners)
 
     def begin(self, conn: Any) -> None:
         # Only for write connections; a stat per transaction costs microseconds.

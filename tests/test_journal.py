@@ -1,0 +1,201 @@
+"""The journal and the head on their own, on a real SQLite file and without a server:
+whatever the interleaving of appends, flushes, failed flushes, crashes and replays by
+another process, the rollups table ends up equal to the fold of the acknowledged events,
+and a read (table plus head) never counts an event twice or misses one."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trioagg.ingest import Point
+from trioagg.store.base import JournalTaken, flush_head, journal_batch, replay_journal
+from trioagg.store.head import Head, decode_batch, encode_batch
+from trioagg.store.plan import SeriesCache, WritePolicy
+from trioagg.store.sqlite import SQLiteBackend
+
+HOUR = 3600
+POLICY = WritePolicy(HOUR, 86400.0, lambda key: False)
+
+
+class FailingBackend(SQLiteBackend):
+    """A real SQLite store whose next COMMIT fails on cue: before it runs (nothing
+    committed) or after it ran (committed, but the caller is told it failed, as when a
+    connection drops while the server commits)."""
+
+    fail: str | None = None
+
+    def commit(self, conn: Any) -> None:
+        fail, self.fail = self.fail, None
+        if fail == "before":
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        super().commit(conn)
+        if fail == "after":
+            raise sqlite3.OperationalError("connection lost after COMMIT (injected)")
+
+
+def event(key: str, hour: int, value: int, event_id: str | None = None) -> Point:
+    return (key, hour * HOUR + 1.0, float(value), "{}", None, event_id)
+
+
+def table(conn: sqlite3.Connection) -> dict[tuple[str, int], tuple[int, float, float, float]]:
+    rows = conn.execute("SELECT key, bucket, count, count * shift + s1, min, max FROM rollups")
+    return {(k, b): (c, s, lo, hi) for k, b, c, s, lo, hi in rows}
+
+
+def fold(events: list[Point]) -> dict[tuple[str, int], tuple[int, float, float, float]]:
+    folded: dict[tuple[str, int], list[float]] = {}
+    for key, ts, value, *_ in events:
+        folded.setdefault((key, int(ts) // HOUR * HOUR), []).append(value)
+    return {slot: (len(v), sum(v), min(v), max(v)) for slot, v in folded.items()}
+
+
+def read(conn: sqlite3.Connection, heads: list[Head]) -> Counter[tuple[str, int]]:
+    """Counts per slot as a read sees them: the table's, and the heads' on top."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for (key, bucket), (count, *_) in table(conn).items():
+        counts[(key, bucket)] += count
+    for head in heads:
+        for (key, bucket, _), rollup in head.rollups.items():
+            counts[(key, bucket)] += rollup.count
+    return counts
+
+
+def test_a_journal_blob_holds_the_events_without_their_ids() -> None:
+    points = [event("a", 1, 5, "id-1"), ("b", 2.5, -1.0, '{"t":"x"}', "user", None)]
+    assert decode_batch(encode_batch(points)) == [(*p[:5], None) for p in points]
+
+
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c"]),
+        st.integers(0, 3),
+        st.integers(-50, 50),
+        st.one_of(st.none(), st.sampled_from(["i1", "i2", "i3"])),
+    ).map(lambda t: event(*t)),
+    min_size=1,
+    max_size=8,
+)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), events),
+        st.tuples(st.just("flush"), st.sampled_from([None, "before", "after"])),
+        st.tuples(st.just("crash"), st.none()),
+        st.tuples(st.just("steal"), st.none()),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations=operations)
+def test_any_interleaving_stores_exactly_the_acknowledged_events(
+    operations: list[tuple[str, Any]],
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        check_interleaving(Path(folder) / "s.db", operations)
+
+
+def check_interleaving(path: Path, operations: list[tuple[str, Any]]) -> None:
+    backend = FailingBackend(str(path))
+    conn = backend.connect(write=True)
+    backend.prepare(conn, HOUR)
+    other = SQLiteBackend(str(path))  # another process on the same file
+    other_conn = other.connect(write=True)
+    seen, other_seen = SeriesCache(), SeriesCache()
+    generation = 0
+    owner, head = f"p{generation}/0", Head()
+    acknowledged: list[Point] = []
+    claimed: set[str] = set()
+    # Rows of a live process replayed by another (its lease lost) count twice in its
+    # reads until its next flush finds them gone and rebuilds its head.
+    stolen = False
+    for operation, argument in operations:
+        if operation == "append":
+            appended = journal_batch(conn, backend, [argument], POLICY, owner, head)
+            kept = []
+            for point in argument:
+                if point[5] is None or point[5] not in claimed:
+                    kept.append(point)
+                    claimed.add(point[5])
+            assert appended.events == len(kept)
+            acknowledged.extend(kept)
+        elif operation == "flush":
+            backend.fail = argument
+            try:
+                flush_head(conn, backend, head, owner, POLICY, seen)
+            except (sqlite3.OperationalError, JournalTaken):
+                backend.rollback(conn)
+            else:
+                stolen = False
+            backend.fail = None  # unused when there was nothing to flush
+        elif operation == "crash":  # the process dies; a new one starts on the file
+            generation += 1
+            dead, owner, head = owner, f"p{generation}/0", Head()
+            while replay_journal(conn, backend, dead, POLICY, seen, 2)[0]:
+                pass
+            stolen = False
+        elif operation == "steal":  # another process takes this live one for dead
+            while replay_journal(other_conn, other, owner, POLICY, other_seen, 3)[0]:
+                pass
+            stolen = stolen or bool(head.journal)
+        if not (head.stale or head.uncertain or stolen):
+            # What a read sees between operations: every acknowledged event, once.
+            assert read(conn, [head]) == Counter(
+                {slot: count for slot, (count, *_) in fold(acknowledged).items()}
+            )
+    try:  # as the writer does: a flush that finds its rows taken rebuilds, and again
+        flush_head(conn, backend, head, owner, POLICY, seen)
+    except JournalTaken:
+        backend.rollback(conn)
+        flush_head(conn, backend, head, owner, POLICY, seen)
+    assert conn.execute("SELECT count(*) FROM journal").fetchone() == (0,)
+    assert table(conn) == fold(acknowledged)
+    conn.close()
+    other_conn.close()
+
+
+def test_a_flush_whose_commit_failed_after_committing_is_not_written_twice(
+    tmp_path: Path,
+) -> None:
+    backend = FailingBackend(str(tmp_path / "s.db"))
+    conn = backend.connect(write=True)
+    backend.prepare(conn, HOUR)
+    head, seen = Head(), SeriesCache()
+    journal_batch(conn, backend, [[event("a", 0, 3), event("a", 0, 4)]], POLICY, "p/0", head)
+    backend.fail = "after"
+    with pytest.raises(sqlite3.OperationalError):
+        flush_head(conn, backend, head, "p/0", POLICY, seen)
+    assert head.uncertain and head.committing  # reads wait until it is known
+    assert flush_head(conn, backend, head, "p/0", POLICY, seen) is None  # found committed
+    assert not head.committing and len(head) == 0
+    assert table(conn) == {("a", 0): (2, 7.0, 3.0, 4.0)}
+
+
+def test_a_head_partly_replayed_by_another_process_is_rebuilt_before_it_flushes(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.db")
+    backend = SQLiteBackend(path)
+    conn = backend.connect(write=True)
+    backend.prepare(conn, HOUR)
+    head, seen = Head(), SeriesCache()
+    journal_batch(conn, backend, [[event("a", 0, 1)]], POLICY, "p/0", head)
+    other = SQLiteBackend(path)
+    other_conn = other.connect(write=True)
+    assert replay_journal(other_conn, other, "p/0", POLICY, SeriesCache(), 10) == (1, 1)
+    journal_batch(conn, backend, [[event("a", 0, 2)]], POLICY, "p/0", head)
+    with pytest.raises(JournalTaken):
+        flush_head(conn, backend, head, "p/0", POLICY, seen)
+    assert head.stale
+    flush_head(conn, backend, head, "p/0", POLICY, seen)
+    assert table(conn) == {("a", 0): (2, 3.0, 1.0, 2.0)}
+    other_conn.close()
+    conn.close()
