@@ -185,9 +185,11 @@ def pre_aggregate(
     width: int,
     into: dict[Slot, Rollup],
     keeps_quantiles: Callable[[str], bool],
+    created: list[Slot] | None = None,
 ) -> None:
     """Add events ``(key, ts, value, tags, distinct_id, id)`` to the rollups of their
-    slots in ``into``; quantile sketches only for keys where ``keeps_quantiles``."""
+    slots in ``into``; quantile sketches only for keys where ``keeps_quantiles``. The
+    slots it adds to ``into`` are appended to ``created`` when given."""
     get = into.get
     for key, ts, value, tags, distinct_id, _ in points:
         slot = (key, int(ts // width) * width, tags)
@@ -196,6 +198,8 @@ def pre_aggregate(
             rollup = into[slot] = Rollup(value)
             if keeps_quantiles(key):
                 rollup.quantiles = new_quantiles()
+            if created is not None:
+                created.append(slot)
         else:  # the hottest lines of the writer: Rollup.merge of one value, inlined
             rollup.count += 1
             delta = value - rollup.shift

@@ -312,7 +312,7 @@ def journal_batch(
         raise
     if seq is not None:
         try:
-            head.fold(fold_events(kept, policy), seq, len(kept))
+            head.add(kept, seq, policy.bucket, policy.keeps_quantiles)
         except Exception:
             # The events are durable in the journal: the next flush rebuilds the head
             # from it instead of flushing a head that misses them.
@@ -455,7 +455,7 @@ def _rebuild(conn: Any, backend: Backend, head: Head, owner: str, policy: WriteP
     """Make ``head`` the fold of what ``owner``'s journal holds."""
     rows = backend.read_journal(conn, owner, None, lock=False)
     head.rebuild(
-        (seq, fold_events(decode_batch(blob), policy), events) for seq, events, blob in rows
+        ((seq, decode_batch(blob)) for seq, _, blob in rows), policy.bucket, policy.keeps_quantiles
     )
     head.stale = False
 

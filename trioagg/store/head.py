@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -35,13 +35,14 @@ from ..rollup import (
     decode_quantiles,
     encode_distinct,
     encode_quantiles,
+    pre_aggregate,
 )
 
 #: A stored row, as :meth:`~trioagg.store.base.Backend.fetch` returns it.
 Row = tuple[str, int, str, Rollup]
-#: What a journal row holds per event: an event without its id (claimed when the row
-#: was appended, so a replay needs it no more).
-JournalEvent = tuple[str, float, float, str, str | None, None]
+#: What a journal row holds per event: an event as it was accepted (its id, claimed
+#: when the row was appended, is not used again).
+JournalEvent = tuple[str, float, float, str, str | None, str | None]
 
 #: What a rollup of the head is taken to hold in memory (the rollup, its slot and the
 #: two dictionaries that index it), and a sketch besides (a KLL of k=200 or an HLL of
@@ -50,14 +51,14 @@ ROW_BYTES = 400
 SKETCH_BYTES = 4096
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(list[tuple[str, float, float, str, str | None, None]])
+_decoder = msgspec.msgpack.Decoder(list[JournalEvent])
 #: Head versions of keys come from one counter, so a version is never seen twice.
 _versions = itertools.count(1)
 
 
-def encode_batch(points: Iterable[Point]) -> bytes:
-    """A journal row's blob: the events (MessagePack), without their ids."""
-    return _encoder.encode([(*point[:5], None) for point in points])
+def encode_batch(points: Sequence[Point]) -> bytes:
+    """A journal row's blob: the events, as MessagePack."""
+    return _encoder.encode(points)
 
 
 def decode_batch(blob: bytes) -> list[JournalEvent]:
@@ -139,31 +140,35 @@ class Head:
         """About how many bytes the head holds (see :data:`ROW_BYTES`)."""
         return len(self.rollups) * ROW_BYTES + self.sketches * SKETCH_BYTES
 
-    def fold(self, rollups: dict[Slot, Rollup], seq: int, events: int) -> None:
-        """Add a journalled batch's rollups (taken over: not to be used by the caller)."""
+    def add(
+        self,
+        events: Sequence[Point | JournalEvent],
+        seq: int,
+        width: int,
+        keeps_quantiles: Callable[[str], bool],
+    ) -> None:
+        """Fold the events of journal row ``seq`` into the head's rollups: straight into
+        them, under the lock, so that a read sees the whole batch or none of it."""
+        created: list[Slot] = []
         with self.lock:
-            head, by_key, versions = self.rollups, self._by_key, self.versions
-            for slot, rollup in rollups.items():
-                known = head.get(slot)
-                if known is None:
-                    head[slot] = rollup
-                    key, bucket, tags = slot
-                    per_key = by_key.get(key)
-                    if per_key is None:
-                        per_key = by_key[key] = {}
-                    per_key[(bucket, tags)] = rollup
-                    self.sketches += (rollup.quantiles is not None) + (rollup.distinct is not None)
-                else:
-                    had = (known.quantiles is not None) + (known.distinct is not None)
-                    known.merge(rollup)
-                    self.sketches += (
-                        (known.quantiles is not None) + (known.distinct is not None) - had
-                    )
+            pre_aggregate(events, width, self.rollups, keeps_quantiles, created)
+            rollups, by_key = self.rollups, self._by_key
+            for slot in created:
+                key, bucket, tags = slot
+                rollup = rollups[slot]
+                per_key = by_key.get(key)
+                if per_key is None:
+                    per_key = by_key[key] = {}
+                per_key[(bucket, tags)] = rollup
+                # Sketches are counted where their slot is made: a distinct sketch that
+                # a slot takes later is not (keys keep distinct ids or never do).
+                self.sketches += (rollup.quantiles is not None) + (rollup.distinct is not None)
             version = next(_versions)
-            for key in {slot[0] for slot in rollups}:
+            versions = self.versions
+            for key in {event[0] for event in events}:
                 versions[key] = version
             self.journal.append(seq)
-            self.events += events
+            self.events += len(events)
 
     def mark(self) -> Mark:
         return Mark(self.generation, self.committing)
@@ -206,11 +211,16 @@ class Head:
         self.generation += 1
         self.committing = False
 
-    def rebuild(self, rows: Iterable[tuple[int, dict[Slot, Rollup], int]]) -> None:
-        """Replace what the head holds with the fold of journal rows (seq, rollups,
-        events): what is left of this writer's journal after another process took some
-        of it (see :meth:`~trioagg.store.base.Store.flush`)."""
+    def rebuild(
+        self,
+        rows: Iterable[tuple[int, Sequence[JournalEvent]]],
+        width: int,
+        keeps_quantiles: Callable[[str], bool],
+    ) -> None:
+        """Replace what the head holds with the fold of journal rows (seq, events): what
+        is left of this writer's journal after another process took some of it, or
+        after a batch failed to fold (see :func:`~trioagg.store.base.flush_head`)."""
         with self.lock:
             self.flushed()  # a new generation: reads under way read again
-        for seq, rollups, events in rows:
-            self.fold(rollups, seq, events)
+        for seq, events in rows:
+            self.add(events, seq, width, keeps_quantiles)
