@@ -342,10 +342,19 @@ class Writer:
     async def _flush_for_shutdown(self) -> None:
         """Flush what the head holds, trying again through an outage until the drain is
         ended; what stays unflushed is in the journal, replayed at the next start."""
-        while self.head.journal or self.head.stale or self.head.uncertain:
-            if await self._flush("shutdown"):
-                break
-            await trio.sleep_until(self._flush_retry_at)
+        try:
+            while self.head.journal or self.head.stale or self.head.uncertain:
+                if await self._flush("shutdown"):
+                    break
+                await trio.sleep_until(self._flush_retry_at)
+        finally:
+            if self.head.journal:
+                log.warning(
+                    "%d events of %d journal rows are not flushed: they stay in the journal, "
+                    "and the next start (or another process) replays them",
+                    self.head.events,
+                    len(self.head.journal),
+                )
 
     async def _replay_dead(self) -> None:
         """Store the journal rows dead processes left in this writer's database."""
