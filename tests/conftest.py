@@ -38,6 +38,8 @@ from trioagg.auth import is_loopback
 from trioagg.serving import run_server
 from trioagg.settings import Settings
 
+from . import clock
+
 
 @dataclass
 class Server:
@@ -566,9 +568,9 @@ class Ledger:
         request = f"{key}-{len(self.bodies)}"
         self.bodies[request] = [{"key": key, "id": f"{request}-{j}"} for j in range(self.size)]
         if self.hours > 1:
-            hour = int(time.time()) // 3600 * 3600
+            first = clock.whole_hours_ago(self.hours)
             for j, event in enumerate(self.bodies[request]):
-                event["ts"] = hour - (j % self.hours) * 3600
+                event["ts"] = first + (j % self.hours) * clock.HOUR
         return request
 
     async def send(self, client: httpx.AsyncClient, request: str) -> httpx.Response:

@@ -24,6 +24,7 @@ from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 from trioagg.store.base import BusyRetry
 
+from . import clock
 from .conftest import (
     SHARDED,
     Server,
@@ -229,7 +230,7 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
         # An unknown secret is cached too: a key made with it later waits for the entry.
         unknown = auth.new_secret()
         assert await checker.lookup(unknown) is None
-        row = ("late", auth.digest_of(unknown), "read", None, time.time(), None, None, None)
+        row = ("late", auth.digest_of(unknown), "read", None, clock.now(), None, None, None)
         backend = make_backend(Settings(db=str(db)))
         auth._on_store(backend, backend.insert_api_key, row)
         assert await checker.lookup(unknown) is None
@@ -436,7 +437,7 @@ async def test_last_use_is_written_when_uses_are_flushed(tmp_path: Path) -> None
         assert listed.last_used is None  # not written per request
         await checker.flush_uses()
         (listed,) = auth.list_keys(make_backend(Settings(db=str(db))))
-        assert listed.last_used is not None and listed.created <= listed.last_used <= time.time()
+        assert listed.last_used is not None and listed.created <= listed.last_used <= clock.now()
 
         async with trio.open_nursery() as nursery:  # and once more when the service stops
             nursery.start_soon(checker.record_uses)
@@ -517,7 +518,7 @@ async def test_every_endpoint_answers_every_kind_of_key_exactly(
     revoked = await trio.to_thread.run_sync(make_key, db, "revoked", "admin")
     await trio.to_thread.run_sync(lambda: auth.revoke_key(make_backend(Settings(db=db)), "revoked"))
     expired = await trio.to_thread.run_sync(
-        lambda: make_key(db, "expired", "admin", lifetime=60.0, now=time.time() - 61)
+        lambda: make_key(db, "expired", "admin", lifetime=60.0, now=clock.now() - 61)
     )
     globex = await trio.to_thread.run_sync(
         lambda: make_key(db, "globex", "ingest", "read", tenant="globex")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,13 @@ from trioagg import memory
 from trioagg.answers import PIECE_BYTES, Aggregates, PieceWriter, Series
 from trioagg.times import rfc3339
 
+from . import clock
 from .conftest import Server, StartServer, metric, post, wait_until
 
 #: 2026-01-01T00:00:00Z: a range in the past whose both ends are given (cacheable).
 START = 1_767_225_600
 #: Midnight UTC three days ago: events there are neither too old nor in the future.
-DAY = (int(time.time()) // 86400 - 3) * 86400
+DAY = clock.whole_days_ago(3)
 
 
 class TooBig(Exception):

@@ -22,9 +22,10 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
+from . import clock
 from .conftest import ServerProcess
 
-DAY = int(time.time() // 86400 - 3) * 86400  # midnight UTC three days ago
+DAY = clock.whole_days_ago(3)
 FROM = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(DAY))
 TO = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(DAY + 86400))
 RANGE = f"range=custom&from={FROM}&to={TO}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import bisect
 import datetime
 import random
-import time
 import zoneinfo
 from typing import Any
 
@@ -15,15 +14,15 @@ import trio
 
 from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
 
+from . import clock
 from .conftest import SHARDED, Server, StartServer, post, sql, stored_counts
 
 # Every test on one SQLite file, on two shard files (--writers 2) and on PostgreSQL.
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite", SHARDED, "postgres"], indirect=True)
 
 HOUR = 3600
-NOW = int(time.time())
-# Midnight UTC three days ago: whole past days, inside max_future.
-DAY = (NOW // 86400 - 3) * 86400
+# Three whole past days; the longest span sent here is 6 hours.
+DAY = clock.whole_days_ago(3)
 
 
 async def aggregates(server: Server, **params: Any) -> Any:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
 
+from . import clock
 from .conftest import Server, StartServer, post, stored_counts
 
-NOW = time.time()
+NOW = clock.now()
 
 # Every row of the contract's validation table: (event, field the problem names).
 INVALID_EVENTS: list[tuple[dict[str, Any] | str, str | None]] = [
@@ -242,11 +242,11 @@ async def test_more_events_than_max_batch_is_413(start_server: StartServer) -> N
 
 async def test_max_age_rejects_old_events(start_server: StartServer) -> None:
     server = await start_server(max_age="1d", max_future="5m")
-    assert (await post(server.client, {"key": "old", "ts": time.time() - 3600})).status_code == 200
-    response = await post(server.client, {"key": "old", "ts": time.time() - 2 * 86400})
+    assert (await post(server.client, {"key": "old", "ts": clock.now() - 3600})).status_code == 200
+    response = await post(server.client, {"key": "old", "ts": clock.now() - 2 * 86400})
     assert response.status_code == 422
     assert "too old" in response.json()["error"]["details"][0]["message"]
-    response = await post(server.client, {"key": "old", "ts": time.time() + 600})
+    response = await post(server.client, {"key": "old", "ts": clock.now() + 600})
     assert "too far in the future" in response.json()["error"]["details"][0]["message"]
 
 
@@ -267,7 +267,7 @@ async def test_a_ts_in_epoch_milliseconds_is_named_so(
 
 
 async def test_late_events_update_their_bucket(server: Server) -> None:
-    hour = int(time.time() // 3600) * 3600 - 5 * 3600
+    hour = clock.whole_hours_ago(5)
     await post(server.client, {"key": "late", "ts": hour + 10, "value": 1})
     await post(server.client, {"key": "late", "ts": hour + 20, "value": 3})
     response = await server.client.get(

@@ -13,6 +13,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import clock
 from .conftest import stored_counts
 
 EVENT = {"key": "proc", "value": 1.0}
@@ -141,7 +142,7 @@ def test_hypercorn_factory_works_with_environment_variables_alone(
         ]
     )
     assert server.url, server.output
-    day = (int(time.time()) // 86400 - 1) * 86400
+    day = clock.whole_days_ago(1)
     with httpx.Client(base_url=server.url) as client:
         assert client.post("/v1/events", json=[EVENT] * 4).status_code == 413
         response = client.post(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -11,11 +10,12 @@ from werkzeug.datastructures import MultiDict
 from trioagg.query import ParsedQueries, is_timeless, parse_query
 from trioagg.times import rfc3339
 
+from . import clock
 from .conftest import Server, StartServer, post
 
 HOUR = 3600
-# Midnight UTC two days ago: inside max_future, far enough back for whole days.
-DAY = (int(time.time()) // 86400 - 2) * 86400
+# Three whole past days: the longest span sent here is 3,000 minutes (50 hours).
+DAY = clock.whole_days_ago(3)
 
 
 async def aggregates(server: Server, **params: Any) -> Any:
@@ -118,7 +118,7 @@ async def test_several_keys_and_missing_keys(loaded: Server) -> None:
 
 
 async def test_default_range_is_the_last_24_hours(server: Server) -> None:
-    now = time.time()
+    now = clock.now()
     await post(server.client, [{"key": "recent"}, {"key": "recent", "ts": now - 30 * HOUR}])
     doc = await aggregates(server, key="recent", granularity="all", stats="count")
     assert doc["results"][0]["buckets"][0]["count"] == 1
@@ -322,12 +322,12 @@ def test_only_queries_holding_few_edges_are_kept_parsed() -> None:
             ]
         ),
         bucket=3600,
-        now=time.time(),
+        now=clock.now(),
     )
     hours = parse_query(
         MultiDict([("key", "k"), ("from", "0"), ("to", str(3600 * 24 * 365))]),
         bucket=3600,
-        now=time.time(),
+        now=clock.now(),
     )
     assert days.edges_held == 4688 and hours.edges_held == 0
     assert days.edges_held > ParsedQueries().largest

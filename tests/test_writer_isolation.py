@@ -10,7 +10,6 @@ hand points to the writer directly, as a store holding an old poisoned row would
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,11 +21,12 @@ from trioagg.settings import Settings
 from trioagg.store import open_store
 from trioagg.writer import Receipt, Submission, Writers
 
+from . import clock
 from .conftest import stored_counts
 
 
 def point(key: str, value: float = 1.0, ts: float | None = None) -> Any:
-    return (key, time.time() if ts is None else ts, value, "{}", None, None)
+    return (key, clock.now() if ts is None else ts, value, "{}", None, None)
 
 
 @contextlib.asynccontextmanager
