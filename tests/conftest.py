@@ -334,6 +334,14 @@ async def server(start_server: StartServer) -> Server:
     return await start_server()
 
 
+def assert_envelope(body: dict[str, Any], code: str) -> None:
+    """``body`` is the error envelope, ``{"error": {"code", "message", "details"}}``."""
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
 def post(client: httpx.AsyncClient, body: Any, **params: str) -> Awaitable[httpx.Response]:
     """POST /v1/events with a JSON body."""
     return client.post("/v1/events", json=body, params=params)
