@@ -40,6 +40,42 @@ from trioagg.settings import Settings
 
 from . import clock
 
+#: The SQLite store of two shard files (``--writers 2``), as ``db_url``'s parameter.
+SHARDED = "sqlite-2-shards"
+#: Every parameter of ``db_url`` (what ``--store`` chooses from).
+STORES = ("sqlite", SHARDED, "postgres")
+#: Fixtures that start processes of their own (servers, Python programs, PostgreSQL
+#: clusters, a browser): the tests that use them are ``slow``, which ``just test-fast``
+#: leaves out.
+SLOW_FIXTURES = frozenset({"server_process", "start_program", "own_postgres", "browser"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store",
+        action="append",
+        choices=STORES,
+        help="run the tests that take a store (db_url) on this one only; may be repeated "
+        "(default: every store each test asks for)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` the tests that use :data:`SLOW_FIXTURES`; with ``--store``, leave
+    out the tests of the other stores."""
+    stores = config.getoption("store")
+    kept: list[pytest.Item] = []
+    left_out: list[pytest.Item] = []
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        callspec = getattr(item, "callspec", None)
+        store = callspec.params.get("db_url") if callspec is not None else None
+        (left_out if stores and store is not None and store not in stores else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
 
 @dataclass
 class Server:
@@ -275,10 +311,6 @@ class StoreUrl(str):
         made = super().__new__(cls, url)
         made.flags = flags
         return made
-
-
-#: The SQLite store of two shard files (``--writers 2``), as ``db_url``'s parameter.
-SHARDED = "sqlite-2-shards"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

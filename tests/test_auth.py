@@ -506,6 +506,7 @@ NEEDS = {
 }
 
 
+@pytest.mark.slow
 async def test_every_endpoint_answers_every_kind_of_key_exactly(
     start_server: StartServer,
 ) -> None:
@@ -723,6 +724,7 @@ def _cli(*args: str) -> Any:
     return CliRunner().invoke(main, list(args))
 
 
+@pytest.mark.slow
 async def test_a_key_created_while_serving_switches_auto_on(start_server: StartServer) -> None:
     server = await start_server()  # auth auto, on loopback
     assert (await server.client.get("/v1/keys")).status_code == 200
@@ -798,6 +800,7 @@ def test_a_public_address_without_a_key_refuses_to_start(
 # -- the command line tools and TLS ------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_client_commands_send_their_key(server: Server, tmp_path: Path) -> None:
     secret = await trio.to_thread.run_sync(make_key, server.db, "cli", "ingest", "read")
     path = tmp_path / "e.ndjson"

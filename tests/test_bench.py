@@ -803,6 +803,7 @@ def test_scaling_table_is_relative_to_the_first_cell() -> None:
     assert "0.50+0.25/0.05" in full
 
 
+@pytest.mark.slow
 def test_pg_chart_draws(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "pg.png"

@@ -85,6 +85,7 @@ def _zeros(keys: int, hours: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 async def test_a_big_answer_is_sent_whole_and_a_middling_one_is_still_cached(
     server: Server,
 ) -> None:

@@ -102,6 +102,7 @@ async def test_refused_events_reach_the_caller_and_the_rest_is_stored(server: Se
     assert stored_counts(server.db) == {"good": 2}
 
 
+@pytest.mark.slow
 async def test_forced_503s_are_retried_to_exact_totals(
     start_server: StartServer, hold_write_lock: Any
 ) -> None:
@@ -122,6 +123,7 @@ def _ids(lines: list[bytes]) -> list[str]:
     return sorted(json.loads(line)["id"] for line in lines)
 
 
+@pytest.mark.slow
 async def test_close_gives_up_at_close_timeout_and_hands_back_what_was_not_sent(
     start_server: StartServer, hold_write_lock: Any
 ) -> None:
@@ -312,6 +314,7 @@ async def test_the_sync_client_is_safe_from_many_threads(server: Server) -> None
     assert stored_counts(server.db) == {"thread0": 2000, "thread1": 2000}
 
 
+@pytest.mark.slow
 async def test_the_sync_client_flushes_at_interpreter_exit(server: Server) -> None:
     script = (
         "from trioagg.client import Client\n"

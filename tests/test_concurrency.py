@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 
 import httpx
+import pytest
 import trio
 
 from .conftest import Server, StartServer, stored_counts
 
 
+@pytest.mark.slow
 async def test_many_concurrent_clients_exact_totals(server: Server) -> None:
     clients, requests_each = 40, 15
     expected: dict[str, int] = {}

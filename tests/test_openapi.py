@@ -84,6 +84,7 @@ OPERATIONS = [
 
 # schemathesis' own pytest loader (from_fixture) fails under pytest 9 (it reads a removed
 # node attribute), so each operation is driven through its hypothesis strategy here.
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "mode"), OPERATIONS)
 def test_the_server_keeps_the_documents_promises(
     api: dict[bool, schemathesis.schemas.BaseSchema], method: str, path: str, mode: GenerationMode

@@ -224,6 +224,7 @@ def python_examples() -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("where", "code"), python_examples(), ids=lambda value: value[:24])
 async def test_the_python_examples_run(start_server: StartServer, where: str, code: str) -> None:
     server = await start_server()
