@@ -6,6 +6,10 @@ sends events at given times takes them from here, as whole UTC periods that have
 all ended before now, so they hold at any hour. ``DAY = (now // 86400 - 2) * 86400``
 followed by 50 hours of events, say, reaches past now between 00:00 and 02:00 UTC
 and is refused then; ``whole_days_ago(2)`` says how far it may go: two days.
+
+tests/conftest.py marks ``wall_clock`` the tests of every module that imports this one,
+and tests/test_any_hour.py runs them again under libfaketime at 00:05 and 23:50 UTC;
+its ``test_only_the_clock_reads_the_wall_clock`` keeps the wall clock read here only.
 """
 
 from __future__ import annotations

@@ -61,14 +61,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``slow`` the tests that use :data:`SLOW_FIXTURES`; with ``--store``, leave
-    out the tests of the other stores."""
+    """Mark ``slow`` the tests that use :data:`SLOW_FIXTURES`, and ``wall_clock`` those of
+    the modules that take times from :mod:`tests.clock`; with ``--store``, leave out the
+    tests of the other stores."""
     stores = config.getoption("store")
     kept: list[pytest.Item] = []
     left_out: list[pytest.Item] = []
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if getattr(getattr(item, "module", None), "clock", None) is clock:
+            item.add_marker(pytest.mark.wall_clock)
         callspec = getattr(item, "callspec", None)
         store = callspec.params.get("db_url") if callspec is not None else None
         (left_out if stores and store is not None and store not in stores else kept).append(item)
