@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 from trioagg import auth
 from trioagg.cli import main
 from trioagg.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
-from trioagg.ingest import stamp_tenant
+from trioagg.ingest import Point, stamp_tenant
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 from trioagg.store.base import BusyRetry
@@ -45,6 +46,13 @@ def make_key(db: str | Path, name: str, *scopes: str, **options: Any) -> str:
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+async def checked_name(checker: auth.Authenticator, secret: str) -> str:
+    """The name of the key ``secret`` is, as ``checker`` finds it for a read."""
+    key = await checker.check(f"Bearer {secret}", "read")
+    assert key is not None
+    return key.name
 
 
 def snapshot(db: str) -> tuple[Any, ...]:
@@ -107,7 +115,7 @@ def test_scopes_and_states() -> None:
 
 
 def test_the_tenant_is_stamped_on_every_event_and_another_one_is_refused() -> None:
-    points = [
+    points: list[Point] = [
         ("k", 1.0, 1.0, "{}", None, None),
         ("k", 1.0, 1.0, '{"region":"eu"}', None, "id-1"),
         ("k", 1.0, 1.0, '{"tenant":"acme","z":"1"}', None, None),
@@ -313,13 +321,13 @@ async def test_concurrent_requests_with_one_key_share_one_store_query(
     try:
         checker = auth.Authenticator("on", store)
         queries = await key_queries(store)
-        assert (await checker.check(f"Bearer {secret}", "read")).name == "busy"
+        assert await checked_name(checker, secret) == "busy"
         assert len(queries) == 1
         mock_clock.jump(auth.CACHE_SECONDS)  # the entry aged: the next request asks
         names: list[str] = []
 
         async def request() -> None:
-            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+            names.append(await checked_name(checker, secret))
 
         async with trio.open_nursery() as nursery:
             for _ in range(50):
@@ -372,7 +380,7 @@ async def test_requests_waiting_on_a_look_up_share_its_refusal_or_ask_again(
         names: list[str] = []
 
         async def request() -> None:
-            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+            names.append(await checked_name(checker, secret))
 
         leaving = trio.CancelScope()
 
@@ -481,7 +489,7 @@ ENDPOINTS: dict[str, tuple[str, str, dict[str, str], Any]] = {
     "page": ("GET", "/", {}, None),
 }
 #: What the "other tenant" request asks: data of tenant=acme, with globex's key.
-OTHER_TENANT = {
+OTHER_TENANT: dict[str, Any] = {
     "events": [{"key": "t.k", "ts": TS, "id": "e-2", "tags": {"tenant": "acme"}}],
     "aggregates": {"key": "t.k", "tag.tenant": "acme", **DAY},
 }
@@ -611,7 +619,7 @@ async def test_one_tenants_ids_never_drop_another_tenants_events(
     tenants = {"acme": "acme", "beta": "beta", "tricky": 'acme":"x'}
     made = {
         name: await trio.to_thread.run_sync(
-            lambda name=name: make_key(server.db, name, "ingest", tenant=tenants[name])
+            partial(make_key, server.db, name, "ingest", tenant=tenants[name])
         )
         for name in tenants
     }
@@ -638,7 +646,7 @@ async def test_tenants_see_only_their_own_series_everywhere(start_server: StartS
     db = server.db
     made = {
         name: await trio.to_thread.run_sync(
-            lambda name=name: make_key(db, name, "ingest", "read", tenant=name)
+            partial(make_key, db, name, "ingest", "read", tenant=name)
         )
         for name in ("acme", "acme2", 'we"ird')
     }

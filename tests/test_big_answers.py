@@ -117,7 +117,7 @@ async def test_at_most_readers_plus_two_queries_hold_rows(start_server: StartSer
     threads = [object(), object()]  # every thread that builds big answers, taken
     for holder in threads:
         await service.answering.acquire_on_behalf_of(holder)
-    span = {"key": "k", "granularity": "bucket", "from": DAY, "to": DAY + 2500 * 60}
+    span: dict[str, Any] = {"key": "k", "granularity": "bucket", "from": DAY, "to": DAY + 2500 * 60}
     answers: list[httpx.Response] = []
 
     async def ask() -> None:

@@ -97,7 +97,7 @@ def page(browser: Any, site: ServerProcess) -> Iterator[Any]:
 
 
 def api(site: ServerProcess, path: str, params: list[tuple[str, str]]) -> Any:
-    return httpx.get(f"{site.url}{path}", params=params, timeout=30)
+    return httpx.get(f"{site.url}{path}", params=tuple(params), timeout=30)
 
 
 def settle(page: Any, loads: int = 1) -> None:
@@ -121,12 +121,13 @@ def choose(page: Any, action: Any) -> None:
 
 def plotted(page: Any) -> dict[str, Any]:
     """What the chart draws: its series' labels and its columns (x in seconds)."""
-    return page.evaluate(
+    drawn: dict[str, Any] = page.evaluate(
         """() => {
             const chart = window.dashboard.chart;
             return {labels: chart.series.slice(1).map(s => s.label), data: chart.data};
         }"""
     )
+    return drawn
 
 
 def drawn_from(answer: dict[str, Any], stats: list[str], label: Any) -> dict[str, Any]:
@@ -135,7 +136,8 @@ def drawn_from(answer: dict[str, Any], stats: list[str], label: Any) -> dict[str
     starts = sorted(
         {_seconds(bucket["start"]) for result in answer["results"] for bucket in result["buckets"]}
     )
-    labels, data = [], [starts]
+    labels: list[Any] = []
+    data: list[list[Any]] = [starts]
     for result in answer["results"]:
         buckets = {_seconds(bucket["start"]): bucket for bucket in result["buckets"]}
         for stat in stats:

@@ -47,7 +47,8 @@ async def assert_outage(server: Server, key: str) -> dict[str, Any]:
     refused = await post(server.client, [{"key": key}], wait="false")
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "store_unavailable"
-    return ready.json()
+    body: dict[str, Any] = ready.json()
+    return body
 
 
 async def assert_recovered(server: Server) -> None:

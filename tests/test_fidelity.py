@@ -7,6 +7,7 @@ import bisect
 import datetime
 import random
 import zoneinfo
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -37,7 +38,7 @@ async def send(server: Server, events: list[dict[str, Any]], chunk: int = 5000) 
         assert response.status_code == 200, response.text
 
 
-DISTRIBUTIONS = {
+DISTRIBUTIONS: dict[str, Callable[[random.Random], float]] = {
     "uniform": lambda rng: rng.uniform(-50, 150),
     "lognormal": lambda rng: rng.lognormvariate(3, 1.2),
     "bimodal": lambda rng: rng.gauss(10, 2) if rng.random() < 0.7 else rng.gauss(500, 40),
@@ -334,7 +335,7 @@ async def test_15m_buckets_make_every_zone_exact(start_server: StartServer) -> N
         ("null", {"count": 0, "sum": None, "avg": None}),
     ],
 )
-async def test_fill_emits_empty_buckets(server: Server, fill: str, empty: dict) -> None:
+async def test_fill_emits_empty_buckets(server: Server, fill: str, empty: dict[str, Any]) -> None:
     await post(
         server.client,
         [{"key": "f", "ts": DAY + 10, "value": 4}, {"key": "f", "ts": DAY + 2 * HOUR, "value": 6}],

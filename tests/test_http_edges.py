@@ -194,7 +194,9 @@ async def send_chunk(stream: trio.SocketStream, data: bytes) -> None:
 def gzip_part(gzipper: Any, data: bytes, last: bool = False) -> bytes:
     """``data`` as the next part of ``gzipper``'s stream, flushed so that the server can
     inflate it at once; with ``last``, the end of the stream."""
-    return gzipper.compress(data) + gzipper.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    part: bytes = gzipper.compress(data)
+    end: bytes = gzipper.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    return part + end
 
 
 def held(server: Server) -> int:

@@ -5,6 +5,7 @@ limits. The contract's validation table runs against the decoder itself
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -135,7 +136,7 @@ async def test_body_over_max_body_is_413(start_server: StartServer) -> None:
     assert response.status_code == 413
     assert_envelope(response.json(), "payload_too_large")
 
-    async def chunks():  # no Content-Length: the limit holds while reading
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
         for _ in range(10):
             yield b" " * 200
         yield b'{"key": "big"}'

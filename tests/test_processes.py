@@ -85,9 +85,9 @@ async def test_sigkill_during_durable_load_loses_no_acknowledged_event(
     server.wait()
 
     restarted = server_process(db=server.db).start()
-    with httpx.Client(base_url=restarted.url) as client:
+    with httpx.Client(base_url=restarted.url) as reader:
         keys = [f"c{n}" for n in range(clients)]
-        doc = client.get(
+        doc = reader.get(
             "/v1/aggregates", params={"key": keys, "granularity": "all", "stats": "count"}
         ).json()
     stored = {r["key"]: sum(b["count"] for b in r["buckets"]) for r in doc["results"]}

@@ -262,7 +262,7 @@ async def test_epoch_milliseconds_are_refused_with_grafana_advice(server: Server
 
 async def test_fill_over_the_answer_budget_is_refused_before_reading(server: Server) -> None:
     # 100 keys x 1,441 hourly buckets = 144,100 buckets > 100,000, refused up front
-    params = {
+    params: dict[str, Any] = {
         "key": [f"k{i}" for i in range(100)],
         "fill": "zero",
         "from": DAY - 60 * 86400,
@@ -290,7 +290,12 @@ async def test_group_by_with_fill_is_bounded_by_series_times_buckets(loaded: Ser
     from trioagg.budget import Budget
 
     loaded.app.config["QUERY_BUDGET"] = Budget(answer_buckets=100)
-    span = {"from": DAY, "to": DAY + 2 * 86400, "fill": "zero", "group_by": "region"}
+    span: dict[str, Any] = {
+        "from": DAY,
+        "to": DAY + 2 * 86400,
+        "fill": "zero",
+        "group_by": "region",
+    }
     # 48 hourly buckets: one series fits, the three series of pay (eu, us, none) do not
     doc = await aggregates(loaded, key="signup", **span)
     assert len(doc["results"][0]["buckets"]) == 48
