@@ -6,6 +6,10 @@ test that uses it twice: on a fresh SQLite file and on a fresh schema of a
 real PostgreSQL server (see :func:`postgres_dsn` for how one is found).
 ``ServerProcess`` runs ``python -m trioagg serve`` as a child process, for
 tests of signals, crashes, restarts and several processes sharing a store.
+
+Collection marks ``slow`` the tests that start processes (``just test-fast`` leaves
+them out) and ``wall_clock`` those of the modules that take times from
+:mod:`tests.clock`; ``--store sqlite`` (or another) keeps the tests of one store.
 """
 
 from __future__ import annotations
