@@ -8,6 +8,11 @@ serve *ARGS:
 test *ARGS:
     python -m pytest {{ARGS}}
 
+# The inner loop: the suite less its slow tests (processes, soak, browser, bench peers, waits
+# of seconds); --store sqlite leaves out PostgreSQL and the sharded store too
+test-fast *ARGS:
+    python -m pytest -m "not slow" {{ARGS}}
+
 # ruff and mypy
 lint:
     ruff check .

@@ -6,6 +6,10 @@ test that uses it twice: on a fresh SQLite file and on a fresh schema of a
 real PostgreSQL server (see :func:`postgres_dsn` for how one is found).
 ``ServerProcess`` runs ``python -m trioagg serve`` as a child process, for
 tests of signals, crashes, restarts and several processes sharing a store.
+
+Collection marks ``slow`` the tests that start processes (``just test-fast`` leaves
+them out) and ``wall_clock`` those of the modules that take times from
+:mod:`tests.clock`; ``--store sqlite`` (or another) keeps the tests of one store.
 """
 
 from __future__ import annotations
@@ -39,6 +43,47 @@ from trioagg.auth import is_loopback
 from trioagg.serving import run_server
 from trioagg.settings import Settings
 from trioagg.store.head import decode_batch
+
+from . import clock
+
+#: The SQLite store of two shard files (``--writers 2``), as ``db_url``'s parameter.
+SHARDED = "sqlite-2-shards"
+#: Every parameter of ``db_url`` (what ``--store`` chooses from).
+STORES = ("sqlite", SHARDED, "postgres")
+#: Fixtures that start processes of their own (servers, Python programs, PostgreSQL
+#: clusters, a browser): the tests that use them are ``slow``, which ``just test-fast``
+#: leaves out.
+SLOW_FIXTURES = frozenset({"server_process", "start_program", "own_postgres", "browser"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store",
+        action="append",
+        choices=STORES,
+        help="run the tests that take a store (db_url) on this one only; may be repeated "
+        "(default: every store each test asks for)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` the tests that use :data:`SLOW_FIXTURES`, and ``wall_clock`` those of
+    the modules that take times from :mod:`tests.clock`; with ``--store``, leave out the
+    tests of the other stores."""
+    stores = config.getoption("store")
+    kept: list[pytest.Item] = []
+    left_out: list[pytest.Item] = []
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if getattr(getattr(item, "module", None), "clock", None) is clock:
+            item.add_marker(pytest.mark.wall_clock)
+        callspec = getattr(item, "callspec", None)
+        store = callspec.params.get("db_url") if callspec is not None else None
+        (left_out if stores and store is not None and store not in stores else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
 
 
 @dataclass
@@ -277,10 +322,6 @@ class StoreUrl(str):
         return made
 
 
-#: The SQLite store of two shard files (``--writers 2``), as ``db_url``'s parameter.
-SHARDED = "sqlite-2-shards"
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty store: a SQLite file, or a PostgreSQL schema of its own; or, where
@@ -332,6 +373,14 @@ async def start_server(db_url: str, nursery: trio.Nursery) -> AsyncIterator[Star
 async def server(start_server: StartServer) -> Server:
     """A server with default settings on a fresh store."""
     return await start_server()
+
+
+def assert_envelope(body: dict[str, Any], code: str) -> None:
+    """``body`` is the error envelope, ``{"error": {"code", "message", "details"}}``."""
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
 def post(client: httpx.AsyncClient, body: Any, **params: str) -> Awaitable[httpx.Response]:
@@ -611,9 +660,9 @@ class Ledger:
         request = f"{key}-{len(self.bodies)}"
         self.bodies[request] = [{"key": key, "id": f"{request}-{j}"} for j in range(self.size)]
         if self.hours > 1:
-            hour = int(time.time()) // 3600 * 3600
+            first = clock.whole_hours_ago(self.hours)
             for j, event in enumerate(self.bodies[request]):
-                event["ts"] = hour - (j % self.hours) * 3600
+                event["ts"] = first + (j % self.hours) * clock.HOUR
         return request
 
     async def send(self, client: httpx.AsyncClient, request: str) -> httpx.Response:

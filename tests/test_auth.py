@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from click.testing import CliRunner
 from trioagg import auth
 from trioagg.cli import main
 from trioagg.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
-from trioagg.ingest import stamp_tenant
+from trioagg.ingest import Point, stamp_tenant
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 from trioagg.store.base import BusyRetry
 
+from . import clock
 from .conftest import (
     SHARDED,
     Server,
@@ -45,6 +47,13 @@ def make_key(db: str | Path, name: str, *scopes: str, **options: Any) -> str:
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+async def checked_name(checker: auth.Authenticator, secret: str) -> str:
+    """The name of the key ``secret`` is, as ``checker`` finds it for a read."""
+    key = await checker.check(f"Bearer {secret}", "read")
+    assert key is not None
+    return key.name
 
 
 def snapshot(db: str) -> tuple[Any, ...]:
@@ -107,7 +116,7 @@ def test_scopes_and_states() -> None:
 
 
 def test_the_tenant_is_stamped_on_every_event_and_another_one_is_refused() -> None:
-    points = [
+    points: list[Point] = [
         ("k", 1.0, 1.0, "{}", None, None),
         ("k", 1.0, 1.0, '{"region":"eu"}', None, "id-1"),
         ("k", 1.0, 1.0, '{"tenant":"acme","z":"1"}', None, None),
@@ -230,7 +239,7 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
         # An unknown secret is cached too: a key made with it later waits for the entry.
         unknown = auth.new_secret()
         assert await checker.lookup(unknown) is None
-        row = ("late", auth.digest_of(unknown), "read", None, time.time(), None, None, None)
+        row = ("late", auth.digest_of(unknown), "read", None, clock.now(), None, None, None)
         backend = make_backend(Settings(db=str(db)))
         auth._on_store(backend, backend.insert_api_key, row)
         assert await checker.lookup(unknown) is None
@@ -313,13 +322,13 @@ async def test_concurrent_requests_with_one_key_share_one_store_query(
     try:
         checker = auth.Authenticator("on", store)
         queries = await key_queries(store)
-        assert (await checker.check(f"Bearer {secret}", "read")).name == "busy"
+        assert await checked_name(checker, secret) == "busy"
         assert len(queries) == 1
         mock_clock.jump(auth.CACHE_SECONDS)  # the entry aged: the next request asks
         names: list[str] = []
 
         async def request() -> None:
-            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+            names.append(await checked_name(checker, secret))
 
         async with trio.open_nursery() as nursery:
             for _ in range(50):
@@ -372,7 +381,7 @@ async def test_requests_waiting_on_a_look_up_share_its_refusal_or_ask_again(
         names: list[str] = []
 
         async def request() -> None:
-            names.append((await checker.check(f"Bearer {secret}", "read")).name)
+            names.append(await checked_name(checker, secret))
 
         leaving = trio.CancelScope()
 
@@ -437,7 +446,7 @@ async def test_last_use_is_written_when_uses_are_flushed(tmp_path: Path) -> None
         assert listed.last_used is None  # not written per request
         await checker.flush_uses()
         (listed,) = auth.list_keys(make_backend(Settings(db=str(db))))
-        assert listed.last_used is not None and listed.created <= listed.last_used <= time.time()
+        assert listed.last_used is not None and listed.created <= listed.last_used <= clock.now()
 
         async with trio.open_nursery() as nursery:  # and once more when the service stops
             nursery.start_soon(checker.record_uses)
@@ -481,7 +490,7 @@ ENDPOINTS: dict[str, tuple[str, str, dict[str, str], Any]] = {
     "page": ("GET", "/", {}, None),
 }
 #: What the "other tenant" request asks: data of tenant=acme, with globex's key.
-OTHER_TENANT = {
+OTHER_TENANT: dict[str, Any] = {
     "events": [{"key": "t.k", "ts": TS, "id": "e-2", "tags": {"tenant": "acme"}}],
     "aggregates": {"key": "t.k", "tag.tenant": "acme", **DAY},
 }
@@ -506,6 +515,7 @@ NEEDS = {
 }
 
 
+@pytest.mark.slow
 async def test_every_endpoint_answers_every_kind_of_key_exactly(
     start_server: StartServer,
 ) -> None:
@@ -518,7 +528,7 @@ async def test_every_endpoint_answers_every_kind_of_key_exactly(
     revoked = await trio.to_thread.run_sync(make_key, db, "revoked", "admin")
     await trio.to_thread.run_sync(lambda: auth.revoke_key(make_backend(Settings(db=db)), "revoked"))
     expired = await trio.to_thread.run_sync(
-        lambda: make_key(db, "expired", "admin", lifetime=60.0, now=time.time() - 61)
+        lambda: make_key(db, "expired", "admin", lifetime=60.0, now=clock.now() - 61)
     )
     globex = await trio.to_thread.run_sync(
         lambda: make_key(db, "globex", "ingest", "read", tenant="globex")
@@ -610,7 +620,7 @@ async def test_one_tenants_ids_never_drop_another_tenants_events(
     tenants = {"acme": "acme", "beta": "beta", "tricky": 'acme":"x'}
     made = {
         name: await trio.to_thread.run_sync(
-            lambda name=name: make_key(server.db, name, "ingest", tenant=tenants[name])
+            partial(make_key, server.db, name, "ingest", tenant=tenants[name])
         )
         for name in tenants
     }
@@ -637,7 +647,7 @@ async def test_tenants_see_only_their_own_series_everywhere(start_server: StartS
     db = server.db
     made = {
         name: await trio.to_thread.run_sync(
-            lambda name=name: make_key(db, name, "ingest", "read", tenant=name)
+            partial(make_key, db, name, "ingest", "read", tenant=name)
         )
         for name in ("acme", "acme2", 'we"ird')
     }
@@ -723,6 +733,7 @@ def _cli(*args: str) -> Any:
     return CliRunner().invoke(main, list(args))
 
 
+@pytest.mark.slow
 async def test_a_key_created_while_serving_switches_auto_on(start_server: StartServer) -> None:
     server = await start_server()  # auth auto, on loopback
     assert (await server.client.get("/v1/keys")).status_code == 200
@@ -798,6 +809,7 @@ def test_a_public_address_without_a_key_refuses_to_start(
 # -- the command line tools and TLS ------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_client_commands_send_their_key(server: Server, tmp_path: Path) -> None:
     secret = await trio.to_thread.run_sync(make_key, server.db, "cli", "ingest", "read")
     path = tmp_path / "e.ndjson"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from bench.runner import cpu_per_1k
 from bench.scenarios import ScenarioResult, evaluate_targets
 from bench.server import Deployment, command, flag_value, flags_to_env, split_args
 
+from . import clock
 from .bench_rows import bench_row
 
 # ---------------------------------------------------------------------- arguments
@@ -251,7 +251,7 @@ def _body(request: bytes) -> bytes:
 
 
 def test_rendered_events_are_valid_and_inside_the_day() -> None:
-    start = int(time.time()) // 3600 * 3600 - 86400
+    start = clock.whole_hours_ago(24)
     template = {"kind": "events", "keys": 10, "start": start, "span": 86400}
     rng = random.Random(3)
     single, count = loadgen.render_request(rng, template, "127.0.0.1", 8000)
@@ -803,6 +803,7 @@ def test_scaling_table_is_relative_to_the_first_cell() -> None:
     assert "0.50+0.25/0.05" in full
 
 
+@pytest.mark.slow
 def test_pg_chart_draws(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "pg.png"

@@ -31,6 +31,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_server_has_started_only_once_every_worker_runs(tmp_path: Path) -> None:
     """Load must not start on one worker of two (nor RSS and CPU miss the other)."""
     server = Server("fake", [sys.executable, "-c", ONE_OF_TWO], {}, tmp_path / "a.log", workers=2)

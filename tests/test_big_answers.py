@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,13 @@ from trioagg import memory
 from trioagg.answers import PIECE_BYTES, Aggregates, PieceWriter, Series
 from trioagg.times import rfc3339
 
+from . import clock
 from .conftest import Server, StartServer, metric, post, wait_until
 
 #: 2026-01-01T00:00:00Z: a range in the past whose both ends are given (cacheable).
 START = 1_767_225_600
 #: Midnight UTC three days ago: events there are neither too old nor in the future.
-DAY = (int(time.time()) // 86400 - 3) * 86400
+DAY = clock.whole_days_ago(3)
 
 
 class TooBig(Exception):
@@ -85,6 +85,7 @@ def _zeros(keys: int, hours: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 async def test_a_big_answer_is_sent_whole_and_a_middling_one_is_still_cached(
     server: Server,
 ) -> None:
@@ -116,7 +117,7 @@ async def test_at_most_readers_plus_two_queries_hold_rows(start_server: StartSer
     threads = [object(), object()]  # every thread that builds big answers, taken
     for holder in threads:
         await service.answering.acquire_on_behalf_of(holder)
-    span = {"key": "k", "granularity": "bucket", "from": DAY, "to": DAY + 2500 * 60}
+    span: dict[str, Any] = {"key": "k", "granularity": "bucket", "from": DAY, "to": DAY + 2500 * 60}
     answers: list[httpx.Response] = []
 
     async def ask() -> None:

@@ -385,6 +385,7 @@ async def test_ingest_waits_for_a_server_that_comes_up(
     assert stored_counts(server.db) == {"a": 1, "b": 1}
 
 
+@pytest.mark.slow
 async def test_ingest_that_loses_its_server_says_what_was_not_sent(
     server: Server, tmp_path: Path
 ) -> None:

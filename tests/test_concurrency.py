@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from .conftest import Server, StartServer, stored_counts
 
+#: One client's requests: (events, the wait parameter) each.
+Plan = list[tuple[list[dict[str, Any]], str]]
 
+
+@pytest.mark.slow
 async def test_many_concurrent_clients_exact_totals(server: Server) -> None:
     clients, requests_each = 40, 15
     expected: dict[str, int] = {}
     sums: dict[str, float] = {}
     rng = random.Random(7)
-    plans = []
-    for client in range(clients):
-        plan = []
+    plans: list[Plan] = []
+    for number in range(clients):
+        plan: Plan = []
         for _ in range(requests_each):
             key = f"k{rng.randrange(5)}"
             values = [rng.randrange(100) for _ in range(rng.choice([1, 1, 3, 50]))]
             expected[key] = expected.get(key, 0) + len(values)
             sums[key] = sums.get(key, 0) + sum(values)
-            wait = "false" if client % 4 == 0 else "true"
+            wait = "false" if number % 4 == 0 else "true"
             plan.append(([{"key": key, "value": v} for v in values], wait))
         plans.append(plan)
 
-    async def run(plan: list, client: httpx.AsyncClient) -> None:
+    async def run(plan: Plan, client: httpx.AsyncClient) -> None:
         for body, wait in plan:
             response = await client.post("/v1/events", json=body, params={"wait": wait})
             assert response.status_code in (200, 202)

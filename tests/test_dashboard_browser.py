@@ -22,9 +22,10 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
+from . import clock
 from .conftest import ServerProcess
 
-DAY = int(time.time() // 86400 - 3) * 86400  # midnight UTC three days ago
+DAY = clock.whole_days_ago(3)
 FROM = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(DAY))
 TO = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(DAY + 86400))
 RANGE = f"range=custom&from={FROM}&to={TO}"
@@ -96,7 +97,7 @@ def page(browser: Any, site: ServerProcess) -> Iterator[Any]:
 
 
 def api(site: ServerProcess, path: str, params: list[tuple[str, str]]) -> Any:
-    return httpx.get(f"{site.url}{path}", params=params, timeout=30)
+    return httpx.get(f"{site.url}{path}", params=tuple(params), timeout=30)
 
 
 def settle(page: Any, loads: int = 1) -> None:
@@ -120,12 +121,13 @@ def choose(page: Any, action: Any) -> None:
 
 def plotted(page: Any) -> dict[str, Any]:
     """What the chart draws: its series' labels and its columns (x in seconds)."""
-    return page.evaluate(
+    drawn: dict[str, Any] = page.evaluate(
         """() => {
             const chart = window.dashboard.chart;
             return {labels: chart.series.slice(1).map(s => s.label), data: chart.data};
         }"""
     )
+    return drawn
 
 
 def drawn_from(answer: dict[str, Any], stats: list[str], label: Any) -> dict[str, Any]:
@@ -134,7 +136,8 @@ def drawn_from(answer: dict[str, Any], stats: list[str], label: Any) -> dict[str
     starts = sorted(
         {_seconds(bucket["start"]) for result in answer["results"] for bucket in result["buckets"]}
     )
-    labels, data = [], [starts]
+    labels: list[Any] = []
+    data: list[list[Any]] = [starts]
     for result in answer["results"]:
         buckets = {_seconds(bucket["start"]): bucket for bucket in result["buckets"]}
         for stat in stats:

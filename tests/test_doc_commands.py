@@ -180,6 +180,7 @@ def _client_files(folder: Path) -> int:
 EMPTY = re.compile(r'no data|no keys|"results":\s*\[\]|\Akey,[^\n]*\n?\Z')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_the_cli_commands_run_against_a_server(
     start_server: StartServer, tmp_path: Path
@@ -205,6 +206,7 @@ async def test_the_cli_commands_run_against_a_server(
         assert status["events_committed"] == events, f"{page}: {status}"
 
 
+@pytest.mark.slow
 async def test_the_key_commands_run_on_the_default_store(tmp_path: Path) -> None:
     env = _shell(tmp_path)
     for page, commands in taken_by("keys").items():
@@ -246,6 +248,7 @@ def test_the_serve_commands_serve_and_stop(
                         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_the_wrk_command_loads_a_server(start_server: StartServer) -> None:
     if shutil.which("wrk") is None:

@@ -20,6 +20,7 @@ from trioagg.settings import Settings
 from trioagg.store.base import IDLE_CHECK_SECONDS
 from trioagg.store.postgres import WRITE_DEADLINES, PostgresBackend
 
+from . import clock
 from .conftest import (
     Ledger,
     PostgresCluster,
@@ -304,13 +305,13 @@ async def test_purge_keeps_an_id_claimed_again_while_it_ran(start_server: StartS
 
     def purge() -> None:
         backend.begin(purger)
-        purged.append(backend.purge_ids(purger, time.time() - window, 1000))
+        purged.append(backend.purge_ids(purger, clock.now() - window, 1000))
         backend.commit(purger)
 
     try:
         # A writer's transaction claims the expired id again (and stores its event) and
         # holds the row lock; the purge, which read the id as expired, waits for it.
-        now = time.time()
+        now = clock.now()
         backend.begin(claimer)
         assert backend.claim_ids(claimer, ["evt-raced"], now, now - window) == {"evt-raced"}
         hour = int(now // 3600 * 3600)

@@ -9,7 +9,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 from trioagg.writer import Writers
 
+from . import clock
 from .conftest import Server, StartServer, assert_store_holds, post
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -47,7 +47,8 @@ async def assert_outage(server: Server, key: str) -> dict[str, Any]:
     refused = await post(server.client, [{"key": key}], wait="false")
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "store_unavailable"
-    return ready.json()
+    body: dict[str, Any] = ready.json()
+    return body
 
 
 async def assert_recovered(server: Server) -> None:
@@ -174,7 +175,7 @@ async def test_a_deleted_database_file_never_acknowledges_again(
 
 
 # Two past hours, owned by writer 0 and writer 1 of a store of two shard files.
-EVEN_HOUR = (int(time.time()) // 7200 - 1) * 7200
+EVEN_HOUR = clock.whole_periods_ago(2 * clock.HOUR, 1)
 ODD_HOUR = EVEN_HOUR + 3600
 
 
@@ -351,7 +352,7 @@ async def test_requests_still_queued_at_the_drain_deadline_are_answered_and_coun
 
 
 def point(key: str) -> Point:
-    return (key, time.time(), 1.0, "{}", None, None)
+    return (key, clock.now(), 1.0, "{}", None, None)
 
 
 async def test_a_failing_shard_does_not_stop_the_purge_of_the_others(db_url: str) -> None:

@@ -1,5 +1,6 @@
-"""The HTTP edge over real HTTP: what a body must be, how it is read, and how
-connections end (keep-alive timeout, ``Connection: close``, early answers)."""
+"""The HTTP edge: what a body must be (the table against body_format itself, one of it
+over HTTP), and over real HTTP how it is read and how connections end (keep-alive
+timeout, ``Connection: close``, early answers)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import trio
+from werkzeug.datastructures import Headers
 
-from trioagg.errors import Overloaded
+from trioagg.errors import Overloaded, UnsupportedMediaType
+from trioagg.http_edges import body_format
 from trioagg.writer import InflightBytes
 
-from .conftest import Server, StartServer, stored_counts, wait_until
-from .test_ingest_http import assert_envelope
+from .conftest import Server, StartServer, assert_envelope, stored_counts, wait_until
 
 EVENT = b'{"key": "edge"}'
 
@@ -58,12 +60,21 @@ async def read_until_closed(stream: trio.SocketStream) -> bytes:
         {"Content-Type": "application/json; charset=latin-1"},
         {"Content-Type": "application/json", "Content-Encoding": "br"},
         {"Content-Type": "application/json", "Content-Encoding": "gzip, gzip"},
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "application/xml"},
     ],
 )
-async def test_bodies_not_declared_as_utf8_json_are_415(
-    server: Server, headers: dict[str, str]
-) -> None:
-    response = await post_raw(server, EVENT, **headers)
+def test_bodies_not_declared_as_utf8_json_are_415(headers: dict[str, str]) -> None:
+    with pytest.raises(UnsupportedMediaType) as caught:
+        body_format(Headers(headers))
+    assert caught.value.status == 415
+    assert_envelope(json.loads(caught.value.body()), "unsupported_media_type")
+    assert "send" in caught.value.message
+
+
+async def test_a_body_not_declared_as_json_is_415_and_not_stored(server: Server) -> None:
+    """The wiring of the table above: what a no-cors fetch or a form can send."""
+    response = await post_raw(server, EVENT)
     assert response.status_code == 415, response.text
     assert_envelope(response.json(), "unsupported_media_type")
     assert "send" in response.json()["error"]["message"]
@@ -183,7 +194,9 @@ async def send_chunk(stream: trio.SocketStream, data: bytes) -> None:
 def gzip_part(gzipper: Any, data: bytes, last: bool = False) -> bytes:
     """``data`` as the next part of ``gzipper``'s stream, flushed so that the server can
     inflate it at once; with ``last``, the end of the stream."""
-    return gzipper.compress(data) + gzipper.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    part: bytes = gzipper.compress(data)
+    end: bytes = gzipper.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    return part + end
 
 
 def held(server: Server) -> int:

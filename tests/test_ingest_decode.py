@@ -1,17 +1,19 @@
-"""Decoding: bodies that are not JSON are a MalformedBody (400), never a crash; values
-beyond MAX_ABS_VALUE are invalid; large bodies are decoded off the event loop; a
-tenant's stamped tag never makes a series of more than MAX_TAGS tags, nor of tags over
-TAGS_BYTES."""
+"""Decoding: the contract's validation table, row by row, and the error each row is
+answered with (tests/test_ingest_http.py sends one of each kind over HTTP); bodies that
+are not JSON are a MalformedBody (400), never a crash; values beyond MAX_ABS_VALUE are
+invalid; large bodies are decoded off the event loop; a tenant's stamped tag never makes
+a series of more than MAX_TAGS tags, nor of tags over TAGS_BYTES."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
 
-from trioagg.errors import Forbidden, InvalidEvents, MalformedBody
+from trioagg.errors import Forbidden, InvalidEvents, MalformedBody, RequestError
 from trioagg.ingest import (
     INLINE_DECODE_BYTES,
     MAX_ABS_VALUE,
@@ -22,12 +24,126 @@ from trioagg.ingest import (
     decode_events,
     tag_value_problem,
 )
+from trioagg.settings import Settings
 
-from .conftest import ascii_characters, tags_of_json_bytes
+from .conftest import ascii_characters, assert_envelope, tags_of_json_bytes
 
-LIMITS = Limits(max_batch=10_000, max_future=3600, max_age=None)
-NOW = 1_764_000_000.0
+#: The limits of a server with the default settings.
+LIMITS = Limits(Settings().max_batch, Settings().max_future, Settings().max_age)
+#: The receive time: fixed, and after every ts of the tables of valid events.
+NOW = 1_800_000_000.0
 DEEP = 100_000  # far beyond the recursion limit, far below the default max_body
+
+# Every row of the contract's validation table: (event, field the problem names).
+INVALID_EVENTS: list[tuple[dict[str, Any] | str, str | None]] = [
+    ({}, "key"),
+    ({"key": ""}, "key"),
+    ({"key": "k" * 256}, "key"),
+    ({"key": "é" * 128}, "key"),  # 128 characters, 256 bytes
+    ({"key": "line\nbreak"}, "key"),
+    ({"key": "nul\u0000"}, "key"),
+    ({"key": "abc\n"}, "key"),  # "$" alone would match before the final newline
+    ({"key": "c1\u0085"}, "key"),  # C1 controls U+0080-U+009F are control characters too
+    ({"key": "c1\u009f"}, "key"),
+    ({"key": 7}, "key"),
+    ({"key": "k", "ts": "2026-11-24T10:15:02"}, "ts"),  # no offset: no guessing
+    ({"key": "k", "ts": "yesterday"}, "ts"),
+    ({"key": "k", "ts": True}, "ts"),
+    ({"key": "k", "ts": NOW + 7200}, "ts"),  # beyond max_future (1 h)
+    ({"key": "k", "value": True}, "value"),
+    ({"key": "k", "value": "3"}, "value"),
+    ('{"key": "k", "value": 1e999}', "value"),  # decodes to infinity
+    ({"key": "k", "value": -1e308}, "value"),  # beyond MAX_ABS_VALUE (1e100)
+    ({"key": "k", "value": 1.0000000000000001e101}, "value"),
+    ('{"key": "k", "value": NaN}', None),  # not JSON at all: 400
+    ({"key": "k", "value": None}, "value"),
+    ({"key": "k", "tags": {"1st": "x"}}, "tags"),
+    ({"key": "k", "tags": {"a" * 65: "x"}}, "tags"),
+    ({"key": "k", "tags": {"ok\n": "x"}}, "tags"),
+    ({"key": "k", "tags": {"t": ""}}, "tags"),
+    ({"key": "k", "tags": {"t": "v" * 256}}, "tags"),
+    ({"key": "k", "tags": {"t": "ü" * 128}}, "tags"),
+    ({"key": "k", "tags": {"t": 5}}, "tags"),
+    ({"key": "k", "tags": {f"t{i}": "v" for i in range(17)}}, "tags"),
+    ({"key": "k", "tags": ["a"]}, "tags"),
+    ({"key": "k", "distinct_id": ""}, "distinct_id"),
+    ({"key": "k", "distinct_id": 5}, "distinct_id"),
+    ({"key": "k", "id": ""}, "id"),
+    ({"key": "k", "id": "i" * 129}, "id"),
+    ({"key": "k", "vaule": 3}, "vaule"),  # unknown fields are typos, not defaults
+]
+
+VALID_EVENTS: list[dict[str, Any]] = [
+    {"key": "k"},
+    {"key": "k" * 255},
+    {"key": "ключ"},
+    {"key": "k", "ts": "2026-11-20T10:15:02Z"},
+    {"key": "k", "ts": "2026-11-20T10:15:02.250+02:00"},
+    {"key": "k", "ts": 1764000000},
+    {"key": "k", "ts": 1764000000.75},
+    {"key": "k", "value": -42.5},
+    {"key": "k", "value": 0},
+    {"key": "k", "value": 1e100},
+    {"key": "k", "value": -1e100},
+    {"key": "k\u00a0"},  # U+00A0 is a space, not a control character
+    {"key": "k", "tags": {f"t{i}": "v" for i in range(16)}},
+    {"key": "k", "tags": {"_a.b-c": "v" * 255}},
+    {"key": "k", "distinct_id": "user-991", "id": "i" * 128},
+]
+
+
+def refusal(body: bytes, *, ndjson: bool = False) -> RequestError:
+    """The error decoding ``body`` raises, and so the answer the server gives it."""
+    with pytest.raises(RequestError) as caught:
+        decode_events(body, ndjson=ndjson, limits=LIMITS, now=NOW)
+    return caught.value
+
+
+@pytest.mark.parametrize(("event", "field"), INVALID_EVENTS)
+def test_each_invalid_event_is_refused_naming_its_field(
+    event: dict[str, Any] | str, field: str | None
+) -> None:
+    raw = event if isinstance(event, str) else json.dumps(event)
+    error = refusal(f'[{{"key": "fine"}}, {raw}]'.encode())
+    answer = json.loads(error.body())
+    if field is None:
+        assert isinstance(error, MalformedBody) and error.status == 400
+        assert_envelope(answer, "malformed_json")
+        return
+    assert isinstance(error, InvalidEvents) and error.status == 422
+    assert_envelope(answer, "invalid_events")
+    assert {"index": 1, "field": field} in [
+        {"index": d["index"], "field": d["field"]} for d in answer["error"]["details"]
+    ]
+    assert all(d["index"] == 1 for d in answer["error"]["details"])
+
+
+@pytest.mark.parametrize("event", VALID_EVENTS)
+def test_each_valid_event_is_accepted(event: dict[str, Any]) -> None:
+    [point] = decode_events(json.dumps(event).encode(), ndjson=False, limits=LIMITS, now=NOW)
+    assert point[0] == event["key"]
+
+
+@pytest.mark.parametrize("body", [b'{"key": "a"', b"[1, 2", b"nope", b'{"key": "a"} x'])
+def test_malformed_json_is_400_saying_where(body: bytes) -> None:
+    error = refusal(body)
+    assert isinstance(error, MalformedBody) and error.status == 400
+    assert_envelope(json.loads(error.body()), "malformed_json")
+    assert "JSON" in error.message
+
+
+@pytest.mark.parametrize("other", [{"key": "ok"}, {"key": "bad", "value": "3"}])
+def test_a_ts_in_epoch_milliseconds_is_named_so(other: dict[str, Any]) -> None:
+    # beside a valid event (the typed fast path finds it) or an ill-typed one (the untyped path)
+    millis = int(NOW) * 1000
+    error = refusal(json.dumps([{"key": "ms", "ts": millis}, other]).encode())
+    assert isinstance(error, InvalidEvents) and error.status == 422
+    (problem,) = [d for d in error.details if d["index"] == 0]
+    assert problem["field"] == "ts"
+    assert problem["message"].startswith(f"{millis} looks like epoch milliseconds")
+    # an RFC 3339 time that far ahead is no such mistake
+    error = refusal(b'{"key": "ms", "ts": "6000-01-01T00:00:00Z"}')
+    assert "too far in the future" in error.details[0]["message"]
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def api(fuzzed_server: ServerProcess) -> dict[bool, schemathesis.schemas.BaseSch
     """The served document, loaded with positive data expected to pass (False) or to
     pass or be 422 (True)."""
     url = f"{fuzzed_server.url}/openapi.json"
-    schemas = {}
+    schemas: dict[bool, schemathesis.schemas.BaseSchema] = {}
     for cross_checked in (False, True):
         accepted = ["2xx", "422"] if cross_checked else ["2xx"]
         config = SchemathesisConfig.from_dict(
@@ -84,6 +84,7 @@ OPERATIONS = [
 
 # schemathesis' own pytest loader (from_fixture) fails under pytest 9 (it reads a removed
 # node attribute), so each operation is driven through its hypothesis strategy here.
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "mode"), OPERATIONS)
 def test_the_server_keeps_the_documents_promises(
     api: dict[bool, schemathesis.schemas.BaseSchema], method: str, path: str, mode: GenerationMode
@@ -98,7 +99,7 @@ def test_the_server_keeps_the_documents_promises(
         suppress_health_check=list(HealthCheck),
     )
     @given(case=operation.as_strategy(mode))
-    def fuzz(case: schemathesis.Case) -> None:
+    def fuzz(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate()
 
     fuzz()

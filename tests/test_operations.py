@@ -85,7 +85,7 @@ async def test_openapi_describes_every_endpoint(server: Server) -> None:
     routes = {
         (rule.rule, method.lower())
         for rule in server.app.url_map.iter_rules()
-        for method in rule.methods - {"HEAD", "OPTIONS"}
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
         if rule.endpoint not in ("static", "dashboard_file")  # files, not API
     }
     described = {(path, method) for path, item in document["paths"].items() for method in item}

@@ -99,7 +99,11 @@ def test_time_zones_are_names_not_paths() -> None:
 
 def local(zone: str, *parts: int) -> str:
     """Unix seconds of a local time in ``zone``, as query text."""
-    return str(datetime.datetime(*parts, tzinfo=zoneinfo.ZoneInfo(zone)).timestamp())
+    year, month, day, hour, minute, second = (*parts, 0, 0, 0)[:6]
+    moment = datetime.datetime(
+        year, month, day, hour, minute, second, tzinfo=zoneinfo.ZoneInfo(zone)
+    )
+    return str(moment.timestamp())
 
 
 def calendar_query(granularity: str, zone: str, start: str, end: str) -> Query:

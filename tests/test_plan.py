@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from trioagg.ingest import Point
 from trioagg.rollup import (
+    Distinct,
+    Quantiles,
     decode_distinct,
     decode_quantiles,
     encode_distinct,
@@ -66,6 +68,20 @@ def event(
     event_id: str | None = None,
 ) -> Point:
     return (key, ts, value, tags, distinct_id, event_id)
+
+
+def quantiles(blob: bytes | None) -> Quantiles:
+    """The quantile sketch a row holds (it must hold one)."""
+    sketch = decode_quantiles(blob)
+    assert sketch is not None
+    return sketch
+
+
+def distinct(blob: bytes | None) -> Distinct:
+    """The distinct-count sketch a row holds (it must hold one)."""
+    sketch = decode_distinct(blob)
+    assert sketch is not None
+    return sketch
 
 
 def test_the_ids_to_claim_are_the_batchs_distinct_ids() -> None:
@@ -179,8 +195,8 @@ def test_rows_with_sketches_are_planned_apart_in_sorted_order() -> None:
     rows = sketch_rows(plan.sketched)
     assert [row[:4] for row in rows] == [("d", 0, "{}", 1), ("q1", 0, "{}", 1), ("q2", 0, "{}", 1)]
     d_row, q1_row, _ = rows
-    assert d_row[9] is None and decode_distinct(d_row[10]).get_estimate() == 1
-    assert decode_quantiles(q1_row[9]).get_quantile(0.5) == 3.0 and q1_row[10] is None
+    assert d_row[9] is None and distinct(d_row[10]).get_estimate() == 1
+    assert quantiles(q1_row[9]).get_quantile(0.5) == 3.0 and q1_row[10] is None
 
 
 def test_sketches_merge_with_the_stored_ones() -> None:
@@ -197,14 +213,15 @@ def test_sketches_merge_with_the_stored_ones() -> None:
 
     ((key, bucket, tags, count, *_, kll, hll),) = merged_rows(plan.sketched, [slot], stored)
     # The head's rollup is left as it was: a flush that fails is tried again with it.
-    assert plan.sketched[slot].quantiles.n == 3
+    kept = plan.sketched[slot].quantiles
+    assert kept is not None and kept.n == 3
 
     # The row's moments are the batch's alone (the upsert adds the stored ones); its
     # sketches are the union, replacing the stored ones.
     assert (key, bucket, tags, count) == ("q", 0, "{}", 3)
-    assert decode_quantiles(kll).n == 5
-    assert decode_quantiles(kll).get_quantile(1.0) == 5.0
-    assert decode_distinct(hll).get_estimate() == pytest.approx(4, abs=0.01)
+    assert quantiles(kll).n == 5
+    assert quantiles(kll).get_quantile(1.0) == 5.0
+    assert distinct(hll).get_estimate() == pytest.approx(4, abs=0.01)
 
 
 def test_a_stored_slot_without_sketches_keeps_the_batchs() -> None:
@@ -212,7 +229,7 @@ def test_a_stored_slot_without_sketches_keeps_the_batchs() -> None:
     plan = plan_batch(batch, None, POLICY, SeriesCache())
     slot = ("d", 0, "{}")
     ((*_, kll, hll),) = merged_rows(plan.sketched, [slot], {slot: (None, None)})
-    assert kll is None and decode_distinct(hll).get_estimate() == pytest.approx(1, abs=0.01)
+    assert kll is None and distinct(hll).get_estimate() == pytest.approx(1, abs=0.01)
 
 
 def test_series_spans_cover_what_the_batch_adds_to_the_cache() -> None:

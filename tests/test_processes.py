@@ -13,6 +13,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import clock
 from .conftest import stored_counts
 
 EVENT = {"key": "proc", "value": 1.0}
@@ -84,9 +85,9 @@ async def test_sigkill_during_durable_load_loses_no_acknowledged_event(
     server.wait()
 
     restarted = server_process(db=server.db).start()
-    with httpx.Client(base_url=restarted.url) as client:
+    with httpx.Client(base_url=restarted.url) as reader:
         keys = [f"c{n}" for n in range(clients)]
-        doc = client.get(
+        doc = reader.get(
             "/v1/aggregates", params={"key": keys, "granularity": "all", "stats": "count"}
         ).json()
     stored = {r["key"]: sum(b["count"] for b in r["buckets"]) for r in doc["results"]}
@@ -141,7 +142,7 @@ def test_hypercorn_factory_works_with_environment_variables_alone(
         ]
     )
     assert server.url, server.output
-    day = (int(time.time()) // 86400 - 1) * 86400
+    day = clock.whole_days_ago(1)
     with httpx.Client(base_url=server.url) as client:
         assert client.post("/v1/events", json=[EVENT] * 4).status_code == 413
         response = client.post(

@@ -1,21 +1,31 @@
-"""GET /v1/aggregates over real HTTP: ranges, granularities, tags, group_by, stats, errors."""
+"""GET /v1/aggregates over real HTTP: ranges, granularities, tags, group_by, stats, errors.
+The tables of invalid and hostile queries (of /v1/keys and /v1/top too) run against the
+parsers themselves; one request of each endpoint keeps the wiring honest."""
 
 from __future__ import annotations
 
-import time
+import json
 from typing import Any
 
 import pytest
 from werkzeug.datastructures import MultiDict
 
+from trioagg.discovery import parse_keys_query, parse_top_query
+from trioagg.errors import InvalidQuery
 from trioagg.query import ParsedQueries, is_timeless, parse_query
+from trioagg.settings import Settings
 from trioagg.times import rfc3339
 
-from .conftest import Server, StartServer, post
+from . import clock
+from .conftest import Server, StartServer, assert_envelope, post
 
 HOUR = 3600
-# Midnight UTC two days ago: inside max_future, far enough back for whole days.
-DAY = (int(time.time()) // 86400 - 2) * 86400
+# Three whole past days: the longest span sent here is 3,000 minutes (50 hours).
+DAY = clock.whole_days_ago(3)
+#: The bucket width of a server with the default settings.
+BUCKET = Settings().bucket
+#: The receive time of the queries parsed here without a server: fixed.
+PARSED_AT = 1_800_000_000.0
 
 
 async def aggregates(server: Server, **params: Any) -> Any:
@@ -118,40 +128,55 @@ async def test_several_keys_and_missing_keys(loaded: Server) -> None:
 
 
 async def test_default_range_is_the_last_24_hours(server: Server) -> None:
-    now = time.time()
+    now = clock.now()
     await post(server.client, [{"key": "recent"}, {"key": "recent", "ts": now - 30 * HOUR}])
     doc = await aggregates(server, key="recent", granularity="all", stats="count")
     assert doc["results"][0]["buckets"][0]["count"] == 1
     assert doc["to"] > doc["from"]
 
 
-@pytest.mark.parametrize(
-    ("params", "parameter"),
-    [
-        ({}, "key"),
-        ({"key": "k", "granularity": "fortnight"}, "granularity"),
-        ({"key": "k", "stats": "count,median"}, "stats"),
-        ({"key": "k", "from": "2026-11-24T00:00:00"}, "from"),
-        ({"key": "k", "to": "soon"}, "to"),
-        ({"key": "k", "from": "200", "to": "100"}, "from"),
-        ({"key": "k", "colour": "red"}, "colour"),
-        ({"key": [f"k{i}" for i in range(101)]}, "key"),
-    ],
-)
-async def test_invalid_queries_name_the_parameter(
-    server: Server, params: dict[str, Any], parameter: str
-) -> None:
-    response = await server.client.get("/v1/aggregates", params=params)
-    assert response.status_code == 422
-    body = response.json()
-    assert body["error"]["code"] == "invalid_query"
-    assert parameter in [d["parameter"] for d in body["error"]["details"]]
+# (parameters, a parameter a problem names)
+INVALID: list[tuple[dict[str, Any], str]] = [
+    ({}, "key"),
+    ({"key": "k", "granularity": "fortnight"}, "granularity"),
+    ({"key": "k", "stats": "count,median"}, "stats"),
+    ({"key": "k", "from": "2026-11-24T00:00:00"}, "from"),
+    ({"key": "k", "to": "soon"}, "to"),
+    ({"key": "k", "from": "200", "to": "100"}, "from"),
+    ({"key": "k", "colour": "red"}, "colour"),
+    ({"key": [f"k{i}" for i in range(101)]}, "key"),
+]
+
+
+def refusal(path: str, params: dict[str, Any]) -> InvalidQuery:
+    """What the parser of ``path`` raises for ``params``, as a default server parses them."""
+    args = MultiDict(params)
+    with pytest.raises(InvalidQuery) as caught:
+        if path == "/v1/aggregates":
+            parse_query(args, bucket=BUCKET, now=PARSED_AT)
+        elif path == "/v1/keys":
+            parse_keys_query(args)
+        else:
+            parse_top_query(args, bucket=BUCKET, now=PARSED_AT)
+    error = caught.value
+    assert error.status == 422
+    assert_envelope(json.loads(error.body()), "invalid_query")
+    return error
+
+
+@pytest.mark.parametrize(("params", "parameter"), INVALID)
+def test_invalid_queries_name_the_parameter(params: dict[str, Any], parameter: str) -> None:
+    error = refusal("/v1/aggregates", params)
+    assert parameter in [d["parameter"] for d in error.details]
 
 
 async def test_every_problem_of_a_query_is_listed(server: Server) -> None:
+    """The wiring of the tables here: an invalid query is a 422 in the envelope."""
     response = await server.client.get(
         "/v1/aggregates", params={"granularity": "x", "stats": "nope", "to": "soon"}
     )
+    assert response.status_code == 422
+    assert_envelope(response.json(), "invalid_query")
     parameters = {d["parameter"] for d in response.json()["error"]["details"]}
     assert parameters == {"key", "granularity", "stats", "to"}
 
@@ -183,34 +208,46 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("params", HOSTILE)
-async def test_hostile_aggregates_queries_are_422(server: Server, params: dict[str, str]) -> None:
-    response = await server.client.get("/v1/aggregates", params=params)
-    assert response.status_code == 422, response.text
-    assert response.json()["error"]["code"] == "invalid_query"
+def test_hostile_aggregates_queries_are_422(params: dict[str, str]) -> None:
+    refusal("/v1/aggregates", params)
 
 
-@pytest.mark.parametrize(
-    ("path", "params"),
-    [
-        ("/v1/keys", {"limit": "²"}),
-        ("/v1/keys", {"limit": "1" * 5000}),
-        ("/v1/keys", {"limit": "\u0663"}),
-        ("/v1/keys", {"limit": "0"}),
-        ("/v1/keys", {"prefix": "p" * 300}),
-        ("/v1/top", {"limit": "²"}),
-        ("/v1/top", {"from": "0", "to": "1e100"}),
-        ("/v1/top", {"from": ""}),
-        ("/v1/top", {"from": "-1"}),
-        ("/v1/top", {"to": "9999-12-31T23:59:59Z"}),  # widened past 9999
-        ("/v1/keys", {"limit": ["1", "2"]}),
-    ],
-)
-async def test_hostile_discovery_queries_are_422(
-    server: Server, path: str, params: dict[str, Any]
+# (endpoint, parameters, the parameter its first problem names)
+DISCOVERY_REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    ("/v1/keys", {"limit": "²"}, "limit"),
+    ("/v1/keys", {"limit": "1" * 5000}, "limit"),
+    ("/v1/keys", {"limit": "\u0663"}, "limit"),
+    ("/v1/keys", {"limit": "0"}, "limit"),
+    ("/v1/keys", {"prefix": "p" * 300}, "prefix"),
+    ("/v1/keys", {"limit": ["1", "2"]}, "limit"),
+    ("/v1/keys", {"colour": "red"}, "colour"),
+    ("/v1/top", {"limit": "²"}, "limit"),
+    ("/v1/top", {"from": "0", "to": "1e100"}, "to"),
+    ("/v1/top", {"from": ""}, "from"),
+    ("/v1/top", {"from": "-1"}, "from"),
+    ("/v1/top", {"to": "9999-12-31T23:59:59Z"}, "to"),  # widened past 9999
+    ("/v1/top", {"stat": "median"}, "stat"),
+    ("/v1/top", {"from": "later"}, "from"),
+]
+
+
+@pytest.mark.parametrize(("path", "params", "parameter"), DISCOVERY_REFUSED)
+def test_hostile_discovery_queries_are_422(
+    path: str, params: dict[str, Any], parameter: str
 ) -> None:
-    response = await server.client.get(path, params=params)
-    assert response.status_code == 422, response.text
-    assert response.json()["error"]["code"] == "invalid_query"
+    assert refusal(path, params).details[0]["parameter"] == parameter
+
+
+async def test_discovery_errors_are_422_naming_the_parameter(server: Server) -> None:
+    """The wiring of the table above, on each endpoint it covers."""
+    for path, params, parameter in [
+        ("/v1/keys", {"limit": "0"}, "limit"),
+        ("/v1/top", {"stat": "median"}, "stat"),
+    ]:
+        response = await server.client.get(path, params=params)
+        assert response.status_code == 422, response.text
+        assert_envelope(response.json(), "invalid_query")
+        assert response.json()["error"]["details"][0]["parameter"] == parameter
 
 
 async def test_epoch_milliseconds_are_refused_with_grafana_advice(server: Server) -> None:
@@ -225,7 +262,7 @@ async def test_epoch_milliseconds_are_refused_with_grafana_advice(server: Server
 
 async def test_fill_over_the_answer_budget_is_refused_before_reading(server: Server) -> None:
     # 100 keys x 1,441 hourly buckets = 144,100 buckets > 100,000, refused up front
-    params = {
+    params: dict[str, Any] = {
         "key": [f"k{i}" for i in range(100)],
         "fill": "zero",
         "from": DAY - 60 * 86400,
@@ -253,7 +290,12 @@ async def test_group_by_with_fill_is_bounded_by_series_times_buckets(loaded: Ser
     from trioagg.budget import Budget
 
     loaded.app.config["QUERY_BUDGET"] = Budget(answer_buckets=100)
-    span = {"from": DAY, "to": DAY + 2 * 86400, "fill": "zero", "group_by": "region"}
+    span: dict[str, Any] = {
+        "from": DAY,
+        "to": DAY + 2 * 86400,
+        "fill": "zero",
+        "group_by": "region",
+    }
     # 48 hourly buckets: one series fits, the three series of pay (eu, us, none) do not
     doc = await aggregates(loaded, key="signup", **span)
     assert len(doc["results"][0]["buckets"]) == 48
@@ -322,12 +364,12 @@ def test_only_queries_holding_few_edges_are_kept_parsed() -> None:
             ]
         ),
         bucket=3600,
-        now=time.time(),
+        now=PARSED_AT,
     )
     hours = parse_query(
         MultiDict([("key", "k"), ("from", "0"), ("to", str(3600 * 24 * 365))]),
         bucket=3600,
-        now=time.time(),
+        now=PARSED_AT,
     )
     assert days.edges_held == 4688 and hours.edges_held == 0
     assert days.edges_held > ParsedQueries().largest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+from functools import partial
 from typing import Any
 
 import pytest
@@ -229,7 +230,7 @@ async def test_a_write_after_a_multi_key_read_of_its_keys_is_stored(
     server = await start_server()
     events = [{"key": key, "ts": "2026-11-24T10:00:00Z"} for key in ("a", "b")]
     assert (await post(server.client, events)).status_code == 200
-    params = [("key", "a"), ("key", "b"), *DAY.items()]
+    params: list[tuple[str, Any]] = [("key", "a"), ("key", "b"), *DAY.items()]
     assert (await server.client.get("/v1/aggregates", params=params)).status_code == 200
     assert (await post(server.client, events)).status_code == 200
     answer = (await server.client.get("/v1/aggregates", params=params)).json()
@@ -315,7 +316,7 @@ async def test_tenants_asking_the_same_query_string_each_read_their_own(
     server = await start_server(auth="on")
     secrets = {
         name: await trio.to_thread.run_sync(
-            lambda name=name: make_key(server.db, name, "ingest", "read", tenant=name)
+            partial(make_key, server.db, name, "ingest", "read", tenant=name)
         )
         for name in ("acme", "globex")
     }

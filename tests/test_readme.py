@@ -144,15 +144,15 @@ def _example(where: str, text: str, answer: list[str]) -> Example:
     headers: dict[str, str] = {}
     body: bytes | None = None
     target = ""
-    words = iter(words[1:])
-    for word in words:
+    rest = iter(words[1:])
+    for word in rest:
         if word == "-s":
             continue
         if word == "-H":
-            name, value = next(words).split(":", 1)
+            name, value = next(rest).split(":", 1)
             headers[name.strip()] = value.strip()
         elif word in ("-d", "--data-binary"):
-            data = next(words)
+            data = next(rest)
             body = stdin if data == "@-" else data.encode()
         else:
             assert word.startswith(HOST), f"{where}: unexpected {word!r}"
@@ -224,6 +224,7 @@ def python_examples() -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("where", "code"), python_examples(), ids=lambda value: value[:24])
 async def test_the_python_examples_run(start_server: StartServer, where: str, code: str) -> None:
     server = await start_server()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from trioagg.errors import InvalidQuery
+from trioagg.ingest import Point
 from trioagg.params import GRANULARITIES
 from trioagg.query import Query, answer, parse_query
 from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
@@ -53,7 +54,7 @@ events = st.lists(
 
 
 def store_in_batches(
-    path: Path, points: list, cuts: list[int], width: int, quantiles: bool = False
+    path: Path, points: list[Point], cuts: list[int], width: int, quantiles: bool = False
 ) -> SQLiteBackend:
     """Commit ``points`` cut into batches as the writer does: each journalled in a
     transaction of its own and folded into the head, the head flushed after every other
@@ -91,9 +92,12 @@ def answer_bucket(ts: int, granularity: str, tz: str, width: int, start: int) ->
     return int(datetime.datetime.combine(day, datetime.time(), zone).timestamp())
 
 
-def naive(points: list, query: Query, width: int, group: bool) -> dict:
+Grouped = dict[tuple[str, str | None, int], list[float]]
+
+
+def naive(points: list[Point], query: Query, width: int, group: bool) -> Grouped:
     """{(key, tags-or-None, answer bucket start): [values]} from the raw events."""
-    grouped: dict = defaultdict(list)
+    grouped: Grouped = defaultdict(list)
     for key, ts, value, tags, _, _ in points:
         start = answer_bucket(int(ts), query.granularity, query.tz, width, query.start)
         grouped[(key, tags if group else None, start)].append(value)
@@ -114,7 +118,7 @@ def close(a: float, b: float, scale: float) -> bool:
     group=st.booleans(),
 )
 def test_batched_upserts_equal_naive_aggregation(
-    points: list, cuts: list[int], width: int, granularity: str, tz: str, group: bool
+    points: list[Point], cuts: list[int], width: int, granularity: str, tz: str, group: bool
 ) -> None:
     with tempfile.TemporaryDirectory() as folder:
         backend = store_in_batches(Path(folder) / "t.db", points, cuts, width)
@@ -184,7 +188,7 @@ def test_stddev_survives_large_values_with_small_spread() -> None:
 
 def test_stddev_of_large_values_survives_the_sql_upsert(tmp_path: Path) -> None:
     raw = [1e9 + 0.001 * (i % 5) for i in range(5_000)]
-    points = [("k", float(DAY0), v, "{}", None, None) for v in raw]
+    points: list[Point] = [("k", float(DAY0), v, "{}", None, None) for v in raw]
     backend = store_in_batches(tmp_path / "t.db", points, list(range(0, 5_000, 333)), 3600)
     conn = backend.connect(write=False)
     ((_, _, _, rollup),) = backend.fetch(conn, ["k"], DAY0, DAY0 + 3600)

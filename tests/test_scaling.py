@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-import time
 from typing import Any
 
 import httpx
@@ -15,10 +14,11 @@ from trioagg.errors import ConfigError
 from trioagg.settings import Settings
 from trioagg.store import open_store
 
+from . import clock
 from .conftest import SHARDED, PostgresCluster, StartServer, fresh_schema, post, stored_counts
 
 HOUR = 3600
-DAY = (int(time.time()) // 86400 - 1) * 86400
+DAY = clock.whole_days_ago(1)
 
 
 @pytest.fixture(params=["sqlite", SHARDED, "postgres"])

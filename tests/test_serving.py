@@ -290,6 +290,7 @@ async def test_a_slow_reader_that_keeps_taking_data_is_served(
     await peer.aclose()
 
 
+@pytest.mark.slow
 @SQLITE
 async def test_a_large_answer_nobody_reads_does_not_hold_its_connection(
     start_server: Any,
@@ -330,6 +331,7 @@ async def test_a_large_answer_nobody_reads_does_not_hold_its_connection(
     assert (await server.client.get("/healthz")).status_code == 200
 
 
+@pytest.mark.slow
 @SQLITE
 async def test_an_http2_stream_granted_no_window_ends_after_the_send_timeout(
     start_server: Any,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import time
 from itertools import islice
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +23,7 @@ import httpx
 import pytest
 import trio
 
+from . import clock
 from .conftest import ServerProcess, assert_store_holds
 from .soak_clients import (
     AGAIN,
@@ -82,8 +82,7 @@ async def test_no_client_stops_the_server_or_makes_it_lose_an_event(
     server = server_process(*SERVER_FLAGS, "--writers", str(writers)).start()
     parts = urlsplit(server.url)
     assert parts.hostname and parts.port, server.output
-    today = int(time.time()) // 86400 * 86400
-    ledger = Ledger(start=today - 3 * 86400)
+    ledger = Ledger(start=clock.whole_days_ago(2))  # events over SPAN_SECONDS: two days
     limits = httpx.Limits(max_connections=CLIENTS, keepalive_expiry=0.5)  # under the server's 1 s
     async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=limits) as client:
         soak = Soak(parts.hostname, parts.port, client, ledger)

@@ -13,7 +13,6 @@ the merge aside (nothing lost) and goes on with the rest.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,11 +23,12 @@ from trioagg.settings import Settings
 from trioagg.store import open_store
 from trioagg.writer import Receipt, Submission, Writers
 
+from . import clock
 from .conftest import sql, stored_counts
 
 
 def point(key: str, value: float = 1.0, ts: float | None = None) -> Any:
-    return (key, time.time() if ts is None else ts, value, "{}", None, None)
+    return (key, clock.now() if ts is None else ts, value, "{}", None, None)
 
 
 @contextlib.asynccontextmanager
