@@ -57,8 +57,9 @@ _MAX_BACKOFF = 1.0
 #: A connection unused this long is pinged before its next use (one round trip).
 IDLE_CHECK_SECONDS = 1.0
 _PURGE_CHUNK = 1000
-#: Journal rows of a dead process replayed per transaction.
-REPLAY_ROWS = 16
+#: Journal rows of a dead process replayed per transaction (up to batch_size events
+#: each): a short hold of the write lock, which the other processes need too.
+REPLAY_ROWS = 4
 #: Times a read tries again while flushes commit under it before it gives up.
 _READ_TRIES = 100
 
