@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -608,7 +608,16 @@ async def wait_until(predicate: Any, timeout: float = 10) -> None:
 
 
 async def metric(server: Any, name: str, **labels: str) -> float:
-    text = (await server.client.get("/metrics")).text
+    return sample_of((await server.client.get("/metrics")).text, name, **labels)
+
+
+def process_metric(url: str, name: str, **labels: str) -> float:
+    """A sample of a server process's /metrics (with ``--workers``, every worker's sum)."""
+    with httpx.Client(base_url=url, timeout=10) as client:
+        return sample_of(client.get("/metrics").text, name, **labels)
+
+
+def sample_of(text: str, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -643,22 +652,30 @@ def assert_store_holds(db: str | Path, expected: dict[str, int]) -> None:
 
 
 class Ledger:
-    """What clients sent and were told: requests of ``size`` events, each with an id,
-    and which of them were answered 200. Sent again until answered 200, every request
-    must be counted exactly once: :meth:`expected` is then what the store must hold."""
+    """What clients sent and were told: requests of ``size`` events, each with an id
+    (unless ``ids`` is False), and which of them were answered 200. Sent again until
+    answered 200, every request must be counted exactly once: :meth:`expected` is then
+    what the store must hold."""
 
-    def __init__(self, size: int = 3, hours: int = 1) -> None:
+    def __init__(self, size: int = 3, hours: int = 1, *, ids: bool = True) -> None:
         self.size = size
         #: Events of a request spread over this many past hours (with ``hours`` > 1, a
         #: request spans the writers of a sharded store, atomic per writer only).
         self.hours = hours
+        #: Without ids, a request sent again may count twice: it is not to be resent, and
+        #: only :meth:`counts` of the acknowledged and of the unacknowledged ones tell
+        #: what the store may hold.
+        self.ids = ids
         self.bodies: dict[str, list[dict[str, Any]]] = {}
         self.acknowledged: set[str] = set()
         self.statuses: dict[int, int] = {}
 
     def new(self, key: str) -> str:
         request = f"{key}-{len(self.bodies)}"
-        self.bodies[request] = [{"key": key, "id": f"{request}-{j}"} for j in range(self.size)]
+        self.bodies[request] = [{"key": key} for _ in range(self.size)]
+        if self.ids:
+            for j, event in enumerate(self.bodies[request]):
+                event["id"] = f"{request}-{j}"
         if self.hours > 1:
             first = clock.whole_hours_ago(self.hours)
             for j, event in enumerate(self.bodies[request]):
@@ -678,8 +695,43 @@ class Ledger:
     def unacknowledged(self) -> list[str]:
         return [request for request in self.bodies if request not in self.acknowledged]
 
-    def expected(self) -> dict[str, int]:
+    def counts(self, requests: Iterable[str]) -> dict[str, int]:
+        """Events per key of ``requests``."""
         counts: dict[str, int] = {}
-        for body in self.bodies.values():
+        for request in requests:
+            body = self.bodies[request]
             counts[body[0]["key"]] = counts.get(body[0]["key"], 0) + len(body)
         return counts
+
+    def expected(self) -> dict[str, int]:
+        """What the store must hold once every request was answered 200."""
+        return self.counts(self.bodies)
+
+
+async def durable_load(
+    url: str, ledger: Ledger, clients: int, seconds: float, key: str = "c"
+) -> None:
+    """``clients`` concurrent clients POST new requests for ``seconds`` or until the
+    connection fails (the server died); client ``n`` sends key ``f"{key}{n}"``."""
+
+    async def client_loop(number: int, client: httpx.AsyncClient) -> None:
+        while True:
+            request = ledger.new(f"{key}{number}")
+            try:
+                response = await ledger.send(client, request)
+            except httpx.TransportError:
+                return
+            assert response.status_code == 200, response.text
+
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        with trio.move_on_after(seconds):
+            async with trio.open_nursery() as nursery:
+                for number in range(clients):
+                    nursery.start_soon(client_loop, number, client)
+
+
+async def resend_unacknowledged(url: str, ledger: Ledger) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for request in ledger.unacknowledged():
+            response = await ledger.send(client, request)
+            assert response.status_code == 200, response.text

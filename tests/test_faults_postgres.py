@@ -1,6 +1,6 @@
 """Fault injection on the PostgreSQL store: the database server stopped and restarted
-under load, hung (SIGSTOP) past the store's deadlines, and the id purge racing a
-transaction that claims an expired id again."""
+under load and during a flush, hung (SIGSTOP) past the store's deadlines, and the id
+purge racing a transaction that claims an expired id again."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .conftest import (
     StartServer,
     assert_store_holds,
     post,
+    sample_of,
     sql,
     tags_of_json_bytes,
 )
@@ -107,6 +108,52 @@ async def test_postgres_stopped_and_restarted_under_load_counts_every_event_once
     assert set(ledger.statuses) == {200, 503}
     assert server.stop() == 0, server.output
     assert_store_holds(own_postgres.dsn, ledger.expected())
+
+
+JOURNAL_ROWS = "SELECT count(*) FROM journal"
+
+
+def flushing(dsn: str) -> bool:
+    """Whether a flush is writing rollup rows (a transaction under way)."""
+    rows = sql(
+        dsn,
+        "SELECT count(*) FROM pg_stat_activity WHERE state <> 'idle' "
+        "AND query LIKE '%INSERT INTO rollups%' AND pid <> pg_backend_pid()",
+    )
+    return bool(rows[0][0])
+
+
+async def test_postgres_restarted_during_a_flush_stores_every_acknowledged_event_once(
+    server_process: Any, own_postgres: PostgresCluster
+) -> None:
+    # 20,000 series in the head: a flush of about a second to restart the server in.
+    server = server_process("--flush-window", "6s", db=own_postgres.dsn).start()  # idle: 0.3 s
+    assert server.url, server.output
+    ledger = Ledger()
+    bodies = [[{"key": f"k{r}-{i:05d}", "id": f"{r}-{i}"} for i in range(10_000)] for r in (0, 1)]
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        for body in bodies:
+            assert (await post(client, body)).status_code == 200
+        with trio.fail_after(10):
+            while not await trio.to_thread.run_sync(flushing, own_postgres.dsn):
+                await trio.sleep(0.01)
+        await trio.to_thread.run_sync(own_postgres.stop)
+        during = ledger.new("during")
+        response = await ledger.send(client, during)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "commit_failed"
+        await trio.to_thread.run_sync(own_postgres.start)
+
+        with trio.fail_after(20):  # the retries: the flush is written once it is back
+            while await trio.to_thread.run_sync(sql, own_postgres.dsn, JOURNAL_ROWS) != [(0,)]:
+                await trio.sleep(0.05)
+        scrape = (await client.get("/metrics")).text
+        assert sample_of(scrape, "trioagg_flush_failures_total") >= 1, "it was flushing"
+        assert (await ledger.send(client, during)).status_code == 200
+    assert server.stop() == 0, server.output
+    assert sql(own_postgres.dsn, JOURNAL_ROWS) == [(0,)]
+    expected = {event["key"]: 1 for body in bodies for event in body}
+    assert_store_holds(own_postgres.dsn, expected | ledger.expected())
 
 
 async def test_the_first_requests_after_a_quiet_restart_reconnect(

@@ -22,7 +22,7 @@ from trioagg.errors import ConfigError
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 
-from .conftest import Ledger, assert_store_holds
+from .conftest import Ledger, assert_store_holds, durable_load, resend_unacknowledged
 
 pytestmark = pytest.mark.slow
 
@@ -53,33 +53,6 @@ HYPERCORN_TWO_WORKERS = [
     "127.0.0.1:0",
     "trioagg.app:create_app()",
 ]
-
-
-async def durable_load(url: str, ledger: Ledger, clients: int, seconds: float) -> None:
-    """``clients`` concurrent clients POST new requests for ``seconds`` or until the
-    connection fails (the server died)."""
-
-    async def client_loop(number: int, client: httpx.AsyncClient) -> None:
-        while True:
-            request = ledger.new(f"c{number}")
-            try:
-                response = await ledger.send(client, request)
-            except httpx.TransportError:
-                return
-            assert response.status_code == 200, response.text
-
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        with trio.move_on_after(seconds):
-            async with trio.open_nursery() as nursery:
-                for number in range(clients):
-                    nursery.start_soon(client_loop, number, client)
-
-
-async def resend_unacknowledged(url: str, ledger: Ledger) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        for request in ledger.unacknowledged():
-            response = await ledger.send(client, request)
-            assert response.status_code == 200, response.text
 
 
 # Requests cut off by the kill leave httpx's body iterators unfinished.

@@ -1,6 +1,7 @@
-"""Fault injection on a running server's SQLite store: disk full, the write lock held by
-another process, the file made read-only, the file deleted. The server runs in this
-process (real hypercorn on loopback) so that the test can reach its write connection."""
+"""Fault injection on a running server's SQLite store: disk full and the write lock held
+by another process (as batches are journalled, and as a head is flushed), the file made
+read-only, the file deleted. The server runs in this process (real hypercorn on
+loopback) so that the test can reach its write connection."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from trioagg.store import make_backend, open_store
 from trioagg.writer import Writers
 
 from . import clock
-from .conftest import Server, StartServer, assert_store_holds, post
+from .conftest import Server, StartServer, assert_store_holds, metric, post, sql
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -98,6 +99,70 @@ async def test_a_write_lock_held_past_busy_timeout_fails_then_recovers(
     hold_write_lock.release()
     await assert_recovered(server)
     assert_store_holds(server.db, {"before": 1, "after": 1})
+
+
+def journal_rows(db: str) -> int:
+    ((rows,),) = sql(db, "SELECT count(*) FROM journal")
+    return int(rows)
+
+
+async def flushes_failed(server: Server, failures: int) -> None:
+    """Wait until ``failures`` flushes failed: the first, and retries."""
+    with trio.fail_after(10):
+        while await metric(server, "trioagg_flush_failures_total") < failures:
+            await trio.sleep(0.02)
+
+
+async def journal_flushed(server: Server) -> None:
+    with trio.fail_after(10):
+        while await trio.to_thread.run_sync(journal_rows, server.db):
+            await trio.sleep(0.02)
+
+
+async def test_disk_full_during_a_flush_keeps_the_journal_and_retries_until_space_returns(
+    start_server: StartServer,
+) -> None:
+    # Batches journalled while there was room, and a flush that has none for their rows.
+    server = await start_server(flush_window="2s")  # flushed once idle for 0.1 s
+    assert (await post(server.client, many_keys("first"))).status_code == 200
+    await journal_flushed(server)  # the first batch's journal pages are free again
+    ((pages,),) = await on_write_connection(server, "PRAGMA page_count")
+    await on_write_connection(server, f"PRAGMA max_page_count = {pages}")
+    held = await post(server.client, many_keys("held"))
+    assert held.status_code == 200, "journalled in the pages the first batch's row freed"
+
+    await flushes_failed(server, 2)
+    expected = {event["key"]: 1 for event in many_keys("first") + many_keys("held")}
+    assert journal_rows(server.db) == 1
+    assert_store_holds(server.db, expected)  # the journal holds what the table cannot
+    ready = await assert_outage(server, "full")  # no room to journal new work: 503
+    assert ready["checks"]["store"] == "failing: the disk holding the database is full"
+
+    await on_write_connection(server, "PRAGMA max_page_count = 1073741823")
+    await journal_flushed(server)  # by the next retry
+    await assert_recovered(server)
+    assert_store_holds(server.db, expected | {"after": 1})
+
+
+async def test_a_write_lock_held_through_a_flush_fails_it_until_the_lock_goes(
+    start_server: StartServer, hold_write_lock: Any
+) -> None:
+    server = await start_server(busy_timeout="300ms", flush_window="10s")  # idle: 0.5 s
+    assert (await post(server.client, many_keys("held", 200))).status_code == 200
+    hold_write_lock.acquire(server.db)
+    ((rows,),) = hold_write_lock.conn.execute("SELECT count(*) FROM journal").fetchall()
+    assert rows == 1, "the lock must be taken before the head is flushed"
+
+    await flushes_failed(server, 2)
+    expected = {event["key"]: 1 for event in many_keys("held", 200)}
+    assert_store_holds(server.db, expected)  # reads go on under the lock
+    ready = await assert_outage(server, "locked")
+    assert "locked" in ready["checks"]["store"]
+
+    hold_write_lock.release()
+    await journal_flushed(server)
+    await assert_recovered(server)
+    assert_store_holds(server.db, expected | {"after": 1})
 
 
 @contextlib.contextmanager

@@ -119,6 +119,9 @@ class _Connection(psycopg.Connection[TupleRow]):
     #: A duplicate of the connection's socket: shutting it down reaches the socket even
     #: once libpq has closed its own descriptor (whose number may then be reused).
     lifeline: socket.socket | None = None
+    #: A write connection's writer, whose journal lease it holds (see ``_hold_lease``).
+    writer: int | None = None
+    leased = False
 
     def interrupt(self) -> None:
         """Make a call blocked on this connection, in any thread, fail at once."""
@@ -193,12 +196,9 @@ class PostgresBackend(SQLBackend):
         )
         try:
             conn.lifeline = socket.socket(fileno=os.dup(conn.fileno()))
-            if write and shard < len(self._owners):
-                # The lease of this writer's journal: held by its session, shared so that
-                # only a process that finds no session holding it takes it (take_lease).
-                conn.execute(
-                    "SELECT pg_advisory_lock_shared(%s)", (_lease_key(self._owners[shard]),)
-                )
+            if write:
+                conn.writer = shard
+                self._hold_lease(conn)
         except BaseException:  # out of file descriptors, or the server went
             conn.close()
             raise
@@ -212,6 +212,16 @@ class PostgresBackend(SQLBackend):
 
     def hold_leases(self, owners: Sequence[str]) -> None:
         self._owners = list(owners)
+
+    def _hold_lease(self, conn: _Connection) -> None:
+        """Take the lease of a write connection's writer, once its owner is declared: as
+        it connects, or at its first transaction where it connected before (to prepare
+        the schema), so that it holds it before it journals anything. Shared, so that
+        only a process that finds no session holding it takes it (take_lease)."""
+        if conn.leased or conn.writer is None or conn.writer >= len(self._owners):
+            return
+        conn.execute("SELECT pg_advisory_lock_shared(%s)", (_lease_key(self._owners[conn.writer]),))
+        conn.leased = True
 
     def end_leases(self) -> None:
         pass  # the sessions holding them close with the store
@@ -243,6 +253,8 @@ class PostgresBackend(SQLBackend):
         check_meta(stored, bucket, self.description)
 
     def begin(self, conn: psycopg.Connection[Any]) -> None:
+        if isinstance(conn, _Connection):  # not one made elsewhere, which has no writer
+            self._hold_lease(conn)
         conn.execute("BEGIN")
 
     def commit(self, conn: psycopg.Connection[Any]) -> None:
