@@ -24,12 +24,16 @@ from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers
 
 
 class CuedStore:
-    """Commits after ``delay`` seconds, or fails with an outage while ``down``."""
+    """Commits after ``delay`` seconds, or fails with an outage while ``down``; its
+    flushes fail with an outage while ``flush_down``. A commit adds a journal row to the
+    head (of nothing: these tests are about when the writer commits and flushes)."""
 
     def __init__(self, delay: float = 0.01, writers: int = 2) -> None:
         self.delay = delay
         self.down = False
+        self.flush_down = False
         self.stored: list[Any] = []
+        self.flushed = 0
         self.heads = [Head() for _ in range(writers)]
 
     async def append(self, batch: list[list[Any]], shard: int = 0) -> Appended:
@@ -37,10 +41,15 @@ class CuedStore:
         if self.down:
             raise StoreOutage("the disk holding the database is full")
         self.stored.extend(point for points in batch for point in points)
+        self.heads[shard].journal.append(len(self.stored))
         return Appended([0] * len(batch), sum(len(points) for points in batch))
 
     async def flush(self, shard: int = 0) -> None:
-        return None  # the head stays empty: these tests are about the journal's commits
+        await trio.sleep(self.delay)
+        if self.flush_down:
+            raise StoreOutage("the disk holding the database is full")
+        self.heads[shard].journal.clear()
+        self.flushed += 1
 
     async def replay_dead(self, shard: int = 0) -> tuple[int, int]:
         return 0, 0
@@ -211,3 +220,24 @@ async def test_every_waiter_gets_an_error_of_its_own(
         errors.append(caught.value)
     assert errors[0] is not errors[1]
     writers.close()
+
+
+async def test_failing_flushes_keep_the_writer_failing_though_commits_succeed(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A nearly full disk may still take a journal row but not a flush's rows: the
+    service must not look well (readyz, 202s) until a flush succeeds."""
+    store = CuedStore()
+    writers, metrics = await start_writers(store, nursery, count=1, flush_window=1.0)
+    store.flush_down = True
+    await (await writers.submit([event()], durable=True)).wait_committed()
+    await trio.sleep(0.5)  # idle: the flush is tried, and tried again
+    assert metrics.registry.get_sample_value("trioagg_flush_failures_total") >= 2
+    await (await writers.submit([event()], durable=True)).wait_committed()
+    await trio.sleep(FAILING_MEMORY + 1)
+    assert writers.failing == "the disk holding the database is full"
+    with pytest.raises(StoreUnavailable):
+        await writers.submit([event()], durable=False)
+    store.flush_down = False
+    await trio.sleep(3)  # the next retry, after a backoff of at most 2 s
+    assert writers.failing is None and store.heads[0].journal == []

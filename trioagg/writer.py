@@ -144,6 +144,8 @@ class Writer:
         self.waiting_events = 0
         self._outage: str | None = None
         self._outage_at = -math.inf
+        #: Why flushes fail, while they do (see failing).
+        self._flush_outage: str | None = None
         self._last_batch_at = -math.inf
         #: When the head took its first batch since the last flush.
         self._opened_at: float | None = None
@@ -160,9 +162,12 @@ class Writer:
 
     @property
     def failing(self) -> str | None:
-        """Why the store failed to commit (an outage), until a commit succeeds or
-        ``FAILING_MEMORY`` seconds pass without another failure (then requests probe
-        the store again, so an idle service does not stay "failing" for ever)."""
+        """Why the store failed to commit (an outage): while flushes fail for that
+        reason, and else until a commit succeeds or ``FAILING_MEMORY`` seconds pass
+        without another failure (then requests probe the store again, so an idle service
+        does not stay "failing" for ever)."""
+        if self._flush_outage is not None:
+            return self._flush_outage
         if trio.current_time() - self._outage_at > FAILING_MEMORY:
             return None
         return self._outage
@@ -256,10 +261,11 @@ class Writer:
             return "read"
         if head.size >= self.head_max:
             return "size"
+        # The same sums as _next_chore's deadlines: a wait that ends at one finds it due.
         opened = self._opened_at if self._opened_at is not None else now
-        if now - opened >= self.flush_window:
+        if now >= opened + self.flush_window:
             return "window"
-        if now - self._last_batch_at >= self.flush_window * IDLE_PART:
+        if now >= self._last_batch_at + self.flush_window * IDLE_PART:
             return "idle"
         return None
 
@@ -305,12 +311,15 @@ class Writer:
                     reason,
                 )
             if isinstance(failure, StoreOutage):
-                self._outage, self._outage_at = failure.reason, trio.current_time()
+                # Kept until a flush succeeds: a journal commit that still fits on a
+                # nearly full disk must not make the service look well.
+                self._flush_outage = failure.reason
             self._flush_retry_at = trio.current_time() + self._flush_backoff
             self._flush_backoff = min(self._flush_backoff * 2, _MAX_RETRY)
             return False
         self._flush_retry_at = -math.inf
         self._flush_backoff = _FIRST_RETRY
+        self._flush_outage = None
         self._flush_asked = False
         self._opened_at = None
         self._flush_done.set()

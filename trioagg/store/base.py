@@ -269,6 +269,12 @@ class JournalTaken(Exception):
     """A flush found fewer of its journal rows than it folded: another process, taking
     this one for dead, replayed some. Nothing of the flush is committed."""
 
+    def __init__(self, owner: str) -> None:
+        super().__init__(
+            f"another process replayed journal rows of {owner} (this writer, its lease "
+            "lost for a while): the head is rebuilt from what is left and flushed again"
+        )
+
 
 @dataclass
 class Appended:
