@@ -16,6 +16,7 @@ import functools
 import logging
 import multiprocessing
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -73,6 +74,8 @@ from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import CachedAnswer, ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
+from .statsd import Receiver
+from .statsd import open_socket as open_statsd_socket
 from .store import Store, open_store, store_exists
 from .store.head import copy_row
 from .writer import Writers, purge_expired_ids
@@ -114,11 +117,17 @@ class Service:
         #: as many as can read at once and be built at once. The others wait before
         #: reading, so that the rows in memory are bounded (see the README's Limits).
         self.querying = trio.CapacityLimiter(settings.readers + 2)
+        #: The StatsD receiver, with ``--statsd`` (in one process of several).
+        self.statsd: Receiver | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def running(cls, settings: Settings, metrics: Metrics) -> AsyncIterator[Service]:
-        """Run the service for the body of the ``async with``. Leaving it: stop admitting
+    async def running(
+        cls, settings: Settings, metrics: Metrics, statsd_socket: socket.socket | None = None
+    ) -> AsyncIterator[Service]:
+        """Run the service for the body of the ``async with``; with ``--statsd``, receive
+        StatsD on ``statsd_socket`` (bound by ``trioagg serve`` or its supervisor), or on
+        a socket bound here. Leaving it: stop receiving StatsD and admitting
         requests, stop the purge and wait for it, close the writers' channels, drain them
         under ``drain_timeout`` (shielded from cancellation), answer what is left
         unstored, and close the store once no thread uses it. A writer that crashes
@@ -152,6 +161,11 @@ class Service:
                     helpers.start_soon(service.auth.record_uses)
                     if settings.auth == "auto":
                         await helpers.start(service.auth.watch_keys)
+                    if settings.statsd is not None:
+                        sock = statsd_socket or open_statsd_socket(settings.statsd)
+                        service.statsd = Receiver(sock, writers, metrics, service.limits)
+                        await helpers.start(service.statsd.run)
+                        log.info("receiving StatsD on udp %s", service.statsd.address)
                     helpers.start_soon(
                         sample_loop_steps, service.loop_steps, settings.loop_step_sampling
                     )
@@ -250,6 +264,9 @@ class TrioaggApp(QuartTrio):
         self.settings = settings
         self.metrics = Metrics()
         self._service: Service | None = None
+        #: The UDP socket to receive StatsD on (``--statsd``), when it was bound before
+        #: the app started; else the service binds one.
+        self.statsd_socket: socket.socket | None = None
         self._lifespan_nursery: trio.Nursery | None = None
         self._stop_requested = trio.Event()
         self._service_stopped = trio.Event()
@@ -291,7 +308,7 @@ class TrioaggApp(QuartTrio):
     async def _run_service(self, *, task_status: trio.TaskStatus[Service]) -> None:
         started = False
         try:
-            async with Service.running(self.settings, self.metrics) as service:
+            async with Service.running(self.settings, self.metrics, self.statsd_socket) as service:
                 task_status.started(service)
                 started = True
                 await self._stop_requested.wait()

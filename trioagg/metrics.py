@@ -265,6 +265,31 @@ class Metrics:
         )
         for where in ("connection", "commit_follow_up"):  # 0 until one happens, not absent
             self.contained_failures.labels(where)
+        self.statsd_datagrams = Counter(
+            "trioagg_statsd_datagrams", "StatsD datagrams received (--statsd).", registry=r
+        )
+        self.statsd_parsed = Counter(
+            "trioagg_statsd_lines_parsed",
+            "StatsD lines parsed into events (queued, or dropped as counted apart).",
+            registry=r,
+        )
+        self.statsd_refused = Counter(
+            "trioagg_statsd_lines_refused",
+            "StatsD lines refused, by reason: malformed, name, type, value, rate, tags, "
+            "time, unsupported (DogStatsD events, service checks), too_many_events.",
+            ["reason"],
+            registry=r,
+        )
+        self.statsd_dropped = Counter(
+            "trioagg_statsd_events_dropped",
+            "Events of StatsD lines parsed but not queued, by reason: queue_full (the "
+            "writers' queue or the receiver's own stayed full), store_unavailable, shutdown "
+            "(parsed as the service stopped).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("queue_full", "store_unavailable"):
+            self.statsd_dropped.labels(reason)
         self.worker_restarts = Counter(
             "trioagg_worker_restarts",
             "Worker processes that trioagg serve --workers N started to replace one that died.",
