@@ -283,6 +283,15 @@ class Status(msgspec.Struct):
             "store unavailable (UDP has no answer to retry on).",
         ),
     ] = 0
+    otlp_points_accepted: Annotated[
+        int, msgspec.Meta(ge=0, description="OTLP data points stored (POST /v1/metrics).")
+    ] = 0
+    otlp_points_rejected: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0, description="OTLP data points refused (rejected_data_points of partial success)."
+        ),
+    ] = 0
 
 
 #: Every answer type, for the OpenAPI document's components.

@@ -32,6 +32,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
+from . import otlp
 from .answers import Pieces
 from .auth import (
     ENDPOINT_SCOPES,
@@ -57,7 +58,13 @@ from .errors import (
     error_body,
 )
 from .hosts import AllowedHosts
-from .http_edges import body_format, guard_connections, read_body, too_large_message
+from .http_edges import (
+    body_format,
+    content_encoding,
+    guard_connections,
+    read_body,
+    too_large_message,
+)
 from .ingest import Limits, decode_body
 from .loopwatch import (
     LongSteps,
@@ -69,6 +76,7 @@ from .memory import give_back
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
+from .otlp import Streams
 from .params import parse_wait
 from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import CachedAnswer, ReadCache, cache_key
@@ -119,6 +127,8 @@ class Service:
         self.querying = trio.CapacityLimiter(settings.readers + 2)
         #: The StatsD receiver, with ``--statsd`` (in one process of several).
         self.statsd: Receiver | None = None
+        #: Cumulative OTLP streams' last points, to turn them into deltas.
+        self.otlp_streams = Streams()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -545,6 +555,62 @@ def _add_routes(app: TrioaggApp) -> None:
         if durable:
             return _json({"accepted": len(points), "duplicates": duplicates})
         return _json({"accepted": len(points)}, 202)
+
+    rejected_points = bound_children(app.metrics.otlp_rejected)
+
+    @app.post("/v1/metrics")
+    async def post_metrics() -> Response:
+        """OTLP/HTTP metrics (see :mod:`trioagg.otlp`): stored like /v1/events with
+        ``wait=true``, answered with OTLP's response, a partial success naming the data
+        points refused. Requests with cumulative points take turns (:class:`Streams`)
+        from computing their deltas until their events are committed."""
+        service = app.service
+        settings = service.settings
+        writers = service.writers
+        protobuf = otlp.media_type(request.headers)
+        encoding = content_encoding(request.headers)
+        submission = None
+        async with contextlib.AsyncExitStack() as turn:
+            with writers.inflight.holding() as hold:
+                body = await read_body(
+                    request,
+                    encoding,
+                    max_body=settings.max_body,
+                    timeout=settings.body_timeout,
+                    keep=hold.grow,
+                )
+                await writers.admit()
+                try:
+                    export = await build(
+                        len(body) // 64, functools.partial(otlp.decode, body, protobuf=protobuf)
+                    )
+                    streams = service.otlp_streams
+                    if otlp.has_cumulative(export):
+                        await turn.enter_async_context(streams.lock)
+                    mapping = otlp.Mapping(
+                        service.limits,
+                        settings.otlp_resource_attributes,
+                        current_tenant(),
+                        follows_streams=settings.workers == 1,
+                    )
+                    mapped = await build(
+                        len(body) // 64,
+                        functools.partial(otlp.map_request, export, mapping, streams, time.time()),
+                    )
+                    del export
+                    if mapped.points:
+                        submission = await writers.submit(mapped.points, durable=True)
+                finally:
+                    writers.admitted()
+            if submission is not None:
+                app.metrics.events_accepted.inc(len(mapped.points))
+                await submission.wait_committed()
+            streams.keep(mapped.updates)
+        app.metrics.otlp_accepted.inc(mapped.accepted)
+        for reason, number in mapped.rejected.items():
+            rejected_points(reason).inc(number)
+        body = otlp.answer(sum(mapped.rejected.values()), mapped.error_message(), protobuf=protobuf)
+        return Response(body, 200, content_type=otlp.PROTOBUF if protobuf else otlp.JSON)
 
     app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
     counted = bound_children(app.metrics.read_cache)

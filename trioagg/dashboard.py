@@ -129,6 +129,8 @@ def status(totals: Mapping[str, float], *, bucket: int, quantiles: tuple[str, ..
         statsd_lines_parsed=int(total("trioagg_statsd_lines_parsed_total")),
         statsd_lines_refused=int(total("trioagg_statsd_lines_refused_total")),
         statsd_events_dropped=int(total("trioagg_statsd_events_dropped_total")),
+        otlp_points_accepted=int(total("trioagg_otlp_points_accepted_total")),
+        otlp_points_rejected=int(total("trioagg_otlp_points_rejected_total")),
     )
 
 

@@ -290,6 +290,18 @@ class Metrics:
         )
         for reason in ("queue_full", "store_unavailable"):
             self.statsd_dropped.labels(reason)
+        self.otlp_accepted = Counter(
+            "trioagg_otlp_points_accepted",
+            "OTLP data points stored (POST /v1/metrics), each as one or more events.",
+            registry=r,
+        )
+        self.otlp_rejected = Counter(
+            "trioagg_otlp_points_rejected",
+            "OTLP data points refused (answered as rejected_data_points), by reason: value, "
+            "time, name, tags, temporality, unsupported.",
+            ["reason"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "trioagg_worker_restarts",
             "Worker processes that trioagg serve --workers N started to replace one that died.",

@@ -328,6 +328,12 @@ class Settings:
         "stored, so keep it on loopback or a private network. With --workers N, one worker "
         "receives (see StatsD in the docs).",
     )
+    otlp_resource_attributes: tuple[str, ...] = _setting(
+        "none",
+        parse_patterns,
+        "Resource attributes of OpenTelemetry metrics (POST /v1/metrics) kept as tags of "
+        "their points, e.g. service.name,deployment.environment: comma list, none.",
+    )
     busy_timeout: float = _setting(
         "10s", parse_duration, "How long a commit retries a locked database before failing (503)."
     )
