@@ -74,6 +74,8 @@ PENDING_EVENTS: Final = 100_000
 GAUGE_SERIES: Final = 100_000
 #: The largest datagram read (UDP's own limit).
 MAX_DATAGRAM: Final = 65_535
+#: The socket's receive buffer asked for (the kernel caps it at net.core.rmem_max).
+RECEIVE_BUFFER: Final = 8 * 1024 * 1024
 #: At most one refused line is logged (with its reason) per this many seconds.
 LOG_INTERVAL: Final = 10.0
 
@@ -321,6 +323,9 @@ def open_socket(address: tuple[str, int]) -> socket.socket:
     except ValueError:
         family = socket.AF_INET  # a host name: resolved by bind
     sock = socket.socket(family, socket.SOCK_DGRAM)
+    # A large receive buffer absorbs bursts while the event loop is busy elsewhere (the
+    # kernel caps it at net.core.rmem_max; Linux's default buffer holds ~100 datagrams).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
     try:
         sock.bind((host, port))
     except OSError as error:
