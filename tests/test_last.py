@@ -9,6 +9,11 @@ import sqlite3
 from typing import Any
 
 import httpx
+import trio
+from click.testing import CliRunner
+
+from trioagg.cli import main
+from trioagg.client import AsyncClient
 
 from .conftest import StartServer, post
 
@@ -100,3 +105,22 @@ async def test_a_store_made_before_last_answers_null_for_its_old_buckets(
     # the old event's time is unknown: 6.0 may not be its bucket's last
     assert await lasts(server.client, "hour") == [({}, [(2, None), (1, 2.0)])]
     assert await lasts(server.client, "all") == [({}, [(3, 2.0)])]
+
+
+async def test_the_client_and_the_cli_ask_for_last(start_server: StartServer) -> None:
+    server = await start_server(max_age="none")
+    for offset, value in ((20, 5.0), (10, 9.0)):  # the later event comes first
+        await post(server.client, {"key": "seats", "ts": T0 + offset, "value": value})
+    async with AsyncClient(server.url) as client:
+        answer = await client.aggregates(
+            "seats", start=T0, end=T0 + HOUR, granularity="all", stats="count,last"
+        )
+    assert [(b.count, b.last) for b in answer.results[0].buckets] == [(2, 5.0)]
+    args = ["query", "seats", "--from", str(T0), "--to", str(T0 + HOUR), "--granularity", "all"]
+    printed = await trio.to_thread.run_sync(
+        lambda: CliRunner().invoke(
+            main, [*args, "--stats", "last", "--format", "csv", "--url", server.url]
+        )
+    )
+    assert printed.exit_code == 0, printed.output
+    assert printed.output.splitlines()[-1].endswith(",5.0")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import time
 from typing import Any
 
 import httpx
@@ -33,7 +34,7 @@ from opentelemetry.sdk.resources import Resource
 
 from trioagg.errors import Forbidden, MalformedBody
 from trioagg.ingest import Limits
-from trioagg.otlp import Mapping, Streams, decode, map_request
+from trioagg.otlp import Last, Mapping, Streams, decode, map_request
 
 from .conftest import StartServer, stored_counts
 
@@ -218,9 +219,7 @@ def test_streams_are_bounded_and_forgetting_one_makes_old_streams_baselines() ->
     assert len(streams) == 1 and streams.complete_since == T - 5 * NS
 
 
-def _last() -> Any:
-    from trioagg.otlp import Last
-
+def _last() -> Last:
     return Last(0, 1, (1.0,))
 
 
@@ -443,8 +442,6 @@ def export_body(request: ExportMetricsServiceRequest, form: str) -> tuple[bytes,
 
 
 def recent_request() -> ExportMetricsServiceRequest:
-    import time
-
     now = time.time_ns()
     good = sum_metric("paid", (now - NS, now, 4.0), plan="pro")
     bad = sum_metric("paid", (now - NS, now, math.inf), plan="free")
@@ -493,4 +490,20 @@ async def test_a_malformed_export_is_refused_whole_and_stores_nothing(
     answer = await server.client.post("/v1/metrics", content=body, headers=headers)
     assert answer.status_code == status, answer.text
     assert answer.json()["error"]["message"]
+    assert stored_counts(server.db) == {}
+
+
+async def test_an_export_the_server_cannot_take_now_is_503_with_retry_after(
+    start_server: StartServer,
+) -> None:
+    """Past max_inflight the exporter is told to retry (503 and Retry-After, which OTLP
+    exporters honour), and nothing of the export is stored."""
+    server = await start_server(max_body="4KiB", max_inflight="4KiB")
+    now = time.time_ns()
+    points = [(now - NS, now + i, 1.0) for i in range(20)]  # 20 events of 300 bytes held
+    body, headers = export_body(request_of(sum_metric("busy", *points)), "protobuf")
+    answer = await server.client.post("/v1/metrics", content=body, headers=headers)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "1"
+    assert answer.json()["error"]["code"] == "overloaded"
     assert stored_counts(server.db) == {}

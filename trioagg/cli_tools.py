@@ -775,7 +775,7 @@ def _tag_filters(tags: Sequence[str]) -> dict[str, str]:
 @click.option(
     "--stats",
     metavar="STATS",
-    help="Comma list of count, sum, min, max, avg, stddev, distinct and pNN (p99) "
+    help="Comma list of count, sum, min, max, avg, stddev, distinct, last and pNN (p99) "
     f"[default: {','.join(DEFAULT_STATS)}].",
 )
 @click.option(
