@@ -340,6 +340,9 @@ def test_the_same_point_gets_the_same_ids_so_a_retried_export_counts_once() -> N
     request = request_of(sum_metric("x", (T - NS, T, 1.0), (T, T + NS, 1.0)))
     ids = [p[5] for p in mapped_events(request)[1].points]
     assert ids == [p[5] for p in mapped_events(request)[1].points] and len(set(ids)) == 2
+    # another tenant's same export is its own: no id of one drops the other's events
+    acme, globex = ([p[5] for p in mapped_events(request, tenant=t)[1].points] for t in ("a", "g"))
+    assert not set(acme) & set(globex)
 
 
 def test_bodies_that_are_not_requests_are_malformed() -> None:

@@ -303,7 +303,8 @@ def _map_point(
     ts = _seconds(point.time_unix_nano, window)
     attributes = _attributes(point.attributes)
     tags = _tags({**resource_tags, **attributes}, mapping.tenant)
-    stream = msgspec.msgpack.encode([origin, name, kind, sorted(attributes.items())])
+    # The tags hold the tenant: two tenants' streams (and ids) are never one.
+    stream = msgspec.msgpack.encode([origin, name, kind, tags, sorted(attributes.items())])
     cumulative = kind == "summary" or _temporality(metric) == AGGREGATION_TEMPORALITY_CUMULATIVE
     if kind in ("sum", "gauge"):
         which = point.WhichOneof("value")
