@@ -102,6 +102,8 @@ async def test_status_reads_what_metrics_count(start_server: StartServer) -> Non
         "statsd_lines_parsed": 0,
         "statsd_lines_refused": 0,
         "statsd_events_dropped": 0,
+        "otlp_points_accepted": 0,
+        "otlp_points_rejected": 0,
     }
     assert status["commits"] >= 1
 
