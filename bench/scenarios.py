@@ -30,6 +30,7 @@ SCENARIOS = (
     "client",
     "wrk",
     "auth",
+    "protocols",
 )
 #: what ``--quick`` runs unless told otherwise: all but the wrk cross-check (its three
 #: servers and the Go design's drain) and auth (four servers), which would take more
@@ -67,6 +68,8 @@ class Sizes:
     # the client path: the seed's single events through trioagg.client; trioagg ingest
     client_events: int = 30_000
     ingest_lines: int = 1_000_000
+    #: events of each protocol (JSON arrays, OTLP exports, StatsD datagrams)
+    protocol_events: int = 200_000
 
 
 def scaled(sizes: Sizes, factor: float) -> Sizes:
@@ -108,6 +111,7 @@ QUICK = Sizes(
     pg_baseline_s=1.5,
     client_events=2_000,
     ingest_lines=30_000,
+    protocol_events=20_000,
 )
 
 KEYS = 1_000
@@ -979,6 +983,13 @@ def wrk(bench: Bench, sizes: Sizes) -> ScenarioResult:
     return wrk_scenario(bench, sizes)
 
 
+def protocols(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """The same events by JSON arrays, OTLP/HTTP exports and StatsD over UDP; committed/s."""
+    from .protocols import protocols_scenario
+
+    return protocols_scenario(bench, sizes)
+
+
 #: Rounds of the auth scenario; each runs both modes, in turns (off first, then on first).
 AUTH_ROUNDS = 2
 
@@ -1054,6 +1065,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "client": client,
     "wrk": wrk,
     "auth": auth,
+    "protocols": protocols,
 }
 
 

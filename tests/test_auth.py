@@ -476,6 +476,17 @@ async def test_a_store_of_the_previous_version_opens_and_gains_the_keys_table(
 # -- every endpoint x every kind of key, over HTTP --------------------------------
 
 
+def otlp_export(**attributes: str) -> dict[str, Any]:
+    """An OTLP/JSON export of one data point of t.m, with these attributes."""
+    point = {
+        "timeUnixNano": str(TS * 1_000_000_000),
+        "asDouble": 1.0,
+        "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attributes.items()],
+    }
+    metric = {"name": "t.m", "sum": {"aggregationTemporality": 1, "dataPoints": [point]}}
+    return {"resourceMetrics": [{"scopeMetrics": [{"metrics": [metric]}]}]}
+
+
 #: (method, path, params, body) of a request that only its key decides.
 ENDPOINTS: dict[str, tuple[str, str, dict[str, str], Any]] = {
     "events": ("POST", "/v1/events", {}, [{"key": "t.k", "ts": TS, "id": "e-1"}]),
@@ -488,10 +499,12 @@ ENDPOINTS: dict[str, tuple[str, str, dict[str, str], Any]] = {
     "readyz": ("GET", "/readyz", {}, None),
     "openapi": ("GET", "/openapi.json", {}, None),
     "page": ("GET", "/", {}, None),
+    "otlp": ("POST", "/v1/metrics", {}, otlp_export()),
 }
 #: What the "other tenant" request asks: data of tenant=acme, with globex's key.
 OTHER_TENANT: dict[str, Any] = {
     "events": [{"key": "t.k", "ts": TS, "id": "e-2", "tags": {"tenant": "acme"}}],
+    "otlp": otlp_export(tenant="acme"),
     "aggregates": {"key": "t.k", "tag.tenant": "acme", **DAY},
 }
 KINDS = ["none", "unknown", "revoked", "expired", "wrong scope", "right scope", "other tenant"]
@@ -503,6 +516,7 @@ GUARDED = {
     "top": [401, 401, 401, 401, 403, 200, 200],
     "status": [401, 401, 401, 401, 403, 200, 403],
     "metrics": [401, 401, 401, 401, 403, 200, 403],
+    "otlp": [401, 401, 401, 401, 403, 200, 403],
 }
 #: The scope each endpoint needs, and one that is not it.
 NEEDS = {
@@ -512,6 +526,7 @@ NEEDS = {
     "top": ("read", "ingest"),
     "status": ("read", "ingest"),
     "metrics": ("admin", "read"),
+    "otlp": ("ingest", "read"),
 }
 
 
@@ -546,8 +561,8 @@ async def test_every_endpoint_answers_every_kind_of_key_exactly(
             "right scope": keys[NEEDS.get(name, ("read", "read"))[0]],
             "other tenant": globex,
         }[kind]
-        if kind == "other tenant" and name == "events":
-            body = OTHER_TENANT["events"]
+        if kind == "other tenant" and name in ("events", "otlp"):
+            body = OTHER_TENANT[name]
         elif kind == "other tenant":
             params = OTHER_TENANT.get(name, params)
         return await server.client.request(
@@ -574,7 +589,7 @@ async def test_every_endpoint_answers_every_kind_of_key_exactly(
                 challenge = response.headers["WWW-Authenticate"]
                 assert challenge.startswith('Bearer realm="trioagg"')
                 assert ('error="invalid_token"' in challenge) == (kind != "none")
-    assert stored_counts(db) == {"t.k": 1}
+    assert stored_counts(db) == {"t.k": 1, "t.m": 1}
 
     metrics = (await server.client.get("/metrics", headers=admin)).text
     refused = {
@@ -583,14 +598,14 @@ async def test_every_endpoint_answers_every_kind_of_key_exactly(
         if line.startswith("trioagg_auth_refused_total{")
     }
     # Per guarded endpoint: one missing, unknown, revoked, expired and wrong scope each;
-    # other tenants refused on events, aggregates, status and metrics (its scopes).
+    # other tenants refused on events, OTLP, aggregates, status and metrics (its scopes).
     assert refused == {
-        "missing": 6.0,
-        "unknown": 6.0,
-        "revoked": 6.0,
-        "expired": 6.0,
-        "scope": 7.0,
-        "tenant": 3.0,
+        "missing": 7.0,
+        "unknown": 7.0,
+        "revoked": 7.0,
+        "expired": 7.0,
+        "scope": 8.0,
+        "tenant": 4.0,
     }
     for secret in (*keys.values(), revoked, expired, globex):
         assert secret not in metrics

@@ -98,6 +98,12 @@ async def test_status_reads_what_metrics_count(start_server: StartServer) -> Non
         "commits": metrics["trioagg_commit_seconds_count"],
         "commit_seconds_sum": metrics["trioagg_commit_seconds_sum"],
         "loop_stall_max_seconds": metrics["trioagg_loop_stall_max_seconds"],
+        "statsd_datagrams": 0,
+        "statsd_lines_parsed": 0,
+        "statsd_lines_refused": 0,
+        "statsd_events_dropped": 0,
+        "otlp_points_accepted": 0,
+        "otlp_points_rejected": 0,
     }
     assert status["commits"] >= 1
 

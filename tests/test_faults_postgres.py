@@ -362,7 +362,8 @@ async def test_purge_keeps_an_id_claimed_again_while_it_ran(start_server: StartS
         backend.begin(claimer)
         assert backend.claim_ids(claimer, ["evt-raced"], now, now - window) == {"evt-raced"}
         hour = int(now // 3600 * 3600)
-        backend.upsert(claimer, [("raced", hour, "{}", 1, 1.0, 0.0, 0.0, 1.0, 1.0, None, None)])
+        row = ("raced", hour, "{}", 1, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, float(hour), None, None)
+        backend.upsert(claimer, [row])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, purge)
             with trio.fail_after(10):

@@ -111,7 +111,7 @@ def test_an_id_counts_once_in_a_batch_and_never_when_claimed_before() -> None:
     claimed = {"a", "b", "c"}
     plan = plan_batch(batch, claimed, POLICY, SeriesCache())
     assert plan.duplicates == [1, 1, 1]
-    ((_, _, _, count, shift, s1, _, low, high, _, _),) = plan.plain
+    ((_, _, _, count, shift, s1, _, low, high, *_),) = plan.plain
     assert (count, count * shift + s1, low, high) == (4, 1.0 + 4.0 + 16.0 + 64.0, 1.0, 64.0)
     assert claimed == {"a", "b", "c"}  # the caller's set is left as it was
 
@@ -149,6 +149,7 @@ def test_rollups_are_exact_per_slot_over_the_events_that_count(
     # The oracle: walk the events in order, an id counting at its first claimed sight.
     unclaimed = set(claimed)
     expected: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    latest: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
     duplicates = []
     for points in batch:
         dropped = 0
@@ -159,6 +160,7 @@ def test_rollups_are_exact_per_slot_over_the_events_that_count(
                     continue
                 unclaimed.remove(event_id)
             expected[(key, int(ts) // HOUR * HOUR, tags)].append(value)
+            latest[(key, int(ts) // HOUR * HOUR, tags)].append((ts, value))
         duplicates.append(dropped)
 
     plan = plan_batch(batch, claimed, POLICY, SeriesCache())
@@ -166,8 +168,10 @@ def test_rollups_are_exact_per_slot_over_the_events_that_count(
     assert plan.duplicates == duplicates
     assert plan.sketched == {}
     assert plan.rows == len(plan.plain) == len(expected)
-    for key, bucket, tags, count, shift, s1, s2, low, high, kll, hll in plan.plain:
+    for key, bucket, tags, count, shift, s1, s2, low, high, last, at, kll, hll in plan.plain:
         values = expected[(key, bucket, tags)]
+        # last: the latest event's value, a tie going to the larger value
+        assert (at, last) == max(latest[(key, bucket, tags)])
         assert count == len(values)
         assert count * shift + s1 == sum(values)
         assert (low, high) == (min(values), max(values))
@@ -195,8 +199,8 @@ def test_rows_with_sketches_are_planned_apart_in_sorted_order() -> None:
     rows = sketch_rows(plan.sketched)
     assert [row[:4] for row in rows] == [("d", 0, "{}", 1), ("q1", 0, "{}", 1), ("q2", 0, "{}", 1)]
     d_row, q1_row, _ = rows
-    assert d_row[9] is None and distinct(d_row[10]).get_estimate() == 1
-    assert quantiles(q1_row[9]).get_quantile(0.5) == 3.0 and q1_row[10] is None
+    assert d_row[11] is None and distinct(d_row[12]).get_estimate() == 1
+    assert quantiles(q1_row[11]).get_quantile(0.5) == 3.0 and q1_row[12] is None
 
 
 def test_sketches_merge_with_the_stored_ones() -> None:

@@ -227,8 +227,10 @@ def python_examples() -> list[tuple[str, str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("where", "code"), python_examples(), ids=lambda value: value[:24])
 async def test_the_python_examples_run(start_server: StartServer, where: str, code: str) -> None:
-    server = await start_server()
-    script = code.replace("http://127.0.0.1:8000", server.url)
+    server = await start_server(statsd="127.0.0.1:0")  # the StatsD example's 8125
+    assert server.app.service.statsd is not None
+    statsd_port = server.app.service.statsd.address.rsplit(":", 1)[1]
+    script = code.replace("http://127.0.0.1:8000", server.url).replace("8125", statsd_port)
     assert script != code, f"{where}: no server address to point at the test's server"
     before = (await server.client.get("/v1/status")).json()
     done = await trio.run_process(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import itertools
 import math
+import random
+import sqlite3
 import statistics
 import tempfile
 import zoneinfo
@@ -24,7 +26,7 @@ from trioagg.params import GRANULARITIES
 from trioagg.query import Query, answer, parse_query
 from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
 from trioagg.store.base import flush_head, journal_batch
-from trioagg.store.head import Head
+from trioagg.store.head import Head, copy_rollup
 from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
 
@@ -42,7 +44,8 @@ values = st.one_of(
 events = st.lists(
     st.tuples(
         st.sampled_from(["a", "b"]),
-        st.integers(DAY0, DAY0 + SPAN - 1).map(float),
+        # Some events at one same time: last breaks the tie by the larger value.
+        st.one_of(st.integers(DAY0, DAY0 + SPAN - 1), st.sampled_from([DAY0 + 7])).map(float),
         values,
         st.sampled_from(["{}", '{"r":"eu"}', '{"r":"us"}']),
         st.none(),
@@ -92,15 +95,15 @@ def answer_bucket(ts: int, granularity: str, tz: str, width: int, start: int) ->
     return int(datetime.datetime.combine(day, datetime.time(), zone).timestamp())
 
 
-Grouped = dict[tuple[str, str | None, int], list[float]]
+Grouped = dict[tuple[str, str | None, int], list[tuple[float, float]]]
 
 
 def naive(points: list[Point], query: Query, width: int, group: bool) -> Grouped:
-    """{(key, tags-or-None, answer bucket start): [values]} from the raw events."""
+    """{(key, tags-or-None, answer bucket start): [(ts, value)]} from the raw events."""
     grouped: Grouped = defaultdict(list)
     for key, ts, value, tags, _, _ in points:
         start = answer_bucket(int(ts), query.granularity, query.tz, width, query.start)
-        grouped[(key, tags if group else None, start)].append(value)
+        grouped[(key, tags if group else None, start)].append((ts, value))
     return grouped
 
 
@@ -155,7 +158,8 @@ def test_batched_upserts_equal_naive_aggregation(
             tags = "{}" if value is None else f'{{"r":"{value}"}}'
         for bucket in result["buckets"]:
             start = int(datetime.datetime.fromisoformat(bucket["start"]).timestamp())
-            want = expected[(result["key"], tags, start)]
+            timed = expected[(result["key"], tags, start)]
+            want = [value for _, value in timed]
             seen.add((result["key"], tags, start))
             scale = max(abs(v) for v in want) * len(want)
             assert bucket["count"] == len(want)
@@ -164,6 +168,7 @@ def test_batched_upserts_equal_naive_aggregation(
             assert close(bucket["sum"], math.fsum(want), scale)
             assert close(bucket["avg"], math.fsum(want) / len(want), scale)
             assert close(bucket["stddev"], statistics.pstdev(want), scale)
+            assert bucket["last"] == max(timed)[1]  # the latest; of a tie, the largest
     assert seen == set(expected)
 
 
@@ -199,3 +204,85 @@ def test_stddev_of_large_values_survives_the_sql_upsert(tmp_path: Path) -> None:
 def test_single_value_has_zero_stddev() -> None:
     rollup = Rollup(5.0)
     assert (rollup.count, rollup.sum, rollup.stddev, rollup.mean) == (1, 5.0, 0.0, 5.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    timed=st.lists(
+        st.tuples(st.sampled_from([0.0, 1.0, 2.0, 2.5]), st.integers(-3, 3).map(float)),
+        min_size=1,
+        max_size=12,
+    ),
+    order=st.randoms(use_true_random=False),
+    cut=st.integers(0, 12),
+)
+def test_last_is_the_same_in_any_order_of_arrival_and_merge(
+    timed: list[tuple[float, float]], order: random.Random, cut: int
+) -> None:
+    """Events shuffled and split into two rollups, merged either way round: last is the
+    latest event's value, a tie going to the larger value."""
+    shuffled = list(timed)
+    order.shuffle(shuffled)
+    parts = [shuffled[:cut], shuffled[cut:]]
+    rollups = []
+    for part in parts:
+        if part:
+            into: dict[Slot, Rollup] = {}
+            pre_aggregate([("k", t, v, "{}", None, None) for t, v in part], 3600, into, bool)
+            rollups.append(into[("k", 0, "{}")])
+    first, *rest = rollups
+    for other in rest:
+        first.merge(other)
+    assert (first.last_ts, first.last) == max(timed)
+    if len(rollups) == 2:
+        again = [Rollup(r.shift, r.count, last=r.last, last_ts=r.last_ts) for r in rollups[::-1]]
+        again[0].merge(again[1])
+        assert (again[0].last_ts, again[0].last) == max(timed)
+
+
+def test_an_unknown_last_wins_in_its_bucket_and_loses_to_later_buckets() -> None:
+    """A row stored before last existed (None, timed at its bucket's end) keeps last
+    unknown against events of its own bucket, and yields to an event of a later one."""
+    unknown = Rollup(1.0, last=None, last_ts=3600.0)
+    same_bucket = Rollup(2.0, last=2.0, last_ts=3599.5)
+    unknown.merge(same_bucket)
+    assert unknown.last is None
+    same_bucket.merge(Rollup(1.0, last=None, last_ts=3600.0))
+    assert same_bucket.last is None
+    at_next_edge = Rollup(5.0, last=5.0, last_ts=3600.0)
+    at_next_edge.merge(Rollup(1.0, last=None, last_ts=3600.0))
+    assert at_next_edge.last == 5.0
+    earlier = Rollup(1.0, last=None, last_ts=3600.0)
+    earlier.merge(Rollup(7.0, last=7.0, last_ts=4000.0))
+    assert earlier.stat("last") == 7.0
+
+
+def test_a_store_made_before_last_gets_its_columns_and_old_rows_answer_null(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    store_in_batches(path, [("k", float(DAY0), 4.0, "{}", None, None)], [], 3600)
+    conn = sqlite3.connect(path)
+    for table in ("rollups", "refused_rollups"):  # as trioagg made it before last
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN last_value")
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN last_ts")
+    conn.close()
+    later: list[Point] = [
+        ("k", float(DAY0 + 10), 9.0, "{}", None, None),  # the old row's bucket
+        ("k", float(DAY0 + 3600), 3.0, "{}", None, None),  # the next
+    ]
+    backend = store_in_batches(path, later, [1], 3600)  # prepare adds the columns
+    conn = backend.connect(write=False)
+    rows = backend.fetch(conn, ["k"], DAY0, DAY0 + 7200)
+    backend.close(conn)
+    assert sorted((b, r.count, r.last) for _, b, _, r in rows) == [
+        (DAY0, 2, None),  # 9.0 may not be the latest: the old event's time is unknown
+        (DAY0 + 3600, 1, 3.0),
+    ]
+    args = MultiDict({"key": "k", "from": str(DAY0), "to": str(DAY0 + 7200), "stats": "count,last"})
+    for granularity, lasts in (("hour", [None, 3.0]), ("all", [3.0])):
+        args["granularity"] = granularity
+        copies = [(k, b, t, copy_rollup(r, sketches=False)) for k, b, t, r in rows]
+        query = parse_query(args, bucket=3600, now=DAY0)
+        document = msgspec.json.decode(answer(query, copies).joined())
+        assert [b["last"] for b in document["results"][0]["buckets"]] == lasts

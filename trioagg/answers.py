@@ -263,6 +263,35 @@ class Status(msgspec.Struct):
         float,
         msgspec.Meta(ge=0, description="The longest one task held the event loop."),
     ]
+    statsd_datagrams: Annotated[
+        int, msgspec.Meta(ge=0, description="StatsD datagrams received (--statsd).")
+    ] = 0
+    statsd_lines_parsed: Annotated[
+        int, msgspec.Meta(ge=0, description="StatsD lines parsed into events.")
+    ] = 0
+    statsd_lines_refused: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0, description="StatsD lines refused (by reason in trioagg_statsd_lines_refused)."
+        ),
+    ] = 0
+    statsd_events_dropped: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            description="Events of StatsD lines dropped, the writers' queue being full or the "
+            "store unavailable (UDP has no answer to retry on).",
+        ),
+    ] = 0
+    otlp_points_accepted: Annotated[
+        int, msgspec.Meta(ge=0, description="OTLP data points stored (POST /v1/metrics).")
+    ] = 0
+    otlp_points_rejected: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0, description="OTLP data points refused (rejected_data_points of partial success)."
+        ),
+    ] = 0
 
 
 #: Every answer type, for the OpenAPI document's components.

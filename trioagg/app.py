@@ -16,6 +16,7 @@ import functools
 import logging
 import multiprocessing
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -31,6 +32,7 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
+from . import otlp
 from .answers import Pieces
 from .auth import (
     ENDPOINT_SCOPES,
@@ -56,7 +58,13 @@ from .errors import (
     error_body,
 )
 from .hosts import AllowedHosts
-from .http_edges import body_format, guard_connections, read_body, too_large_message
+from .http_edges import (
+    body_format,
+    content_encoding,
+    guard_connections,
+    read_body,
+    too_large_message,
+)
 from .ingest import Limits, decode_body
 from .loopwatch import (
     LongSteps,
@@ -68,11 +76,14 @@ from .memory import give_back
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import openapi_document
+from .otlp import Streams
 from .params import parse_wait
 from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import CachedAnswer, ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
+from .statsd import Receiver
+from .statsd import open_socket as open_statsd_socket
 from .store import Store, open_store, store_exists
 from .store.head import copy_row
 from .writer import Writers, purge_expired_ids
@@ -114,11 +125,19 @@ class Service:
         #: as many as can read at once and be built at once. The others wait before
         #: reading, so that the rows in memory are bounded (see the README's Limits).
         self.querying = trio.CapacityLimiter(settings.readers + 2)
+        #: The StatsD receiver, with ``--statsd`` (in one process of several).
+        self.statsd: Receiver | None = None
+        #: Cumulative OTLP streams' last points, to turn them into deltas.
+        self.otlp_streams = Streams()
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def running(cls, settings: Settings, metrics: Metrics) -> AsyncIterator[Service]:
-        """Run the service for the body of the ``async with``. Leaving it: stop admitting
+    async def running(
+        cls, settings: Settings, metrics: Metrics, statsd_socket: socket.socket | None = None
+    ) -> AsyncIterator[Service]:
+        """Run the service for the body of the ``async with``; with ``--statsd``, receive
+        StatsD on ``statsd_socket`` (bound by ``trioagg serve`` or its supervisor), or on
+        a socket bound here. Leaving it: stop receiving StatsD and admitting
         requests, stop the purge and wait for it, close the writers' channels, drain them
         under ``drain_timeout`` (shielded from cancellation), answer what is left
         unstored, and close the store once no thread uses it. A writer that crashes
@@ -152,6 +171,11 @@ class Service:
                     helpers.start_soon(service.auth.record_uses)
                     if settings.auth == "auto":
                         await helpers.start(service.auth.watch_keys)
+                    if settings.statsd is not None:
+                        sock = statsd_socket or open_statsd_socket(settings.statsd)
+                        service.statsd = Receiver(sock, writers, metrics, service.limits)
+                        await helpers.start(service.statsd.run)
+                        log.info("receiving StatsD on udp %s", service.statsd.address)
                     helpers.start_soon(
                         sample_loop_steps, service.loop_steps, settings.loop_step_sampling
                     )
@@ -250,6 +274,9 @@ class TrioaggApp(QuartTrio):
         self.settings = settings
         self.metrics = Metrics()
         self._service: Service | None = None
+        #: The UDP socket to receive StatsD on (``--statsd``), when it was bound before
+        #: the app started; else the service binds one.
+        self.statsd_socket: socket.socket | None = None
         self._lifespan_nursery: trio.Nursery | None = None
         self._stop_requested = trio.Event()
         self._service_stopped = trio.Event()
@@ -291,7 +318,7 @@ class TrioaggApp(QuartTrio):
     async def _run_service(self, *, task_status: trio.TaskStatus[Service]) -> None:
         started = False
         try:
-            async with Service.running(self.settings, self.metrics) as service:
+            async with Service.running(self.settings, self.metrics, self.statsd_socket) as service:
                 task_status.started(service)
                 started = True
                 await self._stop_requested.wait()
@@ -528,6 +555,62 @@ def _add_routes(app: TrioaggApp) -> None:
         if durable:
             return _json({"accepted": len(points), "duplicates": duplicates})
         return _json({"accepted": len(points)}, 202)
+
+    rejected_points = bound_children(app.metrics.otlp_rejected)
+
+    @app.post("/v1/metrics")
+    async def post_metrics() -> Response:
+        """OTLP/HTTP metrics (see :mod:`trioagg.otlp`): stored like /v1/events with
+        ``wait=true``, answered with OTLP's response, a partial success naming the data
+        points refused. Requests with cumulative points take turns (:class:`Streams`)
+        from computing their deltas until their events are committed."""
+        service = app.service
+        settings = service.settings
+        writers = service.writers
+        protobuf = otlp.media_type(request.headers)
+        encoding = content_encoding(request.headers)
+        submission = None
+        async with contextlib.AsyncExitStack() as turn:
+            with writers.inflight.holding() as hold:
+                body = await read_body(
+                    request,
+                    encoding,
+                    max_body=settings.max_body,
+                    timeout=settings.body_timeout,
+                    keep=hold.grow,
+                )
+                await writers.admit()
+                try:
+                    export = await build(
+                        len(body) // 64, functools.partial(otlp.decode, body, protobuf=protobuf)
+                    )
+                    streams = service.otlp_streams
+                    if otlp.has_cumulative(export):
+                        await turn.enter_async_context(streams.lock)
+                    mapping = otlp.Mapping(
+                        service.limits,
+                        settings.otlp_resource_attributes,
+                        current_tenant(),
+                        follows_streams=settings.workers == 1,
+                    )
+                    mapped = await build(
+                        len(body) // 64,
+                        functools.partial(otlp.map_request, export, mapping, streams, time.time()),
+                    )
+                    del export
+                    if mapped.points:
+                        submission = await writers.submit(mapped.points, durable=True)
+                finally:
+                    writers.admitted()
+            if submission is not None:
+                app.metrics.events_accepted.inc(len(mapped.points))
+                await submission.wait_committed()
+            streams.keep(mapped.updates)
+        app.metrics.otlp_accepted.inc(mapped.accepted)
+        for reason, number in mapped.rejected.items():
+            rejected_points(reason).inc(number)
+        body = otlp.answer(sum(mapped.rejected.values()), mapped.error_message(), protobuf=protobuf)
+        return Response(body, 200, content_type=otlp.PROTOBUF if protobuf else otlp.JSON)
 
     app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
     counted = bound_children(app.metrics.read_cache)

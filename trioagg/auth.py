@@ -88,6 +88,7 @@ _BUSY_SECONDS: Final = 10.0
 #: The scope each endpoint (Quart's URL rule) needs; endpoints not here are open.
 ENDPOINT_SCOPES: Final = {
     "/v1/events": "ingest",
+    "/v1/metrics": "ingest",
     "/v1/aggregates": "read",
     "/v1/keys": "read",
     "/v1/top": "read",

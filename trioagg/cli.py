@@ -59,14 +59,16 @@ def serve(**values: str | None) -> None:
     # The server's modules load here, not with the client commands.
     from .app import exit_for_config, exit_unless_store_opens
     from .serving import open_sockets, run_process
+    from .statsd import open_socket
     from .supervisor import supervise
 
     try:
         # Listening first: a taken port is one line, before the store is made or opened.
         sockets = open_sockets(settings)
+        statsd = None if settings.statsd is None else open_socket(settings.statsd)
     except ConfigError as error:
         exit_for_config(error)
     settings = exit_unless_store_opens(settings, listening=True)
     if settings.workers > 1:
-        sys.exit(supervise(settings, sockets))
-    sys.exit(run_process(settings, sockets=sockets))
+        sys.exit(supervise(settings, sockets, statsd))
+    sys.exit(run_process(settings, sockets=sockets, statsd=statsd))

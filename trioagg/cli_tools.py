@@ -668,7 +668,10 @@ def _print_table(columns: Sequence[str], rows: list[dict[str, Any]], labels: int
         )
         for c in group:
             whole = c not in _WRAPPING
-            justify: Any = "left" if c in _TEXT_COLUMNS else "right"
+            # Numbers to the right; text (keys, tags, times) to the left. By the cells, not
+            # the name: "last" is a time of the series command and a stat of query.
+            numeric = all(isinstance(row.get(c), int | float | None) for row in rows)
+            justify: Any = "right" if numeric else "left"
             table.add_column(
                 c, justify=justify, no_wrap=whole, overflow="fold", min_width=widths[c] * whole
             )
@@ -716,9 +719,6 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-_TEXT_COLUMNS: Final = frozenset({"key", "tags", "start", "first", "last"})
 
 
 def _cell(value: Any) -> str:
@@ -775,7 +775,7 @@ def _tag_filters(tags: Sequence[str]) -> dict[str, str]:
 @click.option(
     "--stats",
     metavar="STATS",
-    help="Comma list of count, sum, min, max, avg, stddev, distinct and pNN (p99) "
+    help="Comma list of count, sum, min, max, avg, stddev, distinct, last and pNN (p99) "
     f"[default: {','.join(DEFAULT_STATS)}].",
 )
 @click.option(

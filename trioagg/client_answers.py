@@ -36,6 +36,8 @@ class Bucket(msgspec.Struct, gc=False, repr_omit_defaults=True):
     avg: float | UnsetType | None = UNSET
     stddev: float | UnsetType | None = UNSET
     distinct: int | UnsetType | None = UNSET
+    #: The value of the bucket's latest event (None where unknown: see the docs' Stats).
+    last: float | UnsetType | None = UNSET
     #: The percentiles asked for, by their name in the query: ``{"p99": 12.5}``.
     percentiles: dict[str, float | None] = {}
 

@@ -125,6 +125,12 @@ def status(totals: Mapping[str, float], *, bucket: int, quantiles: tuple[str, ..
         commits=int(total("trioagg_commit_seconds_count")),
         commit_seconds_sum=total("trioagg_commit_seconds_sum"),
         loop_stall_max_seconds=total("trioagg_loop_stall_max_seconds"),
+        statsd_datagrams=int(total("trioagg_statsd_datagrams_total")),
+        statsd_lines_parsed=int(total("trioagg_statsd_lines_parsed_total")),
+        statsd_lines_refused=int(total("trioagg_statsd_lines_refused_total")),
+        statsd_events_dropped=int(total("trioagg_statsd_events_dropped_total")),
+        otlp_points_accepted=int(total("trioagg_otlp_points_accepted_total")),
+        otlp_points_rejected=int(total("trioagg_otlp_points_rejected_total")),
     )
 
 

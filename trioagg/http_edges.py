@@ -75,13 +75,19 @@ def body_format(headers: Headers) -> BodyFormat:
             f"charset {charset!r} is not accepted: send the body as UTF-8 "
             "(charset=utf-8, or no charset)"
         )
+    return BodyFormat(ndjson=mimetype in NDJSON_TYPES, encoding=content_encoding(headers))
+
+
+def content_encoding(headers: Headers) -> str:
+    """The body's ``Content-Encoding``, one :func:`read_body` inflates, or
+    :class:`UnsupportedMediaType` (415)."""
     encoding = ", ".join(headers.getlist("Content-Encoding")).strip().lower() or "identity"
     if encoding not in _WBITS:
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed, "
             "or compressed with gzip or deflate"
         )
-    return BodyFormat(ndjson=mimetype in NDJSON_TYPES, encoding=encoding)
+    return encoding
 
 
 def too_large_message(max_body: int) -> str:

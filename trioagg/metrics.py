@@ -265,6 +265,43 @@ class Metrics:
         )
         for where in ("connection", "commit_follow_up"):  # 0 until one happens, not absent
             self.contained_failures.labels(where)
+        self.statsd_datagrams = Counter(
+            "trioagg_statsd_datagrams", "StatsD datagrams received (--statsd).", registry=r
+        )
+        self.statsd_parsed = Counter(
+            "trioagg_statsd_lines_parsed",
+            "StatsD lines parsed into events (queued, or dropped as counted apart).",
+            registry=r,
+        )
+        self.statsd_refused = Counter(
+            "trioagg_statsd_lines_refused",
+            "StatsD lines refused, by reason: malformed, name, type, value, rate, tags, "
+            "time, unsupported (DogStatsD events, service checks), too_many_events.",
+            ["reason"],
+            registry=r,
+        )
+        self.statsd_dropped = Counter(
+            "trioagg_statsd_events_dropped",
+            "Events of StatsD lines parsed but not queued, by reason: queue_full (the "
+            "writers' queue or the receiver's own stayed full), store_unavailable, shutdown "
+            "(parsed as the service stopped).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("queue_full", "store_unavailable"):
+            self.statsd_dropped.labels(reason)
+        self.otlp_accepted = Counter(
+            "trioagg_otlp_points_accepted",
+            "OTLP data points stored (POST /v1/metrics), each as one or more events.",
+            registry=r,
+        )
+        self.otlp_rejected = Counter(
+            "trioagg_otlp_points_rejected",
+            "OTLP data points refused (answered as rejected_data_points), by reason: value, "
+            "time, name, tags, temporality, unsupported.",
+            ["reason"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "trioagg_worker_restarts",
             "Worker processes that trioagg serve --workers N started to replace one that died.",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -87,6 +87,27 @@ _SECURITY_SCHEME = {
     "tag. With --auth off no key is needed; with auto, while the store holds no key, none "
     "is needed on a loopback address and requests reaching any other address are refused "
     "(401).",
+}
+
+
+#: OTLP/JSON's request, as far as trioagg reads it (the rest is ignored, as OTLP says).
+_OTLP_JSON_REQUEST: Final = {
+    "type": "object",
+    "description": "An OTLP/JSON ExportMetricsServiceRequest (opentelemetry-proto).",
+    "properties": {"resourceMetrics": {"type": "array", "items": {"type": "object"}}},
+}
+_OTLP_JSON_RESPONSE: Final = {
+    "type": "object",
+    "description": "An OTLP/JSON ExportMetricsServiceResponse: empty when every point was stored.",
+    "properties": {
+        "partialSuccess": {
+            "type": "object",
+            "properties": {
+                "rejectedDataPoints": {"type": "string", "pattern": "^[0-9]+$"},
+                "errorMessage": {"type": "string"},
+            },
+        }
+    },
 }
 
 
@@ -193,6 +214,54 @@ def openapi_document() -> dict[str, Any]:
                             "Invalid events (invalid_events: every problem as {index, field, "
                             "message}), or events the store refused (unstorable_events: "
                             "retrying cannot help)."
+                        ),
+                        "503": busy,
+                    },
+                }
+            },
+            "/v1/metrics": {
+                "post": {
+                    "summary": "Ingest OpenTelemetry metrics (OTLP/HTTP)",
+                    "description": "An OTLP ExportMetricsServiceRequest, as the OpenTelemetry "
+                    "exporters send it (protobuf, or OTLP/JSON), optionally compressed with "
+                    "Content-Encoding gzip or deflate. Each data point becomes events of the "
+                    "key its metric names (histograms: <name>.count, .sum, .min, .max and "
+                    ".bucket with an le tag), its attributes and the resource attributes of "
+                    "--otlp-resource-attributes as tags; cumulative points become deltas per "
+                    "stream. Answered after the commit, with OTLP's response: a point that "
+                    "cannot be stored exactly is refused alone and counted in partial_success "
+                    "(rejected_data_points, error_message); the others are stored. Events get "
+                    "ids of their point, so a retried export counts once. Errors use trioagg's "
+                    "error envelope.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/x-protobuf": {
+                                "schema": {"type": "string", "format": "binary"}
+                            },
+                            "application/json": {"schema": _OTLP_JSON_REQUEST},
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Stored, but for the points partial_success names.",
+                            "content": {
+                                "application/x-protobuf": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                },
+                                "application/json": {"schema": _OTLP_JSON_RESPONSE},
+                            },
+                        },
+                        "400": _error(
+                            "Not an ExportMetricsServiceRequest (malformed protobuf or JSON), "
+                            "or corrupt compressed data."
+                        ),
+                        "408": _error("The body took longer than body_timeout to arrive."),
+                        "413": _error("Body over max_body (on the wire or inflated)."),
+                        "415": _error(
+                            "A Content-Type other than application/x-protobuf or "
+                            "application/json; a Content-Encoding other than gzip, x-gzip or "
+                            "deflate."
                         ),
                         "503": busy,
                     },

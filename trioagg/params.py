@@ -36,7 +36,7 @@ MAX_LIMIT: Final = 1000
 TAG_NAME: Final = r"[A-Za-z_][A-Za-z0-9_.-]{0,63}"
 _TAG_NAME = re.compile(f"^{TAG_NAME}$")
 _LIMIT = re.compile(r"^[0-9]{1,4}$")
-_STAT = r"(count|sum|min|max|avg|stddev|distinct|p(100|[0-9]{1,2}(\.[0-9]{1,3})?))"
+_STAT = r"(count|sum|min|max|avg|stddev|distinct|last|p(100|[0-9]{1,2}(\.[0-9]{1,3})?))"
 _STATS = re.compile(f"^{_STAT}(,{_STAT}){{0,15}}$")
 _ZONE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,31}(/[A-Za-z0-9_+-]{1,32}){0,2}$")
 #: Unix seconds or RFC 3339 with an offset, as the schema of ``from`` and ``to`` says it.

@@ -8,6 +8,14 @@ variance of values like 1e9 ± 0.001 from cancelling to noise. Merging two
 rollups with different shifts re-centres one onto the other's shift exactly
 (``store`` does the same merge in SQL on every upsert).
 
+It also keeps the bucket's **last** value: the value of the event with the
+latest timestamp (``last_ts``), a tie going to the larger value, so that the
+result is the same whatever order events, batches, shards or processes arrive
+or merge in. ``last`` is None where it is unknown: a row stored before the
+column existed (see :mod:`trioagg.store.sql`), whose ``last_ts`` is then the end
+of its bucket, later than any of its events could be, so that it wins every
+comparison it cannot be sure to lose.
+
 Two optional sketches ride along, created only when something feeds them: a
 KLL quantile sketch (Apache DataSketches, ``k=200``: normalized rank error
 1.33% at 99% confidence) for keys that keep quantiles, and an HLL distinct
@@ -74,7 +82,18 @@ def decode_distinct(blob: bytes | None) -> Distinct | None:
 class Rollup:
     """Count, min, max and shifted moments of the values of one series and bucket."""
 
-    __slots__ = ("count", "distinct", "max", "min", "quantiles", "s1", "s2", "shift")
+    __slots__ = (
+        "count",
+        "distinct",
+        "last",
+        "last_ts",
+        "max",
+        "min",
+        "quantiles",
+        "s1",
+        "s2",
+        "shift",
+    )
 
     def __init__(
         self,
@@ -86,6 +105,8 @@ class Rollup:
         max: float | None = None,
         quantiles: Quantiles | None = None,
         distinct: Distinct | None = None,
+        last: float | None = None,
+        last_ts: float = -math.inf,
     ) -> None:
         self.shift = value
         self.count = count
@@ -95,6 +116,10 @@ class Rollup:
         self.max = value if max is None else max
         self.quantiles = quantiles
         self.distinct = distinct
+        #: The value of the latest event (None: unknown, see the module) and its time;
+        #: without either, the rollup's value at no time (any event is later).
+        self.last = value if last is None and last_ts == -math.inf else last
+        self.last_ts = last_ts
 
     def merge(self, other: Rollup) -> None:
         """Fold ``other`` into this rollup, keeping this rollup's shift."""
@@ -106,6 +131,8 @@ class Rollup:
             self.min = other.min
         if other.max > self.max:
             self.max = other.max
+        if later(other.last_ts, other.last, self.last_ts, self.last):
+            self.last, self.last_ts = other.last, other.last_ts
         self.merge_sketches(other)
 
     def merge_sketches(self, other: Rollup) -> None:
@@ -166,7 +193,17 @@ class Rollup:
 
 
 #: The statistics a rollup answers, in the order the API lists them (plus ``pNN``).
-STATS = ("count", "sum", "min", "max", "avg", "stddev", "distinct")
+STATS = ("count", "sum", "min", "max", "avg", "stddev", "distinct", "last")
+
+
+def later(ts: float, value: float | None, than_ts: float, than: float | None) -> bool:
+    """Whether the event (``ts``, ``value``) comes after (``than_ts``, ``than``) for
+    ``last``: a later time, or the same time and a larger value. An unknown value
+    (None) is the smallest at its time: a known one at the same time wins."""
+    if ts != than_ts:
+        return ts > than_ts
+    return value is not None and (than is None or value > than)
+
 
 _PERCENTILE = re.compile(r"^p(100|\d{1,2}(\.\d+)?)$")
 
@@ -195,7 +232,7 @@ def pre_aggregate(
         slot = (key, int(ts // width) * width, tags)
         rollup = get(slot)
         if rollup is None:
-            rollup = into[slot] = Rollup(value)
+            rollup = into[slot] = Rollup(value, last=value, last_ts=ts)
             if keeps_quantiles(key):
                 rollup.quantiles = new_quantiles()
             if created is not None:
@@ -209,6 +246,10 @@ def pre_aggregate(
                 rollup.min = value
             elif value > rollup.max:
                 rollup.max = value
+            last_ts, last = rollup.last_ts, rollup.last
+            # later(), inlined: events mostly come in time order, and ts > last_ts decides
+            if ts >= last_ts and (ts > last_ts or last is None or value > last):
+                rollup.last, rollup.last_ts = value, ts
         if rollup.quantiles is not None:
             rollup.quantiles.update(value)
         if distinct_id is not None:

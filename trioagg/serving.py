@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -382,16 +383,19 @@ def run_process(
     settings: Settings,
     *,
     sockets: Sockets | None = None,
+    statsd: socket.socket | None = None,
     on_serving: Callable[[], object] | None = None,
     supervisor: int | None = None,
     replaces: int | None = None,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> int:
     """Serve ``settings`` in this process until stopped (see :func:`run_server`); calls
-    ``on_serving`` once it listens. ``replaces``: how the worker this process replaces
+    ``on_serving`` once it listens; with ``--statsd``, receives StatsD on ``statsd``
+    (bound before, else the service binds one). ``replaces``: how the worker this process replaces
     ended (counted in ``trioagg_worker_restarts``). Returns the exit code: 0 after a
     graceful stop, 1 when the service crashed, 2 when it could not start (both logged)."""
     app = create_app(settings)
+    app.statsd_socket = statsd
     if replaces is not None:
         app.metrics.worker_restarts.inc()
 

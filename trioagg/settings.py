@@ -171,6 +171,26 @@ def _port(text: str) -> int:
     return number
 
 
+@_shown_as("HOST:PORT|none")
+def parse_udp_address(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT``, ``[IPv6]:PORT``, or ``PORT`` alone (on 127.0.0.1); ``none`` or
+    ``off`` for no address."""
+    given = text.strip()
+    if given.lower() in ("", "none", "off"):
+        return None
+    host, port_text = "", given
+    if given.startswith("["):
+        inside, bracket, rest = given[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not [IPv6 address]:PORT")
+        host, port_text = inside, rest[1:]
+    elif ":" in given:
+        host, _, port_text = given.rpartition(":")
+    if re.fullmatch(r"[0-9]{1,5}", port_text) is None or int(port_text) > 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT or PORT (a port 0-65535, 0 picks a free one)")
+    return host or "127.0.0.1", int(port_text)
+
+
 @_shown_as("FRACTION")
 def _fraction(text: str) -> float:
     try:
@@ -299,6 +319,20 @@ class Settings:
         "none",
         parse_patterns,
         "Keys that keep quantile sketches: comma list of glob patterns (* for all, none).",
+    )
+    statsd: tuple[str, int] | None = _setting(
+        "none",
+        parse_udp_address,
+        "Receive StatsD and DogStatsD lines on this UDP address: HOST:PORT, or PORT alone "
+        "for 127.0.0.1; none: off. UDP carries no API key: whatever reaches the port is "
+        "stored, so keep it on loopback or a private network. With --workers N, one worker "
+        "receives (see StatsD in the docs).",
+    )
+    otlp_resource_attributes: tuple[str, ...] = _setting(
+        "none",
+        parse_patterns,
+        "Resource attributes of OpenTelemetry metrics (POST /v1/metrics) kept as tags of "
+        "their points, e.g. service.name,deployment.environment: comma list, none.",
     )
     busy_timeout: float = _setting(
         "10s", parse_duration, "How long a commit retries a locked database before failing (503)."

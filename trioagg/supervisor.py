@@ -26,11 +26,13 @@ counters whichever worker answers; it removes the folder it made when it exits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -96,11 +98,12 @@ class _Slot:
     restarts: Restarts = field(default_factory=Restarts)
 
 
-def supervise(settings: Settings, sockets: Sockets) -> int:
+def supervise(settings: Settings, sockets: Sockets, statsd: socket.socket | None = None) -> int:
     """Run ``settings.workers`` worker processes on ``sockets`` (listening) until
     SIGTERM or SIGINT (see the module); the exit code for the supervisor's process. The
     store is checked before (one line and exit 2 when it cannot be opened, see
-    :func:`~trioagg.app.exit_unless_store_opens`)."""
+    :func:`~trioagg.app.exit_unless_store_opens`). ``statsd``: the UDP socket of
+    ``--statsd``, which worker 0 alone receives on (see :func:`_start`)."""
     context = multiprocessing.get_context("spawn")
     slots = [_Slot(number) for number in range(settings.workers)]
     stopping = False
@@ -121,7 +124,7 @@ def supervise(settings: Settings, sockets: Sockets) -> int:
                 now = time.monotonic()
                 for slot in slots:
                     if not stopping and slot.process is None and now >= slot.start_at:
-                        _start(context, slot, settings, sockets)
+                        _start(context, slot, settings, sockets, statsd)
                 _wait_for_news(slots, stopping)
                 for slot in slots:
                     failure = _collect(slot, stopping)
@@ -132,6 +135,8 @@ def supervise(settings: Settings, sockets: Sockets) -> int:
         finally:
             for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
                 sock.close()
+            if statsd is not None:
+                statsd.close()
     log.info("trioagg supervisor stopped (exit code %d)", code)
     return code
 
@@ -141,7 +146,15 @@ def _start(
     slot: _Slot,
     settings: Settings,
     sockets: Sockets,
+    statsd: socket.socket | None = None,
 ) -> None:
+    # StatsD goes to worker 0 alone (and to the worker replacing it), which keeps the
+    # gauges' values: spread over workers (SO_REUSEPORT hashes each sender to one of
+    # them, and a sender's port changes), a series' +n/-n lines would change values
+    # kept apart. While worker 0 is being replaced, datagrams wait in the socket's
+    # kernel buffer, which the supervisor holds open.
+    if slot.number != 0:
+        settings, statsd = dataclasses.replace(settings, statsd=None), None
     receiving, sending = context.Pipe(duplex=False)
     process = context.Process(
         target=_work,
@@ -149,6 +162,7 @@ def _start(
         kwargs={
             "settings": settings,
             "sockets": sockets,
+            "statsd": statsd,
             "ready": sending,
             "supervisor": os.getpid(),
             "replaces": slot.replaces,
@@ -312,6 +326,7 @@ def _handling(stop: Callable[[int, FrameType | None], None]) -> Iterator[None]:
 def _work(
     settings: Settings,
     sockets: Sockets,
+    statsd: socket.socket | None,
     ready: Connection,
     supervisor: int,
     replaces: int | None,
@@ -330,6 +345,7 @@ def _work(
     code = run_process(
         settings,
         sockets=sockets,
+        statsd=statsd,
         on_serving=lambda: ready.send_bytes(b"ready"),
         supervisor=supervisor,
         replaces=replaces,

@@ -502,20 +502,31 @@ def replay_journal(
 
 def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
     """Rows from fetched records: key, bucket, tags, count, shift, s1, s2, min, max,
-    and with ``sketches`` the quantiles and distinct blobs."""
+    last_value, last_ts, and with ``sketches`` the quantiles and distinct blobs."""
     if not sketches:
         return [
-            (key, bucket, tags, Rollup(shift, count, s1, s2, low, high))
-            for key, bucket, tags, count, shift, s1, s2, low, high in records
+            (key, bucket, tags, Rollup(shift, count, s1, s2, low, high, last=last, last_ts=at))
+            for key, bucket, tags, count, shift, s1, s2, low, high, last, at in records
         ]
     return [
         (
             key,
             bucket,
             tags,
-            Rollup(shift, count, s1, s2, low, high, decode_quantiles(kll), decode_distinct(hll)),
+            Rollup(
+                shift,
+                count,
+                s1,
+                s2,
+                low,
+                high,
+                decode_quantiles(kll),
+                decode_distinct(hll),
+                last=last,
+                last_ts=at,
+            ),
         )
-        for key, bucket, tags, count, shift, s1, s2, low, high, kll, hll in records
+        for key, bucket, tags, count, shift, s1, s2, low, high, last, at, kll, hll in records
     ]
 
 

@@ -83,7 +83,16 @@ def tags_hold_tenant(tags: str, tenant: str) -> bool:
 def copy_rollup(rollup: Rollup, *, sketches: bool) -> Rollup:
     """An independent copy (answers merge rollups into one another); with ``sketches``
     its sketches are copied too, else left out."""
-    copied = Rollup(rollup.shift, rollup.count, rollup.s1, rollup.s2, rollup.min, rollup.max)
+    copied = Rollup(
+        rollup.shift,
+        rollup.count,
+        rollup.s1,
+        rollup.s2,
+        rollup.min,
+        rollup.max,
+        last=rollup.last,
+        last_ts=rollup.last_ts,
+    )
     if sketches:
         copied.quantiles = decode_quantiles(encode_quantiles(rollup.quantiles))
         copied.distinct = decode_distinct(encode_distinct(rollup.distinct))

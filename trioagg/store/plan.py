@@ -34,7 +34,7 @@ from ..rollup import (
 #: A series in the keys index: (key, tags JSON, first bucket, last bucket).
 SeriesSpan = tuple[str, str, int, int]
 #: A rollup to upsert, as the statement's parameters: key, bucket, tags, count, shift,
-#: s1, s2, min, max, and the encoded sketches (None: keep what is stored).
+#: s1, s2, min, max, last, last_ts and the encoded sketches (None: keep what is stored).
 UpsertRow = tuple[Any, ...]
 #: Stored sketch blobs of a slot: (quantiles, distinct).
 StoredSketches = tuple[bytes | None, bytes | None]
@@ -124,7 +124,21 @@ def plan_rows(rollups: dict[Slot, Rollup], seen: dict[tuple[str, str], tuple[int
     the keys index known to be stored (read, never changed)."""
     # One comprehension with the columns spelled out: the flush's hottest loop.
     plain: list[UpsertRow] = [
-        (key, bucket, tags, r.count, r.shift, r.s1, r.s2, r.min, r.max, None, None)
+        (
+            key,
+            bucket,
+            tags,
+            r.count,
+            r.shift,
+            r.s1,
+            r.s2,
+            r.min,
+            r.max,
+            r.last,
+            r.last_ts,
+            None,
+            None,
+        )
         for (key, bucket, tags), r in rollups.items()
         if r.quantiles is None and r.distinct is None
     ]
@@ -183,6 +197,8 @@ def merged_rows(
                 rollup.s2,
                 rollup.min,
                 rollup.max,
+                rollup.last,
+                rollup.last_ts,
                 kll,
                 hll,
             )
@@ -192,7 +208,7 @@ def merged_rows(
 
 def _row(slot: Slot, r: Rollup) -> UpsertRow:
     kll, hll = encode_quantiles(r.quantiles), encode_distinct(r.distinct)
-    return (*slot, r.count, r.shift, r.s1, r.s2, r.min, r.max, kll, hll)
+    return (*slot, r.count, r.shift, r.s1, r.s2, r.min, r.max, r.last, r.last_ts, kll, hll)
 
 
 def _series_spans(rollups: dict[Slot, Rollup]) -> dict[tuple[str, str], tuple[int, int]]:

@@ -32,7 +32,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import TupleRow
 
-from .sql import KEYS_TABLE, SQLBackend, check_meta
+from .sql import KEYS_TABLE, LAST_COLUMNS, SQLBackend, check_meta
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -51,6 +51,8 @@ _SCHEMA = [
         max DOUBLE PRECISION NOT NULL,
         quantiles_kll BYTEA,
         distinct_hll BYTEA,
+        last_value DOUBLE PRECISION,
+        last_ts DOUBLE PRECISION,
         PRIMARY KEY (key, bucket, tags)
     )""",
     "CREATE INDEX IF NOT EXISTS rollups_by_bucket ON rollups (bucket)",
@@ -89,7 +91,9 @@ _SCHEMA = [
         max DOUBLE PRECISION NOT NULL,
         quantiles_kll BYTEA,
         distinct_hll BYTEA,
-        refused_at DOUBLE PRECISION NOT NULL
+        refused_at DOUBLE PRECISION NOT NULL,
+        last_value DOUBLE PRECISION,
+        last_ts DOUBLE PRECISION
     )""",
 ]
 
@@ -245,10 +249,22 @@ class PostgresBackend(SQLBackend):
         return bool(found and found[0])
 
     def prepare(self, conn: psycopg.Connection[Any], bucket: int) -> None:
+        self.bucket = bucket
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in _SCHEMA:
                 conn.execute(statement)
+            # Tables made before last existed get its columns (NULL: unknown). Looked up
+            # first: ALTER TABLE locks the table even when it changes nothing.
+            found = conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND column_name = ANY(%s)",
+                (list(LAST_COLUMNS),),
+            ).fetchall()
+            for table in ("rollups", "refused_rollups"):
+                for column in LAST_COLUMNS:
+                    if (table, column) not in found:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} DOUBLE PRECISION")
             stored = self.read_meta(conn, bucket)
         check_meta(stored, bucket, self.description)
 

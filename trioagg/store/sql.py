@@ -5,7 +5,14 @@ One ``rollups`` row per (key, bucket, tags) holds a
 stored one with the same shifted-moment algebra as :meth:`Rollup.merge`, so a
 row is exact however many batches fed it; sketches arrive already merged with
 the stored ones (see :mod:`~trioagg.store.plan`) and replace
-them. ``series`` indexes keys, tags and first/last buckets for ``/v1/keys``;
+them. ``last`` (the value of the latest event, a tie going to the larger value) is
+merged in the UPSERT too, so it is exact whatever order batches arrive in. Its two
+columns, ``last_value`` and ``last_ts``, were added after SCHEMA_VERSION 2 came out:
+``prepare`` adds them where missing, and a row stored before holds NULL in both,
+which means unknown: the UPSERT keeps it unknown (its old events may be later than
+any new one), and :meth:`SQLBackend.fetch` reads its ``last_ts`` as the end of its
+bucket, so that merged with rows of earlier buckets it still wins, and loses to
+rows of later ones. ``series`` indexes keys, tags and first/last buckets for ``/v1/keys``;
 ``event_ids`` remembers idempotency ids for the dedup window.
 
 Statements are written with ``?`` placeholders; a dialect with another style
@@ -27,7 +34,13 @@ from .plan import SeriesSpan, StoredSketches, UpsertRow
 
 SCHEMA_VERSION = "2"
 
-COLUMNS = "key, bucket, tags, count, shift, s1, s2, min, max, quantiles_kll, distinct_hll"
+COLUMNS = (
+    "key, bucket, tags, count, shift, s1, s2, min, max, last_value, last_ts, "
+    "quantiles_kll, distinct_hll"
+)
+#: The columns of ``last`` (added in place to stores made before it), and their SQL types
+#: in the dialects (SQLite, PostgreSQL).
+LAST_COLUMNS = ("last_value", "last_ts")
 
 # The largest code point: prefix + this sorts after every key with that prefix.
 _PREFIX_END = "\U0010ffff"
@@ -84,10 +97,20 @@ class SQLBackend:
     def __init__(self) -> None:
         #: What reads name the shard tables: the tables, or views over several shards.
         self.tables = {"rollups": "rollups", "series": "series"}
+        #: The store's bucket width, once prepared: the end of an old row's bucket is
+        #: the time of its unknown ``last``.
+        self.bucket = 0
         least, greatest = self.least, self.greatest
+        # The incoming row's last wins when it is later (a tie: the larger value); a NULL
+        # stored last_ts (unknown, a row older than the column) compares as NULL, so the
+        # row keeps it.
+        later = (
+            "excluded.last_ts > r.last_ts OR "
+            "(excluded.last_ts = r.last_ts AND excluded.last_value > r.last_value)"
+        )
         # SET expressions read the row as it was before the update: their order is free.
         self._upsert = self._sql(f"""
-            INSERT INTO rollups AS r ({COLUMNS}) VALUES ({", ".join("?" * 11)})
+            INSERT INTO rollups AS r ({COLUMNS}) VALUES ({", ".join("?" * 13)})
             ON CONFLICT (key, bucket, tags) DO UPDATE SET
                 s2 = r.s2 + excluded.s2 + 2.0 * (excluded.shift - r.shift) * excluded.s1
                      + excluded.count * (excluded.shift - r.shift) * (excluded.shift - r.shift),
@@ -96,9 +119,11 @@ class SQLBackend:
                 min = {least}(r.min, excluded.min),
                 max = {greatest}(r.max, excluded.max),
                 quantiles_kll = coalesce(excluded.quantiles_kll, r.quantiles_kll),
-                distinct_hll = coalesce(excluded.distinct_hll, r.distinct_hll)""")
+                distinct_hll = coalesce(excluded.distinct_hll, r.distinct_hll),
+                last_value = CASE WHEN {later} THEN excluded.last_value ELSE r.last_value END,
+                last_ts = CASE WHEN {later} THEN excluded.last_ts ELSE r.last_ts END""")
         self._insert_new = self._sql(
-            f"INSERT INTO rollups ({COLUMNS}) VALUES ({', '.join('?' * 11)}) "
+            f"INSERT INTO rollups ({COLUMNS}) VALUES ({', '.join('?' * 13)}) "
             "ON CONFLICT (key, bucket, tags) DO NOTHING"
         )
         self._append_journal = self._sql(
@@ -188,7 +213,7 @@ class SQLBackend:
             conn.cursor().executemany(
                 self._sql(
                     f"INSERT INTO refused_rollups ({COLUMNS}, refused_at) "
-                    f"VALUES ({', '.join('?' * 12)})"
+                    f"VALUES ({', '.join('?' * 14)})"
                 ),
                 [(*row, now) for row in rows],
             )
@@ -243,13 +268,14 @@ class SQLBackend:
         only, only_params = self._tenant_clause(tenant)
         records = conn.execute(
             self._sql(
-                f"SELECT key, bucket, tags, count, shift, s1, s2, min, max{blobs} "
+                "SELECT key, bucket, tags, count, shift, s1, s2, min, max, "
+                f"last_value, coalesce(last_ts, bucket + ?){blobs} "
                 f"FROM {self.tables['rollups']} "
                 f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
                 + only
                 + ("" if limit is None else " LIMIT ?")
             ),
-            [*keys, start, end, *only_params, *([] if limit is None else [limit])],
+            [self.bucket, *keys, start, end, *only_params, *([] if limit is None else [limit])],
         ).fetchall()
         return to_rows(records, sketches=sketches)
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError, StoreCannotOpen
-from .sql import KEYS_TABLE, SQLBackend, check_meta
+from .sql import KEYS_TABLE, LAST_COLUMNS, SQLBackend, check_meta
 
 _META = """CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
@@ -56,6 +56,8 @@ _SHARD_SCHEMA = [
         max REAL NOT NULL,
         quantiles_kll BLOB,
         distinct_hll BLOB,
+        last_value REAL,
+        last_ts REAL,
         PRIMARY KEY (key, bucket, tags)
     ) WITHOUT ROWID""",
     # /v1/top reads a time range across keys without scanning other buckets.
@@ -95,7 +97,9 @@ _SHARD_SCHEMA = [
         max REAL NOT NULL,
         quantiles_kll BLOB,
         distinct_hll BLOB,
-        refused_at REAL NOT NULL
+        refused_at REAL NOT NULL,
+        last_value REAL,
+        last_ts REAL
     )""",
 ]
 
@@ -221,7 +225,9 @@ class SQLiteBackend(SQLBackend):
         """Create or check the main file; a new store's shard files are created in the
         same transaction, under the main file's lock, so that processes starting
         together wait for the whole store to exist, and an existing store's shard
-        files are checked (never created: a missing one would read as empty)."""
+        files are checked (never created: a missing one would read as empty). Every
+        file made before ``last`` existed gets its columns."""
+        self.bucket = bucket
         self.begin(conn)
         try:
             stored = self._prepare_file(conn, _MAIN_SCHEMA, bucket, 0)
@@ -272,6 +278,11 @@ class SQLiteBackend(SQLBackend):
         """Inside the file's transaction: create its tables; its meta as it was."""
         for statement in [*schema, *_SHARD_SCHEMA]:
             conn.execute(statement)
+        for table in ("rollups", "refused_rollups"):  # a file made before last existed
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for column in LAST_COLUMNS:
+                if column not in present:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} REAL")
         return self.read_meta(conn, bucket, {"shards": str(self.shards), "shard": str(shard)})
 
     def _check_shards(self, stored: dict[str, str], bucket: int, shard: int) -> None:
