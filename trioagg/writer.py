@@ -444,6 +444,8 @@ class Writer:
                 self._lose([culprit], "refused by the store")
             return []
         self._outage = None
+        if self._flush_outage is not None:  # the store took this: try the head now
+            self._flush_retry_at = -math.inf
         # The batch is stored whatever happens next: a failure of the work that follows
         # (a bug, a callback) is reported and skipped, never taken for a failed commit.
         for submission, duplicates in zip(batch, result.duplicates, strict=True):
