@@ -29,7 +29,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -245,6 +245,31 @@ class _Buffer:
             self.woken = True
             return True
 
+    def put_many(self, lines: Sequence[bytes], limits: tuple[int, int]) -> tuple[int, bool]:
+        """Add the first of ``lines`` there is room for (all of them under
+        ``drop_oldest``, which drops the oldest to make room); (how many, whether the
+        flusher should wake, as :meth:`put` says). Raises RuntimeError once sealed."""
+        with self.lock:
+            if self.sealed:
+                raise RuntimeError("the client is closed")
+            if self.policy == "block" and len(lines) > self.capacity - len(self.lines):
+                lines = lines[: max(self.capacity - len(self.lines), 0)]
+            if not lines:
+                return 0, False
+            wake = not self.lines  # the first event: the flusher keeps time from it
+            if wake:
+                self.first_at = time.monotonic()
+            self.lines.extend(lines)
+            self.bytes += sum(map(len, lines))
+            self.counters.buffered += len(lines)
+            while len(self.lines) > self.capacity:
+                self.bytes -= len(self.lines.popleft())
+                self.counters.dropped += 1
+                self.counters.buffered -= 1
+            if not self.woken and (len(self.lines) >= limits[0] or self.bytes >= limits[1]):
+                wake = self.woken = True
+            return len(lines), wake
+
     def take(self, max_events: int, max_bytes: int) -> _Batch:
         with self.lock:
             lines: list[bytes] = []
@@ -432,6 +457,22 @@ class AsyncClient:
             await room.wait()
         if wake:
             self._wake.set()
+
+    async def send_encoded_many(self, lines: Sequence[bytes]) -> None:
+        """Buffer events already encoded (see :meth:`send_encoded`), as many at a time as
+        there is room for: for a caller with thousands at hand (``trioagg ingest``)."""
+        if self._closing:
+            raise RuntimeError("the client is closed")
+        while True:
+            taken, wake = self._buffer.put_many(lines, self._limits)
+            if wake:
+                self._wake.set()
+            if taken == len(lines):
+                return
+            lines = lines[taken:]
+            room = self._room
+            self.wake()
+            await room.wait()
 
     def put_nowait(self, line: bytes, *, wait: bool) -> bool | None:
         """For :class:`Client`: buffer ``line`` from another thread (see ``_Buffer.put``)."""
