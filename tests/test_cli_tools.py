@@ -45,13 +45,27 @@ def test_line_ids_depend_on_source_line_number_and_text() -> None:
         reader.line_id(1, b'{"key": "j"}\n'),
     }
     assert reader.line_id(1, line) not in others and len(others) == 3
-    event = json.loads(reader.ndjson(1, b'{"key": "k", "value": 2}  \n'))
-    assert event == {
-        "key": "k",
-        "value": 2,
-        "id": reader.line_id(1, b'{"key": "k", "value": 2}  \n'),
-    }
-    assert json.loads(reader.ndjson(1, b'{"key": "k", "id": "mine"}\n'))["id"] == "mine"
+
+
+def test_ndjson_lines_get_line_ids_and_bad_lines_their_place() -> None:
+    reader = LineReader("/data/a.ndjson", Mapping())
+    lines = [
+        b'{"key": "k", "value": 2}  \n',
+        b"\n",  # blank: skipped, not reported
+        b'{"key": "k", "id": "mine"}\r\n',
+        b"nope\n",
+        b'{"key": 5}',  # the last line, with no newline
+    ]
+    parsed = reader.ndjson(7, lines)
+    assert [json.loads(event) for event in parsed.events] == [
+        {"key": "k", "value": 2, "id": reader.line_id(7, lines[0])},
+        {"key": "k", "id": "mine"},
+    ]
+    assert all(event.endswith(b"}\n") for event in parsed.events)
+    assert [(number, before) for number, before, _ in parsed.bad] == [(10, 2), (11, 2)]
+    assert "malformed" in str(parsed.bad[0][2]) and "Expected `str`" in str(parsed.bad[1][2])
+    mapped = LineReader("/data/a.ndjson", Mapping(key="name")).ndjson(1, [b'{"name": "n"}\n'])
+    assert [json.loads(event)["key"] for event in mapped.events] == ["n"]
 
 
 def test_sparkline_scales_between_the_lowest_and_highest_value() -> None:

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, TypeVar
 
@@ -160,14 +160,7 @@ class Mapping:
     @property
     def plain(self) -> bool:
         """NDJSON lines are events as they are: no renaming needed."""
-        return (self.key, self.ts, self.value, self.id, self.distinct_id, self.tags) == (
-            "key",
-            "ts",
-            "value",
-            "id",
-            "distinct_id",
-            {},
-        )
+        return self == Mapping()
 
 
 class BadLine(ValueError):
@@ -180,6 +173,7 @@ class LineReader:
     def __init__(self, source: str, mapping: Mapping) -> None:
         self._prefix = hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
         self.mapping = mapping
+        self._plain = mapping.plain
         self._decode_event = msgspec.json.Decoder(Event).decode
         self._decode = msgspec.json.Decoder().decode
         self._encode = msgspec.json.Encoder().encode
@@ -200,25 +194,45 @@ class LineReader:
         number = rest.split("-", 1)[0]
         return f"line {int(number)}" if prefix == self._prefix and number.isdigit() else None
 
-    def ndjson(self, number: int, line: bytes) -> bytes:
-        """An NDJSON line as an encoded event."""
-        if self.mapping.plain:
+    def ndjson(self, first: int, lines: Sequence[bytes]) -> Parsed:
+        """NDJSON ``lines``, numbered from ``first``, as encoded events. Blank lines are
+        skipped."""
+        parsed = Parsed()
+        if not self._plain:
+            for number, line in enumerate(lines, first):
+                try:
+                    record = self._decode(line)
+                    if not isinstance(record, dict):
+                        raise BadLine("a line must be a JSON object")
+                    parsed.events.append(self.record(number, line, record))
+                except msgspec.DecodeError as error:
+                    if line.strip():
+                        parsed.bad.append((number, len(parsed.events), BadLine(_plain(error))))
+                except BadLine as problem:
+                    parsed.bad.append((number, len(parsed.events), problem))
+            return parsed
+        # The lines are events as they are, and most lack an id: one loop, nothing in it
+        # but the decode that validates a line, the id's hash and the bytes of the event
+        # (this loop is most of ingest's work). The id is line_id()'s.
+        decode = self._decode_event
+        blake2b = hashlib.blake2b
+        head = b',"id":"%s-' % self._prefix.encode()
+        events, bad = parsed.events, parsed.bad
+        for number, line in enumerate(lines, first):
             try:
-                event = self._decode_event(line)
+                event = decode(line)
             except msgspec.DecodeError as error:
-                raise BadLine(_plain(error)) from None
+                if line.strip():  # blank lines do not decode: skipped, unreported
+                    bad.append((number, len(events), BadLine(_plain(error))))
+                continue
             text = line.rstrip()
             if event.id is None:
                 # The line is a valid JSON object: put the id before its closing brace.
-                return b'%s,"id":"%s"}\n' % (text[:-1], self.line_id(number, line).encode())
-            return text + b"\n"
-        try:
-            record = self._decode(line)
-        except msgspec.DecodeError as error:
-            raise BadLine(_plain(error)) from None
-        if not isinstance(record, dict):
-            raise BadLine("a line must be a JSON object")
-        return self.record(number, line, record)
+                digest = blake2b(line, digest_size=8).hexdigest().encode()
+                events.append(b'%s%s%010d-%s"}\n' % (text[:-1], head, number, digest))
+            else:
+                events.append(text + b"\n")
+        return parsed
 
     def record(self, number: int, line: bytes, record: dict[str, Any]) -> bytes:
         """A record (a CSV row or a decoded NDJSON object) as an encoded event."""
@@ -263,6 +277,15 @@ def _plain(error: Exception) -> str:
     return str(error).replace("`$.", "`")
 
 
+@dataclass
+class Parsed:
+    """The events of a chunk of lines, in order, and its bad lines."""
+
+    events: list[bytes] = field(default_factory=list)
+    #: (line number, how many of ``events`` come before it, the problem), in order
+    bad: list[tuple[int, int, BadLine]] = field(default_factory=list)
+
+
 class EventSource:
     """Turns chunks of whole lines of one input, in order, into numbered events."""
 
@@ -273,27 +296,24 @@ class EventSource:
         self._lines: collections.deque[str] = collections.deque()
         self._rows = csv.DictReader(_Feed(self._lines))
 
-    def events(self, lines: Sequence[bytes]) -> Iterator[tuple[int, bytes | BadLine]]:
-        """(line number, encoded event or the problem) for each event of ``lines``. For CSV,
-        a chunk must end between records (see :func:`chunks`)."""
+    def events(self, lines: Sequence[bytes]) -> Parsed:
+        """The events and bad lines of ``lines``, the input's next. For CSV, a chunk must
+        end between records (see :func:`chunks`)."""
         if self.kind == "ndjson":
-            for line in lines:
-                self._number += 1
-                if line.strip():
-                    try:
-                        yield self._number, self.reader.ndjson(self._number, line)
-                    except BadLine as problem:
-                        yield self._number, problem
-            return
+            parsed = self.reader.ndjson(self._number + 1, lines)
+            self._number += len(lines)
+            return parsed
+        parsed = Parsed()
         self._lines.extend(line.decode("utf-8-sig") for line in lines)
         rows = self._rows
         for row in rows:
             number = rows.line_num
             text = ",".join(row.get(k) or "" for k in rows.fieldnames or ()).encode()
             try:
-                yield number, self.reader.record(number, text, row)
+                parsed.events.append(self.reader.record(number, text, row))
             except BadLine as problem:
-                yield number, problem
+                parsed.bad.append((number, len(parsed.events), problem))
+        return parsed
 
 
 class _Feed:
@@ -521,29 +541,40 @@ def ingest(
             await send_lines(client)
 
     async def send_lines(client: AsyncClient | None) -> None:
-        nonlocal stopped
+        async def send(events: list[bytes]) -> None:
+            if client is not None and events:
+                await client.send_encoded_many(events)
+            tally.events += len(events)
+
         with _progress(size, progress) as bar:
             task = bar.add_task("ingest", total=size, events=0, rate=0.0)
             read = 0
             async with contextlib.aclosing(chunks(file, kind, blocking=size is None)) as feed:
                 async for lines in feed:
                     read += sum(map(len, lines))
-                    for number, item in events_of.events(lines):
-                        if isinstance(item, BadLine):
-                            tally.bad += 1
-                            click.echo(f"line {number}: {item}", err=True)
-                        else:
-                            if client is not None:
-                                await client.send_encoded(item)
-                            tally.events += 1
-                        if tally.bad + tally.rejected > max_errors:
-                            stopped = f"stopped after more than {_many(max_errors, 'error')}"
-                        elif tally.unreachable:
-                            stopped = "stopped reading: the server cannot be reached"
-                        if stopped:
+                    parsed = events_of.events(lines)
+                    sent = 0
+                    for number, before, problem in parsed.bad:
+                        await send(parsed.events[sent:before])
+                        sent = before
+                        tally.bad += 1
+                        click.echo(f"line {number}: {problem}", err=True)
+                        if stop():
                             return
+                    await send(parsed.events[sent:] if sent else parsed.events)
+                    if stop():
+                        return
                     rate = tally.events / max(time.monotonic() - started, 1e-9)
                     bar.update(task, completed=read, events=tally.events, rate=rate)
+
+    def stop() -> bool:
+        """Whether to stop reading, saying why in ``stopped``."""
+        nonlocal stopped
+        if tally.bad + tally.rejected > max_errors:
+            stopped = f"stopped after more than {_many(max_errors, 'error')}"
+        elif tally.unreachable:
+            stopped = "stopped reading: the server cannot be reached"
+        return bool(stopped)
 
     events_of = EventSource(kind, reader)
     clients: list[AsyncClient] = []
