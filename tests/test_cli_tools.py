@@ -19,7 +19,15 @@ import trio
 from click.testing import CliRunner, Result
 
 from trioagg.cli import main
-from trioagg.cli_tools import _CHUNK_BYTES, LineReader, Mapping, column_groups, reach, sparkline
+from trioagg.cli_tools import (
+    _CHUNK_BYTES,
+    LineReader,
+    Mapping,
+    _loopback,
+    column_groups,
+    reach,
+    sparkline,
+)
 
 from .conftest import Server, StartServer, stored_counts, wait_until
 
@@ -98,6 +106,20 @@ async def test_ingest_twice_counts_once_and_reports_bad_lines(
     rerun = await run(server, "ingest", str(path))
     assert "0 new, 2,998 already stored" in rerun.stderr
     assert sum(stored_counts(server.db).values()) == 2998
+
+
+def test_only_loopback_urls_count_as_this_machine() -> None:
+    here = ["http://127.0.0.1:8000", "http://127.8.0.1", "http://[::1]:8000/", "http://localhost"]
+    away = ["http://10.0.0.1:8000", "https://example.com", "http://[::2]", "http://localhost.eu"]
+    assert [_loopback(url) for url in here + away] == [True] * 4 + [False] * 4
+
+
+async def test_ingest_gzips_when_told_to(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "zipped.ndjson"
+    path.write_text("".join(f'{{"key": "z", "ts": {TS + i}}}\n' for i in range(50)))
+    result = await run(server, "ingest", str(path), "--gzip")  # on loopback: not by default
+    assert result.exit_code == 0 and "50 new" in result.stderr
+    assert stored_counts(server.db) == {"z": 50}
 
 
 async def test_ingest_stops_after_max_errors(server: Server, tmp_path: Path) -> None:

@@ -453,6 +453,12 @@ def _field(flag: str, what: str, *name: str) -> Callable[[_F], _F]:
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Durable answers.")
 @click.option(
+    "--gzip/--no-gzip",
+    default=None,
+    help="Gzip request bodies [default: unless the server's address is a loopback one, "
+    "where it would only cost both sides CPU time].",
+)
+@click.option(
     "--retry-timeout",
     callback=_seconds,
     metavar="DURATION",
@@ -483,6 +489,7 @@ def ingest(
     batch_events: int,
     concurrency: int,
     wait: bool,
+    gzip: bool | None,
     retry_timeout: float,
     progress: bool,
     url: str,
@@ -533,6 +540,7 @@ def ingest(
             batch_events=batch_events,
             concurrency=concurrency,
             wait=wait,
+            gzip=False if gzip is None and _loopback(url) else gzip,
             retry_timeout=retry_timeout,
             on_error=refused,
             close_timeout=math.inf,  # each batch has its retry_timeout, and the user watches
@@ -608,6 +616,20 @@ def ingest(
 def _many(count: int, thing: str) -> str:
     """``1 event``, ``2,000 events``."""
     return f"{count:,} {thing}{'' if count == 1 else 's'}"
+
+
+def _loopback(url: str) -> bool:
+    """Whether ``url`` names this machine by a loopback address (or ``localhost``)."""
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _size(file: IO[bytes]) -> int | None:
