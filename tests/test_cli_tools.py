@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import operator
 import os
 import re
 import socket
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 import pytest
 import trio
 from click.testing import CliRunner, Result
@@ -24,10 +29,12 @@ from trioagg.cli_tools import (
     LineReader,
     Mapping,
     _loopback,
+    _Unpatterned,
     column_groups,
     reach,
     sparkline,
 )
+from trioagg.ingest import Event
 
 from .conftest import Server, StartServer, stored_counts, wait_until
 
@@ -106,6 +113,48 @@ async def test_ingest_twice_counts_once_and_reports_bad_lines(
     rerun = await run(server, "ingest", str(path))
     assert "0 new, 2,998 already stored" in rerun.stderr
     assert sum(stored_counts(server.db).values()) == 2998
+
+
+#: What a msgspec.Meta may constrain, a pattern aside.
+_LIMITS = ("gt", "ge", "lt", "le", "multiple_of", "min_length", "max_length", "tz")
+
+
+def test_ndjson_lines_meet_every_rule_of_the_event_type() -> None:
+    # The pattern-free decode that ingest tries first is Event, patterns aside...
+    def unpatterned(kind: Any) -> Any:
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin is typing.Annotated:
+            limits = [
+                {n: getattr(m, n) for n in _LIMITS if getattr(m, n) is not None} for m in args[1:]
+            ]
+            metas = [msgspec.Meta(**limit) for limit in limits if limit]
+            return typing.Annotated[unpatterned(args[0]), *metas] if metas else unpatterned(args[0])
+        if origin in (typing.Union, types.UnionType):
+            return functools.reduce(operator.or_, map(unpatterned, args))
+        return origin[tuple(map(unpatterned, args))] if args else kind
+
+    fields = msgspec.structs.fields
+    assert [(f.name, f.default, f.default_factory) for f in fields(_Unpatterned)] == [
+        (f.name, f.default, f.default_factory) for f in fields(Event)
+    ]
+    assert [f.type for f in fields(_Unpatterned)] == [unpatterned(f.type) for f in fields(Event)]
+    assert _Unpatterned.__struct_config__.forbid_unknown_fields
+    # ... and the patterns hold all the same, with Event's words for what breaks them.
+    reader = LineReader("/data/a.ndjson", Mapping())
+    lines = [
+        b'{"key": "ok", "tags": {"t": "v"}}\n',
+        b'{"key": "ok\\u0001", "tags": {"t": "v"}}\n',
+        b'{"key": "ok", "tags": {"t": "v", "9": "v"}}\n',
+        b'{"key": "ok", "tags": {"t": "v"}, "value": "x"}\n',
+        b'{"key": "ok", "tags": {"t": "v"}}\n',
+    ]
+    parsed = reader.ndjson(1, lines)
+    assert len(parsed.events) == 2
+    decode = msgspec.json.Decoder(Event).decode
+    for (_, _, problem), line in zip(parsed.bad, lines[1:4], strict=True):
+        with pytest.raises(msgspec.ValidationError) as error:
+            decode(line)
+        assert str(problem) == str(error.value).replace("`$.", "`")
 
 
 def test_only_loopback_urls_count_as_this_machine() -> None:
