@@ -48,7 +48,9 @@ from .settings import parse_duration
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
-_CHUNK_BYTES: Final = 1 << 20
+#: What ingest reads and parses at a time: ~1,000 lines, 1-2 ms of the event loop, so
+#: that its requests' answers are read and the next requests sent without waiting.
+_CHUNK_BYTES: Final = 1 << 16
 #: The longest a probe of the server waits, and the longest pause between two.
 _PROBE_SECONDS: Final = 5.0
 
@@ -397,7 +399,7 @@ class _Feed:
 
 
 async def chunks(stream: IO[bytes], kind: str, blocking: bool) -> AsyncGenerator[list[bytes], None]:
-    """Whole lines of ``stream``, about 1 MiB at a time; read in a worker thread when a
+    """Whole lines of ``stream``, about _CHUNK_BYTES at a time; read in a worker thread when a
     read may block (a pipe), else here. A CSV chunk ends outside quotes."""
     import trio
 
