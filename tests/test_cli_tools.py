@@ -36,7 +36,7 @@ from trioagg.cli_tools import (
 )
 from trioagg.ingest import Event
 
-from .conftest import Server, StartServer, stored_counts, wait_until
+from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
 DAY = ["--from", "2026-11-24T00:00:00Z", "--to", "2026-11-25T00:00:00Z"]
@@ -169,6 +169,19 @@ async def test_ingest_gzips_when_told_to(server: Server, tmp_path: Path) -> None
     result = await run(server, "ingest", str(path), "--gzip")  # on loopback: not by default
     assert result.exit_code == 0 and "50 new" in result.stderr
     assert stored_counts(server.db) == {"z": 50}
+
+
+async def test_ingest_sends_batch_events_a_request_past_a_mebibyte(
+    server: Server, tmp_path: Path
+) -> None:
+    # 20,000 events of ~150 bytes with their ids: two requests, not three of 1 MiB (the
+    # server's writer merges requests smaller than its batch, 10,000 events)
+    line = f'{{"key": "big", "ts": {TS}, "tags": {{"pad": "{"x" * 40}"}}}}\n'
+    path = tmp_path / "big.ndjson"
+    path.write_text(line * 20_000)
+    result = await run(server, "ingest", str(path))
+    assert result.exit_code == 0 and "20,000 new" in result.stderr
+    assert await metric(server, "trioagg_request_seconds_count", endpoint="/v1/events") == 2
 
 
 async def test_ingest_stops_after_max_errors(server: Server, tmp_path: Path) -> None:
