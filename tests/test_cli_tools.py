@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import operator
 import os
 import re
 import socket
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 import pytest
 import trio
 from click.testing import CliRunner, Result
 
 from trioagg.cli import main
-from trioagg.cli_tools import _CHUNK_BYTES, LineReader, Mapping, column_groups, reach, sparkline
+from trioagg.cli_tools import (
+    _CHUNK_BYTES,
+    LineReader,
+    Mapping,
+    _loopback,
+    _Unpatterned,
+    column_groups,
+    reach,
+    sparkline,
+)
+from trioagg.ingest import Event
 
-from .conftest import Server, StartServer, stored_counts, wait_until
+from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
 TS = 1795514400  # 2026-11-24T10:00:00Z
 DAY = ["--from", "2026-11-24T00:00:00Z", "--to", "2026-11-25T00:00:00Z"]
@@ -45,13 +60,27 @@ def test_line_ids_depend_on_source_line_number_and_text() -> None:
         reader.line_id(1, b'{"key": "j"}\n'),
     }
     assert reader.line_id(1, line) not in others and len(others) == 3
-    event = json.loads(reader.ndjson(1, b'{"key": "k", "value": 2}  \n'))
-    assert event == {
-        "key": "k",
-        "value": 2,
-        "id": reader.line_id(1, b'{"key": "k", "value": 2}  \n'),
-    }
-    assert json.loads(reader.ndjson(1, b'{"key": "k", "id": "mine"}\n'))["id"] == "mine"
+
+
+def test_ndjson_lines_get_line_ids_and_bad_lines_their_place() -> None:
+    reader = LineReader("/data/a.ndjson", Mapping())
+    lines = [
+        b'{"key": "k", "value": 2}  \n',
+        b"\n",  # blank: skipped, not reported
+        b'{"key": "k", "id": "mine"}\r\n',
+        b"nope\n",
+        b'{"key": 5}',  # the last line, with no newline
+    ]
+    parsed = reader.ndjson(7, lines)
+    assert [json.loads(event) for event in parsed.events] == [
+        {"key": "k", "value": 2, "id": reader.line_id(7, lines[0])},
+        {"key": "k", "id": "mine"},
+    ]
+    assert all(event.endswith(b"}\n") for event in parsed.events)
+    assert [(number, before) for number, before, _ in parsed.bad] == [(10, 2), (11, 2)]
+    assert "malformed" in str(parsed.bad[0][2]) and "Expected `str`" in str(parsed.bad[1][2])
+    mapped = LineReader("/data/a.ndjson", Mapping(key="name")).ndjson(1, [b'{"name": "n"}\n'])
+    assert [json.loads(event)["key"] for event in mapped.events] == ["n"]
 
 
 def test_sparkline_scales_between_the_lowest_and_highest_value() -> None:
@@ -84,6 +113,75 @@ async def test_ingest_twice_counts_once_and_reports_bad_lines(
     rerun = await run(server, "ingest", str(path))
     assert "0 new, 2,998 already stored" in rerun.stderr
     assert sum(stored_counts(server.db).values()) == 2998
+
+
+#: What a msgspec.Meta may constrain, a pattern aside.
+_LIMITS = ("gt", "ge", "lt", "le", "multiple_of", "min_length", "max_length", "tz")
+
+
+def test_ndjson_lines_meet_every_rule_of_the_event_type() -> None:
+    # The pattern-free decode that ingest tries first is Event, patterns aside...
+    def unpatterned(kind: Any) -> Any:
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin is typing.Annotated:
+            limits = [
+                {n: getattr(m, n) for n in _LIMITS if getattr(m, n) is not None} for m in args[1:]
+            ]
+            metas = [msgspec.Meta(**limit) for limit in limits if limit]
+            return typing.Annotated[unpatterned(args[0]), *metas] if metas else unpatterned(args[0])
+        if origin in (typing.Union, types.UnionType):
+            return functools.reduce(operator.or_, map(unpatterned, args))
+        return origin[tuple(map(unpatterned, args))] if args else kind
+
+    fields = msgspec.structs.fields
+    assert [(f.name, f.default, f.default_factory) for f in fields(_Unpatterned)] == [
+        (f.name, f.default, f.default_factory) for f in fields(Event)
+    ]
+    assert [f.type for f in fields(_Unpatterned)] == [unpatterned(f.type) for f in fields(Event)]
+    assert _Unpatterned.__struct_config__.forbid_unknown_fields
+    # ... and the patterns hold all the same, with Event's words for what breaks them.
+    reader = LineReader("/data/a.ndjson", Mapping())
+    lines = [
+        b'{"key": "ok", "tags": {"t": "v"}}\n',
+        b'{"key": "ok\\u0001", "tags": {"t": "v"}}\n',
+        b'{"key": "ok", "tags": {"t": "v", "9": "v"}}\n',
+        b'{"key": "ok", "tags": {"t": "v"}, "value": "x"}\n',
+        b'{"key": "ok", "tags": {"t": "v"}}\n',
+    ]
+    parsed = reader.ndjson(1, lines)
+    assert len(parsed.events) == 2
+    decode = msgspec.json.Decoder(Event).decode
+    for (_, _, problem), line in zip(parsed.bad, lines[1:4], strict=True):
+        with pytest.raises(msgspec.ValidationError) as error:
+            decode(line)
+        assert str(problem) == str(error.value).replace("`$.", "`")
+
+
+def test_only_loopback_urls_count_as_this_machine() -> None:
+    here = ["http://127.0.0.1:8000", "http://127.8.0.1", "http://[::1]:8000/", "http://localhost"]
+    away = ["http://10.0.0.1:8000", "https://example.com", "http://[::2]", "http://localhost.eu"]
+    assert [_loopback(url) for url in here + away] == [True] * 4 + [False] * 4
+
+
+async def test_ingest_gzips_when_told_to(server: Server, tmp_path: Path) -> None:
+    path = tmp_path / "zipped.ndjson"
+    path.write_text("".join(f'{{"key": "z", "ts": {TS + i}}}\n' for i in range(50)))
+    result = await run(server, "ingest", str(path), "--gzip")  # on loopback: not by default
+    assert result.exit_code == 0 and "50 new" in result.stderr
+    assert stored_counts(server.db) == {"z": 50}
+
+
+async def test_ingest_sends_batch_events_a_request_past_a_mebibyte(
+    server: Server, tmp_path: Path
+) -> None:
+    # 20,000 events of ~150 bytes with their ids: two requests, not three of 1 MiB (the
+    # server's writer merges requests smaller than its batch, 10,000 events)
+    line = f'{{"key": "big", "ts": {TS}, "tags": {{"pad": "{"x" * 40}"}}}}\n'
+    path = tmp_path / "big.ndjson"
+    path.write_text(line * 20_000)
+    result = await run(server, "ingest", str(path))
+    assert result.exit_code == 0 and "20,000 new" in result.stderr
+    assert await metric(server, "trioagg_request_seconds_count", endpoint="/v1/events") == 2
 
 
 async def test_ingest_stops_after_max_errors(server: Server, tmp_path: Path) -> None:

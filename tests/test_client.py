@@ -291,6 +291,37 @@ async def test_a_full_buffer_blocks_send_under_the_block_policy() -> None:
     assert client.counters.failed == 20
 
 
+async def test_send_encoded_many_fills_batches_and_waits_for_room(server: Server) -> None:
+    lines = [b'{"key":"many","ts":%d,"id":"many-%d"}\n' % (TS, i) for i in range(1000)]
+    async with AsyncClient(server.url, batch_events=100, buffer=250) as client:
+        await client.send_encoded_many(lines[:10])  # too few for a batch: sent by age
+        await wait_until(lambda: client.counters.acknowledged == 10)
+        await client.send_encoded_many(lines)  # 4 times the buffer: waits for room
+        # the buffer, a batch for each of the 2 senders and one waiting for them
+        assert client.counters.buffered <= 250 + 3 * 100
+    assert client.counters.acknowledged == 1010 and client.counters.duplicates == 10
+    assert stored_counts(server.db) == {"many": 1000}
+
+
+async def test_send_encoded_many_holds_to_the_buffer_policy() -> None:
+    lines = [b'{"key":"held","id":"held-%d"}\n' % i for i in range(100)]
+    async with AsyncClient(_dead_url(), buffer=10, batch_events=5, concurrency=1) as client:
+        with trio.move_on_after(0.5):
+            await client.send_encoded_many(lines)
+        # the buffer, one batch waiting for the sender, one being retried; nothing dropped
+        assert (client.counters.buffered, client.counters.dropped) == (20, 0)
+        client.retry_timeout = 0  # give up now
+    assert client.counters.failed == 20
+    async with AsyncClient(
+        _dead_url(), buffer=10, batch_events=5, concurrency=1, policy="drop_oldest"
+    ) as client:
+        await client.send_encoded_many(lines)
+        assert client.counters.dropped + client.counters.buffered == 100
+        assert client.counters.buffered <= 10 + 2 * 5
+        client.retry_timeout = 0
+    assert client.counters.dropped + client.counters.failed == 100
+
+
 async def test_the_sync_client_is_safe_from_many_threads(server: Server) -> None:
     def run() -> Client:
         with Client(server.url, batch_events=100) as client:

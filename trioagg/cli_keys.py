@@ -19,17 +19,21 @@ import dataclasses
 import datetime
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 import trio
 
-from . import auth
 from .errors import ConfigError
 from .ingest import TAG_VALUE_BYTES, TENANT_TAG, tag_value_problem
 from .settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
-from .store import Backend, is_postgres, open_store
-from .store import make_backend as _make_backend
+
+if TYPE_CHECKING:
+    from .store import Backend
+
+# The store and auth modules (and the server's web framework, which auth imports) load
+# in the commands that use them: every trioagg command imports this module, and they
+# took trioagg ingest, query and the others 0.4 s to start.
 
 _db = click.option(
     "--db",
@@ -51,8 +55,10 @@ def _store(db: str, new: Settings | None = None) -> Backend:
     with one line naming the command that makes it. ``new``: the settings to create it
     with (a SQLite file's folder too) where there is none; an existing store is used as
     it is (a server checks its own settings against the store's when it starts)."""
+    from .store import is_postgres, make_backend, open_store
+
     try:
-        backend = _make_backend(new or Settings(db=db))
+        backend = make_backend(new or Settings(db=db))
     except ConfigError as error:  # settings no store can have (too many shard files)
         raise _Refused(str(error)) from None
     if backend.exists():
@@ -158,6 +164,8 @@ def create(
     writers: str,
 ) -> None:
     """Create a key and print its secret, once: only its SHA-256 digest is stored."""
+    from . import auth
+
     try:
         chosen = auth.parse_scopes(scopes)
         lifetime = None if expires is None else parse_duration(expires)
@@ -196,6 +204,8 @@ def list_(db: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from . import auth
+
     found: list[auth.ApiKey] = _on_store(db, auth.list_keys)
     table = Table()
     for column in ("name", "scopes", "tenant", "created", "last used", "expires", "state"):
@@ -218,6 +228,8 @@ def list_(db: str) -> None:
 @_db
 def revoke(name: str, db: str) -> None:
     """Revoke the key NAME: every server refuses it within a few seconds."""
+    from . import auth
+
     _on_store(db, lambda backend: auth.revoke_key(backend, name))
     click.echo(f"key {name!r} revoked; servers refuse it within {auth.CACHE_SECONDS:g} s", err=True)
 

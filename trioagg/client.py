@@ -18,6 +18,7 @@ process does to a :class:`Client`'s buffer is :mod:`trioagg.client_exit`'s.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import datetime
@@ -29,8 +30,9 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, islice
 from typing import Any, Final, Literal, TypeVar
 
 import anyio
@@ -245,16 +247,39 @@ class _Buffer:
             self.woken = True
             return True
 
+    def put_many(self, lines: Sequence[bytes], limits: tuple[int, int]) -> tuple[int, bool]:
+        """Add the first of ``lines`` there is room for (all of them under
+        ``drop_oldest``, which drops the oldest to make room); (how many, whether the
+        flusher should wake, as :meth:`put` says). Raises RuntimeError once sealed."""
+        with self.lock:
+            if self.sealed:
+                raise RuntimeError("the client is closed")
+            if self.policy == "block" and len(lines) > self.capacity - len(self.lines):
+                lines = lines[: max(self.capacity - len(self.lines), 0)]
+            if not lines:
+                return 0, False
+            wake = not self.lines  # the first event: the flusher keeps time from it
+            if wake:
+                self.first_at = time.monotonic()
+            self.lines.extend(lines)
+            self.bytes += sum(map(len, lines))
+            self.counters.buffered += len(lines)
+            while len(self.lines) > self.capacity:
+                self.bytes -= len(self.lines.popleft())
+                self.counters.dropped += 1
+                self.counters.buffered -= 1
+            if not self.woken and (len(self.lines) >= limits[0] or self.bytes >= limits[1]):
+                wake = self.woken = True
+            return len(lines), wake
+
     def take(self, max_events: int, max_bytes: int) -> _Batch:
         with self.lock:
-            lines: list[bytes] = []
-            size = 0
-            while self.lines and len(lines) < max_events:
-                line = self.lines[0]
-                if lines and size + len(line) > max_bytes:
-                    break
-                lines.append(self.lines.popleft())
-                size += len(line)
+            # The first line, then as many as keep the batch within max_bytes: counted
+            # in C (10,000 lines a batch, where the loop's Python was 0.15 us each).
+            ends = list(accumulate(map(len, islice(self.lines, max_events))))
+            count = max(bisect.bisect_right(ends, max_bytes), 1) if ends else 0
+            lines = [self.lines.popleft() for _ in range(count)]
+            size = ends[count - 1] if count else 0
             self.bytes -= size
             self.woken = False
             self.first_at = time.monotonic()
@@ -432,6 +457,22 @@ class AsyncClient:
             await room.wait()
         if wake:
             self._wake.set()
+
+    async def send_encoded_many(self, lines: Sequence[bytes]) -> None:
+        """Buffer events already encoded (see :meth:`send_encoded`), as many at a time as
+        there is room for: for a caller with thousands at hand (``trioagg ingest``)."""
+        if self._closing:
+            raise RuntimeError("the client is closed")
+        while True:
+            taken, wake = self._buffer.put_many(lines, self._limits)
+            if wake:
+                self._wake.set()
+            if taken == len(lines):
+                return
+            lines = lines[taken:]
+            room = self._room
+            self.wake()
+            await room.wait()
 
     def put_nowait(self, line: bytes, *, wait: bool) -> bool | None:
         """For :class:`Client`: buffer ``line`` from another thread (see ``_Buffer.put``)."""
