@@ -14,6 +14,7 @@ the backend gives operations a deadline, one still running then is interrupted
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ import trio
 from ..errors import StoreBusy, StoreCannotOpen, StoreError, StoreOutage, TrioaggError
 from ..ingest import Point
 from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles, pre_aggregate
-from .head import Head, JournalEvent, decode_batch, encode_batch, tags_hold_tenant
+from .head import Head, JournalEvent, Mark, decode_batch, encode_batch, tags_hold_tenant
 from .plan import (
     Plan,
     SeriesCache,
@@ -530,6 +531,10 @@ def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
     ]
 
 
+#: The heads' rows of a read, their generations and the keys' versions then.
+Overlay = tuple[list[Row], tuple[int, ...], tuple[int, ...]]
+
+
 @dataclass
 class ReadParts:
     """A read: the table's rows and the heads' (copies), and the heads' generations and
@@ -844,25 +849,6 @@ class Store:
             raise
         return result
 
-    async def read(
-        self,
-        keys: Sequence[str],
-        start: int,
-        end: int,
-        *,
-        sketches: bool = False,
-        limit: int | None = None,
-        tenant: str | None = None,
-    ) -> list[Row]:
-        """Rows of ``keys`` in ``[start, end)`` (at most ``limit``; with ``tenant`` only
-        those of series tagged with it), read on a connection of the read pool: the
-        table's, and the heads' of this process (so a read after an acknowledged write
-        sees it). Rows of one slot may come from both: merging them is the reader's."""
-        parts = await self.read_parts(
-            keys, start, end, sketches=sketches, limit=limit, tenant=tenant
-        )
-        return [*parts.stored, *parts.overlay]
-
     async def read_parts(
         self,
         keys: Sequence[str],
@@ -873,8 +859,12 @@ class Store:
         limit: int | None = None,
         tenant: str | None = None,
     ) -> ReadParts:
-        """:meth:`read`, the table's rows and the heads' apart, with the heads' state
-        they were read at (see :meth:`overlay`)."""
+        """Rows of ``keys`` in ``[start, end)`` (at most ``limit``; with ``tenant`` only
+        those of series tagged with it), read on a connection of the read pool: the
+        table's, and apart from them the heads' of this process (so a read after an
+        acknowledged write sees it), with the heads' state they were read at (see
+        :meth:`overlay`). Rows of one slot may come from both: merging them is the
+        reader's."""
         return await self._run_read(
             self._fetch_with_heads, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
         )
@@ -898,21 +888,9 @@ class Store:
             rows = self.backend.fetch(
                 conn, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
             )
-            for head in self.heads:
-                head.lock.acquire()
-            try:
-                if all(h.unchanged_since(m) for h, m in zip(self.heads, marks, strict=True)):
-                    overlay = [
-                        row
-                        for head in self.heads
-                        for row in head.overlay(keys, start, end, sketches=sketches)
-                    ]
-                    return ReadParts(
-                        rows, _of_tenant(overlay, tenant), self.generations(), self.versions(keys)
-                    )
-            finally:
-                for head in self.heads:
-                    head.lock.release()
+            _, found = self._collect(keys, start, end, sketches, tenant, marks, blocking=True)
+            if found is not None:
+                return ReadParts(rows, *found)
             time.sleep(delay)  # a flush is committing: it ends within milliseconds
             delay = min(delay * 2, 0.05)
         raise StoreBusy(f"flushes kept committing during {_READ_TRIES} tries of a read")
@@ -928,44 +906,55 @@ class Store:
         return tuple(version for head in self.heads for version in head.key_versions(keys))
 
     async def overlay(
-        self,
-        keys: Sequence[str],
-        start: int,
-        end: int,
-        *,
-        sketches: bool,
-        tenant: str | None,
-    ) -> tuple[list[Row], tuple[int, ...], tuple[int, ...]] | None:
+        self, keys: Sequence[str], start: int, end: int, *, sketches: bool, tenant: str | None
+    ) -> Overlay | None:
         """The heads' rollups of ``keys`` in ``[start, end)`` (copies), with the heads'
         generations and the keys' versions then; None while a flush commits (the table
         may or may not hold its rows yet). On the event loop where no head is being
         folded into, else in a worker thread (a fold holds a head for milliseconds)."""
-        Found = tuple[list[Row], tuple[int, ...], tuple[int, ...]] | None
-
-        def collect(blocking: bool) -> tuple[bool, Found]:
-            """(whether every head's lock was taken, what was found then)."""
-            taken: list[Head] = []
-            try:
-                for head in self.heads:
-                    if not head.lock.acquire(blocking=blocking):
-                        return False, None
-                    taken.append(head)
-                if any(head.committing for head in self.heads):
-                    return True, None
-                rows = [
-                    row
-                    for head in self.heads
-                    for row in head.overlay(keys, start, end, sketches=sketches)
-                ]
-                return True, (_of_tenant(rows, tenant), self.generations(), self.versions(keys))
-            finally:
-                for head in taken:
-                    head.lock.release()
-
-        done, found = collect(blocking=False)
+        done, found = self._collect(keys, start, end, sketches, tenant, None, blocking=False)
         if not done:
-            done, found = await trio.to_thread.run_sync(collect, True)
+            done, found = await trio.to_thread.run_sync(
+                functools.partial(
+                    self._collect, keys, start, end, sketches, tenant, None, blocking=True
+                )
+            )
         return found
+
+    def _collect(
+        self,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        sketches: bool,
+        tenant: str | None,
+        marks: Sequence[Mark] | None,
+        *,
+        blocking: bool,
+    ) -> tuple[bool, Overlay | None]:
+        """(whether every head's lock was taken, the overlay then): None when a flush
+        committed since ``marks`` (or, without marks, is committing now)."""
+        taken: list[Head] = []
+        try:
+            for head in self.heads:
+                if not head.lock.acquire(blocking=blocking):
+                    return False, None
+                taken.append(head)
+            if marks is None:
+                current = not any(head.committing for head in self.heads)
+            else:
+                current = all(h.unchanged_since(m) for h, m in zip(self.heads, marks, strict=True))
+            if not current:
+                return True, None
+            rows = [
+                row
+                for head in self.heads
+                for row in head.overlay(keys, start, end, sketches=sketches)
+            ]
+            return True, (_of_tenant(rows, tenant), self.generations(), self.versions(keys))
+        finally:
+            for head in taken:
+                head.lock.release()
 
     async def list_keys(
         self, prefix: str, after: str, limit: int, tenant: str | None = None
