@@ -100,6 +100,8 @@ class SQLBackend:
         #: The store's bucket width, once prepared: the end of an old row's bucket is
         #: the time of its unknown ``last``.
         self.bucket = 0
+        #: Upsert statements by their count of rows.
+        self._upserts: dict[int, str] = {}
         least, greatest = self.least, self.greatest
         # The incoming row's last wins when it is later (a tie: the larger value); a NULL
         # stored last_ts (unknown, a row older than the column) compares as NULL, so the
@@ -109,8 +111,9 @@ class SQLBackend:
             "(excluded.last_ts = r.last_ts AND excluded.last_value > r.last_value)"
         )
         # SET expressions read the row as it was before the update: their order is free.
+        # {values}: the rows' placeholders (see _upsert_rows).
         self._upsert = self._sql(f"""
-            INSERT INTO rollups AS r ({COLUMNS}) VALUES ({", ".join("?" * 13)})
+            INSERT INTO rollups AS r ({COLUMNS}) VALUES {{values}}
             ON CONFLICT (key, bucket, tags) DO UPDATE SET
                 s2 = r.s2 + excluded.s2 + 2.0 * (excluded.shift - r.shift) * excluded.s1
                      + excluded.count * (excluded.shift - r.shift) * (excluded.shift - r.shift),
@@ -191,7 +194,23 @@ class SQLBackend:
         # lock rows in one order (measured on SQLite, 24,000 rows of 1,000 keys x 24 h
         # upserted into as many: 6.2 -> 4.9 us per row, the sort 0.6 us of it). A
         # slot is in one row only, so the rows' first three columns decide the order.
-        conn.cursor().executemany(self._upsert, sorted(rows))
+        # _CHUNK rows per statement, not one (executemany): the driver then releases and
+        # takes back the GIL once per chunk instead of once per row. Each time it waits
+        # for the GIL behind the event loop, holding the database's write lock: 24,000
+        # rows took 160 ms -> 74 ms alone, and 470-1,240 ms -> 320-550 ms beside a thread
+        # busy with Python (measured on SQLite, this machine).
+        for chunk in _chunks(sorted(rows)):
+            conn.execute(self._upsert_rows(len(chunk)), [v for row in chunk for v in row])
+
+    def _upsert_rows(self, count: int) -> str:
+        """The upsert statement of ``count`` rows."""
+        statement = self._upserts.get(count)
+        if statement is None:
+            row = "(" + ", ".join([self.mark] * 13) + ")"
+            statement = self._upserts[count] = self._upsert.format(
+                values=", ".join([row] * count)
+            )
+        return statement
 
     def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
         conn.cursor().executemany(
