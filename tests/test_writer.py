@@ -3,6 +3,7 @@ so commits genuinely wait, the channel fills, and busy retries run out."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,32 @@ def test_a_flush_names_the_buckets_each_key_it_wrote_touched(tmp_path: Path) -> 
     assert flush() == {"f": (hour, hour)}
     backend.close(conn)
     assert stored_counts(tmp_path / "s.db") == {"a": 2, "b": 1, "c": 1, "d": 1, "f": 1}
+
+
+@pytest.mark.parametrize("limit", [999, 32_766])
+def test_a_flush_binds_no_more_parameters_than_sqlite_allows(tmp_path: Path, limit: int) -> None:
+    """A flush upserts many rows per statement: never more than the SQLite it runs on
+    binds (999 parameters where it was built before 3.32), and every row lands."""
+    backend = SQLiteBackend(str(tmp_path / "s.db"))
+    conn = backend.connect(write=True)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+    backend.prepare(conn, 3600)
+    head = Head()
+    hour = 1_764_000_000 // 3600 * 3600
+    points = [(f"k{n}", hour + 1.0, float(n), "{}", None, None) for n in range(2_500)]
+    happened: list[str] = []
+    conn.set_trace_callback(happened.append)
+    for _ in range(2):  # new rows, then rows merged into stored ones
+        journal_batch(conn, backend, [points], POLICY, "t/0", head)
+        assert flush_head(conn, backend, head, "t/0", POLICY, SeriesCache()) is not None
+    conn.set_trace_callback(None)
+    # Not a row refused and written alone: every statement of the flush passed.
+    assert not [statement for statement in happened if statement.startswith("ROLLBACK")]
+    assert conn.execute(
+        "SELECT count(*), sum(count), sum(shift * count + s1) FROM rollups"
+    ).fetchone() == (
+        2_500,
+        5_000,
+        2.0 * sum(range(2_500)),
+    )
+    backend.close(conn)

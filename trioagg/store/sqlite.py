@@ -228,6 +228,8 @@ class SQLiteBackend(SQLBackend):
         files are checked (never created: a missing one would read as empty). Every
         file made before ``last`` existed gets its columns."""
         self.bucket = bucket
+        # SQLite's limit is set when it is built (999 before 3.32, 32,766 since).
+        self.max_parameters = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self.begin(conn)
         try:
             stored = self._prepare_file(conn, _MAIN_SCHEMA, bucket, 0)
