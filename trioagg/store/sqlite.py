@@ -28,6 +28,7 @@ import fcntl
 import os
 import pathlib
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +110,7 @@ _SHARD_VIEWS = {"rollups": "all_rollups", "series": "all_series"}
 # Short on purpose: waiting on a lock happens in Store.write's backoff loop,
 # where it is cancellable, not inside a worker thread.
 _LOCK_WAIT_SECONDS = 0.2
+_LOCK_POLL_SECONDS = 0.0005
 
 # SQLite's primary result codes that mean "no write can succeed now", whatever the data.
 _OUTAGES = {
@@ -193,6 +195,7 @@ class SQLiteBackend(SQLBackend):
         if write:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
+            conn.execute("PRAGMA busy_timeout=0")  # begin() waits for the lock itself
             conn.identity = _file_identity(path)
             return conn
         for other in range(1, self.shards):
@@ -369,7 +372,18 @@ class SQLiteBackend(SQLBackend):
         # Only for write connections; a stat per transaction costs microseconds.
         if conn.identity is not None and _file_identity(conn.path) != conn.identity:
             raise DatabaseFileGone(conn.path)
-        conn.execute("BEGIN IMMEDIATE")
+        # SQLite's own wait for a lock sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 ms
+        # between tries: a writer of another process holding the lock for 3 ms was waited
+        # for 25 ms and more. Tries every _LOCK_POLL_SECONDS take it within a poll.
+        waited = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if not self.is_busy(error) or time.monotonic() >= waited:
+                    raise
+            time.sleep(_LOCK_POLL_SECONDS)
 
     def check_readable(self, *, main_only: bool = False) -> None:
         # Before every read (a stat per file: microseconds): a read connection opened
