@@ -23,6 +23,7 @@ transaction statements, and which errors mean "busy" or "disconnected".
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any
 
 from ..errors import ConfigError
@@ -206,7 +207,7 @@ class SQLBackend:
         # 190 ms by 2,000 (_UPSERT_ROWS, where the database binds 26,000 parameters).
         per_statement = min(_UPSERT_ROWS, self.max_parameters // len(COLUMNS.split(",")))
         for chunk in _chunks(sorted(rows), per_statement):
-            conn.execute(self._upsert_rows(len(chunk)), [v for row in chunk for v in row])
+            conn.execute(self._upsert_rows(len(chunk)), list(chain.from_iterable(chunk)))
 
     def _upsert_rows(self, count: int) -> str:
         """The upsert statement of ``count`` rows."""
