@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import trio
 
-from trioagg.ingest import TAGS_BYTES
+from trioagg.events import TAGS_BYTES
 from trioagg.settings import Settings
 from trioagg.store.base import IDLE_CHECK_SECONDS
 from trioagg.store.postgres import WRITE_DEADLINES, PostgresBackend

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import auth
 from trioagg.errors import CommitFailed, StoreOutage
-from trioagg.ingest import Point
+from trioagg.events import Point
 from trioagg.metrics import Metrics
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
@@ -421,7 +421,7 @@ async def test_requests_still_queued_at_the_drain_deadline_are_answered_and_coun
 
 
 def point(key: str) -> Point:
-    return (key, clock.now(), 1.0, "{}", None, None)
+    return Point(key, clock.now(), 1.0, "{}", None, None)
 
 
 async def test_a_failing_shard_does_not_stop_the_purge_of_the_others(db_url: str) -> None:

@@ -14,11 +14,9 @@ import pytest
 import trio
 
 from trioagg.errors import Forbidden, InvalidEvents, MalformedBody, RequestError
+from trioagg.events import MAX_ABS_VALUE, MAX_TAGS, TAGS_BYTES
 from trioagg.ingest import (
     INLINE_DECODE_BYTES,
-    MAX_ABS_VALUE,
-    MAX_TAGS,
-    TAGS_BYTES,
     Limits,
     decode_body,
     decode_events,

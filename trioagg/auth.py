@@ -58,8 +58,8 @@ import trio
 from quart import g
 
 from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
+from .events import TENANT_TAG
 from .hosts import address_of
-from .ingest import TENANT_TAG
 from .settings import BUCKET_NAMES, Settings, flag_name
 from .store import Backend, Store
 from .store.base import BusyRetry

@@ -25,7 +25,8 @@ import click
 import trio
 
 from .errors import ConfigError
-from .ingest import TAG_VALUE_BYTES, TENANT_TAG, tag_value_problem
+from .events import TAG_VALUE_BYTES, TENANT_TAG
+from .ingest import tag_value_problem
 from .settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
 
 if TYPE_CHECKING:

@@ -39,8 +39,8 @@ from .client import (
     ServerError,
 )
 from .client_answers import as_sent
+from .events import MAX_TAGS
 from .ingest import (
-    MAX_TAGS,
     DistinctId,
     Event,
     EventId,

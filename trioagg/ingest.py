@@ -2,7 +2,7 @@
 
 The rules of the contract's event table live in the msgspec types below and
 in :func:`_limit_problems` (byte lengths and time limits, which msgspec does
-not express). A valid body becomes a list of :data:`Point` tuples, the only
+not express). A valid body becomes a list of :class:`~trioagg.events.Point`, the only
 form of an event the writer sees. An invalid one raises
 :class:`~trioagg.errors.InvalidEvents` listing every problem of every event,
 so a request is stored whole or not at all.
@@ -26,20 +26,16 @@ import msgspec
 import trio
 
 from .errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
+from .events import (
+    MAX_ABS_VALUE,
+    MAX_TAGS,
+    NO_TAGS,
+    TAG_VALUE_BYTES,
+    TAGS_BYTES,
+    TENANT_TAG,
+    Point,
+)
 from .times import LATEST, milliseconds_mistake, rfc3339
-
-#: One validated event: (key, ts in Unix seconds, value, canonical tags JSON,
-#: distinct_id or None, id or None).
-Point = tuple[str, float, float, str, str | None, str | None]
-
-NO_TAGS: Final = "{}"
-#: The tag a tenant's API key stamps on what it sends and filters what it reads by.
-TENANT_TAG: Final = "tenant"
-
-#: The largest magnitude of an event's value. Squares of values (the spread's
-#: moments) summed over any realistic count of events stay finite: 1e100 ** 2
-#: * 1e18 events ~ 1e218, far below float's 1.8e308.
-MAX_ABS_VALUE: Final = 1e100
 
 _FINITE = msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)
 # msgspec matches a pattern with Python's re.search, whose "$" also matches before a
@@ -50,16 +46,6 @@ Key = Annotated[
     msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$(?!\n)"),
 ]
 TagName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$(?!\n)")]
-#: The most tags of an event, and so of a series (a tenant's stamped tag included).
-MAX_TAGS: Final = 16
-#: The most UTF-8 bytes of a tag's value (msgspec's max_length counts characters).
-TAG_VALUE_BYTES: Final = 255
-#: The most UTF-8 bytes of an event's tags together, as stored (compact JSON, names
-#: sorted, a tenant's stamped tag included). Every store can index a series by its key
-#: and tags then: PostgreSQL refuses an index entry over 2,704 bytes (its key, bucket
-#: and tags; the key is at most 255 bytes), and 16 tags of 255-byte values would make
-#: one of over 4 KB, failing at commit what validation had accepted.
-TAGS_BYTES: Final = 2048
 TagValue = Annotated[str, msgspec.Meta(min_length=1, max_length=TAG_VALUE_BYTES)]
 Tags = Annotated[dict[TagName, TagValue], msgspec.Meta(max_length=MAX_TAGS)]
 Timestamp = Annotated[float, _FINITE] | Annotated[datetime.datetime, msgspec.Meta(tz=True)] | None
@@ -158,6 +144,7 @@ def decode_events(
     points: list[Point] = []
     problems: list[dict[str, Any]] = []
     encode = msgspec.json.encode
+    make = tuple.__new__  # a Point without its constructor (see Point)
     for index, event in enumerate(events):
         ts = event.ts
         seconds = now if ts is None else ts if isinstance(ts, float) else ts.timestamp()
@@ -176,7 +163,8 @@ def decode_events(
         ):
             for field, message in _limit_problems(event, seconds, low, high):
                 problems.append({"index": index, "field": field, "message": message})
-        points.append((event.key, seconds, event.value, canonical, event.distinct_id, event.id))
+        fields = (event.key, seconds, event.value, canonical, event.distinct_id, event.id)
+        points.append(make(Point, fields))
     if problems:
         raise _invalid(problems, len(events))
     return points if tenant is None else stamp_tenant(points, tenant)
@@ -232,7 +220,7 @@ def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
                 continue
             canonical = stamped[tags] = encoded.decode()
         scoped_id = None if event_id is None else id_prefix + event_id
-        out.append((key, ts, value, canonical, distinct_id, scoped_id))
+        out.append(tuple.__new__(Point, (key, ts, value, canonical, distinct_id, scoped_id)))
     if problems:
         raise _invalid(problems, len(points))
     return out

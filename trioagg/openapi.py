@@ -20,7 +20,8 @@ from . import __version__
 from .answers import ANSWERS
 from .auth import ENDPOINT_SCOPES
 from .budget import DEFAULT_BUDGET
-from .ingest import MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Event
+from .events import MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES
+from .ingest import Event
 from .params import AGGREGATES, EVENTS, KEYS, TOP, Param
 from .times import LATEST
 

@@ -72,7 +72,8 @@ from werkzeug.datastructures import Headers
 from werkzeug.http import parse_options_header
 
 from .errors import Forbidden, MalformedBody, UnsupportedMediaType
-from .ingest import MAX_ABS_VALUE, MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, TENANT_TAG, Limits, Point
+from .events import MAX_ABS_VALUE, MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, TENANT_TAG, Point
+from .ingest import Limits
 from .times import LATEST, rfc3339
 
 PROTOBUF: Final = "application/x-protobuf"
@@ -316,7 +317,7 @@ def _map_point(
                 streams, mapped, stream, point, (value,), monotonic=metric.sum.is_monotonic
             )
         ident = _ident(stream, point)
-        return [(_key(name), ts, _finite(value), tags, None, ident)]
+        return [Point(_key(name), ts, _finite(value), tags, None, ident)]
     if kind == "histogram":
         bounds = list(point.explicit_bounds)
         counts = list(point.bucket_counts)
@@ -343,13 +344,13 @@ def _map_point(
             mapped.notes.add("min and max of cumulative histograms are not stored")
         low = high = None
     ident = _ident(stream, point)
-    events: list[Point] = [(_key(name + ".count"), ts, values[0], tags, None, ident + "c")]
+    events = [Point(_key(name + ".count"), ts, values[0], tags, None, ident + "c")]
     if total is not None:
-        events.append((_key(name + ".sum"), ts, _finite(values[1]), tags, None, ident + "s"))
+        events.append(Point(_key(name + ".sum"), ts, _finite(values[1]), tags, None, ident + "s"))
     if low is not None:
-        events.append((_key(name + ".min"), ts, _finite(low), tags, None, ident + "l"))
+        events.append(Point(_key(name + ".min"), ts, _finite(low), tags, None, ident + "l"))
     if high is not None:
-        events.append((_key(name + ".max"), ts, _finite(high), tags, None, ident + "h"))
+        events.append(Point(_key(name + ".max"), ts, _finite(high), tags, None, ident + "h"))
     if counts:
         if "le" in attributes:
             raise Rejected("tags", "a histogram's point has an attribute le, the buckets' tag")
@@ -359,7 +360,9 @@ def _map_point(
             if observed:
                 bound = _bound(bounds[index]) if index < len(bounds) else "+Inf"
                 bucket_tags = _canonical({**decoded, "le": bound})
-                events.append((bucket_key, ts, observed, bucket_tags, None, f"{ident}b{index}"))
+                events.append(
+                    Point(bucket_key, ts, observed, bucket_tags, None, f"{ident}b{index}")
+                )
     return events
 
 

@@ -33,6 +33,8 @@ from typing import Any, TypeAlias
 
 from datasketches import hll_sketch, hll_union, kll_doubles_sketch, tgt_hll_type
 
+from .events import Point
+
 #: Where a rollup belongs: (key, bucket start in Unix seconds, canonical tags JSON).
 Slot = tuple[str, int, str]
 
@@ -218,13 +220,13 @@ def percentile_rank(name: str) -> float:
 
 
 def pre_aggregate(
-    points: Iterable[tuple[str, float, float, str, str | None, str | None]],
+    points: Iterable[Point],
     width: int,
     into: dict[Slot, Rollup],
     keeps_quantiles: Callable[[str], bool],
     created: list[Slot] | None = None,
 ) -> None:
-    """Add events ``(key, ts, value, tags, distinct_id, id)`` to the rollups of their
+    """Add events (:class:`~trioagg.events.Point`) to the rollups of their
     slots in ``into``; quantile sketches only for keys where ``keeps_quantiles``. The
     slots it adds to ``into`` are appended to ``created`` when given."""
     get = into.get

@@ -49,15 +49,8 @@ import msgspec
 import trio
 
 from .errors import ConfigError, Overloaded, StoreUnavailable
-from .ingest import (
-    MAX_ABS_VALUE,
-    MAX_TAGS,
-    NO_TAGS,
-    TAG_VALUE_BYTES,
-    TAGS_BYTES,
-    Limits,
-    Point,
-)
+from .events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Point
+from .ingest import Limits
 from .metrics import Metrics
 from .times import rfc3339
 from .writer import Writers
@@ -205,14 +198,14 @@ class Parser:
             member = values.decode("utf-8", "replace")
             if not 1 <= len(values) <= 255 or "\ufffd" in member:
                 raise Refused("value", "a set's member is 1-255 bytes of UTF-8")
-            return [(key, ts, 1.0, tags, member, None)]
+            return [Point(key, ts, 1.0, tags, member, None)]
         numbers = values.split(b":")
         if kind == "g":
             return [self._gauge(key, tags, ts, number) for number in numbers]
         times = _scale(rate)
         points: list[Point] = []
         for number in numbers:
-            points.extend([(key, ts, _value(number), tags, None, None)] * times)
+            points.extend([Point(key, ts, _value(number), tags, None, None)] * times)
         return points
 
     def _gauge(self, key: str, tags: str, ts: float, number: bytes) -> Point:
@@ -222,7 +215,7 @@ class Parser:
             value = self.gauges.change(series, value)
         else:
             self.gauges.set(series, value)
-        return (key, ts, value, tags, None, None)
+        return Point(key, ts, value, tags, None, None)
 
     def _tags_of(self, section: bytes) -> str:
         known = self._tags.get(section)
