@@ -117,23 +117,23 @@ def test_scopes_and_states() -> None:
 
 
 def test_the_tenant_is_stamped_on_every_event_and_another_one_is_refused() -> None:
-    points = [
-        Point("k", 1.0, 1.0, "{}", None, None),
-        Point("k", 1.0, 1.0, '{"region":"eu"}', None, "id-1"),
-        Point("k", 1.0, 1.0, '{"tenant":"acme","z":"1"}', None, None),
+    points: list[Point] = [
+        ("k", 1.0, 1.0, "{}", None, None),
+        ("k", 1.0, 1.0, '{"region":"eu"}', None, "id-1"),
+        ("k", 1.0, 1.0, '{"tenant":"acme","z":"1"}', None, None),
     ]
     stamped = stamp_tenant(points, "acme")
-    assert [p.tags for p in stamped] == [
+    assert [p[3] for p in stamped] == [
         '{"tenant":"acme"}',
         '{"region":"eu","tenant":"acme"}',
         '{"tenant":"acme","z":"1"}',
     ]
     with pytest.raises(Forbidden) as refused:
-        stamp_tenant([*points, Point("k", 1.0, 1.0, '{"tenant":"globex"}', None, None)], "acme")
+        stamp_tenant([*points, ("k", 1.0, 1.0, '{"tenant":"globex"}', None, None)], "acme")
     assert refused.value.reason == "tenant" and refused.value.status == 403
     # Ids are the tenant's own: the tenant as a JSON string, then the id.
-    assert [p.id for p in stamped] == [None, '"acme":id-1', None]
-    assert stamp_tenant([Point("k", 1.0, 1.0, "{}", None, "x")], 'a":"b')[0].id == '"a\\":\\"b":x'
+    assert [p[5] for p in stamped] == [None, '"acme":id-1', None]
+    assert stamp_tenant([("k", 1.0, 1.0, "{}", None, "x")], 'a":"b')[0][5] == '"a\\":\\"b":x'
     assert auth.tenant_tags({"region": "eu"}, "acme") == {"region": "eu", "tenant": "acme"}
     assert auth.tenant_tags({"tenant": "acme"}, "acme") == {"tenant": "acme"}
     with pytest.raises(Forbidden):

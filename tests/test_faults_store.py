@@ -421,7 +421,7 @@ async def test_requests_still_queued_at_the_drain_deadline_are_answered_and_coun
 
 
 def point(key: str) -> Point:
-    return Point(key, clock.now(), 1.0, "{}", None, None)
+    return (key, clock.now(), 1.0, "{}", None, None)
 
 
 async def test_a_failing_shard_does_not_stop_the_purge_of_the_others(db_url: str) -> None:

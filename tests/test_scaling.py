@@ -11,7 +11,6 @@ import pytest
 import trio
 
 from trioagg.errors import ConfigError
-from trioagg.events import Point
 from trioagg.settings import Settings
 from trioagg.store import open_store
 
@@ -146,7 +145,7 @@ async def test_a_shard_file_with_data_never_joins_a_new_main_file(tmp_path: Any)
     db = str(tmp_path / "trioagg.db")
     settings = Settings.from_text({"db": db, "writers": "2"})
     store = await open_store(settings)
-    await store.append([[Point("k", DAY + HOUR, 1.0, "{}", None, None)]], shard=1)
+    await store.append([[("k", DAY + HOUR, 1.0, "{}", None, None)]], shard=1)
     await store.aclose()
     for suffix in ("", "-wal", "-shm"):
         (tmp_path / f"trioagg.db{suffix}").unlink(missing_ok=True)

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import trio
 
-from trioagg.events import Point
 from trioagg.store.base import flush_head, journal_batch
 from trioagg.store.head import Head
 from trioagg.store.plan import SeriesCache, WritePolicy
@@ -172,7 +171,7 @@ def test_a_batch_is_one_journal_row_in_one_transaction(
     backend.prepare(conn, 3600)
     happened: list[str] = []
     conn.set_trace_callback(lambda statement: happened.append(" ".join(statement.split()[:3])))
-    point = Point("k", 1_764_000_000.0, 1.0, "{}", None, event_id)
+    point = ("k", 1_764_000_000.0, 1.0, "{}", None, event_id)
     head = Head()
     appended = journal_batch(conn, backend, [[point, point]], POLICY, "t/0", head)
     conn.set_trace_callback(None)
@@ -202,7 +201,7 @@ def test_a_flush_names_the_buckets_each_key_it_wrote_touched(tmp_path: Path) -> 
     def journal(*submissions: list[tuple[str, int, str | None]]) -> list[int]:
         batch = [
             [  # every other event of another series of its key: spans are per key
-                Point(
+                (
                     key,
                     hour + 3600 * hours + 1.0,
                     1.0,
@@ -248,7 +247,7 @@ def test_a_flush_binds_no_more_parameters_than_sqlite_allows(tmp_path: Path, lim
     backend.prepare(conn, 3600)
     head = Head()
     hour = 1_764_000_000 // 3600 * 3600
-    points = [Point(f"k{n}", hour + 1.0, float(n), "{}", None, None) for n in range(2_500)]
+    points = [(f"k{n}", hour + 1.0, float(n), "{}", None, None) for n in range(2_500)]
     happened: list[str] = []
     conn.set_trace_callback(happened.append)
     for _ in range(2):  # new rows, then rows merged into stored ones

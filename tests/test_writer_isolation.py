@@ -18,7 +18,6 @@ from typing import Any
 
 import trio
 
-from trioagg.events import Point
 from trioagg.metrics import Metrics
 from trioagg.settings import Settings
 from trioagg.store import open_store
@@ -28,8 +27,8 @@ from . import clock
 from .conftest import sql, stored_counts
 
 
-def point(key: str, value: float = 1.0, ts: float | None = None) -> Point:
-    return Point(key, clock.now() if ts is None else ts, value, "{}", None, None)
+def point(key: str, value: float = 1.0, ts: float | None = None) -> Any:
+    return (key, clock.now() if ts is None else ts, value, "{}", None, None)
 
 
 @contextlib.asynccontextmanager

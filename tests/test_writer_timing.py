@@ -16,7 +16,6 @@ import trio
 import trio.testing
 
 from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
-from trioagg.events import Point
 from trioagg.loopwatch import watch_loop_stalls
 from trioagg.metrics import Metrics
 from trioagg.store import Appended
@@ -56,8 +55,8 @@ class CuedStore:
         return 0, 0
 
 
-def event(hour: int = 0) -> Point:
-    return Point("k", hour * 3600.0 + 1, 1.0, "{}", None, None)
+def event(hour: int = 0) -> Any:
+    return ("k", hour * 3600.0 + 1, 1.0, "{}", None, None)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The rules of the contract's event table live in the msgspec types below and
 in :func:`_limit_problems` (byte lengths and time limits, which msgspec does
-not express). A valid body becomes a list of :class:`~trioagg.events.Point`, the only
+not express). A valid body becomes a list of :data:`~trioagg.events.Point` tuples, the only
 form of an event the writer sees. An invalid one raises
 :class:`~trioagg.errors.InvalidEvents` listing every problem of every event,
 so a request is stored whole or not at all.
@@ -26,15 +26,7 @@ import msgspec
 import trio
 
 from .errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
-from .events import (
-    MAX_ABS_VALUE,
-    MAX_TAGS,
-    NO_TAGS,
-    TAG_VALUE_BYTES,
-    TAGS_BYTES,
-    TENANT_TAG,
-    Point,
-)
+from .events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, TENANT_TAG, Point
 from .times import LATEST, milliseconds_mistake, rfc3339
 
 _FINITE = msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)
@@ -144,7 +136,6 @@ def decode_events(
     points: list[Point] = []
     problems: list[dict[str, Any]] = []
     encode = msgspec.json.encode
-    make = tuple.__new__  # a Point without its constructor (see Point)
     for index, event in enumerate(events):
         ts = event.ts
         seconds = now if ts is None else ts if isinstance(ts, float) else ts.timestamp()
@@ -163,8 +154,7 @@ def decode_events(
         ):
             for field, message in _limit_problems(event, seconds, low, high):
                 problems.append({"index": index, "field": field, "message": message})
-        fields = (event.key, seconds, event.value, canonical, event.distinct_id, event.id)
-        points.append(make(Point, fields))
+        points.append((event.key, seconds, event.value, canonical, event.distinct_id, event.id))
     if problems:
         raise _invalid(problems, len(events))
     return points if tenant is None else stamp_tenant(points, tenant)
@@ -220,7 +210,7 @@ def stamp_tenant(points: list[Point], tenant: str) -> list[Point]:
                 continue
             canonical = stamped[tags] = encoded.decode()
         scoped_id = None if event_id is None else id_prefix + event_id
-        out.append(tuple.__new__(Point, (key, ts, value, canonical, distinct_id, scoped_id)))
+        out.append((key, ts, value, canonical, distinct_id, scoped_id))
     if problems:
         raise _invalid(problems, len(points))
     return out

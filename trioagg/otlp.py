@@ -317,7 +317,7 @@ def _map_point(
                 streams, mapped, stream, point, (value,), monotonic=metric.sum.is_monotonic
             )
         ident = _ident(stream, point)
-        return [Point(_key(name), ts, _finite(value), tags, None, ident)]
+        return [(_key(name), ts, _finite(value), tags, None, ident)]
     if kind == "histogram":
         bounds = list(point.explicit_bounds)
         counts = list(point.bucket_counts)
@@ -344,13 +344,13 @@ def _map_point(
             mapped.notes.add("min and max of cumulative histograms are not stored")
         low = high = None
     ident = _ident(stream, point)
-    events = [Point(_key(name + ".count"), ts, values[0], tags, None, ident + "c")]
+    events: list[Point] = [(_key(name + ".count"), ts, values[0], tags, None, ident + "c")]
     if total is not None:
-        events.append(Point(_key(name + ".sum"), ts, _finite(values[1]), tags, None, ident + "s"))
+        events.append((_key(name + ".sum"), ts, _finite(values[1]), tags, None, ident + "s"))
     if low is not None:
-        events.append(Point(_key(name + ".min"), ts, _finite(low), tags, None, ident + "l"))
+        events.append((_key(name + ".min"), ts, _finite(low), tags, None, ident + "l"))
     if high is not None:
-        events.append(Point(_key(name + ".max"), ts, _finite(high), tags, None, ident + "h"))
+        events.append((_key(name + ".max"), ts, _finite(high), tags, None, ident + "h"))
     if counts:
         if "le" in attributes:
             raise Rejected("tags", "a histogram's point has an attribute le, the buckets' tag")
@@ -360,9 +360,7 @@ def _map_point(
             if observed:
                 bound = _bound(bounds[index]) if index < len(bounds) else "+Inf"
                 bucket_tags = _canonical({**decoded, "le": bound})
-                events.append(
-                    Point(bucket_key, ts, observed, bucket_tags, None, f"{ident}b{index}")
-                )
+                events.append((bucket_key, ts, observed, bucket_tags, None, f"{ident}b{index}"))
     return events
 
 

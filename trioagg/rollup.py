@@ -226,7 +226,7 @@ def pre_aggregate(
     keeps_quantiles: Callable[[str], bool],
     created: list[Slot] | None = None,
 ) -> None:
-    """Add events (:class:`~trioagg.events.Point`) to the rollups of their
+    """Add events ``(key, ts, value, tags, distinct_id, id)`` to the rollups of their
     slots in ``into``; quantile sketches only for keys where ``keeps_quantiles``. The
     slots it adds to ``into`` are appended to ``created`` when given."""
     get = into.get

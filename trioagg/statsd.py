@@ -198,14 +198,14 @@ class Parser:
             member = values.decode("utf-8", "replace")
             if not 1 <= len(values) <= 255 or "\ufffd" in member:
                 raise Refused("value", "a set's member is 1-255 bytes of UTF-8")
-            return [Point(key, ts, 1.0, tags, member, None)]
+            return [(key, ts, 1.0, tags, member, None)]
         numbers = values.split(b":")
         if kind == "g":
             return [self._gauge(key, tags, ts, number) for number in numbers]
         times = _scale(rate)
         points: list[Point] = []
         for number in numbers:
-            points.extend([Point(key, ts, _value(number), tags, None, None)] * times)
+            points.extend([(key, ts, _value(number), tags, None, None)] * times)
         return points
 
     def _gauge(self, key: str, tags: str, ts: float, number: bytes) -> Point:
@@ -215,7 +215,7 @@ class Parser:
             value = self.gauges.change(series, value)
         else:
             self.gauges.set(series, value)
-        return Point(key, ts, value, tags, None, None)
+        return (key, ts, value, tags, None, None)
 
     def _tags_of(self, section: bytes) -> str:
         known = self._tags.get(section)

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import trio
 
 from .errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
-from .events import Point
+from .events import TS, Point
 from .metrics import Metrics
 from .store import Store
 
@@ -752,7 +752,7 @@ class Writers:
         if count > 1:
             parts = {}
             for point in points:
-                parts.setdefault(int(point.ts // 3600) % count, []).append(point)
+                parts.setdefault(int(point[TS] // 3600) % count, []).append(point)
         if not durable:
             failing = next(
                 (self.writers[s].failing for s in parts if self.writers[s].failing), None

@@ -29,7 +29,7 @@ import trio
 from ..errors import StoreBusy, StoreCannotOpen, StoreError, StoreOutage, TrioaggError
 from ..events import Point
 from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles, pre_aggregate
-from .head import Head, Mark, decode_batch, encode_batch, tags_hold_tenant
+from .head import Head, JournalEvent, Mark, decode_batch, encode_batch, tags_hold_tenant
 from .plan import (
     Plan,
     SeriesCache,
@@ -329,7 +329,7 @@ def journal_batch(
     return Appended(duplicates, len(kept))
 
 
-def fold_events(events: Iterable[Point], policy: WritePolicy) -> dict[Slot, Rollup]:
+def fold_events(events: Iterable[JournalEvent | Point], policy: WritePolicy) -> dict[Slot, Rollup]:
     """The rollups of ``events``, one per slot."""
     rollups: dict[Slot, Rollup] = {}
     pre_aggregate(events, policy.bucket, rollups, policy.keeps_quantiles)
@@ -485,7 +485,7 @@ def replay_journal(
         if not rows:
             backend.commit(conn)
             return 0, 0
-        events: list[Point] = []
+        events: list[JournalEvent] = []
         for _, _, blob in rows:
             events.extend(decode_batch(blob))
         plan = plan_rows(fold_events(events, policy), series_seen)

@@ -40,6 +40,9 @@ from ..rollup import (
 
 #: A stored row, as :meth:`~trioagg.store.base.Backend.fetch` returns it.
 Row = tuple[str, int, str, Rollup]
+#: What a journal row holds per event: an event as it was accepted (its id, claimed
+#: when the row was appended, is not used again).
+JournalEvent = tuple[str, float, float, str, str | None, str | None]
 
 #: What a rollup of the head is taken to hold in memory (the rollup, its slot and the
 #: two dictionaries that index it), and a sketch besides (a KLL of k=200 or an HLL of
@@ -48,9 +51,7 @@ ROW_BYTES = 400
 SKETCH_BYTES = 4096
 
 _encoder = msgspec.msgpack.Encoder()
-# A journal row holds its events as they were accepted (their ids, claimed when the
-# row was appended, are not used again).
-_decoder = msgspec.msgpack.Decoder(list[Point])
+_decoder = msgspec.msgpack.Decoder(list[JournalEvent])
 #: Head versions of keys come from one counter, so a version is never seen twice.
 _versions = itertools.count(1)
 
@@ -60,7 +61,7 @@ def encode_batch(points: Sequence[Point]) -> bytes:
     return _encoder.encode(points)
 
 
-def decode_batch(blob: bytes) -> list[Point]:
+def decode_batch(blob: bytes) -> list[JournalEvent]:
     return _decoder.decode(blob)
 
 
@@ -150,7 +151,7 @@ class Head:
 
     def add(
         self,
-        events: Sequence[Point],
+        events: Sequence[Point | JournalEvent],
         seq: int,
         width: int,
         keeps_quantiles: Callable[[str], bool],
@@ -173,7 +174,7 @@ class Head:
                 self.sketches += (rollup.quantiles is not None) + (rollup.distinct is not None)
             version = next(_versions)
             versions = self.versions
-            for key in {event.key for event in events}:
+            for key in {event[0] for event in events}:
                 versions[key] = version
             self.journal.append(seq)
             self.events += len(events)
@@ -221,7 +222,7 @@ class Head:
 
     def rebuild(
         self,
-        rows: Iterable[tuple[int, Sequence[Point]]],
+        rows: Iterable[tuple[int, Sequence[JournalEvent]]],
         width: int,
         keeps_quantiles: Callable[[str], bool],
     ) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import Point
+from ..events import ID, Point
 from ..rollup import (
     Rollup,
     Slot,
@@ -91,7 +91,7 @@ class SeriesCache(dict[tuple[str, str], tuple[int, int]]):
 
 def batch_ids(batch: Sequence[Sequence[Point]]) -> list[str]:
     """The distinct idempotency ids of ``batch``, for the store to claim."""
-    return list({p.id for points in batch for p in points if p.id is not None})
+    return list({p[ID] for points in batch for p in points if p[ID] is not None})
 
 
 def new_events(
@@ -110,10 +110,10 @@ def new_events(
     for points in batch:
         before = len(kept)
         for point in points:
-            if point.id is None:
+            if point[ID] is None:
                 kept.append(point)
-            elif point.id in unclaimed:
-                unclaimed.discard(point.id)  # a repeat later in the batch is a duplicate
+            elif point[ID] in unclaimed:
+                unclaimed.discard(point[ID])  # a repeat later in the batch is a duplicate
                 kept.append(point)
         duplicates.append(len(points) - (len(kept) - before))
     return kept, duplicates
