@@ -86,7 +86,7 @@ from .statsd import Receiver
 from .statsd import open_socket as open_statsd_socket
 from .store import Store, open_store, store_exists
 from .store.head import copy_row
-from .writer import Writers, purge_expired_ids
+from .writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
 
 log = logging.getLogger("trioagg")
 
@@ -115,7 +115,8 @@ class Service:
         self.store = store
         self.writers = writers
         self.metrics = metrics
-        self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
+        retention = settings.tiers.retention if settings.tiers is not None else None
+        self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age, retention)
         self.auth = Authenticator(settings.auth, store)
         #: The event loop's longest task steps (:mod:`trioagg.loopwatch`).
         self.loop_steps = LongSteps(metrics)
@@ -167,6 +168,8 @@ class Service:
                 async with trio.open_nursery() as helpers:
                     interval = min(60.0, settings.dedup_window / 10)
                     helpers.start_soon(purge_expired_ids, store, interval)
+                    if settings.tiers is not None:
+                        helpers.start_soon(roll_tiers, store, metrics, ROLL_EVERY)
                     helpers.start_soon(watch_loop_stalls, metrics)
                     helpers.start_soon(service.auth.record_uses)
                     if settings.auth == "auto":
@@ -543,6 +546,7 @@ def _add_routes(app: TrioaggApp) -> None:
                 )
             except InvalidEvents as error:
                 service.metrics.events_rejected.inc(error.event_count)
+                service.metrics.events_past_retention.inc(error.past_retention)
                 raise
             finally:
                 service.writers.admitted()
@@ -694,12 +698,24 @@ def _add_routes(app: TrioaggApp) -> None:
         raw = current.query_string
         budget: Budget = app.config["QUERY_BUDGET"]
         tenant = current_tenant()
-        bucket = service.store.bucket
-        context = (tenant, budget, bucket)
+        store = service.store
+        bucket = store.bucket
+        now = time.time()
+        # Where the coarse tiers hold data moves with the clock: a query parsed before a
+        # roll is parsed again after it.
+        held = store.tiers_held(now)
+        context = (tenant, budget, bucket, held)
         known = parsed.get(raw, context)
         if known is None:
             args = current.args
-            query = parse_query(args, bucket=bucket, now=time.time(), budget=budget)
+            query = parse_query(
+                args,
+                bucket=bucket,
+                now=now,
+                budget=budget,
+                tiers=store.policy.tiers,
+                held=held,
+            )
             if tenant is not None:
                 query = dataclasses.replace(query, tags=tenant_tags(query.tags, tenant))
             _check_quantiles_kept(query, service)
@@ -743,7 +759,14 @@ def _add_routes(app: TrioaggApp) -> None:
     @app.get("/v1/top")
     async def get_top() -> Response:
         store = app.service.store
-        query = parse_top_query(request.args, bucket=store.bucket, now=time.time())
+        now = time.time()
+        query = parse_top_query(
+            request.args,
+            bucket=store.bucket,
+            now=now,
+            tiers=store.policy.tiers,
+            held=store.tiers_held(now),
+        )
         await flushed()
         ranked = await store.top(
             query.start, query.end, query.stat, query.prefix, query.limit, current_tenant()

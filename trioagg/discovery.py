@@ -20,6 +20,7 @@ from .answers import KeyInfo, Keys, Top
 from .params import KEYS, TOP, parse_args
 from .query import parse_range
 from .store import KeyInfo as StoredKey
+from .tiers import Tiers, widen
 from .times import LATEST, rfc3339
 
 
@@ -70,15 +71,27 @@ def keys_answer(query: KeysQuery, series: Sequence[StoredKey]) -> bytes:
     return msgspec.json.encode(page)
 
 
-def parse_top_query(args: Any, *, bucket: int, now: float) -> TopQuery:
+def parse_top_query(
+    args: Any,
+    *,
+    bucket: int,
+    now: float,
+    tiers: Tiers | None = None,
+    held: Sequence[tuple[int, int]] = (),
+) -> TopQuery:
+    """The range is widened to whole buckets, of the coarse tiers where they may hold it
+    (``held``: see :meth:`~trioagg.store.Store.tiers_held`)."""
     values, problem = parse_args(TOP, args)
     start_at, end_at = parse_range(values, problem, now=now)
+    start = math.floor(start_at / bucket) * bucket
     end = math.ceil(end_at / bucket) * bucket
+    if tiers is not None:
+        start, end = widen(start, end, tiers, held)
     if not problem.items and end >= LATEST:
         problem("to", "the range widened to whole buckets ends after 9999-12-31")
     problem.raise_any()
     return TopQuery(
-        math.floor(start_at / bucket) * bucket,
+        start,
         end,
         values["stat"],
         values["prefix"],

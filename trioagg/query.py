@@ -34,6 +34,7 @@ from .params import AGGREGATES, Problems, parse_args
 from .rollup import Rollup, is_percentile
 from .settings import BUCKET_WIDTHS
 from .store import Row
+from .tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
 from .times import LATEST, rfc3339
 
 FIXED: Final = {"bucket": None, "hour": 3600}
@@ -98,8 +99,19 @@ def parse_range(values: Mapping[str, Any], problem: Problems, *, now: float) -> 
     return start_at, end_at
 
 
-def parse_query(args: Any, *, bucket: int, now: float, budget: Budget = DEFAULT_BUDGET) -> Query:
-    """Validate the parameters of ``/v1/aggregates``; every problem is reported at once."""
+def parse_query(
+    args: Any,
+    *,
+    bucket: int,
+    now: float,
+    budget: Budget = DEFAULT_BUDGET,
+    tiers: Tiers | None = None,
+    held: Sequence[tuple[int, int]] = (),
+) -> Query:
+    """Validate the parameters of ``/v1/aggregates``; every problem is reported at once.
+    With ``tiers``, ``held`` says where the coarse ones may hold buckets (see
+    :meth:`~trioagg.store.Store.tiers_held`): the answer's buckets must be whole buckets
+    of every tier that may hold them (``granularity=all`` widens its range to them)."""
     values, problem = parse_args(AGGREGATES, args)
     start_at, end_at = parse_range(values, problem, now=now)
     keys: tuple[str, ...] = values["key"] or ()
@@ -107,6 +119,8 @@ def parse_query(args: Any, *, bucket: int, now: float, budget: Budget = DEFAULT_
     boundaries: Sequence[int] = ()
     if not problem.items:
         boundaries = _boundaries(granularity, zone, start_at, end_at, bucket, problem, budget)
+    if not problem.items and tiers is not None and held:
+        boundaries = _tiered(boundaries, granularity, zone.key, tiers, held, problem)
     if not problem.items and boundaries[-1] >= LATEST:
         problem("to", f"the range widened to whole {granularity} buckets ends after 9999-12-31")
     if not problem.items and fill != "none":
@@ -206,6 +220,43 @@ def _boundaries(
             f"which is not on an edge of this store's {_width_name(bucket)} buckets; {advice}",
         )
     return listed
+
+
+def _tiered(
+    boundaries: Sequence[int],
+    granularity: str,
+    zone: str,
+    tiers: Tiers,
+    held: Sequence[tuple[int, int]],
+    problem: Problems,
+) -> Sequence[int]:
+    """``boundaries`` as the tiers can answer them: ``all`` widened to whole buckets of
+    the tiers at its ends, any other granularity refused where an edge would cut a
+    coarse tier's bucket in two."""
+    if granularity == "all":
+        return list(widen(boundaries[0], boundaries[-1], tiers, held))
+    found = unaligned(boundaries, tiers, held)
+    if found is not None:
+        edge, index = found
+        since = next(moment for moment, tier in held if tier == index)
+        width = WIDTH_NAMES[tiers.tiers[index].width]
+        after = span_name(tiers.tiers[index - 1].horizon)
+        where = "" if granularity in FIXED else f" in {zone}"
+        problem(
+            "granularity",
+            f"{granularity} buckets{where} are finer than this store keeps before "
+            f"{rfc3339(since)}: its tier '{tiers.tiers[index]}' holds {width} buckets of "
+            f"data older than {after} (an answer bucket would start at {rfc3339(edge)}); "
+            f"ask for {_coarse_enough(tiers.tiers[index].width)} or all, or a range from "
+            f"{rfc3339(since)} on",
+        )
+        return ()
+    return boundaries
+
+
+def _coarse_enough(width: int) -> str:
+    """The finest granularity whose buckets are whole buckets of ``width`` seconds."""
+    return "granularity=hour" if 3600 % width == 0 else "granularity=day (in UTC)"
 
 
 def _calendar_span(

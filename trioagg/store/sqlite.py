@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError, StoreCannotOpen
+from ..tiers import Tiers
 from .sql import KEYS_TABLE, LAST_COLUMNS, SQLBackend, check_meta
 
 _META = """CREATE TABLE IF NOT EXISTS meta (
@@ -150,7 +151,9 @@ MAX_SHARDS = 11
 class SQLiteBackend(SQLBackend):
     """SQLite in WAL mode over ``shards`` files; ``sync`` is ``"full"`` or ``"normal"``."""
 
-    def __init__(self, path: str, sync: str = "full", shards: int = 1) -> None:
+    def __init__(
+        self, path: str, sync: str = "full", shards: int = 1, tiers: Tiers | None = None
+    ) -> None:
         if shards > MAX_SHARDS:
             # Refused before any file exists: a store made with more could never be read.
             raise ConfigError(
@@ -158,11 +161,11 @@ class SQLiteBackend(SQLBackend):
                 f"files (SQLite attaches at most {MAX_SHARDS - 1} databases to the one that "
                 f"reads them): use --writers {MAX_SHARDS} or fewer, or a postgresql:// --db"
             )
-        super().__init__()
+        super().__init__(tiers)
         self.path = path
         self.sync = sync
         self.shards = shards
-        if shards > 1:
+        if shards > 1 or tiers is not None:
             self.tables = _SHARD_VIEWS
         files = f", {shards} shard files" if shards > 1 else ""
         #: (device, inode) of each shard file once the store is prepared, for the reads.
@@ -201,12 +204,14 @@ class SQLiteBackend(SQLBackend):
         for other in range(1, self.shards):
             where = _uri(shard_path(path, other), "ro")
             conn.execute(f"ATTACH DATABASE ? AS {_schema(other)}", (where,))
-        if self.shards > 1:
-            for table, view in _SHARD_VIEWS.items():
-                arms = " UNION ALL ".join(
-                    f"SELECT * FROM {_schema(other)}.{table}" for other in range(self.shards)
-                )
-                conn.execute(f"CREATE TEMP VIEW {view} AS {arms}")
+        if self.shards > 1 or self.tiers is not None:
+            # Every shard's series, and every shard's rows of every tier.
+            shards = [_schema(other) for other in range(self.shards)]
+            series = " UNION ALL ".join(f"SELECT * FROM {schema}.series" for schema in shards)
+            conn.execute(f"CREATE TEMP VIEW {_SHARD_VIEWS['series']} AS {series}")
+            tables = [f"{schema}.{table}" for schema in shards for table in self._tier_tables()]
+            rows = self.union_of_tiers(tables)
+            conn.execute(f"CREATE TEMP VIEW {_SHARD_VIEWS['rollups']} AS {rows}")
         conn.execute("PRAGMA query_only=ON")
         return conn
 
@@ -237,6 +242,7 @@ class SQLiteBackend(SQLBackend):
         try:
             stored = self._prepare_file(conn, _MAIN_SCHEMA, bucket, 0)
             self._check_shards(stored, bucket, 0)
+            self.record_tiers(conn, stored, self.path)
             for shard in range(1, self.shards):
                 self._prepare_shard(shard, bucket, new=not stored)
             self.commit(conn)
@@ -281,7 +287,7 @@ class SQLiteBackend(SQLBackend):
         self, conn: sqlite3.Connection, schema: Sequence[str], bucket: int, shard: int
     ) -> dict[str, str]:
         """Inside the file's transaction: create its tables; its meta as it was."""
-        for statement in [*schema, *_SHARD_SCHEMA]:
+        for statement in [*schema, *_SHARD_SCHEMA, *self._tier_schema()]:
             conn.execute(statement)
         for table in ("rollups", "refused_rollups"):  # a file made before last existed
             present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
@@ -289,6 +295,23 @@ class SQLiteBackend(SQLBackend):
                 if column not in present:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} REAL")
         return self.read_meta(conn, bucket, {"shards": str(self.shards), "shard": str(shard)})
+
+    def _tier_tables(self) -> list[str]:
+        """Every tier's table: ``rollups`` alone without tiers."""
+        tiers = self.tiers
+        return ["rollups"] if tiers is None else [tiers.table(i) for i in range(len(tiers))]
+
+    def _tier_schema(self) -> list[str]:
+        """The tables of the coarser tiers: rollups' columns, and its index by bucket."""
+        rollups, by_bucket = _SHARD_SCHEMA[0], _SHARD_SCHEMA[1]
+        return [
+            statement
+            for table in self._tier_tables()[1:]
+            for statement in (
+                rollups.replace("EXISTS rollups (", f"EXISTS {table} ("),
+                by_bucket.replace("rollups_by_bucket ON rollups", f"{table}_by_bucket ON {table}"),
+            )
+        ]
 
     def _check_shards(self, stored: dict[str, str], bucket: int, shard: int) -> None:
         path = shard_path(self.path, shard)
