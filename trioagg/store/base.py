@@ -862,9 +862,14 @@ class Store:
         try:
             # Processes starting together on a fresh store take turns on its lock.
             await store._retry_busy(0, backend.prepare, policy.bucket)
-        except StoreError as error:
-            cause = error.__cause__ or error
-            raise StoreCannotOpen(backend.description, cause) from error
+        except BaseException as error:
+            # Refused (another store's settings) or failed: its connection goes too.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(store._write_links[0].close)
+            if isinstance(error, StoreError):
+                cause = error.__cause__ or error
+                raise StoreCannotOpen(backend.description, cause) from error
+            raise
         if policy.tiers is not None:
             # Where the tiers end now: a horizon lengthened since may lag behind them.
             read = functools.partial(backend.read_rolled, exclusive=False)
