@@ -872,10 +872,8 @@ class Store:
             raise
         if policy.tiers is not None:
             # Where the tiers end now: a horizon lengthened since may lag behind them.
-            read = functools.partial(backend.read_rolled, exclusive=False)
             for shard in range(backend.shards):
-                marks = await store._retry_busy(shard, store._transaction, read)
-                store.rolled = [max(pair) for pair in zip(store.rolled, marks, strict=True)]
+                await store._read_rolled(shard)
         try:  # before any batch is journalled
             await trio.to_thread.run_sync(backend.hold_leases, store.owners)
         except OSError as error:
@@ -1008,6 +1006,12 @@ class Store:
                 return purged
             await trio.sleep(0)
 
+    async def _read_rolled(self, shard: int) -> None:
+        """Take in shard ``shard``'s rolled marks, in a short transaction of its own."""
+        read = functools.partial(self.backend.read_rolled, exclusive=False)
+        marks = await self._retry_busy(shard, self._transaction, read)
+        self.rolled = [max(pair) for pair in zip(self.rolled, marks, strict=True)]
+
     def tiers_held(self, now: float) -> tuple[tuple[int, int], ...]:
         """For a query at ``now``: (since, tier) of each coarse tier, which may hold
         buckets before ``since`` (see :func:`trioagg.tiers.holding`); () without tiers.
@@ -1041,7 +1045,8 @@ class Store:
                             break
                         rolled += moved
                         await trio.sleep(0)
-                    self.rolled[index] = max(self.rolled[index], tiers.cut(index, at))
+                # Where the tiers end now, which another process may have taken further.
+                await self._read_rolled(shard)
                 while True:
                     count = await self._retry_busy(
                         shard, drop_step, self.backend, tiers, at, _PURGE_CHUNK
