@@ -81,6 +81,21 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
     assert "is older than this store keeps anything" in problem["message"]
     assert problem["message"].endswith(", the retention of --tiers)")
     assert await metric(server, "trioagg_events_past_retention_total") == 1
+    keys = (await server.client.get("/v1/keys")).json()
+    assert keys["tiers"] == [{"width": "1m", "horizon": "1d"}, {"width": "1h", "horizon": "4d"}]
+    assert [entry["key"] for entry in keys["keys"]] == ["orders"]
+
+
+async def test_a_store_without_tiers_answers_as_before(start_server: StartServer) -> None:
+    server = await start_server()
+    assert (await post(server.client, {"key": "k", "ts": DAY, "value": 1})).status_code == 200
+    assert "tiers" not in (await server.client.get("/v1/keys")).json()
+    long_ago = clock.whole_days_ago(5000)
+    old = {"key": "k", "ts": long_ago, "value": 1}
+    assert (await post(server.client, old)).status_code == 200  # kept for ever
+    every: dict[str, str | int] = {"key": "k", "from": long_ago, "to": DAY + 60}
+    got = (await server.client.get("/v1/aggregates", params={**every, "granularity": "all"})).json()
+    assert got["results"][0]["buckets"][0]["count"] == 2
     assert await metric(server, "trioagg_tier_rows_rolled_total") >= 0
 
 

@@ -754,7 +754,10 @@ def _add_routes(app: TrioaggApp) -> None:
         series = await app.service.store.list_keys(
             query.prefix, query.after, query.limit, current_tenant()
         )
-        return _json_body(await build(len(series), functools.partial(keys_answer, query, series)))
+        tiers = app.service.store.policy.tiers
+        return _json_body(
+            await build(len(series), functools.partial(keys_answer, query, series, tiers))
+        )
 
     @app.get("/v1/top")
     async def get_top() -> Response:

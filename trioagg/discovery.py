@@ -16,11 +16,11 @@ from typing import Any
 
 import msgspec
 
-from .answers import KeyInfo, Keys, Top
+from .answers import KeyInfo, Keys, TierInfo, Top
 from .params import KEYS, TOP, parse_args
 from .query import parse_range
 from .store import KeyInfo as StoredKey
-from .tiers import Tiers, widen
+from .tiers import WIDTH_NAMES, Tiers, span_name, widen
 from .times import LATEST, rfc3339
 
 
@@ -46,8 +46,9 @@ def parse_keys_query(args: Any) -> KeysQuery:
     return KeysQuery(values["prefix"], values["after"], values["limit"])
 
 
-def keys_answer(query: KeysQuery, series: Sequence[StoredKey]) -> bytes:
-    """One entry per key: its tag names, first and last bucket, and series count."""
+def keys_answer(query: KeysQuery, series: Sequence[StoredKey], tiers: Tiers | None = None) -> bytes:
+    """One entry per key: its tag names, first and last bucket, and series count; and
+    the store's ``tiers``, if it has any."""
     keys: dict[str, dict[str, Any]] = {}
     for key, tags_json, first, last in series:
         entry = keys.get(key)
@@ -68,6 +69,10 @@ def keys_answer(query: KeysQuery, series: Sequence[StoredKey]) -> bytes:
         for key, entry in keys.items()
     ]
     page = Keys(listed, listed[-1].key if len(listed) == query.limit else None)
+    if tiers is not None:
+        page.tiers = [
+            TierInfo(WIDTH_NAMES[tier.width], span_name(tier.horizon)) for tier in tiers.tiers
+        ]
     return msgspec.json.encode(page)
 
 
