@@ -25,10 +25,10 @@ from werkzeug.datastructures import MultiDict
 
 from trioagg.errors import ConfigError
 from trioagg.events import Point
-from trioagg.query import answer, parse_query
+from trioagg.query import answer, parse_query, tier_cut_problem
 from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
 from trioagg.settings import Settings
-from trioagg.store import Store, open_store
+from trioagg.store import Store, TierCut, open_store
 from trioagg.store.base import roll_step
 from trioagg.store.sqlite import SQLiteBackend
 from trioagg.tiers import parse_tiers
@@ -108,11 +108,17 @@ async def fill(store: Store, points: list[Point]) -> None:
         await store.flush(shard)
 
 
-async def ask(store: Store, key: str, stats: str, granularity: str = "day") -> Any:
-    """The /v1/aggregates answer of ``key`` over the events' days, as the app builds it."""
-    args = MultiDict(
-        {"key": key, "from": str(T0), "to": str(T0 + DAYS * D), "granularity": granularity}
-    )
+async def ask(
+    store: Store,
+    key: str,
+    stats: str,
+    granularity: str = "day",
+    start: int = T0,
+    end: int = T0 + DAYS * D,
+) -> Any:
+    """The /v1/aggregates answer of ``key`` (by default over the events' days), as the
+    app builds it."""
+    args = MultiDict({"key": key, "from": str(start), "to": str(end), "granularity": granularity})
     args.add("stats", stats)
     args.add("group_by", "region")
     query = parse_query(
@@ -122,7 +128,9 @@ async def ask(store: Store, key: str, stats: str, granularity: str = "day") -> A
         tiers=store.policy.tiers,
         held=store.tiers_held(NOW),
     )
-    parts = await store.read_parts(query.keys, query.start, query.end, sketches=True)
+    parts = await store.read_parts(
+        query.keys, query.start, query.end, sketches=True, fits=query.holds_whole
+    )
     return json.loads(answer(query, [*parts.stored, *parts.overlay]).joined())
 
 
@@ -335,6 +343,27 @@ async def test_a_process_killed_mid_roll_loses_and_doubles_nothing(
     assert tier_rows(db_url) == before
     assert await store.roll_tiers(now=NOW) != (0, 0)
     assert_same(await ask(store, "visits", EXACT), answered)
+
+
+@stores
+async def test_a_read_refuses_a_bucket_rolled_wider_than_it_was_told(
+    db_url: str, opened: list[Store]
+) -> None:
+    # A process started with longer horizons, still running when another, started with
+    # shorter ones, rolls: it takes the minutes to reach further back than they do.
+    late = await open_(opened, settings_of(db_url, tiers="1m for 5d, 1h for 6d, 1d forever"))
+    early = await open_(opened, settings_of(db_url, tiers=TIERS))
+    await fill(early, events(seed=8))
+    await early.roll_tiers(now=NOW)
+    with pytest.raises(TierCut) as cut:
+        await ask(late, "visits", EXACT, "bucket", T0 + 3 * D, T0 + 4 * D)
+    assert cut.value.width == H
+    refusal = tier_cut_problem(parse_query(MultiDict({"key": "k"}), bucket=M, now=NOW), cut.value)
+    assert refusal.details[0]["message"].startswith("the store holds a 1")
+    # Once it took in the marks (its next roll pass), its queries are refused up front.
+    await late.roll_tiers(now=NOW)
+    assert late.rolled == early.rolled
+    assert_same(await ask(late, "visits", EXACT), await ask(early, "visits", EXACT))
 
 
 @stores

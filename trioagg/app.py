@@ -78,13 +78,21 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .otlp import Streams
 from .params import parse_wait
-from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
+from .query import (
+    ParsedQueries,
+    Query,
+    answer,
+    is_timeless,
+    parse_query,
+    tier_cut_problem,
+    work,
+)
 from .readcache import CachedAnswer, ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .statsd import Receiver
 from .statsd import open_socket as open_statsd_socket
-from .store import Store, open_store, store_exists
+from .store import Store, TierCut, open_store, store_exists
 from .store.head import copy_row
 from .writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
 
@@ -637,14 +645,19 @@ def _add_routes(app: TrioaggApp) -> None:
         size = 0
         try:
             async with service.querying:
-                parts = await service.store.read_parts(
-                    query.keys,
-                    query.start,
-                    query.end,
-                    sketches=query.needs_sketches,
-                    limit=budget.rows + 1,
-                    tenant=tenant,
-                )
+                store = service.store
+                try:
+                    parts = await store.read_parts(
+                        query.keys,
+                        query.start,
+                        query.end,
+                        sketches=query.needs_sketches,
+                        limit=budget.rows + 1,
+                        tenant=tenant,
+                        fits=query.holds_whole if store.policy.tiers is not None else None,
+                    )
+                except TierCut as cut:
+                    raise tier_cut_problem(query, cut) from None
                 cached = None
                 if keep and len(parts.stored) <= INLINE_WORK:  # answer() merges rows
                     stored = [copy_row(row, query.needs_sketches) for row in parts.stored]

@@ -33,7 +33,7 @@ from .errors import InvalidQuery
 from .params import AGGREGATES, Problems, parse_args
 from .rollup import Rollup, is_percentile
 from .settings import BUCKET_WIDTHS
-from .store import Row
+from .store import Row, TierCut
 from .tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
 from .times import LATEST, rfc3339
 
@@ -81,6 +81,12 @@ class Query:
     @property
     def needs_sketches(self) -> bool:
         return any(name == "distinct" or is_percentile(name) for name in self.stats)
+
+    def holds_whole(self, bucket: int, width: int) -> bool:
+        """Whether a stored bucket of ``width`` seconds from ``bucket`` lies within one
+        answer bucket (a bucket of a coarse tier: see :mod:`trioagg.tiers`)."""
+        last = bucket + width - 1
+        return last < self.end and self.bucket_of(bucket) == self.bucket_of(last)
 
     def bucket_of(self, moment: int) -> int:
         """The start of the answer bucket holding ``moment``."""
@@ -386,6 +392,18 @@ def _merged(
         if trouble:
             raise InvalidQuery("the query is invalid", [_problem("fill", trouble)])
     return series
+
+
+def tier_cut_problem(query: Query, cut: TierCut) -> InvalidQuery:
+    """The refusal of a read that found a coarse tier's bucket an answer bucket cuts."""
+    width = WIDTH_NAMES.get(cut.width, f"{cut.width}s")
+    message = (
+        f"the store holds a {width} bucket from {rfc3339(cut.bucket)}, which "
+        f"{query.granularity} buckets would cut in two: a process of this store rolled its "
+        "tiers further than this one expected (their --tiers horizons or clocks differ); "
+        f"ask for whole {width} buckets ({_coarse_enough(cut.width)} or all)"
+    )
+    return InvalidQuery("the query is invalid", [_problem("granularity", message)])
 
 
 def _too_big(budget: Budget) -> InvalidQuery:

@@ -6,7 +6,7 @@ import fnmatch
 import functools
 
 from ..settings import Settings
-from .base import Appended, Backend, KeyInfo, Row, Store
+from .base import Appended, Backend, KeyInfo, Row, Store, TierCut
 from .plan import WritePolicy
 from .sqlite import SQLiteBackend
 
@@ -19,6 +19,7 @@ __all__ = [
     "Row",
     "SQLiteBackend",
     "Store",
+    "TierCut",
     "WritePolicy",
     "open_store",
     "store_exists",

@@ -201,10 +201,12 @@ class Backend(Protocol):
         sketches: bool = False,
         limit: int | None = None,
         tenant: str | None = None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> list[Row]:
         """The rows of ``keys`` whose bucket starts in ``[start, end)``, at most ``limit``;
         with ``tenant``, only rows of series tagged ``tenant=<tenant>`` (so for the
-        other two reads)."""
+        other two reads). With tiers and ``fits``, raises :class:`TierCut` unless every
+        row of a coarse tier ``fits`` (its bucket start, its width) one answer bucket."""
 
     def list_keys(
         self, conn: Any, prefix: str, after: str, limit: int, tenant: str | None = None
@@ -586,6 +588,18 @@ def replay_journal(
         raise
     series_seen.remember(plan.spans)
     return len(rows), len(events)
+
+
+class TierCut(Exception):
+    """A read found a bucket of a coarse tier that an answer bucket would cut in two:
+    the tiers hold it wider than the query was told (another process rolled further,
+    with other horizons or a clock ahead by more than QUERY_MARGIN). Nothing is
+    answered rather than a wide bucket counted as a narrow one."""
+
+    def __init__(self, bucket: int, width: int) -> None:
+        super().__init__(f"a {width}s bucket of a coarse tier at {bucket} is cut by the answer")
+        self.bucket = bucket
+        self.width = width
 
 
 class RollRaced(Exception):
@@ -1081,15 +1095,24 @@ class Store:
         sketches: bool = False,
         limit: int | None = None,
         tenant: str | None = None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> ReadParts:
         """Rows of ``keys`` in ``[start, end)`` (at most ``limit``; with ``tenant`` only
         those of series tagged with it), read on a connection of the read pool: the
         table's, and apart from them the heads' of this process (so a read after an
         acknowledged write sees it), with the heads' state they were read at (see
         :meth:`overlay`). Rows of one slot may come from both: merging them is the
-        reader's."""
+        reader's. With tiers, ``fits`` checks the rows of coarse tiers (see
+        :meth:`Backend.fetch`): :class:`TierCut` when one does not fit."""
         return await self._run_read(
-            self._fetch_with_heads, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
+            self._fetch_with_heads,
+            keys,
+            start,
+            end,
+            sketches=sketches,
+            limit=limit,
+            tenant=tenant,
+            fits=fits,
         )
 
     def _fetch_with_heads(
@@ -1102,6 +1125,7 @@ class Store:
         sketches: bool,
         limit: int | None,
         tenant: str | None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> ReadParts:
         """In a read thread: the table's rows and the heads' overlay, read again when a
         flush committed meanwhile (the table may then hold rows the overlay holds too)."""
@@ -1109,7 +1133,7 @@ class Store:
         for _ in range(_READ_TRIES):
             marks = [head.mark() for head in self.heads]
             rows = self.backend.fetch(
-                conn, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
+                conn, keys, start, end, sketches=sketches, limit=limit, tenant=tenant, fits=fits
             )
             _, found = self._collect(keys, start, end, sketches, tenant, marks, blocking=True)
             if found is not None:

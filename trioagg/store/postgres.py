@@ -157,7 +157,7 @@ class PostgresBackend(SQLBackend):
         """``timeout``: the deadline of a read or a ping, in seconds (``--store-timeout``)."""
         super().__init__(tiers)
         if tiers is not None:
-            tables = [tiers.table(index) for index in range(len(tiers))]
+            tables = [(tiers.table(index), tiers.tiers[index].width) for index in range(len(tiers))]
             self.tables = {**self.tables, "rollups": f"({self.union_of_tiers(tables)}) AS r"}
         self.dsn = dsn
         self.timeout = timeout

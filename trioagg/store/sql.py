@@ -22,7 +22,7 @@ transaction statements, and which errors mean "busy" or "disconnected".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..rollup import Slot
 from ..settings import BUCKET_NAMES
 from ..tiers import Tiers, changed, parse_tiers
-from .base import KeyInfo, Row, to_rows
+from .base import KeyInfo, Row, TierCut, to_rows
 from .head import tenant_needles
 from .plan import SeriesSpan, StoredSketches, UpsertRow
 
@@ -291,9 +291,12 @@ class SQLBackend:
         count: int = cursor.rowcount
         return count
 
-    def union_of_tiers(self, tables: Sequence[str]) -> str:
-        """A relation of every row of ``tables`` (the same columns)."""
-        return " UNION ALL ".join(f"SELECT {COLUMNS} FROM {table}" for table in tables)
+    def union_of_tiers(self, tables: Sequence[tuple[str, int]]) -> str:
+        """A relation of every row of ``tables``, (table, its tier's width) pairs, with
+        the width as a last column, ``width``."""
+        return " UNION ALL ".join(
+            f"SELECT {COLUMNS}, {width} AS width FROM {table}" for table, width in tables
+        )
 
     def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
         conn.cursor().executemany(
@@ -365,13 +368,15 @@ class SQLBackend:
         sketches: bool = False,
         limit: int | None = None,
         tenant: str | None = None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> list[Row]:
         blobs = ", quantiles_kll, distinct_hll" if sketches else ""
+        widths = ", width" if self.tiers is not None else ""
         only, only_params = self._tenant_clause(tenant)
         records = conn.execute(
             self._sql(
                 "SELECT key, bucket, tags, count, shift, s1, s2, min, max, "
-                f"last_value, coalesce(last_ts, bucket + ?){blobs} "
+                f"last_value, coalesce(last_ts, bucket + ?){blobs}{widths} "
                 f"FROM {self.tables['rollups']} "
                 f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
                 + only
@@ -379,6 +384,8 @@ class SQLBackend:
             ),
             [self.bucket, *keys, start, end, *only_params, *([] if limit is None else [limit])],
         ).fetchall()
+        if widths:
+            records = _whole_buckets(records, self.bucket, fits)
         return to_rows(records, sketches=sketches)
 
     def list_keys(
@@ -532,6 +539,20 @@ class SQLBackend:
                 ),
                 ("tiers", str(self.tiers)),
             )
+
+
+def _whole_buckets(
+    records: list[Any], finest: int, fits: Callable[[int, int], bool] | None
+) -> list[Any]:
+    """Records of tiers (their width last) without it, once every record of a coarse
+    tier ``fits`` (its bucket, its width) in one answer bucket; raises
+    :class:`~trioagg.store.base.TierCut` for the first that does not."""
+    if fits is not None:
+        for record in records:
+            width = record[-1]
+            if width > finest and not fits(record[1], width):
+                raise TierCut(record[1], width)
+    return [record[:-1] for record in records]
 
 
 def check_meta(stored: dict[str, str], bucket: int, where: str) -> None:

@@ -209,7 +209,11 @@ class SQLiteBackend(SQLBackend):
             shards = [_schema(other) for other in range(self.shards)]
             series = " UNION ALL ".join(f"SELECT * FROM {schema}.series" for schema in shards)
             conn.execute(f"CREATE TEMP VIEW {_SHARD_VIEWS['series']} AS {series}")
-            tables = [f"{schema}.{table}" for schema in shards for table in self._tier_tables()]
+            tables = [
+                (f"{schema}.{table}", width)
+                for schema in shards
+                for table, width in self._tier_tables()
+            ]
             rows = self.union_of_tiers(tables)
             conn.execute(f"CREATE TEMP VIEW {_SHARD_VIEWS['rollups']} AS {rows}")
         conn.execute("PRAGMA query_only=ON")
@@ -296,17 +300,19 @@ class SQLiteBackend(SQLBackend):
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} REAL")
         return self.read_meta(conn, bucket, {"shards": str(self.shards), "shard": str(shard)})
 
-    def _tier_tables(self) -> list[str]:
-        """Every tier's table: ``rollups`` alone without tiers."""
+    def _tier_tables(self) -> list[tuple[str, int]]:
+        """Every tier's table and width: ``rollups`` alone without tiers."""
         tiers = self.tiers
-        return ["rollups"] if tiers is None else [tiers.table(i) for i in range(len(tiers))]
+        if tiers is None:
+            return [("rollups", self.bucket)]
+        return [(tiers.table(i), tiers.tiers[i].width) for i in range(len(tiers))]
 
     def _tier_schema(self) -> list[str]:
         """The tables of the coarser tiers: rollups' columns, and its index by bucket."""
         rollups, by_bucket = _SHARD_SCHEMA[0], _SHARD_SCHEMA[1]
         return [
             statement
-            for table in self._tier_tables()[1:]
+            for table, _ in self._tier_tables()[1:]
             for statement in (
                 rollups.replace("EXISTS rollups (", f"EXISTS {table} ("),
                 by_bucket.replace("rollups_by_bucket ON rollups", f"{table}_by_bucket ON {table}"),
