@@ -23,7 +23,7 @@ import pytest
 import trio
 from werkzeug.datastructures import MultiDict
 
-from trioagg.errors import ConfigError
+from trioagg.errors import ConfigError, InvalidQuery
 from trioagg.events import Point
 from trioagg.query import answer, parse_query, tier_cut_problem
 from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
@@ -224,6 +224,54 @@ async def test_a_rolled_store_answers_as_an_untiered_one(
                 if k == "visits" and start <= ts < start + D and series["tags"]["region"] in tags
             }
             assert abs(bucket["distinct"] - len(users)) <= DISTINCT_RELATIVE_ERROR * len(users)
+
+
+#: 2024-10-24T00:00:00Z: six days around Paris's change from summer time on the 27th.
+AUTUMN = 1729728000
+
+
+@stores
+async def test_local_days_across_a_dst_change_are_answered_from_hours(
+    db_url: str, twin_url: str, opened: list[Store]
+) -> None:
+    tiers = "1m for 1d, 1h forever"
+    tiered = await open_(opened, settings_of(db_url, tiers=tiers))
+    plain = await open_(opened, settings_of(twin_url))
+    sent = events(seed=9, start=AUTUMN)
+    await fill(tiered, sent)
+    await fill(plain, sent)
+    now = AUTUMN + DAYS * D + 7 * M
+    assert (await tiered.roll_tiers(now=now))[0] > 0
+    held = tiered.tiers_held(now)
+
+    async def local_days(store: Store, zone: str) -> Any:
+        args = MultiDict({"key": "visits", "from": str(AUTUMN + D), "to": str(AUTUMN + 5 * D)})
+        args.update({"granularity": "day", "tz": zone, "stats": EXACT})
+        query = parse_query(args, bucket=M, now=now, tiers=store.policy.tiers, held=held)
+        parts = await store.read_parts(query.keys, query.start, query.end, fits=query.holds_whole)
+        return json.loads(answer(query, [*parts.stored, *parts.overlay]).joined())
+
+    paris = await local_days(tiered, "Europe/Paris")
+    # Local midnights, in UTC: the 27th lasts 25 hours in Paris.
+    assert [b["start"] for b in paris["results"][0]["buckets"]] == [
+        "2024-10-24T22:00:00Z",
+        "2024-10-25T22:00:00Z",
+        "2024-10-26T22:00:00Z",
+        "2024-10-27T23:00:00Z",
+        "2024-10-28T23:00:00Z",
+    ]
+    longer = [p for p in sent if p[0] == "visits" and 1729980000 <= p[1] < 1729980000 + 25 * H]
+    assert paris["results"][0]["buckets"][2]["count"] == len(longer)
+    assert_same(paris, await local_days(plain, "Europe/Paris"))
+    sydney = await local_days(tiered, "Australia/Sydney")
+    assert_same(sydney, await local_days(plain, "Australia/Sydney"))
+    # Half-hour zones need the minutes the store no longer keeps for those days.
+    with pytest.raises(InvalidQuery) as refused:
+        await local_days(tiered, "Asia/Kolkata")
+    assert (
+        "its tier '1h forever' holds 1h buckets of data older than 1d"
+        in (refused.value.details[0]["message"])
+    )
 
 
 @stores
