@@ -32,7 +32,7 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
 ) -> None:
     server = await start_server(bucket="1m", tiers=TIERS)
     rng = random.Random()
-    sent = [
+    sent: list[dict[str, Any]] = [
         {"key": "orders", "ts": DAY + rng.randrange(3 * 86400), "value": rng.randrange(-50, 500)}
         for _ in range(3000)
     ]
@@ -56,6 +56,9 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
         for b in series["buckets"]
     }
     assert answered == truth(sent)
+    top: dict[str, str | int] = {"from": DAY, "to": DAY + 3 * 86400, "stat": "sum"}
+    ranked = (await server.client.get("/v1/top", params=top)).json()["results"]
+    assert ranked == [{"key": "orders", "sum": sum(event["value"] for event in sent)}]
     # Minutes are gone from the rolled days: refused, naming the tier.
     minutes = {**hours, "granularity": "bucket"}
     refused = await server.client.get("/v1/aggregates", params=minutes)
