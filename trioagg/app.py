@@ -1,7 +1,8 @@
 """The HTTP face of trioagg: the Quart-Trio app, its routes and its lifespan.
 
-``create_app()`` is the hypercorn factory (settings from ``TRIOAGG_*``
-variables) and what ``trioagg serve`` runs. The writer task does not live in
+``create_app(settings)`` is the app ``trioagg serve`` runs, and with no settings
+the factory of hypercorn's command line (:mod:`trioagg.process` does what only a
+process may do). The writer task does not live in
 Quart-Trio's ``app.nursery``, which is cancelled when shutdown begins: the app
 opens a nursery of its own around the whole ASGI lifespan, so the writer
 outlives the HTTP server, and ``after_serving`` drains it (shielded, because
@@ -14,13 +15,10 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import multiprocessing
-import signal
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from typing import Any, TypeVar
 
 import msgspec
 import trio
@@ -38,8 +36,6 @@ from .auth import (
     ENDPOINT_SCOPES,
     Authenticator,
     current_tenant,
-    key_required_to_start,
-    settle_mode,
     tenant_tags,
 )
 from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
@@ -78,13 +74,14 @@ from .metrics import Metrics
 from .openapi import openapi_document
 from .otlp import Streams
 from .params import parse_wait
+from .process import configure_logging, hypercorn_worker_settings
 from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import CachedAnswer, ReadCache, cache_key
 from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
 from .statsd import Receiver
 from .statsd import open_socket as open_statsd_socket
-from .store import Store, open_store, store_exists
+from .store import Store, open_store
 from .store.head import copy_row
 from .writer import Writers, purge_expired_ids
 
@@ -284,6 +281,11 @@ class TrioaggApp(QuartTrio):
         self.crashed: str | None = None
         #: True once the server began to shut down: every answer closes its connection.
         self.stopping = False
+        #: What one query may cost (tests narrow it).
+        self.budget: Budget = DEFAULT_BUDGET
+        #: The check every request makes before its view runs (the before_request hook
+        #: that :func:`_time_and_authenticate_every_request` installs).
+        self.check_request: Callable[[], Awaitable[None]] | None = None
 
     def log_exception(self, exception_info: Any) -> None:
         if isinstance(exception_info[1], ConfigError):  # a plain sentence says it all
@@ -346,22 +348,13 @@ def _only_cancelled(failure: BaseException) -> bool:
 
 
 def create_app(settings: Settings | None = None) -> TrioaggApp:
-    """The ASGI app. Without ``settings`` (the hypercorn factory) they come from
-    ``TRIOAGG_*`` variables, and a bad variable or a store that cannot be opened
-    ends the process at once with one line and exit code 2."""
+    """The ASGI app for ``settings``. Without them it is a worker that hypercorn's
+    command line starts (``'trioagg.app:create_app()'``), whose process concerns
+    (settings from ``TRIOAGG_*``, exit code 2, signals) are
+    :func:`~trioagg.process.hypercorn_worker_settings`'s."""
     if settings is None:
-        _configure_logging("info")
-        try:
-            settings = Settings.from_env()
-        except ConfigError as error:
-            exit_for_config(error)
-        exit_unless_store_opens(settings)
-        if multiprocessing.parent_process() is not None:
-            # A hypercorn worker: its main process stops it through a shared event, and
-            # SIGTERMs the workers still running as soon as one has exited, which would
-            # kill this one in the middle of its drain. The drain has its own deadline.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _configure_logging(settings.log_level)
+        settings = hypercorn_worker_settings()
+    configure_logging(settings.log_level)
     app = TrioaggApp(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.before_serving(app.start_service)
@@ -385,43 +378,6 @@ def _auth_state(mode: str, *, required: bool) -> str:
     return "no key yet: served without one to loopback connections only"
 
 
-def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> Settings:
-    """Open (creating if needed) and close the store once, before anything listens: if
-    it cannot be opened, log one line naming it and why, and exit with code 2. Call it
-    where no trio run is going on (a command line, a worker loading the app).
-
-    With ``listening`` (``trioagg serve``, which knows the address it binds), return the
-    settings with ``--auth auto`` settled for that address (:func:`~trioagg.auth.settle_mode`),
-    exiting the same way when a non-loopback address has no key to require: then a store
-    that did not exist is not created (a server that cannot start leaves nothing behind)."""
-
-    async def open_and_close() -> tuple[bool, bool]:
-        """(whether the store exists, whether it holds a key)."""
-        if listening and key_required_to_start(settings) and not await store_exists(settings):
-            return False, False  # refused below, before anything is created
-        store = await open_store(settings)
-        try:
-            return True, await store.any_api_key()
-        finally:
-            await store.aclose()
-
-    _configure_logging(settings.log_level)
-    try:
-        found, keys_exist = trio.run(open_and_close)
-        if not listening:
-            return settings
-        return settle_mode(settings, keys_exist=keys_exist, store_exists=found)
-    except ConfigError as error:
-        exit_for_config(error)
-
-
-def exit_for_config(error: ConfigError) -> NoReturn:
-    """End a process that cannot start: one line saying why, exit code 2."""
-    _configure_logging("info")
-    log.error("trioagg cannot start: %s", error)
-    sys.exit(2)
-
-
 def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
     """Observe ``trioagg_request_seconds{endpoint, status}`` for every answer, errors too,
     and check every request to an endpoint of :data:`ENDPOINT_SCOPES` (the data) before
@@ -441,7 +397,6 @@ def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
     hosts = AllowedHosts.of(app.settings)
     timer = bound_children(app.metrics.request_seconds)
 
-    @app.before_request
     async def start_clock_and_authenticate() -> None:
         # One look-up of the request context, not one per attribute (microseconds each).
         current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
@@ -459,6 +414,9 @@ def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
             )
             g.trioagg_key = key
 
+    app.before_request(start_clock_and_authenticate)
+    app.check_request = start_clock_and_authenticate
+
     @app.after_request
     async def stop_clock(response: Response) -> Response:
         current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
@@ -473,15 +431,6 @@ def bound_children(metric: _Labelled) -> Callable[..., _Labelled]:
     sample appears) on its first use, as with ``labels``, whose lock and argument
     checks cost about a microsecond on every call."""
     return functools.cache(metric.labels)
-
-
-def _configure_logging(level: str) -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level.upper())
 
 
 def _json(document: Any, status: int = 200) -> Response:
@@ -612,7 +561,6 @@ def _add_routes(app: TrioaggApp) -> None:
         body = otlp.answer(sum(mapped.rejected.values()), mapped.error_message(), protobuf=protobuf)
         return Response(body, 200, content_type=otlp.PROTOBUF if protobuf else otlp.JSON)
 
-    app.config.setdefault("QUERY_BUDGET", DEFAULT_BUDGET)
     counted = bound_children(app.metrics.read_cache)
     # Hot reads repeat the same few query strings: each is parsed and checked once.
     parsed: ParsedQueries[tuple[Query, Hashable | None]] = ParsedQueries()
@@ -692,7 +640,7 @@ def _add_routes(app: TrioaggApp) -> None:
         cache = service.read_cache
         current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
         raw = current.query_string
-        budget: Budget = app.config["QUERY_BUDGET"]
+        budget = app.budget
         tenant = current_tenant()
         bucket = service.store.bucket
         context = (tenant, budget, bucket)
