@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from trioagg import auth
 from trioagg.cli import main
+from trioagg.endpoints import SCOPES_BY_PATH
 from trioagg.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
 from trioagg.events import Point
 from trioagg.ingest import stamp_tenant
@@ -906,7 +907,7 @@ def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     for path, item in document["paths"].items():
         for operation in item.values():
-            guarded = path in auth.ENDPOINT_SCOPES
+            guarded = path in SCOPES_BY_PATH
             assert ("security" in operation) == guarded, path
             assert ("401" in operation["responses"]) == guarded, path
             assert ("403" in operation["responses"]) == guarded, path

@@ -25,6 +25,7 @@ import trio
 from hypercorn.utils import LifespanFailureError
 from prometheus_client.metrics import MetricWrapperBase
 from quart import Response, g, request
+from quart_cors import cors
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
@@ -33,14 +34,14 @@ from werkzeug.exceptions import HTTPException
 from . import otlp
 from .answers import Pieces
 from .auth import (
-    ENDPOINT_SCOPES,
     Authenticator,
     current_tenant,
     tenant_tags,
 )
 from .budget import DEFAULT_BUDGET, INLINE_WORK, Budget
-from .dashboard import add_dashboard
+from .dashboard import dashboard_views
 from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
+from .endpoints import ENDPOINTS, SCOPES_BY_PATH
 from .errors import (
     ConfigError,
     Forbidden,
@@ -89,6 +90,8 @@ log = logging.getLogger("trioagg")
 
 _Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
 _Built = TypeVar("_Built")
+#: What answers an endpoint: Quart passes a route's variables as keywords.
+View = Callable[..., Awaitable[Response]]
 
 _BUCKET_NAMES = {seconds: name for name, seconds in BUCKET_WIDTHS.items()}
 
@@ -359,8 +362,16 @@ def create_app(settings: Settings | None = None) -> TrioaggApp:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.before_serving(app.start_service)
     app.after_serving(app.stop_service)
-    _add_routes(app)
-    add_dashboard(app)
+    route(app, {**api_views(app), **dashboard_views(app)})
+    if settings.cors_origin:
+        cors(
+            app,
+            allow_origin=settings.cors_origin,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     _add_error_handlers(app)
     _time_and_authenticate_every_request(app)
     app.asgi_app = guard_connections(  # type: ignore[method-assign,assignment]
@@ -380,17 +391,18 @@ def _auth_state(mode: str, *, required: bool) -> str:
 
 def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
     """Observe ``trioagg_request_seconds{endpoint, status}`` for every answer, errors too,
-    and check every request to an endpoint of :data:`ENDPOINT_SCOPES` (the data) before
-    the view runs: while no key is required, that its Host names this server
-    (:mod:`trioagg.hosts`); then its key. A refused request never reaches the
-    body-reading, admission or store code (what arrived of its body meanwhile is bounded
-    by max_body, and the connection is closed after the answer, see guard_connections).
+    and check every request to an endpoint that needs a scope
+    (:data:`~trioagg.endpoints.SCOPES_BY_PATH`) before the view runs: while no key is
+    required, that its Host names this server (:mod:`trioagg.hosts`); then its key. A
+    refused request never reaches the body-reading, admission or store code (what
+    arrived of its body meanwhile is bounded by max_body, and the connection is closed
+    after the answer, see guard_connections).
     CORS preflights (OPTIONS) carry no credentials by design and are never refused.
 
     One before_request hook does it all (the clock first, so a refusal is timed too):
     Quart awaits each hook through ``ensure_async``, which costs microseconds per hook
     on every request."""
-    scopes = dict(ENDPOINT_SCOPES)
+    scopes = dict(SCOPES_BY_PATH)
     if app.settings.metrics_public:
         del scopes["/metrics"]
     authenticating = app.settings.auth != "off"
@@ -402,7 +414,7 @@ def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
         current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
         current.started = time.perf_counter()
         rule = current.url_rule
-        if rule is None or rule.rule not in ENDPOINT_SCOPES or current.method == "OPTIONS":
+        if rule is None or rule.rule not in SCOPES_BY_PATH or current.method == "OPTIONS":
             return
         auth = app.service.auth
         if not auth.required:
@@ -460,8 +472,9 @@ async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
     await trio.to_thread.run_sync(give_back, False)
 
 
-def _add_routes(app: TrioaggApp) -> None:
-    @app.post("/v1/events")
+def api_views(app: TrioaggApp) -> dict[str, View]:
+    """The views of the API's endpoints, by name, over ``app``'s service."""
+
     async def post_events() -> Response:
         service = app.service
         settings = service.settings
@@ -507,7 +520,6 @@ def _add_routes(app: TrioaggApp) -> None:
 
     rejected_points = bound_children(app.metrics.otlp_rejected)
 
-    @app.post("/v1/metrics")
     async def post_metrics() -> Response:
         """OTLP/HTTP metrics (see :mod:`trioagg.otlp`): stored like /v1/events with
         ``wait=true``, answered with OTLP's response, a partial success naming the data
@@ -634,7 +646,6 @@ def _add_routes(app: TrioaggApp) -> None:
         cache.refresh(key, fresh, fresh.size)
         return body
 
-    @app.get("/v1/aggregates")
     async def get_aggregates() -> Response:
         service = app.service
         cache = service.read_cache
@@ -679,7 +690,6 @@ def _add_routes(app: TrioaggApp) -> None:
         with trio.move_on_after(app.service.settings.store_timeout):
             await app.service.writers.flushed()
 
-    @app.get("/v1/keys")
     async def get_keys() -> Response:
         query = parse_keys_query(request.args)
         await flushed()
@@ -688,7 +698,6 @@ def _add_routes(app: TrioaggApp) -> None:
         )
         return _json_body(await build(len(series), functools.partial(keys_answer, query, series)))
 
-    @app.get("/v1/top")
     async def get_top() -> Response:
         store = app.service.store
         query = parse_top_query(request.args, bucket=store.bucket, now=time.time())
@@ -698,7 +707,6 @@ def _add_routes(app: TrioaggApp) -> None:
         )
         return _json_body(top_answer(query, ranked))
 
-    @app.get("/healthz")
     async def healthz() -> Response:
         if app.crashed is not None:
             return _json({"status": "failing", "reason": "the service crashed; exiting"}, 503)
@@ -706,7 +714,6 @@ def _add_routes(app: TrioaggApp) -> None:
             return _json({"status": "failing", "reason": "the writers are not running"}, 503)
         return _json({"status": "ok"})
 
-    @app.get("/readyz")
     async def readyz() -> Response:
         service = app.service
         checks = {"store": "ok", "writer": "running", "queue": "ok"}
@@ -729,14 +736,41 @@ def _add_routes(app: TrioaggApp) -> None:
             {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
         )
 
-    @app.get("/metrics")
     async def metrics() -> Response:
         body = await app.metrics.rendered()
         return Response(body, 200, content_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/openapi.json")
     async def openapi() -> Response:
         return _json(openapi_document())
+
+    return {
+        view.__name__: view
+        for view in (
+            post_events,
+            post_metrics,
+            get_aggregates,
+            get_keys,
+            get_top,
+            healthz,
+            readyz,
+            metrics,
+            openapi,
+        )
+    }
+
+
+def route(app: TrioaggApp, views: dict[str, View]) -> None:
+    """Serve each endpoint of :data:`~trioagg.endpoints.ENDPOINTS` with the view of its
+    name. An endpoint without a view, or a view for no endpoint, fails here, as the app
+    is made, not at the first request."""
+    unrouted = dict(views)
+    for endpoint in ENDPOINTS:
+        view = unrouted.pop(endpoint.view, None)
+        if view is None:
+            raise RuntimeError(f"no view answers {endpoint.method} {endpoint.path}")
+        app.add_url_rule(endpoint.path, endpoint.view, view, methods=[endpoint.method])
+    if unrouted:
+        raise RuntimeError(f"views of no endpoint: {', '.join(unrouted)}")
 
 
 def _check_quantiles_kept(query: Query, service: Service) -> None:

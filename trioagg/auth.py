@@ -52,11 +52,12 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import trio
 from quart import g
 
+from .endpoints import Scope
 from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
 from .events import TENANT_TAG
 from .hosts import address_of
@@ -67,7 +68,7 @@ from .store.base import BusyRetry
 log = logging.getLogger("trioagg.auth")
 
 PREFIX: Final = "tgk_"
-SCOPES: Final = ("ingest", "read", "admin")
+SCOPES: Final[tuple[Scope, ...]] = get_args(Scope)
 CACHE_SECONDS: Final = 5.0
 CACHE_SIZE: Final = 10_000
 UNKNOWN_CACHE_SIZE: Final = 1_000
@@ -84,17 +85,6 @@ _SECRET_FORM: Final = re.compile(re.escape(PREFIX) + f"[A-Za-z0-9_-]{{{SECRET_CH
 _LAST_FLUSH_SECONDS: Final = 1.0
 #: How long the key commands retry a store locked by a running server's writer.
 _BUSY_SECONDS: Final = 10.0
-
-#: The scope each endpoint (Quart's URL rule) needs; endpoints not here are open.
-ENDPOINT_SCOPES: Final = {
-    "/v1/events": "ingest",
-    "/v1/metrics": "ingest",
-    "/v1/aggregates": "read",
-    "/v1/keys": "read",
-    "/v1/top": "read",
-    "/v1/status": "read",
-    "/metrics": "admin",
-}
 
 
 def new_secret() -> str:
