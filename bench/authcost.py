@@ -15,8 +15,8 @@ import trio
 from quart import request
 from quart.routing import QuartRule
 
+from trioagg.api_keys import create_key
 from trioagg.app import create_app
-from trioagg.auth import create_key
 from trioagg.settings import Settings
 from trioagg.store import make_backend
 
