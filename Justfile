@@ -13,11 +13,12 @@ test *ARGS:
 test-fast *ARGS:
     python -m pytest -m "not slow" {{ARGS}}
 
-# ruff and mypy
+# ruff, mypy, and the import layers (no module imports one above it)
 lint:
     ruff check .
     ruff format --check trioagg tests bench tools
     mypy
+    lint-imports
 
 # The stress harness: just bench, just bench --quick, just bench --scenario seed
 bench *ARGS:

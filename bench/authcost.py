@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
@@ -16,8 +15,8 @@ import trio
 from quart import request
 from quart.routing import QuartRule
 
+from trioagg.api_keys import create_key
 from trioagg.app import create_app
-from trioagg.auth import create_key
 from trioagg.settings import Settings
 from trioagg.store import make_backend
 
@@ -34,9 +33,8 @@ async def _measure(calls: int) -> float:
         db = str(Path(folder) / "auth.db")
         secret = create_key(make_backend(Settings(db=db)), "bench", ("ingest",))
         app = create_app(Settings.from_text({"db": db, "auth": "on", "log_level": "warning"}))
-        hooks = app.before_request_funcs[None]
-        (hook,) = [f for f in hooks if f.__name__ == "start_clock_and_authenticate"]
-        check = cast(Callable[[], Awaitable[None]], hook)
+        check = app.check_request
+        assert check is not None
         headers = {"Authorization": f"Bearer {secret}"}
         context = app.test_request_context("/v1/events", method="POST", headers=headers)
         async with app.test_app(), context:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trioagg.auth import create_key
+from trioagg.api_keys import create_key
 from trioagg.settings import Settings
 from trioagg.store import make_backend
 

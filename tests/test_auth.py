@@ -17,8 +17,9 @@ import trio
 import trio.testing
 from click.testing import CliRunner
 
-from trioagg import auth
+from trioagg import api_keys, auth
 from trioagg.cli import main
+from trioagg.endpoints import SCOPES_BY_PATH
 from trioagg.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
 from trioagg.events import Point
 from trioagg.ingest import stamp_tenant
@@ -43,7 +44,7 @@ DAY = {"from": "2026-11-24T00:00:00Z", "to": "2026-11-25T00:00:00Z"}
 
 
 def make_key(db: str | Path, name: str, *scopes: str, **options: Any) -> str:
-    return auth.create_key(make_backend(Settings(db=str(db))), name, scopes, **options)
+    return api_keys.create_key(make_backend(Settings(db=str(db))), name, scopes, **options)
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -70,10 +71,10 @@ def snapshot(db: str) -> tuple[Any, ...]:
 
 
 def test_secrets_are_prefixed_high_entropy_and_stored_as_their_digest() -> None:
-    first, second = auth.new_secret(), auth.new_secret()
+    first, second = api_keys.new_secret(), api_keys.new_secret()
     assert first.startswith("tgk_") and len(first) == 4 + 43 and first != second
-    assert auth.digest_of(first) == auth.digest_of(first) != auth.digest_of(second)
-    assert first not in auth.digest_of(first) and len(auth.digest_of(first)) == 64
+    assert api_keys.digest_of(first) == api_keys.digest_of(first) != api_keys.digest_of(second)
+    assert first not in api_keys.digest_of(first) and len(api_keys.digest_of(first)) == 64
 
 
 #: Strings that are not secrets: each breaks the form of one in one way.
@@ -94,25 +95,27 @@ NOT_SECRETS = [
 
 
 def test_only_strings_of_the_form_of_a_secret_can_be_keys() -> None:
-    made = [auth.new_secret() for _ in range(200)]
-    assert {len(secret) for secret in made} == {len(auth.PREFIX) + auth.SECRET_CHARS} == {47}
-    assert all(auth.has_secret_form(secret) for secret in made)
-    assert auth.has_secret_form("tgk_" + "-_09azAZ" * 5 + "abc")
+    made = [api_keys.new_secret() for _ in range(200)]
+    assert (
+        {len(secret) for secret in made} == {len(api_keys.PREFIX) + api_keys.SECRET_CHARS} == {47}
+    )
+    assert all(api_keys.has_secret_form(secret) for secret in made)
+    assert api_keys.has_secret_form("tgk_" + "-_09azAZ" * 5 + "abc")
     for bogus in [*NOT_SECRETS, made[0] + "\n", " " + made[0]]:
-        assert not auth.has_secret_form(bogus), bogus
+        assert not api_keys.has_secret_form(bogus), bogus
 
 
 def test_scopes_and_states() -> None:
-    assert auth.parse_scopes(["read,ingest"]) == ("ingest", "read")
-    assert auth.parse_scopes(["admin", "read"]) == ("read", "admin")
+    assert api_keys.parse_scopes(["read,ingest"]) == ("ingest", "read")
+    assert api_keys.parse_scopes(["admin", "read"]) == ("read", "admin")
     for bad in (["write"], [""], []):
         with pytest.raises(ValueError, match="scopes are ingest, read, admin"):
-            auth.parse_scopes(bad)
-    key = auth.ApiKey("k", "d", ("read",), None, 0.0, 100.0, None, None)
+            api_keys.parse_scopes(bad)
+    key = api_keys.ApiKey("k", "d", ("read",), None, 0.0, 100.0, None, None)
     assert key.allows("read") and not key.allows("ingest") and not key.allows("admin")
-    assert auth.ApiKey("a", "d", ("admin",), None, 0, None, None, None).allows("ingest")
+    assert api_keys.ApiKey("a", "d", ("admin",), None, 0, None, None, None).allows("ingest")
     assert key.state(99.9) == "active" and key.state(100.0) == "expired"
-    revoked = auth.ApiKey("k", "d", ("read",), None, 0.0, None, 5.0, None)
+    revoked = api_keys.ApiKey("k", "d", ("read",), None, 0.0, None, 5.0, None)
     assert revoked.state(1.0) == "revoked"
 
 
@@ -168,7 +171,7 @@ def test_auto_without_keys_serves_only_connections_that_reached_a_loopback_addre
 
 
 def test_the_start_up_log_says_what_auth_does() -> None:
-    from trioagg.app import _auth_state
+    from trioagg.service import _auth_state
 
     assert _auth_state("off", required=False) == "keys never required"
     assert _auth_state("on", required=True) == "keys required"
@@ -228,7 +231,7 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
         assert (await checker.check(f"Bearer {secret}", "read")).name == "reader"
         with pytest.raises(Forbidden):
             await checker.check(f"Bearer {secret}", "ingest")
-        auth.revoke_key(make_backend(Settings(db=str(db))), "reader")
+        api_keys.revoke_key(make_backend(Settings(db=str(db))), "reader")
         mock_clock.jump(auth.CACHE_SECONDS - 0.1)
         assert (await checker.check(f"bearer {secret}", "read")).name == "reader"  # cached
         mock_clock.jump(0.1)
@@ -238,11 +241,11 @@ async def test_revocation_and_new_keys_reach_a_process_when_its_cache_entry_ages
         assert checker.required  # revoking every key never opens the server again
 
         # An unknown secret is cached too: a key made with it later waits for the entry.
-        unknown = auth.new_secret()
+        unknown = api_keys.new_secret()
         assert await checker.lookup(unknown) is None
-        row = ("late", auth.digest_of(unknown), "read", None, clock.now(), None, None, None)
+        row = ("late", api_keys.digest_of(unknown), "read", None, clock.now(), None, None, None)
         backend = make_backend(Settings(db=str(db)))
-        auth._on_store(backend, backend.insert_api_key, row)
+        api_keys._on_store(backend, backend.insert_api_key, row)
         assert await checker.lookup(unknown) is None
         mock_clock.jump(auth.CACHE_SECONDS)
         assert (await checker.lookup(unknown)).name == "late"
@@ -261,7 +264,7 @@ async def test_the_cache_is_bounded_and_forgets_the_least_recently_used(
         for secret in secrets:
             await checker.lookup(secret)
         assert len(checker._known) == 2
-        assert auth.digest_of(secrets[0]) not in checker._known
+        assert api_keys.digest_of(secrets[0]) not in checker._known
         # Not of the form of a secret: refused without asking the store or caching.
         queries = await key_queries(store)
         for bogus in NOT_SECRETS:
@@ -286,11 +289,11 @@ async def test_made_up_secrets_never_evict_known_keys(
         checker = auth.Authenticator("on", store, cache_size=2, unknown_cache_size=3)
         for secret in secrets:
             assert (await checker.lookup(secret)) is not None
-        flood = [auth.new_secret() for _ in range(20)]
+        flood = [api_keys.new_secret() for _ in range(20)]
         for secret in flood:
             assert await checker.lookup(secret) is None
-        assert len(checker._unknown) == 3 and auth.digest_of(flood[-1]) in checker._unknown
-        assert all(auth.digest_of(secret) in checker._known for secret in secrets)
+        assert len(checker._unknown) == 3 and api_keys.digest_of(flood[-1]) in checker._unknown
+        assert all(api_keys.digest_of(secret) in checker._known for secret in secrets)
         # Still answered from the cache: with every look-up slot taken, they need none.
         holders = [object() for _ in range(int(checker._lookups.total_tokens))]
         for holder in holders:
@@ -339,7 +342,7 @@ async def test_concurrent_requests_with_one_key_share_one_store_query(
         assert not checker._flights
 
         # Made-up secrets too: one query each, however many requests send it.
-        unknown = [auth.new_secret() for _ in range(3)]
+        unknown = [api_keys.new_secret() for _ in range(3)]
         async with trio.open_nursery() as nursery:
             for made_up in unknown * 10:
                 nursery.start_soon(checker.lookup, made_up)
@@ -443,10 +446,10 @@ async def test_last_use_is_written_when_uses_are_flushed(tmp_path: Path) -> None
     try:
         checker = auth.Authenticator("on", store)
         await checker.check(f"Bearer {secret}", "read")
-        (listed,) = auth.list_keys(make_backend(Settings(db=str(db))))
+        (listed,) = api_keys.list_keys(make_backend(Settings(db=str(db))))
         assert listed.last_used is None  # not written per request
         await checker.flush_uses()
-        (listed,) = auth.list_keys(make_backend(Settings(db=str(db))))
+        (listed,) = api_keys.list_keys(make_backend(Settings(db=str(db))))
         assert listed.last_used is not None and listed.created <= listed.last_used <= clock.now()
 
         async with trio.open_nursery() as nursery:  # and once more when the service stops
@@ -454,7 +457,7 @@ async def test_last_use_is_written_when_uses_are_flushed(tmp_path: Path) -> None
             await trio.testing.wait_all_tasks_blocked()
             await checker.check(f"Bearer {secret}", "read")
             nursery.cancel_scope.cancel()
-        (again,) = auth.list_keys(make_backend(Settings(db=str(db))))
+        (again,) = api_keys.list_keys(make_backend(Settings(db=str(db))))
         assert again.last_used is not None and again.last_used > listed.last_used
     finally:
         await store.aclose()
@@ -542,7 +545,9 @@ async def test_every_endpoint_answers_every_kind_of_key_exactly(
         for scope in ("ingest", "read", "admin")
     }
     revoked = await trio.to_thread.run_sync(make_key, db, "revoked", "admin")
-    await trio.to_thread.run_sync(lambda: auth.revoke_key(make_backend(Settings(db=db)), "revoked"))
+    await trio.to_thread.run_sync(
+        lambda: api_keys.revoke_key(make_backend(Settings(db=db)), "revoked")
+    )
     expired = await trio.to_thread.run_sync(
         lambda: make_key(db, "expired", "admin", lifetime=60.0, now=clock.now() - 61)
     )
@@ -555,7 +560,7 @@ async def test_every_endpoint_answers_every_kind_of_key_exactly(
         method, path, params, body = ENDPOINTS[name]
         secret = {
             "none": None,
-            "unknown": auth.new_secret(),
+            "unknown": api_keys.new_secret(),
             "revoked": revoked,
             "expired": expired,
             "wrong scope": keys[NEEDS.get(name, ("read", "read"))[1]],
@@ -906,7 +911,7 @@ def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     for path, item in document["paths"].items():
         for operation in item.values():
-            guarded = path in auth.ENDPOINT_SCOPES
+            guarded = path in SCOPES_BY_PATH
             assert ("security" in operation) == guarded, path
             assert ("401" in operation["responses"]) == guarded, path
             assert ("403" in operation["responses"]) == guarded, path
@@ -974,7 +979,7 @@ def test_the_key_commands_retry_a_locked_store_as_the_server_does(
     assert waits == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0]
     assert BusyRetry(backend, 3.0, 0.0).wait(ValueError("not busy"), 0.0) is None
 
-    monkeypatch.setattr(auth, "_BUSY_SECONDS", 0.2)  # not 10 s: only the last answer matters
+    monkeypatch.setattr(api_keys, "_BUSY_SECONDS", 0.2)  # not 10 s: only the last answer matters
     locked = _cli("keys", "create", "--name", "a", "--scope", "read", "--db", db)
     assert locked.exit_code == 1
     assert locked.output.splitlines() == [
@@ -1000,13 +1005,13 @@ def test_a_tenant_must_be_a_tag_value(tmp_path: Path) -> None:
             "Error: --tenant must be a tag value, 1-255 bytes of UTF-8, as the key stamps "
             f"tenant=VALUE on every event it sends {why}"
         ]
-    assert auth.list_keys(make_backend(Settings(db=db))) == []
+    assert api_keys.list_keys(make_backend(Settings(db=db))) == []
     longest = "\u00e9" * 127 + "x"  # 255 bytes
     made = _cli(
         "keys", "create", "--name", "t", "--scope", "ingest", "--tenant", longest, "--db", db
     )
     assert made.exit_code == 0, made.output
-    assert [key.tenant for key in auth.list_keys(make_backend(Settings(db=db)))] == [longest]
+    assert [key.tenant for key in api_keys.list_keys(make_backend(Settings(db=db)))] == [longest]
 
 
 async def test_a_tenants_event_with_the_most_tags_of_its_own_is_refused_whole(

@@ -469,7 +469,7 @@ def test_the_pages_own_logic(page: Any, site: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def locked_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
     """A server with auth on, holding the module's events, and a read key for the page."""
-    from trioagg.auth import create_key
+    from trioagg.api_keys import create_key
     from trioagg.settings import Settings
     from trioagg.store import make_backend
 

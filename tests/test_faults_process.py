@@ -17,8 +17,8 @@ import httpx
 import pytest
 import trio
 
-from trioagg.app import DRAIN_PROGRESS_SECONDS
 from trioagg.errors import ConfigError
+from trioagg.service import DRAIN_PROGRESS_SECONDS
 from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 

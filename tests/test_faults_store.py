@@ -18,7 +18,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioagg import auth
+from trioagg import api_keys
 from trioagg.errors import CommitFailed, StoreOutage
 from trioagg.events import Point
 from trioagg.metrics import Metrics
@@ -310,7 +310,7 @@ async def test_a_deleted_shard_file_does_not_stop_key_lookups(
 ) -> None:
     server = await start_server(writers="2", auth="on")
     backend = make_backend(Settings(db=server.db, writers=2))
-    early, fresh = (auth.create_key(backend, name, ("ingest",)) for name in ("early", "fresh"))
+    early, fresh = (api_keys.create_key(backend, name, ("ingest",)) for name in ("early", "fresh"))
     events = in_hour([{"key": "b"}], EVEN_HOUR) + in_hour([{"key": "b"}], ODD_HOUR)
     assert (await post(server.client, events)).status_code == 401, "auth is on"
     sent = await server.client.post(

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import trio
 
-from trioagg import auth
+from trioagg import api_keys
 from trioagg.errors import ConfigError, MisdirectedRequest
 from trioagg.hosts import AllowedHosts
 from trioagg.settings import Settings
@@ -199,7 +199,7 @@ async def test_with_keys_required_the_key_decides_whatever_the_host(
 ) -> None:
     server = await start_server(auth="on")
     secret = await trio.to_thread.run_sync(
-        lambda: auth.create_key(make_backend(Settings(db=server.db)), "ci", ("ingest",))
+        lambda: api_keys.create_key(make_backend(Settings(db=server.db)), "ci", ("ingest",))
     )
     foreign = _host(server.url, "evil.example")
     response = await server.client.post("/v1/events", json={"key": "k", "ts": TS}, headers=foreign)

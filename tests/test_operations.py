@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import itertools
 import platform
+from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import __version__
+from trioagg.app import TrioaggApp, api_views, route
+from trioagg.dashboard import dashboard_views
 from trioagg.metrics import Coalesced
+from trioagg.settings import Settings
 
 from .conftest import Server, post, wait_until
 
@@ -93,6 +98,24 @@ async def test_openapi_describes_every_endpoint(server: Server) -> None:
     event = document["components"]["schemas"]["Event"]
     assert set(event["properties"]) == {"key", "ts", "value", "tags", "distinct_id", "id"}
     assert event["additionalProperties"] is False
+
+
+def test_an_endpoint_without_its_view_or_a_view_without_one_fails_as_the_app_is_made(
+    tmp_path: Path,
+) -> None:
+    def app() -> TrioaggApp:
+        return TrioaggApp(Settings(db=str(tmp_path / "t.db")))
+
+    made = app()
+    views = {**api_views(made), **dashboard_views(made)}
+    route(app(), views)  # the table and the views agree
+    del views["get_top"]
+    with pytest.raises(RuntimeError, match="no view answers GET /v1/top"):
+        route(app(), views)
+    views["get_top"] = views["get_keys"]
+    views["get_everything"] = views["get_keys"]
+    with pytest.raises(RuntimeError, match="views of no endpoint: get_everything"):
+        route(app(), views)
 
 
 async def test_every_openapi_parameter_has_a_description_and_an_example(server: Server) -> None:

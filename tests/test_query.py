@@ -277,7 +277,7 @@ async def test_fill_over_the_answer_budget_is_refused_before_reading(server: Ser
 async def test_rows_over_the_budget_are_refused(loaded: Server) -> None:
     from trioagg.budget import Budget
 
-    loaded.app.config["QUERY_BUDGET"] = Budget(rows=3)
+    loaded.app.budget = Budget(rows=3)
     span = {"from": DAY, "to": DAY + 2 * 86400}
     response = await loaded.client.get("/v1/aggregates", params={"key": "pay", **span})
     assert response.status_code == 422
@@ -289,7 +289,7 @@ async def test_rows_over_the_budget_are_refused(loaded: Server) -> None:
 async def test_group_by_with_fill_is_bounded_by_series_times_buckets(loaded: Server) -> None:
     from trioagg.budget import Budget
 
-    loaded.app.config["QUERY_BUDGET"] = Budget(answer_buckets=100)
+    loaded.app.budget = Budget(answer_buckets=100)
     span: dict[str, Any] = {
         "from": DAY,
         "to": DAY + 2 * 86400,

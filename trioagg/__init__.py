@@ -1,10 +1,12 @@
 """trioagg: a small-footprint event roll-up service.
 
-Events come in over HTTP, are validated at the edge, queued on bounded trio
-memory channels, pre-aggregated by writer tasks (writer ``hour % N`` owns its
-buckets) and committed to SQLite shard files or PostgreSQL; queries read the
-roll-ups back. ``create_app()`` is the ASGI app; ``trioagg serve --workers N``
-runs it in N processes under a supervisor.
+Events come in over HTTP (JSON, OTLP) or StatsD, are validated at the edge and
+queued on bounded trio memory channels to writer tasks (writer ``hour % N`` owns
+its buckets). A writer commits each batch as one journal row before any ``200``,
+folds its roll-ups into an in-memory head, and flushes the head's rows to the
+store (SQLite, one file or shard files, or PostgreSQL) once per window; queries
+read the stored roll-ups plus the head. ``create_app(settings)`` is the ASGI app;
+``trioagg serve --workers N`` runs it in N processes under a supervisor.
 """
 
 from __future__ import annotations

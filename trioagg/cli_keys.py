@@ -3,7 +3,7 @@
 The commands open the store named by ``--db`` (``TRIOAGG_DB``) directly, SQLite file
 or PostgreSQL URL, and may run while servers use it: a new key works at once, and a
 revoked one stops working within a few seconds on every server (their key cache's
-lifetime, :data:`trioagg.auth.CACHE_SECONDS`). See :mod:`trioagg.auth`.
+lifetime, :data:`trioagg.auth.CACHE_SECONDS`). See :mod:`trioagg.api_keys`.
 
 Only ``keys create --create-store`` creates a store (and a SQLite file's folder), and
 only where ``--db`` names none: a mistyped ``--db`` must not get a new, empty store, and
@@ -165,10 +165,10 @@ def create(
     writers: str,
 ) -> None:
     """Create a key and print its secret, once: only its SHA-256 digest is stored."""
-    from . import auth
+    from . import api_keys
 
     try:
-        chosen = auth.parse_scopes(scopes)
+        chosen = api_keys.parse_scopes(scopes)
         lifetime = None if expires is None else parse_duration(expires)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
@@ -186,7 +186,9 @@ def create(
         )
     secret = _on_store(
         db,
-        lambda backend: auth.create_key(backend, name, chosen, tenant=tenant, lifetime=lifetime),
+        lambda backend: api_keys.create_key(
+            backend, name, chosen, tenant=tenant, lifetime=lifetime
+        ),
         new,
     )
     click.echo(secret)
@@ -205,9 +207,9 @@ def list_(db: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import auth
+    from . import api_keys
 
-    found: list[auth.ApiKey] = _on_store(db, auth.list_keys)
+    found: list[api_keys.ApiKey] = _on_store(db, api_keys.list_keys)
     table = Table()
     for column in ("name", "scopes", "tenant", "created", "last used", "expires", "state"):
         table.add_column(column)
@@ -229,9 +231,9 @@ def list_(db: str) -> None:
 @_db
 def revoke(name: str, db: str) -> None:
     """Revoke the key NAME: every server refuses it within a few seconds."""
-    from . import auth
+    from . import api_keys, auth
 
-    _on_store(db, lambda backend: auth.revoke_key(backend, name))
+    _on_store(db, lambda backend: api_keys.revoke_key(backend, name))
     click.echo(f"key {name!r} revoked; servers refuse it within {auth.CACHE_SECONDS:g} s", err=True)
 
 

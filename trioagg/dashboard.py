@@ -1,4 +1,4 @@
-"""What browsers get: the dashboard page, its files, the status figures, and CORS.
+"""What browsers get: the dashboard page, its files and the status figures.
 
 The page (``GET /``) and its JavaScript, CSS and the vendored chart library are
 files of the package (``trioagg/web/``), read once when the app is made and
@@ -7,10 +7,6 @@ ETag); the files it loads live under ``/static/<digest>/``, where the digest is
 of every file's name and bytes, so they are cached for good (``immutable``) and
 a new version of trioagg is a new address. The page reads only the public API,
 plus ``GET /v1/status``: the figures of ``/metrics`` that a glance needs.
-
-``--cors-origin`` lets pages of other origins (Grafana, a notebook) read the API
-from a browser: quart-cors adds the headers to every answer, errors included,
-and answers preflights.
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from quart import Response, request
-from quart_cors import cors
 from werkzeug.exceptions import NotFound
 
 from . import __version__
@@ -37,7 +32,7 @@ from .errors import Forbidden
 from .params import STATUS, parse_args
 
 if TYPE_CHECKING:
-    from .app import TrioaggApp
+    from .app import TrioaggApp, View
 
 _INDEX = "index.html"
 #: Replaced in the page by the address of this version's files.
@@ -134,25 +129,22 @@ def status(totals: Mapping[str, float], *, bucket: int, quantiles: tuple[str, ..
     )
 
 
-def add_dashboard(app: TrioaggApp) -> None:
-    """Serve the page at ``/``, its files, ``GET /v1/status``; allow ``--cors-origin``."""
+def dashboard_views(app: TrioaggApp) -> dict[str, View]:
+    """The views of the page at ``/``, its files and ``GET /v1/status``, by name."""
     static = StaticFiles()
 
-    @app.get("/")
     async def page() -> Response:
         response = await _conditional(static.page, "no-cache")
         response.headers["Content-Security-Policy"] = _PAGE_POLICY
         response.headers["Referrer-Policy"] = "same-origin"
         return response
 
-    @app.get("/static/<version>/<path:name>", endpoint="dashboard_file")
     async def dashboard_file(version: str, name: str) -> Response:
         file = static.files.get(name)
         if file is None or f"static/{version}" != static.prefix:
             raise NotFound(f"no such file: {request.path[:300]}")
         return await _conditional(file, _IMMUTABLE)
 
-    @app.get("/v1/status")
     async def get_status() -> Response:
         parse_args(STATUS, request.args)[1].raise_any()
         if current_tenant() is not None:
@@ -168,12 +160,4 @@ def add_dashboard(app: TrioaggApp) -> None:
         )
         return Response(msgspec.json.encode(figures), 200, content_type="application/json")
 
-    if app.settings.cors_origin:
-        cors(
-            app,
-            allow_origin=app.settings.cors_origin,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Authorization"],
-            expose_headers=["Retry-After"],
-            max_age=600,
-        )
+    return {"page": page, "dashboard_file": dashboard_file, "get_status": get_status}

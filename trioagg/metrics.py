@@ -24,6 +24,7 @@ CPU of rendering and parsing it), shared the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import platform
@@ -39,6 +40,7 @@ from prometheus_client import (
     generate_latest,
     values,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -133,6 +135,16 @@ class _Run(Generic[T]):
         self.done = False
         #: For a run that ended without a result: the run its calls wait for instead.
         self.then: _Run[T] | None = None
+
+
+_Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
+
+
+def bound_children(metric: _Labelled) -> Callable[..., _Labelled]:
+    """``metric.labels``, remembering each child it returns. A child is made (and its
+    sample appears) on its first use, as with ``labels``, whose lock and argument
+    checks cost about a microsecond on every call."""
+    return functools.cache(metric.labels)
 
 
 class Metrics:

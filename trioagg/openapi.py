@@ -3,9 +3,10 @@
 Nothing in it is written twice: the event schema is generated from the
 msgspec types that validate events (:mod:`trioagg.ingest`), the answers'
 schemas from the types the routes encode (:mod:`trioagg.answers`), and the
-query parameters from the tables the parsers read (:mod:`trioagg.params`).
-What JSON Schema cannot say (limits against the server's clock, the query
-budget) is said in descriptions.
+query parameters from the tables the parsers read (:mod:`trioagg.params`), the
+paths, their summaries and the scopes they need from the endpoint table
+(:mod:`trioagg.endpoints`). What JSON Schema cannot say (limits against the
+server's clock, the query budget) is said in descriptions.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import msgspec
 
 from . import __version__
 from .answers import ANSWERS
-from .auth import ENDPOINT_SCOPES
 from .budget import DEFAULT_BUDGET
+from .endpoints import ENDPOINTS, Scope
 from .events import MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES
 from .ingest import Event
-from .params import AGGREGATES, EVENTS, KEYS, TOP, Param
+from .params import Param
 from .times import LATEST
 
 _REF = "#/components/schemas/{name}"
@@ -112,31 +113,29 @@ _OTLP_JSON_RESPONSE: Final = {
 }
 
 
-def _secure(paths: dict[str, Any]) -> None:
-    """Add the bearer requirement and its 401 and 403 answers to every endpoint that needs
-    a key (:data:`trioagg.auth.ENDPOINT_SCOPES`); ``{}`` says a key may be absent (auth
-    off, or auto without keys), and then the Host check's 421 applies."""
-    for path, scope in ENDPOINT_SCOPES.items():
-        for operation in paths[path].values():
-            operation["security"] = [{"bearer": []}, {}]
-            operation["description"] = (
-                operation.get("description", "") + f" Needs an API key with the {scope} scope "
-                "when auth is on (see the bearer security scheme)."
-            ).strip()
-            operation["responses"]["401"] = _error(
-                "No API key, or one that is unknown, revoked or expired (unauthorized, with "
-                'WWW-Authenticate: Bearer realm="trioagg"). Nothing was stored.'
-            )
-            operation["responses"]["403"] = _error(
-                f"The key lacks the {scope} scope, or its tenant differs from the tenant the "
-                "request names (forbidden). Nothing was stored."
-            )
-            operation["responses"]["421"] = _error(
-                "The server answers without an API key and the request's Host does not name "
-                "it: not localhost, a loopback address, the address the connection reached or "
-                "a host of --allowed-hosts (misdirected_request; against DNS rebinding). "
-                "Nothing was stored."
-            )
+def _secure(operation: dict[str, Any], scope: Scope) -> None:
+    """Add the bearer requirement and its 401 and 403 answers to an operation that needs
+    a key with ``scope``; ``{}`` says a key may be absent (auth off, or auto without
+    keys), and then the Host check's 421 applies."""
+    operation["security"] = [{"bearer": []}, {}]
+    operation["description"] = (
+        operation.get("description", "") + f" Needs an API key with the {scope} scope "
+        "when auth is on (see the bearer security scheme)."
+    ).strip()
+    operation["responses"]["401"] = _error(
+        "No API key, or one that is unknown, revoked or expired (unauthorized, with "
+        'WWW-Authenticate: Bearer realm="trioagg"). Nothing was stored.'
+    )
+    operation["responses"]["403"] = _error(
+        f"The key lacks the {scope} scope, or its tenant differs from the tenant the "
+        "request names (forbidden). Nothing was stored."
+    )
+    operation["responses"]["421"] = _error(
+        "The server answers without an API key and the request's Host does not name "
+        "it: not localhost, a loopback address, the address the connection reached or "
+        "a host of --allowed-hosts (misdirected_request; against DNS rebinding). "
+        "Nothing was stored."
+    )
 
 
 @functools.cache
@@ -158,6 +157,159 @@ def openapi_document() -> dict[str, Any]:
         "request is not acknowledged (store_unavailable)."
     )
     unreachable = _error("The store cannot answer now (store_unavailable, with Retry-After).")
+    operations: dict[str, dict[str, Any]] = {
+        "post_events": {
+            "description": "Atomic: an invalid event rejects the whole request. Durable by "
+            "default: answered after the commit. Unknown event fields are rejected. "
+            "NDJSON (application/x-ndjson, also application/ndjson or "
+            "application/jsonlines) carries one event object per line. The Content-Type "
+            "is required, and its charset, if given, must be UTF-8. The body may be "
+            "compressed with Content-Encoding gzip, x-gzip or deflate; max_body bounds "
+            "it on the wire and inflated.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"oneOf": [event_ref, {"type": "array", "items": event_ref}]}
+                    },
+                    "application/x-ndjson": {
+                        "schema": {
+                            "type": "string",
+                            "description": "One event object per line.",
+                        }
+                    },
+                },
+            },
+            "responses": {
+                "200": _json_response("Committed.", _ref("Accepted")),
+                "202": _json_response("Queued (wait=false).", _ref("Accepted")),
+                "400": _error(
+                    "Malformed JSON (the message says where), invalid UTF-8, nesting "
+                    "too deep, corrupt compressed data, an empty body, or a bad wait "
+                    "value."
+                ),
+                "408": _error("The body took longer than body_timeout to arrive."),
+                "413": _error(
+                    "Body over max_body (on the wire or inflated) or more than max_batch events."
+                ),
+                "415": _error(
+                    "No Content-Type, or one other than application/json or NDJSON; a "
+                    "charset other than UTF-8; a Content-Encoding other than gzip, "
+                    "x-gzip or deflate."
+                ),
+                "422": _error(
+                    "Invalid events (invalid_events: every problem as {index, field, "
+                    "message}), or events the store refused (unstorable_events: "
+                    "retrying cannot help)."
+                ),
+                "503": busy,
+            },
+        },
+        "post_metrics": {
+            "description": "An OTLP ExportMetricsServiceRequest, as the OpenTelemetry "
+            "exporters send it (protobuf, or OTLP/JSON), optionally compressed with "
+            "Content-Encoding gzip or deflate. Each data point becomes events of the "
+            "key its metric names (histograms: <name>.count, .sum, .min, .max and "
+            ".bucket with an le tag), its attributes and the resource attributes of "
+            "--otlp-resource-attributes as tags; cumulative points become deltas per "
+            "stream. Answered after the commit, with OTLP's response: a point that "
+            "cannot be stored exactly is refused alone and counted in partial_success "
+            "(rejected_data_points, error_message); the others are stored. Events get "
+            "ids of their point, so a retried export counts once. Errors use trioagg's "
+            "error envelope.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+                    "application/json": {"schema": _OTLP_JSON_REQUEST},
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Stored, but for the points partial_success names.",
+                    "content": {
+                        "application/x-protobuf": {
+                            "schema": {"type": "string", "format": "binary"}
+                        },
+                        "application/json": {"schema": _OTLP_JSON_RESPONSE},
+                    },
+                },
+                "400": _error(
+                    "Not an ExportMetricsServiceRequest (malformed protobuf or JSON), "
+                    "or corrupt compressed data."
+                ),
+                "408": _error("The body took longer than body_timeout to arrive."),
+                "413": _error("Body over max_body (on the wire or inflated)."),
+                "415": _error(
+                    "A Content-Type other than application/x-protobuf or "
+                    "application/json; a Content-Encoding other than gzip, x-gzip or "
+                    "deflate."
+                ),
+                "503": busy,
+            },
+        },
+        "get_aggregates": {
+            "responses": {
+                "200": _json_response("The roll-ups.", _ref("Aggregates")),
+                "422": _error(too_big),
+                "503": unreachable,
+            },
+        },
+        "get_keys": {
+            "responses": {
+                "200": _json_response(
+                    "A page of keys; next is null on the last page.", _ref("Keys")
+                ),
+                "422": _error("Invalid parameters: every problem as {parameter, message}."),
+                "503": unreachable,
+            },
+        },
+        "get_top": {
+            "responses": {
+                "200": _json_response("Keys, highest first.", _ref("Top")),
+                "422": _error("Invalid parameters: every problem as {parameter, message}."),
+                "503": unreachable,
+            },
+        },
+        "get_status": {
+            "description": "What the dashboard at / shows of the service itself, read "
+            "from the same counters as /metrics; a client derives rates from two "
+            "answers (their difference over the difference of time).",
+            "responses": {
+                "200": _json_response("The figures.", _ref("Status")),
+                "422": _error("An unknown parameter: it takes none."),
+            },
+        },
+        "page": {
+            "responses": {
+                "200": {
+                    "description": "The page; its scripts and styles are files of "
+                    "the package under /static/.",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+        "healthz": {
+            "responses": {"200": _json_response("Alive.", _ref("Health"))},
+        },
+        "readyz": {
+            "responses": {
+                "200": _json_response("Ready.", _ref("Ready")),
+                "503": _json_response("Not ready; checks says why.", _ref("Ready")),
+            },
+        },
+        "metrics": {
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+        "openapi": {
+            "responses": {"200": _json_response("OpenAPI 3.1.", {"type": "object"})},
+        },
+    }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -165,202 +317,26 @@ def openapi_document() -> dict[str, Any]:
             "version": __version__,
             "description": "Events in over HTTP, pre-aggregated roll-ups out.",
         },
-        "paths": {
-            "/v1/events": {
-                "post": {
-                    "summary": "Ingest events (one object, a JSON array, or NDJSON)",
-                    "description": "Atomic: an invalid event rejects the whole request. Durable by "
-                    "default: answered after the commit. Unknown event fields are rejected. "
-                    "NDJSON (application/x-ndjson, also application/ndjson or "
-                    "application/jsonlines) carries one event object per line. The Content-Type "
-                    "is required, and its charset, if given, must be UTF-8. The body may be "
-                    "compressed with Content-Encoding gzip, x-gzip or deflate; max_body bounds "
-                    "it on the wire and inflated.",
-                    "parameters": _parameters(EVENTS),
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "oneOf": [event_ref, {"type": "array", "items": event_ref}]
-                                }
-                            },
-                            "application/x-ndjson": {
-                                "schema": {
-                                    "type": "string",
-                                    "description": "One event object per line.",
-                                }
-                            },
-                        },
-                    },
-                    "responses": {
-                        "200": _json_response("Committed.", _ref("Accepted")),
-                        "202": _json_response("Queued (wait=false).", _ref("Accepted")),
-                        "400": _error(
-                            "Malformed JSON (the message says where), invalid UTF-8, nesting "
-                            "too deep, corrupt compressed data, an empty body, or a bad wait "
-                            "value."
-                        ),
-                        "408": _error("The body took longer than body_timeout to arrive."),
-                        "413": _error(
-                            "Body over max_body (on the wire or inflated) or more than "
-                            "max_batch events."
-                        ),
-                        "415": _error(
-                            "No Content-Type, or one other than application/json or NDJSON; a "
-                            "charset other than UTF-8; a Content-Encoding other than gzip, "
-                            "x-gzip or deflate."
-                        ),
-                        "422": _error(
-                            "Invalid events (invalid_events: every problem as {index, field, "
-                            "message}), or events the store refused (unstorable_events: "
-                            "retrying cannot help)."
-                        ),
-                        "503": busy,
-                    },
-                }
-            },
-            "/v1/metrics": {
-                "post": {
-                    "summary": "Ingest OpenTelemetry metrics (OTLP/HTTP)",
-                    "description": "An OTLP ExportMetricsServiceRequest, as the OpenTelemetry "
-                    "exporters send it (protobuf, or OTLP/JSON), optionally compressed with "
-                    "Content-Encoding gzip or deflate. Each data point becomes events of the "
-                    "key its metric names (histograms: <name>.count, .sum, .min, .max and "
-                    ".bucket with an le tag), its attributes and the resource attributes of "
-                    "--otlp-resource-attributes as tags; cumulative points become deltas per "
-                    "stream. Answered after the commit, with OTLP's response: a point that "
-                    "cannot be stored exactly is refused alone and counted in partial_success "
-                    "(rejected_data_points, error_message); the others are stored. Events get "
-                    "ids of their point, so a retried export counts once. Errors use trioagg's "
-                    "error envelope.",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/x-protobuf": {
-                                "schema": {"type": "string", "format": "binary"}
-                            },
-                            "application/json": {"schema": _OTLP_JSON_REQUEST},
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "Stored, but for the points partial_success names.",
-                            "content": {
-                                "application/x-protobuf": {
-                                    "schema": {"type": "string", "format": "binary"}
-                                },
-                                "application/json": {"schema": _OTLP_JSON_RESPONSE},
-                            },
-                        },
-                        "400": _error(
-                            "Not an ExportMetricsServiceRequest (malformed protobuf or JSON), "
-                            "or corrupt compressed data."
-                        ),
-                        "408": _error("The body took longer than body_timeout to arrive."),
-                        "413": _error("Body over max_body (on the wire or inflated)."),
-                        "415": _error(
-                            "A Content-Type other than application/x-protobuf or "
-                            "application/json; a Content-Encoding other than gzip, x-gzip or "
-                            "deflate."
-                        ),
-                        "503": busy,
-                    },
-                }
-            },
-            "/v1/aggregates": {
-                "get": {
-                    "summary": "Roll-ups of one or more keys over a time range",
-                    "parameters": _parameters(AGGREGATES),
-                    "responses": {
-                        "200": _json_response("The roll-ups.", _ref("Aggregates")),
-                        "422": _error(too_big),
-                        "503": unreachable,
-                    },
-                }
-            },
-            "/v1/keys": {
-                "get": {
-                    "summary": "Keys with their tag names and first and last bucket, paginated",
-                    "parameters": _parameters(KEYS),
-                    "responses": {
-                        "200": _json_response(
-                            "A page of keys; next is null on the last page.", _ref("Keys")
-                        ),
-                        "422": _error("Invalid parameters: every problem as {parameter, message}."),
-                        "503": unreachable,
-                    },
-                }
-            },
-            "/v1/top": {
-                "get": {
-                    "summary": "Keys ranked by total count or sum over a range",
-                    "parameters": _parameters(TOP),
-                    "responses": {
-                        "200": _json_response("Keys, highest first.", _ref("Top")),
-                        "422": _error("Invalid parameters: every problem as {parameter, message}."),
-                        "503": unreachable,
-                    },
-                }
-            },
-            "/v1/status": {
-                "get": {
-                    "summary": "The service's figures at a glance: events, queue, commits",
-                    "description": "What the dashboard at / shows of the service itself, read "
-                    "from the same counters as /metrics; a client derives rates from two "
-                    "answers (their difference over the difference of time).",
-                    "responses": {
-                        "200": _json_response("The figures.", _ref("Status")),
-                        "422": _error("An unknown parameter: it takes none."),
-                    },
-                }
-            },
-            "/": {
-                "get": {
-                    "summary": "The dashboard: a page for people, with a browser",
-                    "responses": {
-                        "200": {
-                            "description": "The page; its scripts and styles are files of "
-                            "the package under /static/.",
-                            "content": {"text/html": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness: the process answers",
-                    "responses": {"200": _json_response("Alive.", _ref("Health"))},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: store reachable, writer running, queue not saturated",
-                    "responses": {
-                        "200": _json_response("Ready.", _ref("Ready")),
-                        "503": _json_response("Not ready; checks says why.", _ref("Ready")),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text format.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {"200": _json_response("OpenAPI 3.1.", {"type": "object"})},
-                }
-            },
-        },
+        "paths": _paths(operations),
         "components": {"schemas": schemas, "securitySchemes": {"bearer": _SECURITY_SCHEME}},
     }
-    _secure(document["paths"])
     return document
+
+
+def _paths(operations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The document's paths: one operation per endpoint of :data:`ENDPOINTS` that is
+    documented, its summary, parameters and security from the table, the rest from
+    ``operations`` (by view name), which must describe those endpoints and no other."""
+    paths: dict[str, Any] = {}
+    for endpoint in ENDPOINTS:
+        if not endpoint.documented:
+            continue
+        operation = {"summary": endpoint.summary, **operations.pop(endpoint.view)}
+        if endpoint.params:
+            operation["parameters"] = _parameters(endpoint.params)
+        if endpoint.scope is not None:
+            _secure(operation, endpoint.scope)
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
+    if operations:
+        raise RuntimeError(f"operations described for no endpoint: {', '.join(operations)}")
+    return paths

@@ -400,11 +400,8 @@ class Receiver:
     async def _submit(self, points: list[Point]) -> None:
         writers = self.writers
         try:
-            await writers.admit()
-            try:
-                await writers.submit(points, durable=False)
-            finally:
-                writers.admitted()
+            async with writers.admission() as admission:
+                await admission.queue(points, durable=False)
         except Overloaded:  # the queue stayed full (or the service is stopping)
             self.metrics.statsd_dropped.labels("queue_full").inc(len(points))
             return

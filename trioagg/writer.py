@@ -49,7 +49,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 
 import trio
 
@@ -565,6 +565,33 @@ class Hold:
         self.size += size
 
 
+class Admission:
+    """A request on its way in (:meth:`Writers.admission`)."""
+
+    def __init__(self, writers: Writers, hold: Hold) -> None:
+        self._writers = writers
+        #: Hold more bytes of the request, or raise :class:`Overloaded` (see :class:`Hold`).
+        self.grow = hold.grow
+
+    async def queue(
+        self, events: list[Point] | Callable[[], Awaitable[list[Point]]], *, durable: bool
+    ) -> tuple[list[Point], Submission | Receipt | None]:
+        """Under one admission token (waiting up to ``enqueue_timeout``, else
+        :class:`Overloaded`), build the request's events with ``events()`` (unless they
+        are built already) and queue them with the writers (see :meth:`Writers.submit`).
+        Returns them and what to wait on: None when there were none. The token is given
+        back however this ends."""
+        writers = self._writers
+        await writers._admit()
+        try:
+            points = events if isinstance(events, list) else await events()
+            if not points:
+                return points, None
+            return points, await writers.submit(points, durable=durable)
+        finally:
+            writers._admission.release()
+
+
 def _split(total: int, sizes: list[int]) -> list[int]:
     """``total`` in parts proportional to ``sizes`` (summing to ``total`` exactly)."""
     whole = sum(sizes) or 1
@@ -721,12 +748,21 @@ class Writers:
         await self.stopped.wait()  # at most one transaction under way
         return False
 
-    async def admit(self) -> None:
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[Admission]:
+        """One request's way in, for the body of the ``async with``: the in-flight bytes
+        it holds as its body arrives (:meth:`Admission.grow`), all given back when it
+        ends, however it ends; and :meth:`Admission.queue`, which builds its events and
+        queues them under an admission token."""
+        with self.inflight.holding() as hold:
+            yield Admission(self, hold)
+
+    async def _admit(self) -> None:
         """Take one of ``queue_size`` admission tokens, waiting up to ``enqueue_timeout``,
-        or raise :class:`Overloaded`; give it back with :meth:`admitted` once the request
-        is queued or refused. Taken once the body is read and before it is decoded, it
-        bounds how many requests are decoded at once, so that under overload the server
-        answers 503 before paying for the work, and the writer still gets its turn."""
+        or raise :class:`Overloaded`. Taken once the body is read and before it is
+        decoded, it bounds how many requests are decoded at once, so that under overload
+        the server answers 503 before paying for the work, and the writer still gets its
+        turn."""
         if not self.accepting:
             raise _not_writing()
         try:
@@ -738,10 +774,6 @@ class Writers:
             await self._admission.acquire()
             return
         raise _overloaded(self.enqueue_timeout)
-
-    def admitted(self) -> None:
-        """Give back the token of :meth:`admit`."""
-        self._admission.release()
 
     async def submit(self, points: list[Point], *, durable: bool) -> Submission | Receipt:
         """Queue a request's events with the writers owning their hours (see the class).

@@ -74,8 +74,29 @@ REPLAY_ROWS = 4
 _READ_TRIES = 100
 
 
-class Backend(Protocol):
-    """Blocking, dialect-specific operations; every method runs in a worker thread."""
+class KeyStore(Protocol):
+    """The API keys' table (:mod:`trioagg.api_keys`, :mod:`trioagg.auth`), on connections
+    a :class:`Backend` opens. Rows are (name, digest, scopes, tenant, created, expires,
+    revoked, last_used)."""
+
+    def create_keys_table(self, conn: Any) -> None: ...
+
+    def insert_api_key(self, conn: Any, row: Sequence[Any]) -> bool: ...
+
+    def find_api_key(self, conn: Any, digest: str) -> tuple[Any, ...] | None: ...
+
+    def list_api_keys(self, conn: Any) -> list[tuple[Any, ...]]: ...
+
+    def any_api_key(self, conn: Any) -> bool: ...
+
+    def revoke_api_key(self, conn: Any, name: str, now: float) -> bool: ...
+
+    def touch_api_keys(self, conn: Any, used: Sequence[tuple[float, str]]) -> None: ...
+
+
+class RollupBackend(Protocol):
+    """Blocking, dialect-specific operations on the roll-ups, the journal and the ids;
+    every method runs in a worker thread."""
 
     description: str
     #: Databases the writers' hours are spread over: 1 where every writer shares one
@@ -225,23 +246,6 @@ class Backend(Protocol):
     ) -> list[tuple[str, float]]:
         """Keys ranked by total ``stat`` (count or sum) over ``[start, end)``."""
 
-    # API keys (trioagg.auth); rows are (name, digest, scopes, tenant, created, expires,
-    # revoked, last_used).
-
-    def create_keys_table(self, conn: Any) -> None: ...
-
-    def insert_api_key(self, conn: Any, row: Sequence[Any]) -> bool: ...
-
-    def find_api_key(self, conn: Any, digest: str) -> tuple[Any, ...] | None: ...
-
-    def list_api_keys(self, conn: Any) -> list[tuple[Any, ...]]: ...
-
-    def any_api_key(self, conn: Any) -> bool: ...
-
-    def revoke_api_key(self, conn: Any, name: str, now: float) -> bool: ...
-
-    def touch_api_keys(self, conn: Any, used: Sequence[tuple[float, str]]) -> None: ...
-
     def ping(self, conn: Any) -> None:
         """Raise if the database cannot be reached."""
 
@@ -271,12 +275,16 @@ class Backend(Protocol):
         now. The connection is closed afterwards, never used again."""
 
 
+class Backend(RollupBackend, KeyStore, Protocol):
+    """What each database's backend is: its roll-ups and its API keys."""
+
+
 class BusyRetry:
     """When to try an operation again while another writer holds the database's lock:
     after waits doubling from 10 ms to 1 s, for at most ``timeout`` seconds in all.
     The one policy of :class:`Store` (which waits with ``trio.sleep``, off its worker
     threads, so that waiting stays cancellable) and of the blocking key commands
-    (:func:`trioagg.auth.create_key` and the others, which wait with ``time.sleep``):
+    (:func:`trioagg.api_keys.create_key` and the others, which wait with ``time.sleep``):
     only the waiting differs. Times are any one clock's seconds."""
 
     def __init__(self, backend: Backend, timeout: float, now: float) -> None:
@@ -369,7 +377,7 @@ def fold_events(events: Iterable[JournalEvent | Point], policy: WritePolicy) -> 
     return rollups
 
 
-def _write_rows(conn: Any, backend: Backend, plan: Plan, table: str = "rollups") -> None:
+def _write_rows(conn: Any, backend: RollupBackend, plan: Plan, table: str = "rollups") -> None:
     """Inside a transaction: upsert the rows of ``plan`` into ``table`` and widen the
     keys index. Rows with sketches are inserted whole where their slot is new, else
     merged with the stored sketches, read under a row lock."""
@@ -386,7 +394,7 @@ def _write_rows(conn: Any, backend: Backend, plan: Plan, table: str = "rollups")
 
 def _write_tiered(
     conn: Any,
-    backend: Backend,
+    backend: RollupBackend,
     rollups: dict[Slot, Rollup],
     policy: WritePolicy,
     series_seen: SeriesCache,
@@ -436,7 +444,7 @@ def split_by_tier(
 
 
 def _write_rows_apart(
-    conn: Any, backend: Backend, plan: Plan, table: str = "rollups"
+    conn: Any, backend: RollupBackend, plan: Plan, table: str = "rollups"
 ) -> list[UpsertRow]:
     """:func:`_write_rows`, but a row the database refuses (a stored row that cannot
     take a merge: an old one whose moments overflow) is set aside in
@@ -473,7 +481,7 @@ def _write_rows_apart(
     return refused
 
 
-def _tied_to_data(backend: Backend, error: Exception) -> bool:
+def _tied_to_data(backend: RollupBackend, error: Exception) -> bool:
     """Whether ``error`` belongs to the rows written, not to the store's state now."""
     return not (
         isinstance(error, TrioaggError)
@@ -549,7 +557,9 @@ def flush_head(
     return plan
 
 
-def _rebuild(conn: Any, backend: Backend, head: Head, owner: str, policy: WritePolicy) -> None:
+def _rebuild(
+    conn: Any, backend: RollupBackend, head: Head, owner: str, policy: WritePolicy
+) -> None:
     """Make ``head`` the fold of what ``owner``'s journal holds."""
     rows = backend.read_journal(conn, owner, None, lock=False)
     head.rebuild(
@@ -607,7 +617,9 @@ class RollRaced(Exception):
     committed (it cannot happen while flushes take the marks' lock; a guard)."""
 
 
-def roll_step(conn: Any, backend: Backend, tiers: Tiers, index: int, now: float) -> int | None:
+def roll_step(
+    conn: Any, backend: RollupBackend, tiers: Tiers, index: int, now: float
+) -> int | None:
     """In one transaction, move the oldest bucket of tier ``index`` that passed its
     horizon at ``now`` into the tier that holds it (the next, or a coarser one where a
     roll already went further), merged into that tier's wider bucket, with every other
@@ -655,7 +667,7 @@ def roll_step(conn: Any, backend: Backend, tiers: Tiers, index: int, now: float)
     return len(rows)
 
 
-def drop_step(conn: Any, backend: Backend, tiers: Tiers, now: float, limit: int) -> int:
+def drop_step(conn: Any, backend: RollupBackend, tiers: Tiers, now: float, limit: int) -> int:
     """In one transaction, delete up to ``limit`` rows of the last tier that passed the
     store's retention at ``now``; how many went (0 without a retention)."""
     cut = tiers.drop_cut(now)
