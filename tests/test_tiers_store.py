@@ -134,10 +134,12 @@ async def ask(
     return json.loads(answer(query, [*parts.stored, *parts.overlay]).joined())
 
 
-def tier_rows(db: str) -> dict[str, tuple[int, int, int | None, int | None]]:
+def tier_rows(
+    db: str, tables: tuple[str, ...] = ("rollups", "rollups_3600", "rollups_86400")
+) -> dict[str, tuple[int, int, int | None, int | None]]:
     """Per tier table, over every shard file: (rows, events, first bucket, last bucket)."""
     found = {}
-    for table in ("rollups", "rollups_3600", "rollups_86400"):
+    for table in tables:
         query = f"SELECT count(*), coalesce(sum(count), 0), min(bucket), max(bucket) FROM {table}"
         if db.startswith("postgresql"):
             parts = sql(db, query)
@@ -301,6 +303,22 @@ async def test_late_events_land_in_the_tier_holding_their_time(
     # And a second roll finds nothing left to do.
     assert await tiered.roll_tiers(now=NOW) == (0, 0)
     assert tier_rows(db_url) == after
+
+
+@stores
+async def test_the_last_horizon_deletes_what_is_older(db_url: str, opened: list[Store]) -> None:
+    store = await open_(opened, settings_of(db_url, tiers="1m for 1d, 1h for 3d"))
+    sent = events(seed=10)
+    await fill(store, sent)
+    rolled, dropped = await store.roll_tiers(now=NOW)
+    assert rolled > 0 and dropped > 0
+    kept_from = (NOW - 3 * D) // H * H
+    layout = tier_rows(db_url, ("rollups", "rollups_3600"))
+    assert layout["rollups_3600"][2] == kept_from
+    assert sum(events for _, events, _, _ in layout.values()) == sum(
+        1 for point in sent if point[1] >= kept_from
+    )
+    assert await store.roll_tiers(now=NOW) == (0, 0)
 
 
 @stores
