@@ -106,3 +106,30 @@ def clock_seconds(stamp: str) -> int:
     import datetime
 
     return int(datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+
+
+async def test_a_process_told_less_than_another_rolled_refuses_rather_than_miscount(
+    start_server: StartServer,
+) -> None:
+    # Two processes of one store during a change of horizons: the first keeps minutes
+    # for two days, the second, started after it, for one, and rolls further.
+    first = await start_server(bucket="1m", tiers="1m for 2d, 1h for 4d")
+    await start_server(bucket="1m", tiers="1m for 1d, 1h for 4d")  # rolls at start
+    hour = clock.whole_hours_ago(36)
+    event = {"key": "orders", "ts": hour + 60, "value": 1}
+    assert (await post(first.client, event)).status_code == 200
+    await first.app.service.writers.flushed()
+    minutes: dict[str, str | int] = {
+        "key": "orders",
+        "from": hour,
+        "to": hour + H,
+        "granularity": "bucket",
+    }
+    refused = await first.client.get("/v1/aggregates", params=minutes)
+    assert refused.status_code == 422, refused.text
+    (problem,) = refused.json()["error"]["details"]
+    assert problem["message"].startswith("the store holds a 1h bucket from ")
+    assert "rolled its tiers further than this one expected" in problem["message"]
+    hours = {**minutes, "granularity": "hour"}
+    got = (await first.client.get("/v1/aggregates", params=hours)).json()
+    assert got["results"][0]["buckets"][0]["count"] == 1
