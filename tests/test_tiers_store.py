@@ -9,6 +9,7 @@ Time is given: the roll takes an explicit ``now`` (days of 1972), not the wall c
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -29,7 +30,9 @@ from trioagg.query import answer, parse_query, tier_cut_problem
 from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
 from trioagg.settings import Settings
 from trioagg.store import Store, TierCut, open_store
-from trioagg.store.base import roll_step
+from trioagg.store.base import flush_head, journal_batch, roll_step
+from trioagg.store.head import Head
+from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
 from trioagg.tiers import parse_tiers
 
@@ -186,7 +189,8 @@ async def test_a_rolled_store_answers_as_an_untiered_one(
     sent = events(seed=1)
     await fill(tiered, sent)
     await fill(plain, sent)
-    rolled, dropped = await tiered.roll_tiers(now=NOW)
+    # 97 rows a transaction: wider buckets rolled in parts, sketches merged across them.
+    rolled, dropped = await tiered.roll_tiers(now=NOW, rows=97)
     assert rolled > 0 and dropped == 0
     # Every bucket in one tier: minutes only in the last day, hours for the two before,
     # days before those; and every event counted once.
@@ -333,8 +337,8 @@ async def test_processes_rolling_together_roll_each_bucket_once(
     await fill(two, sent[1::2])
     await fill(plain, sent)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(one.roll_tiers, NOW)
-        nursery.start_soon(two.roll_tiers, NOW)
+        nursery.start_soon(functools.partial(one.roll_tiers, NOW, rows=50))
+        nursery.start_soon(functools.partial(two.roll_tiers, NOW, rows=70))
         nursery.start_soon(fill, one, events(seed=4, start=T0 + 2 * D, days=1))
     await fill(plain, events(seed=4, start=T0 + 2 * D, days=1))
     assert await one.roll_tiers(now=NOW) == (0, 0)
@@ -351,16 +355,16 @@ async def test_a_roll_that_fails_half_way_leaves_everything_in_place(
     before = tier_rows(db_url)
     answered = await ask(store, "visits", EXACT)
     backend = store.backend
-    real = backend.delete_before
+    real = backend.delete_through
 
     def fail_after_the_upsert(*args: Any, **kwargs: Any) -> int:
         raise sqlite3.OperationalError("disk I/O error (injected between two statements)")
 
-    backend.delete_before = fail_after_the_upsert  # type: ignore[method-assign]
+    backend.delete_through = fail_after_the_upsert  # type: ignore[method-assign]
     with pytest.raises(Exception, match="injected between two statements"):
         await store.roll_tiers(now=NOW)
     assert tier_rows(db_url) == before  # the wider rows were upserted, then rolled back
-    backend.delete_before = real  # type: ignore[method-assign]
+    backend.delete_through = real  # type: ignore[method-assign]
     await store.roll_tiers(now=NOW)
     assert tier_rows(db_url) != before
     assert_same(await ask(store, "visits", EXACT), answered)
@@ -381,7 +385,7 @@ KILLED_MID_ROLL = textwrap.dedent(
         def killed(*args, **kwargs):
             print("killing myself mid-roll", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        store.backend.delete_before = killed
+        store.backend.delete_through = killed
         await store.roll_tiers(now=float(sys.argv[1]))
 
     trio.run(main)
@@ -473,6 +477,54 @@ def test_tiers_on_a_store_that_had_none_start_as_its_finest(tmp_path: Path) -> N
         (T0, 2, 1.0, 2.0)
     ]
     assert conn.execute("SELECT count(*) FROM rollups").fetchone() == (0,)
+    conn.close()
+
+
+def test_a_wider_bucket_rolled_in_parts_takes_late_events_meanwhile(tmp_path: Path) -> None:
+    tiers = parse_tiers(TIERS)
+    assert tiers is not None
+    backend = SQLiteBackend(str(tmp_path / "parts.db"), tiers=tiers)
+    conn = backend.connect(write=True)
+    backend.prepare(conn, M)
+    policy = WritePolicy(M, 86400.0, lambda key: key.startswith("lat"), tiers)
+    head, seen = Head(), SeriesCache()
+
+    def write(points: list[Point]) -> None:
+        journal_batch(conn, backend, [points], policy, "me/0", head)
+        flush_head(conn, backend, head, "me/0", policy, seen)
+
+    sent = events(seed=11)
+    write(sent)
+    assert roll_step(conn, backend, tiers, 0, NOW, limit=30) == 30  # part of an hour
+    assert backend.read_rolled(conn, exclusive=False)[0] == 0  # its mark has not moved
+    late: list[Point] = [
+        ("visits", float(T0 + 10), 5.0, '{"region":"eu"}', "late", None),
+        ("lat.api", float(T0 + 20), 7.0, '{"region":"us"}', None, None),
+    ]
+    write(late)  # into the minutes' tier still: the roll takes them with the rest
+    while roll_step(conn, backend, tiers, 0, NOW, limit=30) is not None:
+        pass
+    while roll_step(conn, backend, tiers, 1, NOW, limit=30) is not None:
+        pass
+    marks = backend.read_rolled(conn, exclusive=False)
+    assert marks == [tiers.cut(0, NOW), tiers.cut(1, NOW)]
+    counts = {
+        table: conn.execute(f"SELECT coalesce(sum(count), 0), min(bucket) FROM {table}").fetchone()
+        for table in ("rollups", "rollups_3600", "rollups_86400")
+    }
+    assert sum(total for total, _ in counts.values()) == len(sent) + len(late)
+    assert counts["rollups"][1] >= marks[0] and counts["rollups_3600"][1] >= marks[1]
+    first_day = conn.execute(
+        "SELECT count, min, max FROM rollups_86400 WHERE key = 'lat.api' AND bucket = ? "
+        'AND tags = \'{"region":"us"}\'',
+        (T0,),
+    ).fetchone()
+    values = [
+        v
+        for k, ts, v, tags, _, _ in [*sent, *late]
+        if k == "lat.api" and ts < T0 + D and "us" in tags
+    ]
+    assert first_day == (len(values), min(values), max(values))
     conn.close()
 
 

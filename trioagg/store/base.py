@@ -70,6 +70,9 @@ _PURGE_CHUNK = 1000
 #: Journal rows of a dead process replayed per transaction (up to batch_size events
 #: each): a short hold of the write lock, which the other processes need too.
 REPLAY_ROWS = 4
+#: Rows a roll moves per transaction (with their sketches): a short hold of the write
+#: lock, like the id purge's, so that the writers' commits interleave.
+ROLL_ROWS = 2000
 #: Times a read tries again while flushes commit under it before it gives up.
 _READ_TRIES = 100
 
@@ -156,8 +159,13 @@ class RollupBackend(Protocol):
     def oldest_bucket(self, conn: Any, table: str, before: int) -> int | None:
         """The first bucket of ``table`` that starts before ``before``; None if none."""
 
-    def rows_before(self, conn: Any, table: str, before: int) -> list[Row]:
-        """Every row of ``table`` whose bucket starts before ``before``, sketches too."""
+    def rows_before(self, conn: Any, table: str, before: int, limit: int) -> list[Row]:
+        """The first ``limit`` rows of ``table`` whose bucket starts before ``before``,
+        in (bucket, key, tags) order, sketches too."""
+
+    def delete_through(self, conn: Any, table: str, before: int, last: Slot) -> int:
+        """Delete the rows :meth:`rows_before` read, the last of them ``last``: those of
+        ``table`` before ``before`` up to ``last`` in (bucket, key, tags) order."""
 
     def delete_before(self, conn: Any, table: str, before: int, limit: int | None = None) -> int:
         """Delete rows of ``table`` whose bucket starts before ``before`` (at most
@@ -618,18 +626,28 @@ class RollRaced(Exception):
 
 
 def roll_step(
-    conn: Any, backend: RollupBackend, tiers: Tiers, index: int, now: float
+    conn: Any,
+    backend: RollupBackend,
+    tiers: Tiers,
+    index: int,
+    now: float,
+    limit: int = ROLL_ROWS,
 ) -> int | None:
-    """In one transaction, move the oldest bucket of tier ``index`` that passed its
-    horizon at ``now`` into the tier that holds it (the next, or a coarser one where a
-    roll already went further), merged into that tier's wider bucket, with every other
-    row of tier ``index`` in that wider bucket; delete them from tier ``index`` and
-    advance its rolled mark, in the same transaction. Returns the rows moved, or None
-    once tier ``index`` holds nothing past its horizon (its mark then moved up to it).
+    """In one transaction, move up to ``limit`` rows of the oldest wider bucket of tier
+    ``index`` that passed its horizon at ``now`` into the tier that holds it (the next,
+    or a coarser one where a roll already went further), merged into that tier's
+    wider buckets, and delete them from tier ``index``; once the wider bucket is
+    empty, advance the tier's rolled mark past it, in the same transaction. Returns
+    the rows moved, or None once tier ``index`` holds nothing past its horizon (its
+    mark then moved up to it).
 
-    The marks are read under an exclusive lock, so that a flush under way (which holds
-    them shared) ends first and a later one routes its rows by the new marks; several
-    processes rolling at once take turns, and each finds what the others did."""
+    Until its mark moves, a wider bucket may be partly rolled: some series' rows in
+    the coarser tier, the rest (and late events, which the flush still routes to tier
+    ``index``) in this one, each event in one of them; the next steps move the rest,
+    merging it into the same wider rows. The marks are read under an exclusive lock,
+    so that a flush under way (which holds them shared) ends first and a later one
+    routes its rows by the new marks; several processes rolling at once take turns,
+    and each finds what the others did."""
     backend.begin(conn)
     try:
         rolled = backend.read_rolled(conn, exclusive=True)
@@ -646,7 +664,7 @@ def roll_step(
         into = route(oldest, rolled, index + 1)
         width = tiers.tiers[into].width
         end = oldest // width * width + width
-        rows = backend.rows_before(conn, table, end)
+        rows = backend.rows_before(conn, table, end, limit)
         merged: dict[Slot, Rollup] = {}
         for key, bucket, tags, rollup in rows:
             wide = (key, bucket // width * width, tags)
@@ -657,9 +675,11 @@ def roll_step(
                 known.merge(rollup)
         plan = plan_rows(merged, {})
         _write_rows(conn, backend, plan, tiers.table(into))
-        if backend.delete_before(conn, table, end) != len(rows):
+        last = rows[-1]
+        if backend.delete_through(conn, table, end, (last[0], last[1], last[2])) != len(rows):
             raise RollRaced(f"rows of {table} before {end} changed during their roll")
-        backend.write_rolled(conn, index, max(rolled[index], end))
+        if len(rows) < limit:  # the wider bucket is empty in this tier now
+            backend.write_rolled(conn, index, max(rolled[index], end))
         backend.commit(conn)
     except BaseException:
         backend.rollback(conn)
@@ -1048,10 +1068,12 @@ class Store:
             return ()
         return tuple(holding(tiers, self.rolled, now + QUERY_MARGIN))
 
-    async def roll_tiers(self, now: float | None = None) -> tuple[int, int]:
+    async def roll_tiers(
+        self, now: float | None = None, *, rows: int = ROLL_ROWS
+    ) -> tuple[int, int]:
         """Roll every tier's buckets that passed its horizon at ``now`` (by default the
-        wall clock) into the next tier, in every shard, a short transaction per wider
-        bucket (see :func:`roll_step`), so the writers' commits interleave; then drop
+        wall clock) into the next tier, in every shard, a short transaction per ``rows``
+        rows (see :func:`roll_step`), so the writers' commits interleave; then drop
         what passed the retention. Returns the rows rolled and dropped; a shard that
         fails raises its error once the others are done."""
         tiers = self.policy.tiers
@@ -1065,7 +1087,7 @@ class Store:
                 for index in range(len(tiers) - 1):
                     while True:
                         moved = await self._retry_busy(
-                            shard, roll_step, self.backend, tiers, index, at
+                            shard, roll_step, self.backend, tiers, index, at, rows
                         )
                         if moved is None:
                             break

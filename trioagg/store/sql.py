@@ -263,17 +263,30 @@ class SQLBackend:
         ).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def rows_before(self, conn: Any, table: str, before: int) -> list[Row]:
-        """Every row of ``table`` whose bucket starts before ``before``, sketches too."""
+    def rows_before(self, conn: Any, table: str, before: int, limit: int) -> list[Row]:
+        """The first ``limit`` rows of ``table`` whose bucket starts before ``before``,
+        in (bucket, key, tags) order, sketches too."""
         records = conn.execute(
             self._sql(
                 "SELECT key, bucket, tags, count, shift, s1, s2, min, max, last_value, "
                 f"coalesce(last_ts, bucket + ?), quantiles_kll, distinct_hll FROM {table} "
-                "WHERE bucket < ? ORDER BY key, bucket, tags"
+                "WHERE bucket < ? ORDER BY bucket, key, tags LIMIT ?"
             ),
-            (self.bucket, before),
+            (self.bucket, before, limit),
         ).fetchall()
         return to_rows(records, sketches=True)
+
+    def delete_through(self, conn: Any, table: str, before: int, last: Slot) -> int:
+        """Delete the rows of ``table`` whose bucket starts before ``before``, up to
+        ``last`` in (bucket, key, tags) order: those :meth:`rows_before` read. How many
+        went."""
+        key, bucket, tags = last
+        cursor = conn.execute(
+            self._sql(f"DELETE FROM {table} WHERE bucket < ? AND (bucket, key, tags) <= (?, ?, ?)"),
+            (before, bucket, key, tags),
+        )
+        count: int = cursor.rowcount
+        return count
 
     def delete_before(self, conn: Any, table: str, before: int, limit: int | None = None) -> int:
         """Delete the rows of ``table`` whose bucket starts before ``before`` (at most
