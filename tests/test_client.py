@@ -21,7 +21,7 @@ import trio.testing
 
 from trioagg.client import AsyncClient, Client, Counters, Rejected, Undelivered, uuid7
 from trioagg.client_answers import Aggregates, Bucket, Ranked, Series, Top, as_sent
-from trioagg.rollup import STATS
+from trioagg.stats import STATS
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 

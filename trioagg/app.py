@@ -80,8 +80,8 @@ from .otlp import Streams
 from .params import parse_wait
 from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import CachedAnswer, ReadCache, cache_key
-from .rollup import is_percentile
 from .settings import BUCKET_WIDTHS, Settings
+from .stats import is_percentile
 from .statsd import Receiver
 from .statsd import open_socket as open_statsd_socket
 from .store import Store, open_store, store_exists

@@ -33,17 +33,19 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
-from typing import Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import anyio
 import anyio.abc
 import httpx
 import msgspec
-import trio
 
 from . import answers, client_exit
 from .answers import Accepted, KeyInfo, Keys
 from .client_answers import Aggregates, Top, typed
+
+if TYPE_CHECKING:
+    import trio
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 #: The server's default max_batch and max_body; a request never exceeds them.
@@ -764,6 +766,10 @@ class Client:
         client_exit.watch(self, sigterm=flush_on_sigterm)
 
     def _run(self) -> None:
+        # trio is imported where a Client uses it: importing trioagg.client, or running
+        # an AsyncClient under asyncio, does not load it.
+        import trio
+
         async def main() -> None:
             stop = trio.Event()
             self._stop_loop = stop.set
@@ -828,6 +834,8 @@ class Client:
         if self._stop.is_set():
             return
         self._stop.set()
+        import trio
+
         if self._token is not None and self._thread.is_alive():
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._stop_loop)
@@ -852,4 +860,6 @@ class Client:
     def _call(self, function: Callable[[], Awaitable[_T]]) -> _T:
         if self._token is None or self._stop.is_set():
             raise RuntimeError("the client is closed")
+        import trio
+
         return trio.from_thread.run(function, trio_token=self._token)
