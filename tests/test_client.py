@@ -11,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import httpx
 import msgspec
@@ -21,10 +22,12 @@ import pytest
 import trio
 import trio.testing
 
+from trioagg.answers import KeyInfo
 from trioagg.client import (
     AsyncClient,
     Client,
     ClientError,
+    ClientOptions,
     Counters,
     Rejected,
     ServerError,
@@ -758,6 +761,114 @@ async def test_sending_to_a_silent_server_gives_up_with_its_timeout(
     assert type(rejected.error) is Timeout and rejected.error.code == "timeout"
     assert client.counters.failed == 1
     assert client.counters.retried >= 1  # each timeout was retried until retry_timeout ran out
+
+
+def test_the_sync_client_takes_the_options_of_the_async_one() -> None:
+    """``Client(url, **options: Any)`` left its callers without a type check."""
+    options = typing.get_type_hints(AsyncClient.__init__)
+    del options["url"], options["return"]
+    assert typing.get_type_hints(ClientOptions) == options
+    assert typing.get_type_hints(Client.__init__)["options"] == Unpack[ClientOptions]
+
+
+async def test_the_sync_client_queries_with_every_parameter_of_the_async_one(
+    server: Server,
+) -> None:
+    async with AsyncClient(server.url) as client:
+        for i in range(6):
+            tags = {"r": "eu" if i % 2 else "us"}
+            await client.send(f"twin.{i % 3}", i, ts=TS + i * 3600, tags=tags, distinct_id=f"u{i}")
+        await client.flush()
+        grouped = await client.aggregates(
+            ["twin.0", "twin.1"],
+            start=TS,
+            end=TS + 86400,
+            granularity="day",
+            tz="Europe/Paris",
+            fill="zero",
+            group_by="r",
+            stats=("count", "sum", "distinct"),
+        )
+        filtered = await client.aggregates("twin.1", start=TS, end=TS + 86400, tags={"r": "eu"})
+        top = await client.top(start=TS, end=TS + 86400, stat="sum", prefix="twin.", limit=2)
+        keys = await client.keys("twin.", page=1)
+    refused: list[Rejected] = []
+
+    def sync() -> tuple[Aggregates, Aggregates, Top, list[KeyInfo], Counters]:
+        with Client(
+            server.url,
+            flush_on_sigterm=False,
+            api_key=None,
+            batch_events=10,
+            batch_bytes=4096,
+            max_delay=0.05,
+            buffer=100,
+            policy="drop_oldest",
+            wait=True,
+            gzip=False,
+            concurrency=1,
+            retry_timeout=5,
+            close_timeout=5,
+            timeout=10,
+            on_error=refused.append,
+        ) as client:
+            client.send("twin.refused\x01")
+            client.flush()
+            return (
+                client.aggregates(
+                    ["twin.0", "twin.1"],
+                    start=TS,
+                    end=TS + 86400,
+                    granularity="day",
+                    tz="Europe/Paris",
+                    fill="zero",
+                    group_by="r",
+                    stats=("count", "sum", "distinct"),
+                ),
+                client.aggregates("twin.1", start=TS, end=TS + 86400, tags={"r": "eu"}),
+                client.top(start=TS, end=TS + 86400, stat="sum", prefix="twin.", limit=2),
+                client.keys("twin.", page=1),
+                client.counters,
+            )
+
+    *answers, counters = await trio.to_thread.run_sync(sync)
+    assert answers == [grouped, filtered, top, keys]
+    assert [s.tags for s in grouped.results] == [{"r": "eu"}, {"r": "us"}] * 2
+    assert grouped.tz == "Europe/Paris" and grouped.results[0].buckets[0].distinct is not None
+    assert [r.key for r in top.results] == ["twin.2", "twin.1"] and len(keys) == 3
+    assert (counters.failed, len(refused)) == (1, 1)  # on_error reached the async client
+
+
+@pytest.mark.slow
+def test_mypy_checks_the_sync_clients_callers(tmp_path: Path) -> None:
+    """What a user's type checker says of wrong calls of the sync client: it said
+    nothing when the client took ``**options: Any`` and ``**query: Any``."""
+    program = tmp_path / "calls.py"
+    program.write_text(
+        "from trioagg.client import Client\n"
+        "client = Client('http://127.0.0.1:8000', batch_events='many', bogus=1)\n"
+        "client.aggregates('k', start=[1], granularity=None)\n"
+        "client.top(limit='ten')\n"
+        "client.keys(pages=2)\n"
+        "reveal_type(client.aggregates('k').results[0].buckets)\n"
+    )
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    ran = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", *cache, "--no-error-summary", str(program)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # Each error's line and code: mypy's wording is not this test's.
+    said = re.findall(r"calls\.py:(\d+): error: .*\[([a-z-]+)\]$", ran.stdout, re.MULTILINE)
+    assert said == [
+        ("2", "call-arg"),  # bogus=
+        ("2", "arg-type"),  # batch_events: a str
+        ("3", "arg-type"),  # start: a list
+        ("4", "arg-type"),  # limit: a str
+        ("5", "call-arg"),  # pages=
+    ], ran.stdout + ran.stderr
+    assert 'calls.py:6: note: Revealed type is "list[trioagg.client_answers.Bucket]"' in ran.stdout
 
 
 async def test_keys_follows_every_page(server: Server) -> None:

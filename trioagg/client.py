@@ -35,7 +35,17 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Final,
+    Literal,
+    ParamSpec,
+    TypedDict,
+    TypeVar,
+    Unpack,
+)
 
 import anyio
 import anyio.abc
@@ -57,6 +67,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ClientError",
+    "ClientOptions",
     "Counters",
     "Policy",
     "Rejected",
@@ -73,6 +84,7 @@ SERVER_MAX_EVENTS: Final = 10_000
 SERVER_MAX_BYTES: Final = 10 * 1024 * 1024
 _RETRY_STATUS: Final = frozenset({502, 503, 504})
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 _Params = list[tuple[str, str | int | float | bool | None]]
 
 Policy = Literal["block", "drop_oldest"]
@@ -698,6 +710,42 @@ def _retry_after(response: httpx.Response) -> float:
         return 0.0
 
 
+class ClientOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`AsyncClient`, which :class:`Client` passes on:
+    named and typed once more so that a type checker checks a ``Client``'s callers
+    (a test holds the two to the same names and types; the defaults and what each
+    means are :class:`AsyncClient`'s)."""
+
+    api_key: str | None
+    batch_events: int
+    batch_bytes: int
+    max_delay: float
+    buffer: int
+    policy: Policy
+    wait: bool
+    gzip: bool | None
+    concurrency: int
+    retry_timeout: float
+    close_timeout: float
+    timeout: float
+    on_error: Callable[[Rejected], None] | None
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, _P], Awaitable[_T]],
+) -> Callable[Concatenate[Client, _P], _T]:
+    """:class:`Client`'s twin of an :class:`AsyncClient` query: the same parameters,
+    types and docstring, run on the client's thread (what ``help()`` and a type
+    checker see is the async method's signature, less its coroutine)."""
+
+    def call(self: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._call(functools.partial(method, self._async, *args, **kwargs))
+
+    functools.update_wrapper(call, method)
+    call.__qualname__ = f"Client.{method.__name__}"
+    return call
+
+
 class Client:
     """The synchronous client: an :class:`AsyncClient` on trio in a background thread.
 
@@ -705,11 +753,16 @@ class Client:
     ``policy="block"`` and a full buffer, when there is room); ``close()``, leaving
     the ``with`` block, the interpreter's exit and, with ``flush_on_sigterm`` where
     the program lets it, SIGTERM flush what is buffered (see
-    :mod:`trioagg.client_exit`). Takes the arguments of :class:`AsyncClient`.
+    :mod:`trioagg.client_exit`). Takes the keyword arguments of :class:`AsyncClient`
+    (:class:`ClientOptions`); its queries are :class:`AsyncClient`'s, blocking.
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, *, flush_on_sigterm: bool = True, **options: Any
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        flush_on_sigterm: bool = True,
+        **options: Unpack[ClientOptions],
     ) -> None:
         self._async = AsyncClient(url, **options)
         self.counters = self._async.counters
@@ -805,17 +858,9 @@ class Client:
         self._thread.join()
         return self._failure
 
-    def aggregates(self, key: str | list[str] | tuple[str, ...], **query: Any) -> Aggregates:
-        """See :meth:`AsyncClient.aggregates`."""
-        return self._call(functools.partial(self._async.aggregates, key, **query))
-
-    def keys(self, prefix: str | None = None, *, page: int = 1000) -> list[KeyInfo]:
-        """See :meth:`AsyncClient.keys`."""
-        return self._call(functools.partial(self._async.keys, prefix, page=page))
-
-    def top(self, **query: Any) -> Top:
-        """See :meth:`AsyncClient.top`."""
-        return self._call(functools.partial(self._async.top, **query))
+    aggregates = _blocking(AsyncClient.aggregates)
+    keys = _blocking(AsyncClient.keys)
+    top = _blocking(AsyncClient.top)
 
     def _call(self, function: Callable[[], Awaitable[_T]]) -> _T:
         if self._token is None or self._stop.is_set():
