@@ -739,9 +739,16 @@ async def test_an_answer_that_is_not_trioaggs_raises_a_server_error(
     async with AsyncClient(proxy) as client:
         with pytest.raises(ServerError) as failed:
             await client.keys()
+    refused: list[Rejected] = []
+    async with AsyncClient(page, gzip=False, on_error=refused.append) as client:
+        await client.send("elsewhere")  # its answer crashed the client's sender
     assert (foreign.value.status, foreign.value.code) == (200, "invalid_answer")
     assert "not an answer of trioagg to GET /v1/aggregates" in foreign.value.message
     assert isinstance(foreign.value.__cause__, msgspec.DecodeError)
+    (rejected,) = refused  # not retried: the same server would answer the same
+    assert isinstance(rejected.error, ServerError) and rejected.error.code == "invalid_answer"
+    assert "not an answer of trioagg to POST /v1/events" in rejected.error.message
+    assert (client.counters.failed, client.counters.retried, client.counters.buffered) == (1, 0, 0)
     assert (failed.value.status, failed.value.code, failed.value.message) == (
         502,
         "http_error",

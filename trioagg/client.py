@@ -515,7 +515,12 @@ class AsyncClient:
                 delay, problem = 0.0, response
             else:
                 if response.status_code in (200, 202):
-                    answer = msgspec.json.decode(response.content, type=Accepted)
+                    try:
+                        answer = msgspec.json.decode(response.content, type=Accepted)
+                    except msgspec.DecodeError as error:  # a retry would meet the same
+                        invalid = ServerError.invalid_answer(response, "POST /v1/events", error)
+                        self._fail(lines, invalid)
+                        return
                     self._settle(len(lines), acknowledged=len(lines), dup=answer.duplicates)
                     if zipped:
                         self.gzip = True  # this server takes gzip bodies
@@ -672,9 +677,8 @@ class AsyncClient:
             raise ServerError.of(response)
         try:
             return msgspec.json.decode(response.content, type=kind)
-        except msgspec.DecodeError as error:  # a proxy's page, another service
-            why = f"not an answer of trioagg to GET {path}: {error}"
-            raise ServerError(response.status_code, "invalid_answer", why, []) from error
+        except msgspec.DecodeError as error:
+            raise ServerError.invalid_answer(response, f"GET {path}", error) from error
 
 
 def _names(

@@ -66,6 +66,17 @@ class ServerError(ClientError):
         except (msgspec.DecodeError, KeyError, TypeError):
             return cls(response.status_code, "http_error", response.text[:200], [])
 
+    @classmethod
+    def invalid_answer(
+        cls, response: httpx.Response, request: str, error: msgspec.DecodeError
+    ) -> ServerError:
+        """A success answer to ``request`` that is not trioagg's: a proxy's page, another
+        service on the port (``error``, the decoder's, is its ``__cause__``)."""
+        said = f"not an answer of trioagg to {request}: {error}"
+        made = cls(response.status_code, "invalid_answer", said, [])
+        made.__cause__ = error
+        return made
+
 
 class TransportError(ClientError):
     """No answer came: the server could not be reached (refused, no route, a name not
