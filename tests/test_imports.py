@@ -80,6 +80,7 @@ def test_importing_the_client_loads_only_the_client() -> None:
         "trioagg.answers",
         "trioagg.client",
         "trioagg.client_answers",
+        "trioagg.client_errors",
         "trioagg.client_exit",
         "trioagg.stats",
     ]
