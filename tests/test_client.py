@@ -770,6 +770,21 @@ async def test_sending_to_a_silent_server_gives_up_with_its_timeout(
     assert client.counters.retried >= 1  # each timeout was retried until retry_timeout ran out
 
 
+def test_every_public_name_of_the_client_is_in_all() -> None:
+    """As httpx's: the client's public surface changes only on purpose."""
+    import trioagg.client as module
+
+    ours = ("trioagg.client", "trioagg.client_errors")
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) in ours
+    }
+    constants = {"DEFAULT_URL", "SERVER_MAX_BYTES", "SERVER_MAX_EVENTS", "Policy"}  # no __module__
+    assert public == set(module.__all__) - constants
+    assert all(hasattr(module, name) for name in module.__all__)
+
+
 def test_the_sync_client_takes_the_options_of_the_async_one() -> None:
     """``Client(url, **options: Any)`` left its callers without a type check."""
     options = typing.get_type_hints(AsyncClient.__init__)
