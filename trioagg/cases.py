@@ -32,8 +32,8 @@ from .memory import give_back
 from .metrics import Metrics, bound_children
 from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
 from .readcache import CachedAnswer, cache_key
-from .rollup import is_percentile
 from .service import Service
+from .stats import is_percentile
 from .store.head import copy_row
 
 _Built = TypeVar("_Built")

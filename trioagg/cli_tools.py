@@ -37,6 +37,7 @@ from .client import (
     AsyncClient,
     Rejected,
     ServerError,
+    TransportError,
 )
 from .client_answers import as_sent
 from .events import MAX_TAGS
@@ -92,8 +93,6 @@ def _fail_on_server_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> Any:
-        import httpx
-
         try:
             return function(*args, **kwargs)
         except ServerError as error:
@@ -101,9 +100,9 @@ def _fail_on_server_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             headline = f"{error.status} {error.code}: {error.message}"
             lines = [headline] + [f"  {json.dumps(d)}" for d in error.details]
             raise click.ClickException("\n".join(lines)) from None
-        except httpx.TransportError as error:
+        except TransportError as error:
             raise click.ClickException(
-                f"cannot reach the server at {kwargs['url']}: {_why(error)}"
+                f"cannot reach the server at {kwargs['url']}: {_why(error.__cause__ or error)}"
             ) from None
 
     return run
@@ -588,7 +587,7 @@ def ingest(
     stopped = ""  # why reading stopped before the end of the input
 
     def refused(rejected: Rejected) -> None:
-        if rejected.error.code == "connection_error":  # not the server's answer: none came
+        if isinstance(rejected.error, TransportError):  # not the server's answer: none came
             tally.unreachable += len(rejected.events)
             return
         tally.rejected += len(rejected.events)
