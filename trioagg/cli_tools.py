@@ -615,6 +615,10 @@ def ingest(
             # events): the server's writer merges requests smaller than its batch, and
             # answers both at once; with both answers away it idles, flushing early.
             batch_bytes=SERVER_MAX_BYTES // 2,
+            # A regular file's lines come as fast as they are read: a batch goes when
+            # full or at the end, not when 0.1 s old, which on a busy machine cut the
+            # batches short. A pipe's (tail -f) still go within 0.1 s.
+            max_delay=0.1 if size is None else _FILE_BATCH_DELAY,
             concurrency=concurrency,
             wait=wait,
             gzip=False if gzip is None and _loopback(url) else gzip,
@@ -707,6 +711,10 @@ def _loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+#: The longest a batch of a regular file's lines waits for more lines before it is sent.
+_FILE_BATCH_DELAY: Final = 2.0
 
 
 def _size(file: IO[bytes]) -> int | None:
