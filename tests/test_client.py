@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -10,18 +11,33 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
+import httpx
 import msgspec
 import pytest
 import trio
 import trio.testing
 
-from trioagg.client import AsyncClient, Client, Counters, Rejected, Undelivered, uuid7
+from trioagg.answers import KeyInfo
+from trioagg.client import (
+    AsyncClient,
+    Client,
+    ClientError,
+    ClientOptions,
+    Counters,
+    Rejected,
+    ServerError,
+    Timeout,
+    TransportError,
+    Undelivered,
+    uuid7,
+)
 from trioagg.client_answers import Aggregates, Bucket, Ranked, Series, Top, as_sent
-from trioagg.rollup import STATS
+from trioagg.stats import STATS
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
@@ -179,6 +195,8 @@ async def test_close_timeout_bounds_every_retry_under_way(
     assert trio.current_time() - began <= 5
     assert _ids(raised.value.events) == sorted(f"late-{i}" for i in range(100))
     assert (client.counters.failed, client.counters.buffered) == (100, 0)
+    assert isinstance(raised.value, ClientError) and raised.value.code == "close_timeout"
+    assert type(raised.value.last_error) is TransportError  # why the events were waiting
 
 
 async def test_retries_go_on_past_a_thousand_attempts(
@@ -529,8 +547,6 @@ async def test_what_the_exit_could_not_deliver_is_reported_on_stderr(
 
 
 async def test_queries_answer_typed_results_and_errors_carry_the_envelope(server: Server) -> None:
-    from trioagg.client import ServerError
-
     async with AsyncClient(server.url) as client:
         for i in range(5):
             await client.send("typed", i, ts=TS + i * 3600, tags={"r": "eu" if i % 2 else "us"})
@@ -547,6 +563,7 @@ async def test_queries_answer_typed_results_and_errors_carry_the_envelope(server
             await client.aggregates("typed", stats=["bogus"])
     assert raised.value.status == 422 and raised.value.code == "invalid_query"
     assert raised.value.details[0]["parameter"] == "stats"
+    assert isinstance(raised.value, ClientError)
 
 
 async def test_answers_are_typed_all_the_way_down(start_server: StartServer) -> None:
@@ -624,8 +641,6 @@ async def test_stats_take_a_comma_list_a_list_or_a_tuple_and_nothing_else(
 
 async def test_a_server_error_says_the_servers_reasons(server: Server) -> None:
     """Its text was "422 invalid_query: the query is invalid", the reason only in details."""
-    from trioagg.client import ServerError
-
     refused: list[Rejected] = []
     async with AsyncClient(server.url, on_error=refused.append) as client:
         with pytest.raises(ServerError) as raised:
@@ -649,6 +664,233 @@ async def test_a_server_error_says_the_servers_reasons(server: Server) -> None:
         f"event 1, key: {rejected.error.details[1]['message']}; "
         f"event 2, key: {rejected.error.details[2]['message']}; 2 more in .details"
     )
+
+
+async def _fixed_server(nursery: trio.Nursery, answer: bytes | None) -> str:
+    """A server on loopback that reads a request, then sends ``answer`` and closes the
+    connection, or with None never answers: what a hung or a foreign service does."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            seen = b""
+            while b"\r\n\r\n" not in seen:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                seen += data
+            if answer is None:
+                await trio.sleep_forever()
+            await stream.send_all(answer)
+
+    serve = functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+    listeners: list[trio.SocketListener] = await nursery.start(serve)
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+def _answer(status: str, content_type: str, body: bytes) -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+    return head.encode() + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+
+
+async def test_a_query_without_an_answer_raises_a_transport_error_or_a_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    """httpx.TransportError went through a query, where sending wrapped it."""
+    silent = await _fixed_server(nursery, None)
+    async with AsyncClient(_dead_url()) as client:
+        with pytest.raises(TransportError) as refused:
+            await client.top()
+    async with AsyncClient(silent, timeout=0.2) as client:
+        with pytest.raises(Timeout) as waited:
+            await client.aggregates("hung")
+    assert type(refused.value) is TransportError  # a refused connection is no timeout
+    assert isinstance(refused.value, ClientError)
+    assert isinstance(refused.value.__cause__, httpx.ConnectError)
+    assert (refused.value.status, refused.value.code, refused.value.details) == (
+        0,
+        "connection_error",
+        [],
+    )
+    assert str(refused.value).startswith("connection_error: ConnectError: ")
+    assert isinstance(waited.value, TransportError)
+    assert isinstance(waited.value.__cause__, httpx.ReadTimeout)
+    assert (waited.value.status, waited.value.code) == (0, "timeout")
+
+    def sync() -> tuple[ClientError, ClientError]:
+        with Client(_dead_url()) as client, pytest.raises(TransportError) as refused:
+            client.keys()
+        with Client(silent, timeout=0.2) as client, pytest.raises(Timeout) as waited:
+            client.top(start=TS, end=TS + 3600)
+        return refused.value, waited.value
+
+    refused_sync, waited_sync = await trio.to_thread.run_sync(sync)
+    assert type(refused_sync) is TransportError and type(waited_sync) is Timeout
+
+
+async def test_an_answer_that_is_not_trioaggs_raises_a_server_error(
+    nursery: trio.Nursery,
+) -> None:
+    """A proxy's page, another service on the port: msgspec's DecodeError went through."""
+    page = await _fixed_server(nursery, _answer("200 OK", "text/html", b"<html>hi</html>"))
+    proxy = await _fixed_server(nursery, _answer("502 Bad Gateway", "text/plain", b"no upstream"))
+    async with AsyncClient(page) as client:
+        with pytest.raises(ServerError) as foreign:
+            await client.aggregates("elsewhere")
+    async with AsyncClient(proxy) as client:
+        with pytest.raises(ServerError) as failed:
+            await client.keys()
+    refused: list[Rejected] = []
+    async with AsyncClient(page, gzip=False, on_error=refused.append) as client:
+        await client.send("elsewhere")  # its answer crashed the client's sender
+    assert (foreign.value.status, foreign.value.code) == (200, "invalid_answer")
+    assert "not an answer of trioagg to GET /v1/aggregates" in foreign.value.message
+    assert isinstance(foreign.value.__cause__, msgspec.DecodeError)
+    (rejected,) = refused  # not retried: the same server would answer the same
+    assert isinstance(rejected.error, ServerError) and rejected.error.code == "invalid_answer"
+    assert "not an answer of trioagg to POST /v1/events" in rejected.error.message
+    assert (client.counters.failed, client.counters.retried, client.counters.buffered) == (1, 0, 0)
+    assert (failed.value.status, failed.value.code, failed.value.message) == (
+        502,
+        "http_error",
+        "no upstream",
+    )
+
+
+async def test_sending_to_a_silent_server_gives_up_with_its_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    silent = await _fixed_server(nursery, None)
+    refused: list[Rejected] = []
+    client = AsyncClient(silent, timeout=0.1, retry_timeout=1, on_error=refused.append)
+    async with client:
+        await client.send("unheard", ts=TS)
+    (rejected,) = refused
+    assert type(rejected.error) is Timeout and rejected.error.code == "timeout"
+    assert client.counters.failed == 1
+    assert client.counters.retried >= 1  # each timeout was retried until retry_timeout ran out
+
+
+def test_every_public_name_of_the_client_is_in_all() -> None:
+    """As httpx's: the client's public surface changes only on purpose."""
+    import trioagg.client as module
+
+    ours = ("trioagg.client", "trioagg.client_errors")
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) in ours
+    }
+    constants = {"DEFAULT_URL", "SERVER_MAX_BYTES", "SERVER_MAX_EVENTS", "Policy"}  # no __module__
+    assert public == set(module.__all__) - constants
+    assert all(hasattr(module, name) for name in module.__all__)
+
+
+def test_the_sync_client_takes_the_options_of_the_async_one() -> None:
+    """``Client(url, **options: Any)`` left its callers without a type check."""
+    options = typing.get_type_hints(AsyncClient.__init__)
+    del options["url"], options["return"]
+    assert typing.get_type_hints(ClientOptions) == options
+    assert typing.get_type_hints(Client.__init__)["options"] == Unpack[ClientOptions]
+
+
+async def test_the_sync_client_queries_with_every_parameter_of_the_async_one(
+    server: Server,
+) -> None:
+    async with AsyncClient(server.url) as client:
+        for i in range(6):
+            tags = {"r": "eu" if i % 2 else "us"}
+            await client.send(f"twin.{i % 3}", i, ts=TS + i * 3600, tags=tags, distinct_id=f"u{i}")
+        await client.flush()
+        grouped = await client.aggregates(
+            ["twin.0", "twin.1"],
+            start=TS,
+            end=TS + 86400,
+            granularity="day",
+            tz="Europe/Paris",
+            fill="zero",
+            group_by="r",
+            stats=("count", "sum", "distinct"),
+        )
+        filtered = await client.aggregates("twin.1", start=TS, end=TS + 86400, tags={"r": "eu"})
+        top = await client.top(start=TS, end=TS + 86400, stat="sum", prefix="twin.", limit=2)
+        keys = await client.keys("twin.", page=1)
+    refused: list[Rejected] = []
+
+    def sync() -> tuple[Aggregates, Aggregates, Top, list[KeyInfo], Counters]:
+        with Client(
+            server.url,
+            flush_on_sigterm=False,
+            api_key=None,
+            batch_events=10,
+            batch_bytes=4096,
+            max_delay=0.05,
+            buffer=100,
+            policy="drop_oldest",
+            wait=True,
+            gzip=False,
+            concurrency=1,
+            retry_timeout=5,
+            close_timeout=5,
+            timeout=10,
+            on_error=refused.append,
+        ) as client:
+            client.send("twin.refused\x01")
+            client.flush()
+            return (
+                client.aggregates(
+                    ["twin.0", "twin.1"],
+                    start=TS,
+                    end=TS + 86400,
+                    granularity="day",
+                    tz="Europe/Paris",
+                    fill="zero",
+                    group_by="r",
+                    stats=("count", "sum", "distinct"),
+                ),
+                client.aggregates("twin.1", start=TS, end=TS + 86400, tags={"r": "eu"}),
+                client.top(start=TS, end=TS + 86400, stat="sum", prefix="twin.", limit=2),
+                client.keys("twin.", page=1),
+                client.counters,
+            )
+
+    *answers, counters = await trio.to_thread.run_sync(sync)
+    assert answers == [grouped, filtered, top, keys]
+    assert [s.tags for s in grouped.results] == [{"r": "eu"}, {"r": "us"}] * 2
+    assert grouped.tz == "Europe/Paris" and grouped.results[0].buckets[0].distinct is not None
+    assert [r.key for r in top.results] == ["twin.2", "twin.1"] and len(keys) == 3
+    assert (counters.failed, len(refused)) == (1, 1)  # on_error reached the async client
+
+
+@pytest.mark.slow
+def test_mypy_checks_the_sync_clients_callers(tmp_path: Path) -> None:
+    """What a user's type checker says of wrong calls of the sync client: it said
+    nothing when the client took ``**options: Any`` and ``**query: Any``."""
+    program = tmp_path / "calls.py"
+    program.write_text(
+        "from trioagg.client import Client\n"
+        "client = Client('http://127.0.0.1:8000', batch_events='many', bogus=1)\n"
+        "client.aggregates('k', start=[1], granularity=None)\n"
+        "client.top(limit='ten')\n"
+        "client.keys(pages=2)\n"
+        "reveal_type(client.aggregates('k').results[0].buckets)\n"
+    )
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    ran = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", *cache, "--no-error-summary", str(program)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # Each error's line and code: mypy's wording is not this test's.
+    said = re.findall(r"calls\.py:(\d+): error: .*\[([a-z-]+)\]$", ran.stdout, re.MULTILINE)
+    assert said == [
+        ("2", "call-arg"),  # bogus=
+        ("2", "arg-type"),  # batch_events: a str
+        ("3", "arg-type"),  # start: a list
+        ("4", "arg-type"),  # limit: a str
+        ("5", "call-arg"),  # pages=
+    ], ran.stdout + ran.stderr
+    assert 'calls.py:6: note: Revealed type is "list[trioagg.client_answers.Bucket]"' in ran.stdout
 
 
 async def test_keys_follows_every_page(server: Server) -> None:

@@ -24,7 +24,8 @@ from trioagg.errors import InvalidQuery
 from trioagg.events import Point
 from trioagg.params import GRANULARITIES
 from trioagg.query import Query, answer, parse_query
-from trioagg.rollup import STATS, Rollup, Slot, pre_aggregate
+from trioagg.rollup import Rollup, Slot, pre_aggregate
+from trioagg.stats import STATS
 from trioagg.store.base import flush_head, journal_batch
 from trioagg.store.head import Head, copy_rollup
 from trioagg.store.plan import SeriesCache, WritePolicy

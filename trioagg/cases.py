@@ -40,8 +40,8 @@ from .query import (
     work,
 )
 from .readcache import CachedAnswer, cache_key
-from .rollup import is_percentile
 from .service import Service
+from .stats import is_percentile
 from .store import TierCut
 from .store.head import copy_row
 

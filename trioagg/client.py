@@ -13,7 +13,9 @@ gets a time-ordered id (UUIDv7) unless it has one, so a request retried after a
 lost answer is counted once by the server (within its dedup window).
 ``close()`` flushes for at most ``close_timeout`` seconds in all, then raises
 :class:`Undelivered` with the events it could not deliver. What leaving the
-process does to a :class:`Client`'s buffer is :mod:`trioagg.client_exit`'s.
+process does to a :class:`Client`'s buffer is :mod:`trioagg.client_exit`'s; the
+errors the client raises, one tree under :class:`ClientError`, are
+:mod:`trioagg.client_errors`'.
 """
 
 from __future__ import annotations
@@ -33,17 +35,48 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
-from typing import Any, Final, Literal, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Final,
+    Literal,
+    ParamSpec,
+    TypedDict,
+    TypeVar,
+    Unpack,
+)
 
 import anyio
 import anyio.abc
 import httpx
 import msgspec
-import trio
 
 from . import answers, client_exit
 from .answers import Accepted, KeyInfo, Keys
 from .client_answers import Aggregates, Top, typed
+from .client_errors import ClientError, ServerError, Timeout, TransportError, Undelivered
+
+if TYPE_CHECKING:
+    import trio
+
+__all__ = [
+    "DEFAULT_URL",
+    "SERVER_MAX_BYTES",
+    "SERVER_MAX_EVENTS",
+    "AsyncClient",
+    "Client",
+    "ClientError",
+    "ClientOptions",
+    "Counters",
+    "Policy",
+    "Rejected",
+    "ServerError",
+    "Timeout",
+    "TransportError",
+    "Undelivered",
+    "uuid7",
+]
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 #: The server's default max_batch and max_body; a request never exceeds them.
@@ -51,6 +84,7 @@ SERVER_MAX_EVENTS: Final = 10_000
 SERVER_MAX_BYTES: Final = 10 * 1024 * 1024
 _RETRY_STATUS: Final = frozenset({502, 503, 504})
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 _Params = list[tuple[str, str | int | float | bool | None]]
 
 Policy = Literal["block", "drop_oldest"]
@@ -76,75 +110,6 @@ class _Event(msgspec.Struct, omit_defaults=True):
 _encode = msgspec.json.Encoder().encode
 
 
-class ServerError(Exception):
-    """An error answer of the server: its status and its error envelope's fields.
-
-    Its text is the status, code and message, then the first details (what is wrong
-    and where); every detail is in ``details``."""
-
-    def __init__(self, status: int, code: str, message: str, details: list[Any]) -> None:
-        super().__init__(f"{status} {code}: {message}{_reasons(details)}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-    @classmethod
-    def of(cls, response: httpx.Response) -> ServerError:
-        try:
-            error = msgspec.json.decode(response.content)["error"]
-            return cls(response.status_code, error["code"], error["message"], error["details"])
-        except (msgspec.DecodeError, KeyError, TypeError):
-            return cls(response.status_code, "http_error", response.text[:200], [])
-
-
-#: Details a ServerError's text shows at most: an invalid_events answer may have thousands.
-_SHOWN_DETAILS: Final = 3
-
-
-def _reasons(details: list[Any]) -> str:
-    """``: stats: unknown stat(s) ...``, ``: event 3, tags: ...``: the first details."""
-    said = []
-    for detail in details[:_SHOWN_DETAILS]:
-        if not isinstance(detail, dict) or "message" not in detail:
-            said.append(str(detail))
-        elif "parameter" in detail:
-            said.append(f"{detail['parameter']}: {detail['message']}")
-        elif "index" in detail:
-            field = f", {detail['field']}" if detail.get("field") else ""
-            said.append(f"event {detail['index']}{field}: {detail['message']}")
-        else:
-            said.append(str(detail["message"]))
-    if len(details) > _SHOWN_DETAILS:
-        said.append(f"{len(details) - _SHOWN_DETAILS:,} more in .details")
-    return ": " + "; ".join(text[:300] for text in said) if said else ""
-
-
-class Undelivered(Exception):
-    """Raised by ``close()`` when ``close_timeout`` ran out before every event was
-    acknowledged: the events still buffered, waiting for a retry or in a request
-    under way were given up (and passed to ``on_error`` as well).
-
-    ``events``: those events as sent (JSON lines, each with its id). Save them and
-    send them again later (``send_encoded``, or ``trioagg ingest`` on a file of
-    them): their ids make a resend count once, within the server's dedup window,
-    which matters because a request cut off under way may have been stored.
-    ``last_error``: the last error answer or connection error met while sending, if
-    any (why the events were still waiting).
-    """
-
-    def __init__(
-        self, events: list[bytes], close_timeout: float, last_error: ServerError | None
-    ) -> None:
-        why = f"; last error: {last_error}" if last_error is not None else ""
-        super().__init__(
-            f"{len(events):,} events not delivered within close_timeout ({close_timeout:g} s){why}"
-        )
-        self.events = events
-        self.close_timeout = close_timeout
-        self.last_error = last_error
-
-
 @contextlib.contextmanager
 def _noted_on(error: BaseException | None) -> Iterator[None]:
     """Let :class:`Undelivered` out of a ``with`` block's closing, but not over the
@@ -160,15 +125,16 @@ def _noted_on(error: BaseException | None) -> Iterator[None]:
 @dataclass(frozen=True)
 class Rejected:
     """Events that will not be sent again, and were not stored: refused by the server
-    (a 4xx), given up after ``retry_timeout`` (``error`` is the last error met), or
-    cut off by ``close_timeout`` (``error.code`` is ``close_timeout``; a request cut
-    off under way may have been stored, see :class:`Undelivered`).
+    (a 4xx: a :class:`ServerError`), given up after ``retry_timeout`` (``error`` is
+    the last error met: a :class:`ServerError` or a :class:`TransportError`), or cut
+    off by ``close_timeout`` (an :class:`Undelivered`; a request cut off under way
+    may have been stored).
 
     ``events`` are the events as sent (JSON lines); ``problems`` are the server's
     details for them (for ``invalid_events``, by index into ``events``).
     """
 
-    error: ServerError
+    error: ClientError
     events: list[bytes]
     problems: list[dict[str, Any]]
 
@@ -376,7 +342,7 @@ class AsyncClient:
         #: the scopes of the requests and retry pauses under way, which the deadline ends
         self._cutoffs: set[anyio.CancelScope] = set()
         self._undelivered: list[bytes] = []
-        self._last_error: ServerError | None = None
+        self._last_error: ClientError | None = None
         self._group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -535,20 +501,26 @@ class AsyncClient:
         attempt = 0
         while True:
             zipped = self.gzip is not False
-            response: httpx.Response | ServerError
+            response: httpx.Response | TransportError
             with self._until_deadline() as posting:
                 try:
                     response = await self._post(body, zipped)
                 except httpx.TransportError as error:
-                    response = ServerError(0, "connection_error", repr(error), [])
+                    response = TransportError.of(error)
             if posting.cancelled_caught:
                 self._cut_off(lines)
                 return
-            if isinstance(response, ServerError):
+            problem: ClientError
+            if isinstance(response, TransportError):
                 delay, problem = 0.0, response
             else:
                 if response.status_code in (200, 202):
-                    answer = msgspec.json.decode(response.content, type=Accepted)
+                    try:
+                        answer = msgspec.json.decode(response.content, type=Accepted)
+                    except msgspec.DecodeError as error:  # a retry would meet the same
+                        invalid = ServerError.invalid_answer(response, "POST /v1/events", error)
+                        self._fail(lines, invalid)
+                        return
                     self._settle(len(lines), acknowledged=len(lines), dup=answer.duplicates)
                     if zipped:
                         self.gzip = True  # this server takes gzip bodies
@@ -620,13 +592,12 @@ class AsyncClient:
         if not lines:
             return
         self._undelivered += lines
-        reason = f"close() gave up after close_timeout ({self.close_timeout:g} s)"
-        self._fail(lines, ServerError(0, "close_timeout", reason, []))
+        self._fail(lines, Undelivered(lines, self.close_timeout, self._last_error))
 
     def _fail(
         self,
         lines: list[bytes],
-        error: ServerError,
+        error: ClientError,
         problems: list[dict[str, Any]] | None = None,
     ) -> None:
         self._settle(len(lines), failed=len(lines))
@@ -697,10 +668,17 @@ class AsyncClient:
         return await self._get("/v1/top", params, Top)
 
     async def _get(self, path: str, params: _Params, kind: type[_T]) -> _T:
-        response = await self._http.get(path, params=params)
+        """The answer to ``GET path``, decoded; raises only :class:`ClientError` kinds."""
+        try:
+            response = await self._http.get(path, params=params)
+        except httpx.TransportError as error:
+            raise TransportError.of(error) from error
         if response.status_code != 200:
             raise ServerError.of(response)
-        return msgspec.json.decode(response.content, type=kind)
+        try:
+            return msgspec.json.decode(response.content, type=kind)
+        except msgspec.DecodeError as error:
+            raise ServerError.invalid_answer(response, f"GET {path}", error) from error
 
 
 def _names(
@@ -736,6 +714,42 @@ def _retry_after(response: httpx.Response) -> float:
         return 0.0
 
 
+class ClientOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`AsyncClient`, which :class:`Client` passes on:
+    named and typed once more so that a type checker checks a ``Client``'s callers
+    (a test holds the two to the same names and types; the defaults and what each
+    means are :class:`AsyncClient`'s)."""
+
+    api_key: str | None
+    batch_events: int
+    batch_bytes: int
+    max_delay: float
+    buffer: int
+    policy: Policy
+    wait: bool
+    gzip: bool | None
+    concurrency: int
+    retry_timeout: float
+    close_timeout: float
+    timeout: float
+    on_error: Callable[[Rejected], None] | None
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, _P], Awaitable[_T]],
+) -> Callable[Concatenate[Client, _P], _T]:
+    """:class:`Client`'s twin of an :class:`AsyncClient` query: the same parameters,
+    types and docstring, run on the client's thread (what ``help()`` and a type
+    checker see is the async method's signature, less its coroutine)."""
+
+    def call(self: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._call(functools.partial(method, self._async, *args, **kwargs))
+
+    functools.update_wrapper(call, method)
+    call.__qualname__ = f"Client.{method.__name__}"
+    return call
+
+
 class Client:
     """The synchronous client: an :class:`AsyncClient` on trio in a background thread.
 
@@ -743,11 +757,16 @@ class Client:
     ``policy="block"`` and a full buffer, when there is room); ``close()``, leaving
     the ``with`` block, the interpreter's exit and, with ``flush_on_sigterm`` where
     the program lets it, SIGTERM flush what is buffered (see
-    :mod:`trioagg.client_exit`). Takes the arguments of :class:`AsyncClient`.
+    :mod:`trioagg.client_exit`). Takes the keyword arguments of :class:`AsyncClient`
+    (:class:`ClientOptions`); its queries are :class:`AsyncClient`'s, blocking.
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, *, flush_on_sigterm: bool = True, **options: Any
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        flush_on_sigterm: bool = True,
+        **options: Unpack[ClientOptions],
     ) -> None:
         self._async = AsyncClient(url, **options)
         self.counters = self._async.counters
@@ -764,6 +783,10 @@ class Client:
         client_exit.watch(self, sigterm=flush_on_sigterm)
 
     def _run(self) -> None:
+        # trio is imported where a Client uses it: importing trioagg.client, or running
+        # an AsyncClient under asyncio, does not load it.
+        import trio
+
         async def main() -> None:
             stop = trio.Event()
             self._stop_loop = stop.set
@@ -828,6 +851,8 @@ class Client:
         if self._stop.is_set():
             return
         self._stop.set()
+        import trio
+
         if self._token is not None and self._thread.is_alive():
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._stop_loop)
@@ -837,19 +862,13 @@ class Client:
         self._thread.join()
         return self._failure
 
-    def aggregates(self, key: str | list[str] | tuple[str, ...], **query: Any) -> Aggregates:
-        """See :meth:`AsyncClient.aggregates`."""
-        return self._call(functools.partial(self._async.aggregates, key, **query))
-
-    def keys(self, prefix: str | None = None, *, page: int = 1000) -> list[KeyInfo]:
-        """See :meth:`AsyncClient.keys`."""
-        return self._call(functools.partial(self._async.keys, prefix, page=page))
-
-    def top(self, **query: Any) -> Top:
-        """See :meth:`AsyncClient.top`."""
-        return self._call(functools.partial(self._async.top, **query))
+    aggregates = _blocking(AsyncClient.aggregates)
+    keys = _blocking(AsyncClient.keys)
+    top = _blocking(AsyncClient.top)
 
     def _call(self, function: Callable[[], Awaitable[_T]]) -> _T:
         if self._token is None or self._stop.is_set():
             raise RuntimeError("the client is closed")
+        import trio
+
         return trio.from_thread.run(function, trio_token=self._token)

@@ -18,12 +18,12 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from . import answers
-from .rollup import STATS, is_percentile
+from .stats import STATS, is_percentile
 
 
 class Bucket(msgspec.Struct, gc=False, repr_omit_defaults=True):
     """A bucket's start and the stats the query asked for (the others are UNSET): an
-    attribute for each of :data:`~trioagg.rollup.STATS`, and the percentiles.
+    attribute for each of :data:`~trioagg.stats.STATS`, and the percentiles.
 
     With ``fill=null`` a bucket without events has count 0 and its other stats
     None; ``distinct`` is None where no event had a distinct_id."""

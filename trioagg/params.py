@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .errors import InvalidQuery
-from .rollup import STATS, is_percentile
+from .stats import STATS, is_percentile
 from .times import MAX_TIME_LENGTH, RANGE_TEXT, SECONDS_PATTERN, parse_time
 
 GRANULARITIES: Final = ("bucket", "hour", "day", "week", "month", "all")

@@ -31,8 +31,9 @@ from .answers import Aggregates, Pieces, PieceWriter, Series
 from .budget import DEFAULT_BUDGET, Budget
 from .errors import InvalidQuery
 from .params import AGGREGATES, Problems, parse_args
-from .rollup import Rollup, is_percentile
+from .rollup import Rollup
 from .settings import BUCKET_WIDTHS
+from .stats import is_percentile
 from .store import Row, TierCut
 from .tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
 from .times import LATEST, rfc3339

@@ -27,13 +27,13 @@ of two sketches is the sketch of the union of their inputs.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from datasketches import hll_sketch, hll_union, kll_doubles_sketch, tgt_hll_type
 
 from .events import Point
+from .stats import percentile_rank
 
 #: Where a rollup belongs: (key, bucket start in Unix seconds, canonical tags JSON).
 Slot = tuple[str, int, str]
@@ -175,7 +175,7 @@ class Rollup:
         return None if self.distinct is None else round(self.distinct.get_estimate())
 
     def stat(self, name: str) -> float | None:
-        """One of the statistics of :data:`STATS`, or a percentile named ``pNN``."""
+        """One of the statistics of :data:`~trioagg.stats.STATS`, or a percentile named ``pNN``."""
         if name == "count":
             return self.count
         if name == "avg":
@@ -194,10 +194,6 @@ class Rollup:
         )
 
 
-#: The statistics a rollup answers, in the order the API lists them (plus ``pNN``).
-STATS = ("count", "sum", "min", "max", "avg", "stddev", "distinct", "last")
-
-
 def later(ts: float, value: float | None, than_ts: float, than: float | None) -> bool:
     """Whether the event (``ts``, ``value``) comes after (``than_ts``, ``than``) for
     ``last``: a later time, or the same time and a larger value. An unknown value
@@ -205,18 +201,6 @@ def later(ts: float, value: float | None, than_ts: float, than: float | None) ->
     if ts != than_ts:
         return ts > than_ts
     return value is not None and (than is None or value > than)
-
-
-_PERCENTILE = re.compile(r"^p(100|\d{1,2}(\.\d+)?)$")
-
-
-def is_percentile(name: str) -> bool:
-    """``p50``, ``p99``, ``p99.9``: a percentile from 0 to 100."""
-    return _PERCENTILE.match(name) is not None
-
-
-def percentile_rank(name: str) -> float:
-    return float(name[1:]) / 100.0
 
 
 def pre_aggregate(
