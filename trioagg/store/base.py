@@ -167,9 +167,9 @@ class RollupBackend(Protocol):
         """Delete the rows :meth:`rows_before` read, the last of them ``last``: those of
         ``table`` before ``before`` up to ``last`` in (bucket, key, tags) order."""
 
-    def delete_before(self, conn: Any, table: str, before: int, limit: int | None = None) -> int:
-        """Delete rows of ``table`` whose bucket starts before ``before`` (at most
-        ``limit``); how many went."""
+    def delete_before(self, conn: Any, table: str, before: int, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``table`` whose bucket starts before ``before``;
+        how many went."""
 
     def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
         """Widen the keys index to cover ``spans``."""

@@ -15,6 +15,11 @@ bucket, so that merged with rows of earlier buckets it still wins, and loses to
 rows of later ones. ``series`` indexes keys, tags and first/last buckets for ``/v1/keys``;
 ``event_ids`` remembers idempotency ids for the dedup window.
 
+With ``--tiers`` (:mod:`trioagg.tiers`), each coarser tier is a table of the same
+columns, ``rollups_<width>``; the UPSERT and the sketch statements take the
+table, reads go through the union of every tier's table (each row with its
+tier's width), and ``meta`` holds the declared tiers and each tier's rolled mark.
+
 Statements are written with ``?`` placeholders; a dialect with another style
 sets :attr:`SQLBackend.mark`. Subclasses own connecting, the schema, the
 transaction statements, and which errors mean "busy" or "disconnected".
@@ -288,19 +293,16 @@ class SQLBackend:
         count: int = cursor.rowcount
         return count
 
-    def delete_before(self, conn: Any, table: str, before: int, limit: int | None = None) -> int:
-        """Delete the rows of ``table`` whose bucket starts before ``before`` (at most
-        ``limit`` of them); how many went."""
-        if limit is None:
-            cursor = conn.execute(self._sql(f"DELETE FROM {table} WHERE bucket < ?"), (before,))
-        else:
-            cursor = conn.execute(
-                self._sql(
-                    f"DELETE FROM {table} WHERE (key, bucket, tags) IN "
-                    f"(SELECT key, bucket, tags FROM {table} WHERE bucket < ? LIMIT ?)"
-                ),
-                (before, limit),
-            )
+    def delete_before(self, conn: Any, table: str, before: int, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``table`` whose bucket starts before ``before``;
+        how many went."""
+        cursor = conn.execute(
+            self._sql(
+                f"DELETE FROM {table} WHERE (key, bucket, tags) IN "
+                f"(SELECT key, bucket, tags FROM {table} WHERE bucket < ? LIMIT ?)"
+            ),
+            (before, limit),
+        )
         count: int = cursor.rowcount
         return count
 
