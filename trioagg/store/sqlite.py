@@ -19,6 +19,11 @@ of the store: its shard files are created in the transaction that creates it,
 and an existing store opens only with the N it was made with. Read connections
 open the main file and ``ATTACH`` the others, and read through ``TEMP`` views
 that ``UNION ALL`` the shards' tables.
+
+**Tiers** (``--tiers``): every shard file has each coarser tier's table and its
+own rolled marks in its ``meta``, and is rolled on its writer's connection, so a
+wider bucket may have a row in each shard that held some of its hours; reads
+merge them. The declared tiers are recorded in the main file only.
 """
 
 from __future__ import annotations
