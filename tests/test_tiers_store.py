@@ -15,6 +15,7 @@ import math
 import random
 import sqlite3
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from trioagg.errors import ConfigError, InvalidQuery
@@ -542,3 +545,100 @@ def _at(stamp: str) -> int:
     import datetime
 
     return int(datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+
+
+SMALL = "1m for 2h, 1h for 1d, 1d forever"
+#: Events in the first 36 hours (so that a few hours hold many minutes), rolled a few
+#: rows at a time (so that wider buckets are rolled in parts, late events between).
+writes = st.lists(
+    st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 36 * H - 1), st.integers(-50, 50)),
+    min_size=1,
+    max_size=40,
+)
+roll_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), writes),
+        st.tuples(st.just("roll"), st.tuples(st.integers(0, 12), st.integers(1, 6))),
+        st.tuples(st.just("fail"), st.integers(1, 6)),
+    ),
+    max_size=25,
+)
+
+
+class FailingDelete(SQLiteBackend):
+    """A real SQLite store whose next roll fails between its upsert and its delete."""
+
+    fail = False
+
+    def delete_through(self, conn: Any, table: str, before: int, last: Any) -> int:
+        if self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return super().delete_through(conn, table, before, last)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations=roll_operations)
+def test_any_interleaving_of_writes_and_rolls_keeps_every_event_once(
+    operations: list[tuple[str, Any]],
+) -> None:
+    tiers = parse_tiers(SMALL)
+    assert tiers is not None
+    with tempfile.TemporaryDirectory() as folder:
+        backend = FailingDelete(str(Path(folder) / "s.db"), tiers=tiers)
+        conn = backend.connect(write=True)
+        backend.prepare(conn, M)
+        policy = WritePolicy(M, 86400.0, lambda key: False, tiers)
+        head, seen = Head(), SeriesCache()
+        now, written = float(T0 + 4 * H), []
+        for operation, argument in operations:
+            if operation == "write":
+                points: list[Point] = [
+                    (key, float(T0 + at), float(value), "{}", None, None)
+                    for key, at, value in argument
+                ]
+                journal_batch(conn, backend, [points], policy, "me/0", head)
+                flush_head(conn, backend, head, "me/0", policy, seen)
+                written.extend(points)
+            elif operation == "roll":
+                hours, limit = argument
+                now += hours * H
+                for index in range(len(tiers) - 1):
+                    while roll_step(conn, backend, tiers, index, now, limit) is not None:
+                        pass
+            else:
+                backend.fail = True
+                with contextlib.suppress(sqlite3.OperationalError):
+                    roll_step(conn, backend, tiers, 0, now, argument)
+                backend.fail = False
+            # Every event in one tier, once; every tier's buckets after its mark.
+            assert by_day(conn, tiers) == truth_by_day(written)
+            marks = backend.read_rolled(conn, exclusive=False)
+            for index, mark in enumerate(marks):
+                first = conn.execute(f"SELECT min(bucket) FROM {tiers.table(index)}").fetchone()
+                assert first[0] is None or first[0] >= mark
+        conn.close()
+
+
+def by_day(conn: sqlite3.Connection, tiers: Any) -> dict[tuple[str, int], tuple[int, ...]]:
+    """(count, sum, min, max) per key and UTC day, over every tier's table."""
+    days: dict[tuple[str, int], list[int]] = {}
+    for index in range(len(tiers)):
+        for key, bucket, count, total, low, high in conn.execute(
+            f"SELECT key, bucket, count, count * shift + s1, min, max FROM {tiers.table(index)}"
+        ):
+            day = days.setdefault((key, bucket // D * D), [0, 0, 10**9, -(10**9)])
+            day[0] += count
+            day[1] += round(total)
+            day[2], day[3] = min(day[2], round(low)), max(day[3], round(high))
+    return {slot: tuple(values) for slot, values in days.items()}
+
+
+def truth_by_day(points: list[Point]) -> dict[tuple[str, int], tuple[int, ...]]:
+    days: dict[tuple[str, int], list[int]] = {}
+    for key, ts, value, *_ in points:
+        day = days.setdefault((key, int(ts) // D * D), [0, 0, 10**9, -(10**9)])
+        day[0] += 1
+        day[1] += int(value)
+        day[2], day[3] = min(day[2], int(value)), max(day[3], int(value))
+    return {slot: tuple(values) for slot, values in days.items()}
