@@ -150,11 +150,21 @@ class KeyInfo(msgspec.Struct, gc=False):
     series: Annotated[int, msgspec.Meta(ge=1)]
 
 
+class TierInfo(msgspec.Struct, gc=False):
+    """A tier of the store (``--tiers``): buckets ``width`` wide, kept until they are
+    ``horizon`` old (``forever``), then merged into the next tier's (or deleted)."""
+
+    width: str
+    horizon: str
+
+
 class Keys(msgspec.Struct, gc=False):
-    """A page of ``GET /v1/keys``; ``next`` is null on the last page."""
+    """A page of ``GET /v1/keys``; ``next`` is null on the last page. ``tiers``, only on
+    a store with tiers: its tiers, finest first."""
 
     keys: list[KeyInfo]
     next: str | None
+    tiers: list[TierInfo] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Top(msgspec.Struct, gc=False):

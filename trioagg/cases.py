@@ -30,10 +30,19 @@ from .errors import InvalidEvents, InvalidQuery
 from .ingest import decode_body
 from .memory import give_back
 from .metrics import Metrics, bound_children
-from .query import ParsedQueries, Query, answer, is_timeless, parse_query, work
+from .query import (
+    ParsedQueries,
+    Query,
+    answer,
+    is_timeless,
+    parse_query,
+    tier_cut_problem,
+    work,
+)
 from .readcache import CachedAnswer, cache_key
 from .service import Service
 from .stats import is_percentile
+from .store import TierCut
 from .store.head import copy_row
 
 _Built = TypeVar("_Built")
@@ -79,6 +88,7 @@ async def accept_events(
             points, submission = await admission.queue(decoded, durable=durable)
         except InvalidEvents as error:
             metrics.events_rejected.inc(error.event_count)
+            metrics.events_past_retention.inc(error.past_retention)
             raise
     if submission is None:
         return Stored(len(points))
@@ -165,11 +175,18 @@ class Aggregates:
         """The answer's JSON to the query of ``args`` (whose text is ``query_string``),
         whole or in pieces. Raises :class:`~trioagg.errors.InvalidQuery`."""
         cache = service.read_cache
-        bucket = service.store.bucket
-        context = (tenant, budget, bucket)
+        store = service.store
+        bucket = store.bucket
+        now = time.time()
+        # Where the coarse tiers hold data moves with the clock: a query parsed before a
+        # roll is parsed again after it.
+        held = store.tiers_held(now)
+        context = (tenant, budget, bucket, held)
         known = self._parsed.get(query_string, context)
         if known is None:
-            query = parse_query(args, bucket=bucket, now=time.time(), budget=budget)
+            query = parse_query(
+                args, bucket=bucket, now=now, budget=budget, tiers=store.policy.tiers, held=held
+            )
             if tenant is not None:
                 query = dataclasses.replace(query, tags=tenant_tags(query.tags, tenant))
             _check_quantiles_kept(query, service)
@@ -206,14 +223,19 @@ async def _read_and_answer(
     size = 0
     try:
         async with service.querying:
-            parts = await service.store.read_parts(
-                query.keys,
-                query.start,
-                query.end,
-                sketches=query.needs_sketches,
-                limit=budget.rows + 1,
-                tenant=tenant,
-            )
+            store = service.store
+            try:
+                parts = await store.read_parts(
+                    query.keys,
+                    query.start,
+                    query.end,
+                    sketches=query.needs_sketches,
+                    limit=budget.rows + 1,
+                    tenant=tenant,
+                    fits=query.holds_whole if store.policy.tiers is not None else None,
+                )
+            except TierCut as cut:
+                raise tier_cut_problem(query, cut) from None
             cached = None
             if keep and len(parts.stored) <= INLINE_WORK:  # answer() merges rows
                 stored = [copy_row(row, query.needs_sketches) for row in parts.stored]
@@ -299,13 +321,17 @@ async def answer_keys(service: Service, args: Mapping[str, Any], *, tenant: str 
     query = parse_keys_query(args)
     await _flushed(service)
     series = await service.store.list_keys(query.prefix, query.after, query.limit, tenant)
-    return await build(service, len(series), functools.partial(keys_answer, query, series))
+    tiers = service.store.policy.tiers
+    return await build(service, len(series), functools.partial(keys_answer, query, series, tiers))
 
 
 async def answer_top(service: Service, args: Mapping[str, Any], *, tenant: str | None) -> bytes:
     """The ``/v1/top`` answer's JSON: keys ranked. Raises InvalidQuery."""
     store = service.store
-    query = parse_top_query(args, bucket=store.bucket, now=time.time())
+    now = time.time()
+    query = parse_top_query(
+        args, bucket=store.bucket, now=now, tiers=store.policy.tiers, held=store.tiers_held(now)
+    )
     await _flushed(service)
     ranked = await store.top(query.start, query.end, query.stat, query.prefix, query.limit, tenant)
     return top_answer(query, ranked)

@@ -16,10 +16,11 @@ from typing import Any
 
 import msgspec
 
-from .answers import KeyInfo, Keys, Top
+from .answers import KeyInfo, Keys, TierInfo, Top
 from .params import KEYS, TOP, parse_args
 from .query import parse_range
 from .store import KeyInfo as StoredKey
+from .tiers import WIDTH_NAMES, Tiers, span_name, widen
 from .times import LATEST, rfc3339
 
 
@@ -45,8 +46,9 @@ def parse_keys_query(args: Any) -> KeysQuery:
     return KeysQuery(values["prefix"], values["after"], values["limit"])
 
 
-def keys_answer(query: KeysQuery, series: Sequence[StoredKey]) -> bytes:
-    """One entry per key: its tag names, first and last bucket, and series count."""
+def keys_answer(query: KeysQuery, series: Sequence[StoredKey], tiers: Tiers | None = None) -> bytes:
+    """One entry per key: its tag names, first and last bucket, and series count; and
+    the store's ``tiers``, if it has any."""
     keys: dict[str, dict[str, Any]] = {}
     for key, tags_json, first, last in series:
         entry = keys.get(key)
@@ -67,18 +69,34 @@ def keys_answer(query: KeysQuery, series: Sequence[StoredKey]) -> bytes:
         for key, entry in keys.items()
     ]
     page = Keys(listed, listed[-1].key if len(listed) == query.limit else None)
+    if tiers is not None:
+        page.tiers = [
+            TierInfo(WIDTH_NAMES[tier.width], span_name(tier.horizon)) for tier in tiers.tiers
+        ]
     return msgspec.json.encode(page)
 
 
-def parse_top_query(args: Any, *, bucket: int, now: float) -> TopQuery:
+def parse_top_query(
+    args: Any,
+    *,
+    bucket: int,
+    now: float,
+    tiers: Tiers | None = None,
+    held: Sequence[tuple[int, int]] = (),
+) -> TopQuery:
+    """The range is widened to whole buckets, of the coarse tiers where they may hold it
+    (``held``: see :meth:`~trioagg.store.Store.tiers_held`)."""
     values, problem = parse_args(TOP, args)
     start_at, end_at = parse_range(values, problem, now=now)
+    start = math.floor(start_at / bucket) * bucket
     end = math.ceil(end_at / bucket) * bucket
+    if tiers is not None:
+        start, end = widen(start, end, tiers, held)
     if not problem.items and end >= LATEST:
         problem("to", "the range widened to whole buckets ends after 9999-12-31")
     problem.raise_any()
     return TopQuery(
-        math.floor(start_at / bucket) * bucket,
+        start,
         end,
         values["stat"],
         values["prefix"],

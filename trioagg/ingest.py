@@ -87,6 +87,12 @@ class Limits:
     max_batch: int
     max_future: float
     max_age: float | None
+    #: How long the store keeps anything (the last tier's horizon); None: for ever.
+    retention: float | None = None
+
+
+#: The limit an event older than the store's retention is refused by, as messages name it.
+RETENTION_LIMIT: Final = "the retention of --tiers"
 
 
 #: Bodies up to this size are decoded on the event loop (a few milliseconds at most);
@@ -132,7 +138,7 @@ def decode_events(
     events = [decoded] if isinstance(decoded, Event) else decoded
     _check_count(len(events), limits)
 
-    low, high = _time_window(limits, now)
+    low, high, why = _time_window(limits, now)
     points: list[Point] = []
     problems: list[dict[str, Any]] = []
     encode = msgspec.json.encode
@@ -152,7 +158,7 @@ def decode_events(
             or (event.id is not None and len(event.id) > 32 and len(event.id.encode()) > 128)
             or (event.distinct_id is not None and len(event.distinct_id) > 63)
         ):
-            for field, message in _limit_problems(event, seconds, low, high):
+            for field, message in _limit_problems(event, seconds, low, high, why):
                 problems.append({"index": index, "field": field, "message": message})
         points.append((event.key, seconds, event.value, canonical, event.distinct_id, event.id))
     if problems:
@@ -248,13 +254,16 @@ def _check_count(count: int, limits: Limits) -> None:
         )
 
 
-def _time_window(limits: Limits, now: float) -> tuple[float, float]:
-    low = 0.0 if limits.max_age is None else now - limits.max_age
-    return low, min(now + limits.max_future, LATEST)
+def _time_window(limits: Limits, now: float) -> tuple[float, float, str]:
+    """The accepted times ``[low, high]``, and the limit that sets ``low``."""
+    low, why = 0.0 if limits.max_age is None else now - limits.max_age, "max_age"
+    if limits.retention is not None and now - limits.retention > low:
+        low, why = now - limits.retention, RETENTION_LIMIT
+    return low, min(now + limits.max_future, LATEST), why
 
 
 def _limit_problems(
-    event: Any, seconds: float | None, low: float, high: float
+    event: Any, seconds: float | None, low: float, high: float, why: str = "max_age"
 ) -> Iterator[tuple[str, str]]:
     """The rules msgspec cannot express: byte lengths and the accepted time window.
 
@@ -274,10 +283,15 @@ def _limit_problems(
         if too_large is not None:
             yield "tags", f"{RULES['tags']} ({too_large})"
     if seconds is not None and not low <= seconds <= high:
-        yield "ts", _describe_out_of_window(seconds, low, high, number=isinstance(event.ts, float))
+        yield (
+            "ts",
+            _describe_out_of_window(seconds, low, high, why, number=isinstance(event.ts, float)),
+        )
 
 
-def _describe_out_of_window(seconds: float, low: float, high: float, *, number: bool) -> str:
+def _describe_out_of_window(
+    seconds: float, low: float, high: float, why: str, *, number: bool
+) -> str:
     stamp = rfc3339(seconds)
     if seconds > high:
         # JavaScript's Date.now() and many loggers count milliseconds: say so, as a query does
@@ -287,6 +301,11 @@ def _describe_out_of_window(seconds: float, low: float, high: float, *, number: 
         if mistaken is not None:
             return mistaken
         return f"{stamp} is too far in the future (latest accepted: {rfc3339(high)}, max_future)"
+    if low > 0 and why == RETENTION_LIMIT:
+        return (
+            f"{stamp} is older than this store keeps anything (earliest accepted: "
+            f"{rfc3339(low)}, {RETENTION_LIMIT})"
+        )
     if low > 0:
         return f"{stamp} is too old (earliest accepted: {rfc3339(low)}, max_age)"
     return f"{stamp} is before 1970-01-01T00:00:00Z"
@@ -331,7 +350,7 @@ class _Fields:
 
 def _problems_of_raw(raw: list[Any], limits: Limits, now: float) -> list[dict[str, Any]]:
     """Every problem of every event of an untyped body."""
-    low, high = _time_window(limits, now)
+    low, high, why = _time_window(limits, now)
     problems: list[dict[str, Any]] = []
     for index, item in enumerate(raw):
 
@@ -362,7 +381,7 @@ def _problems_of_raw(raw: list[Any], limits: Limits, now: float) -> list[dict[st
             if isinstance(ts, datetime.datetime)
             else float(ts)
         )
-        for field, message in _limit_problems(_Fields(converted), seconds, low, high):
+        for field, message in _limit_problems(_Fields(converted), seconds, low, high, why):
             problem(field, message)
     return problems
 
@@ -374,8 +393,10 @@ def _plain(error: msgspec.ValidationError) -> str:
 
 def _invalid(problems: list[dict[str, Any]], total: int) -> InvalidEvents:
     count = len({problem["index"] for problem in problems})
-    return InvalidEvents(
+    invalid = InvalidEvents(
         f"{count} of {total} event(s) are invalid; nothing of this request was stored",
         problems,
         total,
     )
+    invalid.past_retention = sum(RETENTION_LIMIT in problem["message"] for problem in problems)
+    return invalid

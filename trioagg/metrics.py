@@ -222,6 +222,22 @@ class Metrics:
             "this process stored.",
             registry=r,
         )
+        self.events_past_retention = Counter(
+            "trioagg_events_past_retention",
+            "Events refused (422) because they are older than the store keeps anything "
+            "(the last tier's horizon of --tiers).",
+            registry=r,
+        )
+        self.tier_rows_rolled = Counter(
+            "trioagg_tier_rows_rolled",
+            "Rows of a tier merged into the next tier's wider buckets once past its horizon.",
+            registry=r,
+        )
+        self.tier_rows_dropped = Counter(
+            "trioagg_tier_rows_dropped",
+            "Rows of the last tier deleted once past the store's retention.",
+            registry=r,
+        )
         self.commit_failures = Counter(
             "trioagg_commit_failures", "Transactions that failed and stored nothing.", registry=r
         )

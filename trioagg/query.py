@@ -34,7 +34,8 @@ from .params import AGGREGATES, Problems, parse_args
 from .rollup import Rollup
 from .settings import BUCKET_WIDTHS
 from .stats import is_percentile
-from .store import Row
+from .store import Row, TierCut
+from .tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
 from .times import LATEST, rfc3339
 
 FIXED: Final = {"bucket": None, "hour": 3600}
@@ -82,6 +83,12 @@ class Query:
     def needs_sketches(self) -> bool:
         return any(name == "distinct" or is_percentile(name) for name in self.stats)
 
+    def holds_whole(self, bucket: int, width: int) -> bool:
+        """Whether a stored bucket of ``width`` seconds from ``bucket`` lies within one
+        answer bucket (a bucket of a coarse tier: see :mod:`trioagg.tiers`)."""
+        last = bucket + width - 1
+        return last < self.end and self.bucket_of(bucket) == self.bucket_of(last)
+
     def bucket_of(self, moment: int) -> int:
         """The start of the answer bucket holding ``moment``."""
         edges = self.boundaries
@@ -99,8 +106,19 @@ def parse_range(values: Mapping[str, Any], problem: Problems, *, now: float) -> 
     return start_at, end_at
 
 
-def parse_query(args: Any, *, bucket: int, now: float, budget: Budget = DEFAULT_BUDGET) -> Query:
-    """Validate the parameters of ``/v1/aggregates``; every problem is reported at once."""
+def parse_query(
+    args: Any,
+    *,
+    bucket: int,
+    now: float,
+    budget: Budget = DEFAULT_BUDGET,
+    tiers: Tiers | None = None,
+    held: Sequence[tuple[int, int]] = (),
+) -> Query:
+    """Validate the parameters of ``/v1/aggregates``; every problem is reported at once.
+    With ``tiers``, ``held`` says where the coarse ones may hold buckets (see
+    :meth:`~trioagg.store.Store.tiers_held`): the answer's buckets must be whole buckets
+    of every tier that may hold them (``granularity=all`` widens its range to them)."""
     values, problem = parse_args(AGGREGATES, args)
     start_at, end_at = parse_range(values, problem, now=now)
     keys: tuple[str, ...] = values["key"] or ()
@@ -108,6 +126,8 @@ def parse_query(args: Any, *, bucket: int, now: float, budget: Budget = DEFAULT_
     boundaries: Sequence[int] = ()
     if not problem.items:
         boundaries = _boundaries(granularity, zone, start_at, end_at, bucket, problem, budget)
+    if not problem.items and tiers is not None and held:
+        boundaries = _tiered(boundaries, granularity, zone.key, tiers, held, problem)
     if not problem.items and boundaries[-1] >= LATEST:
         problem("to", f"the range widened to whole {granularity} buckets ends after 9999-12-31")
     if not problem.items and fill != "none":
@@ -207,6 +227,43 @@ def _boundaries(
             f"which is not on an edge of this store's {_width_name(bucket)} buckets; {advice}",
         )
     return listed
+
+
+def _tiered(
+    boundaries: Sequence[int],
+    granularity: str,
+    zone: str,
+    tiers: Tiers,
+    held: Sequence[tuple[int, int]],
+    problem: Problems,
+) -> Sequence[int]:
+    """``boundaries`` as the tiers can answer them: ``all`` widened to whole buckets of
+    the tiers at its ends, any other granularity refused where an edge would cut a
+    coarse tier's bucket in two."""
+    if granularity == "all":
+        return list(widen(boundaries[0], boundaries[-1], tiers, held))
+    found = unaligned(boundaries, tiers, held)
+    if found is not None:
+        edge, index = found
+        since = next(moment for moment, tier in held if tier == index)
+        width = WIDTH_NAMES[tiers.tiers[index].width]
+        after = span_name(tiers.tiers[index - 1].horizon)
+        where = "" if granularity in FIXED else f" in {zone}"
+        problem(
+            "granularity",
+            f"{granularity} buckets{where} are finer than this store keeps before "
+            f"{rfc3339(since)}: its tier '{tiers.tiers[index]}' holds {width} buckets of "
+            f"data older than {after} (an answer bucket would start at {rfc3339(edge)}); "
+            f"ask for {_coarse_enough(tiers.tiers[index].width)} or all, or a range from "
+            f"{rfc3339(since)} on",
+        )
+        return ()
+    return boundaries
+
+
+def _coarse_enough(width: int) -> str:
+    """The finest granularity whose buckets are whole buckets of ``width`` seconds."""
+    return "granularity=hour" if 3600 % width == 0 else "granularity=day (in UTC)"
 
 
 def _calendar_span(
@@ -336,6 +393,18 @@ def _merged(
         if trouble:
             raise InvalidQuery("the query is invalid", [_problem("fill", trouble)])
     return series
+
+
+def tier_cut_problem(query: Query, cut: TierCut) -> InvalidQuery:
+    """The refusal of a read that found a coarse tier's bucket an answer bucket cuts."""
+    width = WIDTH_NAMES.get(cut.width, f"{cut.width}s")
+    message = (
+        f"the store holds a {width} bucket from {rfc3339(cut.bucket)}, which "
+        f"{query.granularity} buckets would cut in two: a process of this store rolled its "
+        "tiers further than this one expected (their --tiers horizons or clocks differ); "
+        f"ask for whole {width} buckets ({_coarse_enough(cut.width)} or all)"
+    )
+    return InvalidQuery("the query is invalid", [_problem("granularity", message)])
 
 
 def _too_big(budget: Budget) -> InvalidQuery:

@@ -23,7 +23,7 @@ from .settings import BUCKET_WIDTHS, Settings
 from .statsd import Receiver
 from .statsd import open_socket as open_statsd_socket
 from .store import Store, open_store
-from .writer import Writers, purge_expired_ids
+from .writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
 
 log = logging.getLogger("trioagg")
 
@@ -49,7 +49,8 @@ class Service:
         self.store = store
         self.writers = writers
         self.metrics = metrics
-        self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age)
+        retention = settings.tiers.retention if settings.tiers is not None else None
+        self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age, retention)
         self.auth = Authenticator(settings.auth, store)
         #: The event loop's longest task steps (:mod:`trioagg.loopwatch`).
         self.loop_steps = LongSteps(metrics)
@@ -101,6 +102,8 @@ class Service:
                 async with trio.open_nursery() as helpers:
                     interval = min(60.0, settings.dedup_window / 10)
                     helpers.start_soon(purge_expired_ids, store, interval)
+                    if settings.tiers is not None:
+                        helpers.start_soon(roll_tiers, store, metrics, ROLL_EVERY)
                     helpers.start_soon(watch_loop_stalls, metrics)
                     helpers.start_soon(service.auth.record_uses)
                     if settings.auth == "auto":

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .tiers import Tiers, check_bucket, parse_tiers
 
 ENV_PREFIX = "TRIOAGG_"
 
@@ -91,6 +92,9 @@ def parse_bucket(text: str) -> int:
         choices = ", ".join(BUCKET_WIDTHS)
         raise ValueError(f"{text!r} is not a bucket width (choose one of {choices})")
     return BUCKET_WIDTHS[text]
+
+
+_shown_as("TIERS|none")(parse_tiers)
 
 
 @_shown_as("PATTERNS")
@@ -257,6 +261,14 @@ class Settings:
     bucket: int = _setting(
         "1h", parse_bucket, "Bucket width of a new store: 1m, 5m, 15m or 1h. Fixed at creation."
     )
+    tiers: Tiers | None = _setting(  # noqa: RUF009 (Tiers is frozen: immutable)
+        "none",
+        parse_tiers,
+        "Retention and downsampling tiers, e.g. '1m for 7d, 1h for 400d, 1d forever': "
+        "the finest tier has --bucket's width, each tier's buckets are merged into the "
+        "next's once past its horizon, and the last one's horizon (unless forever) is how "
+        "long anything is kept. Recorded in the store: horizons may change, widths not.",
+    )
     batch_size: int = _setting(
         "10000", _positive_int, "Most events the writer commits in one transaction."
     )
@@ -421,6 +433,9 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        trouble = check_bucket(self.tiers, self.bucket)
+        if trouble is not None:
+            raise ConfigError(f"{flag_name('tiers')} / {env_name('tiers')}: {trouble}")
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError(
                 f"{flag_name('certfile')} and {flag_name('keyfile')} go together: give both "

@@ -831,3 +831,26 @@ async def purge_expired_ids(store: Store, interval: float) -> None:
         else:
             if purged:
                 log.debug("forgot %d expired event ids", purged)
+
+
+#: Seconds between two rolls of the tiers (see :meth:`Store.roll_tiers`): a minute's
+#: buckets pass a horizon every minute, and a roll with nothing to do reads one row.
+ROLL_EVERY = 60.0
+
+
+async def roll_tiers(store: Store, metrics: Metrics, interval: float) -> None:
+    """Roll the tiers' buckets past their horizons into the next tier, and drop what
+    passed the retention, at start and then every ``interval`` seconds, until
+    cancelled. Each wider bucket moves in a short transaction of its own, so the
+    writers' commits interleave; a failure is logged and tried again next time."""
+    while True:
+        try:
+            rolled, dropped = await store.roll_tiers()
+        except Exception as failure:
+            log.warning("rolling the tiers failed (will retry): %s", failure)
+        else:
+            metrics.tier_rows_rolled.inc(rolled)
+            metrics.tier_rows_dropped.inc(dropped)
+            if rolled or dropped:
+                log.info("tiers: rolled %d rows into wider buckets, dropped %d", rolled, dropped)
+        await trio.sleep(interval)

@@ -6,7 +6,7 @@ import fnmatch
 import functools
 
 from ..settings import Settings
-from .base import Appended, Backend, KeyInfo, Row, Store
+from .base import Appended, Backend, KeyInfo, Row, Store, TierCut
 from .plan import WritePolicy
 from .sqlite import SQLiteBackend
 
@@ -19,6 +19,7 @@ __all__ = [
     "Row",
     "SQLiteBackend",
     "Store",
+    "TierCut",
     "WritePolicy",
     "open_store",
     "store_exists",
@@ -33,7 +34,7 @@ def write_policy(settings: Settings) -> WritePolicy:
     def keeps_quantiles(key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
 
-    return WritePolicy(settings.bucket, settings.dedup_window, keeps_quantiles)
+    return WritePolicy(settings.bucket, settings.dedup_window, keeps_quantiles, settings.tiers)
 
 
 def is_postgres(db: str) -> bool:
@@ -45,8 +46,8 @@ def make_backend(settings: Settings) -> Backend:
     if is_postgres(settings.db):
         from .postgres import PostgresBackend  # loads libpq only when it is used
 
-        return PostgresBackend(settings.db, timeout=settings.store_timeout)
-    return SQLiteBackend(settings.db, settings.sync, shards=settings.writers)
+        return PostgresBackend(settings.db, timeout=settings.store_timeout, tiers=settings.tiers)
+    return SQLiteBackend(settings.db, settings.sync, shards=settings.writers, tiers=settings.tiers)
 
 
 async def open_store(settings: Settings) -> Store:

@@ -29,7 +29,16 @@ import trio
 from ..errors import StoreBusy, StoreCannotOpen, StoreError, StoreOutage, TrioaggError
 from ..events import Point
 from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles, pre_aggregate
-from .head import Head, JournalEvent, Mark, decode_batch, encode_batch, tags_hold_tenant
+from ..tiers import QUERY_MARGIN, Tiers, holding, route
+from .head import (
+    Head,
+    JournalEvent,
+    Mark,
+    copy_rollup,
+    decode_batch,
+    encode_batch,
+    tags_hold_tenant,
+)
 from .plan import (
     Plan,
     SeriesCache,
@@ -61,6 +70,9 @@ _PURGE_CHUNK = 1000
 #: Journal rows of a dead process replayed per transaction (up to batch_size events
 #: each): a short hold of the write lock, which the other processes need too.
 REPLAY_ROWS = 4
+#: Rows a roll moves per transaction (with their sketches): a short hold of the write
+#: lock, like the id purge's, so that the writers' commits interleave.
+ROLL_ROWS = 2000
 #: Times a read tries again while flushes commit under it before it gives up.
 _READ_TRIES = 100
 
@@ -123,14 +135,41 @@ class RollupBackend(Protocol):
     def purge_ids(self, conn: Any, before: float, limit: int) -> int:
         """Forget up to ``limit`` ids recorded before ``before``; how many went."""
 
-    def insert_new(self, conn: Any, rows: Sequence[UpsertRow]) -> set[Slot]:
+    def insert_new(self, conn: Any, rows: Sequence[UpsertRow], table: str = "rollups") -> set[Slot]:
         """Insert the rows whose slot is not stored yet; return their slots."""
 
-    def stored_sketches(self, conn: Any, slots: Sequence[Slot]) -> dict[Slot, StoredSketches]:
+    def stored_sketches(
+        self, conn: Any, slots: Sequence[Slot], table: str = "rollups"
+    ) -> dict[Slot, StoredSketches]:
         """The stored (quantiles, distinct) blobs of ``slots``, locked until the commit."""
 
-    def upsert(self, conn: Any, rows: Iterable[UpsertRow]) -> None:
-        """Merge rollups into stored rows; sketch blobs replace stored ones unless None."""
+    def upsert(self, conn: Any, rows: Iterable[UpsertRow], table: str = "rollups") -> None:
+        """Merge rollups into stored rows of ``table`` (a tier's: see
+        :mod:`trioagg.tiers`); sketch blobs replace stored ones unless None."""
+
+    # Tiers (only with --tiers): the rolled marks, and the rows a roll moves.
+
+    def read_rolled(self, conn: Any, *, exclusive: bool) -> list[int]:
+        """Inside a transaction: the rolled mark of every tier but the last, locked
+        until it ends: shared (a flush), or ``exclusive`` (a roll, which waits for the
+        flushes under way, and which flushes wait for)."""
+
+    def write_rolled(self, conn: Any, index: int, mark: int) -> None: ...
+
+    def oldest_bucket(self, conn: Any, table: str, before: int) -> int | None:
+        """The first bucket of ``table`` that starts before ``before``; None if none."""
+
+    def rows_before(self, conn: Any, table: str, before: int, limit: int) -> list[Row]:
+        """The first ``limit`` rows of ``table`` whose bucket starts before ``before``,
+        in (bucket, key, tags) order, sketches too."""
+
+    def delete_through(self, conn: Any, table: str, before: int, last: Slot) -> int:
+        """Delete the rows :meth:`rows_before` read, the last of them ``last``: those of
+        ``table`` before ``before`` up to ``last`` in (bucket, key, tags) order."""
+
+    def delete_before(self, conn: Any, table: str, before: int, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``table`` whose bucket starts before ``before``;
+        how many went."""
 
     def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
         """Widen the keys index to cover ``spans``."""
@@ -191,10 +230,12 @@ class RollupBackend(Protocol):
         sketches: bool = False,
         limit: int | None = None,
         tenant: str | None = None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> list[Row]:
         """The rows of ``keys`` whose bucket starts in ``[start, end)``, at most ``limit``;
         with ``tenant``, only rows of series tagged ``tenant=<tenant>`` (so for the
-        other two reads)."""
+        other two reads). With tiers and ``fits``, raises :class:`TierCut` unless every
+        row of a coarse tier ``fits`` (its bucket start, its width) one answer bucket."""
 
     def list_keys(
         self, conn: Any, prefix: str, after: str, limit: int, tenant: str | None = None
@@ -344,28 +385,81 @@ def fold_events(events: Iterable[JournalEvent | Point], policy: WritePolicy) -> 
     return rollups
 
 
-def _write_rows(conn: Any, backend: RollupBackend, plan: Plan) -> None:
-    """Inside a transaction: upsert the rows of ``plan`` and widen the keys index. Rows
-    with sketches are inserted whole where their slot is new, else merged with the
-    stored sketches, read under a row lock."""
+def _write_rows(conn: Any, backend: RollupBackend, plan: Plan, table: str = "rollups") -> None:
+    """Inside a transaction: upsert the rows of ``plan`` into ``table`` and widen the
+    keys index. Rows with sketches are inserted whole where their slot is new, else
+    merged with the stored sketches, read under a row lock."""
     rows = plan.plain
     if plan.sketched:
-        inserted = backend.insert_new(conn, sketch_rows(plan.sketched))
+        inserted = backend.insert_new(conn, sketch_rows(plan.sketched), table)
         existing = [slot for slot in plan.sketched if slot not in inserted]
-        stored = backend.stored_sketches(conn, existing)
+        stored = backend.stored_sketches(conn, existing, table)
         rows = [*rows, *merged_rows(plan.sketched, existing, stored)]
-    backend.upsert(conn, rows)
+    backend.upsert(conn, rows, table)
     if plan.spans:
         backend.upsert_series(conn, plan.spans)
 
 
-def _write_rows_apart(conn: Any, backend: RollupBackend, plan: Plan) -> list[UpsertRow]:
+def _write_tiered(
+    conn: Any,
+    backend: RollupBackend,
+    rollups: dict[Slot, Rollup],
+    policy: WritePolicy,
+    series_seen: SeriesCache,
+) -> Plan:
+    """Inside a transaction: plan and write ``rollups`` (of the finest tier's buckets),
+    each into the tier that holds its bucket (see :mod:`trioagg.tiers`), as
+    :func:`_write_rows_apart` does. Without tiers, all go to ``rollups``."""
+    tiers = policy.tiers
+    if tiers is None:
+        plan = plan_rows(rollups, series_seen)
+        plan.refused = _write_rows_apart(conn, backend, plan)
+        return plan
+    # Read under a shared lock: no roll moves a tier's rows until this commits.
+    by_tier = split_by_tier(rollups, tiers, backend.read_rolled(conn, exclusive=False))
+    every = {slot: rollup for part in by_tier.values() for slot, rollup in part.items()}
+    plan = plan_rows(every, series_seen)  # the series spans and what the flush touched
+    for index, part in sorted(by_tier.items()):
+        tier_plan = plan_rows(part, series_seen)
+        tier_plan.spans = []
+        plan.refused += _write_rows_apart(conn, backend, tier_plan, tiers.table(index))
+    if plan.spans:
+        backend.upsert_series(conn, plan.spans)
+    return plan
+
+
+def split_by_tier(
+    rollups: dict[Slot, Rollup], tiers: Tiers, rolled: Sequence[int]
+) -> dict[int, dict[Slot, Rollup]]:
+    """``rollups`` by the tier that holds their bucket, merged into its wider buckets
+    (copies: the rollups given stay as they are, for a flush tried again)."""
+    by_tier: dict[int, dict[Slot, Rollup]] = {}
+    for slot, rollup in rollups.items():
+        key, bucket, tags = slot
+        index = route(bucket, rolled)
+        part = by_tier.setdefault(index, {})
+        if index == 0:
+            part[slot] = rollup
+            continue
+        width = tiers.tiers[index].width
+        wide = (key, bucket // width * width, tags)
+        merged = part.get(wide)
+        if merged is None:
+            part[wide] = copy_rollup(rollup, sketches=True)
+        else:
+            merged.merge(rollup)
+    return by_tier
+
+
+def _write_rows_apart(
+    conn: Any, backend: RollupBackend, plan: Plan, table: str = "rollups"
+) -> list[UpsertRow]:
     """:func:`_write_rows`, but a row the database refuses (a stored row that cannot
     take a merge: an old one whose moments overflow) is set aside in
     ``refused_rollups`` instead of failing the others. Returns the refused rows."""
     backend.savepoint(conn)
     try:
-        _write_rows(conn, backend, plan)
+        _write_rows(conn, backend, plan, table)
     except Exception as error:
         if not _tied_to_data(backend, error):
             raise
@@ -379,7 +473,7 @@ def _write_rows_apart(conn: Any, backend: RollupBackend, plan: Plan) -> list[Ups
     for single in singles:
         backend.savepoint(conn)
         try:
-            _write_rows(conn, backend, single)
+            _write_rows(conn, backend, single, table)
         except Exception as error:
             if not _tied_to_data(backend, error):
                 raise
@@ -437,11 +531,15 @@ def flush_head(
         _rebuild(conn, backend, head, owner, policy)
     if not head.journal:
         return None
-    plan = plan_rows(head.rollups, series_seen)
+    # Planned before the write lock is taken, unless tiers decide where rows go.
+    plan = plan_rows(head.rollups, series_seen) if policy.tiers is None else None
     first, last, count = head.journal[0], head.journal[-1], len(head.journal)
     backend.begin(conn)
     try:
-        plan.refused = _write_rows_apart(conn, backend, plan)
+        if plan is None:
+            plan = _write_tiered(conn, backend, head.rollups, policy, series_seen)
+        else:
+            plan.refused = _write_rows_apart(conn, backend, plan)
         if backend.delete_journal(conn, owner, first, last) != count:
             raise JournalTaken(owner)
         with head.lock:
@@ -498,8 +596,7 @@ def replay_journal(
         events: list[JournalEvent] = []
         for _, _, blob in rows:
             events.extend(decode_batch(blob))
-        plan = plan_rows(fold_events(events, policy), series_seen)
-        _write_rows_apart(conn, backend, plan)
+        plan = _write_tiered(conn, backend, fold_events(events, policy), policy, series_seen)
         seqs = [seq for seq, _, _ in rows]
         if backend.delete_journal(conn, owner, seqs[0], seqs[-1]) != len(seqs):
             raise JournalTaken(owner)
@@ -509,6 +606,101 @@ def replay_journal(
         raise
     series_seen.remember(plan.spans)
     return len(rows), len(events)
+
+
+class TierCut(Exception):
+    """A read found a bucket of a coarse tier that an answer bucket would cut in two:
+    the tiers hold it wider than the query was told (another process rolled further,
+    with other horizons or a clock ahead by more than QUERY_MARGIN). Nothing is
+    answered rather than a wide bucket counted as a narrow one."""
+
+    def __init__(self, bucket: int, width: int) -> None:
+        super().__init__(f"a {width}s bucket of a coarse tier at {bucket} is cut by the answer")
+        self.bucket = bucket
+        self.width = width
+
+
+class RollRaced(Exception):
+    """A roll deleted another count of rows than it read and merged: nothing of it is
+    committed (it cannot happen while flushes take the marks' lock; a guard)."""
+
+
+def roll_step(
+    conn: Any,
+    backend: RollupBackend,
+    tiers: Tiers,
+    index: int,
+    now: float,
+    limit: int = ROLL_ROWS,
+) -> int | None:
+    """In one transaction, move up to ``limit`` rows of the oldest wider bucket of tier
+    ``index`` that passed its horizon at ``now`` into the tier that holds it (the next,
+    or a coarser one where a roll already went further), merged into that tier's
+    wider buckets, and delete them from tier ``index``; once the wider bucket is
+    empty, advance the tier's rolled mark past it, in the same transaction. Returns
+    the rows moved, or None once tier ``index`` holds nothing past its horizon (its
+    mark then moved up to it).
+
+    Until its mark moves, a wider bucket may be partly rolled: some series' rows in
+    the coarser tier, the rest (and late events, which the flush still routes to tier
+    ``index``) in this one, each event in one of them; the next steps move the rest,
+    merging it into the same wider rows. The marks are read under an exclusive lock,
+    so that a flush under way (which holds them shared) ends first and a later one
+    routes its rows by the new marks; several processes rolling at once take turns,
+    and each finds what the others did."""
+    backend.begin(conn)
+    try:
+        rolled = backend.read_rolled(conn, exclusive=True)
+        target = tiers.cut(index, now)
+        if rolled[index] >= target:
+            backend.commit(conn)
+            return None
+        table = tiers.table(index)
+        oldest = backend.oldest_bucket(conn, table, target)
+        if oldest is None:
+            backend.write_rolled(conn, index, target)
+            backend.commit(conn)
+            return None
+        into = route(oldest, rolled, index + 1)
+        width = tiers.tiers[into].width
+        end = oldest // width * width + width
+        rows = backend.rows_before(conn, table, end, limit)
+        merged: dict[Slot, Rollup] = {}
+        for key, bucket, tags, rollup in rows:
+            wide = (key, bucket // width * width, tags)
+            known = merged.get(wide)
+            if known is None:
+                merged[wide] = rollup
+            else:
+                known.merge(rollup)
+        plan = plan_rows(merged, {})
+        _write_rows(conn, backend, plan, tiers.table(into))
+        last = rows[-1]
+        if backend.delete_through(conn, table, end, (last[0], last[1], last[2])) != len(rows):
+            raise RollRaced(f"rows of {table} before {end} changed during their roll")
+        if len(rows) < limit:  # the wider bucket is empty in this tier now
+            backend.write_rolled(conn, index, max(rolled[index], end))
+        backend.commit(conn)
+    except BaseException:
+        backend.rollback(conn)
+        raise
+    return len(rows)
+
+
+def drop_step(conn: Any, backend: RollupBackend, tiers: Tiers, now: float, limit: int) -> int:
+    """In one transaction, delete up to ``limit`` rows of the last tier that passed the
+    store's retention at ``now``; how many went (0 without a retention)."""
+    cut = tiers.drop_cut(now)
+    if cut is None:
+        return 0
+    backend.begin(conn)
+    try:
+        count = backend.delete_before(conn, tiers.table(len(tiers) - 1), cut, limit)
+        backend.commit(conn)
+    except BaseException:
+        backend.rollback(conn)
+        raise
+    return count
 
 
 def to_rows(records: Iterable[Sequence[Any]], *, sketches: bool) -> list[Row]:
@@ -693,6 +885,9 @@ class Store:
         self._series_seen = [SeriesCache() for _ in range(writers)]
         #: Each writer's unflushed rollups (see :mod:`~trioagg.store.head`).
         self.heads = [Head() for _ in range(writers)]
+        #: Where each tier but the last ends, as far as this process knows (it rolled
+        #: there, or read it at start): queries take tiers to hold data before it.
+        self.rolled = [0] * (len(policy.tiers) - 1 if policy.tiers is not None else 0)
         #: Who this process is in the journal: one owner per writer.
         process = uuid.uuid4().hex
         self.owners = [f"{process}/{shard}" for shard in range(writers)]
@@ -713,9 +908,18 @@ class Store:
         try:
             # Processes starting together on a fresh store take turns on its lock.
             await store._retry_busy(0, backend.prepare, policy.bucket)
-        except StoreError as error:
-            cause = error.__cause__ or error
-            raise StoreCannotOpen(backend.description, cause) from error
+        except BaseException as error:
+            # Refused (another store's settings) or failed: its connection goes too.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(store._write_links[0].close)
+            if isinstance(error, StoreError):
+                cause = error.__cause__ or error
+                raise StoreCannotOpen(backend.description, cause) from error
+            raise
+        if policy.tiers is not None:
+            # Where the tiers end now: a horizon lengthened since may lag behind them.
+            for shard in range(backend.shards):
+                await store._read_rolled(shard)
         try:  # before any batch is journalled
             await trio.to_thread.run_sync(backend.hold_leases, store.owners)
         except OSError as error:
@@ -848,6 +1052,63 @@ class Store:
                 return purged
             await trio.sleep(0)
 
+    async def _read_rolled(self, shard: int) -> None:
+        """Take in shard ``shard``'s rolled marks, in a short transaction of its own."""
+        read = functools.partial(self.backend.read_rolled, exclusive=False)
+        marks = await self._retry_busy(shard, self._transaction, read)
+        self.rolled = [max(pair) for pair in zip(self.rolled, marks, strict=True)]
+
+    def tiers_held(self, now: float) -> tuple[tuple[int, int], ...]:
+        """For a query at ``now``: (since, tier) of each coarse tier, which may hold
+        buckets before ``since`` (see :func:`trioagg.tiers.holding`); () without tiers.
+        A roll that starts while the query runs, or in another process whose clock is
+        a little ahead, has not gone past ``since``: see :data:`QUERY_MARGIN`."""
+        tiers = self.policy.tiers
+        if tiers is None:
+            return ()
+        return tuple(holding(tiers, self.rolled, now + QUERY_MARGIN))
+
+    async def roll_tiers(
+        self, now: float | None = None, *, rows: int = ROLL_ROWS
+    ) -> tuple[int, int]:
+        """Roll every tier's buckets that passed its horizon at ``now`` (by default the
+        wall clock) into the next tier, in every shard, a short transaction per ``rows``
+        rows (see :func:`roll_step`), so the writers' commits interleave; then drop
+        what passed the retention. Returns the rows rolled and dropped; a shard that
+        fails raises its error once the others are done."""
+        tiers = self.policy.tiers
+        if tiers is None:
+            return 0, 0
+        at = time.time() if now is None else now
+        rolled = dropped = 0
+        failed: StoreError | None = None
+        for shard in range(self.backend.shards):
+            try:
+                for index in range(len(tiers) - 1):
+                    while True:
+                        moved = await self._retry_busy(
+                            shard, roll_step, self.backend, tiers, index, at, rows
+                        )
+                        if moved is None:
+                            break
+                        rolled += moved
+                        await trio.sleep(0)
+                # Where the tiers end now, which another process may have taken further.
+                await self._read_rolled(shard)
+                while True:
+                    count = await self._retry_busy(
+                        shard, drop_step, self.backend, tiers, at, _PURGE_CHUNK
+                    )
+                    dropped += count
+                    if count < _PURGE_CHUNK:
+                        break
+                    await trio.sleep(0)
+            except StoreError as failure:
+                failed = failed or failure
+        if failed is not None:
+            raise failed
+        return rolled, dropped
+
     def _transaction(self, conn: Any, operation: Callable[..., T], *args: Any) -> T:
         """``operation(conn, *args)`` in a transaction of its own."""
         self.backend.begin(conn)
@@ -868,15 +1129,24 @@ class Store:
         sketches: bool = False,
         limit: int | None = None,
         tenant: str | None = None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> ReadParts:
         """Rows of ``keys`` in ``[start, end)`` (at most ``limit``; with ``tenant`` only
         those of series tagged with it), read on a connection of the read pool: the
         table's, and apart from them the heads' of this process (so a read after an
         acknowledged write sees it), with the heads' state they were read at (see
         :meth:`overlay`). Rows of one slot may come from both: merging them is the
-        reader's."""
+        reader's. With tiers, ``fits`` checks the rows of coarse tiers (see
+        :meth:`Backend.fetch`): :class:`TierCut` when one does not fit."""
         return await self._run_read(
-            self._fetch_with_heads, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
+            self._fetch_with_heads,
+            keys,
+            start,
+            end,
+            sketches=sketches,
+            limit=limit,
+            tenant=tenant,
+            fits=fits,
         )
 
     def _fetch_with_heads(
@@ -889,6 +1159,7 @@ class Store:
         sketches: bool,
         limit: int | None,
         tenant: str | None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> ReadParts:
         """In a read thread: the table's rows and the heads' overlay, read again when a
         flush committed meanwhile (the table may then hold rows the overlay holds too)."""
@@ -896,7 +1167,7 @@ class Store:
         for _ in range(_READ_TRIES):
             marks = [head.mark() for head in self.heads]
             rows = self.backend.fetch(
-                conn, keys, start, end, sketches=sketches, limit=limit, tenant=tenant
+                conn, keys, start, end, sketches=sketches, limit=limit, tenant=tenant, fits=fits
             )
             _, found = self._collect(keys, start, end, sketches, tenant, marks, blocking=True)
             if found is not None:

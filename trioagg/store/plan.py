@@ -30,6 +30,7 @@ from ..rollup import (
     encode_distinct,
     encode_quantiles,
 )
+from ..tiers import Tiers
 
 #: A series in the keys index: (key, tags JSON, first bucket, last bucket).
 SeriesSpan = tuple[str, str, int, int]
@@ -47,6 +48,8 @@ class WritePolicy:
     bucket: int
     dedup_window: float
     keeps_quantiles: Callable[[str], bool]
+    #: The store's tiers (None: one table, kept for ever).
+    tiers: Tiers | None = None
 
 
 @dataclass

@@ -32,6 +32,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import TupleRow
 
+from ..tiers import Tiers
 from .sql import KEYS_TABLE, LAST_COLUMNS, SQLBackend, check_meta
 
 _SCHEMA = [
@@ -147,13 +148,17 @@ class PostgresBackend(SQLBackend):
     greatest = "GREATEST"
     row_lock = " ORDER BY key, bucket, tags FOR UPDATE"
     row_lock_plain = " FOR UPDATE"
+    share_lock = " FOR SHARE"
     ordered_writes = True
     can_disconnect = True
     position = "strpos"
 
-    def __init__(self, dsn: str, *, timeout: float) -> None:
+    def __init__(self, dsn: str, *, timeout: float, tiers: Tiers | None = None) -> None:
         """``timeout``: the deadline of a read or a ping, in seconds (``--store-timeout``)."""
-        super().__init__()
+        super().__init__(tiers)
+        if tiers is not None:
+            tables = [(tiers.table(index), tiers.tiers[index].width) for index in range(len(tiers))]
+            self.tables = {**self.tables, "rollups": f"({self.union_of_tiers(tables)}) AS r"}
         self.dsn = dsn
         self.timeout = timeout
         info = psycopg.conninfo.conninfo_to_dict(dsn)
@@ -252,7 +257,7 @@ class PostgresBackend(SQLBackend):
         self.bucket = bucket
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in _SCHEMA:
+            for statement in [*_SCHEMA, *self._tier_schema()]:
                 conn.execute(statement)
             # Tables made before last existed get its columns (NULL: unknown). Looked up
             # first: ALTER TABLE locks the table even when it changes nothing.
@@ -266,7 +271,22 @@ class PostgresBackend(SQLBackend):
                     if (table, column) not in found:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} DOUBLE PRECISION")
             stored = self.read_meta(conn, bucket)
-        check_meta(stored, bucket, self.description)
+            check_meta(stored, bucket, self.description)
+            self.record_tiers(conn, stored, self.description)
+
+    def _tier_schema(self) -> list[str]:
+        """The tables of the coarser tiers: rollups' columns, and its index by bucket."""
+        if self.tiers is None:
+            return []
+        rollups, by_bucket = _SCHEMA[1], _SCHEMA[2]
+        return [
+            statement
+            for table in [self.tiers.table(i) for i in range(1, len(self.tiers))]
+            for statement in (
+                rollups.replace("EXISTS rollups (", f"EXISTS {table} ("),
+                by_bucket.replace("rollups_by_bucket ON rollups", f"{table}_by_bucket ON {table}"),
+            )
+        ]
 
     def begin(self, conn: psycopg.Connection[Any]) -> None:
         if isinstance(conn, _Connection):  # not one made elsewhere, which has no writer

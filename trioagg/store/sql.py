@@ -15,6 +15,11 @@ bucket, so that merged with rows of earlier buckets it still wins, and loses to
 rows of later ones. ``series`` indexes keys, tags and first/last buckets for ``/v1/keys``;
 ``event_ids`` remembers idempotency ids for the dedup window.
 
+With ``--tiers`` (:mod:`trioagg.tiers`), each coarser tier is a table of the same
+columns, ``rollups_<width>``; the UPSERT and the sketch statements take the
+table, reads go through the union of every tier's table (each row with its
+tier's width), and ``meta`` holds the declared tiers and each tier's rolled mark.
+
 Statements are written with ``?`` placeholders; a dialect with another style
 sets :attr:`SQLBackend.mark`. Subclasses own connecting, the schema, the
 transaction statements, and which errors mean "busy" or "disconnected".
@@ -22,14 +27,15 @@ transaction statements, and which errors mean "busy" or "disconnected".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any
 
 from ..errors import ConfigError
 from ..rollup import Slot
 from ..settings import BUCKET_NAMES
-from .base import KeyInfo, Row, to_rows
+from ..tiers import Tiers, changed, parse_tiers
+from .base import KeyInfo, Row, TierCut, to_rows
 from .head import tenant_needles
 from .plan import SeriesSpan, StoredSketches, UpsertRow
 
@@ -98,15 +104,21 @@ class SQLBackend:
     shards = 1
     #: The most parameters one statement may bind (PostgreSQL's protocol: 65,535).
     max_parameters = 65_535
+    #: Appended to a flush's read of the tiers' rolled marks: where writers run
+    #: concurrently, a lock that a roll (which takes it exclusively) waits for.
+    share_lock = ""
 
-    def __init__(self) -> None:
-        #: What reads name the shard tables: the tables, or views over several shards.
+    def __init__(self, tiers: Tiers | None = None) -> None:
+        #: The store's tiers (see :mod:`trioagg.tiers`); None: one table, kept for ever.
+        self.tiers = tiers
+        #: What reads name the shard tables: the tables, or views over several shards
+        #: and tiers.
         self.tables = {"rollups": "rollups", "series": "series"}
         #: The store's bucket width, once prepared: the end of an old row's bucket is
         #: the time of its unknown ``last``.
         self.bucket = 0
         #: Upsert statements by their count of rows.
-        self._upserts: dict[int, str] = {}
+        self._upserts: dict[tuple[str, int], str] = {}
         least, greatest = self.least, self.greatest
         # The incoming row's last wins when it is later (a tie: the larger value); a NULL
         # stored last_ts (unknown, a row older than the column) compares as NULL, so the
@@ -118,7 +130,7 @@ class SQLBackend:
         # SET expressions read the row as it was before the update: their order is free.
         # {values}: the rows' placeholders (see _upsert_rows).
         self._upsert = self._sql(f"""
-            INSERT INTO rollups AS r ({COLUMNS}) VALUES {{values}}
+            INSERT INTO {{table}} AS r ({COLUMNS}) VALUES {{values}}
             ON CONFLICT (key, bucket, tags) DO UPDATE SET
                 s2 = r.s2 + excluded.s2 + 2.0 * (excluded.shift - r.shift) * excluded.s1
                      + excluded.count * (excluded.shift - r.shift) * (excluded.shift - r.shift),
@@ -131,7 +143,7 @@ class SQLBackend:
                 last_value = CASE WHEN {later} THEN excluded.last_value ELSE r.last_value END,
                 last_ts = CASE WHEN {later} THEN excluded.last_ts ELSE r.last_ts END""")
         self._insert_new = self._sql(
-            f"INSERT INTO rollups ({COLUMNS}) VALUES ({', '.join('?' * 13)}) "
+            f"INSERT INTO {{table}} ({COLUMNS}) VALUES ({', '.join('?' * 13)}) "
             "ON CONFLICT (key, bucket, tags) DO NOTHING"
         )
         self._append_journal = self._sql(
@@ -173,20 +185,23 @@ class SQLBackend:
         count: int = cursor.rowcount
         return count
 
-    def insert_new(self, conn: Any, rows: Sequence[UpsertRow]) -> set[Slot]:
+    def insert_new(self, conn: Any, rows: Sequence[UpsertRow], table: str = "rollups") -> set[Slot]:
         inserted: set[Slot] = set()
+        statement = self._insert_new.format(table=table)
         for row in rows:
-            if conn.execute(self._insert_new, row).rowcount:
+            if conn.execute(statement, row).rowcount:
                 inserted.add((row[0], row[1], row[2]))
         return inserted
 
-    def stored_sketches(self, conn: Any, slots: Sequence[Slot]) -> dict[Slot, StoredSketches]:
+    def stored_sketches(
+        self, conn: Any, slots: Sequence[Slot], table: str = "rollups"
+    ) -> dict[Slot, StoredSketches]:
         found: dict[Slot, StoredSketches] = {}
         for chunk in _chunks(sorted(slots)):
             values = ", ".join(["(?, ?, ?)"] * len(chunk))
             rows = conn.execute(
                 self._sql(
-                    "SELECT key, bucket, tags, quantiles_kll, distinct_hll FROM rollups "
+                    f"SELECT key, bucket, tags, quantiles_kll, distinct_hll FROM {table} "
                     f"WHERE (key, bucket, tags) IN (VALUES {values}){self.row_lock}"
                 ),
                 [value for slot in chunk for value in slot],
@@ -194,7 +209,7 @@ class SQLBackend:
             found.update(((k, b, t), (kll, hll)) for k, b, t, kll, hll in rows)
         return found
 
-    def upsert(self, conn: Any, rows: Iterable[UpsertRow]) -> None:
+    def upsert(self, conn: Any, rows: Iterable[UpsertRow], table: str = "rollups") -> None:
         # In key order: the B-tree is walked once, left to right, and concurrent writers
         # lock rows in one order (measured on SQLite, 24,000 rows of 1,000 keys x 24 h
         # upserted into as many: 6.2 -> 4.9 us per row, the sort 0.6 us of it). A
@@ -207,15 +222,96 @@ class SQLBackend:
         # 190 ms by 2,000 (_UPSERT_ROWS, where the database binds 26,000 parameters).
         per_statement = min(_UPSERT_ROWS, self.max_parameters // len(COLUMNS.split(",")))
         for chunk in _chunks(sorted(rows), per_statement):
-            conn.execute(self._upsert_rows(len(chunk)), list(chain.from_iterable(chunk)))
+            conn.execute(self._upsert_rows(len(chunk), table), list(chain.from_iterable(chunk)))
 
-    def _upsert_rows(self, count: int) -> str:
-        """The upsert statement of ``count`` rows."""
-        statement = self._upserts.get(count)
+    def _upsert_rows(self, count: int, table: str = "rollups") -> str:
+        """The upsert statement of ``count`` rows into ``table``."""
+        statement = self._upserts.get((table, count))
         if statement is None:
             row = "(" + ", ".join([self.mark] * 13) + ")"
-            statement = self._upserts[count] = self._upsert.format(values=", ".join([row] * count))
+            statement = self._upserts[(table, count)] = self._upsert.format(
+                table=table, values=", ".join([row] * count)
+            )
         return statement
+
+    # -- Tiers (see trioagg.tiers): the rolled marks in meta, and moving rows.
+
+    def read_rolled(self, conn: Any, *, exclusive: bool) -> list[int]:
+        """Inside a transaction: the rolled mark of every tier but the last, locked until
+        it ends (``exclusive``: against flushes too, for a roll)."""
+        assert self.tiers is not None
+        names = [f"rolled_{index}" for index in range(len(self.tiers) - 1)]
+        lock = self.row_lock_plain if exclusive else self.share_lock
+        rows = conn.execute(
+            self._sql(
+                f"SELECT name, value FROM meta WHERE name IN ({', '.join('?' * len(names))}) "
+                f"ORDER BY name{lock}"
+            ),
+            names,
+        ).fetchall()
+        marks = dict(rows)
+        return [int(marks.get(name, 0)) for name in names]
+
+    def write_rolled(self, conn: Any, index: int, mark: int) -> None:
+        conn.execute(
+            self._sql(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+            ),
+            (f"rolled_{index}", str(mark)),
+        )
+
+    def oldest_bucket(self, conn: Any, table: str, before: int) -> int | None:
+        """The first bucket of ``table`` that starts before ``before``; None if none."""
+        row = conn.execute(
+            self._sql(f"SELECT min(bucket) FROM {table} WHERE bucket < ?"), (before,)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def rows_before(self, conn: Any, table: str, before: int, limit: int) -> list[Row]:
+        """The first ``limit`` rows of ``table`` whose bucket starts before ``before``,
+        in (bucket, key, tags) order, sketches too."""
+        records = conn.execute(
+            self._sql(
+                "SELECT key, bucket, tags, count, shift, s1, s2, min, max, last_value, "
+                f"coalesce(last_ts, bucket + ?), quantiles_kll, distinct_hll FROM {table} "
+                "WHERE bucket < ? ORDER BY bucket, key, tags LIMIT ?"
+            ),
+            (self.bucket, before, limit),
+        ).fetchall()
+        return to_rows(records, sketches=True)
+
+    def delete_through(self, conn: Any, table: str, before: int, last: Slot) -> int:
+        """Delete the rows of ``table`` whose bucket starts before ``before``, up to
+        ``last`` in (bucket, key, tags) order: those :meth:`rows_before` read. How many
+        went."""
+        key, bucket, tags = last
+        cursor = conn.execute(
+            self._sql(f"DELETE FROM {table} WHERE bucket < ? AND (bucket, key, tags) <= (?, ?, ?)"),
+            (before, bucket, key, tags),
+        )
+        count: int = cursor.rowcount
+        return count
+
+    def delete_before(self, conn: Any, table: str, before: int, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``table`` whose bucket starts before ``before``;
+        how many went."""
+        cursor = conn.execute(
+            self._sql(
+                f"DELETE FROM {table} WHERE (key, bucket, tags) IN "
+                f"(SELECT key, bucket, tags FROM {table} WHERE bucket < ? LIMIT ?)"
+            ),
+            (before, limit),
+        )
+        count: int = cursor.rowcount
+        return count
+
+    def union_of_tiers(self, tables: Sequence[tuple[str, int]]) -> str:
+        """A relation of every row of ``tables``, (table, its tier's width) pairs, with
+        the width as a last column, ``width``."""
+        return " UNION ALL ".join(
+            f"SELECT {COLUMNS}, {width} AS width FROM {table}" for table, width in tables
+        )
 
     def upsert_series(self, conn: Any, spans: Sequence[SeriesSpan]) -> None:
         conn.cursor().executemany(
@@ -287,13 +383,15 @@ class SQLBackend:
         sketches: bool = False,
         limit: int | None = None,
         tenant: str | None = None,
+        fits: Callable[[int, int], bool] | None = None,
     ) -> list[Row]:
         blobs = ", quantiles_kll, distinct_hll" if sketches else ""
+        widths = ", width" if self.tiers is not None else ""
         only, only_params = self._tenant_clause(tenant)
         records = conn.execute(
             self._sql(
                 "SELECT key, bucket, tags, count, shift, s1, s2, min, max, "
-                f"last_value, coalesce(last_ts, bucket + ?){blobs} "
+                f"last_value, coalesce(last_ts, bucket + ?){blobs}{widths} "
                 f"FROM {self.tables['rollups']} "
                 f"WHERE key IN ({', '.join('?' * len(keys))}) AND bucket >= ? AND bucket < ?"
                 + only
@@ -301,6 +399,8 @@ class SQLBackend:
             ),
             [self.bucket, *keys, start, end, *only_params, *([] if limit is None else [limit])],
         ).fetchall()
+        if widths:
+            records = _whole_buckets(records, self.bucket, fits)
         return to_rows(records, sketches=sketches)
 
     def list_keys(
@@ -427,6 +527,47 @@ class SQLBackend:
                 list({**settings, **(extra or {})}.items()),
             )
         return stored
+
+    def record_tiers(self, conn: Any, stored: dict[str, str], where: str) -> None:
+        """Inside the schema transaction, once ``stored`` (the meta read) passed
+        :func:`check_meta`: refuse tiers whose widths differ from the recorded ones
+        (ConfigError naming both), else record the declared tiers (new horizons)."""
+        recorded = parse_tiers(stored.get("tiers", "none"))
+        trouble = changed(recorded, self.tiers)
+        if trouble is not None:
+            raise ConfigError(
+                f"the store at {where}: {trouble}; start with --tiers '{recorded}', or "
+                "use a new --db"
+            )
+        if self.tiers is None:
+            return
+        # The marks' rows exist before any flush or roll: they are what those lock.
+        conn.cursor().executemany(
+            self._sql("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"),
+            [(f"rolled_{index}", "0") for index in range(len(self.tiers) - 1)],
+        )
+        if str(self.tiers) != stored.get("tiers"):
+            conn.execute(
+                self._sql(
+                    "INSERT INTO meta (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                ),
+                ("tiers", str(self.tiers)),
+            )
+
+
+def _whole_buckets(
+    records: list[Any], finest: int, fits: Callable[[int, int], bool] | None
+) -> list[Any]:
+    """Records of tiers (their width last) without it, once every record of a coarse
+    tier ``fits`` (its bucket, its width) in one answer bucket; raises
+    :class:`~trioagg.store.base.TierCut` for the first that does not."""
+    if fits is not None:
+        for record in records:
+            width = record[-1]
+            if width > finest and not fits(record[1], width):
+                raise TierCut(record[1], width)
+    return [record[:-1] for record in records]
 
 
 def check_meta(stored: dict[str, str], bucket: int, where: str) -> None:

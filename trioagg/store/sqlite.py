@@ -19,6 +19,11 @@ of the store: its shard files are created in the transaction that creates it,
 and an existing store opens only with the N it was made with. Read connections
 open the main file and ``ATTACH`` the others, and read through ``TEMP`` views
 that ``UNION ALL`` the shards' tables.
+
+**Tiers** (``--tiers``): every shard file has each coarser tier's table and its
+own rolled marks in its ``meta``, and is rolled on its writer's connection, so a
+wider bucket may have a row in each shard that held some of its hours; reads
+merge them. The declared tiers are recorded in the main file only.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError, StoreCannotOpen
+from ..tiers import Tiers
 from .sql import KEYS_TABLE, LAST_COLUMNS, SQLBackend, check_meta
 
 _META = """CREATE TABLE IF NOT EXISTS meta (
@@ -150,7 +156,9 @@ MAX_SHARDS = 11
 class SQLiteBackend(SQLBackend):
     """SQLite in WAL mode over ``shards`` files; ``sync`` is ``"full"`` or ``"normal"``."""
 
-    def __init__(self, path: str, sync: str = "full", shards: int = 1) -> None:
+    def __init__(
+        self, path: str, sync: str = "full", shards: int = 1, tiers: Tiers | None = None
+    ) -> None:
         if shards > MAX_SHARDS:
             # Refused before any file exists: a store made with more could never be read.
             raise ConfigError(
@@ -158,11 +166,11 @@ class SQLiteBackend(SQLBackend):
                 f"files (SQLite attaches at most {MAX_SHARDS - 1} databases to the one that "
                 f"reads them): use --writers {MAX_SHARDS} or fewer, or a postgresql:// --db"
             )
-        super().__init__()
+        super().__init__(tiers)
         self.path = path
         self.sync = sync
         self.shards = shards
-        if shards > 1:
+        if shards > 1 or tiers is not None:
             self.tables = _SHARD_VIEWS
         files = f", {shards} shard files" if shards > 1 else ""
         #: (device, inode) of each shard file once the store is prepared, for the reads.
@@ -201,12 +209,18 @@ class SQLiteBackend(SQLBackend):
         for other in range(1, self.shards):
             where = _uri(shard_path(path, other), "ro")
             conn.execute(f"ATTACH DATABASE ? AS {_schema(other)}", (where,))
-        if self.shards > 1:
-            for table, view in _SHARD_VIEWS.items():
-                arms = " UNION ALL ".join(
-                    f"SELECT * FROM {_schema(other)}.{table}" for other in range(self.shards)
-                )
-                conn.execute(f"CREATE TEMP VIEW {view} AS {arms}")
+        if self.shards > 1 or self.tiers is not None:
+            # Every shard's series, and every shard's rows of every tier.
+            shards = [_schema(other) for other in range(self.shards)]
+            series = " UNION ALL ".join(f"SELECT * FROM {schema}.series" for schema in shards)
+            conn.execute(f"CREATE TEMP VIEW {_SHARD_VIEWS['series']} AS {series}")
+            tables = [
+                (f"{schema}.{table}", width)
+                for schema in shards
+                for table, width in self._tier_tables()
+            ]
+            rows = self.union_of_tiers(tables)
+            conn.execute(f"CREATE TEMP VIEW {_SHARD_VIEWS['rollups']} AS {rows}")
         conn.execute("PRAGMA query_only=ON")
         return conn
 
@@ -237,6 +251,7 @@ class SQLiteBackend(SQLBackend):
         try:
             stored = self._prepare_file(conn, _MAIN_SCHEMA, bucket, 0)
             self._check_shards(stored, bucket, 0)
+            self.record_tiers(conn, stored, self.path)
             for shard in range(1, self.shards):
                 self._prepare_shard(shard, bucket, new=not stored)
             self.commit(conn)
@@ -281,7 +296,7 @@ class SQLiteBackend(SQLBackend):
         self, conn: sqlite3.Connection, schema: Sequence[str], bucket: int, shard: int
     ) -> dict[str, str]:
         """Inside the file's transaction: create its tables; its meta as it was."""
-        for statement in [*schema, *_SHARD_SCHEMA]:
+        for statement in [*schema, *_SHARD_SCHEMA, *self._tier_schema()]:
             conn.execute(statement)
         for table in ("rollups", "refused_rollups"):  # a file made before last existed
             present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
@@ -289,6 +304,25 @@ class SQLiteBackend(SQLBackend):
                 if column not in present:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} REAL")
         return self.read_meta(conn, bucket, {"shards": str(self.shards), "shard": str(shard)})
+
+    def _tier_tables(self) -> list[tuple[str, int]]:
+        """Every tier's table and width: ``rollups`` alone without tiers."""
+        tiers = self.tiers
+        if tiers is None:
+            return [("rollups", self.bucket)]
+        return [(tiers.table(i), tiers.tiers[i].width) for i in range(len(tiers))]
+
+    def _tier_schema(self) -> list[str]:
+        """The tables of the coarser tiers: rollups' columns, and its index by bucket."""
+        rollups, by_bucket = _SHARD_SCHEMA[0], _SHARD_SCHEMA[1]
+        return [
+            statement
+            for table, _ in self._tier_tables()[1:]
+            for statement in (
+                rollups.replace("EXISTS rollups (", f"EXISTS {table} ("),
+                by_bucket.replace("rollups_by_bucket ON rollups", f"{table}_by_bucket ON {table}"),
+            )
+        ]
 
     def _check_shards(self, stored: dict[str, str], bucket: int, shard: int) -> None:
         path = shard_path(self.path, shard)
