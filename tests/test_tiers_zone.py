@@ -1,0 +1,172 @@
+"""A ``1d`` tier in a time zone, in the store (one SQLite file, two shard files,
+PostgreSQL): the roll merges the finer buckets of each local day (23, 24 or 25 hours
+across DST changes) into one row at the local midnight, queries in that zone at day,
+week and month granularity over the rolled days answer what an untiered store fed the
+same events answers, a late event lands in its local day, a query in another zone is
+refused naming the tier's, and a changed zone is refused like a changed width.
+
+Time is given: the roll takes an explicit ``now``."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import sqlite3
+import zoneinfo
+from typing import Any
+
+import pytest
+from werkzeug.datastructures import MultiDict
+
+from trioagg.errors import ConfigError, InvalidQuery
+from trioagg.events import Point
+from trioagg.query import answer, parse_query
+from trioagg.store import Store, open_store
+
+from .conftest import shard_files, sql
+from .test_tiers_store import (
+    EXACT,
+    assert_same,
+    events,
+    fill,
+    open_,
+    opened,
+    settings_of,
+    stores,
+    tier_rows,
+    twin_url,
+)
+
+__all__ = ["opened", "twin_url"]  # fixtures, used by name
+
+M, H, D = 60, 3600, 86400
+TIERS = "1m for 1d, 1h for 2d, 1d in Europe/Paris forever"
+PARIS = zoneinfo.ZoneInfo("Europe/Paris")
+#: Six days from 2024-10-24T00:00Z (Paris leaves summer time on the 27th: 25 hours), and
+#: six from 2024-03-28T00:00Z (Paris enters it on the 31st: 23 hours).
+AUTUMN, SPRING = 1729728000, 1711584000
+DAYS = 6
+
+
+def local_day(moment: float) -> int:
+    """The Paris midnight starting the local day of ``moment``."""
+    day = datetime.datetime.fromtimestamp(moment, PARIS).date()
+    return int(datetime.datetime.combine(day, datetime.time(), PARIS).timestamp())
+
+
+def day_buckets(db: str) -> list[int]:
+    """The buckets of the day tier's rows, over every shard file."""
+    query = "SELECT DISTINCT bucket FROM rollups_86400"
+    if db.startswith("postgresql"):
+        found = sql(db, query)
+    else:
+        found = []
+        for path in shard_files(db):
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                found += conn.execute(query).fetchall()
+    return sorted({int(bucket) for (bucket,) in found})
+
+
+async def ask(store: Store, now: int, start: int, granularity: str, zone: str) -> Any:
+    """The /v1/aggregates answer of ``visits`` by region over ``DAYS`` days from ``start``,
+    as the app builds it."""
+    args = MultiDict({"key": "visits", "from": str(start), "to": str(start + DAYS * D)})
+    args.update({"granularity": granularity, "tz": zone, "stats": EXACT, "group_by": "region"})
+    query = parse_query(
+        args, bucket=M, now=now, tiers=store.policy.tiers, held=store.tiers_held(now)
+    )
+    parts = await store.read_parts(query.keys, query.start, query.end, fits=query.holds_whole)
+    return json.loads(answer(query, [*parts.stored, *parts.overlay]).joined())
+
+
+@stores
+@pytest.mark.parametrize(
+    ("start", "changed_day", "length"),
+    [(AUTUMN, 1729980000, 25 * H), (SPRING, 1711839600, 23 * H)],  # the 27th, the 31st
+)
+async def test_local_days_are_rolled_and_answered_exactly_across_a_dst_change(
+    db_url: str, twin_url: str, opened: list[Store], start: int, changed_day: int, length: int
+) -> None:
+    tiered = await open_(opened, settings_of(db_url, tiers=TIERS))
+    plain = await open_(opened, settings_of(twin_url))
+    sent = events(seed=5, start=start, days=DAYS)
+    await fill(tiered, sent)
+    await fill(plain, sent)
+    now = start + DAYS * D + 7 * M
+    # 53 rows a transaction: local days rolled in parts, each merged into one row.
+    rolled, _ = await tiered.roll_tiers(now=now, rows=53)
+    assert rolled > 0
+    layout = tier_rows(db_url)
+    days = day_buckets(db_url)
+    # Every day row starts at a Paris midnight; the days rolled end at the one before
+    # the hours' horizon, and the day of the change is among them.
+    horizon = local_day(now - 2 * D)
+    assert all(local_day(bucket) == bucket for bucket in days)
+    assert changed_day in days and days[-1] == local_day(horizon - 1)
+    assert layout["rollups_3600"][2] == horizon
+    assert sum(events for _, events, _, _ in layout.values()) == len(sent)
+    assert local_day(changed_day + length) == changed_day + length  # 23 or 25 hours long
+    whole = [p for p in sent if changed_day <= p[1] < changed_day + length and p[0] == "visits"]
+    paris = await ask(tiered, now, start, "day", "Europe/Paris")
+    buckets = {b["start"]: b["count"] for r in paris["results"] for b in r["buckets"]}
+    assert len(buckets) == DAYS + 1
+    stamp = datetime.datetime.fromtimestamp(changed_day, datetime.UTC)
+    assert sum(
+        b["count"]
+        for r in paris["results"]
+        for b in r["buckets"]
+        if b["start"] == stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    ) == len(whole)
+    for granularity in ("day", "week", "month", "all"):
+        # granularity=all widens its range to whole local days: ask both from one.
+        first = local_day(start) if granularity == "all" else start
+        for zone in ("Europe/Paris", "Europe/Berlin"):  # Berlin's days are Paris's
+            assert_same(
+                await ask(tiered, now, first, granularity, zone),
+                await ask(plain, now, first, granularity, zone),
+            )
+    # Hours are answered where hours are kept: from the hours' horizon on.
+    hours = await ask(tiered, now, horizon, "hour", "UTC")
+    assert_same(hours, await ask(plain, now, horizon, "hour", "UTC"))
+    for zone in ("UTC", "America/New_York"):
+        with pytest.raises(InvalidQuery) as refused:
+            await ask(tiered, now, start, "day", zone)
+        (problem,) = refused.value.details
+        assert problem["parameter"] == "tz"
+        assert (
+            "its tier '1d in Europe/Paris forever' holds days of Europe/Paris"
+            in (problem["message"])
+        )
+    # A late event in a rolled local day (its last hour, after 23:00 UTC) goes into it.
+    late_at = changed_day + length - 30 * M
+    late: list[Point] = [("visits", float(late_at), 9.0, '{"region":"eu"}', "late", None)]
+    before = tier_rows(db_url)
+    await fill(tiered, late)
+    await fill(plain, late)
+    after = tier_rows(db_url)
+    assert [after[t][1] - before[t][1] for t in after] == [0, 0, 1]
+    assert_same(
+        await ask(tiered, now, start, "day", "Europe/Paris"),
+        await ask(plain, now, start, "day", "Europe/Paris"),
+    )
+    # A second roll at the same moment finds nothing to do.
+    assert await tiered.roll_tiers(now=now) == (0, 0)
+
+
+@stores
+async def test_a_changed_zone_is_refused(db_url: str, opened: list[Store]) -> None:
+    store = await open_(opened, settings_of(db_url, tiers=TIERS))
+    await fill(store, events(seed=3, start=AUTUMN, days=1))
+    await store.aclose()
+    opened.clear()
+    for other in ("1m for 1d, 1h for 2d, 1d forever", "1m for 1d, 1h for 2d, 1d in UTC forever"):
+        with pytest.raises(ConfigError) as refused:
+            await open_store(settings_of(db_url, tiers=other))
+        assert "the zone of a store's days cannot change (its 1d rows are days of " in str(
+            refused.value
+        )
+        assert f"start with --tiers '{TIERS}'" in str(refused.value)
+    longer = "1m for 2d, 1h for 3d, 1d in Europe/Paris for 900d"
+    await open_(opened, settings_of(db_url, tiers=longer))
+    assert sql(db_url, "SELECT value FROM meta WHERE name = 'tiers'") == [(longer,)]
