@@ -289,6 +289,14 @@ def test_local_days_last_what_the_zones_days_last() -> None:
     assert PARIS.after(2, MAR_31) == MAR_31 + 23 * H
     assert PARIS.end_of(MAR_31, D) == MAR_31 + 23 * H
     assert PARIS.end_of(MAR_31, H) == MAR_31 + H
+    # Moncton fell back at 00:01 on 1993-10-31, to 23:01 of the 30th: the hour after
+    # that midnight is in the 31st, though its clock shows the 30th.
+    moncton = parse_tiers("1m for 1d, 1d in America/Moncton forever")
+    assert moncton is not None
+    midnight_31 = 752036400  # 1993-10-31T03:00:00Z
+    assert moncton.floor(1, midnight_31 + 1116) == midnight_31
+    assert moncton.after(1, midnight_31 - 86400) == midnight_31
+    assert moncton.after(1, midnight_31) == midnight_31 + 25 * H
     # Cuts are local midnights: 400 days before 2025-11-30T12:00Z is 2024-10-26T12:00Z.
     assert PARIS.cut(1, 1764504000) == OCT_27 - 24 * H
     assert PARIS.cut(0, 1764504000) == 1764504000 - 7 * D

@@ -128,9 +128,15 @@ class Tiers:
             return math.floor(moment / tier.width) * tier.width
         day = datetime.datetime.fromtimestamp(moment, local).date()
         start = midnight(day, local)
-        while start > moment:  # a clock fell back across midnight: the day before's
+        while start > moment:
             day -= datetime.timedelta(days=1)
             start = midnight(day, local)
+        # A clock that fell back across midnight (Moncton's 00:01 to 23:01 of the day
+        # before) shows the day before in the hour after the next midnight.
+        following = midnight(day + datetime.timedelta(days=1), local)
+        while following <= moment:
+            day += datetime.timedelta(days=1)
+            start, following = following, midnight(day + datetime.timedelta(days=1), local)
         return start
 
     def after(self, index: int, start: int) -> int:
