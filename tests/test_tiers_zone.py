@@ -13,10 +13,13 @@ import contextlib
 import datetime
 import json
 import sqlite3
+import sys
+import textwrap
 import zoneinfo
 from typing import Any
 
 import pytest
+import trio
 from werkzeug.datastructures import MultiDict
 
 from trioagg.errors import ConfigError, InvalidQuery
@@ -27,6 +30,7 @@ from trioagg.store import Store, open_store
 from .conftest import shard_files, sql
 from .test_tiers_store import (
     EXACT,
+    _flags,
     assert_same,
     events,
     fill,
@@ -170,3 +174,95 @@ async def test_a_changed_zone_is_refused(db_url: str, opened: list[Store]) -> No
     longer = "1m for 2d, 1h for 3d, 1d in Europe/Paris for 900d"
     await open_(opened, settings_of(db_url, tiers=longer))
     assert sql(db_url, "SELECT value FROM meta WHERE name = 'tiers'") == [(longer,)]
+
+
+#: A process that rolls a store and is killed (SIGKILL) in the middle of a transaction
+#: rolling hours into local days: after the day rows are written, before the hours go.
+KILLED_MID_DAY_ROLL = textwrap.dedent(
+    """
+    import os, signal, sys
+    import trio
+    from trioagg.settings import Settings
+    from trioagg.store import open_store
+
+    async def main():
+        settings = Settings.from_text({**dict(a.split("=", 1) for a in sys.argv[2:])})
+        store = await open_store(settings)
+        real = store.backend.delete_through
+        def killed(conn, table, *args):
+            if table == "rollups_3600":
+                print("killing myself mid-roll of days", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(conn, table, *args)
+        store.backend.delete_through = killed
+        await store.roll_tiers(now=float(sys.argv[1]))
+
+    trio.run(main)
+    """
+)
+
+
+async def rolled_until_days_fail(
+    db_url: str, twin_url: str, opened: list[Store]
+) -> tuple[Store, Store, int, dict[str, Any]]:
+    """A tiered and an untiered store fed the same days around Paris's autumn change;
+    the tiered one's minutes rolled into hours, and its first roll of hours into days
+    failed before its delete. Returns both stores, the roll's now and the tiers' rows."""
+    tiered = await open_(opened, settings_of(db_url, tiers=TIERS))
+    plain = await open_(opened, settings_of(twin_url))
+    sent = events(seed=11, start=AUTUMN, days=DAYS)
+    await fill(tiered, sent)
+    await fill(plain, sent)
+    now = AUTUMN + DAYS * D + 7 * M
+    backend = tiered.backend
+    real = backend.delete_through
+
+    def fail_into_days(conn: Any, table: str, *args: Any) -> int:
+        if table == "rollups_3600":
+            raise sqlite3.OperationalError("disk I/O error (injected between two statements)")
+        return real(conn, table, *args)
+
+    backend.delete_through = fail_into_days  # type: ignore[method-assign,assignment]
+    with pytest.raises(Exception, match="injected between two statements"):
+        await tiered.roll_tiers(now=now, rows=53)
+    backend.delete_through = real  # type: ignore[method-assign]
+    layout = tier_rows(db_url)
+    # That transaction left nothing behind: no day row, every event once.
+    assert layout["rollups_86400"][0] == 0 and layout["rollups_3600"][0] > 0
+    assert sum(events for _, events, _, _ in layout.values()) == len(sent)
+    return tiered, plain, now, layout
+
+
+async def assert_rolled_as_untiered(db_url: str, tiered: Store, plain: Store, now: int) -> None:
+    await tiered.roll_tiers(now=now, rows=53)
+    assert tier_rows(db_url)["rollups_86400"][0] > 0
+    for granularity in ("day", "week"):
+        assert_same(
+            await ask(tiered, now, AUTUMN, granularity, "Europe/Paris"),
+            await ask(plain, now, AUTUMN, granularity, "Europe/Paris"),
+        )
+
+
+@stores
+async def test_a_roll_of_local_days_that_fails_half_way_leaves_everything_in_place(
+    db_url: str, twin_url: str, opened: list[Store]
+) -> None:
+    tiered, plain, now, _ = await rolled_until_days_fail(db_url, twin_url, opened)
+    await assert_rolled_as_untiered(db_url, tiered, plain, now)
+
+
+@stores
+@pytest.mark.slow
+async def test_a_process_killed_mid_roll_of_local_days_loses_and_doubles_nothing(
+    db_url: str, twin_url: str, opened: list[Store]
+) -> None:
+    tiered, plain, now, layout = await rolled_until_days_fail(db_url, twin_url, opened)
+    flags = [f"{name}={value}" for name, value in {**_flags(db_url), "tiers": TIERS}.items()]
+    done = await trio.run_process(
+        [sys.executable, "-c", KILLED_MID_DAY_ROLL, str(now), *flags],
+        capture_stdout=True,
+        check=False,
+    )
+    assert done.returncode == -9 and b"killing myself mid-roll of days" in done.stdout
+    assert tier_rows(db_url) == layout
+    await assert_rolled_as_untiered(db_url, tiered, plain, now)
