@@ -14,22 +14,31 @@ import datetime
 import json
 import sqlite3
 import sys
+import tempfile
 import textwrap
 import zoneinfo
+from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 import trio
+from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from trioagg.errors import ConfigError, InvalidQuery
 from trioagg.events import Point
 from trioagg.query import answer, parse_query
 from trioagg.store import Store, open_store
+from trioagg.store.base import flush_head, journal_batch, roll_step
+from trioagg.store.head import Head
+from trioagg.store.plan import SeriesCache, WritePolicy
+from trioagg.tiers import Tiers, parse_tiers
 
 from .conftest import shard_files, sql
 from .test_tiers_store import (
     EXACT,
+    FailingDelete,
     _flags,
     assert_same,
     events,
@@ -40,6 +49,7 @@ from .test_tiers_store import (
     stores,
     tier_rows,
     twin_url,
+    writes,
 )
 
 __all__ = ["opened", "twin_url"]  # fixtures, used by name
@@ -266,3 +276,92 @@ async def test_a_process_killed_mid_roll_of_local_days_loses_and_doubles_nothing
     assert done.returncode == -9 and b"killing myself mid-roll of days" in done.stdout
     assert tier_rows(db_url) == layout
     await assert_rolled_as_untiered(db_url, tiered, plain, now)
+
+
+#: 12 hours before Paris's 25-hour 2024-10-27: the writes' 36 hours span that day.
+ZONED_T0 = 1729980000 - 12 * H
+#: As test_tiers_store's, but the clock goes up to a day at a time, so that local days,
+#: the 25-hour one too, are rolled in most runs.
+zoned_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), writes),
+        st.tuples(st.just("roll"), st.tuples(st.integers(0, 24), st.integers(1, 6))),
+        st.tuples(st.just("fail"), st.integers(1, 6)),
+    ),
+    max_size=25,
+)
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(operations=zoned_operations)
+def test_any_interleaving_of_writes_and_rolls_into_local_days_keeps_every_event_once(
+    operations: list[tuple[str, Any]],
+) -> None:
+    tiers = parse_tiers("1m for 2h, 1h for 1d, 1d in Europe/Paris forever")
+    assert tiers is not None
+    last = len(tiers) - 1
+    with tempfile.TemporaryDirectory() as folder:
+        backend = FailingDelete(str(Path(folder) / "s.db"), tiers=tiers)
+        conn = backend.connect(write=True)
+        backend.prepare(conn, M)
+        policy = WritePolicy(M, 86400.0, lambda key: False, tiers)
+        head, seen = Head(), SeriesCache()
+        now, written = float(ZONED_T0 + 4 * H), []
+        for operation, argument in operations:
+            if operation == "write":
+                points: list[Point] = [
+                    (key, float(ZONED_T0 + at), float(value), "{}", None, None)
+                    for key, at, value in argument
+                ]
+                journal_batch(conn, backend, [points], policy, "me/0", head)
+                flush_head(conn, backend, head, "me/0", policy, seen)
+                written.extend(points)
+            elif operation == "roll":
+                hours, limit = argument
+                now += hours * H
+                for index in range(len(tiers) - 1):
+                    while roll_step(conn, backend, tiers, index, now, limit) is not None:
+                        pass
+            else:
+                backend.fail = True
+                with contextlib.suppress(sqlite3.OperationalError):
+                    roll_step(conn, backend, tiers, 1, now, argument)
+                backend.fail = False
+            # Every event in one tier, once, in its local day; every day row at a local
+            # midnight; every tier's buckets after its mark.
+            assert local_days(conn, tiers) == truth_by_local_day(written, tiers)
+            for (bucket,) in conn.execute("SELECT bucket FROM rollups_86400"):
+                assert tiers.floor(last, bucket) == bucket
+            marks = backend.read_rolled(conn, exclusive=False)
+            for index, mark in enumerate(marks):
+                first = conn.execute(f"SELECT min(bucket) FROM {tiers.table(index)}").fetchone()
+                assert first[0] is None or first[0] >= mark
+        days = conn.execute("SELECT count(DISTINCT bucket) FROM rollups_86400").fetchone()[0]
+        hypothesis.event(f"local days rolled: {min(days, 2)}{'+' if days >= 2 else ''}")
+        conn.close()
+
+
+def local_days(conn: sqlite3.Connection, tiers: Tiers) -> dict[tuple[str, int], tuple[int, ...]]:
+    """(count, sum, min, max) per key and local day of the day tier, over every tier."""
+    days: dict[tuple[str, int], list[int]] = {}
+    for index in range(len(tiers)):
+        for key, bucket, count, total, low, high in conn.execute(
+            f"SELECT key, bucket, count, count * shift + s1, min, max FROM {tiers.table(index)}"
+        ):
+            day = days.setdefault(
+                (key, tiers.floor(len(tiers) - 1, bucket)), [0, 0, 10**9, -(10**9)]
+            )
+            day[0] += count
+            day[1] += round(total)
+            day[2], day[3] = min(day[2], round(low)), max(day[3], round(high))
+    return {slot: tuple(values) for slot, values in days.items()}
+
+
+def truth_by_local_day(points: list[Point], tiers: Tiers) -> dict[tuple[str, int], tuple[int, ...]]:
+    days: dict[tuple[str, int], list[int]] = {}
+    for key, ts, value, *_ in points:
+        day = days.setdefault((key, local_day(ts)), [0, 0, 10**9, -(10**9)])
+        day[0] += 1
+        day[1] += int(value)
+        day[2], day[3] = min(day[2], int(value)), max(day[3], int(value))
+    return {slot: tuple(values) for slot, values in days.items()}
