@@ -365,3 +365,25 @@ def truth_by_local_day(points: list[Point], tiers: Tiers) -> dict[tuple[str, int
         day[1] += int(value)
         day[2], day[3] = min(day[2], int(value)), max(day[3], int(value))
     return {slot: tuple(values) for slot, values in days.items()}
+
+
+@stores
+async def test_a_last_tier_of_local_days_keeps_whole_days_of_its_horizon(
+    db_url: str, opened: list[Store]
+) -> None:
+    store = await open_(opened, settings_of(db_url, tiers="1m for 1d, 1d in Europe/Paris for 3d"))
+    sent = events(seed=12, start=AUTUMN, days=DAYS)
+    await fill(store, sent)
+    now = AUTUMN + DAYS * D + 7 * M
+    rolled, dropped = await store.roll_tiers(now=now)
+    assert rolled > 0 and dropped > 0
+    # Kept: whole local days from the one holding the moment three days before now
+    # (2024-10-27T00:07Z, 02:07 in Paris): the 25-hour 27th, from its midnight.
+    kept_from = local_day(now - 3 * D)
+    assert kept_from == 1729980000  # 2024-10-26T22:00:00Z
+    layout = tier_rows(db_url, ("rollups", "rollups_86400"))
+    assert layout["rollups_86400"][2] == kept_from
+    assert sum(events for _, events, _, _ in layout.values()) == sum(
+        1 for point in sent if point[1] >= kept_from
+    )
+    assert await store.roll_tiers(now=now) == (0, 0)
