@@ -24,6 +24,7 @@ import math
 import sqlite3
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,15 @@ def year_end(now: float) -> int:
     return int(now // 3600 * 3600)
 
 
-async def fill(db: Path, *, series: int, days: int, end: int, tiered: bool) -> Filled:
+async def fill(
+    db: Path,
+    *,
+    series: int,
+    days: int,
+    end: int,
+    tiered: bool,
+    progress: Callable[[str], None] | None = None,
+) -> Filled:
     """Write ``days`` simulated days ending at ``end`` of one event per series and minute
     into a fresh store at ``db``, day by day: journalled in hour-sized batches, flushed
     every :data:`FLUSH_ROWS` rows and at each day's end; with ``tiered``, rolled at the
@@ -134,6 +143,8 @@ async def fill(db: Path, *, series: int, days: int, end: int, tiered: bool) -> F
             await store.flush()
             filled.write_s += time.perf_counter() - began
             filled.events += series * 1_440
+            if progress is not None:
+                progress(f"day {day + 1}/{days}")
             if tiered:
                 began = time.perf_counter()
                 rolled, _ = await store.roll_tiers(now=day_start + DAY)
@@ -294,7 +305,10 @@ def measure(
     """Fill one store and measure it: its figures, and its year-long answers."""
     bench.progress.set(f"tiers: writing {days} days x {series} series ({name})")
     db = bench.workdir / f"tiers-{name}.db"
-    filled = trio.run(functools.partial(fill, db, series=series, days=days, end=end, tiered=tiered))
+    write = functools.partial(
+        fill, db, series=series, days=days, end=end, tiered=tiered, progress=bench.progress.update
+    )
+    filled = trio.run(write)
     files, live = disk_bytes(db)
     totals = tier_totals(db)
     stored = sum(events for _, events in totals.values())
