@@ -460,7 +460,7 @@ def tiers_scenario(bench: Bench, sizes: Sizes) -> ScenarioResult:
             Row(
                 scenario="tiers",
                 key=f"year query {name}",
-                what=f"1 key's {days} days by day, {name}",
+                what=f"1 key, {days} d by day, {name}",
                 system="trioagg",
                 unit="req/s",
                 rate=1e3 / p50 if p50 else 0.0,

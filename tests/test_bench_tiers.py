@@ -8,7 +8,6 @@ for timing.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +18,14 @@ from bench.retention import Filled
 from bench.runner import Bench, Options, Progress
 from bench.scenarios import DAY
 
+from . import clock
+
 SERIES = 2
 DAYS = 10  # three days past the finest tier's 7: three rolls that move rows
 
 
 async def fill_both(tmp_path: Path) -> tuple[Filled, Filled]:
-    end = retention.year_end(time.time())
+    end = retention.year_end(clock.now())
     tiered = await retention.fill(
         tmp_path / "tiered.db", series=SERIES, days=DAYS, end=end, tiered=True
     )
@@ -60,8 +61,8 @@ async def test_a_tiered_store_holds_the_same_events_in_fewer_rows(tmp_path: Path
 
 async def test_both_stores_answer_the_whole_range_alike(tmp_path: Path) -> None:
     tiered, plain = await fill_both(tmp_path)
-    _, tiered_answers = await retention.local_queries(tiered, time.time(), SERIES)
-    _, plain_answers = await retention.local_queries(plain, time.time(), SERIES)
+    _, tiered_answers = await retention.local_queries(tiered, clock.now(), SERIES)
+    _, plain_answers = await retention.local_queries(plain, clock.now(), SERIES)
     tiered_totals = retention.totals_of(tiered_answers)
     assert tiered_totals == retention.totals_of(plain_answers)
     for number, buckets in enumerate(tiered_totals):
