@@ -422,6 +422,11 @@ def _facts(results: Mapping[str, ScenarioResult]) -> list[str]:
             f"{_num(f['batch_on_over_off'], 2)} x batch; the key check costs "
             f"{f['check_us']:.1f} us of the event loop per request (in-process)"
         )
+    tiers = results.get("tiers")
+    if tiers and not tiers.error and tiers.facts:
+        from .retention import summary
+
+        out.extend(summary(tiers.facts))
     over = results.get("overload")
     if over and not over.error and over.facts:
         f = over.facts

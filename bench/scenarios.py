@@ -31,6 +31,7 @@ SCENARIOS = (
     "wrk",
     "auth",
     "protocols",
+    "tiers",
 )
 #: what ``--quick`` runs unless told otherwise: all but the wrk cross-check (its three
 #: servers and the Go design's drain) and auth (four servers), which would take more
@@ -70,6 +71,12 @@ class Sizes:
     ingest_lines: int = 1_000_000
     #: events of each protocol (JSON arrays, OTLP exports, StatsD datagrams)
     protocol_events: int = 200_000
+    #: the tiers scenario: series and simulated days of 1-minute data. Not issue 22's
+    #: 1,000 series: the store takes about 100,000 events/s here, so a year of 1,000
+    #: series (525.6 M events per store) would take hours; the size per series and the
+    #: roll per simulated day grow with the series, and are also given per 1,000 series
+    tiers_series: int = 20
+    tiers_days: int = 365
 
 
 def scaled(sizes: Sizes, factor: float) -> Sizes:
@@ -112,6 +119,8 @@ QUICK = Sizes(
     client_events=2_000,
     ingest_lines=30_000,
     protocol_events=20_000,
+    tiers_series=2,
+    tiers_days=14,
 )
 
 KEYS = 1_000
@@ -994,6 +1003,14 @@ def protocols(bench: Bench, sizes: Sizes) -> ScenarioResult:
 AUTH_ROUNDS = 2
 
 
+def tiers(bench: Bench, sizes: Sizes) -> ScenarioResult:
+    """A simulated year of 1-minute data written into a store with tiers and one
+    without: size on disk, a year-long query, the roll per simulated day."""
+    from .retention import tiers_scenario
+
+    return tiers_scenario(bench, sizes)
+
+
 def auth(bench: Bench, sizes: Sizes) -> ScenarioResult:
     """The seed's single-event writes, then 1,000-event JSON arrays, with ``--auth off``
     and with ``--auth on`` (every request carrying a key), each on a fresh store: what
@@ -1066,6 +1083,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], ScenarioResult]] = {
     "wrk": wrk,
     "auth": auth,
     "protocols": protocols,
+    "tiers": tiers,
 }
 
 

@@ -417,6 +417,10 @@ def _write_tiered(
         return plan
     # Read under a shared lock: no roll moves a tier's rows until this commits.
     by_tier = split_by_tier(rollups, tiers, backend.read_rolled(conn, exclusive=False))
+    if by_tier.keys() <= {0}:  # no late event: every row is the finest tier's, planned once
+        plan = plan_rows(rollups, series_seen)
+        plan.refused = _write_rows_apart(conn, backend, plan)
+        return plan
     every = {slot: rollup for part in by_tier.values() for slot, rollup in part.items()}
     plan = plan_rows(every, series_seen)  # the series spans and what the flush touched
     for index, part in sorted(by_tier.items()):
