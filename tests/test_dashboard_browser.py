@@ -11,6 +11,7 @@ failed request) but the 422 answers the page asks for and shows.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import fnmatch
 import re
 import time
@@ -73,6 +74,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def page(browser: Any, site: ServerProcess) -> Iterator[Any]:
+    with _page_of(browser, site) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def _page_of(browser: Any, site: ServerProcess) -> Iterator[Any]:
+    """A page of ``site`` in a fresh browser context, failing on any error it logs."""
     context = browser.new_context(
         base_url=site.url,
         timezone_id=ZONE,
@@ -91,8 +99,10 @@ def page(browser: Any, site: ServerProcess) -> Iterator[Any]:
 
     opened.on("console", logged)
     opened.on("pageerror", lambda error: problems.append(str(error)))
-    yield opened
-    context.close()
+    try:
+        yield opened
+    finally:
+        context.close()
     assert not problems, problems
 
 
@@ -532,3 +542,129 @@ def test_the_page_sends_the_key_typed_in_its_header(
     finally:
         context.close()
     assert not problems, problems
+
+
+TIERS = "1m for 1d, 1h for 2d, 1d in Europe/Paris forever"
+PARIS_TIER = {"width": "1d", "horizon": "forever", "zone": "Europe/Paris"}
+
+
+@pytest.fixture(scope="module")
+def tiered_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server whose tiers keep minutes for a day, hours for two, then Paris's days,
+    holding an event every hour of the past six days (each written into the tier that
+    holds its time)."""
+    db = tmp_path_factory.mktemp("tiered") / "trioagg.db"
+    process = ServerProcess(
+        db, "--bucket", "1m", "--tiers", TIERS, "--log-level", "warning"
+    ).start()
+    assert process.url, process.output
+    first = clock.whole_days_ago(6)
+    events = [
+        {"key": "shop.orders", "ts": first + hour * 3600, "value": hour} for hour in range(144)
+    ]
+    response = httpx.post(f"{process.url}/v1/events", json=events, timeout=30)
+    assert response.status_code == 200, response.text
+    yield process
+    process.stop()
+
+
+def test_the_tiers_are_shown_and_auto_asks_what_they_can_answer(
+    browser: Any, tiered_site: ServerProcess
+) -> None:
+    with _page_of(browser, tiered_site) as page:
+        # Seven days in Paris reach its days: auto asks for days, not the hours it would
+        # ask for without tiers, and draws the API's answer.
+        page.goto("/?key=shop.orders&range=7d&granularity=auto&tz=Europe/Paris&stats=count")
+        settle(page)
+        tiers = page.locator("#tiers li")
+        assert tiers.all_text_contents() == ["1m for 1d", "1h for 2d", "1d in Europe/Paris forever"]
+        assert tiers.nth(0).get_attribute("title") == (
+            "1m buckets kept for 1d, then merged into 1h buckets"
+        )
+        assert tiers.nth(2).get_attribute("title") == "1d buckets kept for ever"
+        request = dict(page.evaluate("() => window.dashboard.request"))
+        assert request["granularity"] == "day"
+        assert page.locator("#error").is_hidden()
+        answer = api(tiered_site, "/v1/aggregates", list(request.items())).json()
+        assert page.evaluate("() => window.dashboard.answer") == answer
+        assert sum(b["count"] or 0 for b in answer["results"][0]["buckets"]) == 144
+        summary = page.locator("#summary").text_content()
+        assert "from the tier 1d in Europe/Paris forever on" in summary
+        # Berlin's days have Paris's midnights: asked for, and answered.
+        choose(page, lambda: (page.fill("#tz", "Europe/Berlin"), page.press("#tz", "Enter")))
+        request = dict(page.evaluate("() => window.dashboard.request"))
+        assert (request["granularity"], request["tz"]) == ("day", "Europe/Berlin")
+        assert page.locator("#error").is_hidden()
+        berlin = page.evaluate("() => window.dashboard.answer")
+        assert [b["count"] for b in berlin["results"][0]["buckets"]] == [
+            b["count"] for b in answer["results"][0]["buckets"]
+        ]
+        # In UTC nothing the day tier holds can be answered: the page shows why.
+        choose(page, lambda: (page.fill("#tz", "UTC"), page.press("#tz", "Enter")))
+        assert page.locator("#error").is_visible()
+        assert page.locator("#error-title").text_content() == "The API answered 422 invalid_query"
+        detail = page.locator("#error-details li").text_content()
+        assert detail.startswith("tz day buckets in UTC cut the days this store keeps")
+        assert "holds days of Europe/Paris" in detail and "ask with tz=Europe/Paris" in detail
+        assert page.evaluate("() => window.dashboard.chart") is None
+        # A day back reaches the hours (by the margin the server allows), an hour back
+        # only the minutes: auto asks for hours, then minutes, answered.
+        choose(page, lambda: page.click("[data-range='24h']"))
+        request = dict(page.evaluate("() => window.dashboard.request"))
+        assert request["granularity"] == "hour" and page.locator("#error").is_hidden()
+        choose(page, lambda: page.click("[data-range='1h']"))
+        request = dict(page.evaluate("() => window.dashboard.request"))
+        assert request["granularity"] == "bucket" and page.locator("#error").is_hidden()
+
+
+def test_the_pages_choice_of_granularity_over_tiers(
+    browser: Any, tiered_site: ServerProcess
+) -> None:
+    with _page_of(browser, tiered_site) as page:
+        page.goto("/")
+        settle(page, 0)
+        module = page.evaluate(
+            "() => document.querySelector('script[type=module]').src.replace('dashboard.js', "
+            "'state.js')"
+        )
+        tiers = httpx.get(f"{tiered_site.url}/v1/keys", timeout=30).json()["tiers"]
+        assert tiers[-1] == PARIS_TIER
+        chosen = page.evaluate(
+            """async ([module, tiers]) => {
+                const S = await import(module);
+                const pick = (tz, span, age) =>
+                    S.chooseGranularity({granularity: "auto", tz}, span, 60,
+                                        S.tiersReached(tiers, age));
+                const reached = (age) => S.tiersReached(tiers, age).map((t) => t.width);
+                return [
+                    reached(3600), reached(86400 - 301), reached(86400 - 299),
+                    reached(2 * 86400), reached(null),
+                    pick("UTC", 3600, 3600), pick("UTC", 86400, 86400 - 600),
+                    pick("UTC", 86400, 86400), pick("Europe/Paris", 7 * 86400, 7 * 86400),
+                    pick("UTC", 7 * 86400, 7 * 86400),
+                    pick("Europe/Paris", 40 * 365 * 86400, 40 * 365 * 86400),
+                    pick("Europe/Paris", null, null),
+                    S.tierText(tiers[2]), S.tierText({width: "1d", horizon: "400d", zone: "UTC"}),
+                    S.spanSeconds("36h"), S.spanSeconds("forever"),
+                ];
+            }""",
+            [module, tiers],
+        )
+        assert chosen == [
+            ["1m"],
+            ["1m"],
+            ["1m", "1h"],
+            ["1m", "1h", "1d"],
+            ["1m", "1h", "1d"],
+            "bucket",
+            "hour",
+            "hour",
+            "day",
+            "day",  # none fits: the API's refusal names the tier's zone
+            "month",
+            "day",
+            "1d in Europe/Paris forever",
+            "1d for 400d",
+            129600,
+            None,
+        ]

@@ -4,6 +4,7 @@ refusals of a query that would cut a coarse tier's bucket (trioagg.query)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -184,8 +185,15 @@ def test_a_query_finer_than_a_tier_holds_is_refused_naming_it() -> None:
             tz="Europe/Paris",
             **{"from": str(500 * D), "to": str(501 * D)},
         )
-    assert refused.value.details[0]["message"].startswith("day buckets in Europe/Paris are finer")
-    assert "ask for granularity=day (in UTC) or all" in refused.value.details[0]["message"]
+    (problem,) = refused.value.details
+    assert problem["parameter"] == "tz"
+    assert problem["message"].startswith(
+        "day buckets in Europe/Paris cut the days this store keeps before 1971-08-24T00:00:00Z: "
+        "its tier '1d forever' holds days of UTC"
+    )
+    assert problem["message"].endswith(
+        "ask with tz=UTC (or for granularity=all), or for a range from 1971-08-24T00:00:00Z on"
+    )
 
 
 def test_queries_the_tiers_can_answer() -> None:
@@ -202,3 +210,147 @@ def test_queries_the_tiers_can_answer() -> None:
         MultiDict({"key": "k", "granularity": "bucket", "from": "0", "to": "60"}), bucket=M, now=NOW
     )
     assert plain.boundaries == range(0, 2 * M, M)
+
+
+PARIS = parse_tiers("1m for 7d, 1h for 400d, 1d in Europe/Paris forever")
+#: 2024-10-27: Paris leaves summer time (a 25-hour day); 2024-03-31 enters it (23 hours).
+OCT_27, MAR_31 = 1729980000, 1711839600  # their local midnights (22:00Z, 23:00Z before)
+
+
+def test_a_day_tier_names_its_zone() -> None:
+    assert PARIS is not None
+    assert PARIS.tiers[-1] == Tier(D, None, "Europe/Paris")
+    assert str(PARIS) == "1m for 7d, 1h for 400d, 1d in Europe/Paris forever"
+    assert parse_tiers(str(PARIS)) == PARIS  # the record reads back
+    assert PARIS.zone == "Europe/Paris" and THREE is not None and THREE.zone == "UTC"
+    # UTC is the default, and is written as such.
+    assert parse_tiers("1m for 7d, 1d IN UTC forever") == parse_tiers("1m for 7d, 1d forever")
+    assert str(parse_tiers("1m for 1d, 1d in Asia/Tokyo for 30d")) == (
+        "1m for 1d, 1d in Asia/Tokyo for 30d"
+    )
+    # Half-hour zones need finer tiers than hours before their days.
+    kolkata = parse_tiers("15m for 7d, 30m for 30d, 1d in Asia/Kolkata forever")
+    assert kolkata is not None and kolkata.zone == "Asia/Kolkata"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "1m for 7d, 1d in Mars/Olympus forever",
+            "'Mars/Olympus' is not an IANA time zone (e.g. Europe/Paris) for the 1d tier",
+        ),
+        ("1m for 7d, 1d in ../../etc/passwd forever", "is not an IANA time zone"),
+        ("1m for 7d, 1d in Europe forever", "'Europe' is not an IANA time zone"),
+        (
+            "1m for 7d, 1h in Europe/Paris forever",
+            "only a 1d tier may name a time zone, not 1h in Europe/Paris",
+        ),
+        (
+            "1m for 7d, 2h for 30d, 1d in Europe/Paris forever",
+            "a 1d tier in Europe/Paris needs every finer tier's width to divide an hour (its "
+            "local days must be whole buckets of them), not 2h",
+        ),
+        (
+            "1m for 7d, 1h for 30d, 1d in Asia/Kolkata forever",
+            "the local days of Asia/Kolkata do not start on edges of the 1h tier's buckets "
+            "(its UTC offset is +05:30 at times)",
+        ),
+        (
+            "15m for 7d, 30m for 30d, 1d in Asia/Kathmandu forever",
+            "(its UTC offset is +05:45 at times)",
+        ),
+        ("1m for 7d, 1d in forever", "'1d in forever' is not a tier"),
+    ],
+)
+def test_bad_zones_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_tiers(text)
+
+
+def test_a_changed_zone_is_refused_like_a_changed_width() -> None:
+    assert PARIS is not None
+    longer = parse_tiers("1m for 8d, 1h for 500d, 1d in Europe/Paris for 900d")
+    assert changed(PARIS, longer) is None
+    assert changed(PARIS, THREE) == (
+        "--tiers is 1m for 7d, 1h for 400d, 1d forever, but the store keeps the tiers "
+        "1m for 7d, 1h for 400d, 1d in Europe/Paris forever: the zone of a store's days "
+        "cannot change (its 1d rows are days of Europe/Paris)"
+    )
+    assert changed(THREE, PARIS) is not None
+
+
+def test_local_days_last_what_the_zones_days_last() -> None:
+    assert PARIS is not None
+    assert PARIS.floor(2, OCT_27) == OCT_27
+    assert PARIS.floor(2, OCT_27 + 24 * H) == OCT_27  # 24 hours on: still the 27th
+    assert PARIS.after(2, OCT_27) == OCT_27 + 25 * H
+    assert PARIS.floor(2, OCT_27 - 1) == OCT_27 - 24 * H
+    assert PARIS.after(2, MAR_31) == MAR_31 + 23 * H
+    assert PARIS.end_of(MAR_31, D) == MAR_31 + 23 * H
+    assert PARIS.end_of(MAR_31, H) == MAR_31 + H
+    # Moncton fell back at 00:01 on 1993-10-31, to 23:01 of the 30th: the hour after
+    # that midnight is in the 31st, though its clock shows the 30th.
+    moncton = parse_tiers("1m for 1d, 1d in America/Moncton forever")
+    assert moncton is not None
+    midnight_31 = 752036400  # 1993-10-31T03:00:00Z
+    assert moncton.floor(1, midnight_31 + 1116) == midnight_31
+    assert moncton.after(1, midnight_31 - 86400) == midnight_31
+    assert moncton.after(1, midnight_31) == midnight_31 + 25 * H
+    # Cuts are local midnights: 400 days before 2025-11-30T12:00Z is 2024-10-26T12:00Z.
+    assert PARIS.cut(1, 1764504000) == OCT_27 - 24 * H
+    assert PARIS.cut(0, 1764504000) == 1764504000 - 7 * D
+    kept = parse_tiers("1m for 7d, 1d in Europe/Paris for 400d")
+    assert kept is not None and kept.drop_cut(1764504000 + D) == OCT_27
+    # Queries over local days: other days' edges cut them, Paris's do not.
+    held = [(OCT_27 + 30 * D, 1)]
+    assert kept is not None
+    assert unaligned([OCT_27, OCT_27 + 25 * H], kept, held) is None
+    assert unaligned([OCT_27 + 2 * H], kept, held) == (OCT_27 + 2 * H, 1)
+    assert widen(OCT_27 + H, OCT_27 + 3 * H, kept, held) == (OCT_27, OCT_27 + 25 * H)
+
+
+def test_a_query_in_another_zone_than_the_days_is_refused_naming_it() -> None:
+    assert PARIS is not None
+    now = OCT_27 + 500 * D
+    held = holding(PARIS, [], now)
+
+    def query(**args: str) -> Query:
+        return parse_query(MultiDict(args), bucket=M, now=now, tiers=PARIS, held=held)
+
+    span = {"key": "k", "from": str(OCT_27 - 3 * D), "to": str(OCT_27 + 3 * D)}
+    days = query(granularity="day", tz="Europe/Paris", **span)
+    assert list(days.boundaries)[2:5] == [OCT_27 - 24 * H, OCT_27, OCT_27 + 25 * H]
+    weeks = query(granularity="week", tz="Europe/Paris", **span)
+    assert len(weeks.boundaries) == 3
+    assert query(granularity="month", tz="Europe/Paris", **span).boundaries[0] == (
+        1727733600  # 2024-10-01 in Paris
+    )
+    # A local day of another zone with the same midnights (Berlin's) is the same day.
+    assert query(granularity="day", tz="Europe/Berlin", **span).boundaries == days.boundaries
+    for zone, granularity in (("UTC", "day"), ("America/New_York", "day"), ("UTC", "week")):
+        with pytest.raises(InvalidQuery) as refused:
+            query(granularity=granularity, tz=zone, **span)
+        (problem,) = refused.value.details
+        assert problem["parameter"] == "tz"
+        assert problem["message"].startswith(
+            f"{granularity} buckets in {zone} cut the days this store keeps before "
+        )
+        assert (
+            "its tier '1d in Europe/Paris forever' holds days of Europe/Paris, of data older "
+            "than 400d" in problem["message"]
+        )
+        assert "ask with tz=Europe/Paris (or for granularity=all)" in problem["message"]
+    with pytest.raises(InvalidQuery) as refused:
+        query(granularity="hour", **span)
+    assert (
+        "ask for granularity=day (in Europe/Paris) or all" in (refused.value.details[0]["message"])
+    )
+    whole = query(granularity="all", **{**span, "from": str(OCT_27 + H)})
+    assert whole.boundaries == [OCT_27, OCT_27 + 3 * D + H]
+    # A read checks a stored day by the length of that local day: 25 hours on the 27th.
+    assert days.holds_whole(OCT_27, D) and days.holds_whole(OCT_27 - 24 * H, D)
+    utc_days = dataclasses.replace(days, boundaries=range(OCT_27 - 22 * H, OCT_27 + 3 * D, D))
+    assert not utc_days.holds_whole(OCT_27, D)
+    hours = dataclasses.replace(days, boundaries=range(OCT_27, OCT_27 + 2 * D, 25 * H))
+    assert hours.holds_whole(OCT_27, D)  # a 25-hour answer bucket holds the whole day

@@ -1,11 +1,14 @@
 """Tiers over real HTTP, on the wall clock: a tiered server answers its rolled days at
 the granularity every tier can serve, exactly; refuses a finer one naming the tier; takes
 a late event into the tier holding its time; and refuses an event older than its
-retention with a 422 naming the limit, counted in /metrics."""
+retention with a 422 naming the limit, counted in /metrics; with its days in a zone,
+answers days in that zone and refuses them in another naming why."""
 
 from __future__ import annotations
 
+import datetime
 import random
+import zoneinfo
 from typing import Any
 
 import pytest
@@ -103,8 +106,6 @@ async def test_a_store_without_tiers_answers_as_before(start_server: StartServer
 
 
 def clock_seconds(stamp: str) -> int:
-    import datetime
-
     return int(datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
 
 
@@ -133,3 +134,50 @@ async def test_a_process_told_less_than_another_rolled_refuses_rather_than_misco
     hours = {**minutes, "granularity": "hour"}
     got = (await first.client.get("/v1/aggregates", params=hours)).json()
     assert got["results"][0]["buckets"][0]["count"] == 1
+
+
+async def test_local_days_answer_in_their_zone_and_refuse_another(
+    start_server: StartServer,
+) -> None:
+    paris = zoneinfo.ZoneInfo("Europe/Paris")
+    tiers = "1m for 1d, 1h for 2d, 1d in Europe/Paris forever"
+    server = await start_server(bucket="1m", tiers=tiers)
+    rng = random.Random()
+    first = clock.whole_days_ago(6)
+    sent: list[dict[str, Any]] = [
+        {"key": "orders", "ts": first + rng.randrange(5 * 86400), "value": rng.randrange(-50, 500)}
+        for _ in range(2000)
+    ]
+    assert (await post(server.client, sent[:1000])).status_code == 200
+    assert (await post(server.client, sent[1000:])).status_code == 200
+    await server.app.service.writers.flushed()
+    await server.app.service.store.roll_tiers()
+    by_day: dict[str, int] = {}
+    for event in sent:
+        day = datetime.datetime.fromtimestamp(event["ts"], paris).date()
+        start = datetime.datetime.combine(day, datetime.time(), paris).astimezone(datetime.UTC)
+        stamp = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        by_day[stamp] = by_day.get(stamp, 0) + 1
+    days: dict[str, str | int] = {
+        "key": "orders",
+        "from": first,
+        "to": first + 5 * 86400,
+        "granularity": "day",
+        "tz": "Europe/Paris",
+    }
+    got = await server.client.get("/v1/aggregates", params=days)
+    assert got.status_code == 200, got.text
+    (series,) = got.json()["results"]
+    assert {b["start"]: b["count"] for b in series["buckets"]} == by_day
+    refused = await server.client.get("/v1/aggregates", params={**days, "tz": "UTC"})
+    assert refused.status_code == 422
+    assert_envelope(refused.json(), "invalid_query")
+    (problem,) = refused.json()["error"]["details"]
+    assert problem["parameter"] == "tz"
+    assert problem["message"].startswith("day buckets in UTC cut the days this store keeps")
+    assert (
+        "its tier '1d in Europe/Paris forever' holds days of Europe/Paris" in (problem["message"])
+    )
+    assert "ask with tz=Europe/Paris" in problem["message"]
+    keys = (await server.client.get("/v1/keys")).json()
+    assert keys["tiers"][-1] == {"width": "1d", "horizon": "forever", "zone": "Europe/Paris"}

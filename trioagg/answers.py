@@ -152,10 +152,12 @@ class KeyInfo(msgspec.Struct, gc=False):
 
 class TierInfo(msgspec.Struct, gc=False):
     """A tier of the store (``--tiers``): buckets ``width`` wide, kept until they are
-    ``horizon`` old (``forever``), then merged into the next tier's (or deleted)."""
+    ``horizon`` old (``forever``), then merged into the next tier's (or deleted). A
+    ``1d`` tier's days are those of ``zone``."""
 
     width: str
     horizon: str
+    zone: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Keys(msgspec.Struct, gc=False):

@@ -71,7 +71,12 @@ def keys_answer(query: KeysQuery, series: Sequence[StoredKey], tiers: Tiers | No
     page = Keys(listed, listed[-1].key if len(listed) == query.limit else None)
     if tiers is not None:
         page.tiers = [
-            TierInfo(WIDTH_NAMES[tier.width], span_name(tier.horizon)) for tier in tiers.tiers
+            TierInfo(
+                WIDTH_NAMES[tier.width],
+                span_name(tier.horizon),
+                tier.zone if tier.width == 86400 else msgspec.UNSET,
+            )
+            for tier in tiers.tiers
         ]
     return msgspec.json.encode(page)
 

@@ -61,6 +61,8 @@ class Query:
     group_by: str | None
     stats: tuple[str, ...]
     fill: str
+    #: The store's tiers, whose coarse buckets a read checks (see :meth:`holds_whole`).
+    tiers: Tiers | None = None
 
     @property
     def start(self) -> int:
@@ -85,8 +87,10 @@ class Query:
 
     def holds_whole(self, bucket: int, width: int) -> bool:
         """Whether a stored bucket of ``width`` seconds from ``bucket`` lies within one
-        answer bucket (a bucket of a coarse tier: see :mod:`trioagg.tiers`)."""
-        last = bucket + width - 1
+        answer bucket (a bucket of a coarse tier: see :mod:`trioagg.tiers`; a local
+        day of a zoned ``1d`` tier lasts what that day lasts)."""
+        end = bucket + width if self.tiers is None else self.tiers.end_of(bucket, width)
+        last = end - 1
         return last < self.end and self.bucket_of(bucket) == self.bucket_of(last)
 
     def bucket_of(self, moment: int) -> int:
@@ -144,6 +148,7 @@ def parse_query(
         values["group_by"],
         values["stats"],
         fill,
+        tiers,
     )
 
 
@@ -246,24 +251,37 @@ def _tiered(
     if found is not None:
         edge, index = found
         since = next(moment for moment, tier in held if tier == index)
-        width = WIDTH_NAMES[tiers.tiers[index].width]
+        tier = tiers.tiers[index]
+        width = WIDTH_NAMES[tier.width]
         after = span_name(tiers.tiers[index - 1].horizon)
         where = "" if granularity in FIXED else f" in {zone}"
+        if granularity not in FIXED and tier.zone != zone and tier.width == 86400:
+            # Another zone's days would cut the tier's local days: say so, not "finer".
+            problem(
+                "tz",
+                f"{granularity} buckets in {zone} cut the days this store keeps before "
+                f"{rfc3339(since)}: its tier '{tier}' holds days of {tier.zone}, of data "
+                f"older than {after} (an answer bucket would start at {rfc3339(edge)}); "
+                f"ask with tz={tier.zone} (or for granularity=all), or for a range from "
+                f"{rfc3339(since)} on",
+            )
+            return ()
         problem(
             "granularity",
             f"{granularity} buckets{where} are finer than this store keeps before "
-            f"{rfc3339(since)}: its tier '{tiers.tiers[index]}' holds {width} buckets of "
+            f"{rfc3339(since)}: its tier '{tier}' holds {width} buckets of "
             f"data older than {after} (an answer bucket would start at {rfc3339(edge)}); "
-            f"ask for {_coarse_enough(tiers.tiers[index].width)} or all, or a range from "
+            f"ask for {_coarse_enough(tier.width, tier.zone)} or all, or a range from "
             f"{rfc3339(since)} on",
         )
         return ()
     return boundaries
 
 
-def _coarse_enough(width: int) -> str:
-    """The finest granularity whose buckets are whole buckets of ``width`` seconds."""
-    return "granularity=hour" if 3600 % width == 0 else "granularity=day (in UTC)"
+def _coarse_enough(width: int, zone: str = "UTC") -> str:
+    """The finest granularity whose buckets are whole buckets of ``width`` seconds (of
+    days in ``zone``)."""
+    return "granularity=hour" if 3600 % width == 0 else f"granularity=day (in {zone})"
 
 
 def _calendar_span(
@@ -398,11 +416,12 @@ def _merged(
 def tier_cut_problem(query: Query, cut: TierCut) -> InvalidQuery:
     """The refusal of a read that found a coarse tier's bucket an answer bucket cuts."""
     width = WIDTH_NAMES.get(cut.width, f"{cut.width}s")
+    zone = query.tiers.zone if query.tiers is not None else "UTC"
     message = (
         f"the store holds a {width} bucket from {rfc3339(cut.bucket)}, which "
         f"{query.granularity} buckets would cut in two: a process of this store rolled its "
         "tiers further than this one expected (their --tiers horizons or clocks differ); "
-        f"ask for whole {width} buckets ({_coarse_enough(cut.width)} or all)"
+        f"ask for whole {width} buckets ({_coarse_enough(cut.width, zone)} or all)"
     )
     return InvalidQuery("the query is invalid", [_problem("granularity", message)])
 

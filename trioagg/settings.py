@@ -267,7 +267,8 @@ class Settings:
         "Retention and downsampling tiers, e.g. '1m for 7d, 1h for 400d, 1d forever': "
         "the finest tier has --bucket's width, each tier's buckets are merged into the "
         "next's once past its horizon, and the last one's horizon (unless forever) is how "
-        "long anything is kept. Recorded in the store: horizons may change, widths not.",
+        "long anything is kept. '1d in Europe/Paris forever' keeps that zone's days (UTC "
+        "by default). Recorded in the store: horizons may change, widths and zone not.",
     )
     batch_size: int = _setting(
         "10000", _positive_int, "Most events the writer commits in one transaction."

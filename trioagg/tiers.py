@@ -16,12 +16,21 @@ is a multiple of the next tier's width and only moves forward.
 
 The last tier's horizon, unless ``forever``, is the store's retention: its rows older
 than that are deleted, and events older than that are refused at the door.
+
+A ``1d`` tier keeps the calendar days of a time zone (``1d in Europe/Paris forever``;
+UTC by default): its buckets start at local midnights and last 23, 24 or 25 hours, so
+bucket arithmetic goes through :meth:`Tiers.floor` and :meth:`Tiers.after`, never
+``bucket // width * width``. A zone is allowed only where its local midnights are
+edges of every finer tier's buckets, so that a local day is a union of them.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import math
 import re
+import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -49,7 +58,12 @@ WIDTH_NAMES: Final = {seconds: name for name, seconds in WIDTHS.items()}
 QUERY_MARGIN: Final = 300
 
 _UNITS: Final = {"m": 60, "h": 3600, "d": 86400}
-_TIER = re.compile(r"\s*(\S+)\s+for\s+(\S+)\s*|\s*(\S+)\s+(forever)\s*", re.IGNORECASE)
+_TIER = re.compile(
+    r"\s*(?P<width>\S+)(?:\s+in\s+(?P<zone>\S+))?\s+(?:for\s+(?P<horizon>\S+)|(?P<forever>forever))\s*",
+    re.IGNORECASE,
+)
+#: The years whose UTC offsets a tier's zone is checked over (see :func:`_offsets`).
+_ZONE_YEARS: Final = (1970, 2100)
 _HORIZON = re.compile(r"([1-9][0-9]{0,6})(m|h|d)")
 
 
@@ -60,10 +74,20 @@ class Tier:
 
     width: int
     horizon: int | None
+    #: The time zone of a ``1d`` tier's days (an IANA name); UTC for every other tier.
+    zone: str = "UTC"
 
     def __str__(self) -> str:
         width = WIDTH_NAMES[self.width]
+        if self.zone != "UTC":
+            width = f"{width} in {self.zone}"
         return f"{width} forever" if self.horizon is None else f"{width} for {_span(self.horizon)}"
+
+    @property
+    def local(self) -> zoneinfo.ZoneInfo | None:
+        """The zone of its days, for a day tier in another zone than UTC (else None:
+        its buckets are multiples of its width)."""
+        return None if self.zone == "UTC" else _zone(self.zone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,21 +115,64 @@ class Tiers:
         """The table of tier ``index``."""
         return "rollups" if index == 0 else f"rollups_{self.tiers[index].width}"
 
+    @property
+    def zone(self) -> str:
+        """The zone of the last tier's buckets (UTC unless a ``1d`` tier names one)."""
+        return self.tiers[-1].zone
+
+    def floor(self, index: int, moment: float) -> int:
+        """The start of the bucket of tier ``index`` that holds ``moment``."""
+        tier = self.tiers[index]
+        local = tier.local
+        if local is None:
+            return math.floor(moment / tier.width) * tier.width
+        day = datetime.datetime.fromtimestamp(moment, local).date()
+        start = midnight(day, local)
+        while start > moment:
+            day -= datetime.timedelta(days=1)
+            start = midnight(day, local)
+        # A clock that fell back across midnight (Moncton's 00:01 to 23:01 of the day
+        # before) shows the day before in the hour after the next midnight.
+        following = midnight(day + datetime.timedelta(days=1), local)
+        while following <= moment:
+            day += datetime.timedelta(days=1)
+            start, following = following, midnight(day + datetime.timedelta(days=1), local)
+        return start
+
+    def after(self, index: int, start: int) -> int:
+        """The start of the bucket of tier ``index`` after the one starting at ``start``."""
+        tier = self.tiers[index]
+        local = tier.local
+        if local is None:
+            return start + tier.width
+        day = datetime.datetime.fromtimestamp(start, local).date()
+        end = start
+        while end <= start:
+            day += datetime.timedelta(days=1)
+            end = midnight(day, local)
+        return end
+
+    def end_of(self, bucket: int, width: int) -> int:
+        """Where a stored bucket of ``width`` seconds from ``bucket`` ends: a bucket of
+        a day tier in a zone may last 23 or 25 hours."""
+        if width == self.tiers[-1].width:
+            return self.after(len(self.tiers) - 1, bucket)
+        return bucket + width
+
     def cut(self, index: int, now: float) -> int:
         """Where tier ``index`` (not the last) ends at ``now``: its buckets that start
         before this moment are past its horizon, to be rolled into the next tier. A
-        multiple of the next tier's width, so that a wider bucket is rolled whole."""
+        bucket edge of the next tier, so that a wider bucket is rolled whole."""
         horizon = self.tiers[index].horizon
         assert horizon is not None, "only the last tier keeps its buckets for ever"
-        wider = self.tiers[index + 1].width
-        return math.floor((now - horizon) / wider) * wider
+        return self.floor(index + 1, now - horizon)
 
     def drop_cut(self, now: float) -> int | None:
         """Where the last tier's buckets start to be kept at ``now`` (None: for ever)."""
         last = self.tiers[-1]
         if last.horizon is None:
             return None
-        return math.floor((now - last.horizon) / last.width) * last.width
+        return self.floor(len(self.tiers) - 1, now - last.horizon)
 
 
 def route(bucket: int, rolled: Sequence[int], first: int = 0) -> int:
@@ -136,7 +203,7 @@ def unaligned(
     bucket edges. None when every edge is."""
     for edge in edges:
         for since, index in reversed(held):  # the coarsest tier first
-            if edge < since and edge % tiers.tiers[index].width:
+            if edge < since and tiers.floor(index, edge) != edge:
                 return edge, index
     return None
 
@@ -144,15 +211,14 @@ def unaligned(
 def widen(start: int, end: int, tiers: Tiers, held: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """``[start, end)`` widened so that no bucket of a coarse tier that may hold it is
     cut by either end (what ``granularity=all`` answers)."""
-    for since, index in reversed(held):  # the coarsest first: its width is a multiple
+    for since, index in reversed(held):  # the coarsest first: its buckets are unions
         if start < since:
-            width = tiers.tiers[index].width
-            start = math.floor(start / width) * width
+            start = tiers.floor(index, start)
             break
     for since, index in reversed(held):
         if end < since:
-            width = tiers.tiers[index].width
-            end = math.ceil(end / width) * width
+            floor = tiers.floor(index, end)
+            end = end if floor == end else tiers.after(index, floor)
             break
     return start, end
 
@@ -162,7 +228,8 @@ def parse_tiers(text: str) -> Tiers | None:
     ``WIDTH forever``; ``none`` or empty for no tiers. Widths are among :data:`WIDTHS`,
     each a multiple of the one before; horizons are whole minutes, hours or days
     (``90m``, ``36h``, ``7d``), each longer than the one before and than the next
-    tier's width."""
+    tier's width. A ``1d`` tier may name the zone of its days (``1d in Europe/Paris
+    forever``), one whose local midnights are edges of every finer tier's buckets."""
     if text.strip().lower() in ("", "none"):
         return None
     tiers: list[Tier] = []
@@ -172,15 +239,17 @@ def parse_tiers(text: str) -> Tiers | None:
         if match is None:
             raise ValueError(
                 f"{part.strip()!r} is not a tier: write WIDTH for HORIZON (1m for 7d), or "
-                "WIDTH forever for the last one"
+                "WIDTH forever for the last one; a 1d tier may name its zone: 1d in "
+                "Europe/Paris forever"
             )
-        width_text, horizon_text = (match[1], match[2]) if match[1] else (match[3], None)
+        width_text, horizon_text = match["width"], match["horizon"]
         width = WIDTHS.get(width_text.lower())
         if width is None:
             raise ValueError(
                 f"{width_text!r} is not a tier width (choose one of {', '.join(WIDTHS)})"
             )
         horizon = None if horizon_text is None else _parse_horizon(horizon_text)
+        zone = "UTC" if match["zone"] is None else _tier_zone(match["zone"], width, tiers)
         if horizon is None and number != len(parts) - 1:
             raise ValueError(
                 f"only the last tier may be kept forever, not {part.strip()!r}: a tier is "
@@ -204,7 +273,7 @@ def parse_tiers(text: str) -> Tiers | None:
                     f"the tier before {part.strip()!r} keeps {_span(before.horizon)}, less "
                     f"than one of its {WIDTH_NAMES[width]} buckets: keep it at least that long"
                 )
-        tiers.append(Tier(width, horizon))
+        tiers.append(Tier(width, horizon, zone))
     if len(tiers) < 2:
         raise ValueError(
             f"{text.strip()!r} declares one tier: give at least two (e.g. 1m for 7d, 1h "
@@ -230,14 +299,92 @@ def changed(recorded: Tiers | None, declared: Tiers | None) -> str | None:
     then ``declared`` replaces the record). The widths stay those the store was given
     (its rows are in their tables); horizons may change; tiers may be added to a store
     that had none, whose rows are then tier 0's."""
-    if recorded is None or (declared is not None and declared.widths == recorded.widths):
+    if recorded is None or (
+        declared is not None
+        and declared.widths == recorded.widths
+        and declared.zone == recorded.zone
+    ):
         return None
     if declared is None:
         return f"--tiers is none, but the store keeps the tiers {recorded}"
+    if declared.widths == recorded.widths:
+        return (
+            f"--tiers is {declared}, but the store keeps the tiers {recorded}: the zone of "
+            f"a store's days cannot change (its 1d rows are days of {recorded.zone})"
+        )
     return (
         f"--tiers is {declared}, but the store keeps the tiers {recorded}: the widths "
         "of a store's tiers cannot change (their horizons can)"
     )
+
+
+def _tier_zone(text: str, width: int, finer: Sequence[Tier]) -> str:
+    """The zone a tier of ``width`` names, after the ``finer`` tiers: a ``1d`` tier's,
+    whose local midnights (over the years :data:`_ZONE_YEARS`) are all edges of the
+    finer tiers' buckets; ValueError saying why not."""
+    if width != WIDTHS["1d"]:
+        raise ValueError(
+            f"only a 1d tier may name a time zone, not {WIDTH_NAMES[width]} in {text}: "
+            "other widths are fixed spans of UTC time"
+        )
+    try:
+        zone = _zone(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder
+        raise ValueError(
+            f"{text[:64]!r} is not an IANA time zone (e.g. Europe/Paris) for the 1d tier"
+        ) from None
+    if zone.key == "UTC":
+        return "UTC"
+    for tier in finer:
+        if 3600 % tier.width:
+            raise ValueError(
+                f"a 1d tier in {zone.key} needs every finer tier's width to divide an hour "
+                f"(its local days must be whole buckets of them), not {WIDTH_NAMES[tier.width]}"
+            )
+    widest = max((tier.width for tier in finer), default=60)
+    odd = sorted(offset for offset in _offsets(zone.key) if offset % widest)
+    if odd:
+        raise ValueError(
+            f"the local days of {zone.key} do not start on edges of the "
+            f"{WIDTH_NAMES[widest]} tier's buckets (its UTC offset is "
+            f"{_offset_name(odd[0])} at times): a finer tier that divides it is needed"
+        )
+    return zone.key
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    if not name or name.startswith(("/", ".")) or ".." in name:
+        raise ValueError(name)
+    return zoneinfo.ZoneInfo(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(name: str) -> frozenset[int]:
+    """Every UTC offset, in seconds, ``name`` has over :data:`_ZONE_YEARS` (read twice a
+    day: no zone changed its offset for less than that)."""
+    zone = _zone(name)
+    first, last = (
+        int(datetime.datetime(year, 1, 1, tzinfo=datetime.UTC).timestamp()) for year in _ZONE_YEARS
+    )
+    found = set()
+    for moment in range(first, last, 43200):
+        offset = datetime.datetime.fromtimestamp(moment, zone).utcoffset()
+        assert offset is not None
+        found.add(int(offset.total_seconds()))
+    return frozenset(found)
+
+
+def _offset_name(seconds: int) -> str:
+    sign = "-" if seconds < 0 else "+"
+    minutes = abs(seconds) // 60
+    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def midnight(day: datetime.date, zone: zoneinfo.ZoneInfo) -> int:
+    """The local midnight starting ``day`` in ``zone``, as Unix seconds (where a clock
+    skips midnight, the moment after the gap), as queries' calendar edges are."""
+    return int(datetime.datetime.combine(day, datetime.time(), zone).timestamp())
 
 
 def _parse_horizon(text: str) -> int:

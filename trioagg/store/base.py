@@ -445,8 +445,7 @@ def split_by_tier(
         if index == 0:
             part[slot] = rollup
             continue
-        width = tiers.tiers[index].width
-        wide = (key, bucket // width * width, tags)
+        wide = (key, tiers.floor(index, bucket), tags)
         merged = part.get(wide)
         if merged is None:
             part[wide] = copy_rollup(rollup, sketches=True)
@@ -666,12 +665,11 @@ def roll_step(
             backend.commit(conn)
             return None
         into = route(oldest, rolled, index + 1)
-        width = tiers.tiers[into].width
-        end = oldest // width * width + width
+        end = tiers.after(into, tiers.floor(into, oldest))  # a local day may last 25 hours
         rows = backend.rows_before(conn, table, end, limit)
         merged: dict[Slot, Rollup] = {}
         for key, bucket, tags, rollup in rows:
-            wide = (key, bucket // width * width, tags)
+            wide = (key, tiers.floor(into, bucket), tags)
             known = merged.get(wide)
             if known is None:
                 merged[wide] = rollup

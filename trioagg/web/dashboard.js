@@ -16,6 +16,7 @@ let server = null; // the last /v1/status answer
 let previousStatus = null;
 let keysPage = { items: [], next: null };
 let keyInfo = null; // the chosen key's /v1/keys entry, null when it has none
+let tiers = []; // the store's tiers (/v1/keys), finest first; none without --tiers
 const seenValues = new Map(); // tag name -> values seen in group_by answers
 const errors = new Map(); // what was asked -> its ApiError
 const inflight = new Map(); // what is being asked -> its AbortController
@@ -235,6 +236,8 @@ async function loadKeys(more) {
   try {
     const page = await ask("keys", "v1/keys", params);
     keysPage = { items: more ? [...keysPage.items, ...page.keys] : page.keys, next: page.next };
+    tiers = page.tiers ?? [];
+    renderTiers();
     setError("keys", null);
   } catch (error) {
     if (error.name === "AbortError") return;
@@ -261,6 +264,17 @@ function renderKeys() {
   );
   $("keys-empty").hidden = keysPage.items.length > 0 || errors.has("keys");
   $("more-keys").hidden = keysPage.next === null;
+}
+
+function renderTiers() {
+  $("tiers-box").hidden = tiers.length === 0;
+  $("tiers").replaceChildren(
+    ...tiers.map((tier, index) => {
+      const next = index + 1 < tiers.length ? `, then merged into ${tiers[index + 1].width} buckets` : tier.horizon === "forever" ? "" : ", then deleted";
+      const kept = tier.horizon === "forever" ? "for ever" : `for ${tier.horizon}`;
+      return el("li", { textContent: S.tierText(tier), title: `${tier.width} buckets kept ${kept}${next}` });
+    }),
+  );
 }
 
 async function loadTop() {
@@ -322,8 +336,11 @@ async function loadChart() {
     return;
   }
   const bucket = server?.bucket_seconds ?? 3600;
-  const range = S.resolveRange(state, Date.now() / 1000);
-  const granularity = S.chooseGranularity(state, range.span, bucket);
+  const now = Date.now() / 1000;
+  const range = S.resolveRange(state, now);
+  // the tiers the range reaches: auto asks for buckets every one of them can answer
+  const reached = S.tiersReached(tiers, S.rangeAge(range, now));
+  const granularity = S.chooseGranularity(state, range.span, bucket, reached);
   const params = S.aggregateParams(state, range, granularity);
   $("curl").textContent = curlCommand("v1/aggregates", params);
   document.body.setAttribute("aria-busy", "true");
@@ -332,7 +349,7 @@ async function loadChart() {
     setError("chart", null);
     window.dashboard.answer = answer;
     window.dashboard.request = params;
-    drawChart(answer, S.bucketWidth(granularity, bucket));
+    drawChart(answer, S.bucketWidth(granularity, bucket), reached);
     rememberValues(answer);
   } catch (error) {
     if (error.name === "AbortError") return;
@@ -380,7 +397,7 @@ function renderEmpty() {
   $("jump").onclick = () => update(target);
 }
 
-function drawChart(answer, width) {
+function drawChart(answer, width, reached) {
   const box = $("chart");
   const size = { width: box.clientWidth || 800, height: CHART_HEIGHT };
   const config = chartConfig(answer, { stats: state.stats, groupBy: state.groupBy, fill: state.fill, width, size });
@@ -404,6 +421,7 @@ function drawChart(answer, width) {
   $("summary").textContent =
     `${answer.granularity} buckets in ${answer.tz}, ${formatTime(parseStart(answer.from))} → ${formatTime(parseStart(answer.to))} · ${series}` +
     (state.stats.includes("count") ? ` · ${formatNumber(events)} events` : "") +
+    (reached.length > 1 ? ` · from the tier ${S.tierText(reached[reached.length - 1])} on` : "") +
     " · drag to zoom, double-click to reset";
 }
 
@@ -467,12 +485,13 @@ function debounce(action, ms) {
   };
 }
 
-function applyKey() {
+async function applyKey() {
   setApiKey($("api-key").value.trim());
-  loadKeys(false);
+  const keys = loadKeys(false);
   loadTop();
   loadHealth();
   loadKeyInfo();
+  await keys; // the store's tiers, which the chart's auto granularity follows
   loadChart();
 }
 
@@ -540,9 +559,10 @@ async function start() {
   wire();
   history.replaceState(null, "", `?${S.writeState(state)}`);
   syncControls();
-  loadKeys(false);
+  const keys = loadKeys(false);
   loadTop();
   await loadHealth(); // the chart's auto granularity needs the store's bucket width
+  await keys; // and its tiers
   loadKeyInfo();
   loadChart();
   setTimeout(loadHealth, 1000); // a second answer soon, for a first ingest rate

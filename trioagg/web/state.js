@@ -15,6 +15,9 @@ const BAND = ["min", "max"];
 const MOST_POINTS = 1000;
 const WIDTHS = { hour: 3600, day: 86400, week: 7 * 86400, month: 31 * 86400 };
 const MAX_LIVE = 3600;
+/** trioagg.tiers.QUERY_MARGIN: a coarse tier may hold data from this much later than its
+ * horizon says. */
+const QUERY_MARGIN = 300;
 
 export function browserZone() {
   return Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
@@ -109,6 +112,13 @@ export function resolveRange(state, now) {
   return { from: iso(end - PRESETS[state.range]), to: iso(end), span: PRESETS[state.range] };
 }
 
+/** How many seconds before `now` a range resolveRange gave starts; null when the page
+ * cannot read its start. */
+export function rangeAge(range, now) {
+  const start = parseTime(range.from);
+  return start === null ? null : Math.max(0, now - start);
+}
+
 /** A range of the same span as `range` that ends with the bucket starting at `last`
  * (seconds): where a key's latest events are when the range chosen holds none. */
 export function rangeEndingAt(range, last, bucketSeconds) {
@@ -123,12 +133,50 @@ export function bucketWidth(granularity, bucketSeconds) {
 }
 
 /** The granularity to ask for: the one chosen, or for auto the finest that keeps the
- * chart under MOST_POINTS buckets (so the page never asks for more than it can show). */
-export function chooseGranularity(state, span, bucketSeconds) {
+ * chart under MOST_POINTS buckets (so the page never asks for more than it can show)
+ * and that every tier the range reaches can answer (`reached`: see tiersReached). When
+ * no granularity suits them all, the API's refusal says why. */
+export function chooseGranularity(state, span, bucketSeconds, reached = []) {
   if (state.granularity !== "auto") return state.granularity;
-  if (span === null) return "hour";
-  const candidates = bucketSeconds < 3600 ? ["bucket", "hour", "day", "week"] : ["hour", "day", "week"];
-  return candidates.find((name) => span / bucketWidth(name, bucketSeconds) <= MOST_POINTS) ?? "month";
+  const candidates = bucketSeconds < 3600 ? ["bucket", "hour", "day", "week", "month"] : ["hour", "day", "week", "month"];
+  const served = candidates.filter((name) => reached.every((tier) => tierServes(tier, name, state.tz, bucketSeconds)));
+  if (span === null) return served[0] === "bucket" ? "hour" : (served[0] ?? "hour");
+  const fits = (name) => name === "month" || span / bucketWidth(name, bucketSeconds) <= MOST_POINTS;
+  // none: only another zone's days can refuse a calendar granularity, and the API's
+  // refusal of one names the zone the tier keeps
+  return served.find(fits) ?? ["day", "week", "month"].find(fits);
+}
+
+/** Seconds of a tier's width or horizon as /v1/keys writes them (1m, 36h, 7d); null for
+ * forever. */
+export function spanSeconds(text) {
+  const match = /^(\d+)([mhd])$/.exec(text);
+  return match ? Number(match[1]) * { m: 60, h: 3600, d: 86400 }[match[2]] : null;
+}
+
+/** The tiers (/v1/keys' `tiers`, finest first) a range starting `age` seconds ago may
+ * read: the finest, and each one whose finer neighbour's horizon the range reaches past.
+ * The server takes a tier to hold data a little (QUERY_MARGIN) earlier than its horizon
+ * says, and so does this. */
+export function tiersReached(tiers, age) {
+  if (!tiers || !tiers.length) return [];
+  if (age === null) return tiers; // a range the page cannot read: assume every tier
+  return tiers.filter((tier, index) => index === 0 || age + QUERY_MARGIN > spanSeconds(tiers[index - 1].horizon));
+}
+
+/** Whether a tier's buckets are whole within every answer bucket of `granularity` in
+ * zone `tz`: a fixed step its width divides, or days of its own zone for a day tier. */
+export function tierServes(tier, granularity, tz, bucketSeconds) {
+  const width = spanSeconds(tier.width);
+  if (granularity === "bucket") return width === bucketSeconds;
+  if (granularity === "hour") return 3600 % width === 0;
+  return width < 86400 || (tier.zone ?? "UTC") === tz;
+}
+
+/** A tier as the page shows it: "1h for 400d", "1d in Europe/Paris forever". */
+export function tierText(tier) {
+  const zone = tier.zone && tier.zone !== "UTC" ? ` in ${tier.zone}` : "";
+  return `${tier.width}${zone} ${tier.horizon === "forever" ? "forever" : `for ${tier.horizon}`}`;
 }
 
 /** The /v1/aggregates parameters of a state, in a fixed order. */
