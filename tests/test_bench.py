@@ -79,6 +79,7 @@ def test_server_args_pass_through_in_any_spelling(argv: list[str]) -> None:
         (["--server-arg", "--sync"], "--sync needs a value"),
         (["--scale", "0"], "--scale must be"),
         (["--connections", "0"], "--connections must be"),
+        (["--tiers-series", "0"], "--tiers-series must be"),
     ],
 )
 def test_bad_combinations_fail_before_running(

@@ -111,3 +111,47 @@ def test_the_scenario_measures_both_stores_over_http(tmp_path: Path) -> None:
 def test_the_simulated_year_ends_at_the_current_hour() -> None:
     assert retention.year_end(7_200 + 3_599.9) == 7_200
     assert retention.year_end(7_200) == 7_200
+
+
+def facts_of(series: int) -> dict[str, object]:
+    """The figures compare() makes, for ``series`` series over 9 days (made up)."""
+    tiered = {
+        "file_bytes": 2**20,
+        "rows": 100,
+        "query_http_ms": {"p50": 5.0},
+        "query_local_ms": {"p50": 4.0},
+        "roll_ms_median": 10.0,
+        "roll_ms_max": 20.0,
+        "roll_days": 2,
+        "rows_rolled": 2_880 * series,
+        "events_per_s": 80_000.0,
+    }
+    plain = {
+        "file_bytes": 2**22,
+        "rows": 400,
+        "query_http_statuses": [200],
+        "query_http_ms": {"p50": 6.0},
+        "query_local_ms": {"p50": 5.0},
+    }
+    return {
+        "series": series,
+        "days": 9,
+        "tiers": retention.TIERS,
+        "tiered": tiered,
+        "plain": plain,
+        "size_plain_over_tiered": 4.0,
+    }
+
+
+def test_the_summary_estimates_1000_series_only_below_them() -> None:
+    few = facts_of(20)
+    retention.add_estimate(few)
+    lines = retention.summary(few)
+    assert "not 1,000 series" in lines[0] and "--tiers-series 1000" in lines[0]
+    assert lines[-1].startswith("tiers: for 1,000 series (measured x 50")
+    whole = facts_of(1_000)
+    retention.add_estimate(whole)
+    assert "estimate_1000_series" not in whole
+    lines = retention.summary(whole)
+    assert "not 1,000 series" not in lines[0]
+    assert not any("for 1,000 series" in line for line in lines)
