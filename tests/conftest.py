@@ -482,14 +482,17 @@ class ServerProcess:
         self._log: Path | None = None
         self._kept = ""  # the log once the process has exited and its file is gone
 
-    def start(self, command: list[str] | None = None, timeout: float = 60) -> ServerProcess:
-        """Start and wait until it listens (or exits)."""
+    def start(
+        self, command: list[str] | None = None, timeout: float = 60, cwd: Path | None = None
+    ) -> ServerProcess:
+        """Start (in ``cwd``, by default this process's) and wait until it listens (or
+        exits)."""
         command = command or [sys.executable, "-m", "trioagg", "serve", *self.args]
         descriptor, name = tempfile.mkstemp(prefix="trioagg-server-", suffix=".log")
         self._log = Path(name)
         with os.fdopen(descriptor, "w") as sink:
             self.proc = subprocess.Popen(
-                command, stderr=sink, stdout=subprocess.DEVNULL, text=True, env=self.env
+                command, stderr=sink, stdout=subprocess.DEVNULL, text=True, env=self.env, cwd=cwd
             )
         self.wait_for("Running on", timeout=timeout)
         match = re.search(r"Running on (https?://[\d.]+:\d+)", self.output)

@@ -224,7 +224,10 @@ def test_the_serve_commands_serve_and_stop(
 
     for commands in taken_by("serve").values():
         for command in commands:
-            root = tmp_path / f"machine-{command.line}"
+            # each command on a machine of its own: its working directory too, where a
+            # relative --db (the default ./trioagg.db) is
+            root = tmp_path / f"machine-{command.path.stem}-{command.line}"
+            root.mkdir(parents=True, exist_ok=True)
             # the deployment's folders, which its text has you make, under root
             for word in command.words:
                 if word.startswith("/"):
@@ -237,7 +240,7 @@ def test_the_serve_commands_serve_and_stop(
                     schemas.append(schema)
             try:
                 process = server_process(db=root / "unused.db", env=env)
-                server = process.start(_on_this_machine(command.words, root))
+                server = process.start(_on_this_machine(command.words, root), cwd=root)
                 assert server.url, f"{command.where}: {server.output}"
                 local = re.sub(r"//[\d.]+:", "//127.0.0.1:", server.url)
                 assert httpx.get(f"{local}/readyz", timeout=30).status_code == 200
