@@ -311,6 +311,19 @@ def fresh_schema(dsn: str) -> tuple[str, str]:
     return schema, f"{dsn}{separator}options=-csearch_path%3D{schema}"
 
 
+@contextlib.contextmanager
+def schema_of_its_own(dsn: str) -> Iterator[str]:
+    """A DSN whose schema is fresh (:func:`fresh_schema`), dropped at the end."""
+    import psycopg
+
+    schema, url = fresh_schema(dsn)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 class StoreUrl(str):
     """A store's ``--db``, with the flags its servers start with by default."""
 
@@ -330,13 +343,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         writers = {"writers": "2"} if request.param == SHARDED else {}
         yield StoreUrl(str(tmp_path / "trioagg.db"), **writers)
         return
-    dsn = request.getfixturevalue("postgres_dsn")
-    schema, url = fresh_schema(dsn)
-    yield url
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with schema_of_its_own(request.getfixturevalue("postgres_dsn")) as url:
+        yield url
 
 
 @pytest.fixture

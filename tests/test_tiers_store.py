@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import tempfile
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,9 @@ from trioagg.store.base import flush_head, journal_batch, roll_step
 from trioagg.store.head import Head
 from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
-from trioagg.tiers import parse_tiers
+from trioagg.tiers import Tiers, parse_tiers
 
-from .conftest import SHARDED, fresh_schema, shard_files, sql
+from .conftest import SHARDED, schema_of_its_own, shard_files, sql
 
 #: Every test that takes a store: on one SQLite file, on two shard files, on PostgreSQL.
 stores = pytest.mark.parametrize("db_url", ["sqlite", SHARDED, "postgres"], indirect=True)
@@ -78,13 +78,8 @@ def twin_url(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
         twin = type(db_url)(str(tmp_path / "twin.db"), **getattr(db_url, "flags", {}))
         yield twin
         return
-    import psycopg
-
-    dsn = request.getfixturevalue("postgres_dsn")
-    schema, url = fresh_schema(dsn)
-    yield url
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with schema_of_its_own(request.getfixturevalue("postgres_dsn")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -577,24 +572,31 @@ class FailingDelete(SQLiteBackend):
         return super().delete_through(conn, table, before, last)
 
 
-@settings(max_examples=150, deadline=None)
-@given(operations=roll_operations)
-def test_any_interleaving_of_writes_and_rolls_keeps_every_event_once(
+def interleave(
+    tiers: Tiers,
+    t0: int,
     operations: list[tuple[str, Any]],
+    *,
+    failing_tier: int,
+    check: Callable[[sqlite3.Connection, list[Point]], None],
+    after: Callable[[sqlite3.Connection], None] | None = None,
 ) -> None:
-    tiers = parse_tiers(SMALL)
-    assert tiers is not None
+    """Run ``operations`` on a fresh SQLite file: writes (journalled and flushed, at
+    ``t0`` plus their offsets), rolls of every tier ``hours`` later by ``limit`` rows,
+    and rolls of tier ``failing_tier`` that fail before their delete. After each,
+    ``check(conn, written)``, and that every tier's buckets are after its mark; at the
+    end ``after(conn)``."""
     with tempfile.TemporaryDirectory() as folder:
         backend = FailingDelete(str(Path(folder) / "s.db"), tiers=tiers)
         conn = backend.connect(write=True)
         backend.prepare(conn, M)
         policy = WritePolicy(M, 86400.0, lambda key: False, tiers)
         head, seen = Head(), SeriesCache()
-        now, written = float(T0 + 4 * H), []
+        now, written = float(t0 + 4 * H), []
         for operation, argument in operations:
             if operation == "write":
                 points: list[Point] = [
-                    (key, float(T0 + at), float(value), "{}", None, None)
+                    (key, float(t0 + at), float(value), "{}", None, None)
                     for key, at, value in argument
                 ]
                 journal_batch(conn, backend, [points], policy, "me/0", head)
@@ -609,15 +611,30 @@ def test_any_interleaving_of_writes_and_rolls_keeps_every_event_once(
             else:
                 backend.fail = True
                 with contextlib.suppress(sqlite3.OperationalError):
-                    roll_step(conn, backend, tiers, 0, now, argument)
+                    roll_step(conn, backend, tiers, failing_tier, now, argument)
                 backend.fail = False
-            # Every event in one tier, once; every tier's buckets after its mark.
-            assert by_day(conn, tiers) == truth_by_day(written)
+            check(conn, written)
             marks = backend.read_rolled(conn, exclusive=False)
             for index, mark in enumerate(marks):
                 first = conn.execute(f"SELECT min(bucket) FROM {tiers.table(index)}").fetchone()
                 assert first[0] is None or first[0] >= mark
+        if after is not None:
+            after(conn)
         conn.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations=roll_operations)
+def test_any_interleaving_of_writes_and_rolls_keeps_every_event_once(
+    operations: list[tuple[str, Any]],
+) -> None:
+    tiers = parse_tiers(SMALL)
+    assert tiers is not None
+
+    def every_event_once(conn: sqlite3.Connection, written: list[Point]) -> None:
+        assert by_day(conn, tiers) == truth_by_day(written)
+
+    interleave(tiers, T0, operations, failing_tier=0, check=every_event_once)
 
 
 def by_day(conn: sqlite3.Connection, tiers: Any) -> dict[tuple[str, int], tuple[int, ...]]:

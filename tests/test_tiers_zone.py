@@ -14,10 +14,8 @@ import datetime
 import json
 import sqlite3
 import sys
-import tempfile
 import textwrap
 import zoneinfo
-from pathlib import Path
 from typing import Any
 
 import hypothesis
@@ -30,19 +28,16 @@ from trioagg.errors import ConfigError, InvalidQuery
 from trioagg.events import Point
 from trioagg.query import answer, parse_query
 from trioagg.store import Store, open_store
-from trioagg.store.base import flush_head, journal_batch, roll_step
-from trioagg.store.head import Head
-from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.tiers import Tiers, parse_tiers
 
 from .conftest import shard_files, sql
 from .test_tiers_store import (
     EXACT,
-    FailingDelete,
     _flags,
     assert_same,
     events,
     fill,
+    interleave,
     open_,
     opened,
     settings_of,
@@ -300,45 +295,26 @@ def test_any_interleaving_of_writes_and_rolls_into_local_days_keeps_every_event_
     tiers = parse_tiers("1m for 2h, 1h for 1d, 1d in Europe/Paris forever")
     assert tiers is not None
     last = len(tiers) - 1
-    with tempfile.TemporaryDirectory() as folder:
-        backend = FailingDelete(str(Path(folder) / "s.db"), tiers=tiers)
-        conn = backend.connect(write=True)
-        backend.prepare(conn, M)
-        policy = WritePolicy(M, 86400.0, lambda key: False, tiers)
-        head, seen = Head(), SeriesCache()
-        now, written = float(ZONED_T0 + 4 * H), []
-        for operation, argument in operations:
-            if operation == "write":
-                points: list[Point] = [
-                    (key, float(ZONED_T0 + at), float(value), "{}", None, None)
-                    for key, at, value in argument
-                ]
-                journal_batch(conn, backend, [points], policy, "me/0", head)
-                flush_head(conn, backend, head, "me/0", policy, seen)
-                written.extend(points)
-            elif operation == "roll":
-                hours, limit = argument
-                now += hours * H
-                for index in range(len(tiers) - 1):
-                    while roll_step(conn, backend, tiers, index, now, limit) is not None:
-                        pass
-            else:
-                backend.fail = True
-                with contextlib.suppress(sqlite3.OperationalError):
-                    roll_step(conn, backend, tiers, 1, now, argument)
-                backend.fail = False
-            # Every event in one tier, once, in its local day; every day row at a local
-            # midnight; every tier's buckets after its mark.
-            assert local_days(conn, tiers) == truth_by_local_day(written, tiers)
-            for (bucket,) in conn.execute("SELECT bucket FROM rollups_86400"):
-                assert tiers.floor(last, bucket) == bucket
-            marks = backend.read_rolled(conn, exclusive=False)
-            for index, mark in enumerate(marks):
-                first = conn.execute(f"SELECT min(bucket) FROM {tiers.table(index)}").fetchone()
-                assert first[0] is None or first[0] >= mark
+
+    def every_event_once_in_its_local_day(conn: sqlite3.Connection, written: list[Point]) -> None:
+        # Every event in one tier, once, in its local day; every day row at a local
+        # midnight.
+        assert local_days(conn, tiers) == truth_by_local_day(written, tiers)
+        for (bucket,) in conn.execute("SELECT bucket FROM rollups_86400"):
+            assert tiers.floor(last, bucket) == bucket
+
+    def count_days(conn: sqlite3.Connection) -> None:
         days = conn.execute("SELECT count(DISTINCT bucket) FROM rollups_86400").fetchone()[0]
         hypothesis.event(f"local days rolled: {min(days, 2)}{'+' if days >= 2 else ''}")
-        conn.close()
+
+    interleave(
+        tiers,
+        ZONED_T0,
+        operations,
+        failing_tier=1,
+        check=every_event_once_in_its_local_day,
+        after=count_days,
+    )
 
 
 def local_days(conn: sqlite3.Connection, tiers: Tiers) -> dict[tuple[str, int], tuple[int, ...]]:
