@@ -17,7 +17,7 @@ from quart.routing import QuartRule
 
 from trioagg.api_keys import create_key
 from trioagg.app import create_app
-from trioagg.settings import Settings
+from trioagg.core.settings import Settings
 from trioagg.store import make_backend
 
 CALLS = 20_000

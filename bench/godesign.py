@@ -32,7 +32,7 @@ PACKAGES = (
     ("golang-github-mattn-go-sqlite3-dev", "src/github.com/mattn/go-sqlite3"),
     ("gcc", "gcc"),  # go-sqlite3 is cgo
 )
-#: trioagg's own defaults (trioagg/settings.py), so that both batch alike
+#: trioagg's own defaults (trioagg/core/settings.py), so that both batch alike
 BATCH_SIZE = 10_000
 QUEUE_SIZE = 1_024
 

@@ -33,9 +33,9 @@ import trio
 from werkzeug.datastructures import MultiDict
 
 from trioagg.budget import Budget
-from trioagg.events import NO_TAGS, Point
+from trioagg.core.events import NO_TAGS, Point
+from trioagg.core.settings import Settings
 from trioagg.query import answer, parse_query
-from trioagg.settings import Settings
 from trioagg.store import Store, open_store
 
 from . import verify

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trioagg.api_keys import create_key
-from trioagg.settings import Settings
+from trioagg.core.settings import Settings
 from trioagg.store import make_backend
 
 from . import godesign, pgstore, stalls, verify

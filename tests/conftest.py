@@ -40,8 +40,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg.app import TrioaggApp, create_app
 from trioagg.auth import is_loopback
+from trioagg.core.settings import Settings
 from trioagg.serving import run_server
-from trioagg.settings import Settings
 from trioagg.store.head import decode_batch
 
 from . import clock

@@ -19,11 +19,11 @@ from click.testing import CliRunner
 
 from trioagg import api_keys, auth
 from trioagg.cli import main
+from trioagg.core.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
+from trioagg.core.events import Point
+from trioagg.core.settings import Settings
 from trioagg.endpoints import SCOPES_BY_PATH
-from trioagg.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
-from trioagg.events import Point
 from trioagg.ingest import stamp_tenant
-from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 from trioagg.store.base import BusyRetry
 

@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from trioagg import memory
-from trioagg.answers import PIECE_BYTES, Aggregates, PieceWriter, Series
-from trioagg.times import rfc3339
+from trioagg.core.answers import PIECE_BYTES, Aggregates, PieceWriter, Series
+from trioagg.core.times import rfc3339
 
 from . import clock
 from .conftest import Server, StartServer, metric, post, wait_until

@@ -14,10 +14,10 @@ from werkzeug.datastructures import MultiDict
 
 from trioagg.budget import DEFAULT_BUDGET
 from trioagg.cases import Aggregates, BodyReader, Stored, accept_events, answer_keys, answer_top
-from trioagg.errors import InvalidEvents, Overloaded
+from trioagg.core.errors import InvalidEvents, Overloaded
+from trioagg.core.settings import Settings
 from trioagg.metrics import Metrics
 from trioagg.service import Service
-from trioagg.settings import Settings
 
 from . import clock
 

@@ -22,7 +22,6 @@ import pytest
 import trio
 import trio.testing
 
-from trioagg.answers import KeyInfo
 from trioagg.client import (
     AsyncClient,
     Client,
@@ -37,7 +36,8 @@ from trioagg.client import (
     uuid7,
 )
 from trioagg.client_answers import Aggregates, Bucket, Ranked, Series, Top, as_sent
-from trioagg.stats import STATS
+from trioagg.core.answers import KeyInfo
+from trioagg.core.stats import STATS
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 

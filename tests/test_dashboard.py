@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import __version__
-from trioagg.errors import ConfigError
-from trioagg.settings import Settings, parse_origins
+from trioagg.core.errors import ConfigError
+from trioagg.core.settings import Settings, parse_origins
 
 from .conftest import Server, StartServer, post
 

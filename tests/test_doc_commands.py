@@ -30,7 +30,7 @@ import httpx
 import pytest
 import trio
 
-from trioagg.settings import Settings
+from trioagg.core.settings import Settings
 from trioagg.store import open_store
 
 from .conftest import StartServer, fresh_schema

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 import trio
 
-from trioagg.events import TAGS_BYTES
-from trioagg.settings import Settings
+from trioagg.core.events import TAGS_BYTES
+from trioagg.core.settings import Settings
 from trioagg.store.base import IDLE_CHECK_SECONDS
 from trioagg.store.postgres import WRITE_DEADLINES, PostgresBackend
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 
-from trioagg.errors import ConfigError
+from trioagg.core.errors import ConfigError
+from trioagg.core.settings import Settings
 from trioagg.service import DRAIN_PROGRESS_SECONDS
-from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 
 from .conftest import Ledger, assert_store_holds, durable_load, resend_unacknowledged

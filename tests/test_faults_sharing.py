@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from trioagg.settings import Settings
+from trioagg.core.settings import Settings
 from trioagg.store import open_store
 
 from .conftest import Ledger, assert_store_holds, shard_files

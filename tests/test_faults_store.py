@@ -19,10 +19,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import api_keys
-from trioagg.errors import CommitFailed, StoreOutage
-from trioagg.events import Point
+from trioagg.core.errors import CommitFailed, StoreOutage
+from trioagg.core.events import Point
+from trioagg.core.settings import Settings
 from trioagg.metrics import Metrics
-from trioagg.settings import Settings
 from trioagg.store import make_backend, open_store
 from trioagg.writer import Writers
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
+from trioagg.core.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
 
 from . import clock
 from .conftest import SHARDED, Server, StartServer, post, sql, stored_counts

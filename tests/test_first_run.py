@@ -21,7 +21,7 @@ import trio
 from click.testing import CliRunner
 
 from trioagg.cli import main
-from trioagg.settings import Settings
+from trioagg.core.settings import Settings
 from trioagg.store import open_store, store_exists
 
 from .conftest import SHARDED, fresh_schema, sql

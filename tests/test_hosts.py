@@ -10,9 +10,9 @@ import pytest
 import trio
 
 from trioagg import api_keys
-from trioagg.errors import ConfigError, MisdirectedRequest
+from trioagg.core.errors import ConfigError, MisdirectedRequest
+from trioagg.core.settings import Settings
 from trioagg.hosts import AllowedHosts
-from trioagg.settings import Settings
 from trioagg.store import make_backend
 
 from .conftest import StartServer, metric, public_address, stored_counts

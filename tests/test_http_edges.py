@@ -20,7 +20,7 @@ import pytest
 import trio
 from werkzeug.datastructures import Headers
 
-from trioagg.errors import Overloaded, UnsupportedMediaType
+from trioagg.core.errors import Overloaded, UnsupportedMediaType
 from trioagg.http_edges import body_format
 from trioagg.writer import InflightBytes
 

@@ -41,7 +41,7 @@ SERVER_MODULES = (
     "trioagg.otlp",
     "trioagg.query",
     "trioagg.readcache",
-    "trioagg.rollup",
+    "trioagg.core.rollup",
     "trioagg.serving",
     "trioagg.statsd",
     "trioagg.store",
@@ -77,12 +77,13 @@ def test_importing_the_client_loads_only_the_client() -> None:
     assert of(modules, ("trio",)) == []
     assert of(modules, ("trioagg",)) == [
         "trioagg",
-        "trioagg.answers",
         "trioagg.client",
         "trioagg.client_answers",
         "trioagg.client_errors",
         "trioagg.client_exit",
-        "trioagg.stats",
+        "trioagg.core",
+        "trioagg.core.answers",
+        "trioagg.core.stats",
     ]
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import trio
 
-from trioagg.errors import Forbidden, InvalidEvents, MalformedBody, RequestError
-from trioagg.events import MAX_ABS_VALUE, MAX_TAGS, TAGS_BYTES
+from trioagg.core.errors import Forbidden, InvalidEvents, MalformedBody, RequestError
+from trioagg.core.events import MAX_ABS_VALUE, MAX_TAGS, TAGS_BYTES
+from trioagg.core.settings import Settings
 from trioagg.ingest import (
     INLINE_DECODE_BYTES,
     Limits,
@@ -22,7 +23,6 @@ from trioagg.ingest import (
     decode_events,
     tag_value_problem,
 )
-from trioagg.settings import Settings
 
 from .conftest import ascii_characters, assert_envelope, tags_of_json_bytes
 

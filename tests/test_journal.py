@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioagg.events import Point
+from trioagg.core.events import Point
 from trioagg.store.base import JournalTaken, flush_head, journal_batch, replay_journal
 from trioagg.store.head import Head, decode_batch, encode_batch
 from trioagg.store.plan import SeriesCache, WritePolicy

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import __version__
 from trioagg.app import TrioaggApp, api_views, route
+from trioagg.core.settings import Settings
 from trioagg.dashboard import dashboard_views
 from trioagg.metrics import Coalesced
-from trioagg.settings import Settings
 
 from .conftest import Server, post, wait_until
 

@@ -31,7 +31,7 @@ from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, UpDownC
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from trioagg.errors import Forbidden, MalformedBody
+from trioagg.core.errors import Forbidden, MalformedBody
 from trioagg.ingest import Limits
 from trioagg.otlp import Last, Mapping, Streams, decode, map_request
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioagg.events import Point
-from trioagg.rollup import (
+from trioagg.core.events import Point
+from trioagg.core.rollup import (
     Distinct,
     Quantiles,
     decode_distinct,

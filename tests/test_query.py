@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from werkzeug.datastructures import MultiDict
 
+from trioagg.core.errors import InvalidQuery
+from trioagg.core.settings import Settings
+from trioagg.core.times import rfc3339
 from trioagg.discovery import parse_keys_query, parse_top_query
-from trioagg.errors import InvalidQuery
 from trioagg.query import ParsedQueries, is_timeless, parse_query
-from trioagg.settings import Settings
-from trioagg.times import rfc3339
 
 from . import clock
 from .conftest import Server, StartServer, assert_envelope, post

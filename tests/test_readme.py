@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import trio
 
-from trioagg.settings import Settings
+from trioagg.core.settings import Settings
 from trioagg.store import open_store
 
 from .conftest import StartServer, sql

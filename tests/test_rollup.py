@@ -20,12 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
-from trioagg.errors import InvalidQuery
-from trioagg.events import Point
+from trioagg.core.errors import InvalidQuery
+from trioagg.core.events import Point
+from trioagg.core.rollup import Rollup, Slot, pre_aggregate
+from trioagg.core.stats import STATS
 from trioagg.params import GRANULARITIES
 from trioagg.query import Query, answer, parse_query
-from trioagg.rollup import Rollup, Slot, pre_aggregate
-from trioagg.stats import STATS
 from trioagg.store.base import flush_head, journal_batch
 from trioagg.store.head import Head, copy_rollup
 from trioagg.store.plan import SeriesCache, WritePolicy

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import trio
 
-from trioagg.errors import ConfigError
-from trioagg.settings import Settings
+from trioagg.core.errors import ConfigError
+from trioagg.core.settings import Settings
 from trioagg.store import open_store
 
 from . import clock

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from trioagg.cli import main
-from trioagg.errors import ConfigError
-from trioagg.settings import Settings, env_name, flag_name, parse_duration, parse_size
+from trioagg.core.errors import ConfigError
+from trioagg.core.settings import Settings, env_name, flag_name, parse_duration, parse_size
 
 SETTINGS_PAGE = (Path(__file__).parent.parent / "docs" / "settings.md").read_text()
 NAMES = [field.name for field in dataclasses.fields(Settings)]

@@ -16,9 +16,9 @@ import trio
 from datadog.dogstatsd.base import DogStatsd
 from statsd import StatsClient
 
-from trioagg.errors import ConfigError
+from trioagg.core.errors import ConfigError
+from trioagg.core.settings import Settings
 from trioagg.ingest import Limits
-from trioagg.settings import Settings
 from trioagg.statsd import DATAGRAM_EVENTS, MAX_SCALE, Gauges, Parser
 
 from .conftest import StartServer, metric

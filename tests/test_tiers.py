@@ -1,5 +1,5 @@
 """The tiers' pure parts: parsing ``--tiers``, the rules of a changed declaration, which
-tier holds a bucket, and where a query's buckets must fall (trioagg.tiers), and the
+tier holds a bucket, and where a query's buckets must fall (trioagg.core.tiers), and the
 refusals of a query that would cut a coarse tier's bucket (trioagg.query)."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import re
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from trioagg.errors import ConfigError, InvalidQuery
-from trioagg.query import Query, parse_query
-from trioagg.settings import Settings
-from trioagg.tiers import (
+from trioagg.core.errors import ConfigError, InvalidQuery
+from trioagg.core.settings import Settings
+from trioagg.core.tiers import (
     Tier,
     Tiers,
     changed,
@@ -24,7 +23,8 @@ from trioagg.tiers import (
     unaligned,
     widen,
 )
-from trioagg.times import rfc3339
+from trioagg.core.times import rfc3339
+from trioagg.query import Query, parse_query
 
 M, H, D = 60, 3600, 86400
 THREE = parse_tiers("1m for 7d, 1h for 400d, 1d forever")

@@ -27,17 +27,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
-from trioagg.errors import ConfigError, InvalidQuery
-from trioagg.events import Point
+from trioagg.core.errors import ConfigError, InvalidQuery
+from trioagg.core.events import Point
+from trioagg.core.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
+from trioagg.core.settings import Settings
+from trioagg.core.tiers import Tiers, parse_tiers
 from trioagg.query import answer, parse_query, tier_cut_problem
-from trioagg.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
-from trioagg.settings import Settings
 from trioagg.store import Store, TierCut, open_store
 from trioagg.store.base import flush_head, journal_batch, roll_step
 from trioagg.store.head import Head
 from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sqlite import SQLiteBackend
-from trioagg.tiers import Tiers, parse_tiers
 
 from .conftest import SHARDED, schema_of_its_own, shard_files, sql
 
@@ -374,7 +374,7 @@ KILLED_MID_ROLL = textwrap.dedent(
     """
     import os, signal, sys
     import trio
-    from trioagg.settings import Settings
+    from trioagg.core.settings import Settings
     from trioagg.store import open_store
 
     async def main():

@@ -24,11 +24,11 @@ import trio
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
-from trioagg.errors import ConfigError, InvalidQuery
-from trioagg.events import Point
+from trioagg.core.errors import ConfigError, InvalidQuery
+from trioagg.core.events import Point
+from trioagg.core.tiers import Tiers, parse_tiers
 from trioagg.query import answer, parse_query
 from trioagg.store import Store, open_store
-from trioagg.tiers import Tiers, parse_tiers
 
 from .conftest import shard_files, sql
 from .test_tiers_store import (
@@ -187,7 +187,7 @@ KILLED_MID_DAY_ROLL = textwrap.dedent(
     """
     import os, signal, sys
     import trio
-    from trioagg.settings import Settings
+    from trioagg.core.settings import Settings
     from trioagg.store import open_store
 
     async def main():

@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
+from trioagg.core.settings import Settings
 from trioagg.metrics import Metrics
-from trioagg.settings import Settings
 from trioagg.store import open_store
 from trioagg.writer import Receipt, Submission, Writers
 

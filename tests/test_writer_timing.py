@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioagg.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
+from trioagg.core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
 from trioagg.loopwatch import watch_loop_stalls
 from trioagg.metrics import Metrics
 from trioagg.store import Appended

@@ -19,7 +19,7 @@ __all__ = ["Settings", "__version__", "create_app"]
 
 if TYPE_CHECKING:
     from .app import create_app
-    from .settings import Settings
+    from .core.settings import Settings
 
 
 def __getattr__(name: str) -> Any:
@@ -30,7 +30,7 @@ def __getattr__(name: str) -> Any:
 
         return create_app
     if name == "Settings":
-        from .settings import Settings
+        from .core.settings import Settings
 
         return Settings
     raise AttributeError(f"module 'trioagg' has no attribute {name!r}")

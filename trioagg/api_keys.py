@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, get_args
 
+from .core.errors import ConfigError
 from .endpoints import Scope
-from .errors import ConfigError
 from .store import Backend
 from .store.base import BusyRetry
 

@@ -29,15 +29,13 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from . import otlp
-from .answers import Pieces
 from .auth import (
     current_tenant,
 )
 from .budget import DEFAULT_BUDGET, Budget
 from .cases import Aggregates, accept_events, accept_otlp, answer_keys, answer_top
-from .dashboard import dashboard_views
-from .endpoints import ENDPOINTS, SCOPES_BY_PATH
-from .errors import (
+from .core.answers import Pieces
+from .core.errors import (
     ConfigError,
     Forbidden,
     PayloadTooLarge,
@@ -47,6 +45,9 @@ from .errors import (
     Unauthorized,
     error_body,
 )
+from .core.settings import Settings
+from .dashboard import dashboard_views
+from .endpoints import ENDPOINTS, SCOPES_BY_PATH
 from .hosts import AllowedHosts
 from .http_edges import (
     body_format,
@@ -62,7 +63,6 @@ from .openapi import openapi_document
 from .params import parse_wait
 from .process import configure_logging, hypercorn_worker_settings
 from .service import Service
-from .settings import Settings
 
 log = logging.getLogger("trioagg")
 

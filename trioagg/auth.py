@@ -46,10 +46,10 @@ import trio
 from quart import g
 
 from .api_keys import ApiKey, digest_of, has_secret_form
-from .errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
-from .events import TENANT_TAG
+from .core.errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
+from .core.events import TENANT_TAG
+from .core.settings import BUCKET_NAMES, Settings, flag_name
 from .hosts import address_of
-from .settings import BUCKET_NAMES, Settings, flag_name
 from .store import Store
 
 log = logging.getLogger("trioagg.auth")

@@ -5,7 +5,7 @@ export, and answering aggregates, keys and top queries.
 They know nothing of Quart. A view (:mod:`trioagg.app`) reads what HTTP carries (the
 headers, the query string, the key's tenant), hands over a function that reads the
 body, and turns what comes back into a response; an error they raise is a
-:class:`~trioagg.errors.RequestError` the view's error handler answers. Tests call
+:class:`~trioagg.core.errors.RequestError` the view's error handler answers. Tests call
 them with a service and no socket.
 """
 
@@ -22,11 +22,12 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from . import otlp
-from .answers import Pieces
 from .auth import tenant_tags
 from .budget import INLINE_WORK, Budget
+from .core.answers import Pieces
+from .core.errors import InvalidEvents, InvalidQuery
+from .core.stats import is_percentile
 from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
-from .errors import InvalidEvents, InvalidQuery
 from .ingest import decode_body
 from .memory import give_back
 from .metrics import Metrics, bound_children
@@ -41,7 +42,6 @@ from .query import (
 )
 from .readcache import CachedAnswer, cache_key
 from .service import Service
-from .stats import is_percentile
 from .store import TierCut
 from .store.head import copy_row
 
@@ -70,8 +70,8 @@ async def accept_events(
 ) -> Stored:
     """Read one request's body of events, validate them (all or none), queue them with
     the writers and, when ``durable``, wait for their commit. Raises
-    :class:`~trioagg.errors.InvalidEvents` (nothing stored) or what the admission raises
-    (:class:`~trioagg.errors.Overloaded`, ...), and :class:`~trioagg.errors.CommitFailed`
+    :class:`~trioagg.core.errors.InvalidEvents` (nothing stored) or what the admission raises
+    (:class:`~trioagg.core.errors.Overloaded`, ...), and :class:`~trioagg.core.errors.CommitFailed`
     when a durable commit failed."""
     metrics = service.metrics
 
@@ -173,7 +173,7 @@ class Aggregates:
         budget: Budget,
     ) -> bytes | Pieces:
         """The answer's JSON to the query of ``args`` (whose text is ``query_string``),
-        whole or in pieces. Raises :class:`~trioagg.errors.InvalidQuery`."""
+        whole or in pieces. Raises :class:`~trioagg.core.errors.InvalidQuery`."""
         cache = service.read_cache
         store = service.store
         bucket = store.bucket

@@ -3,7 +3,7 @@
 ``trioagg serve`` runs the service in this process (:mod:`trioagg.serving`), or
 with ``--workers N`` in N worker processes under a supervisor
 (:mod:`trioagg.supervisor`). Each flag comes from a field of
-:class:`~trioagg.settings.Settings` and can also be set with its ``TRIOAGG_*``
+:class:`~trioagg.core.settings.Settings` and can also be set with its ``TRIOAGG_*``
 variable. SIGTERM and SIGINT start a graceful shutdown: no new connections,
 idle ones closed, requests under way answered, then the writers drain their
 channels and commit; the exit code is 0.
@@ -20,8 +20,8 @@ import click
 from . import __version__
 from .cli_keys import COMMANDS as _KEY_COMMANDS
 from .cli_tools import COMMANDS as _CLIENT_COMMANDS
-from .errors import ConfigError
-from .settings import Settings, env_name, flag_name
+from .core.errors import ConfigError
+from .core.settings import Settings, env_name, flag_name
 
 
 @click.group()

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Final
 import click
 import trio
 
-from .errors import ConfigError
-from .events import TAG_VALUE_BYTES, TENANT_TAG
+from .core.errors import ConfigError
+from .core.events import TAG_VALUE_BYTES, TENANT_TAG
+from .core.settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
 from .ingest import tag_value_problem
-from .settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
 
 if TYPE_CHECKING:
     from .store import Backend

@@ -29,7 +29,6 @@ from typing import IO, Annotated, Any, Final, TypeVar
 import click
 import msgspec
 
-from .answers import Keys
 from .client import (
     DEFAULT_URL,
     SERVER_MAX_BYTES,
@@ -40,7 +39,9 @@ from .client import (
     TransportError,
 )
 from .client_answers import as_sent
-from .events import MAX_TAGS
+from .core.answers import Keys
+from .core.events import MAX_TAGS
+from .core.settings import parse_duration
 from .ingest import (
     DistinctId,
     Event,
@@ -52,7 +53,6 @@ from .ingest import (
     Value,
 )
 from .params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
-from .settings import parse_duration
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _SPARKS: Final = "▁▂▃▄▅▆▇█"

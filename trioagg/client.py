@@ -52,10 +52,11 @@ import anyio.abc
 import httpx
 import msgspec
 
-from . import answers, client_exit
-from .answers import Accepted, KeyInfo, Keys
+from . import client_exit
 from .client_answers import Aggregates, Top, typed
 from .client_errors import ClientError, ServerError, Timeout, TransportError, Undelivered
+from .core import answers
+from .core.answers import Accepted, KeyInfo, Keys
 
 if TYPE_CHECKING:
     import trio

@@ -1,6 +1,6 @@
 """The answers of the Python client's queries, typed all the way down.
 
-On the wire (:mod:`trioagg.answers`) a bucket is a mapping, its stats named by
+On the wire (:mod:`trioagg.core.answers`) a bucket is a mapping, its stats named by
 the query, and a ``/v1/top`` result a mapping of a key and one total. Here a
 bucket is a :class:`Bucket`, each stat an attribute (``msgspec.UNSET`` when the
 query did not ask for it, None where the server answered null), percentiles a
@@ -17,13 +17,13 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from . import answers
-from .stats import STATS, is_percentile
+from .core import answers
+from .core.stats import STATS, is_percentile
 
 
 class Bucket(msgspec.Struct, gc=False, repr_omit_defaults=True):
     """A bucket's start and the stats the query asked for (the others are UNSET): an
-    attribute for each of :data:`~trioagg.stats.STATS`, and the percentiles.
+    attribute for each of :data:`~trioagg.core.stats.STATS`, and the percentiles.
 
     With ``fill=null`` a bucket without events has count 0 and its other stats
     None; ``distinct`` is None where no event had a distinct_id."""

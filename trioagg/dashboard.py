@@ -26,9 +26,9 @@ from quart import Response, request
 from werkzeug.exceptions import NotFound
 
 from . import __version__
-from .answers import Status
 from .auth import current_tenant
-from .errors import Forbidden
+from .core.answers import Status
+from .core.errors import Forbidden
 from .params import STATUS, parse_args
 
 if TYPE_CHECKING:

@@ -16,12 +16,12 @@ from typing import Any
 
 import msgspec
 
-from .answers import KeyInfo, Keys, TierInfo, Top
+from .core.answers import KeyInfo, Keys, TierInfo, Top
+from .core.tiers import WIDTH_NAMES, Tiers, span_name, widen
+from .core.times import LATEST, rfc3339
 from .params import KEYS, TOP, parse_args
 from .query import parse_range
 from .store import KeyInfo as StoredKey
-from .tiers import WIDTH_NAMES, Tiers, span_name, widen
-from .times import LATEST, rfc3339
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ import re
 from collections.abc import Sequence
 from typing import Any, Final
 
-from .errors import MisdirectedRequest
-from .settings import Settings, env_name, flag_name
+from .core.errors import MisdirectedRequest
+from .core.settings import Settings, env_name, flag_name
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -53,7 +53,7 @@ class AllowedHosts:
     :class:`MisdirectedRequest` for any other."""
 
     def __init__(self, allowed: Sequence[str], own: str = "localhost") -> None:
-        """``allowed`` as :func:`~trioagg.settings.parse_hosts` gives them; ``own`` the
+        """``allowed`` as :func:`~trioagg.core.settings.parse_hosts` gives them; ``own`` the
         ``--host`` the server listens on (a wildcard address names nothing)."""
         self.any = "*" in allowed
         patterns = [*allowed, own.lower().strip("[]").removesuffix(".")]

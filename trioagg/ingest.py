@@ -2,9 +2,9 @@
 
 The rules of the contract's event table live in the msgspec types below and
 in :func:`_limit_problems` (byte lengths and time limits, which msgspec does
-not express). A valid body becomes a list of :data:`~trioagg.events.Point` tuples, the only
+not express). A valid body becomes a list of :data:`~trioagg.core.events.Point` tuples, the only
 form of an event the writer sees. An invalid one raises
-:class:`~trioagg.errors.InvalidEvents` listing every problem of every event,
+:class:`~trioagg.core.errors.InvalidEvents` listing every problem of every event,
 so a request is stored whole or not at all.
 
 Valid bodies take the fast path: one typed msgspec decode and one loop.
@@ -25,9 +25,17 @@ from typing import Annotated, Any, Final
 import msgspec
 import trio
 
-from .errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
-from .events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, TENANT_TAG, Point
-from .times import LATEST, milliseconds_mistake, rfc3339
+from .core.errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
+from .core.events import (
+    MAX_ABS_VALUE,
+    MAX_TAGS,
+    NO_TAGS,
+    TAG_VALUE_BYTES,
+    TAGS_BYTES,
+    TENANT_TAG,
+    Point,
+)
+from .core.times import LATEST, milliseconds_mistake, rfc3339
 
 _FINITE = msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)
 # msgspec matches a pattern with Python's re.search, whose "$" also matches before a

@@ -18,8 +18,8 @@ from typing import NoReturn
 import trio
 
 from .auth import key_required_to_start, settle_mode
-from .errors import ConfigError
-from .settings import Settings
+from .core.errors import ConfigError
+from .core.settings import Settings
 from .store import open_store, store_exists
 
 log = logging.getLogger("trioagg")

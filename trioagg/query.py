@@ -2,7 +2,7 @@
 
 No I/O: :func:`parse_query` turns query parameters (read through
 :data:`trioagg.params.AGGREGATES`) into a :class:`Query`, raising
-:class:`~trioagg.errors.InvalidQuery` with every problem, and :func:`answer`
+:class:`~trioagg.core.errors.InvalidQuery` with every problem, and :func:`answer`
 merges the rows a store returned for it into the encoded response. Coarser
 buckets are merged with :meth:`Rollup.merge`: exact for count, min and max,
 numerically stable for sum, avg and stddev, and sketch merges for quantiles
@@ -27,16 +27,16 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
-from .answers import Aggregates, Pieces, PieceWriter, Series
 from .budget import DEFAULT_BUDGET, Budget
-from .errors import InvalidQuery
+from .core.answers import Aggregates, Pieces, PieceWriter, Series
+from .core.errors import InvalidQuery
+from .core.rollup import Rollup
+from .core.settings import BUCKET_WIDTHS
+from .core.stats import is_percentile
+from .core.tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
+from .core.times import LATEST, rfc3339
 from .params import AGGREGATES, Problems, parse_args
-from .rollup import Rollup
-from .settings import BUCKET_WIDTHS
-from .stats import is_percentile
 from .store import Row, TierCut
-from .tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
-from .times import LATEST, rfc3339
 
 FIXED: Final = {"bucket": None, "hour": 3600}
 DEFAULT_RANGE: Final = 86400
@@ -87,7 +87,7 @@ class Query:
 
     def holds_whole(self, bucket: int, width: int) -> bool:
         """Whether a stored bucket of ``width`` seconds from ``bucket`` lies within one
-        answer bucket (a bucket of a coarse tier: see :mod:`trioagg.tiers`; a local
+        answer bucket (a bucket of a coarse tier: see :mod:`trioagg.core.tiers`; a local
         day of a zoned ``1d`` tier lasts what that day lasts)."""
         end = bucket + width if self.tiers is None else self.tiers.end_of(bucket, width)
         last = end - 1

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 import trio
 
 from .auth import Authenticator
+from .core.settings import BUCKET_WIDTHS, Settings
 from .ingest import Limits
 from .loopwatch import LongSteps, sample_loop_steps, tune_garbage_collector, watch_loop_stalls
 from .metrics import Metrics
 from .otlp import Streams
 from .readcache import ReadCache
-from .settings import BUCKET_WIDTHS, Settings
 from .statsd import Receiver
 from .statsd import open_socket as open_statsd_socket
 from .store import Store, open_store

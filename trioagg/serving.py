@@ -49,9 +49,9 @@ from hypercorn.utils import (
 )
 
 from .app import TrioaggApp, WriterCrashed, create_app
-from .errors import ConfigError
+from .core.errors import ConfigError
+from .core.settings import Settings
 from .metrics import Metrics
-from .settings import Settings
 
 log = logging.getLogger("trioagg.serving")
 
@@ -332,7 +332,7 @@ def hypercorn_config(settings: Settings) -> Config:
 
 def open_sockets(settings: Settings) -> Sockets:
     """The listening sockets of ``--host`` and ``--port``, made before anything else
-    starts; :class:`~trioagg.errors.ConfigError` when the address cannot be listened on
+    starts; :class:`~trioagg.core.errors.ConfigError` when the address cannot be listened on
     (taken, not this machine's, a privileged port) or the certificate cannot be used."""
     config = hypercorn_config(settings)
     try:

@@ -48,11 +48,11 @@ from typing import Final
 import msgspec
 import trio
 
-from .errors import ConfigError, Overloaded, StoreUnavailable
-from .events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Point
+from .core.errors import ConfigError, Overloaded, StoreUnavailable
+from .core.events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Point
+from .core.times import rfc3339
 from .ingest import Limits
 from .metrics import Metrics
-from .times import rfc3339
 from .writer import Writers
 
 log = logging.getLogger("trioagg.statsd")

@@ -45,7 +45,7 @@ from types import FrameType
 
 from hypercorn.config import Sockets
 
-from .settings import Settings
+from .core.settings import Settings
 
 log = logging.getLogger("trioagg.supervisor")
 

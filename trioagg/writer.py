@@ -53,8 +53,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 
 import trio
 
-from .errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
-from .events import TS, Point
+from .core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
+from .core.events import TS, Point
 from .metrics import Metrics
 from .store import Store
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 
-from ..settings import Settings
+from ..core.settings import Settings
 from .base import Appended, Backend, KeyInfo, Row, Store, TierCut
 from .plan import WritePolicy
 from .sqlite import SQLiteBackend

@@ -26,10 +26,10 @@ from typing import Any, Protocol, TypeVar
 import outcome
 import trio
 
-from ..errors import StoreBusy, StoreCannotOpen, StoreError, StoreOutage, TrioaggError
-from ..events import Point
-from ..rollup import Rollup, Slot, decode_distinct, decode_quantiles, pre_aggregate
-from ..tiers import QUERY_MARGIN, Tiers, holding, route
+from ..core.errors import StoreBusy, StoreCannotOpen, StoreError, StoreOutage, TrioaggError
+from ..core.events import Point
+from ..core.rollup import Rollup, Slot, decode_distinct, decode_quantiles, pre_aggregate
+from ..core.tiers import QUERY_MARGIN, Tiers, holding, route
 from .head import (
     Head,
     JournalEvent,
@@ -145,7 +145,7 @@ class RollupBackend(Protocol):
 
     def upsert(self, conn: Any, rows: Iterable[UpsertRow], table: str = "rollups") -> None:
         """Merge rollups into stored rows of ``table`` (a tier's: see
-        :mod:`trioagg.tiers`); sketch blobs replace stored ones unless None."""
+        :mod:`trioagg.core.tiers`); sketch blobs replace stored ones unless None."""
 
     # Tiers (only with --tiers): the rolled marks, and the rows a roll moves.
 
@@ -408,7 +408,7 @@ def _write_tiered(
     series_seen: SeriesCache,
 ) -> Plan:
     """Inside a transaction: plan and write ``rollups`` (of the finest tier's buckets),
-    each into the tier that holds its bucket (see :mod:`trioagg.tiers`), as
+    each into the tier that holds its bucket (see :mod:`trioagg.core.tiers`), as
     :func:`_write_rows_apart` does. Without tiers, all go to ``rollups``."""
     tiers = policy.tiers
     if tiers is None:
@@ -1062,7 +1062,7 @@ class Store:
 
     def tiers_held(self, now: float) -> tuple[tuple[int, int], ...]:
         """For a query at ``now``: (since, tier) of each coarse tier, which may hold
-        buckets before ``since`` (see :func:`trioagg.tiers.holding`); () without tiers.
+        buckets before ``since`` (see :func:`trioagg.core.tiers.holding`); () without tiers.
         A roll that starts while the query runs, or in another process whose clock is
         a little ahead, has not gone past ``since``: see :data:`QUERY_MARGIN`."""
         tiers = self.policy.tiers

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ..events import Point
-from ..rollup import (
+from ..core.events import Point
+from ..core.rollup import (
     Rollup,
     Slot,
     decode_distinct,

@@ -21,8 +21,8 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import ID, Point
-from ..rollup import (
+from ..core.events import ID, Point
+from ..core.rollup import (
     Rollup,
     Slot,
     decode_distinct,
@@ -30,7 +30,7 @@ from ..rollup import (
     encode_distinct,
     encode_quantiles,
 )
-from ..tiers import Tiers
+from ..core.tiers import Tiers
 
 #: A series in the keys index: (key, tags JSON, first bucket, last bucket).
 SeriesSpan = tuple[str, str, int, int]

@@ -32,7 +32,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import TupleRow
 
-from ..tiers import Tiers
+from ..core.tiers import Tiers
 from .sql import KEYS_TABLE, LAST_COLUMNS, SQLBackend, check_meta
 
 _SCHEMA = [

@@ -1,7 +1,7 @@
 """The statements both SQL stores share, written once for SQLite and PostgreSQL.
 
 One ``rollups`` row per (key, bucket, tags) holds a
-:class:`~trioagg.rollup.Rollup`. The UPSERT merges an incoming rollup into the
+:class:`~trioagg.core.rollup.Rollup`. The UPSERT merges an incoming rollup into the
 stored one with the same shifted-moment algebra as :meth:`Rollup.merge`, so a
 row is exact however many batches fed it; sketches arrive already merged with
 the stored ones (see :mod:`~trioagg.store.plan`) and replace
@@ -15,7 +15,7 @@ bucket, so that merged with rows of earlier buckets it still wins, and loses to
 rows of later ones. ``series`` indexes keys, tags and first/last buckets for ``/v1/keys``;
 ``event_ids`` remembers idempotency ids for the dedup window.
 
-With ``--tiers`` (:mod:`trioagg.tiers`), each coarser tier is a table of the same
+With ``--tiers`` (:mod:`trioagg.core.tiers`), each coarser tier is a table of the same
 columns, ``rollups_<width>``; the UPSERT and the sketch statements take the
 table, reads go through the union of every tier's table (each row with its
 tier's width), and ``meta`` holds the declared tiers and each tier's rolled mark.
@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any
 
-from ..errors import ConfigError
-from ..rollup import Slot
-from ..settings import BUCKET_NAMES
-from ..tiers import Tiers, changed, parse_tiers
+from ..core.errors import ConfigError
+from ..core.rollup import Slot
+from ..core.settings import BUCKET_NAMES
+from ..core.tiers import Tiers, changed, parse_tiers
 from .base import KeyInfo, Row, TierCut, to_rows
 from .head import tenant_needles
 from .plan import SeriesSpan, StoredSketches, UpsertRow
@@ -109,7 +109,7 @@ class SQLBackend:
     share_lock = ""
 
     def __init__(self, tiers: Tiers | None = None) -> None:
-        #: The store's tiers (see :mod:`trioagg.tiers`); None: one table, kept for ever.
+        #: The store's tiers (see :mod:`trioagg.core.tiers`); None: one table, kept for ever.
         self.tiers = tiers
         #: What reads name the shard tables: the tables, or views over several shards
         #: and tiers.
@@ -234,7 +234,7 @@ class SQLBackend:
             )
         return statement
 
-    # -- Tiers (see trioagg.tiers): the rolled marks in meta, and moving rows.
+    # -- Tiers (see trioagg.core.tiers): the rolled marks in meta, and moving rows.
 
     def read_rolled(self, conn: Any, *, exclusive: bool) -> list[int]:
         """Inside a transaction: the rolled mark of every tier but the last, locked until

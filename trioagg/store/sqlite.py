@@ -37,8 +37,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError, StoreCannotOpen
-from ..tiers import Tiers
+from ..core.errors import ConfigError, StoreCannotOpen
+from ..core.tiers import Tiers
 from .sql import KEYS_TABLE, LAST_COLUMNS, SQLBackend, check_meta
 
 _META = """CREATE TABLE IF NOT EXISTS meta (

@@ -15,7 +15,7 @@ const BAND = ["min", "max"];
 const MOST_POINTS = 1000;
 const WIDTHS = { hour: 3600, day: 86400, week: 7 * 86400, month: 31 * 86400 };
 const MAX_LIVE = 3600;
-/** trioagg.tiers.QUERY_MARGIN: a coarse tier may hold data from this much later than its
+/** trioagg.core.tiers.QUERY_MARGIN: a coarse tier may hold data from this much later than its
  * horizon says. */
 const QUERY_MARGIN = 300;
 

@@ -175,7 +175,8 @@ class Rollup:
         return None if self.distinct is None else round(self.distinct.get_estimate())
 
     def stat(self, name: str) -> float | None:
-        """One of the statistics of :data:`~trioagg.stats.STATS`, or a percentile named ``pNN``."""
+        """One of the statistics of :data:`~trioagg.core.stats.STATS`, or a percentile
+        named ``pNN``."""
         if name == "count":
             return self.count
         if name == "avg":

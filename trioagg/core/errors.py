@@ -157,7 +157,7 @@ class InvalidEvents(RequestError):
         super().__init__(message, details)
         #: Events in the rejected request, valid ones included: none of them is stored.
         self.event_count = event_count
-        #: Of them, events older than the store's retention (see trioagg.tiers).
+        #: Of them, events older than the store's retention (see trioagg.core.tiers).
         self.past_retention = 0
 
 
