@@ -31,7 +31,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from trioagg.ingest import Limits, decode_events
+from trioagg.ingest.decode import Limits, decode_events
 
 MAX_BODY = 10 * 1024 * 1024
 _NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonlines"}

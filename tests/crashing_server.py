@@ -14,8 +14,8 @@ import os
 from typing import Any
 
 from trioagg import app, cli
+from trioagg.ingest.writer import Submission, Writer
 from trioagg.store import Store
-from trioagg.writer import Submission, Writer
 
 
 class InjectedBug(BaseException):

@@ -23,7 +23,7 @@ from trioagg.core.errors import ConfigError, Forbidden, Overloaded, StoreBusy, U
 from trioagg.core.events import Point
 from trioagg.core.settings import Settings
 from trioagg.endpoints import SCOPES_BY_PATH
-from trioagg.ingest import stamp_tenant
+from trioagg.ingest.decode import stamp_tenant
 from trioagg.store import make_backend, open_store
 from trioagg.store.base import BusyRetry
 

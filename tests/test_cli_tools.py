@@ -34,7 +34,7 @@ from trioagg.cli_tools import (
     reach,
     sparkline,
 )
-from trioagg.ingest import Event
+from trioagg.ingest.decode import Event
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 

@@ -22,9 +22,9 @@ from trioagg import api_keys
 from trioagg.core.errors import CommitFailed, StoreOutage
 from trioagg.core.events import Point
 from trioagg.core.settings import Settings
+from trioagg.ingest.writer import Writers
 from trioagg.metrics import Metrics
 from trioagg.store import make_backend, open_store
-from trioagg.writer import Writers
 
 from . import clock
 from .conftest import Server, StartServer, assert_store_holds, metric, post, sql

@@ -22,7 +22,7 @@ from werkzeug.datastructures import Headers
 
 from trioagg.core.errors import Overloaded, UnsupportedMediaType
 from trioagg.http_edges import body_format
-from trioagg.writer import InflightBytes
+from trioagg.ingest.writer import InflightBytes
 
 from .conftest import Server, StartServer, assert_envelope, stored_counts, wait_until
 

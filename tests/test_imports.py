@@ -38,15 +38,15 @@ SERVER_MODULES = (
     "trioagg.http_edges",
     "trioagg.metrics",
     "trioagg.openapi",
-    "trioagg.otlp",
+    "trioagg.ingest.otlp",
     "trioagg.query",
     "trioagg.readcache",
     "trioagg.core.rollup",
     "trioagg.serving",
-    "trioagg.statsd",
+    "trioagg.ingest.statsd",
     "trioagg.store",
     "trioagg.supervisor",
-    "trioagg.writer",
+    "trioagg.ingest.writer",
 )
 _IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| ( *)(\S+)$", re.MULTILINE)
 

@@ -16,7 +16,7 @@ import trio
 from trioagg.core.errors import Forbidden, InvalidEvents, MalformedBody, RequestError
 from trioagg.core.events import MAX_ABS_VALUE, MAX_TAGS, TAGS_BYTES
 from trioagg.core.settings import Settings
-from trioagg.ingest import (
+from trioagg.ingest.decode import (
     INLINE_DECODE_BYTES,
     Limits,
     decode_body,

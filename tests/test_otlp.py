@@ -32,8 +32,8 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExp
 from opentelemetry.sdk.resources import Resource
 
 from trioagg.core.errors import Forbidden, MalformedBody
-from trioagg.ingest import Limits
-from trioagg.otlp import Last, Mapping, Streams, decode, map_request
+from trioagg.ingest.decode import Limits
+from trioagg.ingest.otlp import Last, Mapping, Streams, decode, map_request
 
 from . import clock
 from .conftest import StartServer, stored_counts

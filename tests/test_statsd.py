@@ -18,8 +18,8 @@ from statsd import StatsClient
 
 from trioagg.core.errors import ConfigError
 from trioagg.core.settings import Settings
-from trioagg.ingest import Limits
-from trioagg.statsd import DATAGRAM_EVENTS, MAX_SCALE, Gauges, Parser
+from trioagg.ingest.decode import Limits
+from trioagg.ingest.statsd import DATAGRAM_EVENTS, MAX_SCALE, Gauges, Parser
 
 from .conftest import StartServer, metric
 

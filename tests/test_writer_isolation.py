@@ -19,9 +19,9 @@ from typing import Any
 import trio
 
 from trioagg.core.settings import Settings
+from trioagg.ingest.writer import Receipt, Submission, Writers
 from trioagg.metrics import Metrics
 from trioagg.store import open_store
-from trioagg.writer import Receipt, Submission, Writers
 
 from . import clock
 from .conftest import sql, stored_counts

@@ -16,11 +16,11 @@ import trio
 import trio.testing
 
 from trioagg.core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
+from trioagg.ingest.writer import EVENT_BYTES, FAILING_MEMORY, Writers
 from trioagg.loopwatch import watch_loop_stalls
 from trioagg.metrics import Metrics
 from trioagg.store import Appended
 from trioagg.store.head import Head
-from trioagg.writer import EVENT_BYTES, FAILING_MEMORY, Writers
 
 
 class CuedStore:

@@ -28,7 +28,6 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
-from . import otlp
 from .auth import (
     current_tenant,
 )
@@ -56,6 +55,7 @@ from .http_edges import (
     read_body,
     too_large_message,
 )
+from .ingest import otlp
 from .memory import give_back
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, bound_children

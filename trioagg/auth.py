@@ -26,7 +26,7 @@ serve`` turns ``auto`` into ``on`` when it listens on a non-loopback address (se
 :func:`settle_mode`).
 
 **Tenants.** A key with a tenant stamps ``tenant=<value>`` on every event it sends
-(:func:`trioagg.ingest.stamp_tenant`, which also makes its event ids its own) and reads
+(:func:`trioagg.ingest.decode.stamp_tenant`, which also makes its event ids its own) and reads
 only series with that tag (:func:`tenant_tags` and
 the store's ``tenant`` filters).
 """

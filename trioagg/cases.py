@@ -21,14 +21,14 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from . import otlp
 from .auth import tenant_tags
 from .budget import INLINE_WORK, Budget
 from .core.answers import Pieces
 from .core.errors import InvalidEvents, InvalidQuery
 from .core.stats import is_percentile
 from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
-from .ingest import decode_body
+from .ingest import otlp
+from .ingest.decode import decode_body
 from .memory import give_back
 from .metrics import Metrics, bound_children
 from .query import (
@@ -50,7 +50,7 @@ _Built = TypeVar("_Built")
 
 class BodyReader(Protocol):
     """Reads a request's body, calling ``keep(size)`` for each piece as it arrives (and
-    inflates), which raises to refuse it (:meth:`~trioagg.writer.Admission.grow`)."""
+    inflates), which raises to refuse it (:meth:`~trioagg.ingest.writer.Admission.grow`)."""
 
     def __call__(self, *, keep: Callable[[int], None]) -> Awaitable[bytes]: ...
 
@@ -102,9 +102,9 @@ async def accept_events(
 async def accept_otlp(
     service: Service, read: BodyReader, *, protobuf: bool, tenant: str | None
 ) -> bytes:
-    """Store an OTLP/HTTP metrics export (see :mod:`trioagg.otlp`) like events with
+    """Store an OTLP/HTTP metrics export (see :mod:`trioagg.ingest.otlp`) like events with
     ``wait=true`` and return OTLP's answer: a partial success naming the data points
-    refused. Requests with cumulative points take turns (:class:`~trioagg.otlp.Streams`)
+    refused. Requests with cumulative points take turns (:class:`~trioagg.ingest.otlp.Streams`)
     from computing their deltas until their events are committed."""
     settings, metrics = service.settings, service.metrics
     streams = service.otlp_streams

@@ -57,9 +57,9 @@ def serve(**values: str | None) -> None:
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     # The server's modules load here, not with the client commands.
+    from .ingest.statsd import open_socket
     from .process import exit_for_config, exit_unless_store_opens
     from .serving import open_sockets, run_process
-    from .statsd import open_socket
     from .supervisor import supervise
 
     try:

@@ -27,7 +27,7 @@ import trio
 from .core.errors import ConfigError
 from .core.events import TAG_VALUE_BYTES, TENANT_TAG
 from .core.settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
-from .ingest import tag_value_problem
+from .ingest.decode import tag_value_problem
 
 if TYPE_CHECKING:
     from .store import Backend

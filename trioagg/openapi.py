@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document served at ``/openapi.json``.
 
 Nothing in it is written twice: the event schema is generated from the
-msgspec types that validate events (:mod:`trioagg.ingest`), the answers'
+msgspec types that validate events (:mod:`trioagg.ingest.decode`), the answers'
 schemas from the types the routes encode (:mod:`trioagg.core.answers`), and the
 query parameters from the tables the parsers read (:mod:`trioagg.params`), the
 paths, their summaries and the scopes they need from the endpoint table
@@ -23,7 +23,7 @@ from .core.answers import ANSWERS
 from .core.events import MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES
 from .core.times import LATEST
 from .endpoints import ENDPOINTS, Scope
-from .ingest import Event
+from .ingest.decode import Event
 from .params import Param
 
 _REF = "#/components/schemas/{name}"

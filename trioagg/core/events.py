@@ -1,6 +1,6 @@
 """An event as every part of trioagg after the edge sees it, and the limits of one.
 
-The HTTP decoder (:mod:`~trioagg.ingest`), the StatsD and OTLP receivers make
+The HTTP decoder (:mod:`~trioagg.ingest.decode`), the StatsD and OTLP receivers make
 :data:`Point` values; the writers, the journal, the planner and the store take
 them. The tenant tag and the tag limits live here too, beside the event they
 bound, so that none of those parts imports a body decoder. Imports nothing of

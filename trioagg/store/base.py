@@ -856,7 +856,7 @@ class Store:
     """A backend's connections, used from trio. Create it with :meth:`open`.
 
     ``writers`` write connections, each behind a capacity limiter of its own
-    (writer ``i`` of :class:`~trioagg.writer.Writers` uses connection ``i``, to the
+    (writer ``i`` of :class:`~trioagg.ingest.writer.Writers` uses connection ``i``, to the
     backend's shard ``i`` where it has several), and a fixed pool of read
     connections, each reading every shard.
     """

@@ -53,10 +53,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 
 import trio
 
-from .core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
-from .core.events import TS, Point
-from .metrics import Metrics
-from .store import Store
+from ..core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
+from ..core.events import TS, Point
+from ..metrics import Metrics
+from ..store import Store
 
 log = logging.getLogger("trioagg.writer")
 

@@ -20,7 +20,7 @@ and ``T<unix seconds>`` (DogStatsD's timestamp); ``c:<container id>`` and
   ``distinct`` counts the members (HyperLogLog).
 
 ``name:1:2:3|h`` (several values in one line, DogStatsD 1.1) is read as three lines.
-Tags follow the rules of an event's tags (:mod:`trioagg.ingest`); a tag without a
+Tags follow the rules of an event's tags (:mod:`trioagg.ingest.decode`); a tag without a
 value (``#canary``) becomes ``canary=true``. Times are the server's receive time
 unless ``|T`` says otherwise, within ``max_age`` and ``max_future``.
 
@@ -48,11 +48,11 @@ from typing import Final
 import msgspec
 import trio
 
-from .core.errors import ConfigError, Overloaded, StoreUnavailable
-from .core.events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Point
-from .core.times import rfc3339
-from .ingest import Limits
-from .metrics import Metrics
+from ..core.errors import ConfigError, Overloaded, StoreUnavailable
+from ..core.events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Point
+from ..core.times import rfc3339
+from ..metrics import Metrics
+from .decode import Limits
 from .writer import Writers
 
 log = logging.getLogger("trioagg.statsd")

@@ -71,10 +71,10 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 from werkzeug.datastructures import Headers
 from werkzeug.http import parse_options_header
 
-from .core.errors import Forbidden, MalformedBody, UnsupportedMediaType
-from .core.events import MAX_ABS_VALUE, MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, TENANT_TAG, Point
-from .core.times import LATEST, rfc3339
-from .ingest import Limits
+from ..core.errors import Forbidden, MalformedBody, UnsupportedMediaType
+from ..core.events import MAX_ABS_VALUE, MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, TENANT_TAG, Point
+from ..core.times import LATEST, rfc3339
+from .decode import Limits
 
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"

@@ -25,8 +25,8 @@ from typing import Annotated, Any, Final
 import msgspec
 import trio
 
-from .core.errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
-from .core.events import (
+from ..core.errors import Forbidden, InvalidEvents, MalformedBody, PayloadTooLarge
+from ..core.events import (
     MAX_ABS_VALUE,
     MAX_TAGS,
     NO_TAGS,
@@ -35,7 +35,7 @@ from .core.events import (
     TENANT_TAG,
     Point,
 )
-from .core.times import LATEST, milliseconds_mistake, rfc3339
+from ..core.times import LATEST, milliseconds_mistake, rfc3339
 
 _FINITE = msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)
 # msgspec matches a pattern with Python's re.search, whose "$" also matches before a
