@@ -32,10 +32,10 @@ from typing import Any
 import trio
 from werkzeug.datastructures import MultiDict
 
-from trioagg.budget import Budget
 from trioagg.core.events import NO_TAGS, Point
 from trioagg.core.settings import Settings
-from trioagg.query import answer, parse_query
+from trioagg.query.aggregates import answer, parse_query
+from trioagg.query.budget import Budget
 from trioagg.store import Store, open_store
 
 from . import verify

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from trioagg.budget import DEFAULT_BUDGET
 from trioagg.cases import Aggregates, BodyReader, Stored, accept_events, answer_keys, answer_top
 from trioagg.core.errors import InvalidEvents, Overloaded
 from trioagg.core.settings import Settings
 from trioagg.metrics import Metrics
+from trioagg.query.budget import DEFAULT_BUDGET
 from trioagg.service import Service
 
 from . import clock

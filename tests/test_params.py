@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
-from trioagg.budget import Budget
 from trioagg.core.errors import InvalidQuery
 from trioagg.core.times import LATEST, parse_time
-from trioagg.params import AGGREGATES, KEYS, TOP, parse_args
-from trioagg.query import Query, parse_query
+from trioagg.query.aggregates import Query, parse_query
+from trioagg.query.budget import Budget
+from trioagg.query.params import AGGREGATES, KEYS, TOP, parse_args
 
 
 @pytest.mark.parametrize(

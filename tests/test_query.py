@@ -13,8 +13,8 @@ from werkzeug.datastructures import MultiDict
 from trioagg.core.errors import InvalidQuery
 from trioagg.core.settings import Settings
 from trioagg.core.times import rfc3339
-from trioagg.discovery import parse_keys_query, parse_top_query
-from trioagg.query import ParsedQueries, is_timeless, parse_query
+from trioagg.query.aggregates import ParsedQueries, is_timeless, parse_query
+from trioagg.query.discovery import parse_keys_query, parse_top_query
 
 from . import clock
 from .conftest import Server, StartServer, assert_envelope, post
@@ -275,7 +275,7 @@ async def test_fill_over_the_answer_budget_is_refused_before_reading(server: Ser
 
 
 async def test_rows_over_the_budget_are_refused(loaded: Server) -> None:
-    from trioagg.budget import Budget
+    from trioagg.query.budget import Budget
 
     loaded.app.budget = Budget(rows=3)
     span = {"from": DAY, "to": DAY + 2 * 86400}
@@ -287,7 +287,7 @@ async def test_rows_over_the_budget_are_refused(loaded: Server) -> None:
 
 
 async def test_group_by_with_fill_is_bounded_by_series_times_buckets(loaded: Server) -> None:
-    from trioagg.budget import Budget
+    from trioagg.query.budget import Budget
 
     loaded.app.budget = Budget(answer_buckets=100)
     span: dict[str, Any] = {

@@ -12,7 +12,7 @@ import trio
 
 from tests.conftest import StartServer, post
 from tests.test_auth import bearer, make_key
-from trioagg.readcache import ReadCache, entry_cost
+from trioagg.query.readcache import ReadCache, entry_cost
 
 
 class Clock:

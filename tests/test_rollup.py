@@ -24,8 +24,8 @@ from trioagg.core.errors import InvalidQuery
 from trioagg.core.events import Point
 from trioagg.core.rollup import Rollup, Slot, pre_aggregate
 from trioagg.core.stats import STATS
-from trioagg.params import GRANULARITIES
-from trioagg.query import Query, answer, parse_query
+from trioagg.query.aggregates import Query, answer, parse_query
+from trioagg.query.params import GRANULARITIES
 from trioagg.store.base import flush_head, journal_batch
 from trioagg.store.head import Head, copy_rollup
 from trioagg.store.plan import SeriesCache, WritePolicy

@@ -1,6 +1,6 @@
 """The tiers' pure parts: parsing ``--tiers``, the rules of a changed declaration, which
 tier holds a bucket, and where a query's buckets must fall (trioagg.core.tiers), and the
-refusals of a query that would cut a coarse tier's bucket (trioagg.query)."""
+refusals of a query that would cut a coarse tier's bucket (trioagg.query.aggregates)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from trioagg.core.tiers import (
     widen,
 )
 from trioagg.core.times import rfc3339
-from trioagg.query import Query, parse_query
+from trioagg.query.aggregates import Query, parse_query
 
 M, H, D = 60, 3600, 86400
 THREE = parse_tiers("1m for 7d, 1h for 400d, 1d forever")

@@ -32,7 +32,7 @@ from trioagg.core.events import Point
 from trioagg.core.rollup import DISTINCT_RELATIVE_ERROR, QUANTILE_RANK_ERROR
 from trioagg.core.settings import Settings
 from trioagg.core.tiers import Tiers, parse_tiers
-from trioagg.query import answer, parse_query, tier_cut_problem
+from trioagg.query.aggregates import answer, parse_query, tier_cut_problem
 from trioagg.store import Store, TierCut, open_store
 from trioagg.store.base import flush_head, journal_batch, roll_step
 from trioagg.store.head import Head

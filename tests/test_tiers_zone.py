@@ -27,7 +27,7 @@ from werkzeug.datastructures import MultiDict
 from trioagg.core.errors import ConfigError, InvalidQuery
 from trioagg.core.events import Point
 from trioagg.core.tiers import Tiers, parse_tiers
-from trioagg.query import answer, parse_query
+from trioagg.query.aggregates import answer, parse_query
 from trioagg.store import Store, open_store
 
 from .conftest import shard_files, sql

@@ -31,7 +31,6 @@ from werkzeug.exceptions import HTTPException
 from .auth import (
     current_tenant,
 )
-from .budget import DEFAULT_BUDGET, Budget
 from .cases import Aggregates, accept_events, accept_otlp, answer_keys, answer_top
 from .core.answers import Pieces
 from .core.errors import (
@@ -60,8 +59,9 @@ from .memory import give_back
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, bound_children
 from .openapi import openapi_document
-from .params import parse_wait
 from .process import configure_logging, hypercorn_worker_settings
+from .query.budget import DEFAULT_BUDGET, Budget
+from .query.params import parse_wait
 from .service import Service
 
 log = logging.getLogger("trioagg")

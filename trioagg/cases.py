@@ -22,16 +22,14 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from .auth import tenant_tags
-from .budget import INLINE_WORK, Budget
 from .core.answers import Pieces
 from .core.errors import InvalidEvents, InvalidQuery
 from .core.stats import is_percentile
-from .discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
 from .ingest import otlp
 from .ingest.decode import decode_body
 from .memory import give_back
 from .metrics import Metrics, bound_children
-from .query import (
+from .query.aggregates import (
     ParsedQueries,
     Query,
     answer,
@@ -40,7 +38,9 @@ from .query import (
     tier_cut_problem,
     work,
 )
-from .readcache import CachedAnswer, cache_key
+from .query.budget import INLINE_WORK, Budget
+from .query.discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
+from .query.readcache import CachedAnswer, cache_key
 from .service import Service
 from .store import TierCut
 from .store.head import copy_row

@@ -52,7 +52,7 @@ from .ingest.decode import (
     Timestamp,
     Value,
 )
-from .params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
+from .query.params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _SPARKS: Final = "▁▂▃▄▅▆▇█"

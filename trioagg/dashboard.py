@@ -29,7 +29,7 @@ from . import __version__
 from .auth import current_tenant
 from .core.answers import Status
 from .core.errors import Forbidden
-from .params import STATUS, parse_args
+from .query.params import STATUS, parse_args
 
 if TYPE_CHECKING:
     from .app import TrioaggApp, View

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .params import AGGREGATES, EVENTS, KEYS, STATUS, TOP, Param
+from .query.params import AGGREGATES, EVENTS, KEYS, STATUS, TOP, Param
 
 Scope = Literal["ingest", "read", "admin"]
 

@@ -22,7 +22,7 @@ from .ingest.statsd import open_socket as open_statsd_socket
 from .ingest.writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
 from .loopwatch import LongSteps, sample_loop_steps, tune_garbage_collector, watch_loop_stalls
 from .metrics import Metrics
-from .readcache import ReadCache
+from .query.readcache import ReadCache
 from .store import Store, open_store
 
 log = logging.getLogger("trioagg")

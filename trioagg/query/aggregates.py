@@ -1,12 +1,12 @@
 """``GET /v1/aggregates``: parsing its parameters and merging stored rows into answers.
 
 No I/O: :func:`parse_query` turns query parameters (read through
-:data:`trioagg.params.AGGREGATES`) into a :class:`Query`, raising
+:data:`trioagg.query.params.AGGREGATES`) into a :class:`Query`, raising
 :class:`~trioagg.core.errors.InvalidQuery` with every problem, and :func:`answer`
 merges the rows a store returned for it into the encoded response. Coarser
 buckets are merged with :meth:`Rollup.merge`: exact for count, min and max,
 numerically stable for sum, avg and stddev, and sketch merges for quantiles
-and distinct counts. Both hold to a :class:`~trioagg.budget.Budget`.
+and distinct counts. Both hold to a :class:`~trioagg.query.budget.Budget`.
 
 ``bucket`` and ``hour`` are fixed widths aligned to UTC. ``day``, ``week``
 (Monday first) and ``month`` follow the calendar of ``tz``, so a local day can
@@ -27,16 +27,16 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
+from ..core.answers import Aggregates, Pieces, PieceWriter, Series
+from ..core.errors import InvalidQuery
+from ..core.rollup import Rollup
+from ..core.settings import BUCKET_WIDTHS
+from ..core.stats import is_percentile
+from ..core.tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
+from ..core.times import LATEST, rfc3339
+from ..store import Row, TierCut
 from .budget import DEFAULT_BUDGET, Budget
-from .core.answers import Aggregates, Pieces, PieceWriter, Series
-from .core.errors import InvalidQuery
-from .core.rollup import Rollup
-from .core.settings import BUCKET_WIDTHS
-from .core.stats import is_percentile
-from .core.tiers import WIDTH_NAMES, Tiers, span_name, unaligned, widen
-from .core.times import LATEST, rfc3339
 from .params import AGGREGATES, Problems, parse_args
-from .store import Row, TierCut
 
 FIXED: Final = {"bucket": None, "hour": 3600}
 DEFAULT_RANGE: Final = 86400

@@ -4,7 +4,7 @@ Keys come from the store's series index (one row per key and tag set, with
 its first and last bucket), which the writer widens only when a batch moves
 a series' span; top ranks keys over a range read through the rollups' bucket
 index. Neither scans every bucket of the store. Parameters are read through
-the tables of :mod:`trioagg.params`.
+the tables of :mod:`trioagg.query.params`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 
 import msgspec
 
-from .core.answers import KeyInfo, Keys, TierInfo, Top
-from .core.tiers import WIDTH_NAMES, Tiers, span_name, widen
-from .core.times import LATEST, rfc3339
+from ..core.answers import KeyInfo, Keys, TierInfo, Top
+from ..core.tiers import WIDTH_NAMES, Tiers, span_name, widen
+from ..core.times import LATEST, rfc3339
+from ..store import KeyInfo as StoredKey
+from .aggregates import parse_range
 from .params import KEYS, TOP, parse_args
-from .query import parse_range
-from .store import KeyInfo as StoredKey
 
 
 @dataclass(frozen=True, slots=True)

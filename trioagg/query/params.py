@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .core.errors import InvalidQuery
-from .core.stats import STATS, is_percentile
-from .core.times import MAX_TIME_LENGTH, RANGE_TEXT, SECONDS_PATTERN, parse_time
+from ..core.errors import InvalidQuery
+from ..core.stats import STATS, is_percentile
+from ..core.times import MAX_TIME_LENGTH, RANGE_TEXT, SECONDS_PATTERN, parse_time
 
 GRANULARITIES: Final = ("bucket", "hour", "day", "week", "month", "all")
 FILLS: Final = ("none", "zero", "null")

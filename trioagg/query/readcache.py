@@ -38,9 +38,9 @@ from typing import Any
 
 import trio
 
-from .query import Query
-from .store import Row
-from .store.head import SKETCH_BYTES
+from ..store import Row
+from ..store.head import SKETCH_BYTES
+from .aggregates import Query
 
 #: What an entry costs besides its answer's bytes and its key names (the entry, the rest
 #: of its cache key).
