@@ -15,9 +15,9 @@ import trio
 from quart import request
 from quart.routing import QuartRule
 
-from trioagg.api_keys import create_key
 from trioagg.app import create_app
 from trioagg.core.settings import Settings
+from trioagg.keys.admin import create_key
 from trioagg.store import make_backend
 
 CALLS = 20_000

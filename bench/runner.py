@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trioagg.api_keys import create_key
 from trioagg.core.settings import Settings
+from trioagg.keys.admin import create_key
 from trioagg.store import make_backend
 
 from . import godesign, pgstore, stalls, verify

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from trioagg.api_keys import new_secret
+from trioagg.keys.admin import new_secret
 
 from . import authcost, godesign, stalls
 from .runner import Bench, Measurement, client_share, cpu_per_1k, db_cpu_per_1k

@@ -39,8 +39,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg.app import TrioaggApp, create_app
-from trioagg.auth import is_loopback
 from trioagg.core.settings import Settings
+from trioagg.keys.auth import is_loopback
 from trioagg.serving import run_server
 from trioagg.store.head import decode_batch
 

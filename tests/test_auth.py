@@ -17,13 +17,14 @@ import trio
 import trio.testing
 from click.testing import CliRunner
 
-from trioagg import api_keys, auth
 from trioagg.cli import main
 from trioagg.core.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
 from trioagg.core.events import Point
 from trioagg.core.settings import Settings
 from trioagg.endpoints import SCOPES_BY_PATH
 from trioagg.ingest.decode import stamp_tenant
+from trioagg.keys import admin as api_keys
+from trioagg.keys import auth
 from trioagg.store import make_backend, open_store
 from trioagg.store.base import BusyRetry
 

@@ -479,8 +479,8 @@ def test_the_pages_own_logic(page: Any, site: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def locked_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
     """A server with auth on, holding the module's events, and a read key for the page."""
-    from trioagg.api_keys import create_key
     from trioagg.core.settings import Settings
+    from trioagg.keys.admin import create_key
     from trioagg.store import make_backend
 
     db = tmp_path_factory.mktemp("locked") / "trioagg.db"

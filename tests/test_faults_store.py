@@ -18,11 +18,11 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioagg import api_keys
 from trioagg.core.errors import CommitFailed, StoreOutage
 from trioagg.core.events import Point
 from trioagg.core.settings import Settings
 from trioagg.ingest.writer import Writers
+from trioagg.keys import admin as api_keys
 from trioagg.metrics import Metrics
 from trioagg.store import make_backend, open_store
 

@@ -9,10 +9,10 @@ import httpx
 import pytest
 import trio
 
-from trioagg import api_keys
 from trioagg.core.errors import ConfigError, MisdirectedRequest
 from trioagg.core.settings import Settings
 from trioagg.hosts import AllowedHosts
+from trioagg.keys import admin as api_keys
 from trioagg.store import make_backend
 
 from .conftest import StartServer, metric, public_address, stored_counts

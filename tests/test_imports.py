@@ -33,7 +33,7 @@ SERVER_PACKAGES = (
 #: The server's own modules (and those only it uses).
 SERVER_MODULES = (
     "trioagg.app",
-    "trioagg.auth",
+    "trioagg.keys.auth",
     "trioagg.dashboard",
     "trioagg.http_edges",
     "trioagg.metrics",

@@ -28,9 +28,6 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
-from .auth import (
-    current_tenant,
-)
 from .cases import Aggregates, accept_events, accept_otlp, answer_keys, answer_top
 from .core.answers import Pieces
 from .core.errors import (
@@ -55,6 +52,9 @@ from .http_edges import (
     too_large_message,
 )
 from .ingest import otlp
+from .keys.auth import (
+    current_tenant,
+)
 from .memory import give_back
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, bound_children

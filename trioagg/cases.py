@@ -21,12 +21,12 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from .auth import tenant_tags
 from .core.answers import Pieces
 from .core.errors import InvalidEvents, InvalidQuery
 from .core.stats import is_percentile
 from .ingest import otlp
 from .ingest.decode import decode_body
+from .keys.auth import tenant_tags
 from .memory import give_back
 from .metrics import Metrics, bound_children
 from .query.aggregates import (

@@ -26,9 +26,9 @@ from quart import Response, request
 from werkzeug.exceptions import NotFound
 
 from . import __version__
-from .auth import current_tenant
 from .core.answers import Status
 from .core.errors import Forbidden
+from .keys.auth import current_tenant
 from .query.params import STATUS, parse_args
 
 if TYPE_CHECKING:

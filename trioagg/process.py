@@ -17,9 +17,9 @@ from typing import NoReturn
 
 import trio
 
-from .auth import key_required_to_start, settle_mode
 from .core.errors import ConfigError
 from .core.settings import Settings
+from .keys.auth import key_required_to_start, settle_mode
 from .store import open_store, store_exists
 
 log = logging.getLogger("trioagg")
@@ -48,7 +48,7 @@ def exit_unless_store_opens(settings: Settings, *, listening: bool = False) -> S
     where no trio run is going on (a command line, a worker loading the app).
 
     With ``listening`` (``trioagg serve``, which knows the address it binds), return the
-    settings with ``--auth auto`` settled for that address (:func:`~trioagg.auth.settle_mode`),
+    settings with ``--auth auto`` settled for that address (:func:`~trioagg.keys.auth.settle_mode`),
     exiting the same way when a non-loopback address has no key to require: then a store
     that did not exist is not created (a server that cannot start leaves nothing behind)."""
 

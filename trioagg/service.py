@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .auth import Authenticator
 from .core.settings import BUCKET_WIDTHS, Settings
 from .ingest.decode import Limits
 from .ingest.otlp import Streams
 from .ingest.statsd import Receiver
 from .ingest.statsd import open_socket as open_statsd_socket
 from .ingest.writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
+from .keys.auth import Authenticator
 from .loopwatch import LongSteps, sample_loop_steps, tune_garbage_collector, watch_loop_stalls
 from .metrics import Metrics
 from .query.readcache import ReadCache

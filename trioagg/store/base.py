@@ -78,7 +78,7 @@ _READ_TRIES = 100
 
 
 class KeyStore(Protocol):
-    """The API keys' table (:mod:`trioagg.api_keys`, :mod:`trioagg.auth`), on connections
+    """The API keys' table (:mod:`trioagg.keys.admin`, :mod:`trioagg.keys.auth`), on connections
     a :class:`Backend` opens. Rows are (name, digest, scopes, tenant, created, expires,
     revoked, last_used)."""
 
@@ -292,7 +292,7 @@ class BusyRetry:
     after waits doubling from 10 ms to 1 s, for at most ``timeout`` seconds in all.
     The one policy of :class:`Store` (which waits with ``trio.sleep``, off its worker
     threads, so that waiting stays cancellable) and of the blocking key commands
-    (:func:`trioagg.api_keys.create_key` and the others, which wait with ``time.sleep``):
+    (:func:`trioagg.keys.admin.create_key` and the others, which wait with ``time.sleep``):
     only the waiting differs. Times are any one clock's seconds."""
 
     def __init__(self, backend: Backend, timeout: float, now: float) -> None:

@@ -57,7 +57,7 @@ _CHUNK = 500
 _UPSERT_ROWS = 2000
 
 
-#: API keys (trioagg.auth): only a SHA-256 digest of each secret. Created IF NOT EXISTS by
+#: API keys (trioagg.keys.auth): only a SHA-256 digest of each secret. Created IF NOT EXISTS by
 #: ``prepare`` and by the key commands, so a store of an older trioagg opens unchanged and
 #: SCHEMA_VERSION stays. Portable types: SQLite reads DOUBLE PRECISION as REAL.
 KEYS_TABLE = """CREATE TABLE IF NOT EXISTS api_keys (

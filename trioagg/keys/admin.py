@@ -1,7 +1,7 @@
 """API keys as data, and their administration: making secrets and keeping only their
 digests, the stored key and its scopes, and ``trioagg keys create``, ``list`` and
 ``revoke`` on the store (blocking: the key commands run outside any event loop).
-Checking a request's key is :mod:`trioagg.auth`'s.
+Checking a request's key is :mod:`trioagg.keys.auth`'s.
 
 **Secrets.** A key is ``tgk_`` and 32 random bytes from :mod:`secrets` (256 bits, URL-safe
 base64). The prefix makes a leaked key easy to recognise (secret scanners, logs). The
@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, get_args
 
-from .core.errors import ConfigError
-from .endpoints import Scope
-from .store import Backend
-from .store.base import BusyRetry
+from ..core.errors import ConfigError
+from ..endpoints import Scope
+from ..store import Backend
+from ..store.base import BusyRetry
 
 PREFIX: Final = "tgk_"
 SCOPES: Final[tuple[Scope, ...]] = get_args(Scope)

@@ -1,6 +1,6 @@
 """Checking every request's API key: the cache of keys read, the modes of ``--auth``,
 and tenants. What a key is and the key commands' administration are
-:mod:`trioagg.api_keys`'s.
+:mod:`trioagg.keys.admin`'s.
 
 **Cache.** Each process keeps what it read of a key for :data:`CACHE_SECONDS` (5 s), in
 at most :data:`CACHE_SIZE` entries (the least recently used go first), so a revoked key
@@ -45,12 +45,12 @@ from typing import Any, Final
 import trio
 from quart import g
 
-from .api_keys import ApiKey, digest_of, has_secret_form
-from .core.errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
-from .core.events import TENANT_TAG
-from .core.settings import BUCKET_NAMES, Settings, flag_name
-from .hosts import address_of
-from .store import Store
+from ..core.errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
+from ..core.events import TENANT_TAG
+from ..core.settings import BUCKET_NAMES, Settings, flag_name
+from ..hosts import address_of
+from ..store import Store
+from .admin import ApiKey, digest_of, has_secret_form
 
 log = logging.getLogger("trioagg.auth")
 

@@ -3,7 +3,7 @@
 The commands open the store named by ``--db`` (``TRIOAGG_DB``) directly, SQLite file
 or PostgreSQL URL, and may run while servers use it: a new key works at once, and a
 revoked one stops working within a few seconds on every server (their key cache's
-lifetime, :data:`trioagg.auth.CACHE_SECONDS`). See :mod:`trioagg.api_keys`.
+lifetime, :data:`trioagg.keys.auth.CACHE_SECONDS`). See :mod:`trioagg.keys.admin`.
 
 Only ``keys create --create-store`` creates a store (and a SQLite file's folder), and
 only where ``--db`` names none: a mistyped ``--db`` must not get a new, empty store, and
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Final
 import click
 import trio
 
-from .core.errors import ConfigError
-from .core.events import TAG_VALUE_BYTES, TENANT_TAG
-from .core.settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
-from .ingest.decode import tag_value_problem
+from ..core.errors import ConfigError
+from ..core.events import TAG_VALUE_BYTES, TENANT_TAG
+from ..core.settings import BUCKET_NAMES, Settings, env_name, flag_name, parse_duration
+from ..ingest.decode import tag_value_problem
 
 if TYPE_CHECKING:
-    from .store import Backend
+    from ..store import Backend
 
 # The store and auth modules (and the server's web framework, which auth imports) load
 # in the commands that use them: every trioagg command imports this module, and they
@@ -56,7 +56,7 @@ def _store(db: str, new: Settings | None = None) -> Backend:
     with one line naming the command that makes it. ``new``: the settings to create it
     with (a SQLite file's folder too) where there is none; an existing store is used as
     it is (a server checks its own settings against the store's when it starts)."""
-    from .store import is_postgres, make_backend, open_store
+    from ..store import is_postgres, make_backend, open_store
 
     try:
         backend = make_backend(new or Settings(db=db))
@@ -165,7 +165,7 @@ def create(
     writers: str,
 ) -> None:
     """Create a key and print its secret, once: only its SHA-256 digest is stored."""
-    from . import api_keys
+    from . import admin as api_keys
 
     try:
         chosen = api_keys.parse_scopes(scopes)
@@ -207,7 +207,7 @@ def list_(db: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import api_keys
+    from . import admin as api_keys
 
     found: list[api_keys.ApiKey] = _on_store(db, api_keys.list_keys)
     table = Table()
@@ -231,7 +231,8 @@ def list_(db: str) -> None:
 @_db
 def revoke(name: str, db: str) -> None:
     """Revoke the key NAME: every server refuses it within a few seconds."""
-    from . import api_keys, auth
+    from . import admin as api_keys
+    from . import auth
 
     _on_store(db, lambda backend: api_keys.revoke_key(backend, name))
     click.echo(f"key {name!r} revoked; servers refuse it within {auth.CACHE_SECONDS:g} s", err=True)
