@@ -10,7 +10,7 @@ the sum over workers whichever worker answers a scrape.
 
 Every trioagg process also times the event loop's task steps on the loop
 thread's CPU clock while it samples (``--loop-step-sampling``, see
-``trioagg/loopwatch.py``): ``trioagg_loop_step_cpu_seconds`` counts the steps
+``trioagg/service/loopwatch.py``): ``trioagg_loop_step_cpu_seconds`` counts the steps
 that used at least 1 ms of CPU, ``trioagg_loop_steps_timed_total`` all steps
 timed, and ``trioagg_loop_step_cpu_max_seconds`` is the longest since start.
 A stall with no long CPU step is the process waiting for a core (or the GIL),

@@ -172,7 +172,7 @@ def test_auto_without_keys_serves_only_connections_that_reached_a_loopback_addre
 
 
 def test_the_start_up_log_says_what_auth_does() -> None:
-    from trioagg.service import _auth_state
+    from trioagg.service.lifecycle import _auth_state
 
     assert _auth_state("off", required=False) == "keys never required"
     assert _auth_state("on", required=True) == "keys required"

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import trio
 
-from trioagg import memory
+from trioagg.service import memory
 from trioagg.core.answers import PIECE_BYTES, Aggregates, PieceWriter, Series
 from trioagg.core.times import rfc3339
 

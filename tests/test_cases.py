@@ -12,12 +12,19 @@ from pathlib import Path
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from trioagg.cases import Aggregates, BodyReader, Stored, accept_events, answer_keys, answer_top
 from trioagg.core.errors import InvalidEvents, Overloaded
 from trioagg.core.settings import Settings
-from trioagg.metrics import Metrics
 from trioagg.query.budget import DEFAULT_BUDGET
-from trioagg.service import Service
+from trioagg.service.cases import (
+    Aggregates,
+    BodyReader,
+    Stored,
+    accept_events,
+    answer_keys,
+    answer_top,
+)
+from trioagg.service.lifecycle import Service
+from trioagg.service.metrics import Metrics
 
 from . import clock
 

@@ -19,7 +19,7 @@ import trio
 
 from trioagg.core.errors import ConfigError
 from trioagg.core.settings import Settings
-from trioagg.service import DRAIN_PROGRESS_SECONDS
+from trioagg.service.lifecycle import DRAIN_PROGRESS_SECONDS
 from trioagg.store import make_backend, open_store
 
 from .conftest import Ledger, assert_store_holds, durable_load, resend_unacknowledged

@@ -23,7 +23,7 @@ from trioagg.core.events import Point
 from trioagg.core.settings import Settings
 from trioagg.ingest.writer import Writers
 from trioagg.keys import admin as api_keys
-from trioagg.metrics import Metrics
+from trioagg.service.metrics import Metrics
 from trioagg.store import make_backend, open_store
 
 from . import clock

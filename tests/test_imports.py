@@ -36,7 +36,7 @@ SERVER_MODULES = (
     "trioagg.keys.auth",
     "trioagg.dashboard",
     "trioagg.http_edges",
-    "trioagg.metrics",
+    "trioagg.service.metrics",
     "trioagg.openapi",
     "trioagg.ingest.otlp",
     "trioagg.query.aggregates",

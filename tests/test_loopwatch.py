@@ -12,14 +12,14 @@ import trio
 import trio.testing
 
 from tests.conftest import Server
-from trioagg.loopwatch import (
+from trioagg.service.loopwatch import (
     KEPT,
     LongSteps,
     StepTimer,
     sample_loop_steps,
     tune_garbage_collector,
 )
-from trioagg.metrics import Metrics
+from trioagg.service.metrics import Metrics
 
 
 class FakeCPU:

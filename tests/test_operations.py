@@ -16,7 +16,7 @@ from trioagg import __version__
 from trioagg.app import TrioaggApp, api_views, route
 from trioagg.core.settings import Settings
 from trioagg.dashboard import dashboard_views
-from trioagg.metrics import Coalesced
+from trioagg.service.metrics import Coalesced
 
 from .conftest import Server, post, wait_until
 

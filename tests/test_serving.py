@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioagg.metrics import Metrics
+from trioagg.service.metrics import Metrics
 from trioagg.serving import REPORT_INTERVAL, Connections, OneSender
 
 from .conftest import Server, metric, post, stored_counts

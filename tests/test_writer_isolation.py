@@ -20,7 +20,7 @@ import trio
 
 from trioagg.core.settings import Settings
 from trioagg.ingest.writer import Receipt, Submission, Writers
-from trioagg.metrics import Metrics
+from trioagg.service.metrics import Metrics
 from trioagg.store import open_store
 
 from . import clock

@@ -17,8 +17,8 @@ import trio.testing
 
 from trioagg.core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable
 from trioagg.ingest.writer import EVENT_BYTES, FAILING_MEMORY, Writers
-from trioagg.loopwatch import watch_loop_stalls
-from trioagg.metrics import Metrics
+from trioagg.service.loopwatch import watch_loop_stalls
+from trioagg.service.metrics import Metrics
 from trioagg.store import Appended
 from trioagg.store.head import Head
 

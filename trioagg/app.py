@@ -28,7 +28,6 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
-from .cases import Aggregates, accept_events, accept_otlp, answer_keys, answer_top
 from .core.answers import Pieces
 from .core.errors import (
     ConfigError,
@@ -55,14 +54,15 @@ from .ingest import otlp
 from .keys.auth import (
     current_tenant,
 )
-from .memory import give_back
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics, bound_children
 from .openapi import openapi_document
 from .process import configure_logging, hypercorn_worker_settings
 from .query.budget import DEFAULT_BUDGET, Budget
 from .query.params import parse_wait
-from .service import Service
+from .service.cases import Aggregates, accept_events, accept_otlp, answer_keys, answer_top
+from .service.lifecycle import Service
+from .service.memory import give_back
+from .service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .service.metrics import Metrics, bound_children
 
 log = logging.getLogger("trioagg")
 
@@ -309,7 +309,7 @@ def api_views(app: TrioaggApp) -> dict[str, View]:
         return _json({"accepted": stored.events}, 202)
 
     async def post_metrics() -> Response:
-        """OTLP/HTTP metrics: see :func:`~trioagg.cases.accept_otlp`."""
+        """OTLP/HTTP metrics: see :func:`~trioagg.service.cases.accept_otlp`."""
         settings = app.settings
         protobuf = otlp.media_type(request.headers)
         body = await accept_otlp(

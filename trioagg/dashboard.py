@@ -100,7 +100,7 @@ async def _conditional(file: _File, cache_control: str) -> Response:
 
 def status(totals: Mapping[str, float], *, bucket: int, quantiles: tuple[str, ...]) -> Status:
     """The dashboard's figures, from the ``totals`` of what ``/metrics`` answers
-    (:meth:`~trioagg.metrics.Metrics.sum_samples`: so, with ``PROMETHEUS_MULTIPROC_DIR``,
+    (:meth:`~trioagg.service.metrics.Metrics.sum_samples`: so, with ``PROMETHEUS_MULTIPROC_DIR``,
     counters are totals of every worker)."""
 
     def total(name: str) -> float:

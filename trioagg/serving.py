@@ -51,7 +51,7 @@ from hypercorn.utils import (
 from .app import TrioaggApp, WriterCrashed, create_app
 from .core.errors import ConfigError
 from .core.settings import Settings
-from .metrics import Metrics
+from .service.metrics import Metrics
 
 log = logging.getLogger("trioagg.serving")
 

@@ -51,7 +51,7 @@ import trio
 from ..core.errors import ConfigError, Overloaded, StoreUnavailable
 from ..core.events import MAX_ABS_VALUE, MAX_TAGS, NO_TAGS, TAG_VALUE_BYTES, TAGS_BYTES, Point
 from ..core.times import rfc3339
-from ..metrics import Metrics
+from ..service.metrics import Metrics
 from .decode import Limits
 from .writer import Writers
 

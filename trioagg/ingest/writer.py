@@ -55,7 +55,7 @@ import trio
 
 from ..core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
 from ..core.events import TS, Point
-from ..metrics import Metrics
+from ..service.metrics import Metrics
 from ..store import Store
 
 log = logging.getLogger("trioagg.writer")

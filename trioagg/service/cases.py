@@ -1,5 +1,5 @@
 """The requests' use cases as plain async functions over a running
-:class:`~trioagg.service.Service`: accepting a batch of events, accepting an OTLP
+:class:`~trioagg.service.lifecycle.Service`: accepting a batch of events, accepting an OTLP
 export, and answering aggregates, keys and top queries.
 
 They know nothing of Quart. A view (:mod:`trioagg.app`) reads what HTTP carries (the
@@ -21,15 +21,13 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from .core.answers import Pieces
-from .core.errors import InvalidEvents, InvalidQuery
-from .core.stats import is_percentile
-from .ingest import otlp
-from .ingest.decode import decode_body
-from .keys.auth import tenant_tags
-from .memory import give_back
-from .metrics import Metrics, bound_children
-from .query.aggregates import (
+from ..core.answers import Pieces
+from ..core.errors import InvalidEvents, InvalidQuery
+from ..core.stats import is_percentile
+from ..ingest import otlp
+from ..ingest.decode import decode_body
+from ..keys.auth import tenant_tags
+from ..query.aggregates import (
     ParsedQueries,
     Query,
     answer,
@@ -38,12 +36,14 @@ from .query.aggregates import (
     tier_cut_problem,
     work,
 )
-from .query.budget import INLINE_WORK, Budget
-from .query.discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
-from .query.readcache import CachedAnswer, cache_key
-from .service import Service
-from .store import TierCut
-from .store.head import copy_row
+from ..query.budget import INLINE_WORK, Budget
+from ..query.discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
+from ..query.readcache import CachedAnswer, cache_key
+from ..store import TierCut
+from ..store.head import copy_row
+from .lifecycle import Service
+from .memory import give_back
+from .metrics import Metrics, bound_children
 
 _Built = TypeVar("_Built")
 

@@ -45,7 +45,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from . import __version__
+from .. import __version__
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

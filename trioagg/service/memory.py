@@ -11,7 +11,7 @@ stayed 262 MB above idle; now 36 MB):
   alive. A query allocates millions of objects, so the collector's young
   collections run all through it and promote the garbage cycles other tasks make
   meanwhile (the event loop's heartbeat, trio's cancellations: a few dozen
-  objects) to the oldest generation, which :mod:`trioagg.loopwatch`'s thresholds
+  objects) to the oldest generation, which :mod:`trioagg.service.loopwatch`'s thresholds
   collect only 700,000 allocations later. Each, allocated among the rows, keeps
   an arena: ~70 MB of them after a query of 250,000 rows. A full collection frees
   them: 2-5 ms once no other query holds rows (it walks them all: 40-150 ms while

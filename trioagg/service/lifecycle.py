@@ -1,7 +1,7 @@
 """The service: the parts that outlive a request (the store, the writers, the read
 cache, the key check, the StatsD receiver) and their life, from opening the store to
 the drain at shutdown. It knows nothing of HTTP: :mod:`trioagg.app` runs it around
-the ASGI lifespan, and the use cases (:mod:`trioagg.cases`) act on it.
+the ASGI lifespan, and the use cases (:mod:`trioagg.service.cases`) act on it.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .core.settings import BUCKET_WIDTHS, Settings
-from .ingest.decode import Limits
-from .ingest.otlp import Streams
-from .ingest.statsd import Receiver
-from .ingest.statsd import open_socket as open_statsd_socket
-from .ingest.writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
-from .keys.auth import Authenticator
+from ..core.settings import BUCKET_WIDTHS, Settings
+from ..ingest.decode import Limits
+from ..ingest.otlp import Streams
+from ..ingest.statsd import Receiver
+from ..ingest.statsd import open_socket as open_statsd_socket
+from ..ingest.writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
+from ..keys.auth import Authenticator
+from ..query.readcache import ReadCache
+from ..store import Store, open_store
 from .loopwatch import LongSteps, sample_loop_steps, tune_garbage_collector, watch_loop_stalls
 from .metrics import Metrics
-from .query.readcache import ReadCache
-from .store import Store, open_store
 
 log = logging.getLogger("trioagg")
 
@@ -52,7 +52,7 @@ class Service:
         retention = settings.tiers.retention if settings.tiers is not None else None
         self.limits = Limits(settings.max_batch, settings.max_future, settings.max_age, retention)
         self.auth = Authenticator(settings.auth, store)
-        #: The event loop's longest task steps (:mod:`trioagg.loopwatch`).
+        #: The event loop's longest task steps (:mod:`trioagg.service.loopwatch`).
         self.loop_steps = LongSteps(metrics)
         #: Worker threads building big answers.
         self.answering = trio.CapacityLimiter(2)
