@@ -38,8 +38,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioagg.app import TrioaggApp, create_app
+from trioagg.app import create_app
 from trioagg.core.settings import Settings
+from trioagg.http.app import TrioaggApp
 from trioagg.keys.auth import is_loopback
 from trioagg.serving import run_server
 from trioagg.store.head import decode_batch

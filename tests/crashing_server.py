@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from trioagg import app, cli
+from trioagg.http.app import TrioaggApp
 from trioagg.ingest.writer import Submission, Writer
 from trioagg.store import Store
 
@@ -42,7 +43,7 @@ def inject(where: str) -> None:
         raise SystemExit(f"TRIOAGG_TEST_CRASH must be writer or purge, not {where!r}")
 
 
-def create_app() -> app.TrioaggApp:
+def create_app() -> TrioaggApp:
     """The hypercorn factory, with the bug injected."""
     inject(os.environ.get("TRIOAGG_TEST_CRASH", "writer"))
     return app.create_app()

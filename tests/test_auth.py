@@ -21,7 +21,7 @@ from trioagg.cli import main
 from trioagg.core.errors import ConfigError, Forbidden, Overloaded, StoreBusy, Unauthorized
 from trioagg.core.events import Point
 from trioagg.core.settings import Settings
-from trioagg.endpoints import SCOPES_BY_PATH
+from trioagg.http.endpoints import SCOPES_BY_PATH
 from trioagg.ingest.decode import stamp_tenant
 from trioagg.keys import admin as api_keys
 from trioagg.keys import auth
@@ -906,7 +906,7 @@ async def test_cors_preflights_need_no_key_and_allow_the_authorization_header(
 
 
 def test_the_document_declares_the_bearer_scheme_and_its_refusals() -> None:
-    from trioagg.openapi import openapi_document
+    from trioagg.http.openapi import openapi_document
 
     document = openapi_document()
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"

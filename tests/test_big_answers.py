@@ -15,9 +15,9 @@ import psutil
 import pytest
 import trio
 
-from trioagg.service import memory
 from trioagg.core.answers import PIECE_BYTES, Aggregates, PieceWriter, Series
 from trioagg.core.times import rfc3339
+from trioagg.service import memory
 
 from . import clock
 from .conftest import Server, StartServer, metric, post, wait_until

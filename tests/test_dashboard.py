@@ -39,7 +39,7 @@ async def test_the_page_is_served_with_its_files(server: Server) -> None:
     assert script.headers["content-type"] == "text/javascript; charset=utf-8"
     assert script.headers["cache-control"] == "public, max-age=31536000, immutable"
     assert script.headers["x-content-type-options"] == "nosniff"
-    shipped = resources.files("trioagg") / "web" / "dashboard.js"
+    shipped = resources.files("trioagg.http") / "web" / "dashboard.js"
     assert script.content == shipped.read_bytes()
     cached = await server.client.get(
         f"/{prefix[1]}/dashboard.js", headers={"If-None-Match": script.headers["etag"]}

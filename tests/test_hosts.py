@@ -11,7 +11,7 @@ import trio
 
 from trioagg.core.errors import ConfigError, MisdirectedRequest
 from trioagg.core.settings import Settings
-from trioagg.hosts import AllowedHosts
+from trioagg.http.hosts import AllowedHosts
 from trioagg.keys import admin as api_keys
 from trioagg.store import make_backend
 

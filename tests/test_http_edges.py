@@ -21,7 +21,7 @@ import trio
 from werkzeug.datastructures import Headers
 
 from trioagg.core.errors import Overloaded, UnsupportedMediaType
-from trioagg.http_edges import body_format
+from trioagg.http.edges import body_format
 from trioagg.ingest.writer import InflightBytes
 
 from .conftest import Server, StartServer, assert_envelope, stored_counts, wait_until

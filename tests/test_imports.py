@@ -34,10 +34,10 @@ SERVER_PACKAGES = (
 SERVER_MODULES = (
     "trioagg.app",
     "trioagg.keys.auth",
-    "trioagg.dashboard",
-    "trioagg.http_edges",
+    "trioagg.http.dashboard",
+    "trioagg.http.edges",
     "trioagg.service.metrics",
-    "trioagg.openapi",
+    "trioagg.http.openapi",
     "trioagg.ingest.otlp",
     "trioagg.query.aggregates",
     "trioagg.query.readcache",

@@ -14,7 +14,7 @@ from openapi_spec_validator import validate
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 
-from trioagg.openapi import openapi_document
+from trioagg.http.openapi import openapi_document
 
 from .conftest import Server, ServerProcess
 

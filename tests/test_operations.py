@@ -13,9 +13,9 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioagg import __version__
-from trioagg.app import TrioaggApp, api_views, route
 from trioagg.core.settings import Settings
-from trioagg.dashboard import dashboard_views
+from trioagg.http.app import TrioaggApp, api_views, route
+from trioagg.http.dashboard import dashboard_views
 from trioagg.service.metrics import Coalesced
 
 from .conftest import Server, post, wait_until

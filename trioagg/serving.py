@@ -48,9 +48,10 @@ from hypercorn.utils import (
     wrap_app,
 )
 
-from .app import TrioaggApp, WriterCrashed, create_app
+from .app import create_app
 from .core.errors import ConfigError
 from .core.settings import Settings
+from .http.app import TrioaggApp, WriterCrashed
 from .service.metrics import Metrics
 
 log = logging.getLogger("trioagg.serving")

@@ -1,6 +1,6 @@
 """The JSON documents trioagg answers, as msgspec types.
 
-The routes encode these types, and :mod:`trioagg.openapi` generates the
+The routes encode these types, and :mod:`trioagg.http.openapi` generates the
 response schemas from them, so a documented answer is the answer sent.
 A bucket's stats are named by the query (``count``, ``p99``...), so a bucket
 is a mapping whose schema is given here by hand.

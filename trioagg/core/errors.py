@@ -131,7 +131,7 @@ class RequestTimedOut(RequestError):
 
 class MisdirectedRequest(RequestError):
     """A server that answers without a key was asked for data under a Host that does not
-    name it (:mod:`trioagg.hosts`). 421 rather than 400: the request is well formed, and
+    name it (:mod:`trioagg.http.hosts`). 421 rather than 400: the request is well formed, and
     RFC 9110 (15.5.20) gives 421 to a server that will not answer for the target URI's
     authority; it also counts apart from malformed requests in the metrics."""
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final, get_args
 
 from ..core.errors import ConfigError
-from ..endpoints import Scope
+from ..http.endpoints import Scope
 from ..store import Backend
 from ..store.base import BusyRetry
 

@@ -48,7 +48,7 @@ from quart import g
 from ..core.errors import ConfigError, Forbidden, Overloaded, StoreOutage, Unauthorized
 from ..core.events import TENANT_TAG
 from ..core.settings import BUCKET_NAMES, Settings, flag_name
-from ..hosts import address_of
+from ..http.hosts import address_of
 from ..store import Store
 from .admin import ApiKey, digest_of, has_secret_form
 

@@ -2,7 +2,7 @@
 
 Each :class:`Param` says how a parameter's text is parsed and checked, what it
 means, an example, and its JSON Schema. :func:`parse_args` reads a request's
-parameters through a table of them, and :mod:`trioagg.openapi` describes the
+parameters through a table of them, and :mod:`trioagg.http.openapi` describes the
 same tables, so the parsers and the document cannot drift apart.
 
 A parser takes the parameter's text and returns its value, or raises

@@ -26,7 +26,7 @@ from quart import Request
 from werkzeug.datastructures import Headers
 from werkzeug.http import parse_options_header
 
-from .core.errors import (
+from ..core.errors import (
     MalformedBody,
     PayloadTooLarge,
     RequestTimedOut,

@@ -2,7 +2,7 @@
 API key needs for it, its query parameters and its summary (no I/O).
 
 The routes (:func:`trioagg.app.route`), the key check before each view and the
-OpenAPI document (:mod:`trioagg.openapi`) are all made from :data:`ENDPOINTS`, so
+OpenAPI document (:mod:`trioagg.http.openapi`) are all made from :data:`ENDPOINTS`, so
 none of them can know an endpoint the others do not.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .query.params import AGGREGATES, EVENTS, KEYS, STATUS, TOP, Param
+from ..query.params import AGGREGATES, EVENTS, KEYS, STATUS, TOP, Param
 
 Scope = Literal["ingest", "read", "admin"]
 

@@ -5,7 +5,7 @@ msgspec types that validate events (:mod:`trioagg.ingest.decode`), the answers'
 schemas from the types the routes encode (:mod:`trioagg.core.answers`), and the
 query parameters from the tables the parsers read (:mod:`trioagg.query.params`), the
 paths, their summaries and the scopes they need from the endpoint table
-(:mod:`trioagg.endpoints`). What JSON Schema cannot say (limits against the
+(:mod:`trioagg.http.endpoints`). What JSON Schema cannot say (limits against the
 server's clock, the query budget) is said in descriptions.
 """
 
@@ -17,14 +17,14 @@ from typing import Any, Final
 
 import msgspec
 
-from . import __version__
-from .core.answers import ANSWERS
-from .core.events import MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES
-from .core.times import LATEST
+from .. import __version__
+from ..core.answers import ANSWERS
+from ..core.events import MAX_TAGS, TAG_VALUE_BYTES, TAGS_BYTES
+from ..core.times import LATEST
+from ..ingest.decode import Event
+from ..query.budget import DEFAULT_BUDGET
+from ..query.params import Param
 from .endpoints import ENDPOINTS, Scope
-from .ingest.decode import Event
-from .query.budget import DEFAULT_BUDGET
-from .query.params import Param
 
 _REF = "#/components/schemas/{name}"
 

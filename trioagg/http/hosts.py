@@ -22,8 +22,8 @@ import re
 from collections.abc import Sequence
 from typing import Any, Final
 
-from .core.errors import MisdirectedRequest
-from .core.settings import Settings, env_name, flag_name
+from ..core.errors import MisdirectedRequest
+from ..core.settings import Settings, env_name, flag_name
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

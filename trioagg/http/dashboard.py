@@ -1,7 +1,7 @@
 """What browsers get: the dashboard page, its files and the status figures.
 
 The page (``GET /``) and its JavaScript, CSS and the vendored chart library are
-files of the package (``trioagg/web/``), read once when the app is made and
+files of the package (``trioagg/http/web/``), read once when the app is made and
 served from memory. The page is revalidated on every load (``no-cache`` with an
 ETag); the files it loads live under ``/static/<digest>/``, where the digest is
 of every file's name and bytes, so they are cached for good (``immutable``) and
@@ -25,11 +25,11 @@ import msgspec
 from quart import Response, request
 from werkzeug.exceptions import NotFound
 
-from . import __version__
-from .core.answers import Status
-from .core.errors import Forbidden
-from .keys.auth import current_tenant
-from .query.params import STATUS, parse_args
+from .. import __version__
+from ..core.answers import Status
+from ..core.errors import Forbidden
+from ..keys.auth import current_tenant
+from ..query.params import STATUS, parse_args
 
 if TYPE_CHECKING:
     from .app import TrioaggApp, View
@@ -58,11 +58,11 @@ class _File:
 
 
 class StaticFiles:
-    """The page and the files under ``trioagg/web/``, in memory, with their digest. (Not
+    """The page and the files under ``trioagg/http/web/``, in memory, with their digest. (Not
     ``trioagg/static/``: Quart would serve a folder of that name by itself, uncached.)"""
 
     def __init__(self) -> None:
-        found = dict(sorted(_walk(resources.files("trioagg") / "web", "")))
+        found = dict(sorted(_walk(resources.files("trioagg.http") / "web", "")))
         digest = hashlib.sha256()
         for name, body in found.items():
             digest.update(name.encode() + b"\0" + hashlib.sha256(body).digest())
