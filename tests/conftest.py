@@ -42,7 +42,7 @@ from trioagg.app import create_app
 from trioagg.core.settings import Settings
 from trioagg.http.app import TrioaggApp
 from trioagg.keys.auth import is_loopback
-from trioagg.serving import run_server
+from trioagg.server.serving import run_server
 from trioagg.store.head import decode_batch
 
 from . import clock

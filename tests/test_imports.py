@@ -42,10 +42,10 @@ SERVER_MODULES = (
     "trioagg.query.aggregates",
     "trioagg.query.readcache",
     "trioagg.core.rollup",
-    "trioagg.serving",
+    "trioagg.server.serving",
     "trioagg.ingest.statsd",
     "trioagg.store",
-    "trioagg.supervisor",
+    "trioagg.server.supervisor",
     "trioagg.ingest.writer",
 )
 _IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| ( *)(\S+)$", re.MULTILINE)

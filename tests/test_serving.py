@@ -1,5 +1,5 @@
 """A connection's failure is that connection's: the server that hypercorn's own
-``serve`` would let die goes on serving (trioagg.serving)."""
+``serve`` would let die goes on serving (trioagg.server.serving)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import trio
 import trio.testing
 
+from trioagg.server.serving import REPORT_INTERVAL, Connections, OneSender
 from trioagg.service.metrics import Metrics
-from trioagg.serving import REPORT_INTERVAL, Connections, OneSender
 
 from .conftest import Server, metric, post, stored_counts
 
@@ -168,7 +168,7 @@ async def test_what_escapes_a_connection_is_logged_counted_and_closes_it_alone(
     metrics = Metrics()
     clock = trio.testing.MockClock()
     handler = Connections(app, Config(), WorkerContext(None), {}, metrics, clock=clock.current_time)
-    caplog.set_level(logging.ERROR, logger="trioagg.serving")
+    caplog.set_level(logging.ERROR, logger="trioagg.server.serving")
     peers = []
     for _ in range(3):
         left, right = trio.socket.socketpair()
@@ -181,7 +181,7 @@ async def test_what_escapes_a_connection_is_logged_counted_and_closes_it_alone(
 
     sample = metrics.registry.get_sample_value
     assert sample("trioagg_contained_failures_total", {"where": "connection"}) == 4
-    reports = [record for record in caplog.records if record.name == "trioagg.serving"]
+    reports = [record for record in caplog.records if record.name == "trioagg.server.serving"]
     # one traceback per REPORT_INTERVAL; the next report counts those left out
     assert [record.exc_info is not None for record in reports] == [True, True]
     assert "2 more since the last report" in reports[1].getMessage()

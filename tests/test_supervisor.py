@@ -15,7 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from trioagg.supervisor import FIRST_BACKOFF, MAX_BACKOFF, STABLE_SECONDS, START_ATTEMPTS, Restarts
+from trioagg.server.supervisor import (
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    STABLE_SECONDS,
+    START_ATTEMPTS,
+    Restarts,
+)
 
 from .conftest import stored_counts
 

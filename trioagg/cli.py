@@ -1,8 +1,8 @@
 """The ``trioagg`` command line: ``serve``, and the client and key commands.
 
-``trioagg serve`` runs the service in this process (:mod:`trioagg.serving`), or
+``trioagg serve`` runs the service in this process (:mod:`trioagg.server.serving`), or
 with ``--workers N`` in N worker processes under a supervisor
-(:mod:`trioagg.supervisor`). Each flag comes from a field of
+(:mod:`trioagg.server.supervisor`). Each flag comes from a field of
 :class:`~trioagg.core.settings.Settings` and can also be set with its ``TRIOAGG_*``
 variable. SIGTERM and SIGINT start a graceful shutdown: no new connections,
 idle ones closed, requests under way answered, then the writers drain their
@@ -58,9 +58,9 @@ def serve(**values: str | None) -> None:
         raise click.UsageError(str(error)) from None
     # The server's modules load here, not with the client commands.
     from .ingest.statsd import open_socket
-    from .process import exit_for_config, exit_unless_store_opens
-    from .serving import open_sockets, run_process
-    from .supervisor import supervise
+    from .server.process import exit_for_config, exit_unless_store_opens
+    from .server.serving import open_sockets, run_process
+    from .server.supervisor import supervise
 
     try:
         # Listening first: a taken port is one line, before the store is made or opened.

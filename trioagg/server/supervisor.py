@@ -45,7 +45,7 @@ from types import FrameType
 
 from hypercorn.config import Sockets
 
-from .core.settings import Settings
+from ..core.settings import Settings
 
 log = logging.getLogger("trioagg.supervisor")
 
@@ -102,7 +102,7 @@ def supervise(settings: Settings, sockets: Sockets, statsd: socket.socket | None
     """Run ``settings.workers`` worker processes on ``sockets`` (listening) until
     SIGTERM or SIGINT (see the module); the exit code for the supervisor's process. The
     store is checked before (one line and exit 2 when it cannot be opened, see
-    :func:`~trioagg.process.exit_unless_store_opens`). ``statsd``: the UDP socket of
+    :func:`~trioagg.server.process.exit_unless_store_opens`). ``statsd``: the UDP socket of
     ``--statsd``, which worker 0 alone receives on (see :func:`_start`)."""
     context = multiprocessing.get_context("spawn")
     slots = [_Slot(number) for number in range(settings.workers)]

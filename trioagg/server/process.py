@@ -17,10 +17,10 @@ from typing import NoReturn
 
 import trio
 
-from .core.errors import ConfigError
-from .core.settings import Settings
-from .keys.auth import key_required_to_start, settle_mode
-from .store import open_store, store_exists
+from ..core.errors import ConfigError
+from ..core.settings import Settings
+from ..keys.auth import key_required_to_start, settle_mode
+from ..store import open_store, store_exists
 
 log = logging.getLogger("trioagg")
 

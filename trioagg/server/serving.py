@@ -19,7 +19,7 @@ HTTP/1.1 and HTTP/2), except in how a connection may fail:
   the failure above. :class:`OneSender` makes the two take turns.
 
 The sockets may come from a supervisor (``trioagg serve --workers N``, see
-:mod:`trioagg.supervisor`) or be made here from the config's ``bind``.
+:mod:`trioagg.server.supervisor`) or be made here from the config's ``bind``.
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ from hypercorn.utils import (
     wrap_app,
 )
 
-from .app import create_app
-from .core.errors import ConfigError
-from .core.settings import Settings
-from .http.app import TrioaggApp, WriterCrashed
-from .service.metrics import Metrics
+from ..app import create_app
+from ..core.errors import ConfigError
+from ..core.settings import Settings
+from ..http.app import TrioaggApp, WriterCrashed
+from ..service.metrics import Metrics
 
 log = logging.getLogger("trioagg.serving")
 
