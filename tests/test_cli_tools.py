@@ -24,7 +24,7 @@ import trio
 from click.testing import CliRunner, Result
 
 from trioagg.cli import main
-from trioagg.cli_tools import (
+from trioagg.client.tools import (
     _CHUNK_BYTES,
     LineReader,
     Mapping,

@@ -35,7 +35,7 @@ from trioagg.client import (
     Undelivered,
     uuid7,
 )
-from trioagg.client_answers import Aggregates, Bucket, Ranked, Series, Top, as_sent
+from trioagg.client.answers import Aggregates, Bucket, Ranked, Series, Top, as_sent
 from trioagg.core.answers import KeyInfo
 from trioagg.core.stats import STATS
 
@@ -772,9 +772,10 @@ async def test_sending_to_a_silent_server_gives_up_with_its_timeout(
 
 def test_every_public_name_of_the_client_is_in_all() -> None:
     """As httpx's: the client's public surface changes only on purpose."""
-    import trioagg.client as module
+    import trioagg.client
+    import trioagg.client.clients as module
 
-    ours = ("trioagg.client", "trioagg.client_errors")
+    ours = ("trioagg.client.clients", "trioagg.client.errors")
     public = {
         name
         for name, value in vars(module).items()
@@ -783,6 +784,9 @@ def test_every_public_name_of_the_client_is_in_all() -> None:
     constants = {"DEFAULT_URL", "SERVER_MAX_BYTES", "SERVER_MAX_EVENTS", "Policy"}  # no __module__
     assert public == set(module.__all__) - constants
     assert all(hasattr(module, name) for name in module.__all__)
+    # The package is the path users import from: it offers the same names.
+    assert trioagg.client.__all__ == module.__all__
+    assert all(getattr(trioagg.client, name) is getattr(module, name) for name in module.__all__)
 
 
 def test_the_sync_client_takes_the_options_of_the_async_one() -> None:
@@ -890,7 +894,7 @@ def test_mypy_checks_the_sync_clients_callers(tmp_path: Path) -> None:
         ("4", "arg-type"),  # limit: a str
         ("5", "call-arg"),  # pages=
     ], ran.stdout + ran.stderr
-    assert 'calls.py:6: note: Revealed type is "list[trioagg.client_answers.Bucket]"' in ran.stdout
+    assert 'calls.py:6: note: Revealed type is "list[trioagg.client.answers.Bucket]"' in ran.stdout
 
 
 async def test_keys_follows_every_page(server: Server) -> None:

@@ -78,9 +78,10 @@ def test_importing_the_client_loads_only_the_client() -> None:
     assert of(modules, ("trioagg",)) == [
         "trioagg",
         "trioagg.client",
-        "trioagg.client_answers",
-        "trioagg.client_errors",
-        "trioagg.client_exit",
+        "trioagg.client.answers",
+        "trioagg.client.clients",
+        "trioagg.client.errors",
+        "trioagg.client.exits",
         "trioagg.core",
         "trioagg.core.answers",
         "trioagg.core.stats",

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_tools import COMMANDS as _CLIENT_COMMANDS
+from .client.tools import COMMANDS as _CLIENT_COMMANDS
 from .core.errors import ConfigError
 from .core.settings import Settings, env_name, flag_name
 from .keys.commands import COMMANDS as _KEY_COMMANDS

@@ -3,7 +3,7 @@ percentiles ``pNN``. No I/O; imports nothing of trioagg.
 
 The aggregation math (:mod:`~trioagg.core.rollup`), the query parser
 (:mod:`~trioagg.query.params`) and the client's typed answers
-(:mod:`~trioagg.client_answers`) all name stats; they take the names from here,
+(:mod:`~trioagg.client.answers`) all name stats; they take the names from here,
 so that the client does not load the sketch library the math needs.
 """
 

@@ -13,9 +13,9 @@ gets a time-ordered id (UUIDv7) unless it has one, so a request retried after a
 lost answer is counted once by the server (within its dedup window).
 ``close()`` flushes for at most ``close_timeout`` seconds in all, then raises
 :class:`Undelivered` with the events it could not deliver. What leaving the
-process does to a :class:`Client`'s buffer is :mod:`trioagg.client_exit`'s; the
+process does to a :class:`Client`'s buffer is :mod:`trioagg.client.exits`'s; the
 errors the client raises, one tree under :class:`ClientError`, are
-:mod:`trioagg.client_errors`'.
+:mod:`trioagg.client.errors`'.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ import anyio.abc
 import httpx
 import msgspec
 
-from . import client_exit
-from .client_answers import Aggregates, Top, typed
-from .client_errors import ClientError, ServerError, Timeout, TransportError, Undelivered
-from .core import answers
-from .core.answers import Accepted, KeyInfo, Keys
+from ..core import answers
+from ..core.answers import Accepted, KeyInfo, Keys
+from . import exits
+from .answers import Aggregates, Top, typed
+from .errors import ClientError, ServerError, Timeout, TransportError, Undelivered
 
 if TYPE_CHECKING:
     import trio
@@ -628,7 +628,7 @@ class AsyncClient:
         tags: Mapping[str, str] | None = None,
     ) -> Aggregates:
         """``GET /v1/aggregates``; ``start`` and ``end`` are the ``from`` and ``to``.
-        The answer is typed all the way down (see :mod:`trioagg.client_answers`).
+        The answer is typed all the way down (see :mod:`trioagg.client.answers`).
 
         ``key``: one key, or a list or tuple of keys. ``stats``: a comma list
         (``"count,sum"``), or a list or tuple of names. ``group_by``: one tag name.
@@ -758,7 +758,7 @@ class Client:
     ``policy="block"`` and a full buffer, when there is room); ``close()``, leaving
     the ``with`` block, the interpreter's exit and, with ``flush_on_sigterm`` where
     the program lets it, SIGTERM flush what is buffered (see
-    :mod:`trioagg.client_exit`). Takes the keyword arguments of :class:`AsyncClient`
+    :mod:`trioagg.client.exits`). Takes the keyword arguments of :class:`AsyncClient`
     (:class:`ClientOptions`); its queries are :class:`AsyncClient`'s, blocking.
     """
 
@@ -781,7 +781,7 @@ class Client:
         self._started.wait()
         if self._failure is not None:
             raise self._failure
-        client_exit.watch(self, sigterm=flush_on_sigterm)
+        exits.watch(self, sigterm=flush_on_sigterm)
 
     def _run(self) -> None:
         # trio is imported where a Client uses it: importing trioagg.client, or running
@@ -825,7 +825,7 @@ class Client:
     def send_encoded(self, line: bytes) -> None:
         """Buffer one event already encoded as a JSON object and a newline (with its id)."""
         if self._stop.is_set():
-            client_exit.await_the_end()  # closed by SIGTERM: the process is ending
+            exits.await_the_end()  # closed by SIGTERM: the process is ending
             raise RuntimeError("the client is closed")
         wake = self._async.put_nowait(line, wait=True)
         if wake and self._token is not None:
@@ -843,12 +843,12 @@ class Client:
             return
         self.close_soon()
         failure = self.wait_closed()
-        client_exit.forget(self)
+        exits.forget(self)
         if failure is not None:
             raise failure
 
     def close_soon(self) -> None:
-        """Start closing and return at once (for :mod:`trioagg.client_exit`)."""
+        """Start closing and return at once (for :mod:`trioagg.client.exits`)."""
         if self._stop.is_set():
             return
         self._stop.set()

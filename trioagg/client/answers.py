@@ -17,8 +17,8 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from .core import answers
-from .core.stats import STATS, is_percentile
+from ..core import answers
+from ..core.stats import STATS, is_percentile
 
 
 class Bucket(msgspec.Struct, gc=False, repr_omit_defaults=True):

@@ -29,20 +29,10 @@ from typing import IO, Annotated, Any, Final, TypeVar
 import click
 import msgspec
 
-from .client import (
-    DEFAULT_URL,
-    SERVER_MAX_BYTES,
-    SERVER_MAX_EVENTS,
-    AsyncClient,
-    Rejected,
-    ServerError,
-    TransportError,
-)
-from .client_answers import as_sent
-from .core.answers import Keys
-from .core.events import MAX_TAGS
-from .core.settings import parse_duration
-from .ingest.decode import (
+from ..core.answers import Keys
+from ..core.events import MAX_TAGS
+from ..core.settings import parse_duration
+from ..ingest.decode import (
     DistinctId,
     Event,
     EventId,
@@ -52,7 +42,17 @@ from .ingest.decode import (
     Timestamp,
     Value,
 )
-from .query.params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
+from ..query.params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
+from .answers import as_sent
+from .clients import (
+    DEFAULT_URL,
+    SERVER_MAX_BYTES,
+    SERVER_MAX_EVENTS,
+    AsyncClient,
+    Rejected,
+    ServerError,
+    TransportError,
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _SPARKS: Final = "▁▂▃▄▅▆▇█"
