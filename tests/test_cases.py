@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from trioagg.core.errors import InvalidEvents, Overloaded
+from trioagg.core.errors import Forbidden, InvalidEvents, InvalidQuery, Overloaded
 from trioagg.core.settings import Settings
 from trioagg.query.budget import DEFAULT_BUDGET
 from trioagg.service.cases import (
@@ -21,6 +21,7 @@ from trioagg.service.cases import (
     Stored,
     accept_events,
     answer_keys,
+    answer_status,
     answer_top,
 )
 from trioagg.service.lifecycle import Service
@@ -132,3 +133,16 @@ async def test_a_body_that_fails_half_read_gives_back_what_it_held(
         service, body_of({"key": "after", "ts": hour}), ndjson=False, durable=False, tenant=None
     )
     assert stored == Stored(1, 0)
+
+
+async def test_the_status_is_the_whole_services_and_no_tenants(service: Service, hour: int) -> None:
+    events = [{"key": "pay", "ts": hour + i, "value": i} for i in range(3)]
+    await accept_events(service, body_of(*events), ndjson=False, durable=True, tenant=None)
+    metrics = service.metrics
+    status = json.loads(await answer_status(service, metrics, MultiDict(), tenant=None))
+    assert (status["events_accepted"], status["events_committed"]) == (3, 3)
+    assert status["bucket_seconds"] == service.store.bucket
+    with pytest.raises(Forbidden):
+        await answer_status(service, metrics, MultiDict(), tenant="acme")
+    with pytest.raises(InvalidQuery):
+        await answer_status(service, metrics, MultiDict([("key", "pay")]), tenant=None)

@@ -46,7 +46,14 @@ from ..keys.auth import (
 )
 from ..query.budget import DEFAULT_BUDGET, Budget
 from ..query.params import parse_wait
-from ..service.cases import Aggregates, accept_events, accept_otlp, answer_keys, answer_top
+from ..service.cases import (
+    Aggregates,
+    accept_events,
+    accept_otlp,
+    answer_keys,
+    answer_status,
+    answer_top,
+)
 from ..service.lifecycle import Service
 from ..service.memory import give_back
 from ..service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -341,6 +348,12 @@ def api_views(app: TrioaggApp) -> dict[str, View]:
     async def get_top() -> Response:
         return _json_body(await answer_top(app.service, request.args, tenant=current_tenant()))
 
+    async def get_status() -> Response:
+        tenant = current_tenant()
+        return _json_body(
+            await answer_status(app.service, app.metrics, request.args, tenant=tenant)
+        )
+
     async def healthz() -> Response:
         if app.crashed is not None:
             return _json({"status": "failing", "reason": "the service crashed; exiting"}, 503)
@@ -385,6 +398,7 @@ def api_views(app: TrioaggApp) -> dict[str, View]:
             get_aggregates,
             get_keys,
             get_top,
+            get_status,
             healthz,
             readyz,
             metrics,

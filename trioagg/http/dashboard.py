@@ -1,4 +1,4 @@
-"""What browsers get: the dashboard page, its files and the status figures.
+"""What browsers get: the dashboard page and its files.
 
 The page (``GET /``) and its JavaScript, CSS and the vendored chart library are
 files of the package (``trioagg/http/web/``), read once when the app is made and
@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
-import msgspec
 from quart import Response, request
 from werkzeug.exceptions import NotFound
-
-from .. import __version__
-from ..core.answers import Status
-from ..core.errors import Forbidden
-from ..keys.auth import current_tenant
-from ..query.params import STATUS, parse_args
 
 if TYPE_CHECKING:
     from .app import TrioaggApp, View
@@ -98,39 +89,8 @@ async def _conditional(file: _File, cache_control: str) -> Response:
     return await response.make_conditional(request)
 
 
-def status(totals: Mapping[str, float], *, bucket: int, quantiles: tuple[str, ...]) -> Status:
-    """The dashboard's figures, from the ``totals`` of what ``/metrics`` answers
-    (:meth:`~trioagg.service.metrics.Metrics.sum_samples`: so, with ``PROMETHEUS_MULTIPROC_DIR``,
-    counters are totals of every worker)."""
-
-    def total(name: str) -> float:
-        return totals.get(name, 0.0)
-
-    return Status(
-        version=__version__,
-        time=time.time(),
-        bucket_seconds=bucket,
-        quantiles=list(quantiles),
-        events_accepted=int(total("trioagg_events_accepted_total")),
-        events_committed=int(total("trioagg_events_committed_total")),
-        events_rejected=int(total("trioagg_events_rejected_total")),
-        events_lost=int(total("trioagg_events_lost_total")),
-        queue_depth=int(total("trioagg_queue_depth")),
-        queue_capacity=int(total("trioagg_queue_capacity")),
-        commits=int(total("trioagg_commit_seconds_count")),
-        commit_seconds_sum=total("trioagg_commit_seconds_sum"),
-        loop_stall_max_seconds=total("trioagg_loop_stall_max_seconds"),
-        statsd_datagrams=int(total("trioagg_statsd_datagrams_total")),
-        statsd_lines_parsed=int(total("trioagg_statsd_lines_parsed_total")),
-        statsd_lines_refused=int(total("trioagg_statsd_lines_refused_total")),
-        statsd_events_dropped=int(total("trioagg_statsd_events_dropped_total")),
-        otlp_points_accepted=int(total("trioagg_otlp_points_accepted_total")),
-        otlp_points_rejected=int(total("trioagg_otlp_points_rejected_total")),
-    )
-
-
 def dashboard_views(app: TrioaggApp) -> dict[str, View]:
-    """The views of the page at ``/``, its files and ``GET /v1/status``, by name."""
+    """The views of the page at ``/`` and its files, by name."""
     static = StaticFiles()
 
     async def page() -> Response:
@@ -145,19 +105,4 @@ def dashboard_views(app: TrioaggApp) -> dict[str, View]:
             raise NotFound(f"no such file: {request.path[:300]}")
         return await _conditional(file, _IMMUTABLE)
 
-    async def get_status() -> Response:
-        parse_args(STATUS, request.args)[1].raise_any()
-        if current_tenant() is not None:
-            # The figures are the whole service's: they would tell one tenant of the others.
-            raise Forbidden("the service's figures are for keys without a tenant", "tenant")
-        service = app.service
-        # Summing the metrics takes ~1 ms of CPU: in a worker thread, shared by
-        # concurrent requests.
-        figures = status(
-            await app.metrics.totals(),
-            bucket=service.store.bucket,
-            quantiles=service.settings.quantiles,
-        )
-        return Response(msgspec.json.encode(figures), 200, content_type="application/json")
-
-    return {"page": page, "dashboard_file": dashboard_file, "get_status": get_status}
+    return {"page": page, "dashboard_file": dashboard_file}

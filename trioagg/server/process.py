@@ -2,9 +2,10 @@
 from the environment, check the store once before anything listens, exit with code 2
 when it cannot start, and, as a hypercorn worker, leave SIGTERM to its own drain.
 
-The app factory (:func:`trioagg.app.create_app`) does none of this for settings it is
-given; ``trioagg serve`` (:mod:`trioagg.cli`) and a worker that hypercorn's command line
-starts (:func:`hypercorn_worker_settings`) do it before they build the app.
+The app (:func:`trioagg.http.app.build_app`) does none of this; the entry points do it
+before they build the app: ``trioagg serve`` (:mod:`trioagg.cli`), and
+:func:`trioagg.app.create_app` for a worker that hypercorn's command line starts
+(:func:`hypercorn_worker_settings`).
 """
 
 from __future__ import annotations

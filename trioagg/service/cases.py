@@ -1,8 +1,8 @@
 """The requests' use cases as plain async functions over a running
 :class:`~trioagg.service.lifecycle.Service`: accepting a batch of events, accepting an OTLP
-export, and answering aggregates, keys and top queries.
+export, and answering aggregates, keys, top and status queries.
 
-They know nothing of Quart. A view (:mod:`trioagg.app`) reads what HTTP carries (the
+They know nothing of Quart. A view (:mod:`trioagg.http.app`) reads what HTTP carries (the
 headers, the query string, the key's tenant), hands over a function that reads the
 body, and turns what comes back into a response; an error they raise is a
 :class:`~trioagg.core.errors.RequestError` the view's error handler answers. Tests call
@@ -19,10 +19,12 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import msgspec
 import trio
 
-from ..core.answers import Pieces
-from ..core.errors import InvalidEvents, InvalidQuery
+from .. import __version__
+from ..core.answers import Pieces, Status
+from ..core.errors import Forbidden, InvalidEvents, InvalidQuery
 from ..core.stats import is_percentile
 from ..ingest import otlp
 from ..ingest.decode import decode_body
@@ -38,6 +40,7 @@ from ..query.aggregates import (
 )
 from ..query.budget import INLINE_WORK, Budget
 from ..query.discovery import keys_answer, parse_keys_query, parse_top_query, top_answer
+from ..query.params import STATUS, parse_args
 from ..query.readcache import CachedAnswer, cache_key
 from ..store import TierCut
 from ..store.head import copy_row
@@ -335,3 +338,53 @@ async def answer_top(service: Service, args: Mapping[str, Any], *, tenant: str |
     await _flushed(service)
     ranked = await store.top(query.start, query.end, query.stat, query.prefix, query.limit, tenant)
     return top_answer(query, ranked)
+
+
+async def answer_status(
+    service: Service, metrics: Metrics, args: Mapping[str, Any], *, tenant: str | None
+) -> bytes:
+    """The ``/v1/status`` answer's JSON: the whole service's figures. Raises
+    InvalidQuery, and Forbidden for a key with a tenant."""
+    parse_args(STATUS, args)[1].raise_any()
+    if tenant is not None:
+        # The figures are the whole service's: they would tell one tenant of the others.
+        raise Forbidden("the service's figures are for keys without a tenant", "tenant")
+    # Summing the metrics takes ~1 ms of CPU: in a worker thread, shared by
+    # concurrent requests.
+    figures = status_figures(
+        await metrics.totals(), bucket=service.store.bucket, quantiles=service.settings.quantiles
+    )
+    return msgspec.json.encode(figures)
+
+
+def status_figures(
+    totals: Mapping[str, float], *, bucket: int, quantiles: tuple[str, ...]
+) -> Status:
+    """The dashboard's figures, from the ``totals`` of what ``/metrics`` answers
+    (:meth:`~trioagg.service.metrics.Metrics.sum_samples`: so, with ``PROMETHEUS_MULTIPROC_DIR``,
+    counters are totals of every worker)."""
+
+    def total(name: str) -> float:
+        return totals.get(name, 0.0)
+
+    return Status(
+        version=__version__,
+        time=time.time(),
+        bucket_seconds=bucket,
+        quantiles=list(quantiles),
+        events_accepted=int(total("trioagg_events_accepted_total")),
+        events_committed=int(total("trioagg_events_committed_total")),
+        events_rejected=int(total("trioagg_events_rejected_total")),
+        events_lost=int(total("trioagg_events_lost_total")),
+        queue_depth=int(total("trioagg_queue_depth")),
+        queue_capacity=int(total("trioagg_queue_capacity")),
+        commits=int(total("trioagg_commit_seconds_count")),
+        commit_seconds_sum=total("trioagg_commit_seconds_sum"),
+        loop_stall_max_seconds=total("trioagg_loop_stall_max_seconds"),
+        statsd_datagrams=int(total("trioagg_statsd_datagrams_total")),
+        statsd_lines_parsed=int(total("trioagg_statsd_lines_parsed_total")),
+        statsd_lines_refused=int(total("trioagg_statsd_lines_refused_total")),
+        statsd_events_dropped=int(total("trioagg_statsd_events_dropped_total")),
+        otlp_points_accepted=int(total("trioagg_otlp_points_accepted_total")),
+        otlp_points_rejected=int(total("trioagg_otlp_points_rejected_total")),
+    )

@@ -1,6 +1,6 @@
 """The service: the parts that outlive a request (the store, the writers, the read
 cache, the key check, the StatsD receiver) and their life, from opening the store to
-the drain at shutdown. It knows nothing of HTTP: :mod:`trioagg.app` runs it around
+the drain at shutdown. It knows nothing of HTTP: :mod:`trioagg.http.app` runs it around
 the ASGI lifespan, and the use cases (:mod:`trioagg.service.cases`) act on it.
 """
 
