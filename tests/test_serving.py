@@ -168,7 +168,7 @@ async def test_what_escapes_a_connection_is_logged_counted_and_closes_it_alone(
     metrics = Metrics()
     clock = trio.testing.MockClock()
     handler = Connections(app, Config(), WorkerContext(None), {}, metrics, clock=clock.current_time)
-    caplog.set_level(logging.ERROR, logger="trioagg.server.serving")
+    caplog.set_level(logging.ERROR, logger="trioagg.serving")
     peers = []
     for _ in range(3):
         left, right = trio.socket.socketpair()
@@ -181,7 +181,7 @@ async def test_what_escapes_a_connection_is_logged_counted_and_closes_it_alone(
 
     sample = metrics.registry.get_sample_value
     assert sample("trioagg_contained_failures_total", {"where": "connection"}) == 4
-    reports = [record for record in caplog.records if record.name == "trioagg.server.serving"]
+    reports = [record for record in caplog.records if record.name == "trioagg.serving"]
     # one traceback per REPORT_INTERVAL; the next report counts those left out
     assert [record.exc_info is not None for record in reports] == [True, True]
     assert "2 more since the last report" in reports[1].getMessage()
