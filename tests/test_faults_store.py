@@ -284,7 +284,9 @@ async def test_a_full_shard_fails_its_hours_only_and_recovers(start_server: Star
 async def test_a_deleted_shard_file_never_acknowledges_its_hours_again(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(writers="2")
+    # drain_timeout: the deleted shard's hours can never be committed, and shutdown
+    # would wait its default 20 s for them; the test is of what is answered before.
+    server = await start_server(writers="2", drain_timeout="1s")
     assert (await post(server.client, in_hour([{"key": "b"}], ODD_HOUR))).status_code == 200
     shard = server.db + "-shard1"
     for suffix in ("", "-wal", "-shm"):
@@ -308,7 +310,7 @@ async def test_a_deleted_shard_file_never_acknowledges_its_hours_again(
 async def test_a_deleted_shard_file_does_not_stop_key_lookups(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(writers="2", auth="on")
+    server = await start_server(writers="2", auth="on", drain_timeout="1s")  # as above
     backend = make_backend(Settings(db=server.db, writers=2))
     early, fresh = (api_keys.create_key(backend, name, ("ingest",)) for name in ("early", "fresh"))
     events = in_hour([{"key": "b"}], EVEN_HOUR) + in_hour([{"key": "b"}], ODD_HOUR)
