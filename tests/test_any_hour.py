@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import datetime
 import glob
+import importlib
 import os
 import subprocess
 import sys
@@ -76,12 +77,48 @@ def test_the_wall_clock_tests_pass_at(hour: str) -> None:
     assert abs(float(seen.stdout) - moment) < 60, f"libfaketime did not move the clock: {seen}"
     command = [sys.executable, "-m", "pytest", "-m", "wall_clock and not slow"]
     command += ["--store", "sqlite", "-n", "0", "-p", "no:cacheprovider", "-q"]
+    # Only the modules that import the clock: collecting the whole suite to keep them
+    # took a third of the child's start (test_the_clock_importers_are_the_marked_modules
+    # keeps this list the one the mark finds).
+    command += [str(path.relative_to(ROOT)) for path in clock_importers()]
     ran = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     # Exit 5 (no test ran) fails too: the mark must select the tests it is for.
     status = ran.returncode
     assert status == 0, f"at {hour} UTC:\n{ran.stdout[-20_000:]}\n{ran.stderr[-5000:]}"
+
+
+def imports_the_clock(tree: ast.AST) -> bool:
+    """Whether a test module imports tests/clock.py (``from . import clock``), which
+    is what makes conftest.py mark its tests ``wall_clock``."""
+    return any(
+        isinstance(node, ast.ImportFrom)
+        and node.module in (None, "tests")
+        and any(alias.name == "clock" and alias.asname is None for alias in node.names)
+        for node in ast.walk(tree)
+    )
+
+
+def clock_importers() -> list[Path]:
+    """The test modules that import tests/clock.py."""
+    return [
+        path
+        for path in sorted(TESTS.glob("test_*.py"))
+        if imports_the_clock(ast.parse(path.read_text(), str(path)))
+    ]
+
+
+def test_the_clock_importers_are_the_marked_modules() -> None:
+    """The modules the child run is given are those whose tests carry the mark: each
+    module whose ``clock`` is tests/clock.py (what conftest.py marks), no other."""
+    marked = {
+        path
+        for path in sorted(TESTS.glob("test_*.py"))
+        if getattr(importlib.import_module(f"tests.{path.stem}"), "clock", None) is clock
+    }
+    assert set(clock_importers()) == marked
+    assert Path(__file__) in marked and len(marked) > 5
 
 
 def wall_clock_reads(tree: ast.AST) -> Iterator[tuple[int, str]]:
