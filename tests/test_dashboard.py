@@ -86,9 +86,10 @@ async def test_status_reads_what_metrics_count(start_server: StartServer) -> Non
         for sample in family.samples
         if not sample.labels
     }
-    # The server's clock when it answered, as its Date header says it (to the second).
+    # The server's clock when it answered, as its Date header says it (to the second);
+    # the figures are taken before, by as long as a loaded machine keeps the answer.
     date = parsedate_to_datetime(answered.headers["date"]).timestamp()
-    assert date - 1 <= status.pop("time") < date + 1
+    assert date - 30 <= status.pop("time") < date + 1
     assert status == {
         "version": __version__,
         "bucket_seconds": 900,
