@@ -29,12 +29,11 @@ from trioagg.cli_tools import (
     LineReader,
     Mapping,
     _loopback,
-    _Unpatterned,
     column_groups,
     reach,
     sparkline,
 )
-from trioagg.ingest import Event
+from trioagg.ingest import Event, UnpatternedEvent
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
@@ -120,7 +119,8 @@ _LIMITS = ("gt", "ge", "lt", "le", "multiple_of", "min_length", "max_length", "t
 
 
 def test_ndjson_lines_meet_every_rule_of_the_event_type() -> None:
-    # The pattern-free decode that ingest tries first is Event, patterns aside...
+    # The pattern-free decode that ingest (and the server) tries first is Event, patterns
+    # aside...
     def unpatterned(kind: Any) -> Any:
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if origin is typing.Annotated:
@@ -134,11 +134,13 @@ def test_ndjson_lines_meet_every_rule_of_the_event_type() -> None:
         return origin[tuple(map(unpatterned, args))] if args else kind
 
     fields = msgspec.structs.fields
-    assert [(f.name, f.default, f.default_factory) for f in fields(_Unpatterned)] == [
+    assert [(f.name, f.default, f.default_factory) for f in fields(UnpatternedEvent)] == [
         (f.name, f.default, f.default_factory) for f in fields(Event)
     ]
-    assert [f.type for f in fields(_Unpatterned)] == [unpatterned(f.type) for f in fields(Event)]
-    assert _Unpatterned.__struct_config__.forbid_unknown_fields
+    assert [f.type for f in fields(UnpatternedEvent)] == [
+        unpatterned(f.type) for f in fields(Event)
+    ]
+    assert UnpatternedEvent.__struct_config__.forbid_unknown_fields
     # ... and the patterns hold all the same, with Event's words for what breaks them.
     reader = LineReader("/data/a.ndjson", Mapping())
     lines = [
