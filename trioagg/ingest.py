@@ -205,28 +205,33 @@ def decode_events(
     known = _KNOWN
     keys, tag_names = known.keys, known.tag_names
     for index, event in enumerate(events):
-        ts = event.ts
+        key, ts, tags, event_id = event.key, event.ts, event.tags, event.id
         seconds = now if ts is None else ts if isinstance(ts, float) else ts.timestamp()
-        tags = event.tags
-        if (event.key not in keys or not tag_names.issuperset(tags)) and not known.match(
-            event.key, tags
+        if (key not in keys or (tags and not tag_names.issuperset(tags))) and not known.match(
+            key, tags
         ):
             raise _every_problem(body, ndjson=ndjson, limits=limits, now=now)
         canonical = encode(tags, order="sorted").decode() if tags else NO_TAGS
         # Only strings of over 63 characters can exceed a 255-byte limit (4 bytes per
         # character at most, 512 for TAGS_BYTES): the full check runs for those and for
         # times off the window. Ids are measured here: most (UUIDs, ingest's line ids) are
-        # over 32 characters, and the full check cost them 0.6 us each.
+        # over 32 characters, and the full check cost them 0.6 us each; an ASCII one
+        # (isascii() reads a flag) has as many bytes as characters.
         if (
             not low <= seconds <= high
-            or len(event.key) > 63
+            or len(key) > 63
             or (tags and (max(map(len, tags.values())) > 63 or len(canonical) > 512))
-            or (event.id is not None and len(event.id) > 32 and len(event.id.encode()) > 128)
+            or (
+                event_id is not None
+                and len(event_id) > 32
+                and (len(event_id) > 128 or not event_id.isascii())
+                and len(event_id.encode()) > 128
+            )
             or (event.distinct_id is not None and len(event.distinct_id) > 63)
         ):
             for field, message in _limit_problems(event, seconds, low, high, why):
                 problems.append({"index": index, "field": field, "message": message})
-        points.append((event.key, seconds, event.value, canonical, event.distinct_id, event.id))
+        points.append((key, seconds, event.value, canonical, event.distinct_id, event_id))
     if problems:
         raise _invalid(problems, len(events))
     return points if tenant is None else stamp_tenant(points, tenant)
