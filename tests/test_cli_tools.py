@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import h11
 import msgspec
 import pytest
 import trio
@@ -29,12 +30,11 @@ from trioagg.client.tools import (
     LineReader,
     Mapping,
     _loopback,
-    _Unpatterned,
     column_groups,
     reach,
     sparkline,
 )
-from trioagg.ingest.decode import Event
+from trioagg.ingest.decode import Event, UnpatternedEvent
 
 from .conftest import Server, StartServer, metric, stored_counts, wait_until
 
@@ -120,7 +120,8 @@ _LIMITS = ("gt", "ge", "lt", "le", "multiple_of", "min_length", "max_length", "t
 
 
 def test_ndjson_lines_meet_every_rule_of_the_event_type() -> None:
-    # The pattern-free decode that ingest tries first is Event, patterns aside...
+    # The pattern-free decode that ingest (and the server) tries first is Event, patterns
+    # aside...
     def unpatterned(kind: Any) -> Any:
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if origin is typing.Annotated:
@@ -134,11 +135,13 @@ def test_ndjson_lines_meet_every_rule_of_the_event_type() -> None:
         return origin[tuple(map(unpatterned, args))] if args else kind
 
     fields = msgspec.structs.fields
-    assert [(f.name, f.default, f.default_factory) for f in fields(_Unpatterned)] == [
+    assert [(f.name, f.default, f.default_factory) for f in fields(UnpatternedEvent)] == [
         (f.name, f.default, f.default_factory) for f in fields(Event)
     ]
-    assert [f.type for f in fields(_Unpatterned)] == [unpatterned(f.type) for f in fields(Event)]
-    assert _Unpatterned.__struct_config__.forbid_unknown_fields
+    assert [f.type for f in fields(UnpatternedEvent)] == [
+        unpatterned(f.type) for f in fields(Event)
+    ]
+    assert UnpatternedEvent.__struct_config__.forbid_unknown_fields
     # ... and the patterns hold all the same, with Event's words for what breaks them.
     reader = LineReader("/data/a.ndjson", Mapping())
     lines = [
@@ -520,3 +523,62 @@ def test_every_option_says_what_it_does_its_default_and_what_its_value_is(name: 
             assert option.show_default or "[default:" in option.help, option.name
         if not option.is_flag and not isinstance(option.type, click.Choice):
             assert option.metavar not in (None, "TEXT", "INTEGER"), option.name
+
+
+async def test_ingest_keeps_four_requests_in_flight_by_default(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # A server that answers no request of events until it holds four at once (or 10 s
+    # passed): four are answered only if ingest sent four without waiting for answers.
+    path = tmp_path / "many.ndjson"
+    path.write_text("".join(f'{{"key": "k", "ts": {TS + i}}}\n' for i in range(80)))
+    holding: list[int] = []  # requests held now
+    answered: list[int] = []
+    four = trio.Event()
+    give_up = trio.current_time() + 10
+
+    async def answer(stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                connection.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                target = event.target
+            elif isinstance(event, h11.EndOfMessage):
+                body = b'{"status": "ok"}'
+                if target.startswith(b"/v1/events"):
+                    holding.append(1)
+                    if len(holding) >= 4:
+                        four.set()
+                    with trio.move_on_at(give_up):  # fewer at once: fail, but not hang
+                        await four.wait()
+                    holding.pop()
+                    answered.append(1)
+                    body = b'{"accepted": 10, "duplicates": 0}'
+                headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+                await stream.send_all(
+                    connection.send(h11.Response(status_code=200, headers=headers))
+                )
+                await stream.send_all(connection.send(h11.Data(data=body)))
+                await stream.send_all(connection.send(h11.EndOfMessage()))
+                connection.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    listener = listeners[0]
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    with trio.fail_after(30):
+        result = await trio.to_thread.run_sync(
+            lambda: CliRunner().invoke(
+                main, ["ingest", str(path), "--batch-events", "10", "--no-progress", "--url", url]
+            )
+        )
+    assert result.exit_code == 0, result.stderr
+    assert four.is_set() and len(answered) == 8
+    assert "80 events read" in result.stderr and "80 new" in result.stderr

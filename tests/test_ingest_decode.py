@@ -18,6 +18,7 @@ from trioagg.core.events import MAX_ABS_VALUE, MAX_TAGS, TAGS_BYTES
 from trioagg.core.settings import Settings
 from trioagg.ingest.decode import (
     INLINE_DECODE_BYTES,
+    KnownNames,
     Limits,
     decode_body,
     decode_events,
@@ -114,6 +115,40 @@ def test_each_invalid_event_is_refused_naming_its_field(
         {"index": d["index"], "field": d["field"]} for d in answer["error"]["details"]
     ]
     assert all(d["index"] == 1 for d in answer["error"]["details"])
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_names_are_checked_against_their_patterns_even_once_others_are_known(
+    ndjson: bool,
+) -> None:
+    # The fast path checks each distinct key and tag name once: names it knows are
+    # taken, a new one that breaks its pattern still refuses its event, and only it.
+    good = [{"key": "known.key", "tags": {"region": "eu"}}] * 3
+    for bad, field in (({"key": "bad\u0085"}, "key"), ({"key": "k", "tags": {"9x": "v"}}, "tags")):
+        for attempt in range(2):  # a refused name is not remembered
+            events = [*good, bad, *good]
+            body = (
+                b"".join(json.dumps(e).encode() + b"\n" for e in events)
+                if ndjson
+                else json.dumps(events).encode()
+            )
+            error = refusal(body, ndjson=ndjson)
+            assert isinstance(error, InvalidEvents), attempt
+            details = json.loads(error.body())["error"]["details"]
+            assert [(d["index"], d["field"]) for d in details] == [(3, field)]
+    body = json.dumps(good).encode()
+    assert len(decode_events(body, ndjson=False, limits=LIMITS, now=NOW)) == 3
+
+
+def test_known_names_are_bounded_and_only_hold_names_that_match() -> None:
+    known = KnownNames(limit=3)
+    assert known.match("k1", {"a": "v", "b": "v"})
+    assert not known.match("bad\n", {}) and not known.match("k2", {"1st": "v"})
+    assert known.keys == {"k1", "k2"} and known.tag_names == {"a", "b"}
+    assert known.match("k3", {"c": "v"}) and known.match("k4", {"d": "v"})
+    assert known.keys == {"k4"} and known.tag_names == {"d"}  # full: forgotten, refilled
+    assert not known.match("nul\u0000", {})
+    assert known.match("k1", {"a": "v"}) and known.keys == {"k4", "k1"}
 
 
 @pytest.mark.parametrize("event", VALID_EVENTS)

@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trioagg.core.events import Point
+from trioagg.core.settings import Settings
+from trioagg.store import make_backend
 from trioagg.store.base import JournalTaken, flush_head, journal_batch, replay_journal
 from trioagg.store.head import Head, decode_batch, encode_batch
 from trioagg.store.plan import SeriesCache, WritePolicy
@@ -199,3 +201,34 @@ def test_a_head_partly_replayed_by_another_process_is_rebuilt_before_it_flushes(
     assert table(conn) == {("a", 0): (2, 3.0, 1.0, 2.0)}
     other_conn.close()
     conn.close()
+
+
+def test_ids_are_claimed_once_whether_all_some_or_none_of_a_batch_are_new(db_url: str) -> None:
+    # The claim counts first and returns which ids only when some were claimed and some
+    # not: each case, on each database, claims exactly the ids not seen in the window.
+    backend = make_backend(Settings(db=db_url))
+    conn = backend.connect(write=True)
+    try:
+        backend.prepare(conn, HOUR)
+        now, window = 1_800_000_000.0, 86400.0
+
+        def claim(ids: list[str], at: float) -> set[str]:
+            backend.begin(conn)
+            claimed = backend.claim_ids(conn, ids, at, at - window)
+            backend.commit(conn)
+            return claimed
+
+        many = [f"id-{n:05d}" for n in range(1200)]  # several statements' worth
+        assert claim(many, now) == set(many)  # all new
+        assert claim(many, now + 1) == set()  # none
+        assert claim(["id-00001", "new-1", "id-01199", "new-2"], now + 2) == {"new-1", "new-2"}
+        later = now + window + 1.5  # the first claim has expired, the others not
+        assert claim([*many[:3], "new-1", "new-3"], later) == {*many[:3], "new-3"}
+        backend.begin(conn)
+        try:  # an undone claim (a failed batch) claims nothing
+            assert backend.claim_ids(conn, ["undone", "new-1"], later, later - window) == {"undone"}
+        finally:
+            backend.rollback(conn)
+        assert claim(["undone"], later) == {"undone"}
+    finally:
+        backend.close(conn)

@@ -160,12 +160,15 @@ async def test_a_request_sending_its_body_holds_no_admission_token(
     assert stored_counts(server.db) == {"slow": 2, "fast": 2}
 
 
-@pytest.mark.parametrize(("event_id", "statements"), [(None, 3), ("id-1", 4)])
+# With ids: BEGIN, SAVEPOINT, the claim (counted, not returned), RELEASE, the journal
+# row, COMMIT.
+@pytest.mark.parametrize(("event_id", "statements"), [(None, 3), ("id-1", 6)])
 def test_a_batch_is_one_journal_row_in_one_transaction(
     tmp_path: Path, event_id: str | None, statements: int
 ) -> None:
-    """BEGIN, the ids' claim when there are ids, one journal row, COMMIT: what a durable
-    answer waits for, whatever the batch's rows; its rollups wait in the head."""
+    """BEGIN, the ids' claim when there are ids (under a savepoint), one journal row,
+    COMMIT: what a durable answer waits for, whatever the batch's rows; its rollups wait
+    in the head."""
     backend = SQLiteBackend(str(tmp_path / "s.db"))
     conn = backend.connect(write=True)
     backend.prepare(conn, 3600)

@@ -18,29 +18,21 @@ import io
 import json
 import math
 import os
-import re
 import sys
 import time
-import typing
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Annotated, Any, Final, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import click
 import msgspec
 
 from ..core.answers import Keys
-from ..core.events import MAX_TAGS
 from ..core.settings import parse_duration
 from ..ingest.decode import (
-    DistinctId,
     Event,
-    EventId,
-    Key,
-    TagName,
-    TagValue,
-    Timestamp,
-    Value,
+    KnownNames,
+    UnpatternedEvent,
 )
 from ..query.params import DEFAULT_LIMIT, DEFAULT_STATS, FILLS, GRANULARITIES, TOP_STATS
 from .answers import as_sent
@@ -59,6 +51,8 @@ _SPARKS: Final = "▁▂▃▄▅▆▇█"
 #: What ingest reads and parses at a time: ~1,000 lines, 1-2 ms of the event loop, so
 #: that its requests' answers are read and the next requests sent without waiting.
 _CHUNK_BYTES: Final = 1 << 16
+#: Requests ingest keeps in flight (--concurrency): two for each of two server workers.
+_INGEST_CONCURRENCY: Final = 4
 #: The longest a probe of the server waits, and the longest pause between two.
 _PROBE_SECONDS: Final = 5.0
 
@@ -187,32 +181,6 @@ class BadLine(ValueError):
     """A line that is not an event; the message says why."""
 
 
-def _meta(kind: Any) -> msgspec.Meta:
-    """The constraints of ``Annotated[str, msgspec.Meta(...)]``."""
-    meta: msgspec.Meta = typing.get_args(kind)[1]
-    return meta
-
-
-_UnpatternedKey = Annotated[
-    str, msgspec.Meta(min_length=_meta(Key).min_length, max_length=_meta(Key).max_length)
-]
-
-
-class _Unpatterned(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """:class:`~trioagg.ingest.decode.Event` without the patterns of a key and of tag names.
-    msgspec checks a pattern with a regex search of each string it decodes, 0.4 us of
-    the 0.8 us an event took to decode: ingest checks each key and tag name once."""
-
-    key: _UnpatternedKey
-    ts: Timestamp = None
-    value: Value = 1.0
-    tags: Annotated[dict[str, TagValue], msgspec.Meta(max_length=MAX_TAGS)] = {}
-    distinct_id: DistinctId | None = None
-    id: EventId | None = None
-
-
-_KEY_MATCHES: Final = re.compile(_meta(Key).pattern or "").search
-_TAG_NAME_MATCHES: Final = re.compile(_meta(TagName).pattern or "").search
 #: The most keys (and tag names) known to match remembered: beyond, they are forgotten.
 _KNOWN_NAMES: Final = 100_000
 
@@ -225,10 +193,9 @@ class LineReader:
         self.mapping = mapping
         self._plain = mapping.plain
         self._decode_event = msgspec.json.Decoder(Event).decode
-        self._decode_unpatterned = msgspec.json.Decoder(_Unpatterned).decode
+        self._decode_unpatterned = msgspec.json.Decoder(UnpatternedEvent).decode
         #: keys and tag names that matched Event's patterns
-        self._keys: set[str] = set()
-        self._tag_names: set[str] = set()
+        self._known = KnownNames(_KNOWN_NAMES)
         self._decode = msgspec.json.Decoder().decode
         self._encode = msgspec.json.Encoder().encode
 
@@ -269,18 +236,21 @@ class LineReader:
         # but the decode that validates a line, the id's hash and the bytes of the event
         # (this loop is most of ingest's work). The id is line_id()'s.
         decode = self._decode_unpatterned
-        keys, tag_names = self._keys, self._tag_names
+        known = self._known
+        keys, tag_names = known.keys, known.tag_names
         blake2b = hashlib.blake2b
         head = b',"id":"%s-' % self._prefix.encode()
         events, bad = parsed.events, parsed.bad
         for number, line in enumerate(lines, first):
-            event: Event | _Unpatterned
+            event: Event | UnpatternedEvent
             try:
                 event = decode(line)
-                if event.key not in keys or not tag_names.issuperset(event.tags):
-                    event = self._matched(event, line)
+                if (
+                    event.key not in keys or not tag_names.issuperset(event.tags)
+                ) and not known.match(event.key, event.tags):
+                    event = self._decode_event(line)  # raises, saying which name is wrong
             except msgspec.DecodeError:
-                # Event's own words for what is wrong (it refuses all _Unpatterned does)
+                # Event's own words for what is wrong (it refuses all UnpatternedEvent does)
                 try:
                     event = self._decode_event(line)
                 except msgspec.DecodeError as error:
@@ -295,17 +265,6 @@ class LineReader:
             else:
                 events.append(text + b"\n")
         return parsed
-
-    def _matched(self, event: _Unpatterned, line: bytes) -> _Unpatterned | Event:
-        """``event`` when its key and tag names match Event's patterns, remembering them;
-        else the decode of ``line`` as an Event, which raises saying why."""
-        if _KEY_MATCHES(event.key) and all(map(_TAG_NAME_MATCHES, event.tags)):
-            for known, names in ((self._keys, (event.key,)), (self._tag_names, event.tags)):
-                if len(known) > _KNOWN_NAMES:
-                    known.clear()
-                known.update(names)
-            return event
-        return self._decode_event(line)
 
     def record(self, number: int, line: bytes, record: dict[str, Any]) -> bytes:
         """A record (a CSV row or a decoded NDJSON object) as an encoded event."""
@@ -519,7 +478,10 @@ def _field(flag: str, what: str, *name: str) -> Callable[[_F], _F]:
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 64),
-    default=2,
+    # Four, not the client's two: with two, each worker of `serve --workers 2` mostly
+    # held one request, and its writer idled between them long enough to flush its head
+    # after nearly every batch (28 flushes for 30 batches of 10,000 events).
+    default=_INGEST_CONCURRENCY,
     show_default=True,
     metavar="N",
     help="Requests in flight at once.",

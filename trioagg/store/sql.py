@@ -159,19 +159,43 @@ class SQLBackend:
         return statement.replace("?", self.mark)
 
     def claim_ids(self, conn: Any, ids: Sequence[str], now: float, since: float) -> set[str]:
+        # Most batches' ids are all new: they are claimed without RETURNING (which cost
+        # SQLite as much again as the insert, 1.4 us an id), counting the rows changed.
+        # Only when some were not claimed, and some were, is the claim undone and made
+        # again returning which; when none was, nothing changed.
+        ordered = sorted(ids)
+        self.savepoint(conn)  # a failure rolls back the caller's whole transaction
+        changed = sum(
+            self._claim(conn, chunk, now, since, returning=False).rowcount
+            for chunk in _chunks(ordered)
+        )
+        if changed == len(ordered):
+            self.release_savepoint(conn)
+            return set(ordered)
+        if changed == 0:
+            self.release_savepoint(conn)
+            return set()
+        self.rollback_to_savepoint(conn)
         claimed: set[str] = set()
-        for chunk in _chunks(sorted(ids)):
-            values = ", ".join(["(?, ?)"] * len(chunk))
-            rows = conn.execute(
-                self._sql(
-                    f"INSERT INTO event_ids (id, seen) VALUES {values} "
-                    "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen "
-                    "WHERE event_ids.seen < ? RETURNING id"
-                ),
-                [value for event_id in chunk for value in (event_id, now)] + [since],
-            ).fetchall()
+        for chunk in _chunks(ordered):
+            rows = self._claim(conn, chunk, now, since, returning=True).fetchall()
             claimed.update(row[0] for row in rows)
         return claimed
+
+    def _claim(
+        self, conn: Any, chunk: Sequence[str], now: float, since: float, *, returning: bool
+    ) -> Any:
+        """Record ``chunk``'s ids as seen ``now`` where not seen since ``since``; the
+        cursor counts them (``rowcount``), or (``returning``) returns them."""
+        values = ", ".join(["(?, ?)"] * len(chunk))
+        return conn.execute(
+            self._sql(
+                f"INSERT INTO event_ids (id, seen) VALUES {values} "
+                "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen "
+                "WHERE event_ids.seen < ?" + (" RETURNING id" if returning else "")
+            ),
+            [value for event_id in chunk for value in (event_id, now)] + [since],
+        )
 
     def purge_ids(self, conn: Any, before: float, limit: int) -> int:
         cursor = conn.execute(
