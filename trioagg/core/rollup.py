@@ -216,9 +216,12 @@ def pre_aggregate(
     slots it adds to ``into`` are appended to ``created`` when given."""
     get = into.get
     for key, ts, value, tags, distinct_id, _ in points:
-        slot = (key, int(ts // width) * width, tags)
-        rollup = get(slot)
+        # The bucket's start as a float finds the slot keyed by the same int (equal
+        # numbers hash and compare equal): int() only where a slot is made, -13% of a
+        # fold of 1,000 events (measured with callgrind, see bench/percost.py).
+        rollup = get((key, ts // width * width, tags))
         if rollup is None:
+            slot = (key, int(ts // width) * width, tags)
             rollup = into[slot] = Rollup(value, last=value, last_ts=ts)
             if keeps_quantiles(key):
                 rollup.quantiles = new_quantiles()
