@@ -9,7 +9,8 @@ value, no tags), folds the pool into a head first (the steady state of a flush
 window, where most events land in slots the head holds), then runs ``stage``
 ``repeat`` times on one request: ``decode`` (:func:`trioagg.ingest.decode_events`),
 ``encode`` (the journal blob), ``fold`` (:meth:`trioagg.store.head.Head.add`), or
-``all`` three. Run it at 0 and 10 repeats: the difference of the totals callgrind prints,
+``all`` three; ``fold-new`` folds into an empty head (every slot new, as after a
+flush). Run it at 0 and 10 repeats: the difference of the totals callgrind prints,
 divided by 10 and by 1,000, is the instructions per event, start-up and set-up
 cancelled out (``python -m bench.percost --callgrind`` does exactly that).
 """
@@ -17,8 +18,8 @@ cancelled out (``python -m bench.percost --callgrind`` does exactly that).
 from __future__ import annotations
 
 import argparse
-import os
 import concurrent.futures
+import os
 import random
 import re
 import subprocess
@@ -27,7 +28,7 @@ import sys
 EVENTS = 1000
 #: A fixed clock and hash seed: the same run gives the same count (to the instruction).
 NOW = 1_765_000_000.0
-STAGES = ("all", "decode", "encode", "fold")
+STAGES = ("all", "decode", "encode", "fold", "fold-new")
 POOL = 16
 
 
@@ -37,8 +38,7 @@ def bodies(keys: int, now: float) -> list[bytes]:
     rng = random.Random(7)
     template = {"keys": keys, "start": now - 86400, "span": 86400 - 60}
     return [
-        b"[%s]" % b",".join(render_event(rng, template) for _ in range(EVENTS))
-        for _ in range(POOL)
+        b"[%s]" % b",".join(render_event(rng, template) for _ in range(EVENTS)) for _ in range(POOL)
     ]
 
 
@@ -65,6 +65,8 @@ def run(keys: int, stage: str, repeat: int) -> None:
             encode_batch(points)
         if stage in ("fold", "all"):
             head.add(points, POOL + seq, 3600, keeps)
+        if stage == "fold-new":
+            Head().add(points, POOL + seq, 3600, keeps)
 
 
 def instructions(keys: int, stage: str, repeat: int) -> int:
@@ -96,9 +98,7 @@ def instructions(keys: int, stage: str, repeat: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, nargs="+", default=[10, 1000])
-    parser.add_argument(
-        "--stage", choices=STAGES, nargs="+", default=list(STAGES)
-    )
+    parser.add_argument("--stage", choices=STAGES, nargs="+", default=list(STAGES))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
         "--callgrind",
@@ -110,14 +110,15 @@ def main() -> None:
     if not args.callgrind:
         run(args.keys[0], args.stage[0], args.repeat)
         return
-    runs = [(keys, stage, repeat) for keys in args.keys for stage in ["all", *args.stage] for repeat in (0, 10)]
-    runs = list(dict.fromkeys((k, "all" if r == 0 else s, r) for k, s, r in runs))
+    # One run at 0 repeats per key count (the set-up, the same for every stage).
+    runs = [(keys, "all", 0) for keys in args.keys]
+    runs += [(keys, stage, 10) for keys in args.keys for stage in args.stage]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        totals = dict(zip(runs, pool.map(lambda run: instructions(*run), runs)))
+        totals = dict(zip(runs, pool.map(lambda run: instructions(*run), runs), strict=True))
     for keys in args.keys:
         for stage in args.stage:
             per_event = (totals[(keys, stage, 10)] - totals[(keys, "all", 0)]) / 10 / EVENTS
-            print(f"keys={keys:<6} {stage:<7} {per_event:8,.0f} instructions per event")
+            print(f"keys={keys:<6} {stage:<8} {per_event:8,.0f} instructions per event")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from werkzeug.datastructures import MultiDict
 
 from trioagg.core.errors import InvalidQuery
 from trioagg.core.events import Point
-from trioagg.core.rollup import Rollup, Slot, pre_aggregate
+from trioagg.core.rollup import Rollup, Slot, _first, pre_aggregate
 from trioagg.core.stats import STATS
 from trioagg.query.aggregates import Query, answer, parse_query
 from trioagg.query.params import GRANULARITIES
@@ -287,3 +287,15 @@ def test_a_store_made_before_last_gets_its_columns_and_old_rows_answer_null(
         query = parse_query(args, bucket=3600, now=DAY0)
         document = msgspec.json.decode(answer(query, copies).joined())
         assert [b["last"] for b in document["results"][0]["buckets"]] == lasts
+
+
+@pytest.mark.parametrize("value", [0.0, -2.5, 1e100])
+def test_the_fast_first_rollup_is_the_rollup_of_one_event(value: float) -> None:
+    # pre_aggregate makes a slot's rollup without __init__: every slot set, as __init__ sets it
+    fast, slow = _first(value, 1234.5), Rollup(value, last=value, last_ts=1234.5)
+    assert [getattr(fast, name) for name in Rollup.__slots__] == [
+        getattr(slow, name) for name in Rollup.__slots__
+    ]
+    assert [type(getattr(fast, name)) for name in Rollup.__slots__] == [
+        type(getattr(slow, name)) for name in Rollup.__slots__
+    ]

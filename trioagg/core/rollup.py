@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from datasketches import hll_sketch, hll_union, kll_doubles_sketch, tgt_hll_type
 
@@ -204,6 +204,22 @@ def later(ts: float, value: float | None, than_ts: float, than: float | None) ->
     return value is not None and (than is None or value > than)
 
 
+_new_rollup = Rollup.__new__
+
+
+def _first(value: float, ts: float) -> Rollup:
+    """``Rollup(value, last=value, last_ts=ts)``, the rollup of one event, in half the
+    time: without the keyword arguments and defaults of ``__init__`` (0.5 -> 0.25 us,
+    paid once per slot a window's head holds)."""
+    rollup = _new_rollup(Rollup)
+    rollup.shift = rollup.min = rollup.max = rollup.last = value
+    rollup.count = 1
+    rollup.s1 = rollup.s2 = 0.0
+    rollup.quantiles = rollup.distinct = None
+    rollup.last_ts = ts
+    return rollup
+
+
 def pre_aggregate(
     points: Iterable[Point],
     width: int,
@@ -214,7 +230,8 @@ def pre_aggregate(
     """Add events ``(key, ts, value, tags, distinct_id, id)`` to the rollups of their
     slots in ``into``; quantile sketches only for keys where ``keeps_quantiles``. The
     slots it adds to ``into`` are appended to ``created`` when given."""
-    get = into.get
+    # Looked up by the bucket's start as a float (see below).
+    get = cast("dict[tuple[str, float, str], Rollup]", into).get
     for key, ts, value, tags, distinct_id, _ in points:
         # The bucket's start as a float finds the slot keyed by the same int (equal
         # numbers hash and compare equal): int() only where a slot is made, -13% of a
@@ -222,7 +239,7 @@ def pre_aggregate(
         rollup = get((key, ts // width * width, tags))
         if rollup is None:
             slot = (key, int(ts // width) * width, tags)
-            rollup = into[slot] = Rollup(value, last=value, last_ts=ts)
+            rollup = into[slot] = _first(value, ts)
             if keeps_quantiles(key):
                 rollup.quantiles = new_quantiles()
             if created is not None:
