@@ -7,7 +7,7 @@ Builds the bench's 1,000-event JSON requests (``bench.loadgen.render_event``, th
 batch scenario's events: a key of ``keys``, an RFC 3339 time in the last 24 h, a
 value, no tags), folds the pool into a head first (the steady state of a flush
 window, where most events land in slots the head holds), then runs ``stage``
-``repeat`` times on one request: ``decode`` (:func:`trioagg.ingest.decode_events`),
+``repeat`` times on one request: ``decode`` (:func:`trioagg.ingest.decode.decode_events`),
 ``encode`` (the journal blob), ``fold`` (:meth:`trioagg.store.head.Head.add`), or
 ``all`` three; ``fold-new`` folds into an empty head (every slot new, as after a
 flush). Run it at 0 and 10 repeats: the difference of the totals callgrind prints,
@@ -43,7 +43,7 @@ def bodies(keys: int, now: float) -> list[bytes]:
 
 
 def run(keys: int, stage: str, repeat: int) -> None:
-    from trioagg.ingest import Limits, decode_events
+    from trioagg.ingest.decode import Limits, decode_events
     from trioagg.store.head import Head, encode_batch
 
     now = NOW
