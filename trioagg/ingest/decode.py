@@ -125,7 +125,8 @@ class KnownNames:
 
 _KEY_MATCHES: Final = re.compile(_meta(Key).pattern or "").search
 _TAG_NAME_MATCHES: Final = re.compile(_meta(TagName).pattern or "").search
-#: The server's known names: at most 65,536 of each (a few MB at 255 bytes a key).
+#: The server's known names: at most 65,536 of each, so at most about 22 MB of
+#: 255-byte keys and 10 MB of 64-byte tag names (usually far less).
 _KNOWN: Final = KnownNames(1 << 16)
 
 #: What each field must be, in the words of the contract; prefixed to every problem.
