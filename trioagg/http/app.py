@@ -15,7 +15,7 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -29,45 +29,20 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..core.answers import Pieces
-from ..core.errors import (
-    ConfigError,
-    Forbidden,
-    PayloadTooLarge,
-    RequestError,
-    StoreOutage,
-    StoreUnavailable,
-    Unauthorized,
-    error_body,
-)
+from ..core.errors import ConfigError, PayloadTooLarge, RequestError, StoreOutage, error_body
 from ..core.settings import Settings
 from ..ingest import otlp
-from ..keys.auth import (
-    current_tenant,
-)
+from ..keys.auth import current_key, current_tenant
 from ..query.budget import DEFAULT_BUDGET, Budget
-from ..query.params import parse_wait
-from ..service.cases import (
-    Aggregates,
-    accept_events,
-    accept_otlp,
-    answer_keys,
-    answer_status,
-    answer_top,
-)
+from ..service.cases import Aggregates, accept_otlp, answer_keys, answer_status, answer_top
 from ..service.lifecycle import Service
-from ..service.memory import give_back
 from ..service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..service.metrics import Metrics, bound_children
 from .dashboard import dashboard_views
-from .edges import (
-    body_format,
-    content_encoding,
-    guard_connections,
-    read_body,
-    too_large_message,
-)
-from .endpoints import ENDPOINTS, SCOPES_BY_PATH
-from .hosts import AllowedHosts
+from .edges import content_encoding, guard_connections, read_body, too_large_message
+from .endpoints import ENDPOINTS
+from .gate import Gate, failure_answer
+from .hotpath import HotPath, aggregates_view, events_view, sent
 from .openapi import openapi_document
 
 log = logging.getLogger("trioagg")
@@ -123,6 +98,10 @@ class TrioaggApp(QuartTrio):
         #: The check every request makes before its view runs (the before_request hook
         #: that :func:`_time_and_authenticate_every_request` installs).
         self.check_request: Callable[[], Awaitable[None]] | None = None
+        #: What lets requests in, on both request paths.
+        self.gate = Gate(settings)
+        #: Answers aggregates queries, on both request paths (one memo of parsed queries).
+        self.aggregates = Aggregates(self.metrics)
 
     def log_exception(self, exception_info: Any) -> None:
         if isinstance(exception_info[1], ConfigError):  # a plain sentence says it all
@@ -204,29 +183,23 @@ def build_app(settings: Settings) -> TrioaggApp:
     _add_error_handlers(app)
     _time_and_authenticate_every_request(app)
     app.asgi_app = guard_connections(  # type: ignore[method-assign,assignment]
-        app.asgi_app, closing=lambda: app.stopping, send_timeout=settings.send_timeout
+        HotPath(app, app.asgi_app),
+        closing=lambda: app.stopping,
+        send_timeout=settings.send_timeout,
     )
     return app
 
 
 def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
     """Observe ``trioagg_request_seconds{endpoint, status}`` for every answer, errors too,
-    and check every request to an endpoint that needs a scope
-    (:data:`~trioagg.http.endpoints.SCOPES_BY_PATH`) before the view runs: while no key is
-    required, that its Host names this server (:mod:`trioagg.http.hosts`); then its key. A
-    refused request never reaches the body-reading, admission or store code (what
-    arrived of its body meanwhile is bounded by max_body, and the connection is closed
-    after the answer, see guard_connections).
-    CORS preflights (OPTIONS) carry no credentials by design and are never refused.
+    and let every request in through the app's :class:`~trioagg.http.gate.Gate` before the
+    view runs. A refused request never reaches the body-reading, admission or store code
+    (what arrived of its body meanwhile is bounded by max_body, and the connection is
+    closed after the answer, see guard_connections).
 
     One before_request hook does it all (the clock first, so a refusal is timed too):
     Quart awaits each hook through ``ensure_async``, which costs microseconds per hook
     on every request."""
-    scopes = dict(SCOPES_BY_PATH)
-    if app.settings.metrics_public:
-        del scopes["/metrics"]
-    authenticating = app.settings.auth != "off"
-    hosts = AllowedHosts.of(app.settings)
     timer = bound_children(app.metrics.request_seconds)
 
     async def start_clock_and_authenticate() -> None:
@@ -234,16 +207,18 @@ def _time_and_authenticate_every_request(app: TrioaggApp) -> None:
         current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
         current.started = time.perf_counter()
         rule = current.url_rule
-        if rule is None or rule.rule not in SCOPES_BY_PATH or current.method == "OPTIONS":
+        if rule is None:
             return
-        auth = app.service.auth
-        if not auth.required:
-            hosts.check(current.headers.get("Host"), current.scope.get("server"))
-        scope = scopes.get(rule.rule)
-        if authenticating and scope is not None:
-            key = await auth.check(
-                current.headers.get("Authorization"), scope, current.scope.get("server")
-            )
+        headers = current.headers
+        key = await app.gate.check(
+            app.service,
+            rule.rule,
+            current.method,
+            headers.get("Host"),
+            headers.get("Authorization"),
+            current.scope.get("server"),
+        )
+        if key is not None:
             g.trioagg_key = key
 
     app.before_request(start_clock_and_authenticate)
@@ -262,9 +237,9 @@ def _json(document: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(document), status, content_type="application/json")
 
 
-def _json_body(body: bytes) -> Response:
-    """A 200 answer whose JSON is already encoded."""
-    return Response(body, 200, content_type="application/json")
+def _json_body(body: bytes, status: int = 200) -> Response:
+    """An answer whose JSON is already encoded."""
+    return Response(body, status, content_type="application/json")
 
 
 def _json_pieces(pieces: Pieces) -> Response:
@@ -273,41 +248,20 @@ def _json_pieces(pieces: Pieces) -> Response:
     nor copied into one string; once all are sent, the memory they took is given back."""
     if len(pieces.chunks) == 1:
         return _json_body(pieces.chunks[0])
-    response = Response(_sent(pieces.chunks), 200, content_type="application/json")
+    response = Response(sent(pieces), 200, content_type="application/json")
     response.content_length = pieces.size
     return response
-
-
-async def _sent(chunks: list[bytes]) -> AsyncIterator[bytes]:
-    chunks.reverse()
-    while chunks:
-        yield chunks.pop()
-    await trio.to_thread.run_sync(give_back, False)
 
 
 def api_views(app: TrioaggApp) -> dict[str, View]:
     """The views of the API's endpoints, by name, over ``app``'s service."""
 
     async def post_events() -> Response:
-        settings = app.settings
-        body_form = body_format(request.headers)
-        durable = _wait_param(request.args.get("wait"))
-        stored = await accept_events(
-            app.service,
-            functools.partial(
-                read_body,
-                request,
-                body_form.encoding,
-                max_body=settings.max_body,
-                timeout=settings.body_timeout,
-            ),
-            ndjson=body_form.ndjson,
-            durable=durable,
-            tenant=current_tenant(),
+        """Served here only for CORS requests: see :mod:`trioagg.http.hotpath`."""
+        status, body = await events_view(
+            app, request.headers, request.args, request.content_length, request.body, current_key()
         )
-        if durable:
-            return _json({"accepted": stored.events, "duplicates": stored.duplicates})
-        return _json({"accepted": stored.events}, 202)
+        return _json_body(body, status)
 
     async def post_metrics() -> Response:
         """OTLP/HTTP metrics: see :func:`~trioagg.service.cases.accept_otlp`."""
@@ -317,7 +271,8 @@ def api_views(app: TrioaggApp) -> dict[str, View]:
             app.service,
             functools.partial(
                 read_body,
-                request,
+                request.content_length,
+                request.body,
                 content_encoding(request.headers),
                 max_body=settings.max_body,
                 timeout=settings.body_timeout,
@@ -327,17 +282,10 @@ def api_views(app: TrioaggApp) -> dict[str, View]:
         )
         return Response(body, 200, content_type=otlp.PROTOBUF if protobuf else otlp.JSON)
 
-    aggregates = Aggregates(app.metrics)
-
     async def get_aggregates() -> Response:
+        """Served here only for CORS requests: see :mod:`trioagg.http.hotpath`."""
         current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
-        found = await aggregates.answer(
-            app.service,
-            current.query_string,
-            current.args,
-            tenant=current_tenant(),
-            budget=app.budget,
-        )
+        found = await aggregates_view(app, current.query_string, current.args, current_key())
         if isinstance(found, bytes):
             return _json_body(found)
         return _json_pieces(found)
@@ -421,39 +369,24 @@ def route(app: TrioaggApp, views: dict[str, View]) -> None:
         raise RuntimeError(f"views of no endpoint: {', '.join(unrouted)}")
 
 
-def _wait_param(text: str | None) -> bool:
-    if text is None:
-        return True
-    try:
-        return parse_wait(text)
-    except ValueError as error:
-        raise RequestError(f"wait {error}") from None
-
-
 def _add_error_handlers(app: TrioaggApp) -> None:
+    def answer(error: Exception) -> Response:
+        status, headers, body = failure_answer(app.metrics, error, request.method, request.path)
+        return Response(body, status, headers=headers, content_type="application/json")
+
     @app.errorhandler(RequestError)
     async def request_error(error: RequestError) -> Response:
-        app.metrics.requests_rejected.labels(error.code).inc()
-        if isinstance(error, Unauthorized | Forbidden):
-            app.metrics.auth_refused.labels(error.reason).inc()
-        return Response(
-            error.body(), error.status, headers=error.headers(), content_type="application/json"
-        )
+        return answer(error)
 
     @app.errorhandler(StoreOutage)
     async def store_outage(error: StoreOutage) -> Response:
-        log.warning(
-            "%s %s: the store is unavailable: %s", request.method, request.path, error.__cause__
-        )
-        return await request_error(
-            StoreUnavailable(f"the store cannot answer now ({error.reason}); retry later")
-        )
+        return answer(error)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 413:
-            return await request_error(PayloadTooLarge(too_large_message(app.settings.max_body)))
+            return answer(PayloadTooLarge(too_large_message(app.settings.max_body)))
         code = (error.name or "error").lower().replace(" ", "_")
         app.metrics.requests_rejected.labels(code).inc()
         # Keep what the exception adds (Allow on a 405), not its HTML Content-Type.
@@ -467,10 +400,4 @@ def _add_error_handlers(app: TrioaggApp) -> None:
 
     @app.errorhandler(Exception)
     async def unexpected_error(error: Exception) -> Response:
-        log.exception("unexpected error answering %s %s", request.method, request.path)
-        app.metrics.requests_rejected.labels("internal_error").inc()
-        return Response(
-            error_body("internal_error", "an unexpected error; see the server log"),
-            500,
-            content_type="application/json",
-        )
+        return answer(error)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
-from quart import Request
 from werkzeug.datastructures import Headers
 from werkzeug.http import parse_options_header
 
@@ -95,28 +94,31 @@ def too_large_message(max_body: int) -> str:
 
 
 async def read_body(
-    request: Request,
+    content_length: int | None,
+    chunks: AsyncIterable[bytes],
     encoding: str,
     *,
     max_body: int,
     timeout: float,
     keep: Callable[[int], None],
 ) -> bytes:
-    """The whole body, inflated: :class:`PayloadTooLarge` when more than ``max_body``
+    """The whole body of ``chunks`` (which the request's ``Content-Length`` says is
+    ``content_length`` bytes, None when it says nothing), inflated:
+    :class:`PayloadTooLarge` when more than ``max_body``
     bytes arrive or inflate, :class:`RequestTimedOut` when it takes longer than
     ``timeout``, :class:`MalformedBody` when compressed data is corrupt.
 
     ``keep(size)`` is called before each piece of ``size`` bytes is added to the body
     (as it arrives, or as it is inflated), and may raise to refuse it: memory is
     accounted for as the client sends, never reserved ahead for what it might send."""
-    if request.content_length is not None and request.content_length > max_body:
+    if content_length is not None and content_length > max_body:
         raise PayloadTooLarge(too_large_message(max_body))
     wbits = _WBITS[encoding]
     inflater = None if wbits is None else zlib.decompressobj(wbits)
     received = 0
     body = bytearray()
     with trio.move_on_after(timeout) as deadline:
-        async for chunk in request.body:
+        async for chunk in chunks:
             received += len(chunk)
             if received > max_body:
                 raise PayloadTooLarge(too_large_message(max_body))
