@@ -253,106 +253,114 @@ def _json_pieces(pieces: Pieces) -> Response:
     return response
 
 
+async def post_events(app: TrioaggApp) -> Response:
+    """Served here only for CORS requests: see :mod:`trioagg.http.hotpath`."""
+    status, body = await events_view(
+        app, request.headers, request.args, request.content_length, request.body, current_key()
+    )
+    return _json_body(body, status)
+
+
+async def post_metrics(app: TrioaggApp) -> Response:
+    """OTLP/HTTP metrics: see :func:`~trioagg.service.cases.accept_otlp`."""
+    settings = app.settings
+    protobuf = otlp.media_type(request.headers)
+    body = await accept_otlp(
+        app.service,
+        functools.partial(
+            read_body,
+            request.content_length,
+            request.body,
+            content_encoding(request.headers),
+            max_body=settings.max_body,
+            timeout=settings.body_timeout,
+        ),
+        protobuf=protobuf,
+        tenant=current_tenant(),
+    )
+    return Response(body, 200, content_type=otlp.PROTOBUF if protobuf else otlp.JSON)
+
+
+async def get_aggregates(app: TrioaggApp) -> Response:
+    """Served here only for CORS requests: see :mod:`trioagg.http.hotpath`."""
+    current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
+    found = await aggregates_view(app, current.query_string, current.args, current_key())
+    if isinstance(found, bytes):
+        return _json_body(found)
+    return _json_pieces(found)
+
+
+async def get_keys(app: TrioaggApp) -> Response:
+    return _json_body(await answer_keys(app.service, request.args, tenant=current_tenant()))
+
+
+async def get_top(app: TrioaggApp) -> Response:
+    return _json_body(await answer_top(app.service, request.args, tenant=current_tenant()))
+
+
+async def get_status(app: TrioaggApp) -> Response:
+    tenant = current_tenant()
+    return _json_body(await answer_status(app.service, app.metrics, request.args, tenant=tenant))
+
+
+async def healthz(app: TrioaggApp) -> Response:
+    if app.crashed is not None:
+        return _json({"status": "failing", "reason": "the service crashed; exiting"}, 503)
+    if not app.service.writers.running:
+        return _json({"status": "failing", "reason": "the writers are not running"}, 503)
+    return _json({"status": "ok"})
+
+
+async def readyz(app: TrioaggApp) -> Response:
+    service = app.service
+    checks = {"store": "ok", "writer": "running", "queue": "ok"}
+    try:
+        await service.store.ping()
+    except StoreOutage as error:
+        log.warning("readiness: the store cannot be read: %s", error.__cause__)
+        checks["store"] = f"unreachable: {error.reason}"
+    except Exception as error:
+        log.warning("readiness: the store cannot be read: %s", error)
+        checks["store"] = "unreachable"
+    if service.writers.failing is not None:
+        checks["store"] = f"failing: {service.writers.failing}"
+    if not service.writers.running:
+        checks["writer"] = "stopped"
+    if service.writers.saturated():
+        checks["queue"] = f"saturated ({service.writers.queued()} requests waiting)"
+    ready = checks == {"store": "ok", "writer": "running", "queue": "ok"}
+    return _json(
+        {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+    )
+
+
+async def metrics(app: TrioaggApp) -> Response:
+    body = await app.metrics.rendered()
+    return Response(body, 200, content_type=METRICS_CONTENT_TYPE)
+
+
+async def openapi(app: TrioaggApp) -> Response:
+    return _json(openapi_document())
+
+
+#: The views of the API's endpoints, each over the app it is bound to by :func:`api_views`.
+API_VIEWS: tuple[Callable[[TrioaggApp], Awaitable[Response]], ...] = (
+    post_events,
+    post_metrics,
+    get_aggregates,
+    get_keys,
+    get_top,
+    get_status,
+    healthz,
+    readyz,
+    metrics,
+    openapi,
+)
+
+
 def api_views(app: TrioaggApp) -> dict[str, View]:
-    """The views of the API's endpoints, by name, over ``app``'s service."""
-
-    async def post_events() -> Response:
-        """Served here only for CORS requests: see :mod:`trioagg.http.hotpath`."""
-        status, body = await events_view(
-            app, request.headers, request.args, request.content_length, request.body, current_key()
-        )
-        return _json_body(body, status)
-
-    async def post_metrics() -> Response:
-        """OTLP/HTTP metrics: see :func:`~trioagg.service.cases.accept_otlp`."""
-        settings = app.settings
-        protobuf = otlp.media_type(request.headers)
-        body = await accept_otlp(
-            app.service,
-            functools.partial(
-                read_body,
-                request.content_length,
-                request.body,
-                content_encoding(request.headers),
-                max_body=settings.max_body,
-                timeout=settings.body_timeout,
-            ),
-            protobuf=protobuf,
-            tenant=current_tenant(),
-        )
-        return Response(body, 200, content_type=otlp.PROTOBUF if protobuf else otlp.JSON)
-
-    async def get_aggregates() -> Response:
-        """Served here only for CORS requests: see :mod:`trioagg.http.hotpath`."""
-        current: TimedRequest = request._get_current_object()  # type: ignore[attr-defined]
-        found = await aggregates_view(app, current.query_string, current.args, current_key())
-        if isinstance(found, bytes):
-            return _json_body(found)
-        return _json_pieces(found)
-
-    async def get_keys() -> Response:
-        return _json_body(await answer_keys(app.service, request.args, tenant=current_tenant()))
-
-    async def get_top() -> Response:
-        return _json_body(await answer_top(app.service, request.args, tenant=current_tenant()))
-
-    async def get_status() -> Response:
-        tenant = current_tenant()
-        return _json_body(
-            await answer_status(app.service, app.metrics, request.args, tenant=tenant)
-        )
-
-    async def healthz() -> Response:
-        if app.crashed is not None:
-            return _json({"status": "failing", "reason": "the service crashed; exiting"}, 503)
-        if not app.service.writers.running:
-            return _json({"status": "failing", "reason": "the writers are not running"}, 503)
-        return _json({"status": "ok"})
-
-    async def readyz() -> Response:
-        service = app.service
-        checks = {"store": "ok", "writer": "running", "queue": "ok"}
-        try:
-            await service.store.ping()
-        except StoreOutage as error:
-            log.warning("readiness: the store cannot be read: %s", error.__cause__)
-            checks["store"] = f"unreachable: {error.reason}"
-        except Exception as error:
-            log.warning("readiness: the store cannot be read: %s", error)
-            checks["store"] = "unreachable"
-        if service.writers.failing is not None:
-            checks["store"] = f"failing: {service.writers.failing}"
-        if not service.writers.running:
-            checks["writer"] = "stopped"
-        if service.writers.saturated():
-            checks["queue"] = f"saturated ({service.writers.queued()} requests waiting)"
-        ready = checks == {"store": "ok", "writer": "running", "queue": "ok"}
-        return _json(
-            {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
-        )
-
-    async def metrics() -> Response:
-        body = await app.metrics.rendered()
-        return Response(body, 200, content_type=METRICS_CONTENT_TYPE)
-
-    async def openapi() -> Response:
-        return _json(openapi_document())
-
-    return {
-        view.__name__: view
-        for view in (
-            post_events,
-            post_metrics,
-            get_aggregates,
-            get_keys,
-            get_top,
-            get_status,
-            healthz,
-            readyz,
-            metrics,
-            openapi,
-        )
-    }
+    """The views of the API's endpoints, by name, bound to ``app``."""
+    return {view.__name__: functools.partial(view, app) for view in API_VIEWS}
 
 
 def route(app: TrioaggApp, views: dict[str, View]) -> None:
