@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import StartServer, post
+from tests.conftest import SHARDED, StartServer, post
 from tests.test_auth import bearer, make_key
-from trioagg.query.readcache import ReadCache, entry_cost
+from trioagg.core.rollup import Rollup
+from trioagg.query.readcache import CachedAnswer, ReadCache, entry_cost
 
 
 class Clock:
@@ -102,6 +103,90 @@ def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
         keep_a("q-a", b"A", 1)
         keep_b("q-b", b"B", 1)
     assert (cache.get("q-a"), cache.get("q-b"), cache.get("q-a2")) == (None, b"B", b"A2")
+
+
+def _rollup(value: float) -> Rollup:
+    return Rollup(0, 1, value, value * value, value, value)
+
+
+def _answer(key: str, *hours: int, generation: int = 0) -> CachedAnswer:
+    """A cached answer over ``key`` read when the head of writer 0 was at
+    ``generation``, its table rows in ``hours``."""
+    stored = [(key, hour * HOUR, "{}", _rollup(1)) for hour in hours]
+    return CachedAnswer(stored, (generation,), (7,), b"answer")
+
+
+def _keep(cache: ReadCache, name: str, answer: CachedAnswer, keys: tuple[str, ...]) -> None:
+    with cache.reading(keys, 0, 24 * HOUR) as keep:
+        keep(name, answer, answer.size)
+
+
+def test_an_answer_takes_in_a_flush_of_its_keys_instead_of_being_dropped() -> None:
+    """What the flush wrote of the answer's keys joins its table rows (a reference per
+    key, merged at its next use, within its range); the answer it kept is no longer
+    its answer; the bytes it is counted for follow."""
+    cache, _ = _cache()
+    answer = _answer("a", 1, 2)
+    _keep(cache, "q-a", answer, ("a",))
+    flushed = {"a": {(2 * HOUR, "{}"): _rollup(5), (30 * HOUR, "{}"): _rollup(9)}}
+    cache.committed(_touched("a", hours=range(2, 31)), 0, 1, flushed)
+    assert cache.get("q-a") is answer and cache.holds("q-a", answer)
+    assert (answer.generations, answer.versions, answer.body) == ((1,), (), b"")
+    rows = answer.stored_now(0, 24 * HOUR)
+    assert [(bucket // HOUR, rollup.s1) for _, bucket, _, rollup in rows] == [
+        (1, 1),
+        (2, 1),
+        (2, 5),
+    ]
+    assert cache.bytes == entry_cost(("a",), answer.size)
+    assert answer.size == _answer("a", 1, 2).size - len(b"answer") + 2 * 250
+
+
+def test_an_answer_over_several_keys_takes_in_the_flush_of_each() -> None:
+    cache, _ = _cache()
+    answer = _answer("a", 1)
+    _keep(cache, "q-ab", answer, ("a", "b"))
+    flushed = {key: {(HOUR, "{}"): _rollup(value)} for key, value in (("a", 2), ("b", 3))}
+    cache.committed(_touched("a", "b"), 0, 1, flushed)
+    assert cache.get("q-ab") is answer
+    taken = sorted((key, rollup.s1) for key, _, _, rollup in answer.stored_now(0, 24 * HOUR))
+    assert taken == [("a", 1), ("a", 2), ("b", 3)]
+
+
+def test_a_flushed_row_of_another_tenant_is_not_taken() -> None:
+    answer = CachedAnswer([], (0,), (), tenant="acme")
+    answer.took_flush(
+        0,
+        1,
+        "a",
+        {
+            (0, '{"tenant":"acme"}'): _rollup(1),
+            (0, '{"tenant":"acme2"}'): _rollup(2),
+            (0, '{"x":"1","tenant":"acme"}'): _rollup(3),
+        },
+    )
+    assert sorted(rollup.s1 for *_, rollup in answer.stored_now(0, HOUR)) == [1, 3]
+
+
+def test_an_answer_that_cannot_take_a_flush_in_is_dropped() -> None:
+    """Kept: one read after the flush committed (its rows hold it already) and one the
+    flush did not touch. Dropped: one that missed a flush before (its rows cannot be
+    made whole), one whose value is not a CachedAnswer, and every one when the flush
+    cannot say what it wrote (rows set aside, tiers)."""
+    cache, _ = _cache()
+    after = _answer("a", 1, generation=2)
+    missed = _answer("a", 1, generation=0)
+    elsewhere = _answer("b", 1, generation=1)
+    _keep(cache, "q-after", after, ("a",))
+    _keep(cache, "q-missed", missed, ("a",))
+    _keep(cache, "q-b", elsewhere, ("b",))
+    _fill(cache, "q-bytes", ("a",), b"A")
+    cache.committed(_touched("a"), 0, 2, {"a": {(HOUR, "{}"): _rollup(1)}})
+    assert cache.get("q-after") is after and after.flushed == [] and after.body == b"answer"
+    assert cache.get("q-b") is elsewhere
+    assert cache.get("q-missed") is None and cache.get("q-bytes") is None
+    cache.committed(_touched("a", "b"), 0, 3, None)
+    assert len(cache) == 0 and cache.bytes == 0
 
 
 @pytest.mark.parametrize(
@@ -203,8 +288,9 @@ DAY = {"from": "2026-11-24T00:00:00Z", "to": "2026-11-25T00:00:00Z", "granularit
 async def test_a_read_after_a_200_sees_that_write(
     start_server: StartServer, flush_window: str
 ) -> None:
-    """Flushed at once, or still in the head (whose rollups the cached rows are merged
-    with anew): the same counts, and only the first read is read from the store."""
+    """Flushed at once (the cached answer takes each flush in) or still in the head (whose
+    rollups the cached rows are merged with anew): the same counts, and only the first
+    read is read from the store."""
     server = await start_server(flush_window=flush_window)
     counts = []
     for value in (1, 2, 3):
@@ -218,9 +304,8 @@ async def test_a_read_after_a_200_sees_that_write(
             counts.append(series["buckets"][0]["count"])
     assert counts == [1, 1, 2, 2, 3, 3]
     metrics = server.app.metrics.registry
-    hits, misses = (3, 3) if flush_window == "0" else (5, 1)
-    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == hits
-    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == misses
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 5
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 1
 
 
 async def test_a_write_after_a_multi_key_read_of_its_keys_is_stored(
@@ -255,9 +340,10 @@ async def test_a_flush_of_todays_events_keeps_the_answer_over_yesterday(
     await server.app.service.writers.flushed()
     assert [await count(DAY), await count(today)] == [1, 1]
     metrics = server.app.metrics.registry
-    # yesterday's answer served from the cache before and after the flush; today's re-read
-    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 2
-    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 3
+    # yesterday's answer served from the cache before and after the flush, untouched;
+    # today's took the flush in
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 3
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 2
 
 
 @pytest.mark.parametrize("flush_window", ["30ms", "10m"])
@@ -297,6 +383,107 @@ async def test_reads_under_concurrent_writes_never_miss_an_acknowledged_write(
     assert problems == []
     final = await server.client.get("/v1/aggregates", params={"key": "hot", **DAY})
     assert final.json()["results"][0]["buckets"][0]["count"] == 80
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", SHARDED], indirect=True)
+async def test_reads_of_several_keys_under_flushes_never_miss_an_acknowledged_write(
+    start_server: StartServer,
+) -> None:
+    """As above, with answers over two keys whose hours two writers own (with two
+    shards), flushed every few batches: the answers that take flushes in count each
+    acknowledged event once, whatever each key's flushes and reads interleave."""
+    server = await start_server(flush_window="20ms")
+    keys = ("m1", "m2")
+    acknowledged = dict.fromkeys(keys, 0)
+    sent = dict.fromkeys(keys, 0)
+    problems: list[str] = []
+
+    async def write() -> None:
+        for round_ in range(30):
+            key = keys[round_ % 2]
+            events = [{"key": key, "ts": f"2026-11-24T{hour:02d}:10:00Z"} for hour in (3, 4)]
+            sent[key] += 2
+            assert (await post(server.client, events)).status_code == 200
+            acknowledged[key] += 2
+            await trio.sleep(0.005 * (round_ % 4))
+
+    async def read() -> None:
+        params: list[tuple[str, Any]] = [("key", "m1"), ("key", "m2"), *DAY.items()]
+        for _ in range(40):
+            floor = dict(acknowledged)
+            response = await server.client.get("/v1/aggregates", params=params)
+            for series in response.json()["results"]:
+                key, buckets = series["key"], series["buckets"]
+                count = buckets[0]["count"] if buckets else 0
+                if not floor[key] <= count <= sent[key]:
+                    problems.append(f"{key}: {count} after {floor[key]} acknowledged")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        for _ in range(3):
+            nursery.start_soon(read)
+    assert problems == []
+    params: list[tuple[str, Any]] = [("key", "m1"), ("key", "m2"), *DAY.items()]
+    final = (await server.client.get("/v1/aggregates", params=params)).json()["results"]
+    assert [series["buckets"][0]["count"] for series in final] == [30, 30]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", SHARDED, "postgres"], indirect=True)
+async def test_hot_reads_stay_hits_and_exact_while_batches_are_flushed(
+    start_server: StartServer,
+) -> None:
+    """Every batch flushed at once, over hours that two writers own (with two shards):
+    each read after a 200 counts exactly what was acknowledged, and after the first
+    read every one is a hit (the answer takes each flush in)."""
+    server = await start_server(flush_window="0")
+    hours = [f"2026-11-24T{hour:02d}:30:00Z" for hour in (3, 4, 10)]
+    expected_sum = 0
+    for round_ in range(1, 7):
+        events = [{"key": "hot", "ts": ts, "value": round_} for ts in hours]
+        assert (await post(server.client, events)).status_code == 200
+        await server.app.service.writers.flushed()
+        expected_sum += round_ * len(hours)
+        for _ in range(2):
+            answer = await server.client.get(
+                "/v1/aggregates", params={"key": "hot", "stats": "count,sum,max", **DAY}
+            )
+            (bucket,) = answer.json()["results"][0]["buckets"]
+            assert (bucket["count"], bucket["sum"], bucket["max"]) == (
+                round_ * len(hours),
+                expected_sum,
+                round_,
+            )
+    metrics = server.app.metrics.registry
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 1
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 11
+
+
+async def test_each_tenant_takes_in_only_its_own_flushed_rows(start_server: StartServer) -> None:
+    server = await start_server(auth="on", flush_window="0")
+    secrets = {
+        name: await trio.to_thread.run_sync(
+            partial(make_key, server.db, name, "ingest", "read", tenant=name)
+        )
+        for name in ("acme", "globex")
+    }
+    sums: dict[str, list[float]] = {"acme": [], "globex": []}
+    for _ in range(3):
+        for name, value in (("acme", 1), ("globex", 10)):
+            event = {"key": "shared", "ts": "2026-11-24T10:00:00Z", "value": value}
+            headers = bearer(secrets[name])
+            response = await server.client.post("/v1/events", json=event, headers=headers)
+            assert response.status_code == 200, response.text
+        await server.app.service.writers.flushed()
+        for name in sums:
+            response = await server.client.get(
+                "/v1/aggregates",
+                params={"key": "shared", "stats": "sum", **DAY},
+                headers=bearer(secrets[name]),
+            )
+            sums[name].append(response.json()["results"][0]["buckets"][0]["sum"])
+    assert sums == {"acme": [1, 2, 3], "globex": [10, 20, 30]}
+    metrics = server.app.metrics.registry
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 4
 
 
 @pytest.mark.parametrize("ttl", ["0"])

@@ -137,7 +137,7 @@ async def test_a_failing_follow_up_of_a_commit_leaves_the_writer_running(
     store = await open_store(Settings.from_text({"db": db}))
     told: list[set[str]] = []
 
-    def committed(touched: Any, shard: int, generation: int) -> None:
+    def committed(touched: Any, shard: int, generation: int, flushed: Any) -> None:
         told.append(set(touched))
         raise RuntimeError("a bug after the commit")
 

@@ -55,15 +55,25 @@ import trio
 
 from ..core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
 from ..core.events import TS, Point
+from ..core.rollup import Rollup
 from ..service.metrics import Metrics
 from ..store import Store
 
 log = logging.getLogger("trioagg.writer")
 
 #: Told the keys a flush wrote, each with its first and last bucket (gathered in its
-#: thread), the writer's number and its head's generation then, e.g. to invalidate
-#: cached reads.
-Committed = Callable[[Mapping[str, tuple[int, int]], int, int], None]
+#: thread), the writer's number, its head's generation then and, when the table holds
+#: them all, the rollups it wrote by key (:attr:`~trioagg.store.plan.Plan.flushed`): to
+#: keep cached reads current.
+Committed = Callable[
+    [
+        Mapping[str, tuple[int, int]],
+        int,
+        int,
+        Mapping[str, Mapping[tuple[int, str], Rollup]] | None,
+    ],
+    None,
+]
 
 #: A writer flushes its head once no batch came for this part of the flush window.
 IDLE_PART = 1 / 20
@@ -327,7 +337,7 @@ class Writer:
         if plan is not None:
             if self.committed is not None:
                 with self._following_up("telling the read cache"):
-                    self.committed(plan.touched, self.shard, self.head.generation)
+                    self.committed(plan.touched, self.shard, self.head.generation, plan.flushed)
             with self._following_up("counting the flush"):
                 self.metrics.rows_upserted.inc(plan.rows - len(plan.refused))
                 self.metrics.rollups_refused.inc(len(plan.refused))

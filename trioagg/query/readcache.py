@@ -9,13 +9,17 @@ heads' (:meth:`~trioagg.store.Store.overlay`): a read after an acknowledged
 write sees it, while the cache changes only when a flush writes the table.
 What keeps it exact:
 
-* **Invalidation by key and range**: after each flush the writer calls
+* **Kept current by key and range**: after each flush the writer calls
   :meth:`ReadCache.committed` with the first and last bucket each key it
-  wrote fell in (gathered in the flush's thread, not on the event loop), and
-  every cached answer over one of those keys whose range meets that span is
-  dropped: an answer over yesterday survives flushes of today's events. An
-  entry read before a flush this process made is never used after it (its
-  heads' generations differ), dropped or not.
+  wrote fell in (gathered in the flush's thread, not on the event loop) and
+  the rollups it wrote, by key. A cached answer over one of those keys whose
+  range meets that span takes them in (:meth:`CachedAnswer.took_flush`: a
+  reference per key, merged into its kept rows at its next use), so that hot
+  reads stay hits while batches stream in; one that cannot (its value is not
+  a :class:`CachedAnswer`, the flush set rows aside, it missed a flush) is
+  dropped. An answer over yesterday is left alone by flushes of today's
+  events. An entry read before a flush this process made is never used after
+  it unless it took that flush (its heads' generations say which).
 * **No stale insert**: an answer is cached only if no flush touched one of
   its keys while it was being read (:meth:`ReadCache.reading`), so a read that
   raced a flush is answered but not kept.
@@ -33,14 +37,19 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from ..core.rollup import Rollup
 from ..store import Row
-from ..store.head import SKETCH_BYTES
+from ..store.head import SKETCH_BYTES, tags_hold_tenant
 from .aggregates import Query
+
+#: A flushed head's rollups of one key, by (bucket, tags), as the flush left them (no
+#: one changes them after it).
+KeyRollups = Mapping[tuple[int, str], Rollup]
 
 #: What an entry costs besides its answer's bytes and its key names (the entry, the rest
 #: of its cache key).
@@ -86,13 +95,52 @@ class CachedAnswer:
     generations: tuple[int, ...]
     versions: tuple[int, ...]
     body: bytes = b""
+    #: The tenant whose rows it holds (None: every tenant's).
+    tenant: str | None = None
+    #: What flushes of this process wrote of its keys since it was read, not yet in
+    #: :attr:`stored` (see :meth:`took_flush` and :meth:`stored_now`).
+    flushed: list[tuple[str, KeyRollups]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         sketches = sum(
             (r.quantiles is not None) + (r.distinct is not None) for _, _, _, r in self.stored
         )
-        return len(self.body) + ROW_OVERHEAD * len(self.stored) + SKETCH_BYTES * sketches
+        # What it takes in of a flush is a key's whole dictionary (all its buckets that
+        # the flush wrote, in its range or not): counted whole.
+        for _, rollups in self.flushed:
+            sketches += sum(
+                (r.quantiles is not None) + (r.distinct is not None) for r in rollups.values()
+            )
+        pending = sum(len(rollups) for _, rollups in self.flushed)
+        rows = len(self.stored) + pending
+        return len(self.body) + ROW_OVERHEAD * rows + SKETCH_BYTES * sketches
+
+    def took_flush(self, shard: int, generation: int, key: str, rollups: KeyRollups) -> None:
+        """Writer ``shard``'s flush, its head now at ``generation``, wrote ``rollups`` of
+        ``key`` to the table: the table now holds what :attr:`stored` holds plus them.
+        The answer kept is no longer its answer (the next use makes it again)."""
+        self.flushed.append((key, rollups))
+        self.generations = (
+            *self.generations[:shard],
+            generation,
+            *self.generations[shard + 1 :],
+        )
+        self.versions = ()  # equal to no key's versions: the overlay is merged again
+        self.body = b""
+
+    def stored_now(self, start: int, end: int) -> list[Row]:
+        """The table's rows of the answer's keys in buckets ``[start, end)``, as this
+        process wrote them: what was read, and what flushes wrote since."""
+        rows = list(self.stored)
+        tenant = self.tenant
+        for key, rollups in self.flushed:
+            rows.extend(
+                (key, bucket, tags, rollup)
+                for (bucket, tags), rollup in rollups.items()
+                if start <= bucket < end and (tenant is None or tags_hold_tenant(tags, tenant))
+            )
+        return rows
 
 
 @dataclass(slots=True)
@@ -159,6 +207,11 @@ class ReadCache:
         self.hits += 1
         return entry.value
 
+    def holds(self, key: Hashable, value: Any) -> bool:
+        """Whether the entry of ``key`` is ``value`` (not dropped or replaced since)."""
+        entry = self._answers.get(key)
+        return entry is not None and entry.value is value
+
     def refresh(self, key: Hashable, value: Any, size: int) -> None:
         """Replace an entry's answer (of ``size`` bytes), keeping its age: its rows are
         as old as they were."""
@@ -209,16 +262,22 @@ class ReadCache:
         )
 
     def committed(
-        self, touched: Mapping[str, tuple[int, int]], shard: int = 0, generation: int = 0
+        self,
+        touched: Mapping[str, tuple[int, int]],
+        shard: int = 0,
+        generation: int = 0,
+        flushed: Mapping[str, KeyRollups] | None = None,
     ) -> None:
         """Writer ``shard``'s flush (its head now at ``generation``) wrote rows of the keys
-        of ``touched``, each from its first to its last bucket: drop every answer over one
-        of them whose range meets that span, and count a touch on each of them being
-        read. (Key sets intersected: it costs the smaller side, not the flush's rows.)"""
+        of ``touched``, each from its first to its last bucket, and ``flushed`` holds them
+        by key (None: it set some aside, or the caller cannot tell): every answer over one
+        of those keys whose range meets that span takes them in, or is dropped (see the
+        module), and a touch is counted on each of them being read. (Key sets
+        intersected: it costs the smaller side, not the flush's rows.)"""
         for key in touched.keys() & self._reading.keys():
             self._reading[key][1] += 1
         try:
-            self._invalidate(touched)
+            self._follow(touched, shard, generation, flushed)
         except BaseException:
             # Whatever went wrong, an answer that should have gone may still be here: only
             # an empty cache is sure to serve nothing stale.
@@ -226,18 +285,45 @@ class ReadCache:
             raise
         self._told[shard] = generation
 
-    def _invalidate(self, touched: Mapping[str, tuple[int, int]]) -> None:
+    def _follow(
+        self,
+        touched: Mapping[str, tuple[int, int]],
+        shard: int,
+        generation: int,
+        flushed: Mapping[str, KeyRollups] | None,
+    ) -> None:
         expired = self.clock() - self.ttl
+        taking: set[Hashable] = set()  # answers taking this flush in (for each of its keys)
         for key in touched.keys() & self._by_key.keys():
             first, last = touched[key]
             # Dropping an answer over several keys may drop a later key's last answer
             # (and its entry in _by_key) before the loop reaches it.
             for cached in list(self._by_key.get(key, ())):
-                entry = self._answers[cached]
+                entry = self._answers.get(cached)
+                if entry is None:
+                    continue
                 # Expired answers go too: those over past ranges outlive the commits,
                 # and this walk must stay as short as the ttl keeps them.
-                if (first < entry.end and last >= entry.start) or entry.stored_at <= expired:
+                if entry.stored_at <= expired:
                     self._drop(cached)
+                    continue
+                if not (first < entry.end and last >= entry.start):
+                    continue
+                answer = entry.value
+                rollups = None if flushed is None else flushed.get(key)
+                if not isinstance(answer, CachedAnswer) or rollups is None:
+                    self._drop(cached)
+                elif cached in taking or answer.generations[shard] == generation - 1:
+                    answer.took_flush(shard, generation, key, rollups)
+                    cost = entry_cost(entry.keys, answer.size)
+                    self.bytes += cost - entry.cost
+                    entry.cost = cost
+                    taking.add(cached)
+                elif answer.generations[shard] != generation:
+                    self._drop(cached)  # it missed a flush: its rows cannot be made whole
+                # else read after this flush committed: its rows hold it already
+        if taking:
+            self._bound()
 
     def clear(self) -> None:
         """Drop every answer (reads under way still count their touches)."""
@@ -254,6 +340,9 @@ class ReadCache:
         self.bytes += entry.cost
         for name in entry.keys:
             self._by_key.setdefault(name, set()).add(key)
+        self._bound()
+
+    def _bound(self) -> None:
         while len(self._answers) > self.entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._answers)))
 

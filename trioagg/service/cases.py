@@ -242,7 +242,7 @@ async def _read_and_answer(
             cached = None
             if keep and len(parts.stored) <= INLINE_WORK:  # answer() merges rows
                 stored = [copy_row(row, query.needs_sketches) for row in parts.stored]
-                cached = CachedAnswer(stored, parts.generations, parts.versions)
+                cached = CachedAnswer(stored, parts.generations, parts.versions, tenant=tenant)
             # One list, which answer() empties: no other holds the rows read once it
             # has merged them, so give_back() below can return their memory.
             rows = parts.stored
@@ -267,27 +267,40 @@ async def _answer_again(
     tenant: str | None,
 ) -> bytes | None:
     """The answer of a cached read as the store stands now, None when its kept rows
-    are stale (this process flushed since): the answer kept if the heads hold its
-    keys as they did, else the kept rows merged with what the heads hold now."""
+    are stale (this process flushed since, and the entry did not take that flush in):
+    the answer kept if the heads hold its keys as they did, else the kept rows (with
+    what flushes wrote since, :meth:`~trioagg.query.readcache.CachedAnswer.stored_now`)
+    merged with what the heads hold now."""
     store, cache = service.store, service.read_cache
-    if not cache.current(cached.generations, store.generations()):
+    read_at = cached.generations
+    if not cache.current(read_at, store.generations()):
         return None
     if store.versions(query.keys) == cached.versions:
         return cached.body
+    stored = cached.stored_now(query.start, query.end) if cached.flushed else cached.stored
+    if len(stored) > INLINE_WORK:
+        return None  # flushes grew it past what a cached read merges on the loop
     found = await store.overlay(
         query.keys, query.start, query.end, sketches=query.needs_sketches, tenant=tenant
     )
     if found is None:
         return None
     overlay, generations, versions = found
-    if not cache.current(cached.generations, generations):
+
+    def unflushed() -> bool:
+        # Whether no flush of its keys committed since ``stored`` was taken: one that did
+        # dropped the entry or made it take the flush in (its generations moved on).
+        return cached.generations == read_at and cache.holds(key, cached)
+
+    if not cache.current(read_at, generations) or not unflushed():
         return None
-    rows = [*(copy_row(row, query.needs_sketches) for row in cached.stored), *overlay]
+    rows = [*(copy_row(row, query.needs_sketches) for row in stored), *overlay]
     body = (
         await build(service, work(query, rows), functools.partial(answer, query, rows, budget))
     ).joined()
-    fresh = CachedAnswer(cached.stored, generations, versions, body)
-    cache.refresh(key, fresh, fresh.size)
+    if unflushed():  # else the answer is right as of the overlay, but no longer kept
+        fresh = CachedAnswer(stored, generations, versions, body, tenant)
+        cache.refresh(key, fresh, fresh.size)
     return body
 
 

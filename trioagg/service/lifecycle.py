@@ -78,6 +78,7 @@ class Service:
         unstored, and close the store once no thread uses it. A writer that crashes
         cancels the body and the exception comes out of the ``async with``."""
         store = await open_store(settings)
+        read_cache: ReadCache | None = None
         try:
             read_cache = ReadCache(
                 entries=settings.read_cache_entries,
@@ -136,6 +137,8 @@ class Service:
                 with trio.CancelScope(shield=True):
                     await service._drain()
         finally:
+            if read_cache is not None:
+                read_cache.clear()  # what its answers hold (flushed rollups too) goes now
             with trio.CancelScope(shield=True):
                 await store.aclose()
 

@@ -553,6 +553,7 @@ def flush_head(
             # Maybe committed: reads stay "committing" (and wait) until it is known.
             head.uncertain = True
             raise
+        flushed = head.by_key
         with head.lock:
             head.flushed()
     except BaseException as failure:
@@ -565,6 +566,8 @@ def flush_head(
             head.stale = True
         raise
     series_seen.remember(plan.spans)
+    if policy.tiers is None and not plan.refused:
+        plan.flushed = flushed
     return plan
 
 

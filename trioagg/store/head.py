@@ -145,6 +145,12 @@ class Head:
         return len(self.rollups)
 
     @property
+    def by_key(self) -> dict[str, dict[tuple[int, str], Rollup]]:
+        """The rollups by key, then by (bucket, tags). :meth:`flushed` makes new ones and
+        leaves these as they were: after a flush, no one changes them."""
+        return self._by_key
+
+    @property
     def size(self) -> int:
         """About how many bytes the head holds (see :data:`ROW_BYTES`)."""
         return len(self.rollups) * ROW_BYTES + self.sketches * SKETCH_BYTES

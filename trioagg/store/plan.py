@@ -17,7 +17,7 @@ flushed touches (for the read cache).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,10 @@ class Plan:
     touched: dict[str, tuple[int, int]]
     #: Rows the rollups table refused, set aside (see base._write_rows_apart).
     refused: list[UpsertRow] = field(default_factory=list)
+    #: The flushed head's rollups by key, then by (bucket, tags), when the table now
+    #: holds every one of them (no tiers, none refused): the read cache keeps its answers
+    #: over them current instead of dropping them. None otherwise.
+    flushed: Mapping[str, Mapping[tuple[int, str], Rollup]] | None = None
 
     @property
     def rows(self) -> int:
