@@ -14,6 +14,8 @@ from tests.conftest import SHARDED, StartServer, post
 from tests.test_auth import bearer, make_key
 from trioagg.core.rollup import Rollup
 from trioagg.query.readcache import CachedAnswer, ReadCache, entry_cost
+from trioagg.store.head import key_sizes
+from trioagg.store.plan import Flushed
 
 
 class Clock:
@@ -52,9 +54,9 @@ def test_answers_are_kept_until_a_commit_touches_their_keys() -> None:
     _fill(cache, "q-ab", ("a", "b"), b"AB")
     _fill(cache, "q-c", ("c",), b"C")
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", b"AB", b"C")
-    cache.committed(_touched("b", "x"))
+    cache.committed(_touched("b", "x"), 0, 1)
     assert (cache.get("q-a"), cache.get("q-ab"), cache.get("q-c")) == (b"A", None, b"C")
-    cache.committed(_touched("x", "a"))
+    cache.committed(_touched("x", "a"), 0, 2)
     assert (cache.get("q-a"), cache.get("q-c")) == (None, b"C")
     assert len(cache) == 1 and cache.bytes == entry_cost(("c",), 1)
 
@@ -66,7 +68,7 @@ def test_a_commit_of_every_key_of_a_multi_key_answer_drops_it() -> None:
     _fill(cache, "q-ab", ("a", "b"), b"AB")
     _fill(cache, "q-abc", ("a", "b", "c"), b"ABC")
     _fill(cache, "q-c", ("c",), b"C")
-    cache.committed(_touched("a", "b"))
+    cache.committed(_touched("a", "b"), 0, 1)
     assert (cache.get("q-ab"), cache.get("q-abc"), cache.get("q-c")) == (None, None, b"C")
     assert cache._by_key == {"c": {"q-c"}}
     assert cache.bytes == entry_cost(("c",), 1)
@@ -88,7 +90,7 @@ def test_an_invalidation_that_fails_leaves_the_cache_empty() -> None:
 
     cache.clock = failing_clock
     with pytest.raises(Broken):
-        cache.committed(_touched("a"))
+        cache.committed(_touched("a"), 0, 1)
     cache.clock = clock
     assert (len(cache), cache.bytes, cache._by_key) == (0, 0, {})
     assert cache.get("q-b") is None
@@ -97,7 +99,7 @@ def test_an_invalidation_that_fails_leaves_the_cache_empty() -> None:
 def test_a_read_that_raced_a_commit_of_its_keys_is_not_kept() -> None:
     cache, _ = _cache()
     with cache.reading(("a",), 0, HOUR) as keep_a, cache.reading(("b",), 0, HOUR) as keep_b:
-        cache.committed(_touched("a", hours=range(5, 6)))  # while both reads were under way
+        cache.committed(_touched("a", hours=range(5, 6)), 0, 1)  # while both reads were under way
         with cache.reading(("a",), 0, HOUR) as keep_later:  # began after that commit
             keep_later("q-a2", b"A2", 2)
         keep_a("q-a", b"A", 1)
@@ -116,6 +118,11 @@ def _answer(key: str, *hours: int, generation: int = 0) -> CachedAnswer:
     return CachedAnswer(stored, (generation,), (7,), b"answer")
 
 
+def _flushed(**rows: dict[tuple[int, str], Rollup]) -> Flushed:
+    """What a flush wrote: ``rows`` of each key."""
+    return Flushed(rows, key_sizes(rows))
+
+
 def _keep(cache: ReadCache, name: str, answer: CachedAnswer, keys: tuple[str, ...]) -> None:
     with cache.reading(keys, 0, 24 * HOUR) as keep:
         keep(name, answer, answer.size)
@@ -128,7 +135,7 @@ def test_an_answer_takes_in_a_flush_of_its_keys_instead_of_being_dropped() -> No
     cache, _ = _cache()
     answer = _answer("a", 1, 2)
     _keep(cache, "q-a", answer, ("a",))
-    flushed = {"a": {(2 * HOUR, "{}"): _rollup(5), (30 * HOUR, "{}"): _rollup(9)}}
+    flushed = _flushed(a={(2 * HOUR, "{}"): _rollup(5), (30 * HOUR, "{}"): _rollup(9)})
     cache.committed(_touched("a", hours=range(2, 31)), 0, 1, flushed)
     assert cache.get("q-a") is answer and cache.holds("q-a", answer)
     assert (answer.generations, answer.versions, answer.body) == ((1,), (), b"")
@@ -139,14 +146,14 @@ def test_an_answer_takes_in_a_flush_of_its_keys_instead_of_being_dropped() -> No
         (2, 5),
     ]
     assert cache.bytes == entry_cost(("a",), answer.size)
-    assert answer.size == _answer("a", 1, 2).size - len(b"answer") + 2 * 250
+    assert answer.size == _answer("a", 1, 2).size - len(b"answer") + flushed.sizes["a"]
 
 
 def test_an_answer_over_several_keys_takes_in_the_flush_of_each() -> None:
     cache, _ = _cache()
     answer = _answer("a", 1)
     _keep(cache, "q-ab", answer, ("a", "b"))
-    flushed = {key: {(HOUR, "{}"): _rollup(value)} for key, value in (("a", 2), ("b", 3))}
+    flushed = _flushed(a={(HOUR, "{}"): _rollup(2)}, b={(HOUR, "{}"): _rollup(3)})
     cache.committed(_touched("a", "b"), 0, 1, flushed)
     assert cache.get("q-ab") is answer
     taken = sorted((key, rollup.s1) for key, _, _, rollup in answer.stored_now(0, 24 * HOUR))
@@ -164,6 +171,7 @@ def test_a_flushed_row_of_another_tenant_is_not_taken() -> None:
             (0, '{"tenant":"acme2"}'): _rollup(2),
             (0, '{"x":"1","tenant":"acme"}'): _rollup(3),
         },
+        3 * 400,
     )
     assert sorted(rollup.s1 for *_, rollup in answer.stored_now(0, HOUR)) == [1, 3]
 
@@ -174,6 +182,7 @@ def test_an_answer_that_cannot_take_a_flush_in_is_dropped() -> None:
     made whole), one whose value is not a CachedAnswer, and every one when the flush
     cannot say what it wrote (rows set aside, tiers)."""
     cache, _ = _cache()
+    cache.committed(_touched("x"), 0, 1, _flushed(x={(HOUR, "{}"): _rollup(1)}))
     after = _answer("a", 1, generation=2)
     missed = _answer("a", 1, generation=0)
     elsewhere = _answer("b", 1, generation=1)
@@ -181,12 +190,39 @@ def test_an_answer_that_cannot_take_a_flush_in_is_dropped() -> None:
     _keep(cache, "q-missed", missed, ("a",))
     _keep(cache, "q-b", elsewhere, ("b",))
     _fill(cache, "q-bytes", ("a",), b"A")
-    cache.committed(_touched("a"), 0, 2, {"a": {(HOUR, "{}"): _rollup(1)}})
+    cache.committed(_touched("a"), 0, 2, _flushed(a={(HOUR, "{}"): _rollup(1)}))
     assert cache.get("q-after") is after and after.flushed == [] and after.body == b"answer"
     assert cache.get("q-b") is elsewhere
     assert cache.get("q-missed") is None and cache.get("q-bytes") is None
     cache.committed(_touched("a", "b"), 0, 3, None)
     assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_a_generation_the_cache_was_not_told_of_empties_it() -> None:
+    """Found by review: a flush whose COMMIT was uncertain and did commit, or a head
+    rebuilt from its journal, moves the head's generation on without telling the cache.
+    The next flush told (of other keys) must not make an answer read before the untold
+    one current: it lacks the rows that one wrote, and the head no longer holds them."""
+    cache, _ = _cache()
+    stale = _answer("a", 1, generation=0)
+    _keep(cache, "q-a", stale, ("a",))
+    assert not cache.current(stale.generations, (1,))  # generation 1: never told
+    cache.committed(_touched("b"), 0, 2, _flushed(b={(HOUR, "{}"): _rollup(1)}))
+    assert cache.get("q-a") is None and len(cache) == 0
+
+
+def test_taking_a_flush_in_never_makes_an_entry_bigger_than_an_eighth() -> None:
+    """Found by review: an entry that took flushes in was kept past the eighth of the
+    bytes one answer may hold, and pushed the other answers out."""
+    cache, _ = _cache(entries=100, max_bytes=200_000)
+    for i in range(5):
+        _keep(cache, f"q-{i}", _answer(f"k{i}", 1), (f"k{i}",))
+    _keep(cache, "q-a", _answer("a", 1), ("a",))
+    rows = {(HOUR, f'{{"n":"{n}"}}'): _rollup(1) for n in range(100)}  # 40 KB as sized
+    cache.committed(_touched("a"), 0, 1, _flushed(a=rows))
+    assert cache.get("q-a") is None
+    assert all(cache.get(f"q-{i}") is not None for i in range(5))
+    assert cache.bytes == sum(entry_cost((f"k{i}",), _answer(f"k{i}", 1).size) for i in range(5))
 
 
 @pytest.mark.parametrize(
@@ -208,7 +244,7 @@ def test_a_commit_drops_the_answers_whose_range_meets_its_buckets(
     to the last of ``committed``: an answer over yesterday survives today's events."""
     cache, _ = _cache()
     _fill(cache, "q-a", ("a", "b"), b"A", hours=range(1, 4))
-    cache.committed(_touched("a", hours=committed))
+    cache.committed(_touched("a", hours=committed), 0, 1)
     assert (cache.get("q-a") is None) is dropped
     assert (len(cache), bool(cache._by_key)) == (0, False) if dropped else (1, True)
 
@@ -221,7 +257,7 @@ def test_a_commit_drops_the_expired_answers_of_its_keys_whatever_their_range() -
     clock.now = 1.0
     _fill(cache, "young", ("a",), b"A", hours=range(0, 1))
     clock.now = 2.5
-    cache.committed(_touched("a", hours=range(10, 11)))
+    cache.committed(_touched("a", hours=range(10, 11)), 0, 1)
     assert (len(cache), cache.get("young")) == (1, b"A")
 
 
@@ -251,7 +287,7 @@ def test_entries_and_bytes_are_bounded_least_recently_used_first() -> None:
     _fill(sized, "big", ("big",), b"y" * per_entry)
     assert sized.get("big") is None
     # invalidation leaves no trace in the index
-    sized.committed(_touched(*(f"{n:02d}" for n in range(12))))
+    sized.committed(_touched(*(f"{n:02d}" for n in range(12))), 0, 1)
     assert len(sized) == 0 and sized.bytes == 0 and not sized._by_key
 
 

@@ -160,6 +160,9 @@ class HotPath:
         self._app = app
         self._quart = quart
         self._cors = bool(app.settings.cors_origin)
+        # quart-cors says Vary: Origin on every answer, with Origin or without: so that
+        # no shared cache serves an answer without CORS headers to a page.
+        self._vary: list[tuple[bytes, bytes]] = [(b"vary", b"Origin")] if self._cors else []
         self._timer = bound_children(app.metrics.request_seconds)
 
     async def __call__(
@@ -195,6 +198,7 @@ class HotPath:
             *((k.lower().encode("latin1"), v.encode("latin1")) for k, v in extra.items()),
             _JSON,
             (b"content-length", str(size).encode()),
+            *self._vary,
         ]
         await send({"type": "http.response.start", "status": status, "headers": start_headers})
         if isinstance(body, bytes):

@@ -55,9 +55,9 @@ import trio
 
 from ..core.errors import CommitFailed, Overloaded, StoreOutage, StoreUnavailable, Unstorable
 from ..core.events import TS, Point
-from ..core.rollup import Rollup
 from ..service.metrics import Metrics
 from ..store import Store
+from ..store.plan import Flushed
 
 log = logging.getLogger("trioagg.writer")
 
@@ -65,15 +65,7 @@ log = logging.getLogger("trioagg.writer")
 #: thread), the writer's number, its head's generation then and, when the table holds
 #: them all, the rollups it wrote by key (:attr:`~trioagg.store.plan.Plan.flushed`): to
 #: keep cached reads current.
-Committed = Callable[
-    [
-        Mapping[str, tuple[int, int]],
-        int,
-        int,
-        Mapping[str, Mapping[tuple[int, str], Rollup]] | None,
-    ],
-    None,
-]
+Committed = Callable[[Mapping[str, tuple[int, int]], int, int, Flushed | None], None]
 
 #: A writer flushes its head once no batch came for this part of the flush window.
 IDLE_PART = 1 / 20

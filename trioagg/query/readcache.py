@@ -45,6 +45,7 @@ import trio
 from ..core.rollup import Rollup
 from ..store import Row
 from ..store.head import SKETCH_BYTES, tags_hold_tenant
+from ..store.plan import Flushed
 from .aggregates import Query
 
 #: A flushed head's rollups of one key, by (bucket, tags), as the flush left them (no
@@ -100,27 +101,31 @@ class CachedAnswer:
     #: What flushes of this process wrote of its keys since it was read, not yet in
     #: :attr:`stored` (see :meth:`took_flush` and :meth:`stored_now`).
     flushed: list[tuple[str, KeyRollups]] = field(default_factory=list)
+    #: The bytes :attr:`flushed` holds: a key's whole dictionary (all the buckets the
+    #: flush wrote of it, in the answer's range or not), as the flush sized it.
+    flushed_bytes: int = 0
+    #: The bytes :attr:`stored` holds (counted once, as it is made).
+    stored_bytes: int = field(init=False)
 
-    @property
-    def size(self) -> int:
+    def __post_init__(self) -> None:
         sketches = sum(
             (r.quantiles is not None) + (r.distinct is not None) for _, _, _, r in self.stored
         )
-        # What it takes in of a flush is a key's whole dictionary (all its buckets that
-        # the flush wrote, in its range or not): counted whole.
-        for _, rollups in self.flushed:
-            sketches += sum(
-                (r.quantiles is not None) + (r.distinct is not None) for r in rollups.values()
-            )
-        pending = sum(len(rollups) for _, rollups in self.flushed)
-        rows = len(self.stored) + pending
-        return len(self.body) + ROW_OVERHEAD * rows + SKETCH_BYTES * sketches
+        self.stored_bytes = ROW_OVERHEAD * len(self.stored) + SKETCH_BYTES * sketches
 
-    def took_flush(self, shard: int, generation: int, key: str, rollups: KeyRollups) -> None:
+    @property
+    def size(self) -> int:
+        return len(self.body) + self.stored_bytes + self.flushed_bytes
+
+    def took_flush(
+        self, shard: int, generation: int, key: str, rollups: KeyRollups, size: int
+    ) -> None:
         """Writer ``shard``'s flush, its head now at ``generation``, wrote ``rollups`` of
-        ``key`` to the table: the table now holds what :attr:`stored` holds plus them.
-        The answer kept is no longer its answer (the next use makes it again)."""
+        ``key`` (``size`` bytes of them) to the table: the table now holds what
+        :attr:`stored` holds plus them. The answer kept is no longer its answer (the
+        next use makes it again)."""
         self.flushed.append((key, rollups))
+        self.flushed_bytes += size
         self.generations = (
             *self.generations[:shard],
             generation,
@@ -207,6 +212,11 @@ class ReadCache:
         self.hits += 1
         return entry.value
 
+    def discard(self, key: Hashable) -> None:
+        """Drop the entry of ``key``, if there is one."""
+        if key in self._answers:
+            self._drop(key)
+
     def holds(self, key: Hashable, value: Any) -> bool:
         """Whether the entry of ``key`` is ``value`` (not dropped or replaced since)."""
         entry = self._answers.get(key)
@@ -264,9 +274,9 @@ class ReadCache:
     def committed(
         self,
         touched: Mapping[str, tuple[int, int]],
-        shard: int = 0,
-        generation: int = 0,
-        flushed: Mapping[str, KeyRollups] | None = None,
+        shard: int,
+        generation: int,
+        flushed: Flushed | None = None,
     ) -> None:
         """Writer ``shard``'s flush (its head now at ``generation``) wrote rows of the keys
         of ``touched``, each from its first to its last bucket, and ``flushed`` holds them
@@ -290,8 +300,13 @@ class ReadCache:
         touched: Mapping[str, tuple[int, int]],
         shard: int,
         generation: int,
-        flushed: Mapping[str, KeyRollups] | None,
+        flushed: Flushed | None,
     ) -> None:
+        if self._told.get(shard, 0) != generation - 1:
+            # The head moved on without telling (a flush whose COMMIT was uncertain and
+            # did commit, a head rebuilt from its journal): which answers that made stale
+            # is not known, and current() is about to take this generation as told.
+            self.clear()
         expired = self.clock() - self.ttl
         taking: set[Hashable] = set()  # answers taking this flush in (for each of its keys)
         for key in touched.keys() & self._by_key.keys():
@@ -310,12 +325,16 @@ class ReadCache:
                 if not (first < entry.end and last >= entry.start):
                     continue
                 answer = entry.value
-                rollups = None if flushed is None else flushed.get(key)
+                rollups = None if flushed is None else flushed.rollups.get(key)
                 if not isinstance(answer, CachedAnswer) or rollups is None:
                     self._drop(cached)
                 elif cached in taking or answer.generations[shard] == generation - 1:
-                    answer.took_flush(shard, generation, key, rollups)
+                    assert flushed is not None
+                    answer.took_flush(shard, generation, key, rollups, flushed.sizes[key])
                     cost = entry_cost(entry.keys, answer.size)
+                    if not self._fits(cost):
+                        self._drop(cached)  # grown past what one answer may hold
+                        continue
                     self.bytes += cost - entry.cost
                     entry.cost = cost
                     taking.add(cached)

@@ -279,7 +279,8 @@ async def _answer_again(
         return cached.body
     stored = cached.stored_now(query.start, query.end) if cached.flushed else cached.stored
     if len(stored) > INLINE_WORK:
-        return None  # flushes grew it past what a cached read merges on the loop
+        cache.discard(key)  # flushes grew it past what a cached read merges on the loop
+        return None
     found = await store.overlay(
         query.keys, query.start, query.end, sketches=query.needs_sketches, tenant=tenant
     )

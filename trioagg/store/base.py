@@ -37,9 +37,11 @@ from .head import (
     copy_rollup,
     decode_batch,
     encode_batch,
+    key_sizes,
     tags_hold_tenant,
 )
 from .plan import (
+    Flushed,
     Plan,
     SeriesCache,
     SeriesSpan,
@@ -567,7 +569,7 @@ def flush_head(
         raise
     series_seen.remember(plan.spans)
     if policy.tiers is None and not plan.refused:
-        plan.flushed = flushed
+        plan.flushed = Flushed(flushed, key_sizes(flushed))
     return plan
 
 

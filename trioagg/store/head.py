@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -54,6 +54,19 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[JournalEvent])
 #: Head versions of keys come from one counter, so a version is never seen twice.
 _versions = itertools.count(1)
+
+
+def key_sizes(by_key: Mapping[str, Mapping[tuple[int, str], Rollup]]) -> dict[str, int]:
+    """About how many bytes each key's rollups take (:data:`ROW_BYTES` a rollup,
+    :data:`SKETCH_BYTES` a sketch)."""
+    return {
+        key: sum(
+            ROW_BYTES
+            + SKETCH_BYTES * ((rollup.quantiles is not None) + (rollup.distinct is not None))
+            for rollup in rollups.values()
+        )
+        for key, rollups in by_key.items()
+    }
 
 
 def encode_batch(points: Sequence[Point]) -> bytes:

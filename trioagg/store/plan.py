@@ -52,6 +52,16 @@ class WritePolicy:
     tiers: Tiers | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """A flushed head's rollups by key, then by (bucket, tags), which no one changes
+    after the flush, and about how many bytes each key's take in memory (counted in the
+    flush's thread, so that the event loop never walks them to size them)."""
+
+    rollups: Mapping[str, Mapping[tuple[int, str], Rollup]]
+    sizes: Mapping[str, int]
+
+
 @dataclass
 class Plan:
     """What one flush writes."""
@@ -69,10 +79,10 @@ class Plan:
     touched: dict[str, tuple[int, int]]
     #: Rows the rollups table refused, set aside (see base._write_rows_apart).
     refused: list[UpsertRow] = field(default_factory=list)
-    #: The flushed head's rollups by key, then by (bucket, tags), when the table now
-    #: holds every one of them (no tiers, none refused): the read cache keeps its answers
-    #: over them current instead of dropping them. None otherwise.
-    flushed: Mapping[str, Mapping[tuple[int, str], Rollup]] | None = None
+    #: What the flush wrote, when the table now holds every row of it (no tiers, none
+    #: refused): the read cache keeps its answers over it current instead of dropping
+    #: them. None otherwise.
+    flushed: Flushed | None = None
 
     @property
     def rows(self) -> int:
