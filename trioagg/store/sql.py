@@ -221,7 +221,7 @@ class SQLBackend:
         per_statement = min(_UPSERT_ROWS, self.max_parameters // len(COLUMNS.split(",")))
         for chunk in _chunks(sorted(rows), per_statement):
             statement = self._insert_new_rows(len(chunk), table)
-            found = conn.execute(statement, list(chain.from_iterable(chunk))).fetchall()
+            found = self.execute_rows(conn, statement, list(chain.from_iterable(chunk)))
             inserted.update((key, bucket, tags) for key, bucket, tags in found)
         return inserted
 
@@ -229,9 +229,8 @@ class SQLBackend:
         """The insert-if-new statement of ``count`` rows into ``table``."""
         statement = self._inserts.get((table, count))
         if statement is None:
-            row = "(" + ", ".join([self.mark] * 13) + ")"
             statement = self._inserts[(table, count)] = self._insert_new.format(
-                table=table, values=", ".join([row] * count)
+                table=table, values=self.rows_of_values(count, 13)
             )
         return statement
 
@@ -264,17 +263,27 @@ class SQLBackend:
         # 190 ms by 2,000 (_UPSERT_ROWS, where the database binds 26,000 parameters).
         per_statement = min(_UPSERT_ROWS, self.max_parameters // len(COLUMNS.split(",")))
         for chunk in _chunks(sorted(rows), per_statement):
-            conn.execute(self._upsert_rows(len(chunk), table), list(chain.from_iterable(chunk)))
+            self.execute_rows(conn, self._upsert_rows(len(chunk), table), list(chain(*chunk)))
 
     def _upsert_rows(self, count: int, table: str = "rollups") -> str:
         """The upsert statement of ``count`` rows into ``table``."""
         statement = self._upserts.get((table, count))
         if statement is None:
-            row = "(" + ", ".join([self.mark] * 13) + ")"
             statement = self._upserts[(table, count)] = self._upsert.format(
-                table=table, values=", ".join([row] * count)
+                table=table, values=self.rows_of_values(count, 13)
             )
         return statement
+
+    def rows_of_values(self, count: int, width: int) -> str:
+        """The placeholders of ``count`` rows of ``width`` values, for a VALUES list (the
+        only ones of the statement that :meth:`execute_rows` runs)."""
+        row = "(" + ", ".join([self.mark] * width) + ")"
+        return ", ".join([row] * count)
+
+    def execute_rows(self, conn: Any, statement: str, values: Sequence[Any]) -> list[Any]:
+        """Run a statement of many rows of values (:meth:`rows_of_values`); its rows."""
+        cursor = conn.execute(statement, values)
+        return list(cursor.fetchall()) if cursor.description is not None else []
 
     # -- Tiers (see trioagg.core.tiers): the rolled marks in meta, and moving rows.
 
