@@ -21,6 +21,7 @@ from trioagg.store import make_backend
 from trioagg.store.base import JournalTaken, flush_head, journal_batch, replay_journal
 from trioagg.store.head import Head, decode_batch, encode_batch
 from trioagg.store.plan import SeriesCache, WritePolicy
+from trioagg.store.sql import SQLBackend
 from trioagg.store.sqlite import SQLiteBackend
 
 HOUR = 3600
@@ -230,5 +231,41 @@ def test_ids_are_claimed_once_whether_all_some_or_none_of_a_batch_are_new(db_url
         finally:
             backend.rollback(conn)
         assert claim(["undone"], later) == {"undone"}
+    finally:
+        backend.close(conn)
+
+
+def test_new_sketched_rows_are_inserted_and_named_stored_ones_left_alone(db_url: str) -> None:
+    # insert_new writes many rows per statement and returns the slots it inserted: over
+    # several statements, in any order of rows, exactly the slots not stored yet, each
+    # stored as given; a stored slot keeps its row.
+    backend = make_backend(Settings(db=db_url))
+    assert isinstance(backend, SQLBackend)
+    conn = backend.connect(write=True)
+    try:
+        backend.prepare(conn, HOUR)
+        backend.max_parameters = 13 * 3  # statements of three rows: several per call
+
+        def row(key: str, hour: int, count: int) -> tuple[Any, ...]:
+            sketch = bytes([count]) * 40
+            last = 1.0 * count, float(hour * HOUR)
+            return (key, hour * HOUR, "{}", count, 0.0, 0.0, 0.0, 1.0, 1.0, *last, sketch, None)
+
+        def insert(rows: list[tuple[Any, ...]]) -> set[tuple[str, int, str]]:
+            backend.begin(conn)
+            inserted = backend.insert_new(conn, rows, "rollups")
+            backend.commit(conn)
+            return inserted
+
+        first = [row(f"k{n}", n % 2, 1) for n in range(5)]
+        assert insert(first) == {(f"k{n}", (n % 2) * HOUR, "{}") for n in range(5)}
+        again = [row(f"k{n}", n % 2, 2) for n in range(8)][::-1]
+        assert insert(again) == {(f"k{n}", (n % 2) * HOUR, "{}") for n in range(5, 8)}
+        assert insert(again) == set()
+        stored = conn.execute("SELECT key, bucket, count, quantiles_kll FROM rollups").fetchall()
+        expected = [(f"k{n}", (n % 2) * HOUR, 1 if n < 5 else 2) for n in range(8)]
+        assert sorted((k, b, c, bytes(kll)) for k, b, c, kll in stored) == [
+            (k, b, c, bytes([c]) * 40) for k, b, c in expected
+        ]
     finally:
         backend.close(conn)

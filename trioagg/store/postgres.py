@@ -245,6 +245,23 @@ class PostgresBackend(SQLBackend):
     def interrupt(self, conn: _Connection) -> None:
         conn.interrupt()
 
+    # -- Statements of many rows (upserts, inserts of new rows): psycopg turns each %s of
+    # a statement into $1, $2, ..., caching that only for statements under 4 KiB; a
+    # flush's of 2,000 rows (26,000 values) took it 120-200 ms of Python each time, the
+    # database 40 ms. Numbered already, they are sent as they are (a RawCursor).
+
+    def rows_of_values(self, count: int, width: int) -> str:
+        numbers = iter(range(1, count * width + 1))
+        rows = (
+            "(" + ", ".join(f"${next(numbers)}" for _ in range(width)) + ")" for _ in range(count)
+        )
+        return ", ".join(rows)
+
+    def execute_rows(self, conn: Any, statement: str, values: Sequence[Any]) -> list[Any]:
+        with psycopg.RawCursor(conn) as cursor:
+            cursor.execute(statement, values)
+            return cursor.fetchall() if cursor.description is not None else []
+
     def exists(self) -> bool:
         conn = self.connect(write=False)
         try:
