@@ -19,9 +19,10 @@ same :func:`events_view` and :func:`aggregates_view`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -103,7 +104,7 @@ def wait_param(text: str | None) -> bool:
         raise RequestError(f"wait {error}") from None
 
 
-async def sent(pieces: Pieces) -> AsyncIterator[bytes]:
+async def sent(pieces: Pieces) -> AsyncGenerator[bytes, None]:
     """The pieces of an answer one after the other, each let go once sent, so that a big
     answer is neither held whole while it is sent nor copied into one string; once all
     are sent, the memory they took is given back."""
@@ -204,8 +205,11 @@ class HotPath:
         if isinstance(body, bytes):
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
-        async for chunk in sent(body):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # Closed at once when a send fails (a client that reads nothing is cut off after
+        # --send-timeout), not left to the garbage collector half done.
+        async with contextlib.aclosing(sent(body)) as pieces:
+            async for chunk in pieces:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _answer(
