@@ -21,7 +21,7 @@ import datetime
 import decimal
 import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Final
@@ -107,19 +107,19 @@ class KnownNames:
     def match(self, key: str, tags: dict[str, str]) -> bool:
         """Whether ``key`` and the names of ``tags`` match their patterns; those that
         do are remembered (call it only for names not known yet)."""
-        if key not in self.keys:
-            if not _KEY_MATCHES(key):
-                return False
-            if len(self.keys) >= self.limit:
-                self.keys.clear()
-            self.keys.add(key)
-        for name in tags:
-            if name not in self.tag_names:
-                if not _TAG_NAME_MATCHES(name):
-                    return False
-                if len(self.tag_names) >= self.limit:
-                    self.tag_names.clear()
-                self.tag_names.add(name)
+        return self._known(self.keys, key, _KEY_MATCHES) and all(
+            self._known(self.tag_names, name, _TAG_NAME_MATCHES) for name in tags
+        )
+
+    def _known(self, known: set[str], name: str, matches: Callable[[str], object]) -> bool:
+        """Whether ``name`` is in ``known`` or matches, and then is (within the limit)."""
+        if name in known:
+            return True
+        if not matches(name):
+            return False
+        if len(known) >= self.limit:
+            known.clear()
+        known.add(name)
         return True
 
 

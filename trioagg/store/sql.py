@@ -117,8 +117,8 @@ class SQLBackend:
         #: The store's bucket width, once prepared: the end of an old row's bucket is
         #: the time of its unknown ``last``.
         self.bucket = 0
-        #: Upsert statements by their count of rows.
-        self._upserts: dict[tuple[str, int], str] = {}
+        #: Statements of many rows (_many_rows) by template, table and count of rows.
+        self._statements: dict[tuple[str, str, int], str] = {}
         least, greatest = self.least, self.greatest
         # The incoming row's last wins when it is later (a tie: the larger value); a NULL
         # stored last_ts (unknown, a row older than the column) compares as NULL, so the
@@ -128,7 +128,7 @@ class SQLBackend:
             "(excluded.last_ts = r.last_ts AND excluded.last_value > r.last_value)"
         )
         # SET expressions read the row as it was before the update: their order is free.
-        # {values}: the rows' placeholders (see _upsert_rows).
+        # {values}: the rows' placeholders (see _many_rows).
         self._upsert = self._sql(f"""
             INSERT INTO {{table}} AS r ({COLUMNS}) VALUES {{values}}
             ON CONFLICT (key, bucket, tags) DO UPDATE SET
@@ -142,13 +142,10 @@ class SQLBackend:
                 distinct_hll = coalesce(excluded.distinct_hll, r.distinct_hll),
                 last_value = CASE WHEN {later} THEN excluded.last_value ELSE r.last_value END,
                 last_ts = CASE WHEN {later} THEN excluded.last_ts ELSE r.last_ts END""")
-        # {values}: the rows' placeholders (see _insert_new_rows).
         self._insert_new = self._sql(
             f"INSERT INTO {{table}} ({COLUMNS}) VALUES {{values}} "
             "ON CONFLICT (key, bucket, tags) DO NOTHING RETURNING key, bucket, tags"
         )
-        #: Insert-if-new statements by their count of rows.
-        self._inserts: dict[tuple[str, int], str] = {}
         self._append_journal = self._sql(
             "INSERT INTO journal (owner, events, batch) VALUES (?, ?, ?) RETURNING seq"
         )
@@ -213,26 +210,11 @@ class SQLBackend:
         return count
 
     def insert_new(self, conn: Any, rows: Sequence[UpsertRow], table: str = "rollups") -> set[Slot]:
-        # Many rows per statement, returning those inserted, in key order as upsert does
-        # (concurrent writers wait for each other's new rows in one order). One statement
-        # a row cost PostgreSQL a round trip each: a flush of 27,000 new rows with
-        # sketches took 4.9 s so, 0.3 s by statements of 2,000 rows (the suite's tiers).
-        inserted: set[Slot] = set()
-        per_statement = min(_UPSERT_ROWS, self.max_parameters // len(COLUMNS.split(",")))
-        for chunk in _chunks(sorted(rows), per_statement):
-            statement = self._insert_new_rows(len(chunk), table)
-            found = self.execute_rows(conn, statement, list(chain.from_iterable(chunk)))
-            inserted.update((key, bucket, tags) for key, bucket, tags in found)
-        return inserted
-
-    def _insert_new_rows(self, count: int, table: str = "rollups") -> str:
-        """The insert-if-new statement of ``count`` rows into ``table``."""
-        statement = self._inserts.get((table, count))
-        if statement is None:
-            statement = self._inserts[(table, count)] = self._insert_new.format(
-                table=table, values=self.rows_of_values(count, 13)
-            )
-        return statement
+        # Many rows per statement, returning those inserted, as upsert does. One
+        # statement a row cost PostgreSQL a round trip each: a flush of 27,000 new rows
+        # with sketches took 4.9 s so, 0.3 s by statements of 2,000 rows (the suite's tiers).
+        found = self._many_rows(conn, self._insert_new, rows, table)
+        return {(key, bucket, tags) for key, bucket, tags in found}
 
     def stored_sketches(
         self, conn: Any, slots: Sequence[Slot], table: str = "rollups"
@@ -261,18 +243,24 @@ class SQLBackend:
         # lock. 24,000 rows on SQLite, this machine: 160 ms one by one, 74 ms by 500;
         # beside a thread busy with Python, 470-1,240 ms one by one, 260 ms by 500 and
         # 190 ms by 2,000 (_UPSERT_ROWS, where the database binds 26,000 parameters).
+        self._many_rows(conn, self._upsert, rows, table)
+
+    def _many_rows(
+        self, conn: Any, template: str, rows: Iterable[UpsertRow], table: str
+    ) -> list[Any]:
+        """Run ``template`` (its ``{table}`` and ``{values}`` to fill) over ``rows`` in
+        key order, as many to a statement as the database binds (see :meth:`upsert`),
+        each statement made once per count of rows; the rows the statements return."""
+        found: list[Any] = []
         per_statement = min(_UPSERT_ROWS, self.max_parameters // len(COLUMNS.split(",")))
         for chunk in _chunks(sorted(rows), per_statement):
-            self.execute_rows(conn, self._upsert_rows(len(chunk), table), list(chain(*chunk)))
-
-    def _upsert_rows(self, count: int, table: str = "rollups") -> str:
-        """The upsert statement of ``count`` rows into ``table``."""
-        statement = self._upserts.get((table, count))
-        if statement is None:
-            statement = self._upserts[(table, count)] = self._upsert.format(
-                table=table, values=self.rows_of_values(count, 13)
-            )
-        return statement
+            statement = self._statements.get((template, table, len(chunk)))
+            if statement is None:
+                statement = self._statements[(template, table, len(chunk))] = template.format(
+                    table=table, values=self.rows_of_values(len(chunk), 13)
+                )
+            found += self.execute_rows(conn, statement, list(chain.from_iterable(chunk)))
+        return found
 
     def rows_of_values(self, count: int, width: int) -> str:
         """The placeholders of ``count`` rows of ``width`` values, for a VALUES list (the
