@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import trio
@@ -47,7 +47,6 @@ from .openapi import openapi_document
 
 log = logging.getLogger("trioagg")
 
-_Built = TypeVar("_Built")
 #: What answers an endpoint: Quart passes a route's variables as keywords.
 View = Callable[..., Awaitable[Response]]
 
