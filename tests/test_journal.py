@@ -19,7 +19,7 @@ from trioagg.core.events import Point
 from trioagg.core.settings import Settings
 from trioagg.store import make_backend
 from trioagg.store.base import JournalTaken, flush_head, journal_batch, replay_journal
-from trioagg.store.head import Head, decode_batch, encode_batch
+from trioagg.store.head import ROW_BYTES, Head, decode_batch, encode_batch
 from trioagg.store.plan import SeriesCache, WritePolicy
 from trioagg.store.sql import SQLBackend
 from trioagg.store.sqlite import SQLiteBackend
@@ -269,3 +269,26 @@ def test_new_sketched_rows_are_inserted_and_named_stored_ones_left_alone(db_url:
         ]
     finally:
         backend.close(conn)
+
+
+def test_a_flush_reports_what_it_wrote_only_when_asked_and_sure(tmp_path: Path) -> None:
+    """What a read cache follows: the head's rollups by key, sized in the flush's thread;
+    nothing when no one asked (no cache: no walk of the rows), nor under tiers."""
+    backend = SQLiteBackend(str(tmp_path / "s.db"))
+    conn = backend.connect(write=True)
+    backend.prepare(conn, HOUR)
+    head, seen = Head(), SeriesCache()
+    journal_batch(conn, backend, [[event("a", 0, 1), event("b", 1, 2)]], POLICY, "p/0", head)
+    plan = flush_head(conn, backend, head, "p/0", POLICY, seen)
+    assert plan is not None and plan.flushed is None
+    journal_batch(conn, backend, [[event("a", 0, 3), event("a", 2, 4)]], POLICY, "p/0", head)
+    plan = flush_head(conn, backend, head, "p/0", POLICY, seen, report=True)
+    assert plan is not None and plan.flushed is not None
+    rollups = plan.flushed.rollups
+    assert {key: sorted(b // HOUR for b, _ in rows) for key, rows in rollups.items()} == {
+        "a": [0, 2]
+    }
+    assert [rollup.count for rollup in rollups["a"].values()] == [1, 1]
+    assert plan.flushed.sizes == {"a": 2 * ROW_BYTES}
+    assert table(conn)[("a", 0)][0] == 2  # written all the same
+    conn.close()

@@ -172,28 +172,27 @@ class HotPath:
         if scope["type"] != "http":
             await self._quart(scope, receive, send)
             return
-        http = scope
         if (
-            (http["method"], http["path"]) not in HOT
-            or http.get("root_path")
+            (scope["method"], scope["path"]) not in HOT
+            or scope.get("root_path")
             or not self._app.serving
         ):
             await self._quart(scope, receive, send)
             return
-        headers = request_headers(http)
+        headers = request_headers(scope)
         if self._cors and "Origin" in headers:
             await self._quart(scope, receive, send)
             return
         started = time.perf_counter()
         try:
-            status, extra, body = await self._answer(http, headers, receive)
+            status, extra, body = await self._answer(scope, headers, receive)
         except Disconnected:
             return  # no one to answer: the server closes the connection
         except Exception as error:
             status, extra, body = failure_answer(
-                self._app.metrics, error, http["method"], http["path"]
+                self._app.metrics, error, scope["method"], scope["path"]
             )
-        self._timer(http["path"], status).observe(time.perf_counter() - started)
+        self._timer(scope["path"], status).observe(time.perf_counter() - started)
         size = len(body) if isinstance(body, bytes) else body.size
         start_headers = [
             *((k.lower().encode("latin1"), v.encode("latin1")) for k, v in extra.items()),

@@ -301,7 +301,7 @@ class Writer:
         """Flush the head; on failure keep it and try again later. Whether it is empty."""
         started = time.perf_counter()
         try:
-            plan = await self.store.flush(self.shard)
+            plan = await self.store.flush(self.shard, report=self.committed is not None)
         except Exception as failure:
             self.metrics.flush_failures.inc()
             reason = failure.reason if isinstance(failure, StoreOutage) else str(failure)

@@ -511,9 +511,11 @@ def flush_head(
     owner: str,
     policy: WritePolicy,
     series_seen: SeriesCache,
+    report: bool = False,
 ) -> Plan | None:
     """Write ``head``'s rows and delete the journal rows they came from, in one
-    transaction; then empty the head. None when there was nothing to flush.
+    transaction; then empty the head. None when there was nothing to flush. With
+    ``report``, the plan says what was written (:attr:`Plan.flushed`), when it can.
 
     A head whose batches were partly replayed by another process (:class:`JournalTaken`),
     or that missed a batch (:attr:`Head.stale`), is first rebuilt from what is left of
@@ -568,7 +570,7 @@ def flush_head(
             head.stale = True
         raise
     series_seen.remember(plan.spans)
-    if policy.tiers is None and not plan.refused:
+    if report and policy.tiers is None and not plan.refused:
         plan.flushed = Flushed(flushed, key_sizes(flushed))
     return plan
 
@@ -974,10 +976,12 @@ class Store:
             self.heads[shard],
         )
 
-    async def flush(self, shard: int = 0) -> Plan | None:
+    async def flush(self, shard: int = 0, *, report: bool = False) -> Plan | None:
         """Write writer ``shard``'s head to the table, deleting its journal rows in the
         same transaction (see :func:`flush_head`); None when there was nothing to write.
-        Raises as :meth:`append` does; the head is then kept, to be flushed again."""
+        ``report``: say what was written, for a read cache to follow (sizing it walks the
+        flushed rows in the flush's thread). Raises as :meth:`append` does; the head is
+        then kept, to be flushed again."""
         head = self.heads[shard]
         if not head.journal and not head.stale and not head.uncertain:
             return None
@@ -989,6 +993,7 @@ class Store:
             self.owners[shard],
             self.policy,
             self._series_seen[shard],
+            report,
         )
 
     async def replay_dead(self, shard: int = 0) -> tuple[int, int]:
