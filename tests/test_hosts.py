@@ -4,6 +4,7 @@ real HTTP, with the store checked unchanged after every refused request."""
 from __future__ import annotations
 
 import re
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -175,6 +176,23 @@ async def test_a_keyless_server_answers_only_requests_naming_it(
     assert read.json()["results"][0]["buckets"][0]["count"] == 2
     assert stored_counts(server.db) == {"k": 2}
     assert await metric(server, "trioagg_requests_rejected_total", code="misdirected_request") == 9
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_an_http_1_0_request_without_host_is_let_in(start_server: StartServer) -> None:
+    """As security.md says (browsers always send a Host): it was refused 421, because
+    the empty Host Quart fills in for HTTP/1.0 was checked as a name."""
+    server = await start_server()
+    url = httpx.URL(server.url)
+    assert url.host is not None and url.port is not None
+    for path in (f"/v1/aggregates?{urlencode(READ)}", "/v1/keys"):  # hot path, Quart
+        stream = await trio.open_tcp_stream(url.host, url.port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
