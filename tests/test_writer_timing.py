@@ -44,7 +44,7 @@ class CuedStore:
         self.heads[shard].journal.append(len(self.stored))
         return Appended([0] * len(batch), sum(len(points) for points in batch))
 
-    async def flush(self, shard: int = 0) -> None:
+    async def flush(self, shard: int = 0, *, report: bool = False) -> None:
         await trio.sleep(self.delay)
         if self.flush_down:
             raise StoreOutage("the disk holding the database is full")
