@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -188,6 +189,69 @@ async def test_what_escapes_a_connection_is_logged_counted_and_closes_it_alone(
     for peer in peers:  # each failed connection was closed
         assert await peer.receive_some() == b""
         await peer.aclose()
+
+
+KEEP_ALIVE_REQUEST = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def _read_answers(peer: trio.SocketStream) -> bytes:
+    """What the server sent until it closed the connection (with a reset when it left
+    a request unread)."""
+    received = b""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while chunk := await peer.receive_some():
+            received += chunk
+    return received
+
+
+async def test_a_request_that_meets_the_shutdown_is_answered_or_never_run() -> None:
+    """A request that arrives on an idle keep-alive connection just as the server stops
+    (both wake in one scheduling batch, in either order): hypercorn's keep-alive task
+    closed the connection even after the reader had handed the request to the app, so
+    the app ran it (a POST could be stored) and no answer could be sent. Now the
+    request either never reaches the app or is answered, then the connection closes."""
+    from hypercorn.config import Config
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.utils import wrap_app
+
+    config = Config()
+    runs = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal runs
+        if scope["type"] != "http":
+            return
+        runs += 1
+        while (await receive()).get("more_body"):
+            pass
+        await trio.sleep(0.001)  # as a commit does
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    outcomes = set()
+    for _ in range(60):
+        context = WorkerContext(None)
+        handler = Connections(wrap_app(app, 1 << 20, "asgi"), config, context, {}, Metrics())
+        ours, theirs = socket.socketpair()
+        peer = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+                await peer.send_all(KEEP_ALIVE_REQUEST)
+                first = b""
+                while not first.endswith(b"ok"):
+                    first += await peer.receive_some()
+                await trio.testing.wait_all_tasks_blocked()
+                runs = 0
+                theirs.send(KEEP_ALIVE_REQUEST)  # no checkpoint between this and the stop
+                await context.terminated.set()
+                answered = b" 200 " in await _read_answers(peer)
+        await peer.aclose()
+        assert answered == (runs == 1)
+        outcomes.add(answered)
+    assert outcomes == {True, False}, "both orders of the wake-ups were met"
 
 
 def test_sigterm_under_keep_alive_load_answers_what_is_under_way_and_exits_at_once(

@@ -17,6 +17,11 @@ HTTP/1.1 and HTTP/2), except in how a connection may fail:
   error answer on the same stream (a client that closes after an early
   answer): trio refuses the second sender with ``BusyResourceError``, which is
   the failure above. :class:`OneSender` makes the two take turns.
+* **Shutdown closes idle connections only.** hypercorn's keep-alive task closes
+  a connection once the server stops, even when a request has just arrived on
+  it (both wake at once): the request then ran, and could be stored, with no
+  one left to answer. :class:`ConnectionServer` closes it only while no request
+  is under way; one that is gets its answer, then the close.
 
 The sockets may come from a supervisor (``trioagg serve --workers N``, see
 :mod:`trioagg.server.supervisor`) or be made here from the config's ``bind``.
@@ -34,8 +39,10 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -130,6 +137,30 @@ class OneSender(trio.abc.HalfCloseableStream):
             self.closed()
 
 
+class ConnectionServer(TCPServer):
+    """hypercorn's ``TCPServer``, whose closing of a keep-alive connection (at the
+    keep-alive timeout, or at once when the server stops) leaves alone a connection
+    whose next request has started."""
+
+    async def _idle_timeout(self) -> None:
+        with trio.move_on_after(self.config.keep_alive_timeout):
+            await self.context.terminated.wait()
+        with trio.CancelScope(shield=True):
+            # The reader that took a request may have run between the wake-up and
+            # now; it stops this task, but only at this task's next checkpoint.
+            if not _between_requests(self.protocol.protocol):
+                return
+            await self._initiate_server_close()
+
+
+def _between_requests(protocol: object) -> bool:
+    """Whether an HTTP/1.1 connection has no request under way (HTTP/2 connections
+    are closed as hypercorn closes them)."""
+    if not isinstance(protocol, H11Protocol):
+        return True
+    return protocol.connection.their_state is h11.IDLE
+
+
 class Connections:
     """The handler of every accepted connection: hypercorn's protocol on the stream,
     contained (see the module)."""
@@ -162,7 +193,7 @@ class Connections:
             # leaves a reader waiting for ever when the next request on a keep-alive
             # connection arrived before the connection was closed at shutdown.)
             with trio.CancelScope() as connection:
-                server = TCPServer(
+                server = ConnectionServer(
                     self.app,
                     self.config,
                     self.context,
