@@ -247,8 +247,14 @@ class Head:
     ) -> None:
         """Replace what the head holds with the fold of journal rows (seq, events): what
         is left of this writer's journal after another process took some of it, or
-        after a batch failed to fold (see :func:`~trioagg.store.base.flush_head`)."""
+        after a batch failed to fold (see :func:`~trioagg.store.base.flush_head`).
+
+        The fold is made apart and takes the head's place in one hold of the lock: a
+        read meanwhile sees the head as it was or as it is rebuilt, never a part."""
+        fresh = Head()
+        for seq, events in rows:
+            fresh.add(events, seq, width, keeps_quantiles)
         with self.lock:
             self.flushed()  # a new generation: reads under way read again
-        for seq, events in rows:
-            self.add(events, seq, width, keeps_quantiles)
+            self.rollups, self._by_key, self.versions = fresh.rollups, fresh._by_key, fresh.versions
+            self.journal, self.events, self.sketches = fresh.journal, fresh.events, fresh.sketches
