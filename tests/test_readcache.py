@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import sqlite3
 import tracemalloc
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +15,11 @@ import trio
 from tests.conftest import SHARDED, StartServer, post
 from tests.test_auth import bearer, make_key
 from trioagg.core.rollup import Rollup
-from trioagg.query.readcache import CachedAnswer, ReadCache, entry_cost
+from trioagg.query.readcache import CachedAnswer, ReadCache, entry_cost, watch_store
+from trioagg.store import Store
 from trioagg.store.head import key_sizes
-from trioagg.store.plan import Flushed
+from trioagg.store.plan import Flushed, WritePolicy
+from trioagg.store.sqlite import SQLiteBackend
 
 
 class Clock:
@@ -270,6 +274,80 @@ def test_answers_expire_after_the_ttl() -> None:
     assert cache.get("q") is None and len(cache) == 0 and cache.bytes == 0
 
 
+def test_an_answer_past_the_ttl_is_served_while_the_store_took_no_commit() -> None:
+    """Served past the ttl only if it was read after the last change seen and the store
+    was last seen unchanged less than a ttl ago: stale by at most the ttl either way."""
+    cache, clock = _cache(ttl=2.0)
+    _fill(cache, "before", ("a",), b"A")  # read before the first look: never vouched for
+    clock.now = 0.5
+    cache.store_checked(0.5, changed=True)  # the first look cannot tell
+    clock.now = 1.0
+    _fill(cache, "q", ("a",), b"Q")
+    clock.now = 1.5
+    cache.store_checked(1.5, changed=False)
+    clock.now = 3.4  # 2.4 s old, looked at 1.9 s ago
+    assert (cache.get("q"), cache.get("before")) == (b"Q", None)
+    clock.now = 3.5  # no look for a ttl: the store may have changed since
+    assert cache.get("q") is None
+
+
+def test_a_change_seen_ends_the_answers_read_before_it() -> None:
+    cache, clock = _cache(ttl=2.0)
+    cache.store_checked(0.0, changed=True)
+    clock.now = 0.5
+    _fill(cache, "q", ("a",), b"Q")
+    clock.now = 1.0
+    cache.store_checked(1.0, changed=True)  # a commit between the two looks
+    clock.now = 1.5
+    _fill(cache, "later", ("a",), b"L")
+    clock.now = 2.0
+    cache.store_checked(2.0, changed=False)
+    clock.now = 2.4
+    assert cache.get("q") == b"Q"  # younger than the ttl: served, as always
+    clock.now = 3.6
+    assert (cache.get("q"), cache.get("later")) == (None, b"L")
+
+
+class _StampFailing(SQLiteBackend):
+    """A real SQLite store whose look for changes fails while ``failing``."""
+
+    failing = False
+
+    def change_stamp(self, conn: Any) -> Any:
+        if self.failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().change_stamp(conn)
+
+
+async def test_a_look_at_the_store_that_fails_vouches_for_nothing(tmp_path: Path) -> None:
+    backend = _StampFailing(str(tmp_path / "s.db"))
+    store = await Store.open(
+        backend, policy=WritePolicy(HOUR, 86400.0, lambda key: False), readers=1, busy_timeout=5
+    )
+    cache, clock = _cache(ttl=0.2)  # looked at every 0.05 s
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_store, store, cache)
+            await trio.sleep(0.2)  # the first look cannot tell; the next see no change
+            clock.now = 1.0
+            _fill(cache, "q", ("a",), b"Q")
+            clock.now = 1.25
+            await trio.sleep(0.2)
+            clock.now = 1.3  # past the ttl, looked at 0.05 s ago
+            assert cache.get("q") == b"Q"
+            backend.failing = True
+            await trio.sleep(0.2)
+            assert cache.get("q") is None  # a failed look is taken for a change
+            backend.failing = False
+            _fill(cache, "q", ("a",), b"Q2")
+            clock.now = 1.6
+            await trio.sleep(0.2)  # the watcher went on: looks again, no change since
+            assert cache.get("q") == b"Q2"
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
 def test_entries_and_bytes_are_bounded_least_recently_used_first() -> None:
     cache, _ = _cache(entries=3)
     for name in "abcd":
@@ -495,6 +573,38 @@ async def test_hot_reads_stay_hits_and_exact_while_batches_are_flushed(
     metrics = server.app.metrics.registry
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 1
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "hit"}) == 11
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", SHARDED], indirect=True)
+async def test_an_idle_store_s_answers_outlive_the_ttl_until_another_process_commits(
+    start_server: StartServer,
+) -> None:
+    """Past the ttl, an answer is served while the store has taken no commit since it
+    was read; another process's commit (here another server on the same store, with
+    connections of its own) is seen within the ttl, as without the cache."""
+    ttl = 0.8
+    server = await start_server(read_cache_ttl=f"{ttl}s", flush_window="0")
+    other = await start_server(flush_window="0")
+    event = {"key": "idle", "ts": "2026-11-24T10:00:00Z"}
+
+    async def count() -> int:
+        answer = await server.client.get("/v1/aggregates", params={"key": "idle", **DAY})
+        return int(answer.json()["results"][0]["buckets"][0]["count"])
+
+    assert (await post(server.client, event)).status_code == 200
+    await server.app.service.writers.flushed()
+    await trio.sleep(ttl / 2)  # the store is looked at every ttl / 4: the flush is seen
+    counts = []
+    for _ in range(3):
+        counts.append(await count())
+        await trio.sleep(ttl * 1.1)
+    metrics = server.app.metrics.registry
+    assert counts == [1, 1, 1]
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 1
+    assert (await post(other.client, event)).status_code == 200
+    await other.app.service.writers.flushed()
+    await trio.sleep(ttl)
+    assert await count() == 2
 
 
 async def test_each_tenant_takes_in_only_its_own_flushed_rows(start_server: StartServer) -> None:

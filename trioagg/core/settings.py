@@ -421,7 +421,9 @@ class Settings:
         "2s",
         parse_duration,
         "Oldest answer the read cache serves (0: no cache): how stale a read may be of "
-        "events another process (hypercorn worker) committed to the same store.",
+        "events another process (hypercorn worker) committed to the same store. On SQLite "
+        "an older answer is served while the store took no commit since it was read "
+        "(looked at every ttl / 4).",
     )
     loop_step_sampling: float = _setting(
         "0.1",

@@ -25,7 +25,12 @@ What keeps it exact:
   raced a flush is answered but not kept.
 * **Other processes**: commits by another process sharing the store (another
   hypercorn worker) are not seen here; an answer older than ``ttl`` seconds is
-  never served, which bounds how stale such a read can be.
+  served only while the store is known to have taken no commit at all since it
+  was read (:meth:`ReadCache.store_checked`, fed by :func:`watch_store` from a
+  look at the store at least every ``ttl / 4`` seconds, where the backend can
+  tell: SQLite), which bounds how stale such a read can be by ``ttl`` either way.
+  Any commit, this process's own included, ends that: an idle store's answers
+  stay hits, a busy one's expire at ``ttl``.
 
 Bounded by ``entries`` and by ``max_bytes`` (answers' bytes and what their keys
 cost, :func:`entry_cost`); the least recently used answers are dropped first,
@@ -35,6 +40,8 @@ and an entry larger than an eighth of ``max_bytes`` is never kept.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,10 +50,12 @@ from typing import Any
 import trio
 
 from ..core.rollup import Rollup
-from ..store import Row
+from ..store import Row, Store
 from ..store.head import SKETCH_BYTES, tags_hold_tenant
 from ..store.plan import Flushed
 from .aggregates import Query
+
+log = logging.getLogger("trioagg")
 
 #: A flushed head's rollups of one key, by (bucket, tags), as the flush left them (no
 #: one changes them after it).
@@ -184,6 +193,10 @@ class ReadCache:
         self._reading: dict[str, list[int]] = {}
         #: Per writer, the generation of its head whose flush was told last.
         self._told: dict[int, int] = {}
+        #: The store took no commit after ``_changed_by`` up to ``_checked``, as far as
+        #: :meth:`store_checked` was told (nothing is vouched for until it is).
+        self._changed_by = math.inf
+        self._checked = -math.inf
 
     @property
     def enabled(self) -> bool:
@@ -201,9 +214,14 @@ class ReadCache:
         return self.enabled and cost <= self.max_bytes // 8
 
     def get(self, key: Hashable) -> Any | None:
-        """The cached answer, if there is one younger than ``ttl``."""
+        """The cached answer, if there is one younger than ``ttl``, or older and read
+        after the store's last commit (see :meth:`store_checked`)."""
         entry = self._answers.get(key)
-        if entry is None or self.clock() - entry.stored_at >= self.ttl:
+        now = self.clock()
+        if entry is None or (
+            now - entry.stored_at >= self.ttl
+            and not (entry.stored_at >= self._changed_by and now - self._checked < self.ttl)
+        ):
             if entry is not None:
                 self._drop(key)
             self.misses += 1
@@ -260,6 +278,15 @@ class ReadCache:
                 count[0] -= 1
                 if not count[0]:
                     del self._reading[key]
+
+    def store_checked(self, started: float, changed: bool) -> None:
+        """A look at the store that began at ``started`` (a clock reading) found that it
+        ``changed`` since the previous look (or could not tell: the first look, a failed
+        one), or that it did not. Unchanged, every answer read after the last change
+        is as current as at ``started``, and may be served up to ``ttl`` after it."""
+        if changed:
+            self._changed_by = self.clock()  # whatever changed had committed by now
+        self._checked = started
 
     def current(self, read_at: Sequence[int], now: Sequence[int]) -> bool:
         """Whether rows read at head generations ``read_at`` still hold at ``now``: every
@@ -373,3 +400,24 @@ class ReadCache:
             cached.discard(key)
             if not cached:
                 del self._by_key[name]
+
+
+async def watch_store(store: Store, cache: ReadCache) -> None:
+    """Look at the store every ``cache.ttl / 4`` seconds (at most every second) and tell
+    ``cache`` whether it changed (:meth:`ReadCache.store_checked`), until cancelled;
+    returns at once where the backend cannot tell. A failed look counts as a change."""
+    interval = min(cache.ttl / 4, 1.0)
+    previous = None
+    while True:
+        started = cache.clock()
+        try:
+            stamp = await store.change_stamp()
+        except Exception as failure:
+            log.debug("looking for changes to the store failed: %s", failure)
+            cache.store_checked(started, changed=True)
+        else:
+            if stamp is None:
+                return
+            cache.store_checked(started, changed=stamp != previous)
+            previous = stamp
+        await trio.sleep(interval)

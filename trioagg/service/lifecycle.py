@@ -20,7 +20,7 @@ from ..ingest.statsd import Receiver
 from ..ingest.statsd import open_socket as open_statsd_socket
 from ..ingest.writer import ROLL_EVERY, Writers, purge_expired_ids, roll_tiers
 from ..keys.auth import Authenticator
-from ..query.readcache import ReadCache
+from ..query.readcache import ReadCache, watch_store
 from ..store import Store, open_store
 from .loopwatch import LongSteps, sample_loop_steps, tune_garbage_collector, watch_loop_stalls
 from .metrics import Metrics
@@ -106,6 +106,8 @@ class Service:
                     if settings.tiers is not None:
                         helpers.start_soon(roll_tiers, store, metrics, ROLL_EVERY)
                     helpers.start_soon(watch_loop_stalls, metrics)
+                    if read_cache.enabled:
+                        helpers.start_soon(watch_store, store, read_cache)
                     helpers.start_soon(service.auth.record_uses)
                     if settings.auth == "auto":
                         await helpers.start(service.auth.watch_keys)

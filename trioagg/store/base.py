@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -258,6 +258,11 @@ class RollupBackend(Protocol):
 
     def ping(self, conn: Any) -> None:
         """Raise if the database cannot be reached."""
+
+    def change_stamp(self, conn: Any) -> Hashable | None:
+        """On a read connection of its own: a value that differs from the one it gave
+        before whenever any other connection (another process's or this one's writers)
+        committed a change since; None where the backend cannot tell."""
 
     def check_readable(self, *, main_only: bool = False) -> None:
         """Raise before a read when what the read connections would read is gone (a
@@ -886,8 +891,12 @@ class Store:
         self._write_limiters = [trio.CapacityLimiter(1) for _ in range(writers)]
         # A thread per connection: an operation's thread starts as soon as it has its
         # connection, and its deadline counts from then.
-        self._threads = trio.CapacityLimiter(writers + readers)
+        self._threads = trio.CapacityLimiter(writers + readers + 1)
         self._read_links = [Link(backend, write=False) for _ in range(readers)]
+        #: A read connection of its own for :meth:`change_stamp` (whose stamps compare
+        #: only with those of the same connection).
+        self._stamp_link = Link(backend, write=False)
+        self._stamping = trio.Lock()
         self._idle_send, self._idle_receive = trio.open_memory_channel[Link](readers)
         for link in self._read_links:
             self._idle_send.send_nowait(link)
@@ -1270,6 +1279,12 @@ class Store:
         """Record when keys were last used, in one short transaction of writer 0."""
         await self._retry_busy(0, self._transaction, self.backend.touch_api_keys, used)
 
+    async def change_stamp(self) -> Hashable | None:
+        """The backend's :meth:`~Backend.change_stamp`, on a connection kept for it."""
+        link = self._stamp_link
+        async with self._stamping:
+            return await self._in_thread(link, lambda: link.run(self.backend.change_stamp))
+
     async def ping(self) -> None:
         """Raise if the database cannot be reached from a read connection. Where reads
         have a deadline, it bounds the whole ping, waiting for an idle connection (whose
@@ -1293,9 +1308,10 @@ class Store:
             await limiter.acquire()
         for _ in self._read_links:
             await self._idle_receive.receive()
+        await self._stamping.acquire()
 
         def close_all() -> None:
-            for link in [*self._write_links, *self._read_links]:
+            for link in [*self._write_links, *self._read_links, self._stamp_link]:
                 link.close()
             self.end_leases()
 

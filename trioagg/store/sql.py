@@ -27,7 +27,7 @@ transaction statements, and which errors mean "busy" or "disconnected".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -540,6 +540,11 @@ class SQLBackend:
 
     def check_readable(self, *, main_only: bool = False) -> None:
         pass  # a database server's tables cannot vanish under an open connection
+
+    def change_stamp(self, conn: Any) -> Hashable | None:
+        # PostgreSQL has no cheap, exact counter of this database's commits: its answers
+        # expire at the read cache's ttl.
+        return None
 
     def ping(self, conn: Any) -> None:
         conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()

@@ -34,7 +34,7 @@ import os
 import pathlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from ..core.errors import ConfigError, StoreCannotOpen
@@ -388,6 +388,14 @@ class SQLiteBackend(SQLBackend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._lease_path(owner))
         os.close(fd)
+
+    def change_stamp(self, conn: Any) -> Hashable | None:
+        # PRAGMA data_version changes on a connection when any other connection, this
+        # process's writers included, has committed a change to that file since.
+        return tuple(
+            conn.execute(f"PRAGMA {_schema(shard)}.data_version").fetchone()[0]
+            for shard in range(self.shards)
+        )
 
     def journal_owners(self, conn: Any) -> list[str]:
         """The owners with rows in this shard's journal, and the dead owners of this
