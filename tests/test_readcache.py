@@ -607,6 +607,23 @@ async def test_an_idle_store_s_answers_outlive_the_ttl_until_another_process_com
     assert await count() == 2
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_on_postgresql_answers_expire_at_the_ttl_and_no_connection_looks(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(read_cache_ttl="300ms")
+    store = server.app.service.store
+    assert await store.change_stamp() is None
+    assert store._stamp_link.conn is None  # no connection held for looks that tell nothing
+    assert (await post(server.client, {"key": "pg", "ts": "2026-11-24T10:00:00Z"})).is_success
+    await server.app.service.writers.flushed()
+    for _ in range(2):
+        await server.client.get("/v1/aggregates", params={"key": "pg", **DAY})
+        await trio.sleep(0.35)
+    metrics = server.app.metrics.registry
+    assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 2
+
+
 async def test_each_tenant_takes_in_only_its_own_flushed_rows(start_server: StartServer) -> None:
     server = await start_server(auth="on", flush_window="0", read_cache_ttl=NO_EXPIRY)
     secrets = {

@@ -109,6 +109,8 @@ class RollupBackend(Protocol):
     shards: int
     #: Whether a connection can be lost under the service (a server's, not a file's).
     can_disconnect: bool
+    #: Whether :meth:`change_stamp` tells anything (else it is never asked).
+    tells_changes: bool
 
     def connect(self, *, write: bool, shard: int = 0) -> Any:
         """A connection; a write connection to shard ``shard``'s database."""
@@ -1280,10 +1282,19 @@ class Store:
         await self._retry_busy(0, self._transaction, self.backend.touch_api_keys, used)
 
     async def change_stamp(self) -> Hashable | None:
-        """The backend's :meth:`~Backend.change_stamp`, on a connection kept for it."""
-        link = self._stamp_link
+        """The backend's :meth:`~Backend.change_stamp`, on a connection kept for it (made
+        at the first look); None, at once, where the backend cannot tell. A file deleted
+        or replaced under the store fails it, as it fails a read."""
+        backend, link = self.backend, self._stamp_link
+        if not backend.tells_changes:
+            return None
+
+        def look(conn: Any) -> Hashable | None:
+            backend.check_readable()
+            return backend.change_stamp(conn)
+
         async with self._stamping:
-            return await self._in_thread(link, lambda: link.run(self.backend.change_stamp))
+            return await self._in_thread(link, lambda: link.run(look))
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached from a read connection. Where reads

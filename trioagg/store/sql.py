@@ -98,6 +98,7 @@ class SQLBackend:
     #: Whether a connection can be lost under the service (a database server's can; a
     #: file's cannot): then an idle one is pinged before use (see base.Link).
     can_disconnect = False
+    tells_changes = False
     #: The dialect's position of a substring (0: absent), haystack first.
     position = "instr"
     #: Databases the writers' hours are spread over (1: every writer shares one).

@@ -156,6 +156,8 @@ MAX_SHARDS = 11
 class SQLiteBackend(SQLBackend):
     """SQLite in WAL mode over ``shards`` files; ``sync`` is ``"full"`` or ``"normal"``."""
 
+    tells_changes = True
+
     def __init__(
         self, path: str, sync: str = "full", shards: int = 1, tiers: Tiers | None = None
     ) -> None:
