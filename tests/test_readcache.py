@@ -308,6 +308,24 @@ def test_a_change_seen_ends_the_answers_read_before_it() -> None:
     assert (cache.get("q"), cache.get("later")) == (None, b"L")
 
 
+def test_a_read_begun_at_the_reading_a_change_was_seen_at_is_not_vouched_for() -> None:
+    """A clock that did not move between the two (a coarse one, or trio's MockClock while
+    threads run) cannot tell whether the read took its snapshot before the commit that
+    look saw: that read's answer may miss it, so it ages out at the ttl."""
+    cache, clock = _cache(ttl=2.0)
+    cache.store_checked(0.0, changed=True)
+    clock.now = 1.0
+    with cache.reading(("a",), 0, 24 * HOUR) as keep:
+        # The read's snapshot is taken here; then another process commits, and the
+        # look that sees it ends: all at the reading 1.0.
+        cache.store_checked(1.0, changed=True)
+        keep("q", b"Q", 1)
+    clock.now = 1.5
+    cache.store_checked(1.5, changed=False)
+    clock.now = 3.2  # 2.2 s after that commit, looked at 1.7 s ago
+    assert cache.get("q") is None
+
+
 class _StampFailing(SQLiteBackend):
     """A real SQLite store whose look for changes fails while ``failing``."""
 
@@ -339,6 +357,7 @@ async def test_a_look_at_the_store_that_fails_vouches_for_nothing(tmp_path: Path
             await trio.sleep(0.2)
             assert cache.get("q") is None  # a failed look is taken for a change
             backend.failing = False
+            clock.now = 1.35  # read after the failed looks (at 1.3)
             _fill(cache, "q", ("a",), b"Q2")
             clock.now = 1.6
             await trio.sleep(0.2)  # the watcher went on: looks again, no change since

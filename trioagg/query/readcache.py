@@ -218,9 +218,12 @@ class ReadCache:
         after the store's last commit (see :meth:`store_checked`)."""
         entry = self._answers.get(key)
         now = self.clock()
+        # Read strictly after the change was seen: a read begun at the same reading (a
+        # clock that did not move, as a mock one does while threads run) may have taken
+        # its snapshot before that commit.
         if entry is None or (
             now - entry.stored_at >= self.ttl
-            and not (entry.stored_at >= self._changed_by and now - self._checked < self.ttl)
+            and not (entry.stored_at > self._changed_by and now - self._checked < self.ttl)
         ):
             if entry is not None:
                 self._drop(key)
