@@ -254,6 +254,76 @@ async def test_a_request_that_meets_the_shutdown_is_answered_or_never_run() -> N
     assert outcomes == {True, False}, "both orders of the wake-ups were met"
 
 
+H2_REQUEST = [(":method", "GET"), (":path", "/x"), (":authority", "x"), (":scheme", "http")]
+
+
+async def _h2_answer(peer: trio.SocketStream, client: Any, stream_id: int) -> bytes:
+    """The body that came on ``stream_id`` before the connection closed."""
+    import h2.events
+
+    body = b""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while data := await peer.receive_some():
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
+                    body += event.data
+                if isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                    return body
+            await peer.send_all(client.data_to_send())
+    return body
+
+
+async def test_an_http2_request_handed_to_the_app_as_the_server_stops_is_answered() -> None:
+    """HTTP/2 (prior knowledge, as a client may speak it on the plain port): hypercorn
+    marks a new stream busy only after its app has started, so a shutdown in between
+    woke the keep-alive task, which closed the connection under the running request
+    (about every other time). Now it waits for the stream; its answer's body is sent.
+    (hypercorn's GOAWAY at shutdown may still go before the stream's END_STREAM.)"""
+    import h2.config
+    import h2.connection
+    from hypercorn.config import Config
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.utils import wrap_app
+
+    config = Config()
+    context, stop_as_it_starts, runs = WorkerContext(None), False, 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal runs
+        if scope["type"] != "http":
+            return
+        runs += 1
+        if stop_as_it_starts:
+            await context.terminated.set()  # the shutdown, as the request is handed over
+        await trio.sleep(0.001)  # as a commit does
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    for _ in range(40):
+        context, stop_as_it_starts = WorkerContext(None), False
+        handler = Connections(wrap_app(app, 1 << 20, "asgi"), config, context, {}, Metrics())
+        ours, theirs = socket.socketpair()
+        peer = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, H2_REQUEST, end_stream=True)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+                await peer.send_all(client.data_to_send())
+                assert await _h2_answer(peer, client, 1) == b"ok"
+                await trio.testing.wait_all_tasks_blocked()
+                runs, stop_as_it_starts = 0, True
+                client.send_headers(3, H2_REQUEST, end_stream=True)
+                await peer.send_all(client.data_to_send())
+                answer = await _h2_answer(peer, client, 3)
+                await _read_answers(peer)  # until the server closes the connection
+        await peer.aclose()
+        assert (runs, answer) == (1, b"ok")
+
+
 def test_sigterm_under_keep_alive_load_answers_what_is_under_way_and_exits_at_once(
     server_process: Any,
 ) -> None:

@@ -20,8 +20,9 @@ HTTP/1.1 and HTTP/2), except in how a connection may fail:
 * **Shutdown closes idle connections only.** hypercorn's keep-alive task closes
   a connection once the server stops, even when a request has just arrived on
   it (both wake at once): the request then ran, and could be stored, with no
-  one left to answer. :class:`ConnectionServer` closes it only while no request
-  is under way; one that is gets its answer, then the close.
+  one left to answer (HTTP/2: a shutdown while a new stream's app starts).
+  :class:`ConnectionServer` closes it only while no request is under way; one
+  that is gets its answer, then the close.
 
 The sockets may come from a supervisor (``trioagg serve --workers N``, see
 :mod:`trioagg.server.supervisor`) or be made here from the config's ``bind``.
@@ -42,6 +43,7 @@ from typing import Any
 import h11
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
@@ -154,11 +156,14 @@ class ConnectionServer(TCPServer):
 
 
 def _between_requests(protocol: object) -> bool:
-    """Whether an HTTP/1.1 connection has no request under way (HTTP/2 connections
-    are closed as hypercorn closes them)."""
-    if not isinstance(protocol, H11Protocol):
-        return True
-    return protocol.connection.their_state is h11.IDLE
+    """Whether a connection has no request under way: HTTP/1.1's request is in h11's
+    hands, HTTP/2's streams are all done (hypercorn's own ``idle``; it marks a new
+    stream busy only after the stream's app has started)."""
+    if isinstance(protocol, H11Protocol):
+        return protocol.connection.their_state is h11.IDLE
+    if isinstance(protocol, H2Protocol):
+        return protocol.idle
+    return True
 
 
 class Connections:
