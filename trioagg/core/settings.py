@@ -423,7 +423,7 @@ class Settings:
         "Oldest answer the read cache serves (0: no cache): how stale a read may be of "
         "events another process (hypercorn worker) committed to the same store. On SQLite "
         "an older answer is served while the store took no commit since it was read "
-        "(looked at every ttl / 4).",
+        "(looked at every ttl / 4, and at least every second).",
     )
     loop_step_sampling: float = _setting(
         "0.1",
