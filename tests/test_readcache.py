@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sqlite3
+import threading
 import tracemalloc
 from functools import partial
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import SHARDED, StartServer, post
 from tests.test_auth import bearer, make_key
@@ -641,6 +643,45 @@ async def test_on_postgresql_answers_expire_at_the_ttl_and_no_connection_looks(
         await trio.sleep(0.35)
     metrics = server.app.metrics.registry
     assert metrics.get_sample_value("trioagg_read_cache_total", {"result": "miss"}) == 2
+
+
+async def test_waiting_for_the_flush_waits_for_one_whose_thread_emptied_the_head(
+    start_server: StartServer,
+) -> None:
+    """A flush empties the head in its thread, right after its COMMIT; the cache is told
+    once the thread is back on the event loop. Writers.flushed() called in between found
+    the head empty and returned, and a read then raced the flush's telling (answered, not
+    kept): the hit counts of the tests above came out one short now and then."""
+    server = await start_server(flush_window="0", read_cache_ttl=NO_EXPIRY)
+    service = server.app.service
+    head = service.store.heads[0]
+    emptied, release = threading.Event(), threading.Event()
+    empty = head.flushed
+
+    def flushed_then_held() -> None:
+        empty()
+        emptied.set()
+        release.wait(10)
+
+    head.flushed = flushed_then_held  # type: ignore[method-assign]
+    assert (await post(server.client, {"key": "told", "ts": "2026-11-24T10:00:00Z"})).is_success
+    assert await trio.to_thread.run_sync(emptied.wait, 10)
+    head.flushed = empty  # type: ignore[method-assign]
+    waited = trio.Event()
+
+    async def wait_for_the_flush() -> None:
+        await service.writers.flushed()
+        waited.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_the_flush)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not waited.is_set()  # the flush under way has not told the cache yet
+            release.set()
+    finally:
+        release.set()
+    assert service.read_cache._told[0] == head.generation
 
 
 async def test_each_tenant_takes_in_only_its_own_flushed_rows(start_server: StartServer) -> None:

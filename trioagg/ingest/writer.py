@@ -159,6 +159,8 @@ class Writer:
         #: that need the table to hold what was acknowledged (see :meth:`flushed`).
         self._flush_asked = False
         self._flush_done = trio.Event()
+        #: A flush is under way (its thread may have emptied the head already).
+        self._flushing = False
         #: The loop's wait for a batch, while it waits.
         self._waiting: trio.CancelScope | None = None
 
@@ -300,6 +302,7 @@ class Writer:
     async def _flush(self, why: str) -> bool:
         """Flush the head; on failure keep it and try again later. Whether it is empty."""
         started = time.perf_counter()
+        self._flushing = True
         try:
             plan = await self.store.flush(self.shard, report=self.committed is not None)
         except Exception as failure:
@@ -319,6 +322,8 @@ class Writer:
             self._flush_retry_at = trio.current_time() + self._flush_backoff
             self._flush_backoff = min(self._flush_backoff * 2, _MAX_RETRY)
             return False
+        finally:
+            self._flushing = False
         self._flush_retry_at = -math.inf
         self._flush_backoff = _FIRST_RETRY
         self._flush_outage = None
@@ -339,8 +344,11 @@ class Writer:
 
     async def flushed(self) -> None:
         """Wait until a flush that began after this call committed (at once when the
-        head is empty): then the table holds every batch acknowledged before the call."""
-        if not (self.head.journal or self.head.stale or self.head.uncertain) or not self.running:
+        head is empty): then the table holds every batch acknowledged before the call.
+        A flush under way whose thread emptied the head already is waited for too: the
+        read cache is told of it only once it is back (see :meth:`_flush`)."""
+        head = self.head
+        if not (head.journal or head.stale or head.uncertain or self._flushing) or not self.running:
             return
         if self._flush_retry_at > trio.current_time():
             return  # flushing fails now: the table holds what it holds
