@@ -418,6 +418,9 @@ async def watch_store(store: Store, cache: ReadCache) -> None:
         except Exception as failure:
             log.debug("looking for changes to the store failed: %s", failure)
             cache.store_checked(started, changed=True)
+            # Stamps compare only within one connection's life: the next look, maybe on
+            # a connection made afresh, starts over.
+            previous = None
         else:
             if stamp is None:
                 return
