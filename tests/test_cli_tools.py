@@ -515,7 +515,8 @@ async def test_ingest_that_loses_its_server_says_what_was_not_sent(
 
 @pytest.mark.parametrize("name", ["serve", "ingest", "query", "series", "top"])
 def test_every_option_says_what_it_does_its_default_and_what_its_value_is(name: str) -> None:
-    command = main.commands[name]
+    command = main.get_command(click.Context(main), name)  # the client's load when asked
+    assert command is not None
     options = [p for p in command.params if isinstance(p, click.Option)]
     for option in options:
         assert option.help, option.name

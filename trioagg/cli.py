@@ -18,20 +18,45 @@ from typing import Any
 import click
 
 from . import __version__
-from .client.tools import COMMANDS as _CLIENT_COMMANDS
 from .core.errors import ConfigError
 from .core.settings import Settings, env_name, flag_name
-from .keys.commands import COMMANDS as _KEY_COMMANDS
 
 
-@click.group()
+class _Commands(click.Group):
+    """The group, whose client and key commands load when one is asked for or listed.
+
+    ``trioagg serve`` then never imports them, nor httpx and the client under them
+    (about 0.1 s of each server process's start, of which a test suite starts
+    hundreds), and ``trioagg --version`` loads neither them nor trio.
+    """
+
+    loaded = False
+
+    def load(self) -> None:
+        """Add the client and key commands (ingest, query, series, top; keys), once."""
+        if self.loaded:
+            return
+        from .client.tools import COMMANDS as client_commands
+        from .keys.commands import COMMANDS as key_commands
+
+        for command in (*client_commands, *key_commands):
+            self.add_command(command)
+        self.loaded = True
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self.load()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="trioagg")
 def main() -> None:
     """trioagg: events in over HTTP, exact roll-ups out."""
-
-
-for _command in (*_CLIENT_COMMANDS, *_KEY_COMMANDS):  # ingest, query, series, top; keys
-    main.add_command(_command)
 
 
 def _setting_options(command: Any) -> Any:
