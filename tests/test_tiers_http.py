@@ -20,7 +20,6 @@ pytestmark = pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=
 
 H = 3600
 TIERS = "1m for 1d, 1h for 4d"  # the retention: 4 days
-DAY = clock.whole_days_ago(3)  # three whole past days, all within the retention
 
 
 def truth(events: list[dict[str, Any]]) -> dict[int, tuple[int, float, float, float]]:
@@ -34,9 +33,13 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
     start_server: StartServer,
 ) -> None:
     server = await start_server(bucket="1m", tiers=TIERS)
+    # Three whole past days, all within the retention: taken when the test runs, not when
+    # its module was imported (a suite that crossed midnight meanwhile put the first
+    # seconds of those days past the 4-day retention).
+    day = clock.whole_days_ago(3)
     rng = random.Random()
     sent: list[dict[str, Any]] = [
-        {"key": "orders", "ts": DAY + rng.randrange(3 * 86400), "value": rng.randrange(-50, 500)}
+        {"key": "orders", "ts": day + rng.randrange(3 * 86400), "value": rng.randrange(-50, 500)}
         for _ in range(3000)
     ]
     for at in range(0, len(sent), 1000):
@@ -48,8 +51,8 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
     await service.store.roll_tiers()
     hours: dict[str, str | int] = {
         "key": "orders",
-        "from": DAY,
-        "to": DAY + 3 * 86400,
+        "from": day,
+        "to": day + 3 * 86400,
         "granularity": "hour",
     }
     got = (await server.client.get("/v1/aggregates", params=hours)).json()
@@ -59,7 +62,7 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
         for b in series["buckets"]
     }
     assert answered == truth(sent)
-    top: dict[str, str | int] = {"from": DAY, "to": DAY + 3 * 86400, "stat": "sum"}
+    top: dict[str, str | int] = {"from": day, "to": day + 3 * 86400, "stat": "sum"}
     ranked = (await server.client.get("/v1/top", params=top)).json()["results"]
     assert ranked == [{"key": "orders", "sum": sum(event["value"] for event in sent)}]
     # Minutes are gone from the rolled days: refused, naming the tier.
@@ -71,13 +74,13 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
     assert problem["parameter"] == "granularity"
     assert "its tier '1h for 4d' holds 1h buckets of data older than 1d" in problem["message"]
     # A late event in a rolled hour goes into that hour.
-    late = {"key": "orders", "ts": DAY + 5 * H + 17, "value": 1000}
+    late = {"key": "orders", "ts": day + 5 * H + 17, "value": 1000}
     assert (await post(server.client, late)).status_code == 200
     got = (await server.client.get("/v1/aggregates", params=hours)).json()
     (bucket,) = [
-        b for b in got["results"][0]["buckets"] if clock_seconds(b["start"]) == DAY + 5 * H
+        b for b in got["results"][0]["buckets"] if clock_seconds(b["start"]) == day + 5 * H
     ]
-    assert (bucket["count"], bucket["max"]) == (truth(sent)[DAY + 5 * H][0] + 1, 1000)
+    assert (bucket["count"], bucket["max"]) == (truth(sent)[day + 5 * H][0] + 1, 1000)
     # Older than the retention: 422 naming the limit, counted.
     old = {"key": "orders", "ts": clock.whole_days_ago(5), "value": 1}
     refused = await post(server.client, [old, late])
@@ -94,12 +97,13 @@ async def test_a_tiered_server_answers_rolled_days_and_refuses_what_it_cannot(
 
 async def test_a_store_without_tiers_answers_as_before(start_server: StartServer) -> None:
     server = await start_server()
-    assert (await post(server.client, {"key": "k", "ts": DAY, "value": 1})).status_code == 200
+    day = clock.whole_days_ago(3)
+    assert (await post(server.client, {"key": "k", "ts": day, "value": 1})).status_code == 200
     assert "tiers" not in (await server.client.get("/v1/keys")).json()
     long_ago = clock.whole_days_ago(5000)
     old = {"key": "k", "ts": long_ago, "value": 1}
     assert (await post(server.client, old)).status_code == 200  # kept for ever
-    every: dict[str, str | int] = {"key": "k", "from": long_ago, "to": DAY + 60}
+    every: dict[str, str | int] = {"key": "k", "from": long_ago, "to": day + 60}
     got = (await server.client.get("/v1/aggregates", params={**every, "granularity": "all"})).json()
     assert got["results"][0]["buckets"][0]["count"] == 2
     assert await metric(server, "trioagg_tier_rows_rolled_total") >= 0
