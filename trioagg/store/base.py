@@ -261,10 +261,10 @@ class RollupBackend(Protocol):
     def ping(self, conn: Any) -> None:
         """Raise if the database cannot be reached."""
 
-    def change_stamp(self, conn: Any) -> Hashable | None:
+    def change_stamp(self, conn: Any) -> Hashable:
         """On a read connection of its own: a value that differs from the one it gave
         before whenever any other connection (another process's or this one's writers)
-        committed a change since; None where the backend cannot tell."""
+        committed a change since. Asked only where :attr:`tells_changes`."""
 
     def check_readable(self, *, main_only: bool = False) -> None:
         """Raise before a read when what the read connections would read is gone (a
@@ -1289,7 +1289,7 @@ class Store:
         if not backend.tells_changes:
             return None
 
-        def look(conn: Any) -> Hashable | None:
+        def look(conn: Any) -> Hashable:
             backend.check_readable()
             return backend.change_stamp(conn)
 

@@ -98,6 +98,7 @@ class SQLBackend:
     #: Whether a connection can be lost under the service (a database server's can; a
     #: file's cannot): then an idle one is pinged before use (see base.Link).
     can_disconnect = False
+    #: Whether change_stamp() tells when the store changed (see base.Backend).
     tells_changes = False
     #: The dialect's position of a substring (0: absent), haystack first.
     position = "instr"
@@ -542,10 +543,10 @@ class SQLBackend:
     def check_readable(self, *, main_only: bool = False) -> None:
         pass  # a database server's tables cannot vanish under an open connection
 
-    def change_stamp(self, conn: Any) -> Hashable | None:
-        # PostgreSQL has no cheap, exact counter of this database's commits: its answers
-        # expire at the read cache's ttl.
-        return None
+    def change_stamp(self, conn: Any) -> Hashable:
+        # PostgreSQL has no cheap, exact counter of this database's commits (tells_changes
+        # is False, so this is never asked): its answers expire at the read cache's ttl.
+        raise NotImplementedError("this backend cannot tell whether its store changed")
 
     def ping(self, conn: Any) -> None:
         conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()

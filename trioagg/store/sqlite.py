@@ -391,7 +391,7 @@ class SQLiteBackend(SQLBackend):
                 os.unlink(self._lease_path(owner))
         os.close(fd)
 
-    def change_stamp(self, conn: Any) -> Hashable | None:
+    def change_stamp(self, conn: Any) -> Hashable:
         # PRAGMA data_version changes on a connection when any other connection, this
         # process's writers included, has committed a change to that file since.
         return tuple(
