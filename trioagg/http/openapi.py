@@ -260,6 +260,13 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "get_aggregates": {
+            "description": "How fresh: a read through the process that acknowledged a "
+            "write (200) sees it. A write acknowledged by another process on the same "
+            "store (another worker or host) is seen once that process flushes it "
+            "(--flush-window, 1 s by default) and, where this process had the answer "
+            "cached, once the cached answer is at most --read-cache-ttl (2 s) old; on "
+            "SQLite a cached answer is served longer only while the store has taken "
+            "no commit since it was read.",
             "responses": {
                 "422": _error(too_big),
                 "503": unreachable,
