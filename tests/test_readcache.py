@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sqlite3
 import threading
 import tracemalloc
@@ -21,7 +22,7 @@ from trioagg.query.readcache import CachedAnswer, ReadCache, entry_cost, watch_s
 from trioagg.store import Store
 from trioagg.store.head import key_sizes
 from trioagg.store.plan import Flushed, WritePolicy
-from trioagg.store.sqlite import SQLiteBackend
+from trioagg.store.sqlite import DatabaseFileGone, SQLiteBackend
 
 
 class Clock:
@@ -337,6 +338,27 @@ class _StampFailing(SQLiteBackend):
         if self.failing:
             raise sqlite3.OperationalError("disk I/O error")
         return super().change_stamp(conn)
+
+
+async def test_a_look_at_a_store_whose_file_was_replaced_fails(tmp_path: Path) -> None:
+    """The look's connection would go on reading the old file, which no one writes any
+    more: it would vouch for stale answers for ever. It fails instead, as a read does."""
+    path = tmp_path / "s.db"
+    store = await Store.open(
+        SQLiteBackend(str(path)),
+        policy=WritePolicy(HOUR, 86400.0, lambda key: False),
+        readers=1,
+        busy_timeout=5,
+    )
+    try:
+        assert await store.change_stamp() is not None
+        other = tmp_path / "other.db"
+        sqlite3.connect(other).close()
+        os.replace(other, path)
+        with pytest.raises(DatabaseFileGone):
+            await store.change_stamp()
+    finally:
+        await store.aclose()
 
 
 async def test_a_look_at_the_store_that_fails_vouches_for_nothing(tmp_path: Path) -> None:
